@@ -1,0 +1,142 @@
+"""The `raylm` command line: parse a verb, load the config with overrides, call one raylm function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable, Sequence
+
+from raylm.errors import RaylmError
+
+CONFIG_HELP = "run config YAML (e.g. jobs/configs/tiny.yaml)"
+OVERRIDES_HELP = "dotted overrides section.key=value, values parsed as YAML (e.g. parallel.pp=2 optim.lr=3e-4)"
+
+
+def _config_epilog() -> str:
+    from raylm.config.loader import describe_fields
+
+    rows = describe_fields()
+    width = max(len(name) for name, _, _ in rows)
+    lines = ["config keys (dotted name, default, meaning):"]
+    lines += [f"  {name:<{width}}  {json.dumps(default):<12} {doc}" for name, doc, default in rows]
+    return "\n".join(lines)
+
+
+def _load(args: argparse.Namespace):
+    from raylm.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    import yaml
+
+    from raylm.config import to_dict
+
+    print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False), end="")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from raylm.data.prepare import prepare
+
+    summary = prepare(_load(args))
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from raylm.train.driver import train
+
+    cfg = _load(args)
+    summary = train(cfg, overwrite=args.overwrite)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from raylm.train.generate import generate_text
+
+    text = generate_text(args.source, args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print(text)
+    return 0
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from raylm.data.shards import verify
+
+    print(json.dumps(verify(args.dir)))
+    return 0
+
+
+def cmd_data_peek(args: argparse.Namespace) -> int:
+    from raylm.data.stream import peek
+
+    for row in peek(args.dir, dp_rank=args.dp_rank, dp_size=args.dp_size, start=args.start, count=args.count,
+                    seed=args.seed, seq_len=args.seq_len):
+        print(json.dumps(row))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raylm", description="Pre-train GPT-style language models on Ray.")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def with_config(name: str, func: Callable, help_text: str, **kwargs) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help_text, description=help_text, **kwargs)
+        sub.add_argument("config", help=CONFIG_HELP)
+        sub.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+        sub.set_defaults(func=func)
+        return sub
+
+    with_config("config", cmd_config, "print the fully resolved config as YAML",
+                epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    with_config("prepare", cmd_prepare, "tokenize the corpus into verified shards with Ray Data")
+    train = with_config("train", cmd_train, "train on the Ray cluster in RAY_ADDRESS, or on a local Ray")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+
+    gen = verbs.add_parser("generate", help="sample text from a trained run or checkpoint")
+    gen.add_argument("source", help="run folder, checkpoint folder or export folder")
+    gen.add_argument("--prompt", required=True, help="text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to sample")
+    gen.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy)")
+    gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.set_defaults(func=cmd_generate)
+
+    data = verbs.add_parser("data", help="inspect prepared data").add_subparsers(dest="data_verb", required=True)
+    verify = data.add_parser("verify", help="check every shard against manifest.json")
+    verify.add_argument("dir", help="prepared data folder (data.out_dir)")
+    verify.set_defaults(func=cmd_data_verify)
+    peek = data.add_parser("peek", help="print the samples one DP rank would train on, one JSON line each")
+    peek.add_argument("dir", help="prepared data folder (data.out_dir)")
+    peek.add_argument("--dp-rank", type=int, default=0, help="data-parallel rank")
+    peek.add_argument("--dp-size", type=int, default=1, help="data-parallel size")
+    peek.add_argument("--start", type=int, default=0, help="skip this many of the rank's samples")
+    peek.add_argument("--count", type=int, default=4, help="samples to print")
+    peek.add_argument("--seed", type=int, default=1234, help="run.seed of the run")
+    peek.add_argument("--seq-len", type=int, default=None, help="data.seq_len (default: the manifest's)")
+    peek.set_defaults(func=cmd_data_peek)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `raylm` console script; user errors become one stderr line and a non-zero exit."""
+    from raylm.log import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(rank=0)
+    try:
+        return args.func(args)
+    except RaylmError as exc:
+        print(f"raylm: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("raylm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""YAML loading (yaml.safe_load), dotted overrides shared by the CLI and Tune, and typed conversion."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from raylm.config.schema import Config
+from raylm.errors import ConfigError
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; a syntax error names the file, line and column."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}; pass an existing YAML file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}; fix the syntax there") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `section.key=value`; the value is parsed as YAML (`parallel.pp=2`, `data.paths='["a"]'`)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or "." not in key:
+        raise ConfigError(f"override {text!r} is not of the form section.key=value, e.g. parallel.pp=2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(tree: dict, overrides: Mapping[str, Any] | Iterable[str]) -> dict:
+    """Return a copy of the raw tree with dotted overrides set; strings `k=v` or a mapping {dotted: value}."""
+    if not isinstance(overrides, Mapping):
+        overrides = dict(parse_override(item) for item in overrides)
+    tree = _deep_copy(tree)
+    for dotted, value in overrides.items():
+        node = tree
+        parts = dotted.split(".")
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {dotted}: {part} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return tree
+
+
+def build_config(tree: Mapping[str, Any]) -> Config:
+    """Convert a raw mapping into the typed tree, naming unknown keys (with the closest match) and bad types."""
+    return _build(Config, tree, prefix="")
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain Python data, ready for yaml.safe_dump or JSON."""
+    return dataclasses.asdict(cfg)
+
+
+def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """Every leaf key as (dotted name, doc, default): the text behind `raylm config --help`."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hints[f.name]):
+            rows.extend(describe_fields(hints[f.name], prefix=f"{name}."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((name, f.metadata.get("doc", ""), default))
+    return rows
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be a mapping of keys, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
+            raise ConfigError(f"unknown config key {prefix}{key}{hint}")
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in raw:
+            continue
+        kind = hints[f.name]
+        dotted = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(kind):
+            values[f.name] = _build(kind, raw[f.name], prefix=f"{dotted}.")
+        else:
+            values[f.name] = _coerce(dotted, raw[f.name], kind)
+    return cls(**values)
+
+
+def _coerce(dotted: str, value: Any, kind: type) -> Any:
+    """Check one leaf against its declared type; ints are accepted for floats and numeric strings like 3e-4."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, (str, bool)) and not (isinstance(value, bool) and dotted != "parallel.use_gpu"):
+            return str(value).lower() if isinstance(value, bool) else value
+    elif kind is list:
+        if isinstance(value, str):
+            return [value]
+        if isinstance(value, list):
+            return value
+    else:  # pragma: no cover - the schema only uses the kinds above
+        raise AssertionError(f"unsupported field type {kind} for {dotted}")
+    raise ConfigError(f"{dotted} must be {_kind_name(kind)}, got {value!r} ({type(value).__name__}); "
+                      f"set e.g. {dotted}={_example(kind)}")
+
+
+def _kind_name(kind: type) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}[kind]
+
+
+def _example(kind: type) -> str:
+    return {bool: "true", int: "2", float: "3e-4", str: "name", list: '\'["a", "b"]\''}[kind]
+
+
+def _deep_copy(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _deep_copy(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_deep_copy(v) for v in tree]
+    return tree

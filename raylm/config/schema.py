@@ -1,0 +1,149 @@
+"""The typed config tree: one frozen dataclass per section, each field with a one-line doc and a default."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def opt(default: Any, doc: str) -> Any:
+    """A dataclass field with a default and the doc line that `raylm config --help` prints."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def section(cls: type, doc: str) -> Any:
+    """A nested section field whose default is the section's own defaults."""
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = opt("tiny", "run name; the run folder is <run.dir>/<run.name> (letters, digits, '.', '_', '-')")
+    dir: str = opt("runs", "folder that holds run folders (a shared filesystem path on a cluster)")
+    seed: int = opt(1234, "seed for weight init, data order and sampling")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    paths: list = opt([], "text files, folders or globs to prepare; empty = this Python's standard-library sources")
+    sources: list = opt([], "weighted mixture of prepared folders: [{path: DIR, weight: W}, ...]; empty = out_dir alone")
+    out_dir: str = opt("data/tiny", "folder where `raylm prepare` writes the tokenizer, shards and manifest.json")
+    tokenizer: str = opt("", "an existing tokenizer.json to use instead of training one")
+    vocab_size: int = opt(2048, "tokenizer vocabulary size (byte-level BPE, >= 259)")
+    seq_len: int = opt(128, "tokens per training sample (windows of seq_len + 1 tokens)")
+    val_fraction: float = opt(0.02, "share of documents held out for validation, chosen by a stable hash of the doc id")
+    text_field: str = opt("text", "field that holds the text in JSON Lines records and Parquet rows")
+    decode_errors: str = opt("replace", "undecodable bytes: replace (and count) | strict (fail naming the file)")
+    shard_tokens: int = opt(1 << 20, "target tokens per shard file")
+    max_doc_bytes: int = opt(1 << 22, "documents larger than this are read in pieces of this many bytes")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layer: int = opt(4, "transformer blocks")
+    n_head: int = opt(4, "attention query heads")
+    n_kv_head: int = opt(0, "key/value heads for grouped-query attention; 0 = n_head")
+    d_model: int = opt(128, "hidden width")
+    ffn_hidden: int = opt(0, "SwiGLU inner width; 0 = 8/3 d_model rounded up to a multiple of 64")
+    max_seq_len: int = opt(256, "longest sequence the RoPE tables cover")
+    rope_theta: float = opt(10000.0, "RoPE base frequency")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon")
+    tie_embeddings: bool = opt(True, "share the token embedding with the LM head")
+    init_std: float = opt(0.02, "std of the normal weight init (output projections scaled by 1/sqrt(2 n_layer))")
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    pp: int = opt(1, "pipeline-parallel stages")
+    tp: int = opt(1, "tensor-parallel ranks per stage (Megatron column/row split)")
+    dp: int = opt(1, "data-parallel replicas (ZeRO over this group)")
+    num_workers: int = opt(0, "Ray Train workers; 0 = pp * tp * dp (set it to have the product checked)")
+    zero_stage: int = opt(0, "ZeRO stage over the DP group: 0 or 1 (2 and 3 only when pp = 1)")
+    micro_batch: int = opt(4, "samples per micro-batch per DP rank")
+    partition: str = opt("parameters", "how layers are split into pipeline stages: parameters | uniform")
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass")
+    backend: str = opt("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo")
+    use_gpu: str = opt("auto", "auto (GPUs when the cluster has them) | true | false")
+    cpus_per_worker: float = opt(0.0, "CPUs reserved per worker; 0 = auto (fractional on CPU nodes to leave CPUs for Ray Data)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    max_steps: int = opt(200, "optimizer steps to run")
+    global_batch: int = opt(16, "samples per optimizer step across all DP ranks (the ramp's end size)")
+    eval_every: int = opt(50, "evaluate on the validation split every N steps (0 = only at the end)")
+    eval_batches: int = opt(4, "global batches of validation data per evaluation")
+    precision: str = opt("fp32", "fp32 | bf16 (bf16 compute, fp32 master weights)")
+    grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
+    log_every: int = opt(1, "append a metrics.jsonl line every N steps")
+    report_every: int = opt(25, "send metrics to Ray every N steps (each report costs a controller round trip)")
+    torch_threads: int = opt(0, "torch CPU threads per worker; 0 = node cores / workers on the node")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = opt(3e-3, "peak learning rate")
+    weight_decay: float = opt(0.1, "AdamW decoupled weight decay (matrices only)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    eps: float = opt(1e-8, "AdamW epsilon")
+
+
+@dataclass(frozen=True)
+class LrScheduleConfig:
+    kind: str = opt("cosine", "constant | linear | cosine | wsd (warmup-stable-decay)")
+    warmup_steps: int = opt(10, "steps of linear warmup from 0 to optim.lr")
+    min_lr_frac: float = opt(0.1, "floor of the decay, as a fraction of optim.lr")
+    decay_frac: float = opt(0.2, "wsd: share of the steps spent decaying at the end")
+    decay_shape: str = opt("linear", "wsd: shape of the final decay: linear | cosine | sqrt")
+
+
+@dataclass(frozen=True)
+class BatchScheduleConfig:
+    start: int = opt(0, "global batch at step 0; 0 = no ramp (train.global_batch throughout)")
+    increment: int = opt(0, "samples added at each ramp stage (a multiple of micro_batch * dp)")
+    ramp_tokens: int = opt(0, "tokens over which the batch grows from start to train.global_batch")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    lr: LrScheduleConfig = section(LrScheduleConfig, "learning-rate schedule")
+    batch: BatchScheduleConfig = section(BatchScheduleConfig, "batch-size ramp-up")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every_steps: int = opt(0, "save a checkpoint every N steps (0 = only at the end)")
+    keep: int = opt(2, "newest committed checkpoints kept")
+    resume: str = opt("auto", "auto (newest committed checkpoint of this run) | never | required")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    max_failures: int = opt(0, "worker-group restarts Ray Train allows before the run fails")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    name: str = opt("sweep", "sweep name; results go to <run.dir>/<tune.name>")
+    num_samples: int = opt(4, "trials to sample from the search space")
+    metric: str = opt("val_loss", "metric the sweep minimises")
+    max_concurrent: int = opt(1, "trials run at once")
+    grace_tokens: int = opt(0, "ASHA: tokens a trial trains before it may be stopped (0 = a quarter of the run)")
+    reduction_factor: int = opt(3, "ASHA reduction factor")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = section(RunConfig, "run identity and storage")
+    data: DataConfig = section(DataConfig, "corpus, tokenizer and shards")
+    model: ModelConfig = section(ModelConfig, "GPT architecture")
+    parallel: ParallelConfig = section(ParallelConfig, "pipeline, tensor and data parallel layout")
+    train: TrainConfig = section(TrainConfig, "training loop")
+    optim: OptimConfig = section(OptimConfig, "AdamW")
+    schedule: ScheduleConfig = section(ScheduleConfig, "learning-rate and batch-size schedules")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoint cadence and resume policy")
+    fault: FaultConfig = section(FaultConfig, "fault tolerance")
+    tune: TuneConfig = section(TuneConfig, "Ray Tune sweeps")

@@ -1,0 +1,162 @@
+"""Checks that run when a config is built, before any Ray worker starts: each failure is one line with the fix."""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+
+from raylm.config.derived import ffn_hidden, kv_heads, padded_vocab, samples_per_micro_step
+from raylm.config.schema import Config
+from raylm.errors import ConfigError
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
+MIN_BYTE_VOCAB = 256 + 3  # the byte alphabet plus the special tokens
+
+
+def validate(cfg: Config) -> Config:
+    """Raise ConfigError naming the first impossible setting; return the config unchanged when it can run."""
+    for check in (_check_run, _check_positive, _check_choices, _check_model, _check_layout, _check_batch,
+                  _check_schedule, _check_data):
+        check(cfg)
+    return cfg
+
+
+def _fail(message: str) -> None:
+    raise ConfigError(message)
+
+
+def _check_run(cfg: Config) -> None:
+    name = cfg.run.name
+    if not RUN_NAME.match(name) or name in (".", ".."):
+        _fail(f"run.name={name!r} may only use letters, digits, '.', '_' and '-' (and not be '.' or '..') "
+              f"so the run folder stays inside run.dir; e.g. run.name=tiny-1")
+
+
+def _check_positive(cfg: Config) -> None:
+    positive = {
+        "train.max_steps": cfg.train.max_steps, "train.global_batch": cfg.train.global_batch,
+        "parallel.micro_batch": cfg.parallel.micro_batch, "optim.lr": cfg.optim.lr,
+        "parallel.pp": cfg.parallel.pp, "parallel.tp": cfg.parallel.tp, "parallel.dp": cfg.parallel.dp,
+        "model.n_layer": cfg.model.n_layer, "model.n_head": cfg.model.n_head, "model.d_model": cfg.model.d_model,
+        "data.seq_len": cfg.data.seq_len, "data.vocab_size": cfg.data.vocab_size,
+        "model.max_seq_len": cfg.model.max_seq_len, "train.log_every": cfg.train.log_every,
+        "train.report_every": cfg.train.report_every, "data.shard_tokens": cfg.data.shard_tokens,
+        "checkpoint.keep": cfg.checkpoint.keep, "train.eval_batches": cfg.train.eval_batches,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            _fail(f"{key}={value} must be positive; set {key} to a value > 0")
+    non_negative = {
+        "train.eval_every": cfg.train.eval_every, "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "fault.max_failures": cfg.fault.max_failures, "schedule.lr.warmup_steps": cfg.schedule.lr.warmup_steps,
+        "train.grad_clip": cfg.train.grad_clip, "optim.weight_decay": cfg.optim.weight_decay,
+        "parallel.cpus_per_worker": cfg.parallel.cpus_per_worker, "train.torch_threads": cfg.train.torch_threads,
+        "model.n_kv_head": cfg.model.n_kv_head, "model.ffn_hidden": cfg.model.ffn_hidden,
+    }
+    for key, value in non_negative.items():
+        if value < 0:
+            _fail(f"{key}={value} must not be negative; set {key} to 0 or more")
+    if not 0.0 <= cfg.data.val_fraction < 1.0:
+        _fail(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1); e.g. data.val_fraction=0.02")
+
+
+def _check_choices(cfg: Config) -> None:
+    choices = {
+        "train.precision": (cfg.train.precision, ("fp32", "bf16")),
+        "schedule.lr.kind": (cfg.schedule.lr.kind, ("constant", "linear", "cosine", "wsd")),
+        "schedule.lr.decay_shape": (cfg.schedule.lr.decay_shape, ("linear", "cosine", "sqrt")),
+        "checkpoint.resume": (cfg.checkpoint.resume, ("auto", "never", "required")),
+        "parallel.partition": (cfg.parallel.partition, ("parameters", "uniform")),
+        "parallel.backend": (cfg.parallel.backend, ("auto", "nccl", "gloo")),
+        "parallel.use_gpu": (cfg.parallel.use_gpu, ("auto", "true", "false")),
+        "data.decode_errors": (cfg.data.decode_errors, ("replace", "strict")),
+        "parallel.zero_stage": (cfg.parallel.zero_stage, (0, 1, 2, 3)),
+    }
+    for key, (value, allowed) in choices.items():
+        if value not in allowed:
+            _fail(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}; pick one, e.g. {key}={allowed[0]}")
+
+
+def _check_model(cfg: Config) -> None:
+    m, tp = cfg.model, cfg.parallel.tp
+    if m.d_model % m.n_head:
+        _fail(f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head} "
+              f"({m.d_model} / {m.n_head} = {m.d_model / m.n_head:.2f}); pick n_head dividing d_model")
+    if (m.d_model // m.n_head) % 2:
+        _fail(f"head size d_model/n_head = {m.d_model // m.n_head} must be even for RoPE; change model.n_head")
+    if m.n_head % kv_heads(m):
+        _fail(f"model.n_head={m.n_head} is not a multiple of model.n_kv_head={m.n_kv_head}; "
+              f"pick n_kv_head dividing n_head")
+    if cfg.data.seq_len > m.max_seq_len:
+        _fail(f"data.seq_len={cfg.data.seq_len} is beyond the model's positions (model.max_seq_len={m.max_seq_len}); "
+              f"raise model.max_seq_len to >= {cfg.data.seq_len} or lower data.seq_len")
+    if cfg.data.vocab_size < MIN_BYTE_VOCAB:
+        _fail(f"data.vocab_size={cfg.data.vocab_size} is too small for the byte alphabet (256) plus special tokens; "
+              f"set data.vocab_size >= {MIN_BYTE_VOCAB}")
+    del tp
+
+
+def _check_layout(cfg: Config) -> None:
+    p, m = cfg.parallel, cfg.model
+    world = p.pp * p.tp * p.dp
+    if p.num_workers and p.num_workers != world:
+        _fail(f"parallel.pp * tp * dp = {p.pp} * {p.tp} * {p.dp} = {world} does not match "
+              f"parallel.num_workers={p.num_workers}; change the degrees or set parallel.num_workers={world}")
+    if m.n_layer < p.pp:
+        _fail(f"model.n_layer={m.n_layer} < parallel.pp={p.pp}: every pipeline stage needs at least one block; "
+              f"lower parallel.pp or add layers")
+    if m.n_head % p.tp:
+        _fail(f"model.n_head={m.n_head} is not divisible by parallel.tp={p.tp}; pick tp dividing n_head")
+    if kv_heads(m) % p.tp:
+        _fail(f"model.n_kv_head={kv_heads(m)} is not divisible by parallel.tp={p.tp}; pick tp dividing n_kv_head")
+    if ffn_hidden(m) % p.tp:
+        _fail(f"FFN width {ffn_hidden(m)} (model.ffn_hidden) is not divisible by parallel.tp={p.tp}; "
+              f"set model.ffn_hidden to a multiple of {p.tp}")
+    vocab = padded_vocab(cfg.data.vocab_size)
+    if vocab % p.tp:
+        _fail(f"vocab {cfg.data.vocab_size}, padded to {vocab}, is not divisible by parallel.tp={p.tp}; "
+              f"pick tp dividing {vocab}")
+    if p.zero_stage > 1 and p.pp > 1:
+        _fail(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine supports "
+              f"ZeRO 0 or 1 only; set parallel.zero_stage=1")
+
+
+def _check_batch(cfg: Config) -> None:
+    step = samples_per_micro_step(cfg)
+    gb = cfg.train.global_batch
+    if gb % step:
+        _fail(f"train.global_batch={gb} is not divisible by parallel.micro_batch * dp = "
+              f"{cfg.parallel.micro_batch} * {cfg.parallel.dp} = {step}; set train.global_batch to a multiple "
+              f"of {step}, e.g. {max(step, gb // step * step)}")
+
+
+def _check_schedule(cfg: Config) -> None:
+    ramp, gb, step = cfg.schedule.batch, cfg.train.global_batch, samples_per_micro_step(cfg)
+    if not ramp.start:
+        return
+    for key, value in (("start", ramp.start), ("increment", ramp.increment)):
+        if value <= 0 or value % step:
+            _fail(f"schedule.batch.{key}={value} must be a positive multiple of micro_batch * dp = {step}; "
+                  f"e.g. schedule.batch.{key}={step}")
+    if ramp.start > gb:
+        _fail(f"schedule.batch.start={ramp.start} exceeds train.global_batch={gb}; the ramp grows up to the global batch")
+    if ramp.ramp_tokens <= 0:
+        _fail(f"schedule.batch.ramp_tokens={ramp.ramp_tokens} must be positive when the ramp is on; "
+              f"e.g. schedule.batch.ramp_tokens={gb * cfg.data.seq_len * 20}")
+
+
+def _check_data(cfg: Config) -> None:
+    for pattern in cfg.data.paths:
+        if not isinstance(pattern, str):
+            _fail(f"data.paths entry {pattern!r} must be a string path or glob")
+        expanded = os.path.expanduser(pattern)
+        if not (os.path.exists(expanded) or glob.glob(expanded, recursive=True)):
+            _fail(f"data.paths entry {pattern!r} matches no file or folder; fix the path or glob")
+    for source in cfg.data.sources:
+        if not isinstance(source, dict) or "path" not in source:
+            _fail(f"data.sources entry {source!r} must be a mapping with path (and weight); "
+                  f"e.g. {{path: data/code, weight: 1.0}}")
+        weight = source.get("weight", 1.0)
+        if not isinstance(weight, (int, float)) or weight <= 0:
+            _fail(f"data.sources weight {weight!r} for {source['path']} must be a positive number")

@@ -1,0 +1,19 @@
+"""The user-facing error type: one line that names the problem, the offending value and the fix."""
+
+
+class RaylmError(Exception):
+    """A problem the user can fix; the CLI prints it as one line and exits with `exit_code`."""
+
+    exit_code = 1
+
+
+class ConfigError(RaylmError):
+    """A config that cannot run: bad YAML, unknown key, wrong type or an impossible combination."""
+
+    exit_code = 2
+
+
+class DataError(RaylmError):
+    """A corpus, shard or manifest that cannot be used as it is."""
+
+    exit_code = 3

@@ -1,0 +1,36 @@
+"""One rank-aware logger: rank 0 prints progress, other ranks only warnings and errors."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+LOGGER_NAME = "raylm"
+
+
+def get_logger() -> logging.Logger:
+    """The project's logger (configure it once with `setup_logging`)."""
+    return logging.getLogger(LOGGER_NAME)
+
+
+def current_rank() -> int:
+    """This process's global rank from the torch.distributed environment (0 outside a process group)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def setup_logging(rank: int | None = None, verbose: bool = False) -> logging.Logger:
+    """Log to stderr; INFO on rank 0 (DEBUG with verbose), WARNING elsewhere, each line tagged with the rank."""
+    rank = current_rank() if rank is None else rank
+    logger = get_logger()
+    level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
+    logger.setLevel(level)
+    if not any(getattr(h, "_raylm", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler._raylm = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    for handler in logger.handlers:
+        if getattr(handler, "_raylm", False):
+            handler.setFormatter(logging.Formatter(f"[raylm r{rank}] %(message)s"))
+    logger.propagate = False
+    return logger
