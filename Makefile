@@ -1,0 +1,38 @@
+# Two set-up commands for a fresh machine: `make demo` (the main job) and `make test` (the whole suite).
+# Both create .venv if it is missing and install what they need.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+CONFIG ?= jobs/configs/tiny.yaml
+PROMPT ?= def main(
+
+.PHONY: demo test install bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Reinstall only when the package metadata changes.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: default corpus -> tokenizer -> shards -> train tiny (pp=2) on a local Ray -> weights -> a sample.
+demo: install
+	$(BIN)/raylm prepare $(CONFIG)
+	$(BIN)/raylm train $(CONFIG) run.name=demo --overwrite
+	$(BIN)/raylm generate runs/demo --prompt '$(PROMPT)' --max-new-tokens 80
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+bench: install
+	$(BIN)/python benchmarks/data.py
+	$(BIN)/python benchmarks/train.py
+
+clean:
+	rm -rf runs data .pytest_cache

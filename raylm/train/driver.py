@@ -1,0 +1,126 @@
+"""`raylm train`: check the run, connect to Ray, run a TorchTrainer shaped by the Topology, summarise the result."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from raylm.config import Config, to_dict
+from raylm.config.derived import num_workers
+from raylm.errors import RaylmError
+from raylm.log import get_logger
+from raylm.train.metrics import plot_loss_curve, read_metrics
+from raylm.train.preflight import check_prepared_data
+from raylm.train.ray_cluster import connect_ray
+from raylm.train.rundir import prepare_run_dir
+
+DATA_CPU_RESERVE = 1.0  # CPUs left free on a CPU-only cluster so Ray Data tasks are never starved (hang 2)
+
+
+def train(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
+    """Run training end to end and return a summary; every failure surfaces here as one RaylmError."""
+    start = time.perf_counter()
+    check_prepared_data(cfg)
+    run_dir = prepare_run_dir(cfg, overwrite=overwrite)
+    connect_ray()
+    trainer = build_trainer(cfg, run_dir)
+    get_logger().info("training %s on %d worker(s) (pp=%d tp=%d dp=%d); run folder %s", cfg.run.name,
+                      num_workers(cfg), cfg.parallel.pp, cfg.parallel.tp, cfg.parallel.dp, run_dir)
+    result = _fit(trainer)
+    return summarise(run_dir, result, time.perf_counter() - start)
+
+
+def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
+    """The TorchTrainer for a run: workers and resources from the layout, storage in run.dir, retries from fault."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from raylm.train.worker import train_loop_per_worker
+
+    scaling, backend = scaling_for(cfg, _cluster_resources())
+    run_config = ray.train.RunConfig(
+        name=cfg.run.name,
+        storage_path=str(run_dir.parent),
+        failure_config=ray.train.FailureConfig(max_failures=cfg.fault.max_failures),
+        callbacks=callbacks,
+    )
+    loop_config = {"config": to_dict(cfg), "run_dir": str(run_dir), "backend": backend}
+    # No `datasets=`: Ray Train's default DataConfig would split them across every worker, and ranks that do not
+    # read data (middle pipeline stages) would leave the split coordinator waiting forever (hang 1).
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+                        run_config=run_config, torch_config=TorchConfig(backend=backend))
+
+
+def scaling_for(cfg: Config, cluster: dict[str, float]):
+    """ScalingConfig and process-group backend: a GPU per worker when asked or available, else fractional CPUs."""
+    from ray.train import ScalingConfig
+
+    workers = num_workers(cfg)
+    use_gpu = {"true": True, "false": False}.get(cfg.parallel.use_gpu, cluster.get("GPU", 0) >= workers)
+    if use_gpu and cluster.get("GPU", 0) < workers:
+        raise RaylmError(f"parallel.use_gpu=true needs {workers} GPUs (pp*tp*dp) but the cluster has "
+                         f"{cluster.get('GPU', 0):g}; add GPU nodes or lower the degrees")
+    cpus = cfg.parallel.cpus_per_worker or _auto_cpus_per_worker(workers, cluster.get("CPU", 1), use_gpu)
+    resources = {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus}
+    backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_gpu else "gloo")
+    return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources), backend
+
+
+def _auto_cpus_per_worker(workers: int, cluster_cpus: float, use_gpu: bool) -> float:
+    """One CPU per GPU worker; on CPU clusters a share of the CPUs that leaves DATA_CPU_RESERVE for Ray Data."""
+    if use_gpu:
+        return 1.0
+    share = (cluster_cpus - DATA_CPU_RESERVE) / workers
+    if share >= 1.0:
+        return float(int(share))  # Ray accepts fractions only below one CPU
+    return max(0.05, int(share * 20) / 20)
+
+
+def _cluster_resources() -> dict[str, float]:
+    import ray
+
+    return dict(ray.cluster_resources())
+
+
+def _fit(trainer):
+    """trainer.fit(), with a worker's failure turned into one line that names the cause."""
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray wraps worker errors; unwrap to the user's cause
+        raise RaylmError(f"training failed: {_root_cause(exc)}") from exc
+    if getattr(result, "error", None):
+        raise RaylmError(f"training failed: {_root_cause(result.error)}")
+    return result
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's one-line message (a RaylmError's text is already written for users)."""
+    seen = exc
+    while seen.__cause__ is not None or getattr(seen, "cause", None) is not None:
+        seen = seen.__cause__ or seen.cause
+    text = str(seen).strip().splitlines()
+    last = next((line for line in reversed(text) if line.strip()), type(seen).__name__)
+    return last.strip()
+
+
+def summarise(run_dir: Path, result, wall_s: float) -> dict[str, Any]:
+    """Final summary printed by the CLI: where things are and how the run ended."""
+    rows = read_metrics(run_dir)
+    plot = plot_loss_curve(run_dir)
+    last = rows[-1] if rows else {}
+    evals = [r for r in rows if "val_loss" in r]
+    summary = {
+        "run_dir": str(run_dir),
+        "steps": last.get("step", -1) + 1,
+        "tokens": last.get("tokens", 0),
+        "first_loss": rows[0]["loss"] if rows else None,
+        "final_loss": last.get("loss"),
+        "val_loss": evals[-1]["val_loss"] if evals else None,
+        "tokens_per_s": last.get("tokens_per_s"),
+        "wall_s": round(wall_s, 1),
+        "loss_curve": str(plot) if plot else None,
+    }
+    get_logger().info("done: %d steps, loss %.3f -> %.3f, val_loss %s, %.0f s; %s", summary["steps"],
+                      summary["first_loss"] or 0, summary["final_loss"] or 0, summary["val_loss"], wall_s, run_dir)
+    return summary

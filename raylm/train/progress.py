@@ -1,0 +1,49 @@
+"""Rank 0's view of a run: metrics.jsonl + TensorBoard rows and a live progress line (step, loss, tok/s, ETA)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from raylm.config import Config
+from raylm.log import get_logger
+from raylm.train.metrics import MetricsWriter
+
+PROGRESS_EVERY_S = 5.0
+
+
+class Progress:
+    """Writes every `train.log_every`-th row and prints a progress line at most every PROGRESS_EVERY_S seconds."""
+
+    def __init__(self, cfg: Config, run_dir: Path):
+        self.cfg = cfg
+        self.writer = MetricsWriter(run_dir)
+        self.started = time.perf_counter()
+        self.last_print = 0.0
+
+    def record(self, row: dict[str, Any], force: bool = False) -> None:
+        if force or row["step"] % self.cfg.train.log_every == 0:
+            self.writer.write(row)
+        now = time.perf_counter()
+        if force or now - self.last_print >= PROGRESS_EVERY_S or row["step"] == 0:
+            self.last_print = now
+            get_logger().info(self.line(row, now - self.started))
+
+    def line(self, row: dict[str, Any], elapsed_s: float) -> str:
+        done = row["step"] + 1
+        eta_s = elapsed_s / done * (self.cfg.train.max_steps - done)
+        text = (f"step {done}/{self.cfg.train.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
+                f"batch {row['batch_size']} | {row['tokens_per_s'] / 1e3:.1f}k tok/s | mfu {row['mfu']:.1%} | "
+                f"data wait {row['data_wait_frac']:.1%} | eta {_clock(eta_s)}")
+        if "val_loss" in row:
+            text += f" | val_loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f})"
+        return text
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}:{secs:02d}"

@@ -1,0 +1,43 @@
+"""Connect to the Ray cluster in RAY_ADDRESS (failing fast when it does not answer) or start a local one."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from raylm.errors import RaylmError
+from raylm.log import get_logger
+
+CONNECT_TIMEOUT_S = 10.0
+
+
+def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """ray.init against RAY_ADDRESS, or a local single-node Ray (no dashboard, token authentication as default)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    log = get_logger()
+    if address and address != "local":
+        if address != "auto":
+            _probe(address, connect_timeout_s)
+        log.info("connecting to the Ray cluster at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        log.info("starting a local Ray (no RAY_ADDRESS set)")
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def _probe(address: str, timeout_s: float) -> None:
+    """Open a TCP connection to the head first: ray.init would otherwise retry for minutes."""
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = host_port.rpartition(":")
+    if not host or not port.isdigit():
+        raise RaylmError(f"RAY_ADDRESS={address!r} is not host:port (e.g. 10.0.0.1:6379 or ray://head:10001); "
+                         f"fix it or unset RAY_ADDRESS to start a local Ray")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RaylmError(f"no Ray cluster answers at RAY_ADDRESS={address} ({exc.strerror or exc}); start one with "
+                         f"`ray start --head` or unset RAY_ADDRESS to run on a local Ray") from None

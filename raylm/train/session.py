@@ -1,0 +1,97 @@
+"""What one rank trains with: the parallel engine, its per-DP-rank streams, and the FLOP arithmetic for metrics."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from raylm.config import Config
+from raylm.config.derived import padded_vocab, samples_per_micro_step
+from raylm.train.metrics import gpu_peak_flops, measure_matmul_peak, mfu
+from raylm.train.step import StepResult, TrainState
+
+
+@dataclass
+class Session:
+    """Engine + data for one rank. Ranks that do not read data (middle pipeline stages) get no streams."""
+
+    cfg: Config
+    engine: Any
+    reads_data: bool
+    open_stream: Callable[[str, int], Iterator] | None
+    flops_per_token: float
+    peak_flops: float
+
+    @classmethod
+    def build(cls, cfg: Config, backend: str, rank: int) -> "Session":
+        from raylm.model.gpt import flops_per_token, init_full_weights
+        from raylm.parallel.engine import build_engine, init_distributed
+
+        init_distributed(backend)  # DeepSpeed needs its backend set before a PipelineModule is built
+        vocab = padded_vocab(cfg.data.vocab_size)
+        engine = build_engine(cfg, init_full_weights(cfg.model, vocab, cfg.run.seed))
+        topo = engine.topology
+        reads = topo.reads_data
+        opener = _stream_opener(cfg, topo.dp_rank, topo.dp) if reads else None
+        return cls(cfg=cfg, engine=engine, reads_data=reads, open_stream=opener,
+                   flops_per_token=flops_per_token(cfg.model, vocab, cfg.data.seq_len),
+                   peak_flops=_peak_flops(cfg, rank, topo.world_size))
+
+    def train_batches(self, start_sample: int) -> Iterator:
+        """This DP rank's micro-batches of the training split from global sample `start_sample` on."""
+        return self.open_stream("train", start_sample)
+
+    def val_batches(self) -> Iterator | None:
+        """A fresh validation stream from its start: every evaluation sees the same samples."""
+        return self.open_stream("val", 0) if self.reads_data else None
+
+    @property
+    def eval_micro_batches(self) -> int:
+        return self.cfg.train.eval_batches * self.cfg.train.global_batch // samples_per_micro_step(self.cfg)
+
+    def metrics_row(self, state: TrainState, result: StepResult, lr: float, global_batch: int) -> dict[str, Any]:
+        """One metrics.jsonl row (keys from DESIGN.md section 2); `step` is the 0-based step just finished."""
+        tokens_per_s = global_batch * self.cfg.data.seq_len / result.step_s
+        return {
+            "step": state.step - 1, "tokens": state.tokens, "samples": state.samples, "loss": result.loss,
+            "lr": lr, "batch_size": global_batch, "tokens_per_s": tokens_per_s, "step_s": result.step_s,
+            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops),
+            "data_wait_frac": min(1.0, result.data_wait_s / result.step_s),
+        }
+
+
+def _stream_opener(cfg: Config, dp_rank: int, dp_size: int) -> Callable[[str, int], Iterator]:
+    from raylm.data.stream import open_rank_stream
+
+    def open_stream(split: str, start_sample: int) -> Iterator:
+        return open_rank_stream(cfg, split=split, dp_rank=dp_rank, dp_size=dp_size, start_sample=start_sample)
+
+    return open_stream
+
+
+def _peak_flops(cfg: Config, rank: int, world_size: int) -> float:
+    """Hardware peak for MFU: the GPUs' dense bf16 peak, or on CPU a matmul measured now on the node's cores.
+
+    Only rank 0 logs metrics, so only rank 0 spends the fraction of a second measuring."""
+    gpu_peak = gpu_peak_flops()
+    if gpu_peak:
+        return gpu_peak * world_size
+    if rank != 0:
+        return 0.0
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        peak = measure_matmul_peak(dtype, seconds=0.3)
+    finally:
+        torch.set_num_threads(threads)
+    return peak * max(1, world_size // _workers_per_node())
+
+
+def _workers_per_node() -> int:
+    import ray.train
+
+    return ray.train.get_context().get_local_world_size()

@@ -1,0 +1,64 @@
+"""One optimizer step and one evaluation on a parallel engine, timed, with the time spent waiting for data."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where a run is: optimizer steps done, tokens trained and global samples consumed (the stream offset)."""
+
+    step: int = 0
+    tokens: int = 0
+    samples: int = 0
+
+    def advance(self, global_batch: int, seq_len: int) -> "TrainState":
+        return replace(self, step=self.step + 1, tokens=self.tokens + global_batch * seq_len,
+                       samples=self.samples + global_batch)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    loss: float
+    step_s: float
+    data_wait_s: float
+
+
+class TimedIterator:
+    """Wraps a batch iterator and adds up the seconds spent inside next(): the data-wait share of a step."""
+
+    def __init__(self, batches: Iterator):
+        self.batches = batches
+        self.wait_s = 0.0
+
+    def __iter__(self) -> "TimedIterator":
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        try:
+            return next(self.batches)
+        finally:
+            self.wait_s += time.perf_counter() - start
+
+    def take_wait_s(self) -> float:
+        waited, self.wait_s = self.wait_s, 0.0
+        return waited
+
+
+def train_step(engine, batches: TimedIterator | None, micro_batches: int, lr: float) -> StepResult:
+    """Set the step's learning rate and micro-batch count, run engine.train_batch, and time it."""
+    engine.set_lr(lr)
+    engine.set_micro_batches(micro_batches)
+    start = time.perf_counter()
+    loss = engine.train_batch(batches)
+    step_s = time.perf_counter() - start
+    return StepResult(loss=float(loss), step_s=step_s, data_wait_s=batches.take_wait_s() if batches else 0.0)
+
+
+def evaluate(engine, batches: Iterator | None, micro_batches: int) -> float:
+    """Mean validation loss over `micro_batches` micro-batches per DP rank (no optimizer step, no stream moved)."""
+    return float(engine.eval_batch(batches, micro_batches))

@@ -1,0 +1,70 @@
+"""One Ray Train worker = one (pp, tp, dp) rank: build the engine and its data stream, run the step loop."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from raylm.config import Config, resolve
+from raylm.config.derived import micro_batches_for
+from raylm.log import get_logger, setup_logging
+from raylm.train.progress import Progress
+from raylm.train.schedule import batch_size_at, lr_at
+from raylm.train.step import TimedIterator, TrainState, evaluate, train_step
+from raylm.train.weights import save_final_weights
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entrypoint: every rank runs this with the resolved config as a plain dict."""
+    import ray.train
+
+    cfg = resolve(loop_config["config"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    setup_logging(rank)
+    torch.set_num_threads(_torch_threads(cfg, context.get_local_world_size()))
+    session = build_session(cfg, loop_config["backend"], rank)
+    run_loop(cfg, session, Path(loop_config["run_dir"]), rank)
+
+
+def _torch_threads(cfg: Config, workers_on_node: int) -> int:
+    """Threads per worker from the node's cores and the workers placed on it (Ray would leave one: DESIGN.md)."""
+    return cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // workers_on_node)
+
+
+def build_session(cfg: Config, backend: str, rank: int):
+    """Engine + streams + metric helpers for this rank."""
+    from raylm.train.session import Session
+
+    return Session.build(cfg, backend, rank)
+
+
+def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
+    """The training loop: schedules per step, train_batch, eval, metrics and reports, then the final weights."""
+    import ray.train
+
+    state, seq_len = TrainState(), cfg.data.seq_len
+    batches = TimedIterator(session.train_batches(state.samples)) if session.reads_data else None
+    progress = Progress(cfg, run_dir) if rank == 0 else None
+    for step in range(state.step, cfg.train.max_steps):
+        global_batch = batch_size_at(state.tokens, cfg.train.global_batch, cfg.schedule.batch)
+        lr = lr_at(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule.lr)
+        result = train_step(session.engine, batches, micro_batches_for(global_batch, cfg), lr)
+        state = state.advance(global_batch, seq_len)
+        row = session.metrics_row(state, result, lr, global_batch)
+        last = state.step == cfg.train.max_steps
+        if last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
+            row["val_loss"] = evaluate(session.engine, session.val_batches(), session.eval_micro_batches)
+            row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
+        if progress:
+            progress.record(row, force=last or "val_loss" in row)
+        if last or "val_loss" in row or state.step % cfg.train.report_every == 0:
+            ray.train.report(row)  # a controller round trip (~2 s): not every step (DESIGN.md section 3)
+    save_final_weights(cfg, session.engine, run_dir, rank)
+    if progress:
+        progress.close()
+    get_logger().debug("rank %d finished", rank)
