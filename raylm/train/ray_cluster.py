@@ -9,6 +9,7 @@ from raylm.errors import RaylmError
 from raylm.log import get_logger
 
 CONNECT_TIMEOUT_S = 10.0
+LOCAL_HEALTH_CHECK_S = "0.5"
 
 
 def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
@@ -26,6 +27,8 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         log.info("starting a local Ray (no RAY_ADDRESS set)")
+        # ray.train.report waits for the controller's next poll; a local cluster can afford to poll often.
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_S)
         ray.init(include_dashboard=False, log_to_driver=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -55,12 +56,15 @@ class Session:
     def metrics_row(self, state: TrainState, result: StepResult, lr: float, global_batch: int) -> dict[str, Any]:
         """One metrics.jsonl row (keys from DESIGN.md section 2); `step` is the 0-based step just finished."""
         tokens_per_s = global_batch * self.cfg.data.seq_len / result.step_s
-        return {
+        row = {
             "step": state.step - 1, "tokens": state.tokens, "samples": state.samples, "loss": result.loss,
             "lr": lr, "batch_size": global_batch, "tokens_per_s": tokens_per_s, "step_s": result.step_s,
             "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops),
-            "data_wait_frac": min(1.0, result.data_wait_s / result.step_s),
+            "data_wait_frac": min(1.0, result.data_wait_s / result.step_s), "time": time.time(),
         }
+        if torch.cuda.is_available():
+            row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        return row
 
 
 def _stream_opener(cfg: Config, dp_rank: int, dp_size: int) -> Callable[[str, int], Iterator]:

@@ -1,0 +1,70 @@
+"""A real `ray start --head` + `ray job submit` of jobs/train.py on the tiny config, as the README shows."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from raylm.train.metrics import read_metrics
+from tests.conftest import REPO_ROOT
+from tests.ray.conftest import SMALL_MODEL
+
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_head(gcs_port: int, dashboard_port: int, temp_dir: Path, env: dict) -> subprocess.Popen:
+    """`ray start --head --block` in its own process group, so the test stops exactly this cluster and no other."""
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=3", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+         f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        ready = subprocess.run([RAY, "job", "list", f"--address=http://127.0.0.1:{dashboard_port}"], env=env,
+                               capture_output=True, timeout=60)
+        if ready.returncode == 0:
+            return head
+        time.sleep(2)
+    stop_head(head)
+    raise AssertionError("the Ray head's Jobs API did not come up within 120 s")
+
+
+def stop_head(head: subprocess.Popen) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(head.pid, sig)
+            head.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+
+
+def test_ray_job_submit_trains_tiny(prepared, small_corpus, tmp_path):
+    gcs_port, dashboard_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    head = start_head(gcs_port, dashboard_port, Path("/tmp") / f"raylm-job-{os.getpid()}", env)
+    try:
+        overrides = [*SMALL_MODEL, "parallel.pp=2", f"data.paths=['{small_corpus}']", f"data.out_dir={prepared}",
+                     f"run.dir={tmp_path / 'runs'}", "run.name=submitted"]
+        submit = subprocess.run(
+            [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard_port}", "--working-dir", str(REPO_ROOT),
+             "--runtime-env", str(REPO_ROOT / "jobs" / "runtime_env.yaml"), "--",
+             sys.executable, "jobs/train.py", "jobs/configs/tiny.yaml", *overrides],
+            env=env, capture_output=True, text=True, timeout=600)
+        assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
+        assert "succeeded" in submit.stdout.lower()
+        rows = read_metrics(tmp_path / "runs" / "submitted")
+        assert len(rows) == 4 and (tmp_path / "runs" / "submitted" / "final" / "model.pt").exists()
+    finally:
+        stop_head(head)
