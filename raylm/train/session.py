@@ -12,7 +12,7 @@ import torch
 from raylm.config import Config
 from raylm.config.derived import padded_vocab, samples_per_micro_step
 from raylm.train.metrics import gpu_peak_flops, measure_matmul_peak, mfu
-from raylm.train.step import StepResult, TrainState
+from raylm.train.step import StepResult, TrainState, evaluate
 
 
 @dataclass
@@ -34,20 +34,25 @@ class Session:
         init_distributed(backend)  # DeepSpeed needs its backend set before a PipelineModule is built
         vocab = padded_vocab(cfg.data.vocab_size)
         engine = build_engine(cfg, init_full_weights(cfg.model, vocab, cfg.run.seed))
-        topo = engine.topology
-        reads = topo.reads_data
-        opener = _stream_opener(cfg, topo.dp_rank, topo.dp) if reads else None
+        reads = engine.reads_data
+        opener = _stream_opener(cfg, engine.coords.dp_rank, engine.topo.dp) if reads else None
         return cls(cfg=cfg, engine=engine, reads_data=reads, open_stream=opener,
                    flops_per_token=flops_per_token(cfg.model, vocab, cfg.data.seq_len),
-                   peak_flops=_peak_flops(cfg, rank, topo.world_size))
+                   peak_flops=_peak_flops(cfg, rank, engine.topo.world_size))
 
     def train_batches(self, start_sample: int) -> Iterator:
         """This DP rank's micro-batches of the training split from global sample `start_sample` on."""
         return self.open_stream("train", start_sample)
 
-    def val_batches(self) -> Iterator | None:
-        """A fresh validation stream from its start: every evaluation sees the same samples."""
-        return self.open_stream("val", 0) if self.reads_data else None
+    def evaluate(self) -> float:
+        """Validation loss on a fresh stream from the split's start: every evaluation sees the same samples, and
+        the training stream does not move."""
+        stream = self.open_stream("val", 0) if self.reads_data else None
+        try:
+            return evaluate(self.engine, stream, self.eval_micro_batches)
+        finally:
+            if stream is not None:
+                stream.close()
 
     @property
     def eval_micro_batches(self) -> int:
@@ -68,10 +73,10 @@ class Session:
 
 
 def _stream_opener(cfg: Config, dp_rank: int, dp_size: int) -> Callable[[str, int], Iterator]:
-    from raylm.data.stream import open_rank_stream
+    from raylm.data.stream import build_rank_stream
 
     def open_stream(split: str, start_sample: int) -> Iterator:
-        return open_rank_stream(cfg, split=split, dp_rank=dp_rank, dp_size=dp_size, start_sample=start_sample)
+        return build_rank_stream(cfg, split, dp_rank=dp_rank, dp_size=dp_size, start_sample=start_sample)
 
     return open_stream
 

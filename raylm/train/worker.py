@@ -14,7 +14,7 @@ from raylm.config.derived import micro_batches_for
 from raylm.log import get_logger, setup_logging
 from raylm.train.progress import Progress
 from raylm.train.schedule import batch_size_at, lr_at
-from raylm.train.step import TimedIterator, TrainState, evaluate, train_step
+from raylm.train.step import TimedIterator, TrainState, train_step
 from raylm.train.weights import save_final_weights
 
 
@@ -58,7 +58,7 @@ def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
         row = session.metrics_row(state, result, lr, global_batch)
         last = state.step == cfg.train.max_steps
         if last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
-            row["val_loss"] = evaluate(session.engine, session.val_batches(), session.eval_micro_batches)
+            row["val_loss"] = session.evaluate()
             row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
         if progress:
             progress.record(row, force=last or "val_loss" in row)

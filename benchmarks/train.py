@@ -1,0 +1,102 @@
+"""Training benchmark, side by side in one run: raylm on Ray Train against a plain PyTorch loop, and the pp bubble.
+
+Figures (one JSON object per line):
+  raylm_vs_plain_ratio  raylm tokens/s (1 worker, pp=tp=dp=1) / plain single-process loop, same model+batch+dtype
+  matmul_peak_frac      raylm's achieved model FLOP/s / a square fp32 matmul's FLOP/s measured here
+  startup_s             `raylm train` launch to the end of the first step's data fetch (its step time removed)
+  bubble_gap_pts        measured pp=2 bubble - (p-1)/(m+p-1), in points; both stages and the pp=1 reference on
+                        one thread each, so the only difference is the pipeline
+`--quick` (the default) runs ~30 steps per measurement; `--steps N` runs more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+from common import TINY, emit, ensure_prepared, scratch_dir, steady
+from raylm.config import Config, load_config
+from raylm.config.derived import padded_vocab
+from raylm.model.gpt import GPT, flops_per_token, init_full_weights
+from raylm.train.metrics import measure_matmul_peak, read_metrics
+
+# The 9M-parameter model DESIGN.md measures the plain loop on: d=256, 6 layers, T=256, batch 8.
+MODEL = ["model.d_model=256", "model.n_layer=6", "model.n_head=8", "data.seq_len=256", "model.max_seq_len=256",
+         "train.global_batch=8", "parallel.micro_batch=8", "train.precision=fp32"]
+QUIET = ["train.eval_every=0", "train.eval_batches=1", "train.report_every=1000", "checkpoint.every_steps=0",
+         "schedule.lr.kind=constant", "schedule.lr.warmup_steps=0", "parallel.zero_stage=0"]
+
+
+def plain_tokens_per_s(cfg: Config, steps: int) -> float:
+    """A plain single-process loop (nanoGPT style) on the same model, batch and dtype: the yardstick."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    vocab = padded_vocab(cfg.data.vocab_size)
+    model = GPT(cfg.model, vocab)
+    model.load_state_dict(init_full_weights(cfg.model, vocab, cfg.run.seed))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    gen = torch.Generator().manual_seed(0)
+    batch, seq_len = cfg.train.global_batch, cfg.data.seq_len
+    rates = []
+    for _ in range(steps):
+        tokens = torch.randint(0, cfg.data.vocab_size, (batch, seq_len + 1), generator=gen)
+        start = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16"):
+            loss = model(tokens[:, :-1], tokens[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        rates.append(batch * seq_len / (time.perf_counter() - start))
+    return sorted(rates[steps // 3:])[len(rates[steps // 3:]) // 2]
+
+
+def raylm_run(name: str, overrides: list[str], work) -> tuple[list[dict], float]:
+    """`raylm train` as a user runs it (a fresh process and a fresh local Ray); returns rows and launch time."""
+    launched = time.time()
+    cmd = [sys.executable, "-m", "raylm.cli", "train", str(TINY), *overrides, f"run.dir={work}", f"run.name={name}",
+           "--overwrite"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    return read_metrics(work / name), launched
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="optimizer steps per measurement")
+    args = parser.parse_args()
+    work = scratch_dir("raylm-train-bench-")
+    base = MODEL + QUIET + [f"train.max_steps={args.steps}"]
+    cfg = load_config(TINY, base + ["parallel.pp=1"])
+    ensure_prepared(cfg)
+    skip = max(2, args.steps // 3)
+
+    plain = plain_tokens_per_s(cfg, args.steps)
+    rows, launched = raylm_run("ratio", base + ["parallel.pp=1"], work)
+    ours = steady(rows, "tokens_per_s", skip)
+    peak = measure_matmul_peak(torch.float32, seconds=1.0)
+    achieved = ours * flops_per_token(cfg.model, padded_vocab(cfg.data.vocab_size), cfg.data.seq_len)
+    first = rows[0]
+    emit(raylm_vs_plain_ratio=round(ours / plain, 3), raylm_tokens_per_s=round(ours), plain_tokens_per_s=round(plain),
+         target=0.90)
+    emit(matmul_peak_frac=round(achieved / peak, 3), achieved_gflops=round(achieved / 1e9, 1),
+         matmul_peak_gflops=round(peak / 1e9, 1), target=0.75)
+    emit(startup_s=round(first["time"] - first["step_s"] - launched, 2), target=20.0)
+
+    pipe = ["train.global_batch=16", "parallel.micro_batch=2", "train.torch_threads=1"]
+    one_stage, _ = raylm_run("bubble-pp1", base + pipe + ["parallel.pp=1"], work)
+    two_stage, _ = raylm_run("bubble-pp2", base + pipe + ["parallel.pp=2"], work)
+    p, m = 2, 16 // 2
+    t1, t2 = steady(one_stage, "step_s", skip), steady(two_stage, "step_s", skip)
+    measured = 1 - (t1 / p) / t2
+    formula = (p - 1) / (m + p - 1)
+    emit(bubble_gap_pts=round(100 * (measured - formula), 2), bubble_measured=round(measured, 4),
+         bubble_formula=round(formula, 4), step_s_pp1=round(t1, 4), step_s_pp2=round(t2, 4), target=5.0)
+
+
+if __name__ == "__main__":
+    main()
