@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
 
-from raylm.config import Config, to_dict
+from raylm.config import Config, to_dict, with_overrides
 from raylm.config.derived import num_workers
 from raylm.errors import RaylmError
 from raylm.log import get_logger
@@ -21,6 +22,7 @@ DATA_CPU_RESERVE = 1.0  # CPUs left free on a CPU-only cluster so Ray Data tasks
 def train(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     """Run training end to end and return a summary; every failure surfaces here as one RaylmError."""
     start = time.perf_counter()
+    cfg = with_absolute_paths(cfg)
     check_prepared_data(cfg)
     run_dir = prepare_run_dir(cfg, overwrite=overwrite)
     connect_ray()
@@ -29,6 +31,16 @@ def train(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
                       num_workers(cfg), cfg.parallel.pp, cfg.parallel.tp, cfg.parallel.dp, run_dir)
     result = _fit(trainer)
     return summarise(run_dir, result, time.perf_counter() - start)
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """Workers do not start in the caller's folder: pin every relative path of the config to it."""
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve()) if path else path
+
+    sources = [{**source, "path": absolute(source["path"])} for source in cfg.data.sources]
+    return with_overrides(cfg, {"run.dir": absolute(cfg.run.dir), "data.out_dir": absolute(cfg.data.out_dir),
+                                "data.tokenizer": absolute(cfg.data.tokenizer), "data.sources": sources})
 
 
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
@@ -100,8 +112,8 @@ def _root_cause(exc: BaseException) -> str:
     while seen.__cause__ is not None or getattr(seen, "cause", None) is not None:
         seen = seen.__cause__ or seen.cause
     text = str(seen).strip().splitlines()
-    last = next((line for line in reversed(text) if line.strip()), type(seen).__name__)
-    return last.strip()
+    last = next((line for line in reversed(text) if line.strip()), type(seen).__name__).strip()
+    return re.sub(r"^raylm\.errors\.\w+: ", "", last)  # our errors are already worded for users
 
 
 def summarise(run_dir: Path, result, wall_s: float) -> dict[str, Any]:
