@@ -1,0 +1,210 @@
+"""A Llama-family decoder in plain single-device PyTorch: the model that `raylm.parallel` shards and pipelines.
+
+Architecture: token embedding -> n_layer x [RMSNorm -> causal GQA attention with RoPE -> residual,
+RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head (optionally tied to the embedding). No biases.
+
+Parameter names follow Meta's Llama checkpoints, so export is a rename (see `HF_LLAMA_NAMES`):
+
+    tok_embeddings.weight                    model.embed_tokens.weight
+    layers.{i}.attention_norm.weight         model.layers.{i}.input_layernorm.weight
+    layers.{i}.attention.wq|wk|wv|wo.weight  model.layers.{i}.self_attn.q_proj|k_proj|v_proj|o_proj.weight
+    layers.{i}.ffn_norm.weight               model.layers.{i}.post_attention_layernorm.weight
+    layers.{i}.feed_forward.w1|w3|w2.weight  model.layers.{i}.mlp.gate_proj|up_proj|down_proj.weight
+    norm.weight                              model.norm.weight
+    output.weight (absent when tied)         lm_head.weight
+
+RoPE rotates interleaved pairs (x[2k], x[2k+1]) as Meta's reference code does; Hugging Face's Llama rotates
+halves, so an HF export must permute the rows of wq and wk exactly as HF's convert_llama_weights_to_hf does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from raylm.config.derived import ffn_hidden, kv_heads
+from raylm.config.schema import ModelConfig
+
+HF_LLAMA_NAMES = {
+    "tok_embeddings": "model.embed_tokens",
+    "attention_norm": "input_layernorm",
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "norm": "model.norm",
+    "output": "lm_head",
+}
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (no bias, no mean subtraction)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 so bf16 activations do not lose the small variances
+        x_f32 = x.float()
+        x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x_f32.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, each (max_seq_len, head_dim // 2), for rotating interleaved pairs."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x[2k], x[2k+1]) of x (B, T, H, hd) by the position's angle; cos/sin are (T, hd/2)."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over batch and heads
+    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    """Causal self-attention with grouped-query heads and RoPE.
+
+    Head counts are read from the projections' output widths, so the same code runs on a tensor-parallel
+    shard whose wq/wk/wv hold only this rank's heads.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.wq = nn.Linear(cfg.d_model, cfg.n_head * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.d_model, kv_heads(cfg) * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.d_model, kv_heads(cfg) * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, hd)
+        k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
+        v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
+        group = q.size(1) // k.size(1)  # query heads per kv head
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)  # (B, Hq, T, hd)
+            v = v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, hd)
+        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq * hd)
+        return self.wo(y)  # (B, T, C)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        hidden = ffn_hidden(cfg)
+        self.w1 = nn.Linear(cfg.d_model, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(cfg.d_model, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, cfg.d_model, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # (B, T, C)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)  # (B, T, C)
+        return x + self.feed_forward(self.ffn_norm(x))  # (B, T, C)
+
+
+class GPT(nn.Module):
+    """The whole decoder on one device; `vocab_size` is the padded vocabulary (embedding rows)."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        # a tied head reuses tok_embeddings.weight, so no output.weight exists in the state dict
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def head_weight(self) -> torch.Tensor:
+        """The LM head matrix (vocab, C): the embedding itself when tied."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, vocab), or the mean cross-entropy over targets != -100 when targets are given."""
+        T = idx.size(1)
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        x = self.tok_embeddings(idx)  # (B, T, C)
+        for layer in self.layers:
+            x = layer(x, cos, sin)  # (B, T, C)
+        logits = F.linear(self.norm(x), self.head_weight())  # (B, T, vocab)
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def _param_seed(seed: int, name: str) -> int:
+    """A 63-bit seed from (run seed, parameter name): stable across processes and construction order."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _init_std(cfg: ModelConfig, name: str) -> float:
+    """Normal std for a matrix; residual output projections are scaled down by 1/sqrt(2 n_layer) (GPT-2)."""
+    if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+        return cfg.init_std / math.sqrt(2 * cfg.n_layer)
+    return cfg.init_std
+
+
+def param_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, torch.Size]:
+    """Every parameter's full shape by name, without allocating the weights."""
+    with torch.device("meta"):
+        model = GPT(cfg, vocab_size)
+    return {name: p.shape for name, p in model.named_parameters()}
+
+
+def init_full_weights(cfg: ModelConfig, vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
+    """The full fp32 weights as a pure function of (config, seed): norms 1, matrices normal(0, std)."""
+    weights = {}
+    for name, shape in param_shapes(cfg, vocab_size).items():
+        if len(shape) == 1:
+            weights[name] = torch.ones(shape)
+            continue
+        gen = torch.Generator().manual_seed(_param_seed(seed, name))
+        weights[name] = torch.randn(shape, generator=gen) * _init_std(cfg, name)
+    return weights
+
+
+def param_count(cfg: ModelConfig, vocab_size: int) -> int:
+    """Trainable parameters, counting a tied embedding once."""
+    return sum(math.prod(shape) for shape in param_shapes(cfg, vocab_size).values())
+
+
+def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> int:
+    """Training FLOPs per token, 6N + 12·L·d·T (PaLM appendix B): weights fwd+bwd plus attention scores."""
+    return 6 * param_count(cfg, vocab_size) + 12 * cfg.n_layer * cfg.d_model * seq_len

@@ -1,0 +1,98 @@
+"""Pipeline layers built from the model's own classes, with Megatron tensor parallelism applied from outside.
+
+Each layer maps (B, T) token ids or (B, T, C) activations to the next stage's input and knows the full-model
+name of its parameters (`name_prefix` + local name), which is how full weights are scattered and gathered.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from raylm.config.schema import ModelConfig
+from raylm.model.gpt import Block, RMSNorm, rope_tables
+from raylm.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, TPGroup, VocabParallelEmbedding,
+                                   copy_to_tp_region, vocab_parallel_cross_entropy)
+
+# Which of a Block's linears are split by output rows (column) or input columns (row). Column then row keeps
+# one all-reduce per sub-layer in each direction: heads and the SwiGLU width are what get split.
+TP_PLAN = {
+    "attention.wq": ColumnParallelLinear,
+    "attention.wk": ColumnParallelLinear,
+    "attention.wv": ColumnParallelLinear,
+    "attention.wo": RowParallelLinear,
+    "feed_forward.w1": ColumnParallelLinear,
+    "feed_forward.w3": ColumnParallelLinear,
+    "feed_forward.w2": RowParallelLinear,
+}
+
+
+def apply_tensor_parallel(module: nn.Module, plan: dict, tp: TPGroup) -> None:
+    """Swap each planned nn.Linear of `module` for its TP version of the same full shape."""
+    for path, parallel_cls in plan.items():
+        parent_path, _, attr = path.rpartition(".")
+        parent = module.get_submodule(parent_path)
+        dense = getattr(parent, attr)
+        setattr(parent, attr, parallel_cls(dense.in_features, dense.out_features, tp))
+
+
+class EmbeddingPipe(VocabParallelEmbedding):
+    """Token ids (B, T) -> embeddings (B, T, C), vocab split over TP."""
+
+    name_prefix = "tok_embeddings."
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: TPGroup):
+        super().__init__(vocab_size, cfg.d_model, tp)
+
+
+class BlockPipe(Block):
+    """One transformer block with its linears TP-split; holds its own RoPE tables so it maps x -> x."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TPGroup):
+        with torch.device("meta"):  # the dense linears are replaced at once: never allocate them
+            super().__init__(cfg)
+        apply_tensor_parallel(self, TP_PLAN, tp)
+        self.to_empty(device="cpu")  # norms leave meta; every weight is loaded from the full state next
+        self.name_prefix = f"layers.{layer_idx}."
+        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        T = x.size(1)
+        return super().forward(x, self.rope_cos[:T], self.rope_sin[:T])  # (B, T, C)
+
+
+class FinalNormPipe(RMSNorm):
+    """The final RMSNorm (replicated over TP)."""
+
+    name_prefix = "norm."
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg.d_model, cfg.norm_eps)
+
+
+class HeadPipe(ColumnParallelLinear):
+    """Untied LM head: (B, T, C) -> this rank's logits (B, T, vocab / tp); the full logits never exist."""
+
+    name_prefix = "output."
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: TPGroup):
+        super().__init__(cfg.d_model, vocab_size, tp)
+
+
+def tied_head_forward(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
+    """Tied LM head on the last stage: logits (B, T, vocab / tp) from the embedding's own vocab shard."""
+    return F.linear(copy_to_tp_region(x, embedding.tp), embedding.weight)
+
+
+class VocabParallelLoss:
+    """The pipeline's loss_fn: mean cross-entropy from vocab-split logits, ignoring label -100."""
+
+    def __init__(self, tp: TPGroup):
+        self.tp = tp
+        self.__name__ = "vocab_parallel_cross_entropy"  # DeepSpeed prints the loss function's name
+
+    def __call__(self, logits_shard: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return vocab_parallel_cross_entropy(logits_shard, labels, self.tp)

@@ -1,0 +1,84 @@
+"""Rank-side checks of the TP layers against dense PyTorch: each returns relative errors for the parent to assert."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from raylm.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, TPGroup, VocabParallelEmbedding,
+                                   gather_from_tp_region, vocab_parallel_cross_entropy)
+
+
+def _world_tp() -> TPGroup:
+    return TPGroup(dist.group.WORLD, dist.get_rank(), dist.get_world_size())
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest difference relative to the reference's largest entry."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def _dense(seed: int, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def check_linears() -> dict[str, float]:
+    """Column then row parallel (an MLP) vs dense: output, input grad and each rank's weight-grad shard."""
+    tp = _world_tp()
+    w_up, w_down, x = _dense(1, 12, 8), _dense(2, 8, 12), _dense(3, 2, 5, 8).requires_grad_()
+    up, down = ColumnParallelLinear(8, 12, tp), RowParallelLinear(12, 8, tp)
+    with torch.no_grad():
+        up.weight.copy_(w_up.chunk(tp.size, 0)[tp.rank])
+        down.weight.copy_(w_down.chunk(tp.size, 1)[tp.rank])
+    x_tp = x.detach().clone().requires_grad_()
+    y_tp = down(F.gelu(up(x_tp)))
+    (y_tp * torch.arange(8.0)).sum().backward()
+    w_up_ref, w_down_ref = w_up.clone().requires_grad_(), w_down.clone().requires_grad_()
+    y = F.linear(F.gelu(F.linear(x, w_up_ref)), w_down_ref)
+    (y * torch.arange(8.0)).sum().backward()
+    return {"out": _max_err(y_tp, y), "x_grad": _max_err(x_tp.grad, x.grad),
+            "up_grad": _max_err(up.weight.grad, w_up_ref.grad.chunk(tp.size, 0)[tp.rank]),
+            "down_grad": _max_err(down.weight.grad, w_down_ref.grad.chunk(tp.size, 1)[tp.rank])}
+
+
+def check_embedding_and_gather() -> dict[str, float]:
+    """Vocab-parallel embedding vs F.embedding (output and weight-grad shard); gather vs the full tensor."""
+    tp = _world_tp()
+    table, idx = _dense(4, 16, 6), torch.randint(0, 16, (3, 7), generator=torch.Generator().manual_seed(5))
+    emb = VocabParallelEmbedding(16, 6, tp)
+    with torch.no_grad():
+        emb.weight.copy_(table.chunk(tp.size, 0)[tp.rank])
+    out = emb(idx)
+    (out * out).sum().backward()
+    ref_table = table.clone().requires_grad_()
+    ref = F.embedding(idx, ref_table)
+    (ref * ref).sum().backward()
+    full = _dense(6, 3, 4 * tp.size)
+    piece = full.chunk(tp.size, -1)[tp.rank].clone().requires_grad_()
+    gathered = gather_from_tp_region(piece, tp)
+    (gathered * full).sum().backward()
+    return {"emb_out": _max_err(out, ref),
+            "emb_grad": _max_err(emb.weight.grad, ref_table.grad.chunk(tp.size, 0)[tp.rank]),
+            "gather_out": _max_err(gathered, full),
+            "gather_grad": _max_err(piece.grad, full.chunk(tp.size, -1)[tp.rank])}
+
+
+def check_cross_entropy() -> dict[str, float]:
+    """Vocab-parallel CE vs F.cross_entropy with ignore_index=-100: loss and each rank's logit-grad shard."""
+    tp = _world_tp()
+    logits = _dense(7, 4, 5, 32) * 3
+    target = torch.randint(0, 32, (4, 5), generator=torch.Generator().manual_seed(8))
+    target[0, :3] = -100
+    ref_logits = logits.clone().requires_grad_()
+    ref = F.cross_entropy(ref_logits.flatten(0, 1), target.flatten(), ignore_index=-100)
+    ref.backward()
+    shard = logits.chunk(tp.size, -1)[tp.rank].clone().requires_grad_()
+    loss = vocab_parallel_cross_entropy(shard, target, tp)
+    loss.backward()
+    return {"ce_loss": abs(loss.item() - ref.item()) / ref.item(),
+            "ce_grad": _max_err(shard.grad, ref_logits.grad.chunk(tp.size, -1)[tp.rank])}
+
+
+def run_tp_checks() -> dict[str, float]:
+    return {**check_linears(), **check_embedding_and_gather(), **check_cross_entropy()}

@@ -1,0 +1,64 @@
+"""Topology coordinates and groups against DeepSpeed's own topology, layout checks, and the DeepSpeed config."""
+
+from __future__ import annotations
+
+import pytest
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+
+from raylm.config import resolve
+from raylm.errors import ConfigError
+from raylm.parallel.ds_config import build_ds_config
+from raylm.parallel.topology import Topology, check_layout
+
+LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2), (4, 2, 3)]
+
+
+@pytest.mark.parametrize("pp,tp,dp", LAYOUTS)
+def test_coords_match_deepspeed(pp, tp, dp):
+    topo, ds = Topology(pp, tp, dp), PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    for rank in range(topo.world_size):
+        c, ds_c = topo.coords(rank), ds.get_coord(rank)
+        assert (c.pp_stage, c.dp_rank, c.tp_rank) == (ds_c.pipe, ds_c.data, ds_c.model)
+        assert topo.rank_of(*c) == rank
+
+
+@pytest.mark.parametrize("pp,tp,dp", LAYOUTS)
+def test_groups_partition_the_world_like_deepspeed(pp, tp, dp):
+    topo, ds = Topology(pp, tp, dp), PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    for axis, ds_axis, size in (("tp", "model", tp), ("dp", "data", dp), ("pp", "pipe", pp)):
+        groups = topo.all_groups(axis)
+        assert sorted(r for g in groups for r in g) == list(range(topo.world_size))
+        assert all(len(g) == size for g in groups)
+        assert sorted(map(sorted, groups)) == sorted(map(sorted, ds.get_axis_comm_lists(ds_axis))) or size == 1
+
+
+def test_pp2_tp2_dp2_layout():
+    topo = Topology(pp=2, tp=2, dp=2)
+    assert topo.tp_ranks(5) == [4, 5] and topo.dp_ranks(5) == [5, 7] and topo.pp_ranks(5) == [1, 5]
+    assert [topo.reads_data(r) for r in range(8)] == [True] * 8  # two stages: each is first or last
+    middle = Topology(pp=4, tp=2, dp=1)
+    assert [r for r in range(8) if middle.reads_data(r)] == [0, 1, 6, 7]
+
+
+def test_world_size_mismatch_names_the_fix():
+    cfg = resolve({}, ["parallel.pp=2", "parallel.tp=2", "model.n_kv_head=2"])
+    with pytest.raises(ConfigError, match=r"2 \* 2 \* 1 = 4 ranks, but 3 were started"):
+        Topology.from_config(cfg.parallel, world_size=3)
+
+
+def test_check_layout_rejects_indivisible_heads():
+    cfg = resolve({}, ["model.n_head=4"])
+    with pytest.raises(ConfigError, match=r"n_head = 4 is not divisible by parallel.tp=3"):
+        check_layout(Topology(pp=1, tp=3, dp=1), cfg)
+    with pytest.raises(ConfigError, match="set parallel.pp <= 4"):
+        check_layout(Topology(pp=5, tp=1, dp=1), cfg)
+
+
+def test_ds_config_from_typed_config():
+    cfg = resolve({}, ["parallel.pp=2", "parallel.dp=2", "parallel.micro_batch=2", "train.global_batch=16",
+                       "parallel.zero_stage=1", "train.precision=bf16", "parallel.activation_checkpointing=true"])
+    ds = build_ds_config(cfg)
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 16
+    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
+    assert ds["pipeline"]["activation_checkpoint_interval"] == 1
+    assert build_ds_config(cfg, micro_batches=2)["train_batch_size"] == 8
