@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/raylm generate runs/demo --prompt '$(PROMPT)' --max-new-tokens 80
 
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests/unit tests/distributed tests/ray tests/gpu
 
 bench: install
 	$(BIN)/python benchmarks/data.py

@@ -7,6 +7,8 @@ CPU with a shrunken model and a few steps, so the script is exercised by the tes
 from __future__ import annotations
 
 import argparse
+import sysconfig
+from pathlib import Path
 
 from common import REPO_ROOT, emit, run_training, scratch_dir, steady
 
@@ -20,7 +22,9 @@ def overrides(dry: bool) -> list[str]:
               "schedule.batch.start=0", "checkpoint.every_steps=0", "train.eval_every=0", "train.eval_batches=1",
               "train.log_every=1", "fault.max_failures=0"]
     if dry:
-        return common + ["parallel.use_gpu=false", "train.max_steps=4", "train.global_batch=4",
+        # a small slice of the default corpus keeps `prepare` to seconds
+        stdlib_json = Path(sysconfig.get_paths()["stdlib"]) / "json"
+        return common + [f"data.paths=['{stdlib_json}']", "parallel.use_gpu=false", "train.max_steps=4", "train.global_batch=4",
                          "parallel.micro_batch=2", "model.n_layer=2", "model.d_model=64", "model.n_head=2",
                          "data.vocab_size=512", "data.seq_len=64", "model.max_seq_len=64", "train.precision=fp32"]
     return common + ["parallel.use_gpu=true", "train.max_steps=100", "train.global_batch=32",

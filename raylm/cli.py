@@ -55,6 +55,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from raylm.tune.sweep import sweep
+
+    summary = sweep(_load(args), args.space, overwrite=args.overwrite)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from raylm.train.generate import generate_text
 
@@ -96,6 +104,14 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("prepare", cmd_prepare, "tokenize the corpus into verified shards with Ray Data")
     train = with_config("train", cmd_train, "train on the Ray cluster in RAY_ADDRESS, or on a local Ray")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+
+    sweep_help = "search a tune_spaces YAML with Ray Tune, each trial a training run, ASHA early stopping"
+    sweep = verbs.add_parser("sweep", help=sweep_help, description=sweep_help)
+    sweep.add_argument("config", help=CONFIG_HELP)
+    sweep.add_argument("space", help="search space YAML: dotted config key -> distribution (see tune_spaces/)")
+    sweep.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+    sweep.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder of the same name")
+    sweep.set_defaults(func=cmd_sweep)
 
     gen = verbs.add_parser("generate", help="sample text from a trained run or checkpoint")
     gen.add_argument("source", help="run folder, checkpoint folder or export folder")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,20 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
 
-    def __init__(self, run_dir: Path):
+    A run resumed at `start_step` first drops the rows an interrupted attempt logged from that step on, so the
+    file holds each step once, in order."""
+
+    def __init__(self, run_dir: Path, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = Path(run_dir) / "metrics.jsonl"
+        if start_step:
+            _drop_rows_from(self.path, start_step)
         self.file = self.path.open("a")
-        self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+        self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                         purge_step=start_step or None)
 
     def write(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -58,6 +65,16 @@ class MetricsWriter:
     def close(self) -> None:
         self.file.close()
         self.tensorboard.close()
+
+
+def _drop_rows_from(path: Path, start_step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) without the rows of steps >= start_step."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

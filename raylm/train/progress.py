@@ -16,9 +16,10 @@ PROGRESS_EVERY_S = 5.0
 class Progress:
     """Writes every `train.log_every`-th row and prints a progress line at most every PROGRESS_EVERY_S seconds."""
 
-    def __init__(self, cfg: Config, run_dir: Path):
+    def __init__(self, cfg: Config, run_dir: Path, start_step: int = 0):
         self.cfg = cfg
-        self.writer = MetricsWriter(run_dir)
+        self.writer = MetricsWriter(run_dir, start_step)
+        self.start_step = start_step
         self.started = time.perf_counter()
         self.last_print = 0.0
 
@@ -26,13 +27,13 @@ class Progress:
         if force or row["step"] % self.cfg.train.log_every == 0:
             self.writer.write(row)
         now = time.perf_counter()
-        if force or now - self.last_print >= PROGRESS_EVERY_S or row["step"] == 0:
+        if force or now - self.last_print >= PROGRESS_EVERY_S or row["step"] == self.start_step:
             self.last_print = now
             get_logger().info(self.line(row, now - self.started))
 
     def line(self, row: dict[str, Any], elapsed_s: float) -> str:
         done = row["step"] + 1
-        eta_s = elapsed_s / done * (self.cfg.train.max_steps - done)
+        eta_s = elapsed_s / max(1, done - self.start_step) * (self.cfg.train.max_steps - done)
         text = (f"step {done}/{self.cfg.train.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
                 f"batch {row['batch_size']} | {row['tokens_per_s'] / 1e3:.1f}k tok/s | mfu {row['mfu']:.1%} | "
                 f"data wait {row['data_wait_frac']:.1%} | eta {_clock(eta_s)}")

@@ -16,13 +16,14 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     """ray.init against RAY_ADDRESS, or a local single-node Ray (no dashboard, token authentication as default)."""
     import ray
 
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    remote = address not in ("", "local")
+    if remote and address != "auto":
+        _probe(address, connect_timeout_s)  # a bad address is the user's error even when Ray is already up
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS", "").strip()
     log = get_logger()
-    if address and address != "local":
-        if address != "auto":
-            _probe(address, connect_timeout_s)
+    if remote:
         log.info("connecting to the Ray cluster at %s", address)
         ray.init(address=address, log_to_driver=True)
     else:
