@@ -17,3 +17,9 @@ class DataError(RaylmError):
     """A corpus, shard or manifest that cannot be used as it is."""
 
     exit_code = 3
+
+
+class CheckpointError(RaylmError):
+    """A checkpoint that cannot be used: missing, uncommitted, truncated or altered (the message names the file)."""
+
+    exit_code = 4

@@ -14,7 +14,7 @@ from raylm.log import get_logger
 from raylm.train.metrics import plot_loss_curve, read_metrics
 from raylm.train.preflight import check_prepared_data
 from raylm.train.ray_cluster import connect_ray
-from raylm.train.rundir import prepare_run_dir
+from raylm.train.rundir import checkpoint_root, prepare_run_dir
 
 DATA_CPU_RESERVE = 1.0  # CPUs left free on a CPU-only cluster so Ray Data tasks are never starved (hang 2)
 
@@ -116,6 +116,13 @@ def _root_cause(exc: BaseException) -> str:
     return re.sub(r"^raylm\.errors\.\w+: ", "", last)  # our errors are already worded for users
 
 
+def _newest_checkpoint(run_dir: Path) -> str | None:
+    from raylm.checkpoint.commit import list_committed
+
+    committed = list_committed(checkpoint_root(run_dir))
+    return str(committed[0]) if committed else None
+
+
 def summarise(run_dir: Path, result, wall_s: float) -> dict[str, Any]:
     """Final summary printed by the CLI: where things are and how the run ended."""
     rows = read_metrics(run_dir)
@@ -132,6 +139,7 @@ def summarise(run_dir: Path, result, wall_s: float) -> dict[str, Any]:
         "tokens_per_s": last.get("tokens_per_s"),
         "wall_s": round(wall_s, 1),
         "loss_curve": str(plot) if plot else None,
+        "checkpoint": _newest_checkpoint(run_dir),
     }
     get_logger().info("done: %d steps, loss %.3f -> %.3f, val_loss %s, %.0f s; %s", summary["steps"],
                       summary["first_loss"] or 0, summary["final_loss"] or 0, summary["val_loss"], wall_s, run_dir)

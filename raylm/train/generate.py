@@ -9,32 +9,38 @@ import torch
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
 from raylm.errors import RaylmError
-from raylm.train.weights import load_weights_folder
 
 
-def find_weights_folder(source: str | Path) -> Path:
-    """A run folder means its final weights; a weights folder is taken as it is."""
+def load_weights(source: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
+    """(raw config tree, full state dict, folder holding tokenizer.json) from an export folder, a checkpoint
+    folder, or a run folder (its newest committed checkpoint)."""
+    from raylm.checkpoint.export import load_export
+    from raylm.checkpoint.reader import load_checkpoint_weights, resolve_checkpoint
+
     path = Path(source).expanduser()
-    for candidate in (path, path / "final"):
-        if (candidate / "model.pt").exists():
-            return candidate
-    raise RaylmError(f"no trained weights under {path}; pass a run folder (runs/NAME) that finished training "
-                     f"or its final/ folder")
+    if (path / "config.json").is_file():
+        tree, state = load_export(path)
+        return tree, state, path
+    folder = resolve_checkpoint(path)
+    tree, state = load_checkpoint_weights(folder)
+    return tree, state, folder
 
 
 def load_model(source: str | Path):
-    """(model in eval mode, tokenizer, config) from a run or weights folder."""
+    """(model in eval mode, tokenizer, config) from an export, checkpoint or run folder."""
     from raylm.data.tokenizer import load_tokenizer_file
     from raylm.model.gpt import GPT
 
-    folder = find_weights_folder(source)
-    tree, state = load_weights_folder(folder)
-    cfg = resolve(tree, {"data.paths": []})  # the corpus need not exist where we generate
+    tree, state, folder = load_weights(source)
+    cfg = resolve(tree, {"data.paths": [], "data.sources": []})  # the corpus need not exist where we generate
     model = GPT(cfg.model, padded_vocab(cfg.data.vocab_size))
     model.load_state_dict(state)
     tokenizer_path = folder / "tokenizer.json"
     if not tokenizer_path.exists():
         tokenizer_path = Path(cfg.data.out_dir).expanduser() / "tokenizer.json"
+    if not tokenizer_path.exists():
+        raise RaylmError(f"no tokenizer.json in {folder} or {cfg.data.out_dir}; copy the run's tokenizer.json "
+                         f"into {folder}")
     return model.eval(), load_tokenizer_file(tokenizer_path), cfg
 
 

@@ -12,7 +12,7 @@ import yaml
 from raylm.config import Config, to_dict
 from raylm.errors import RaylmError
 
-FINAL_WEIGHTS = "final"
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's list of reported checkpoints
 
 
 def run_path(cfg: Config) -> Path:
@@ -21,18 +21,53 @@ def run_path(cfg: Config) -> Path:
 
 
 def has_run_outputs(path: Path) -> bool:
-    """A folder that already holds a run's results (metrics or weights), not merely an empty folder."""
-    return (path / "metrics.jsonl").exists() or (path / FINAL_WEIGHTS).exists() or (path / "checkpoints").exists()
+    """A folder that already holds a run's results (metrics or checkpoints), not merely an empty folder."""
+    return (path / "metrics.jsonl").exists() or checkpoint_root(path).exists()
+
+
+def checkpoint_root(run_dir: Path) -> Path:
+    """Where a run's committed checkpoints live: <run>/checkpoints/step-XXXXXXXX."""
+    return run_dir / "checkpoints"
 
 
 def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
-    """Create the run folder; refuse a used run name unless --overwrite; fail early if storage is read-only."""
+    """Create the run folder, or keep it to resume; fail early if storage is read-only.
+
+    checkpoint.resume decides what an existing folder means: `auto` resumes it when it holds a committed
+    checkpoint, `never` refuses it, `required` fails without one. --overwrite replaces it."""
     path = run_path(cfg)
-    if has_run_outputs(path):
-        if not overwrite:
-            raise RaylmError(f"run folder {path} already holds a run named {cfg.run.name!r}; pass --overwrite "
-                             f"to replace it or choose another run.name=...")
+    policy = cfg.checkpoint.resume
+    if policy == "required" and (overwrite or not _has_committed(path)):
+        raise RaylmError(f"checkpoint.resume=required but {checkpoint_root(path)} holds no committed checkpoint"
+                         + (" (and --overwrite would delete it)" if overwrite else "")
+                         + "; train without resume first or set checkpoint.resume=auto")
+    if has_run_outputs(path) and not overwrite and not (policy != "never" and _has_committed(path)):
+        reason = "checkpoint.resume=never" if policy == "never" else "no committed checkpoint to resume"
+        raise RaylmError(f"run folder {path} already holds a run named {cfg.run.name!r} ({reason}); pass "
+                         f"--overwrite to replace it or choose another run.name=...")
+    if overwrite and path.exists():
         shutil.rmtree(path)
+    _forget_ray_snapshot(path)
+    _check_writable(cfg, path)
+    write_atomic(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def _forget_ray_snapshot(path: Path) -> None:
+    """Drop Ray Train's record of the checkpoints an earlier attempt reported.
+
+    raylm picks the checkpoint to resume from its own commit protocol, and prunes old ones itself; Ray Train
+    would otherwise refuse to start in a folder whose snapshot names a checkpoint that was pruned."""
+    (path / RAY_CHECKPOINT_SNAPSHOT).unlink(missing_ok=True)
+
+
+def _has_committed(path: Path) -> bool:
+    from raylm.checkpoint.commit import list_committed
+
+    return bool(list_committed(checkpoint_root(path)))
+
+
+def _check_writable(cfg: Config, path: Path) -> None:
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-probe-{uuid.uuid4().hex}"
@@ -41,8 +76,6 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
     except OSError as exc:
         raise RaylmError(f"run.dir {cfg.run.dir!r} is not writable ({exc.strerror}); point run.dir at a writable "
                          f"folder (shared storage on a cluster)") from None
-    write_atomic(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    return path
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -40,6 +40,13 @@ class Session:
                    flops_per_token=flops_per_token(cfg.model, vocab, cfg.data.seq_len),
                    peak_flops=_peak_flops(cfg, rank, engine.topo.world_size))
 
+    def resume(self, run_dir, rank: int):
+        """Load the committed checkpoint to resume from, if any; the run's position either way (ResumeInfo)."""
+        from raylm.train.checkpoint import ResumeInfo, restore, resume_point
+
+        path = resume_point(self.cfg, run_dir, rank)
+        return restore(self.engine, path) if path else ResumeInfo(state=TrainState())
+
     def train_batches(self, start_sample: int) -> Iterator:
         """This DP rank's micro-batches of the training split from global sample `start_sample` on."""
         return self.open_stream("train", start_sample)

@@ -12,10 +12,10 @@ import torch
 from raylm.config import Config, resolve
 from raylm.config.derived import micro_batches_for
 from raylm.log import get_logger, setup_logging
+from raylm.train.checkpoint import checkpoint_due, report_with_checkpoint, save
 from raylm.train.progress import Progress
 from raylm.train.schedule import batch_size_at, lr_at
 from raylm.train.step import TimedIterator, TrainState, train_step
-from raylm.train.weights import save_final_weights
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -44,12 +44,14 @@ def build_session(cfg: Config, backend: str, rank: int):
 
 
 def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
-    """The training loop: schedules per step, train_batch, eval, metrics and reports, then the final weights."""
-    import ray.train
+    """The training loop: schedules per step, train_batch, eval, metrics, checkpoints and reports to Ray.
 
-    state, seq_len = TrainState(), cfg.data.seq_len
+    The last step always commits a checkpoint: it holds the final weights that generate and export read."""
+    resumed = session.resume(run_dir, rank)
+    state, protect = resumed.state, resumed.source  # keep the resume source until this attempt commits its own
+    seq_len = cfg.data.seq_len
     batches = TimedIterator(session.train_batches(state.samples)) if session.reads_data else None
-    progress = Progress(cfg, run_dir) if rank == 0 else None
+    progress = Progress(cfg, run_dir, start_step=state.step) if rank == 0 else None
     for step in range(state.step, cfg.train.max_steps):
         global_batch = batch_size_at(state.tokens, cfg.train.global_batch, cfg.schedule.batch)
         lr = lr_at(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule.lr)
@@ -62,9 +64,23 @@ def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
             row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
         if progress:
             progress.record(row, force=last or "val_loss" in row)
-        if last or "val_loss" in row or state.step % cfg.train.report_every == 0:
-            ray.train.report(row)  # a controller round trip (~2 s): not every step (DESIGN.md section 3)
-    save_final_weights(cfg, session.engine, run_dir, rank)
+        if report(cfg, session, run_dir, state, row, rank, protect):
+            protect = None
     if progress:
         progress.close()
     get_logger().debug("rank %d finished", rank)
+
+
+def report(cfg: Config, session, run_dir: Path, state: TrainState, row: dict, rank: int,
+           protect: Path | None) -> bool:
+    """Commit a checkpoint when one is due (returns whether it did), then tell Ray. A report costs a controller
+    round trip (~2 s by default): at checkpoints, evaluations and every train.report_every steps (DESIGN.md 3)."""
+    import ray.train
+
+    if checkpoint_due(cfg, state.step):
+        committed = save(cfg, session.engine, run_dir, state, rank, protect)  # a collective: every rank saves
+        report_with_checkpoint(row, committed if rank == 0 else None)
+        return True
+    if "val_loss" in row or state.step % cfg.train.report_every == 0:
+        ray.train.report(row)
+    return False

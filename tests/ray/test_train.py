@@ -78,5 +78,5 @@ def test_run_folder_has_the_contract_files_and_generate_works(ray_cluster, small
     text = generate_text(run, "def ", max_new_tokens=8, seed=1)
     assert text.startswith("def ") and len(text) > 4
     with pytest.raises(Exception, match="already holds a run"):
-        train(cfg)
+        train(small_config("contract", "train.eval_every=2", "checkpoint.resume=never"))
     json.dumps(rows)

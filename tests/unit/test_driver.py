@@ -36,7 +36,7 @@ def test_used_run_name_is_refused_without_overwrite(tmp_path):
     run = prepare_run_dir(cfg, overwrite=False)
     assert (run / "config.yaml").exists()
     (run / "metrics.jsonl").write_text('{"step": 0}\n')
-    with pytest.raises(RaylmError, match="already holds a run named 'r1'; pass --overwrite"):
+    with pytest.raises(RaylmError, match="already holds a run named 'r1' .*; pass --overwrite"):
         prepare_run_dir(cfg, overwrite=False)
     assert (run / "metrics.jsonl").exists()  # nothing overwritten
     prepare_run_dir(cfg, overwrite=True)

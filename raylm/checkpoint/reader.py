@@ -1,0 +1,51 @@
+"""Reading model weights out of a checkpoint on one process, layer by layer (optimizer files are never opened)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import yaml
+
+from raylm.checkpoint.commit import list_committed
+from raylm.checkpoint.manifest import MANIFEST, read_manifest, verify_checkpoint
+from raylm.checkpoint.names import CONFIG_FILE, MODEL_DIR
+from raylm.errors import CheckpointError
+
+CHECKPOINTS_DIR = "checkpoints"  # <run>/checkpoints
+
+
+def resolve_checkpoint(source: str | Path) -> Path:
+    """A checkpoint folder as it is; a run folder (or its checkpoints/ folder) -> its newest committed checkpoint."""
+    path = Path(source).expanduser()
+    if (path / MANIFEST).is_file():
+        return path
+    for root in (path / CHECKPOINTS_DIR, path):
+        committed = list_committed(root)
+        if committed:
+            return committed[0]
+    raise CheckpointError(f"no committed checkpoint at {path}; pass a checkpoint folder "
+                          f"(<run>/{CHECKPOINTS_DIR}/step-XXXXXXXX) or a run folder that has saved one")
+
+
+def model_files(manifest: dict) -> list[str]:
+    """The checkpoint's model/NNN-<layer>.pt files in layer order."""
+    return sorted(f for f in manifest["files"] if f.startswith(f"{MODEL_DIR}/"))
+
+
+def iter_model_layers(folder: Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
+    """(file, {full name: fp32 tensor}) per layer; every model file and the config are verified before the first load."""
+    manifest = verify_checkpoint(folder, only=[*model_files(read_manifest(folder)), CONFIG_FILE])
+    for rel_path in model_files(manifest):
+        yield rel_path, torch.load(folder / rel_path, map_location="cpu", weights_only=True)
+
+
+def load_checkpoint_weights(source: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(raw run-config tree, full fp32 state dict) of a checkpoint or a run's newest one, for `raylm generate`."""
+    folder = resolve_checkpoint(source)
+    state: dict[str, torch.Tensor] = {}
+    for _, tensors in iter_model_layers(folder):
+        state.update(tensors)
+    tree = yaml.safe_load((folder / CONFIG_FILE).read_text())
+    return tree, state

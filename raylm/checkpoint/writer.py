@@ -1,0 +1,88 @@
+"""Writing checkpoint files (each one fsynced and recorded for the manifest), and a weights-only checkpoint on one process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from raylm.checkpoint.commit import commit, new_tmp_dir
+from raylm.checkpoint.manifest import file_record, fsync_file
+from raylm.checkpoint.names import (CONFIG_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, layer_file, model_file)
+from raylm.config import Config, to_dict
+from raylm.config.derived import padded_vocab
+
+Records = dict[str, dict]  # {path relative to the checkpoint folder: {"bytes", "sha256"}}
+
+# model settings that decide parameter shapes: a checkpoint loads only into a model that agrees on them
+SHAPE_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden", "tie_embeddings")
+
+
+def save_torch(folder: Path, rel_path: str, obj) -> Records:
+    """torch.save `obj` (tensors, numbers, strings, lists, dicts: what weights_only loading accepts)."""
+    path = folder / rel_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    fsync_file(path)
+    return {rel_path: file_record(path)}
+
+
+def save_text(folder: Path, rel_path: str, text: str) -> Records:
+    path = folder / rel_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    fsync_file(path)
+    return {rel_path: file_record(path)}
+
+
+def save_json(folder: Path, rel_path: str, obj: dict) -> Records:
+    return save_text(folder, rel_path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def tokenizer_source(cfg: Config) -> Path | None:
+    """The run's tokenizer.json (in data.out_dir, else data.tokenizer), if there is one to copy."""
+    candidates = [Path(cfg.data.out_dir).expanduser() / TOKENIZER_FILE]
+    if cfg.data.tokenizer:
+        candidates.append(Path(cfg.data.tokenizer).expanduser())
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def save_run_files(folder: Path, cfg: Config, trainer_state: dict) -> Records:
+    """config.yaml, trainer_state.json and (when the run has one) tokenizer.json: the small files, by rank 0."""
+    files = save_text(folder, CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    files.update(save_json(folder, TRAINER_STATE_FILE, trainer_state))
+    tokenizer = tokenizer_source(cfg)
+    if tokenizer is not None:
+        shutil.copyfile(tokenizer, folder / TOKENIZER_FILE)
+        fsync_file(folder / TOKENIZER_FILE)
+        files[TOKENIZER_FILE] = file_record(folder / TOKENIZER_FILE)
+    return files
+
+
+def manifest_extra(cfg: Config, layout: dict | None, optimizer: bool) -> dict:
+    """What a reader needs before opening any tensor file: the layout, the model's shape and whether AdamW is in."""
+    return {"layout": layout, "precision": cfg.train.precision, "optimizer": optimizer,
+            "model": dataclasses.asdict(cfg.model), "vocab_size": cfg.data.vocab_size,
+            "padded_vocab": padded_vocab(cfg.data.vocab_size)}
+
+
+def save_full_weights(cfg: Config, full_state: dict[str, torch.Tensor], checkpoints_dir: str | Path, step: int,
+                      trainer_state: dict | None = None) -> Path:
+    """A committed weights-only checkpoint from full tensors on one process (no optimizer state, no layout).
+
+    Loading it into an engine sets the weights and starts AdamW fresh; export reads it like any checkpoint.
+    """
+    tmp = new_tmp_dir(checkpoints_dir, step)
+    by_file: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in full_state.items():
+        by_file.setdefault(layer_file(name, cfg.model.n_layer), {})[name] = tensor.detach().to(
+            "cpu", torch.float32, copy=True)
+    files: Records = {}
+    for name_in_layer in by_file.values():
+        files.update(save_torch(tmp, model_file(next(iter(name_in_layer)), cfg.model.n_layer), name_in_layer))
+    files.update(save_run_files(tmp, cfg, {"step": step, **(trainer_state or {})}))
+    return commit(tmp, step, files, manifest_extra(cfg, layout=None, optimizer=False))

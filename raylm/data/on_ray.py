@@ -1,0 +1,58 @@
+"""Ray plumbing shared by prepare and stream: a Ray to run on, ordered quiet datasets, task errors as rows."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+from raylm.errors import DataError
+
+ERROR_COLUMN = "error"  # a task reports a DataError as a row, so the driver raises one line, not a task traceback
+
+
+@contextmanager
+def ray_session() -> Iterator[None]:
+    """Use the Ray this process is connected to, or start one (RAY_ADDRESS, else local) and shut it down after."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def ray_is_up() -> bool:
+    try:
+        import ray
+    except ImportError:
+        return False
+    return ray.is_initialized()
+
+
+def ordered(dataset):
+    """Blocks come out in input order (shards and batches must not depend on which task finished first)."""
+    dataset.context.execution_options.preserve_order = True
+    dataset.context.enable_progress_bars = False
+    return dataset
+
+
+def errors_as_rows(make_tables: Callable[..., Iterator], error_table: Callable[[str], object]) -> Callable:
+    """Wrap a generator UDF: a DataError it raises becomes one final row made by error_table(message)."""
+    def run(*args, **kwargs):
+        try:
+            yield from make_tables(*args, **kwargs)
+        except DataError as exc:
+            yield error_table(str(exc))
+
+    return run
+
+
+def raise_if_error(errors) -> None:
+    """Raise the first non-empty message of an error column as the DataError it was."""
+    for message in errors:
+        if message:
+            raise DataError(str(message))

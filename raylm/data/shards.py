@@ -1,0 +1,174 @@
+"""Shard format between prepare and stream: flat token files plus manifest.json, written atomically and verified.
+
+A prepared folder holds tokenizer.json, manifest.json and shard files `<split>-<tag>-<index>.bin`: raw
+little-endian token ids (uint16 when the vocab fits, else uint32), documents back to back, each ending with EOT.
+The manifest ("raylm-shards/1") lists every shard with its split, tokens, docs (EOT count), dtype, bytes and
+sha256, plus the sha256 of tokenizer.json and vocab_size. Nothing reads a shard the manifest does not vouch for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256
+from raylm.errors import DataError
+
+FORMAT = "raylm-shards/1"
+MANIFEST_FILE = "manifest.json"
+SPLITS = ("train", "val")
+FIX = "run `raylm prepare CONFIG` to rebuild the folder"
+SCAN_TOKENS = 1 << 22  # verify reads shards in pieces of this many tokens: memory stays flat
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id fits, else uint32 (little-endian on disk whatever the machine)."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temp file in the same folder, fsync, then rename over path: readers see old or new."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ShardWriter:
+    """Appends token arrays of one split to shard files cut at exactly shard_tokens tokens."""
+
+    def __init__(self, out_dir: str | Path, split: str, dtype: np.dtype, shard_tokens: int, eot: int, tag: str = ""):
+        self.out_dir, self.split, self.dtype = Path(out_dir), split, np.dtype(dtype)
+        self.shard_tokens, self.eot, self.tag = shard_tokens, eot, tag
+        self.entries: list[dict] = []
+        self._file = None
+
+    def add(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens).astype(self.dtype, copy=False)
+        while len(tokens):
+            if self._file is None:
+                self._open()
+            room = self.shard_tokens - self._tokens
+            part, tokens = tokens[:room], tokens[room:]
+            data = part.tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._tokens += len(part)
+            self._docs += int(np.count_nonzero(part == self.eot))
+            if self._tokens == self.shard_tokens:
+                self._finish()
+
+    def close(self) -> list[dict]:
+        """Finish the last shard; the manifest entries of every shard written, in order."""
+        if self._file is not None:
+            self._finish()
+        return self.entries
+
+    def _open(self) -> None:
+        tag = f"-{self.tag}" if self.tag else ""
+        self._name = f"{self.split}{tag}-{len(self.entries):05d}.bin"
+        self._file = open(self.out_dir / self._name, "wb")
+        self._hash, self._tokens, self._docs = hashlib.sha256(), 0, 0
+
+    def _finish(self) -> None:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        self.entries.append({"file": self._name, "split": self.split, "tokens": self._tokens, "docs": self._docs,
+                             "dtype": self.dtype.str, "bytes": self._tokens * self.dtype.itemsize,
+                             "sha256": self._hash.hexdigest()})
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    """manifest.json of a prepared folder, checked for its format; DataError with the fix otherwise."""
+    path = Path(out_dir).expanduser() / MANIFEST_FILE
+    if not path.is_file():
+        raise DataError(f"no prepared data in {path.parent} ({MANIFEST_FILE} missing); run `raylm prepare` "
+                        f"on a config with data.out_dir={path.parent}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); {FIX}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise DataError(f"{path} is not a {FORMAT} manifest (format={found!r}); {FIX}")
+    return manifest
+
+
+def check_shard_size(folder: Path, entry: dict) -> Path:
+    """The shard's path, after checking that it exists with the manifest's size (a stat, no read)."""
+    path = folder / entry["file"]
+    if not path.is_file():
+        raise DataError(f"shard {entry['file']} named in the manifest is missing from {folder}; {FIX}")
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        raise DataError(f"shard {path} has {size} bytes but the manifest says {entry['bytes']} (truncated or "
+                        f"overwritten); {FIX}")
+    return path
+
+
+def check_shard(folder: Path, entry: dict, vocab_size: int) -> None:
+    """Full check of one shard: size, sha256 and every token id below vocab_size."""
+    path = check_shard_size(folder, entry)
+    digest, top = hashlib.sha256(), 0
+    tokens = np.memmap(path, dtype=entry["dtype"], mode="r") if entry["bytes"] else np.zeros(0, entry["dtype"])
+    for start in range(0, len(tokens), SCAN_TOKENS):
+        piece = tokens[start:start + SCAN_TOKENS]
+        digest.update(piece.tobytes())
+        top = max(top, int(piece.max()))
+    del tokens
+    if digest.hexdigest() != entry["sha256"]:
+        raise DataError(f"shard {path} has sha256 {digest.hexdigest()[:16]}... but the manifest says "
+                        f"{entry['sha256'][:16]}... (edited or corrupted); {FIX}")
+    if top >= vocab_size:
+        raise DataError(f"shard {path} holds token id {top} >= vocab size {vocab_size} recorded in the manifest "
+                        f"(shards from another tokenizer?); {FIX}")
+
+
+def check_tokenizer(folder: Path, manifest: dict) -> None:
+    """tokenizer.json beside the shards must be the one that wrote them."""
+    path = folder / TOKENIZER_FILE
+    if not path.is_file():
+        raise DataError(f"{path} is missing; {FIX}")
+    sha = file_sha256(path)
+    if sha != manifest["tokenizer_sha256"]:
+        raise DataError(f"{path} is another tokenizer than the one that wrote the shards (sha256 {sha[:16]}... vs "
+                        f"{manifest['tokenizer_sha256'][:16]}... in {MANIFEST_FILE}); {FIX}")
+
+
+def split_summary(manifest: dict) -> dict[str, dict]:
+    """Tokens, docs and shard count per split."""
+    splits = {}
+    for entry in manifest["shards"]:
+        row = splits.setdefault(entry["split"], {"tokens": 0, "docs": 0, "shards": 0})
+        row["tokens"] += entry["tokens"]
+        row["docs"] += entry["docs"]
+        row["shards"] += 1
+    return splits
+
+
+def verify(out_dir: str | Path) -> dict:
+    """Check the tokenizer and every shard against manifest.json; a summary dict, or DataError naming the shard."""
+    folder = Path(out_dir).expanduser()
+    manifest = read_manifest(folder)
+    check_tokenizer(folder, manifest)
+    for entry in manifest["shards"]:
+        check_shard(folder, entry, manifest["vocab_size"])
+    return {"ok": True, "dir": str(folder), "shards": len(manifest["shards"]), "tokens": manifest["tokens"],
+            "vocab_size": manifest["vocab_size"], "tokenizer_sha256": manifest["tokenizer_sha256"],
+            "splits": split_summary(manifest)}

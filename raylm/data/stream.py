@@ -1,0 +1,282 @@
+"""Per-DP-rank streams, the last data step before the engine: shards -> packed windows -> (inputs, targets) batches.
+
+A split is its shards back to back, one token sequence; window w is tokens [w*T, w*T + T + 1) for T = seq_len
+(documents are packed across window edges, EOT between them). raylm.data.order maps global sample g to a window.
+DP rank r of n takes g = start + r + k*n, k = 0, 1, ...; so ranks are disjoint and together cover every g once,
+every rank with the same DP index (pipeline stages, tensor ranks) reads the identical sequence without a
+collective (hang 3), and a run resumes at any global offset, under any dp size that divides it, without
+re-reading the epoch. Shards are memory-mapped and read lazily; each shard is checked against the manifest
+(sha256, ids < vocab) the first time this process touches it, and a bad one stops the stream with its name.
+
+Reading: with prefetch > 0 and Ray initialized (always, inside Ray Train workers) the rank's chunks of
+CHUNK_SAMPLES windows are read by a Ray Data pipeline (`map_batches` over chunk ids, in order, `prefetch`
+chunks ahead, tasks pinned to this node so they read the same files); otherwise in-process. Both paths run
+the same ChunkReader, so they give identical samples.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from raylm.data.on_ray import ERROR_COLUMN, ordered, raise_if_error, ray_is_up
+from raylm.data.order import Order
+from raylm.data.shards import check_shard, check_shard_size, read_manifest
+from raylm.errors import DataError
+
+DEFAULT_PREFETCH = 2  # chunks read ahead of the trainer
+CHUNK_SAMPLES = 256  # windows per read: one vectorized locate, one Ray Data block
+CHUNKS_PER_DATASET = 256  # the Ray path restarts its (finite) dataset after this many chunks
+READ_TASK_CPUS = 0  # window reads are copies from the page cache; tasks that need no CPU cannot starve (hang 2)
+OPEN_SHARDS = 64  # memory maps kept open per split (each holds a file descriptor)
+
+_VERIFIED: set[tuple] = set()  # shards this process has checked, by (path, size, mtime, sha256)
+
+
+@dataclass(frozen=True)
+class StreamPlan:
+    """Everything that fixes one rank's sample sequence (picklable: Ray Data tasks rebuild the reader from it)."""
+
+    sources: tuple[tuple[str, float], ...]
+    split: str
+    seq_len: int
+    seed: int
+    dp_rank: int
+    dp_size: int
+    start_sample: int
+    chunk_samples: int
+
+    def global_samples(self, local: np.ndarray) -> np.ndarray:
+        return self.start_sample + self.dp_rank + local * self.dp_size
+
+
+def normalize_sources(paths_or_sources: Any) -> tuple[tuple[str, float], ...]:
+    """A folder, a list of folders, or [{path, weight}, ...] -> ((folder, weight), ...)."""
+    items = [paths_or_sources] if isinstance(paths_or_sources, (str, Path)) else list(paths_or_sources)
+    if not items:
+        raise DataError("no data sources given; set data.out_dir or data.sources")
+    out = []
+    for item in items:
+        path, weight = (item["path"], item.get("weight", 1.0)) if isinstance(item, dict) else (item, 1.0)
+        out.append((str(Path(path).expanduser()), float(weight)))
+    return tuple(out)
+
+
+class SplitReader:
+    """One prepared folder's split as one token sequence, read through lazily opened, verified memory maps."""
+
+    def __init__(self, folder: str, manifest: dict, split: str, seq_len: int):
+        self.folder, self.split, self.seq_len = Path(folder), split, seq_len
+        self.vocab_size = manifest["vocab_size"]
+        self.entries = [e for e in manifest["shards"] if e["split"] == split]
+        for entry in self.entries:
+            check_shard_size(self.folder, entry)  # a stat each: missing or truncated shards fail at open
+        self.starts = np.concatenate([[0], np.cumsum([e["tokens"] for e in self.entries])]).astype(np.int64)
+        tokens = int(self.starts[-1])
+        self.windows = max(0, (tokens - 1) // seq_len)
+        if self.windows == 0:
+            more = ", raise data.val_fraction" if split == "val" else ""
+            raise DataError(f"the {split} split of {folder} has {tokens} tokens, fewer than one window of "
+                            f"data.seq_len + 1 = {seq_len + 1}; lower data.seq_len{more} or add documents, then "
+                            f"run `raylm prepare`")
+        self._open: OrderedDict[int, np.memmap] = OrderedDict()
+
+    def read(self, windows: np.ndarray, out: np.ndarray) -> None:
+        """Fill out[i] (seq_len + 1 tokens, int64) with window windows[i]."""
+        starts = windows * self.seq_len
+        shard_of = np.searchsorted(self.starts, starts, side="right") - 1
+        for row, (start, shard) in enumerate(zip(starts.tolist(), shard_of.tolist())):
+            filled, end = 0, start + self.seq_len + 1
+            while start < end:  # a window may run across a shard edge
+                tokens = self._tokens(shard)
+                offset = start - int(self.starts[shard])
+                piece = tokens[offset:offset + end - start]
+                out[row, filled:filled + len(piece)] = piece
+                filled, start, shard = filled + len(piece), start + len(piece), shard + 1
+
+    def _tokens(self, shard: int) -> np.memmap:
+        if shard in self._open:
+            self._open.move_to_end(shard)
+            return self._open[shard]
+        entry = self.entries[shard]
+        path = check_shard_size(self.folder, entry)
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns, entry["sha256"])
+        if key not in _VERIFIED:
+            check_shard(self.folder, entry, self.vocab_size)
+            _VERIFIED.add(key)
+        if len(self._open) >= OPEN_SHARDS:
+            self._open.popitem(last=False)
+        self._open[shard] = np.memmap(path, dtype=entry["dtype"], mode="r")
+        return self._open[shard]
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def open_readers(sources: Sequence[tuple[str, float]], split: str, seq_len: int) -> list[SplitReader]:
+    """A reader per source; every source must come from the same tokenizer."""
+    readers, first = [], None
+    for folder, _ in sources:
+        manifest = read_manifest(folder)
+        if first is None:
+            first = (folder, manifest["tokenizer_sha256"])
+        elif manifest["tokenizer_sha256"] != first[1]:
+            raise DataError(f"data source {folder} was prepared with another tokenizer (sha256 "
+                            f"{manifest['tokenizer_sha256'][:16]}...) than {first[0]} ({first[1][:16]}...); prepare "
+                            f"every source with data.tokenizer={Path(first[0]) / 'tokenizer.json'}")
+        readers.append(SplitReader(folder, manifest, split, seq_len))
+    return readers
+
+
+class ChunkReader:
+    """Chunk c of a rank's sequence: its local samples [c*C, (c+1)*C) as a (C, seq_len + 1) int64 array."""
+
+    def __init__(self, plan: StreamPlan):
+        self.plan = plan
+        self.readers = open_readers(plan.sources, plan.split, plan.seq_len)
+        self.order = Order([r.windows for r in self.readers], [w for _, w in plan.sources], plan.seed,
+                           [folder for folder, _ in plan.sources])
+
+    def chunk(self, index: int) -> np.ndarray:
+        local = np.arange(index * self.plan.chunk_samples, (index + 1) * self.plan.chunk_samples)
+        return self.windows(self.plan.global_samples(local))
+
+    def windows(self, samples: np.ndarray) -> np.ndarray:
+        source, _, window = self.order.locate_arrays(samples)
+        out = np.empty((len(samples), self.plan.seq_len + 1), dtype=np.int64)
+        for s in np.unique(source):
+            rows = np.flatnonzero(source == s)
+            block = np.empty((len(rows), self.plan.seq_len + 1), dtype=np.int64)
+            self.readers[s].read(window[rows], block)
+            out[rows] = block
+        return out
+
+    def close(self) -> None:
+        for reader in self.readers:
+            reader.close()
+
+
+def _check_args(seq_len: int, dp_rank: int, dp_size: int, micro_batch: int, start_sample: int) -> None:
+    if seq_len < 1 or micro_batch < 1 or dp_size < 1:
+        raise DataError(f"seq_len={seq_len}, micro_batch={micro_batch} and dp_size={dp_size} must all be >= 1")
+    if not 0 <= dp_rank < dp_size:
+        raise DataError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
+    if start_sample < 0 or start_sample % dp_size:
+        raise DataError(f"start_sample={start_sample} is not a multiple of dp_size={dp_size}: steps consume whole "
+                        f"global batches, so every DP rank resumes at the same multiple of dp_size; resume from "
+                        f"the sample count a checkpoint recorded")
+
+
+class RankStream:
+    """Infinite iterator of (inputs, targets) int64 tensors of shape (micro_batch, seq_len) for one DP rank."""
+
+    def __init__(self, paths_or_sources: Any, split: str, seq_len: int, seed: int, dp_rank: int, dp_size: int,
+                 micro_batch: int, start_sample: int = 0, prefetch: int = DEFAULT_PREFETCH):
+        _check_args(seq_len, dp_rank, dp_size, micro_batch, start_sample)
+        self.micro_batch, self.dp_size, self.prefetch = micro_batch, dp_size, prefetch
+        self.plan = StreamPlan(normalize_sources(paths_or_sources), split, seq_len, seed, dp_rank, dp_size,
+                               start_sample, micro_batch * max(1, CHUNK_SAMPLES // micro_batch))
+        self.reader = ChunkReader(self.plan)  # opens and checks the manifests here, in the caller's process
+        self.order = self.reader.order
+        self.global_offset = start_sample
+        self.on_ray = prefetch > 0 and ray_is_up()
+        self._chunks = _ray_chunks(self.plan, prefetch) if self.on_ray else self._local_chunks()
+        self._chunk: np.ndarray | None = None
+        self._row = 0
+
+    def __iter__(self) -> "RankStream":
+        return self
+
+    def __next__(self):
+        import torch
+
+        if self._chunk is None or self._row >= len(self._chunk):
+            self._chunk, self._row = next(self._chunks), 0
+        windows = self._chunk[self._row:self._row + self.micro_batch]  # (B, T + 1)
+        self._row += self.micro_batch
+        self.global_offset += self.micro_batch * self.dp_size
+        # np.array copies: the chunk may be a read-only Ray buffer, and the trainer may write into its batch.
+        return torch.from_numpy(np.array(windows[:, :-1])), torch.from_numpy(np.array(windows[:, 1:]))  # (B, T)
+
+    def _local_chunks(self) -> Iterator[np.ndarray]:
+        index = 0
+        while True:
+            yield self.reader.chunk(index)
+            index += 1
+
+    def state_dict(self) -> dict:
+        """Where the stream is: the global sample offset every DP rank has reached, and what fixes the order."""
+        return {"global_offset": self.global_offset, "split": self.plan.split, "seed": self.plan.seed,
+                "seq_len": self.plan.seq_len, "dp_size": self.dp_size}
+
+    def close(self) -> None:
+        """Stop reading ahead (and the Ray Data pipeline) and drop the memory maps."""
+        self._chunks.close()
+        self.reader.close()
+
+
+_CHUNK_READERS: dict[StreamPlan, ChunkReader] = {}  # per task process: one reader per plan
+
+
+def _read_task(batch: dict, plan: StreamPlan) -> dict:
+    """Ray Data UDF: chunk ids -> that chunk's windows as bytes (a DataError becomes an error row)."""
+    try:
+        if plan not in _CHUNK_READERS:
+            _CHUNK_READERS.clear()
+            _CHUNK_READERS[plan] = ChunkReader(plan)
+        data = [_CHUNK_READERS[plan].chunk(int(c)).tobytes() for c in batch["chunk"]]
+        return {"windows": np.array(data, dtype=object), ERROR_COLUMN: np.array([""] * len(data), dtype=object)}
+    except DataError as exc:
+        return {"windows": np.array([b""], dtype=object), ERROR_COLUMN: np.array([str(exc)], dtype=object)}
+
+
+def _ray_chunks(plan: StreamPlan, prefetch: int) -> Iterator[np.ndarray]:
+    """The rank's chunks through Ray Data, CHUNKS_PER_DATASET per (finite) dataset, in order."""
+    import ray
+
+    here = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}  # read the files this rank would read
+    first = 0
+    while True:
+        items = [{"chunk": c} for c in range(first, first + CHUNKS_PER_DATASET)]
+        dataset = ray.data.from_items(items, override_num_blocks=CHUNKS_PER_DATASET)
+        dataset = ordered(dataset.map_batches(_read_task, batch_size=1, fn_kwargs={"plan": plan},
+                                              num_cpus=READ_TASK_CPUS, concurrency=max(1, prefetch),
+                                              label_selector=here))
+        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch):
+            raise_if_error(batch[ERROR_COLUMN])
+            for data in batch["windows"]:
+                yield np.frombuffer(data, dtype=np.int64).reshape(-1, plan.seq_len + 1)
+        first += CHUNKS_PER_DATASET
+
+
+def build_rank_stream(cfg, split: str, dp_rank: int, dp_size: int, start_sample: int = 0) -> RankStream:
+    """The stream a training rank reads: data.sources (or data.out_dir), data.seq_len, run.seed, micro_batch."""
+    sources = list(cfg.data.sources) or cfg.data.out_dir
+    return RankStream(sources, split, cfg.data.seq_len, cfg.run.seed, dp_rank, dp_size, cfg.parallel.micro_batch,
+                      start_sample=start_sample)
+
+
+def peek(out_dir: Any, dp_rank: int = 0, dp_size: int = 1, start: int = 0, count: int = 4, seed: int = 0,
+         seq_len: int | None = None, split: str = "train") -> Iterator[dict]:
+    """The samples DP rank `dp_rank` of `dp_size` trains on, from its `start`-th on: JSON-able dicts with text."""
+    from raylm.data.tokenizer import load_tokenizer
+
+    sources = normalize_sources(out_dir)
+    seq_len = seq_len or read_manifest(sources[0][0]).get("seq_len") or 128
+    _check_args(seq_len, dp_rank, dp_size, 1, 0)
+    plan = StreamPlan(sources, split, seq_len, seed, dp_rank, dp_size, 0, 1)
+    reader, tokenizer = ChunkReader(plan), load_tokenizer(sources[0][0])
+    samples = plan.global_samples(np.arange(start, start + count))
+    located = reader.order.locate(samples)
+    try:
+        for g, where, window in zip(samples.tolist(), located, reader.windows(samples)):
+            inputs = window[:-1].tolist()
+            yield {"sample_id": g, "source": plan.sources[where.source][0], "epoch": where.epoch,
+                   "window": where.window, "tokens": inputs, "text": tokenizer.decode(inputs, skip_special_tokens=False)}
+    finally:
+        reader.close()

@@ -1,0 +1,148 @@
+"""Checkpoint rank workers: save under one layout, load under others, keep training; losses for the parent to compare.
+
+The chain the parent runs, one spawned world per phase, all sharing one folder:
+
+    phase_221      (4 ranks): (2,2,1) trains 2 steps, saves A, trains 3 more (the reference continuation)
+    phase_111      (1 rank):  loads A, re-saves it as B, trains the 3 steps
+    phase_221_back (4 ranks): fresh (2,2,1) engines load A and B, re-save them as A2 and B2, train the 3 steps
+    phase_2        (2 ranks): (1,1,2) ZeRO-1 loads B, re-saves C0, trains step 3, saves C, trains 2 more; a fresh
+                              (1,1,2) loads C and repeats them; (2,1,1) ZeRO-1 loads C, re-saves D0 and trains
+                              them; a bf16 (2,1,1) save/load round trip; a truncated file fails every rank
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from dist_parity import micro_batches, tiny_cfg
+
+from raylm.config.derived import padded_vocab
+
+SAVE_STEP = 2  # checkpoint A is taken after this many of the five parity batches
+ZERO1 = "parallel.zero_stage=1"
+OTHER_SEED = 99  # fresh engines start from other weights, so a load that misses a tensor shows
+
+
+def _engine(pp: int, tp: int, dp: int, *overrides: str, seed: int = OTHER_SEED):
+    from raylm.model.gpt import init_full_weights
+    from raylm.parallel.engine import build_engine
+
+    cfg = tiny_cfg(pp, tp, dp, *overrides)
+    return cfg, build_engine(cfg, init_full_weights(cfg.model, padded_vocab(cfg.data.vocab_size), seed))
+
+
+def full_label_batches(cfg, steps: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Global batches with no ignored label: every micro-batch then holds as many targets as any other, so the
+    loss (a mean of micro-batch means) is the same objective whatever dp groups the samples into."""
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, cfg.data.vocab_size, (steps, cfg.train.global_batch, cfg.data.seq_len + 1),
+                           generator=gen)
+    return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
+
+
+def _train(engine, cfg, steps: range) -> list[float]:
+    batches = full_label_batches(cfg)
+    feed = lambda b: iter(micro_batches(b, cfg, engine.coords.dp_rank)) if engine.reads_data else None  # noqa: E731
+    return [engine.train_batch(feed(batches[i])) for i in steps]
+
+
+def _state(step: int) -> dict:
+    return {"step": step, "tokens": step * 8 * 16, "data_offset": {"shard": 0, "sample": step * 8}}
+
+
+def phase_221(rank: int, world_size: int, root: str) -> dict:
+    from raylm.checkpoint import capture_rng, save_checkpoint
+
+    cfg, engine = _engine(2, 2, 1, seed=cfg_seed())
+    _train(engine, cfg, range(SAVE_STEP))
+    path_a = save_checkpoint(engine, Path(root) / "A", SAVE_STEP, _state(SAVE_STEP), capture_rng())
+    return {"A": str(path_a), "reference": _train(engine, cfg, range(SAVE_STEP, 5))}
+
+
+def phase_111(rank: int, world_size: int, root: str) -> dict:
+    from raylm.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, engine = _engine(1, 1, 1)
+    resumed = load_checkpoint(engine, _step_dir(root, "A", SAVE_STEP))
+    path_b = save_checkpoint(engine, Path(root) / "B", resumed.step, resumed.trainer_state)
+    return {"B": str(path_b), "losses": _train(engine, cfg, range(SAVE_STEP, 5)),
+            "has_rank_state": resumed.rank_state is not None}
+
+
+def phase_221_back(rank: int, world_size: int, root: str) -> dict:
+    """A fresh (2,2,1) loads A directly, and B (A via (1,1,1)); both re-save and continue."""
+    from raylm.checkpoint import load_checkpoint, save_checkpoint
+
+    out = {}
+    for source, resave in (("A", "A2"), ("B", "B2")):
+        cfg, engine = _engine(2, 2, 1)
+        resumed = load_checkpoint(engine, _step_dir(root, source, SAVE_STEP))
+        path = save_checkpoint(engine, Path(root) / resave, resumed.step, resumed.trainer_state)
+        out[source] = {"resaved": str(path), "losses": _train(engine, cfg, range(SAVE_STEP, 5)),
+                       "trainer_state": resumed.trainer_state, "has_rank_state": resumed.rank_state is not None}
+    return out
+
+
+def _step_dir(root: str, name: str, step: int) -> Path:
+    return Path(root) / name / f"step-{step:08d}"
+
+
+def phase_2(rank: int, world_size: int, root: str) -> dict:
+    from raylm.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, engine = _engine(1, 1, 2, ZERO1)
+    resumed = load_checkpoint(engine, _step_dir(root, "B", SAVE_STEP))
+    path_c0 = save_checkpoint(engine, Path(root) / "C0", resumed.step, resumed.trainer_state)
+    step3 = _train(engine, cfg, range(SAVE_STEP, SAVE_STEP + 1))
+    path_c = save_checkpoint(engine, Path(root) / "C", SAVE_STEP + 1, _state(SAVE_STEP + 1))
+    reference_c = _train(engine, cfg, range(SAVE_STEP + 1, 5))
+
+    cfg, fresh = _engine(1, 1, 2, ZERO1)
+    load_checkpoint(fresh, path_c)
+    same_layout_c = _train(fresh, cfg, range(SAVE_STEP + 1, 5))
+
+    cfg, pipe = _engine(2, 1, 1, ZERO1)
+    load_checkpoint(pipe, path_c)
+    path_d0 = save_checkpoint(pipe, Path(root) / "D0", SAVE_STEP + 1, _state(SAVE_STEP + 1))
+    pp2 = _train(pipe, cfg, range(SAVE_STEP + 1, 5))
+    return {"C0": str(path_c0), "C": str(path_c), "D0": str(path_d0), "chain": step3 + pp2,
+            "reference_c": reference_c, "same_layout_c": same_layout_c, "bf16": bf16_round_trip(root),
+            "corrupt_error": load_corrupt(pipe, path_c, Path(root) / "CORRUPT")}
+
+
+def load_corrupt(engine, path: Path, copy_to: Path) -> str | None:
+    """Every rank must raise (not hang) when one file is bad, even ranks that did not check that file."""
+    from raylm.checkpoint import load_checkpoint
+    from raylm.errors import CheckpointError
+
+    if dist.get_rank() == 0:
+        shutil.copytree(path, copy_to)
+        with open(copy_to / "optim" / "000-tok_embeddings.pt", "r+b") as f:
+            f.truncate(100)
+    dist.barrier()
+    try:
+        load_checkpoint(engine, copy_to)
+    except CheckpointError as exc:
+        return str(exc)
+    return None
+
+
+def bf16_round_trip(root: str) -> dict:
+    """bf16 (fp32 masters in DeepSpeed's optimizer): save after one step, then two engines take the next step."""
+    from raylm.checkpoint import load_checkpoint, save_checkpoint
+
+    bf16 = "train.precision=bf16"
+    cfg, engine = _engine(2, 1, 1, ZERO1, bf16)
+    _train(engine, cfg, range(1))
+    path = save_checkpoint(engine, Path(root) / "BF16", 1, _state(1))
+    continued = _train(engine, cfg, range(1, 2))
+    cfg, fresh = _engine(2, 1, 1, ZERO1, bf16)
+    load_checkpoint(fresh, path)
+    return {"path": str(path), "continued": continued, "resumed": _train(fresh, cfg, range(1, 2))}
+
+
+def cfg_seed() -> int:
+    return tiny_cfg(1, 1, 1).run.seed
