@@ -72,6 +72,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from raylm.checkpoint.export import export
+
+    print(json.dumps(export(args.source, args.out_dir)))
+    return 0
+
+
 def cmd_data_verify(args: argparse.Namespace) -> int:
     from raylm.data.shards import verify
 
@@ -121,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
     gen.add_argument("--seed", type=int, default=0, help="sampling seed")
     gen.set_defaults(func=cmd_generate)
+
+    exp = verbs.add_parser("export", help="write a checkpoint as a Hugging Face Llama folder (safetensors)")
+    exp.add_argument("source", help="checkpoint folder (<run>/checkpoints/step-XXXXXXXX) or run folder (its newest "
+                                    "committed checkpoint)")
+    exp.add_argument("out_dir", help="folder for model.safetensors, config.json and tokenizer.json")
+    exp.set_defaults(func=cmd_export)
 
     data = verbs.add_parser("data", help="inspect prepared data").add_subparsers(dest="data_verb", required=True)
     verify = data.add_parser("verify", help="check every shard against manifest.json")

@@ -34,3 +34,19 @@ def setup_logging(rank: int | None = None, verbose: bool = False) -> logging.Log
             handler.setFormatter(logging.Formatter(f"[raylm r{rank}] %(message)s"))
     logger.propagate = False
     return logger
+
+
+# Loggers whose per-report and per-dataset INFO lines drown the progress line inside a training worker.
+CHATTY_WORKER_LOGGERS = ("ray.train", "ray.data", "deepspeed", "DeepSpeed")
+
+
+def quiet_worker_logs() -> None:
+    """Inside a training worker, keep Ray Train, Ray Data and DeepSpeed to warnings; raylm prints progress."""
+    for name in CHATTY_WORKER_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    except ImportError:  # outside Ray, nothing to quiet
+        pass

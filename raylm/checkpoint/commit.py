@@ -116,7 +116,9 @@ def pick_resume(checkpoints_dir: str | Path, policy: str) -> Path | None:
             verify_checkpoint(folder)
             return folder
         except CheckpointError as exc:
-            get_logger().warning("skipping checkpoint %s and falling back to an older one: %s", folder.name, exc)
+            get_logger().warning("skipping unusable checkpoint %s: %s", folder.name, exc)
+    if candidates:
+        get_logger().warning("no usable checkpoint in %s; starting from scratch", checkpoints_dir)
     return None
 
 

@@ -1,4 +1,4 @@
-"""`raylm export`: a checkpoint as a Hugging Face Llama folder (model.safetensors, config.json, tokenizer.json), and back.
+"""`raylm export`: a checkpoint as a Hugging Face Llama folder (safetensors, config.json, tokenizer.json), and back.
 
 The safetensors file is streamed: its header is computed from the model config, then each layer's tensors are
 appended as its model file is read, so no more than one layer is ever in memory and optimizer files are never
@@ -22,6 +22,7 @@ import yaml
 from raylm.checkpoint.manifest import read_manifest, verify_checkpoint
 from raylm.checkpoint.names import CONFIG_FILE, TOKENIZER_FILE, model_file
 from raylm.checkpoint.reader import iter_model_layers, resolve_checkpoint
+from raylm.checkpoint.writer import model_config_of
 from raylm.config.derived import ffn_hidden, kv_heads, padded_vocab
 from raylm.config.schema import ModelConfig
 from raylm.errors import RaylmError
@@ -34,7 +35,7 @@ ROTARY = ("attention.wq.weight", "attention.wk.weight")
 
 
 def hf_name(name: str) -> str:
-    """raylm parameter name -> LlamaForCausalLM name (layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight)."""
+    """raylm name -> LlamaForCausalLM name: layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight."""
     module, leaf = name.rsplit(".", 1)
     if module.startswith("layers."):
         _, idx, rest = module.split(".", 2)
@@ -92,29 +93,35 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
 
 
-def _write_weights(folder: Path, model: ModelConfig, vocab_rows: int, out: Path) -> int:
-    """Stream every model tensor, layer by layer, into out (HF names and RoPE layout); returns tensors written."""
-    shapes = param_shapes(model, vocab_rows)
-    order = list(shapes)  # embedding, blocks, norm, head: the same order as the layer files
-    specs = [(hf_name(n), tuple(to_hf_tensor(n, torch.empty(shapes[n], device="meta"), model).shape)) for n in order]
-    tmp = _tmp_name(out)
+def _stream_layers(f, folder: Path, model: ModelConfig, shapes: dict[str, torch.Size]) -> int:
+    """Append each layer's tensors, in `shapes` order, as its model file is read; returns how many were written."""
     written = 0
-    with open(tmp, "wb") as f:
-        f.write(_safetensors_header(specs))
-        for rel_path, tensors in iter_model_layers(folder):
-            for name in (n for n in order if model_file(n, model.n_layer) == rel_path):
-                t = tensors.get(name)
-                if t is None or t.shape != shapes[name]:
-                    raise RaylmError(f"{folder / rel_path} lacks {name} or holds another shape than {tuple(shapes[name])}"
-                                     f"; the checkpoint does not match its own manifest's model, re-save it")
-                f.write(to_hf_tensor(name, t.float(), model).contiguous().numpy().tobytes())
-                written += 1
-        f.flush()
-        os.fsync(f.fileno())
-    if written != len(order):
-        tmp.unlink()
-        raise RaylmError(f"{folder} holds {written} of the model's {len(order)} tensors; re-save the checkpoint")
-    os.replace(tmp, out)
+    for rel_path, tensors in iter_model_layers(folder):
+        for name in (n for n in shapes if model_file(n, model.n_layer) == rel_path):
+            t = tensors.get(name)
+            if t is None or t.shape != shapes[name]:
+                raise RaylmError(f"{folder / rel_path} lacks {name} or holds another shape than "
+                                 f"{tuple(shapes[name])}; the checkpoint does not match its own manifest's model")
+            f.write(to_hf_tensor(name, t.float(), model).contiguous().numpy().tobytes())
+            written += 1
+    return written
+
+
+def _write_weights(folder: Path, model: ModelConfig, vocab_rows: int, out: Path) -> int:
+    """model.safetensors with HF names and RoPE layout, written to a temporary name and renamed when complete."""
+    shapes = param_shapes(model, vocab_rows)  # embedding, blocks, norm, head: the layer files' order
+    tmp = _tmp_name(out)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(_safetensors_header([(hf_name(n), tuple(shape)) for n, shape in shapes.items()]))
+            written = _stream_layers(f, folder, model, shapes)
+            f.flush()
+            os.fsync(f.fileno())
+        if written != len(shapes):
+            raise RaylmError(f"{folder} holds {written} of the model's {len(shapes)} tensors; re-save the checkpoint")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return written
 
 
@@ -128,7 +135,7 @@ def export(source: str | Path, out_dir: str | Path) -> dict:
     """Write a checkpoint (or a run folder's newest one) to out_dir as a Hugging Face Llama folder; a summary."""
     folder = resolve_checkpoint(source)
     manifest = read_manifest(folder)  # the model files and config are verified as they are streamed
-    model = ModelConfig(**manifest["model"])
+    model = model_config_of(manifest)
     vocab_rows = manifest["padded_vocab"]
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ def model_files(manifest: dict) -> list[str]:
 
 
 def iter_model_layers(folder: Path) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
-    """(file, {full name: fp32 tensor}) per layer; every model file and the config are verified before the first load."""
+    """(file, {full name: fp32 tensor}) per layer; all model files and the config are verified before the first load."""
     manifest = verify_checkpoint(folder, only=[*model_files(read_manifest(folder)), CONFIG_FILE])
     for rel_path in model_files(manifest):
         yield rel_path, torch.load(folder / rel_path, map_location="cpu", weights_only=True)

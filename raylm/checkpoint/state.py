@@ -25,11 +25,15 @@ from raylm.checkpoint.commit import commit, new_tmp_dir
 from raylm.checkpoint.manifest import read_manifest, verify_checkpoint
 from raylm.checkpoint.names import (ENGINE_STATE_FILE, TRAINER_STATE_FILE, layer_index, model_file, optim_file,
                                     rank_file)
-from raylm.checkpoint.writer import SHAPE_KEYS, Records, manifest_extra, save_json, save_run_files, save_torch
+from raylm.checkpoint.writer import Records, manifest_extra, model_config_of, save_json, save_run_files, save_torch
 from raylm.errors import CheckpointError
 from raylm.log import get_logger
+from raylm.model.gpt import param_shapes
 from raylm.parallel.pipeline import local_params, shard_of
 from raylm.parallel.tensor import TPGroup
+
+
+SAVE_PHASES = ("before-files", "mid-files", "before-commit", "after-commit")
 
 
 @dataclass
@@ -87,16 +91,23 @@ def _gather_layer(engine, params: dict[str, nn.Parameter]) -> tuple[dict, dict]:
     return weights, moments
 
 
-def _write_layers(engine, folder: Path) -> Records:
-    """Gather each owned layer; this stage's (dp 0, tp 0) rank writes its model and optimizer files."""
+def _write_layers(engine, folder: Path) -> tuple[Records, str | None]:
+    """Gather each owned layer; this stage's (dp 0, tp 0) rank writes its model and optimizer files.
+
+    A failed write does not stop the gathering: every rank must take part in every layer's collectives.
+    """
     writer = engine.coords.dp_rank == 0 and engine.coords.tp_rank == 0
     files: Records = {}
+    error = None
     for rel_model, params in _stage_layers(engine, owned_only=True).items():
         weights, moments = _gather_layer(engine, params)
-        if writer:
-            files.update(save_torch(folder, rel_model, weights))
-            files.update(save_torch(folder, optim_file(next(iter(params)), engine.cfg.model.n_layer), moments))
-    return files
+        if writer and error is None:
+            try:
+                files.update(save_torch(folder, rel_model, weights))
+                files.update(save_torch(folder, optim_file(next(iter(params)), engine.cfg.model.n_layer), moments))
+            except OSError as exc:
+                error = f"writing {folder / rel_model} failed on rank {engine.rank}: {exc}"
+    return files, error
 
 
 def _engine_state(engine) -> dict:
@@ -131,20 +142,19 @@ def _all_or_none(error: str | None) -> None:
 
 
 def save_checkpoint(engine, checkpoints_dir: str | Path, step: int, trainer_state: dict,
-                    rank_state: dict | None = None) -> Path:
+                    rank_state: dict | None = None, on_phase: Callable[[str], None] | None = None) -> Path:
     """Write and commit <checkpoints_dir>/step-XXXXXXXX/ (all ranks call together); returns its path.
 
     trainer_state: JSON-able, the same on every rank (rank 0's is written). rank_state: this rank's tensors and
-    plain values (e.g. capture_rng()), restored only into the same layout.
+    plain values (e.g. capture_rng()), restored only into the same layout. on_phase: called with each phase
+    name in SAVE_PHASES as the save reaches it (fault drills kill a rank there).
     """
+    phase = on_phase or (lambda name: None)
     optim_state.ensure_adam_state(engine)
     tmp = Path(_on_rank0(lambda: str(new_tmp_dir(checkpoints_dir, step))))
-    files: Records = {}
-    error = None
-    try:
-        files.update(_write_layers(engine, tmp))
-    except OSError as exc:
-        error = f"writing checkpoint step {step} under {tmp} failed on rank {engine.rank}: {exc}"
+    phase("before-files")
+    files, error = _write_layers(engine, tmp)
+    phase("mid-files")
     if error is None:
         try:  # no collectives below: a failing rank can stop here and report
             if rank_state is not None:
@@ -159,22 +169,27 @@ def save_checkpoint(engine, checkpoints_dir: str | Path, step: int, trainer_stat
     dist.all_gather_object(every_rank, files)  # every file is on storage once this returns
     merged = {path: record for rank_files in every_rank for path, record in rank_files.items()}
     extra = manifest_extra(engine.cfg, _layout(engine), optimizer=True)
-    return Path(_on_rank0(lambda: str(commit(tmp, step, merged, extra))))
+    phase("before-commit")
+    committed = Path(_on_rank0(lambda: str(commit(tmp, step, merged, extra))))
+    phase("after-commit")
+    return committed
 
 
 def _check_model(manifest: dict, engine, folder: Path) -> None:
-    """CheckpointError when the checkpoint's model has other parameter shapes than this engine's."""
+    """CheckpointError when the checkpoint's model has other parameters (names or shapes) than this engine's."""
     saved, mine = manifest["model"], asdict(engine.cfg.model)
-    diffs = [f"model.{k}={saved.get(k)!r} (this run: {mine[k]!r})" for k in SHAPE_KEYS if saved.get(k) != mine[k]]
-    if manifest["padded_vocab"] != engine.vocab_size:
-        diffs.append(f"padded vocab {manifest['padded_vocab']} (this run: {engine.vocab_size}, from data.vocab_size)")
-    if diffs:
+    saved_model = model_config_of(manifest)
+    differ = [k for k in mine if k in saved and saved[k] != mine[k]]
+    if param_shapes(saved_model, manifest["padded_vocab"]) != param_shapes(engine.cfg.model, engine.vocab_size):
+        diffs = [f"model.{k}={saved[k]!r} (this run: {mine[k]!r})" for k in differ]
+        if manifest["padded_vocab"] != engine.vocab_size:
+            diffs.append(f"data.vocab_size={manifest['vocab_size']} (this run: {engine.cfg.data.vocab_size})")
         raise CheckpointError(f"checkpoint {folder} holds another model: {', '.join(diffs)}; resume with the "
-                              f"checkpoint's model settings, or start fresh (checkpoint.resume=never or a new run.name)")
-    others = [k for k in saved if k not in SHAPE_KEYS and saved.get(k) != mine.get(k)]
-    if others:
+                              f"checkpoint's model settings, or start fresh (checkpoint.resume=never or another "
+                              f"run.name)")
+    if differ:
         get_logger().warning("checkpoint %s was written with other model settings (%s); loading it anyway",
-                             folder.name, ", ".join(f"model.{k}={saved[k]!r}" for k in others))
+                             folder.name, ", ".join(f"model.{k}={saved[k]!r}" for k in differ))
 
 
 def _files_to_verify(engine, manifest: dict) -> list[str]:

@@ -1,4 +1,4 @@
-"""Writing checkpoint files (each one fsynced and recorded for the manifest), and a weights-only checkpoint on one process."""
+"""Writing checkpoint files (each fsynced and recorded for the manifest); a weights-only checkpoint on one process."""
 
 from __future__ import annotations
 
@@ -15,11 +15,9 @@ from raylm.checkpoint.manifest import file_record, fsync_file
 from raylm.checkpoint.names import (CONFIG_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, layer_file, model_file)
 from raylm.config import Config, to_dict
 from raylm.config.derived import padded_vocab
+from raylm.config.schema import ModelConfig
 
 Records = dict[str, dict]  # {path relative to the checkpoint folder: {"bytes", "sha256"}}
-
-# model settings that decide parameter shapes: a checkpoint loads only into a model that agrees on them
-SHAPE_KEYS = ("n_layer", "n_head", "n_kv_head", "d_model", "ffn_hidden", "tie_embeddings")
 
 
 def save_torch(folder: Path, rel_path: str, obj) -> Records:
@@ -68,6 +66,12 @@ def manifest_extra(cfg: Config, layout: dict | None, optimizer: bool) -> dict:
     return {"layout": layout, "precision": cfg.train.precision, "optimizer": optimizer,
             "model": dataclasses.asdict(cfg.model), "vocab_size": cfg.data.vocab_size,
             "padded_vocab": padded_vocab(cfg.data.vocab_size)}
+
+
+def model_config_of(manifest: dict) -> ModelConfig:
+    """The ModelConfig a checkpoint was written for (settings added to raylm since then take their defaults)."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in manifest["model"].items() if k in known})
 
 
 def save_full_weights(cfg: Config, full_state: dict[str, torch.Tensor], checkpoints_dir: str | Path, step: int,

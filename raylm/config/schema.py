@@ -123,6 +123,10 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class FaultConfig:
     max_failures: int = opt(0, "worker-group restarts Ray Train allows before the run fails")
+    drill: str = opt("", "fault drill, once per run: 'PHASE@STEP' SIGKILLs a worker at checkpoint-save phase "
+                         "PHASE (before-files|mid-files|before-commit|after-commit) of step STEP, or 'step@STEP' "
+                         "right after that step; '' = off")
+    drill_rank: int = opt(0, "the rank the fault drill kills")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ MIN_BYTE_VOCAB = 256 + 3  # the byte alphabet plus the special tokens
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first impossible setting; return the config unchanged when it can run."""
     for check in (_check_run, _check_positive, _check_choices, _check_model, _check_layout, _check_batch,
-                  _check_schedule, _check_data):
+                  _check_schedule, _check_data, _check_drill):
         check(cfg)
     return cfg
 
@@ -160,3 +160,16 @@ def _check_data(cfg: Config) -> None:
         weight = source.get("weight", 1.0)
         if not isinstance(weight, (int, float)) or weight <= 0:
             _fail(f"data.sources weight {weight!r} for {source['path']} must be a positive number")
+
+
+DRILL = re.compile(r"^(before-files|mid-files|before-commit|after-commit|step)@([0-9]+)$")
+
+
+def _check_drill(cfg: Config) -> None:
+    drill = cfg.fault.drill
+    if drill and not DRILL.match(drill):
+        _fail(f"fault.drill={drill!r} is not PHASE@STEP with PHASE one of before-files, mid-files, before-commit, "
+              f"after-commit, step; e.g. fault.drill=mid-files@4, or '' for no drill")
+    world = cfg.parallel.pp * cfg.parallel.tp * cfg.parallel.dp
+    if drill and not 0 <= cfg.fault.drill_rank < world:
+        _fail(f"fault.drill_rank={cfg.fault.drill_rank} is not a rank of the {world} workers; set it below {world}")

@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from raylm.errors import DataError
+from raylm.log import get_logger
 
 # Suffixes a folder walk picks up; a file named directly or by a glob is read whatever its suffix.
 TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".markdown", ".rst", ".py", ".jsonl", ".ndjson", ".parquet"})
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
 BINARY_PROBE_BYTES = 8192  # like git: a NUL byte in the first 8 KiB means binary
-DEFAULT_EXCLUDED_PARTS = frozenset({"site-packages", "dist-packages"})  # installed packages are not the stdlib
+# Installed third-party packages below a named folder or glob base (a Python's lib/pythonX.Y holds its
+# site-packages) are not that corpus; name such a folder itself to read it.
+INSTALLED_PARTS = frozenset({"site-packages", "dist-packages"})
 GLOB_MAGIC = re.compile(r"[*?\[]")
 ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what surrogateescape makes of an undecodable byte
 
@@ -65,10 +68,7 @@ def list_files(paths: list[str]) -> list[CorpusFile]:
     for pattern in patterns:
         for file in _expand(pattern):
             found.setdefault(file.path, file)
-    files = list(found.values())
-    if not paths:
-        files = [f for f in files if not DEFAULT_EXCLUDED_PARTS.intersection(Path(f.path).parts)]
-    return files
+    return list(found.values())
 
 
 def _expand(pattern: str) -> list[CorpusFile]:
@@ -83,6 +83,7 @@ def _expand(pattern: str) -> list[CorpusFile]:
             raise DataError(f"data.paths entry {pattern!r} matches no file or folder; fix the path or glob")
         base = _glob_base(expanded)
         files = [f for m in matches for f in ([_corpus_file(m, base)] if os.path.isfile(m) else _walk(m, base))]
+        files = _without_installed(files, pattern)
     if not files:
         raise DataError(f"data.paths entry {pattern!r} holds no readable files (a folder walk reads "
                         f"{', '.join(sorted(TEXT_SUFFIXES))}); add such files or name the files with a glob")
@@ -90,14 +91,25 @@ def _expand(pattern: str) -> list[CorpusFile]:
 
 
 def _walk(folder: str, base: str | None = None) -> list[CorpusFile]:
-    """Files with a known suffix under folder, sorted, skipping hidden files and folders."""
+    """Files with a known suffix under folder, sorted; hidden files and folders (.git, ...) are not corpus."""
     files = []
     for root, dirs, names in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(INSTALLED_PARTS.intersection(dirs)):
+            get_logger().info("skipping %s (installed packages); name that folder itself to read it",
+                              os.path.join(root, name))
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d not in INSTALLED_PARTS)
         for name in sorted(names):
             if not name.startswith(".") and Path(name).suffix.lower() in TEXT_SUFFIXES:
                 files.append(_corpus_file(os.path.join(root, name), base or folder))
     return files
+
+
+def _without_installed(files: list[CorpusFile], pattern: str) -> list[CorpusFile]:
+    kept = [f for f in files if not INSTALLED_PARTS.intersection(Path(f.doc_id).parts)]
+    if len(kept) < len(files):
+        get_logger().info("data.paths entry %r: skipped %d files under site-packages/dist-packages (installed "
+                          "packages); name such a folder itself to read it", pattern, len(files) - len(kept))
+    return kept
 
 
 def _glob_base(pattern: str) -> str:
@@ -135,6 +147,14 @@ def _refuse_binary(path: str, head: bytes) -> None:
     if b"\x00" in head:
         raise DataError(f"{path} looks binary (NUL bytes in its first {BINARY_PROBE_BYTES} bytes); remove it from "
                         f"the corpus or narrow data.paths to text files")
+
+
+def refuse_binary_files(files: list[CorpusFile]) -> None:
+    """Fail on the first text or JSON Lines file that looks binary (reads only each file's first bytes)."""
+    for file in files:
+        if file.kind != "parquet":
+            with open(file.path, "rb") as f:
+                _refuse_binary(file.path, f.read(BINARY_PROBE_BYTES))
 
 
 def _read_text(file: CorpusFile, policy: ReadPolicy) -> Iterator[Document]:

@@ -33,10 +33,11 @@ def ray_is_up() -> bool:
     return ray.is_initialized()
 
 
-def ordered(dataset):
+def ordered(dataset, progress: bool = False):
     """Blocks come out in input order (shards and batches must not depend on which task finished first)."""
     dataset.context.execution_options.preserve_order = True
-    dataset.context.enable_progress_bars = False
+    dataset.context.enable_progress_bars = progress
+    dataset.context.print_on_execution_start = progress  # streams start one per evaluation: keep worker logs quiet
     return dataset
 
 

@@ -5,30 +5,33 @@
 2. Train the byte-level BPE on a sample of at most TOKENIZER_SAMPLE_BYTES (files in stable-hash order), or load
    data.tokenizer.
 3. Group the files into units; each unit is one Ray Data `map_batches` task that reads its documents and
-   tokenizes them with encode_batch, FLUSH_TEXT_BYTES at a time. Blocks come back in order and the driver appends
+   tokenizes them with encode_batch_fast, FLUSH_TEXT_BYTES at a time. Blocks come back in order and the driver appends
    them to one shard writer per split, so the shards are the same bytes whichever path or task order ran.
 4. A document is in the validation split when a stable hash of its id is below data.val_fraction; the first
    document of the file with the lowest hash is always there too, so a small corpus still has a validation split.
 Everything is written to a staging folder inside out_dir; `_commit` moves it in with manifest.json last, so an
-interrupted prepare leaves the previous folder valid. Run one prepare per out_dir at a time.
+interrupted prepare leaves the previous folder valid; a lock file keeps a second prepare of the same folder out.
+On a multi-node Ray the corpus must be on storage every node sees (tasks read it); the driver writes the shards.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import numpy as np
 
 from raylm.config import Config
-from raylm.data.corpus import CorpusFile, ReadPolicy, list_files, read_documents
+from raylm.data.corpus import CorpusFile, ReadPolicy, list_files, read_documents, refuse_binary_files
 from raylm.data.on_ray import ERROR_COLUMN, errors_as_rows, ordered, raise_if_error, ray_session
 from raylm.data.shards import (FORMAT, MANIFEST_FILE, SPLITS, ShardWriter, check_shard_size, read_manifest,
                                split_summary, token_dtype, write_json_atomic)
@@ -38,11 +41,12 @@ from raylm.errors import DataError
 from raylm.log import get_logger
 
 PREPARE_VERSION = 1  # part of the input fingerprint: bump when prepare writes other bytes for the same input
-TOKENIZER_SAMPLE_BYTES = 64 << 20  # BPE training reads at most this much text: memory stays flat as corpora grow
+TOKENIZER_SAMPLE_BYTES = 16 << 20  # BPE training reads at most this much text: memory stays flat as corpora grow
 FLUSH_TEXT_BYTES = 4 << 20  # text per encode_batch call inside a task: bounds a task's memory
 UNITS_PER_CPU = 4  # enough tasks to keep every CPU busy to the end, few enough to amortize task start-up
 UNIT_BYTES_RANGE = (256 << 10, 64 << 20)
 STAGING_PREFIX = ".staging-"
+LOCK_FILE = ".prepare.lock"
 SHARD_NAME = re.compile(r"^(train|val)-[0-9a-f]{8}-\d{5}\.bin$")
 
 
@@ -81,24 +85,50 @@ def prepare(cfg: Config, use_ray: bool = True) -> dict:
             write_json_atomic(out_dir / MANIFEST_FILE, current)
         return _summary(current, out_dir, skipped=True, seconds=time.monotonic() - started)
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = _fresh_staging(out_dir, input_sha[:8])
-    tokenizer_started = time.monotonic()
-    tokenizer_json = _tokenizer_into(staging, data, files, given)
-    spec = EncodeSpec(tokenizer_json, ReadPolicy.from_config(data), data.val_fraction,
-                      token_dtype(data.vocab_size).str, _anchor(files).path)
-    pipeline_started = time.monotonic()
-    run = _run_on_ray if use_ray else _run_local
-    totals = run(files, spec, staging, data.shard_tokens, input_sha[:8])
-    timings = {"tokenizer_s": pipeline_started - tokenizer_started, "pipeline_s": time.monotonic() - pipeline_started}
-    _check_enough(totals, data, files)
-    manifest = _manifest(totals, data, input_sha, file_sha256(staging / TOKENIZER_FILE))
-    write_json_atomic(staging / MANIFEST_FILE, manifest)
-    _commit(staging, out_dir)
+    with _exclusive(out_dir):
+        manifest, timings = _build(files, data, given, input_sha, out_dir, use_ray)
     _warn_small_val(manifest, data)
     summary = _summary(manifest, out_dir, skipped=False, seconds=time.monotonic() - started)
     get_logger().info("prepare: %d docs -> %d tokens in %d shards at %s", summary["docs"], summary["tokens"],
                       summary["shards"], out_dir)
     return {**summary, **timings}
+
+
+def _build(files: list[CorpusFile], data, given: Path | None, input_sha: str, out_dir: Path,
+           use_ray: bool) -> tuple[dict, dict]:
+    """Tokenizer, shards and manifest into a staging folder, then commit; (manifest, timings)."""
+    refuse_binary_files(files)  # cheap checks first: bad input fails before any Ray worker starts
+    staging = _fresh_staging(out_dir, input_sha[:8])
+    try:
+        tokenizer_started = time.monotonic()
+        tokenizer_json = _tokenizer_into(staging, data, files, given)  # reads the sample: most bad files fail here
+        spec = EncodeSpec(tokenizer_json, ReadPolicy.from_config(data), data.val_fraction,
+                          token_dtype(data.vocab_size).str, _anchor(files).path)
+        tokenizer_s = time.monotonic() - tokenizer_started
+        with ray_session() if use_ray else nullcontext():
+            pipeline_started = time.monotonic()  # Ray start-up is not pipeline time
+            run = _run_on_ray if use_ray else _run_local
+            totals = run(files, spec, staging, data.shard_tokens, input_sha[:8])
+            timings = {"tokenizer_s": tokenizer_s, "pipeline_s": time.monotonic() - pipeline_started}
+        _check_enough(totals, data)
+        manifest = _manifest(totals, data, input_sha, file_sha256(staging / TOKENIZER_FILE))
+        write_json_atomic(staging / MANIFEST_FILE, manifest)
+        _commit(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest, timings
+
+
+@contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """One prepare per folder: a second one fails at once instead of mixing shards."""
+    with open(out_dir / LOCK_FILE, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"another `raylm prepare` is writing {out_dir}; wait for it to finish or set another "
+                            f"data.out_dir") from None
+        yield
 
 
 def _given_tokenizer(data) -> Path | None:
@@ -270,13 +300,12 @@ def _run_on_ray(files, spec: EncodeSpec, staging: Path, shard_tokens: int, tag: 
     import ray
 
     sink = _Sink(staging, np.dtype(spec.dtype), shard_tokens, tag, len(files))
-    with ray_session():
-        units = plan_units(files, ray.cluster_resources().get("CPU", 1))
-        rows = [{"files": json.dumps([asdict(f) for f in unit])} for unit in units]
-        dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-        dataset = ordered(dataset.map_batches(_encode_task, batch_size=1, fn_kwargs={"spec": spec}))
-        for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-            sink.add(table.to_pydict())
+    units = plan_units(files, ray.cluster_resources().get("CPU", 1))
+    rows = [{"files": json.dumps([asdict(f) for f in unit])} for unit in units]
+    dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
+    dataset = ordered(dataset.map_batches(_encode_task, batch_size=1, fn_kwargs={"spec": spec}), progress=True)
+    for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        sink.add(table.to_pydict())
     return sink.close()
 
 
@@ -317,7 +346,7 @@ def _typed(columns: dict) -> dict:
             ERROR_COLUMN: pa.array(columns[ERROR_COLUMN], pa.string())}
 
 
-def _check_enough(totals: Totals, data, files: Iterable[CorpusFile]) -> None:
+def _check_enough(totals: Totals, data) -> None:
     window = data.seq_len + 1
     if totals.docs == 0:
         raise DataError(f"data.paths {list(data.paths) or 'default'} holds no text ({totals.files} files, all "
@@ -349,7 +378,6 @@ def _commit(staging: Path, out_dir: Path) -> None:
     for path in out_dir.iterdir():
         if SHARD_NAME.match(path.name) and path.name not in names:
             path.unlink()
-    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -276,7 +276,8 @@ def peek(out_dir: Any, dp_rank: int = 0, dp_size: int = 1, start: int = 0, count
     try:
         for g, where, window in zip(samples.tolist(), located, reader.windows(samples)):
             inputs = window[:-1].tolist()
+            text = tokenizer.decode(inputs, skip_special_tokens=False)  # EOT shows where documents meet
             yield {"sample_id": g, "source": plan.sources[where.source][0], "epoch": where.epoch,
-                   "window": where.window, "tokens": inputs, "text": tokenizer.decode(inputs, skip_special_tokens=False)}
+                   "window": where.window, "tokens": inputs, "text": text}
     finally:
         reader.close()

@@ -1,4 +1,4 @@
-"""Byte-level BPE tokenizer for prepare and generate: train one with Hugging Face `tokenizers`, or load a tokenizer.json.
+"""Byte-level BPE tokenizer for prepare and generate: train one with Hugging Face `tokenizers` or load a tokenizer.json.
 
 Normalization: none. Text is split with the GPT-2 byte-level pre-tokenizer and every byte has a token, so
 decode(encode(text)) == text for any Unicode text, including characters never seen in training. Each document
@@ -84,7 +84,7 @@ def file_sha256(path: str | Path) -> str:
 
 
 def encode_documents(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
-    """Each text's token ids followed by EOT, in `dtype`. The fast batch call skips offsets, which shards do not keep."""
+    """Each text's token ids then EOT, in `dtype` (the fast batch call skips offsets, which shards do not keep)."""
     encodings = tokenizer.encode_batch_fast(texts, add_special_tokens=False)
     out = []
     for encoding in encodings:

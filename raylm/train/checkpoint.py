@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from raylm.config import Config
+from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.train.rundir import checkpoint_root
 from raylm.train.step import TrainState
@@ -39,9 +40,14 @@ def resume_point(cfg: Config, run_dir: Path, rank: int) -> Path | None:
     choice: list[Any] = [None]
     if rank == 0:
         policy = "required" if cfg.checkpoint.resume == "required" else "auto"
-        picked = pick_resume(checkpoint_root(run_dir), policy)
-        choice = [str(picked) if picked else None]
+        try:
+            picked = pick_resume(checkpoint_root(run_dir), policy)
+            choice = [str(picked) if picked else None]
+        except RaylmError as exc:  # every rank must leave the broadcast, then fail with the same line
+            choice = [exc]
     dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], RaylmError):
+        raise choice[0]
     return Path(choice[0]) if choice[0] else None
 
 
@@ -65,7 +71,8 @@ def restore(engine, path: Path) -> ResumeInfo:
     return ResumeInfo(state=state, source=path)
 
 
-def save(cfg: Config, engine, run_dir: Path, state: TrainState, rank: int, protect: Path | None) -> Path:
+def save(cfg: Config, engine, run_dir: Path, state: TrainState, rank: int, protect: Path | None,
+         on_phase=None) -> Path:
     """Commit a checkpoint (a collective over every rank), then prune old ones on rank 0."""
     from raylm.checkpoint.commit import prune
     from raylm.checkpoint.rng import capture_rng
@@ -73,7 +80,8 @@ def save(cfg: Config, engine, run_dir: Path, state: TrainState, rank: int, prote
 
     trainer = {"step": state.step, "tokens": state.tokens, "samples": state.samples,
                "layout": {"pp": engine.topo.pp, "tp": engine.topo.tp, "dp": engine.topo.dp}}
-    path = save_checkpoint(engine, checkpoint_root(run_dir), state.step, trainer, rank_state={"rng": capture_rng()})
+    path = save_checkpoint(engine, checkpoint_root(run_dir), state.step, trainer, rank_state={"rng": capture_rng()},
+                           on_phase=on_phase)
     if rank == 0:
         prune(checkpoint_root(run_dir), cfg.checkpoint.keep, protect=protect)
     return path

@@ -47,8 +47,8 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
                          f"--overwrite to replace it or choose another run.name=...")
     if overwrite and path.exists():
         shutil.rmtree(path)
-    _forget_ray_snapshot(path)
     _check_writable(cfg, path)
+    _forget_ray_snapshot(path)
     write_atomic(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
 

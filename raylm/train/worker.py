@@ -11,8 +11,9 @@ import torch
 
 from raylm.config import Config, resolve
 from raylm.config.derived import micro_batches_for
-from raylm.log import get_logger, setup_logging
+from raylm.log import get_logger, quiet_worker_logs, setup_logging
 from raylm.train.checkpoint import checkpoint_due, report_with_checkpoint, save
+from raylm.train.faults import FaultDrill
 from raylm.train.progress import Progress
 from raylm.train.schedule import batch_size_at, lr_at
 from raylm.train.step import TimedIterator, TrainState, train_step
@@ -26,6 +27,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     setup_logging(rank)
+    quiet_worker_logs()
     torch.set_num_threads(_torch_threads(cfg, context.get_local_world_size()))
     session = build_session(cfg, loop_config["backend"], rank)
     run_loop(cfg, session, Path(loop_config["run_dir"]), rank)
@@ -52,19 +54,23 @@ def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
     seq_len = cfg.data.seq_len
     batches = TimedIterator(session.train_batches(state.samples)) if session.reads_data else None
     progress = Progress(cfg, run_dir, start_step=state.step) if rank == 0 else None
+    drill = FaultDrill(cfg, run_dir, rank)
     for step in range(state.step, cfg.train.max_steps):
         global_batch = batch_size_at(state.tokens, cfg.train.global_batch, cfg.schedule.batch)
         lr = lr_at(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule.lr)
         result = train_step(session.engine, batches, micro_batches_for(global_batch, cfg), lr)
         state = state.advance(global_batch, seq_len)
         row = session.metrics_row(state, result, lr, global_batch)
+        if resumed.source and step == resumed.state.step:
+            row["resumed_from"] = resumed.state.step  # the first step after a resume says where it came from
+        drill.at("step", state.step)
         last = state.step == cfg.train.max_steps
         if last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
             row["val_loss"] = session.evaluate()
             row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
         if progress:
             progress.record(row, force=last or "val_loss" in row)
-        if report(cfg, session, run_dir, state, row, rank, protect):
+        if report(cfg, session, run_dir, state, row, rank, protect, drill):
             protect = None
     if progress:
         progress.close()
@@ -72,13 +78,14 @@ def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
 
 
 def report(cfg: Config, session, run_dir: Path, state: TrainState, row: dict, rank: int,
-           protect: Path | None) -> bool:
+           protect: Path | None, drill: FaultDrill) -> bool:
     """Commit a checkpoint when one is due (returns whether it did), then tell Ray. A report costs a controller
     round trip (~2 s by default): at checkpoints, evaluations and every train.report_every steps (DESIGN.md 3)."""
     import ray.train
 
     if checkpoint_due(cfg, state.step):
-        committed = save(cfg, session.engine, run_dir, state, rank, protect)  # a collective: every rank saves
+        committed = save(cfg, session.engine, run_dir, state, rank, protect,  # a collective: every rank saves
+                         on_phase=lambda phase: drill.at(phase, state.step))
         report_with_checkpoint(row, committed if rank == 0 else None)
         return True
     if "val_loss" in row or state.step % cfg.train.report_every == 0:

@@ -3,11 +3,11 @@
 The chain the parent runs, one spawned world per phase, all sharing one folder:
 
     phase_221      (4 ranks): (2,2,1) trains 2 steps, saves A, trains 3 more (the reference continuation)
-    phase_111      (1 rank):  loads A, re-saves it as B, trains the 3 steps
+    phase_111      (1 rank):  loads A, re-saves it as B, trains the 3 steps; a 5-layer model refuses A
     phase_221_back (4 ranks): fresh (2,2,1) engines load A and B, re-save them as A2 and B2, train the 3 steps
     phase_2        (2 ranks): (1,1,2) ZeRO-1 loads B, re-saves C0, trains step 3, saves C, trains 2 more; a fresh
                               (1,1,2) loads C and repeats them; (2,1,1) ZeRO-1 loads C, re-saves D0 and trains
-                              them; a bf16 (2,1,1) save/load round trip; a truncated file fails every rank
+                              them; bf16 round trips (ZeRO-1 and BF16_Optimizer); a truncated file fails every rank
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dist_parity import micro_batches, tiny_cfg
 
 from raylm.config.derived import padded_vocab
 
-SAVE_STEP = 2  # checkpoint A is taken after this many of the five parity batches
+SAVE_STEP = 2  # checkpoint A is taken after this many of the five batches
 ZERO1 = "parallel.zero_stage=1"
 OTHER_SEED = 99  # fresh engines start from other weights, so a load that misses a tensor shows
 
@@ -65,11 +65,19 @@ def phase_221(rank: int, world_size: int, root: str) -> dict:
 def phase_111(rank: int, world_size: int, root: str) -> dict:
     from raylm.checkpoint import load_checkpoint, save_checkpoint
 
+    from raylm.errors import CheckpointError
+
     cfg, engine = _engine(1, 1, 1)
     resumed = load_checkpoint(engine, _step_dir(root, "A", SAVE_STEP))
     path_b = save_checkpoint(engine, Path(root) / "B", resumed.step, resumed.trainer_state)
-    return {"B": str(path_b), "losses": _train(engine, cfg, range(SAVE_STEP, 5)),
-            "has_rank_state": resumed.rank_state is not None}
+    out = {"B": str(path_b), "losses": _train(engine, cfg, range(SAVE_STEP, 5)),
+           "has_rank_state": resumed.rank_state is not None}
+    _, deeper = _engine(1, 1, 1, "model.n_layer=5")
+    try:
+        load_checkpoint(deeper, _step_dir(root, "A", SAVE_STEP))
+    except CheckpointError as exc:
+        out["other_model_error"] = str(exc)
+    return out
 
 
 def phase_221_back(rank: int, world_size: int, root: str) -> dict:
@@ -130,18 +138,23 @@ def load_corrupt(engine, path: Path, copy_to: Path) -> str | None:
     return None
 
 
-def bf16_round_trip(root: str) -> dict:
-    """bf16 (fp32 masters in DeepSpeed's optimizer): save after one step, then two engines take the next step."""
+def bf16_round_trip(root: str) -> list[dict]:
+    """bf16 keeps fp32 masters in DeepSpeed's optimizer (ZeRO-1's, or with ZeRO 0 its BF16_Optimizer, which also
+    partitions over DP): save after one step, then the engine and a fresh one that loaded it take the next."""
     from raylm.checkpoint import load_checkpoint, save_checkpoint
 
-    bf16 = "train.precision=bf16"
-    cfg, engine = _engine(2, 1, 1, ZERO1, bf16)
-    _train(engine, cfg, range(1))
-    path = save_checkpoint(engine, Path(root) / "BF16", 1, _state(1))
-    continued = _train(engine, cfg, range(1, 2))
-    cfg, fresh = _engine(2, 1, 1, ZERO1, bf16)
-    load_checkpoint(fresh, path)
-    return {"path": str(path), "continued": continued, "resumed": _train(fresh, cfg, range(1, 2))}
+    out = []
+    for pp, dp, zero in ((2, 1, 1), (1, 2, 0)):
+        overrides = ("train.precision=bf16", f"parallel.zero_stage={zero}")
+        cfg, engine = _engine(pp, 1, dp, *overrides)
+        _train(engine, cfg, range(1))
+        path = save_checkpoint(engine, Path(root) / f"BF16-pp{pp}-dp{dp}-zero{zero}", 1, _state(1))
+        continued = _train(engine, cfg, range(1, 2))
+        cfg, fresh = _engine(pp, 1, dp, *overrides)
+        load_checkpoint(fresh, path)
+        out.append({"optimizer": type(engine.ds.optimizer).__name__, "continued": continued,
+                    "resumed": _train(fresh, cfg, range(1, 2))})
+    return out
 
 
 def cfg_seed() -> int:

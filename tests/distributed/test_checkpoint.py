@@ -82,7 +82,9 @@ def test_same_layout_resume_is_bit_identical(chain):
         assert rank_out["B"]["losses"] == reference  # via (1,1,1) and back: the state is exact, so are losses
     for rank_out in chain["2"]:
         assert rank_out["same_layout_c"] == rank_out["reference_c"]  # ZeRO-1 over dp = 2
-        assert rank_out["bf16"]["resumed"] == rank_out["bf16"]["continued"]  # bf16 with fp32 masters
+        for bf16 in rank_out["bf16"]:  # bf16 with fp32 masters, under both of DeepSpeed's optimizers
+            assert bf16["resumed"] == bf16["continued"], bf16["optimizer"]
+        assert {b["optimizer"] for b in rank_out["bf16"]} == {"DeepSpeedZeroOptimizer", "BF16_Optimizer"}
 
 
 def test_training_continues_across_layout_changes(chain):
@@ -95,3 +97,7 @@ def test_training_continues_across_layout_changes(chain):
 def test_bad_file_fails_every_rank_naming_it(chain):
     for rank_out in chain["2"]:
         assert "optim/000-tok_embeddings.pt" in rank_out["corrupt_error"]
+
+
+def test_another_model_is_refused_with_the_difference(chain):
+    assert "model.n_layer=4 (this run: 5)" in chain["111"][0]["other_model_error"]

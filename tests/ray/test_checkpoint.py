@@ -37,38 +37,44 @@ def uninterrupted(request):
 
 def reference(small_config, uninterrupted, *layout):
     if layout not in uninterrupted:
-        cfg = small_config("ref-" + "-".join(layout) if layout else "ref", *STEPS, *layout)
+        name = "ref-" + "-".join(o.split(".")[-1].replace("=", "") for o in layout)
+        cfg = small_config(name, *STEPS, *layout)
         train(cfg)
         uninterrupted[layout] = run_losses(cfg)
     return uninterrupted[layout]
 
 
-def kill_a_worker_after(cfg, steps: int) -> threading.Thread:
-    """SIGKILL one Ray Train worker process once the run has logged `steps` rows (a lost node, as users see it)."""
-    metrics = Path(cfg.run.dir) / cfg.run.name / "metrics.jsonl"
+class WorkerKiller(threading.Thread):
+    """SIGKILLs one Ray Train worker process once the run has logged `steps` rows (a lost node, as users see it);
+    `rows_at_kill` records how far the run was, so a test can check the kill landed mid-run."""
 
-    def watch():
+    def __init__(self, cfg, steps: int):
+        super().__init__(daemon=True)
+        self.metrics = Path(cfg.run.dir) / cfg.run.name / "metrics.jsonl"
+        self.steps, self.rows_at_kill = steps, None
+        self.start()
+
+    def run(self):
         deadline = time.time() + 300
-        while time.time() < deadline:
-            if metrics.exists() and len(metrics.read_text().splitlines()) >= steps:
+        while time.time() < deadline and self.rows_at_kill is None:
+            rows = len(self.metrics.read_text().splitlines()) if self.metrics.exists() else 0
+            if rows >= self.steps:
                 for proc in psutil.process_iter(["cmdline"]):
                     if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
                         os.kill(proc.pid, signal.SIGKILL)
-                        return
+                        self.rows_at_kill = rows
+                        break
             time.sleep(0.05)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread
 
 
 def test_kill_then_resume_is_bit_identical(ray_cluster, small_config, uninterrupted):
     expected = reference(small_config, uninterrupted, "parallel.pp=2")
     cfg = small_config("stopped", *STEPS, "parallel.pp=2", "fault.max_failures=0")
-    killer = kill_a_worker_after(cfg, steps=3)
+    killer = WorkerKiller(cfg, steps=3)
     with pytest.raises(RaylmError, match="training failed"):
         train(cfg)
     killer.join()
+    assert killer.rows_at_kill is not None and killer.rows_at_kill < cfg.train.max_steps
     assert committed(cfg), "the run stopped after its first checkpoint"
     train(cfg)  # checkpoint.resume=auto picks the newest committed checkpoint
     assert run_losses(cfg) == expected  # bit-identical, fp32 on CPU
@@ -77,11 +83,27 @@ def test_kill_then_resume_is_bit_identical(ray_cluster, small_config, uninterrup
 def test_kill_minus_nine_recovers_by_itself(ray_cluster, small_config, uninterrupted):
     expected = reference(small_config, uninterrupted, "parallel.pp=2")
     cfg = small_config("recovers", *STEPS, "parallel.pp=2", "fault.max_failures=1")
-    killer = kill_a_worker_after(cfg, steps=3)
+    killer = WorkerKiller(cfg, steps=3)
     train(cfg)
     killer.join()
+    assert killer.rows_at_kill is not None and killer.rows_at_kill < cfg.train.max_steps  # it died mid-run
     assert run_losses(cfg) == expected
     assert committed(cfg) == ["step-00000006", "step-00000008"]  # checkpoint.keep=2
+
+
+@pytest.mark.parametrize("phase, rank, resumes_at", [("before-files", 0, 2), ("mid-files", 1, 2),
+                                                     ("before-commit", 0, 2), ("after-commit", 0, 4)])
+def test_kill_during_save_resumes_from_the_newest_complete_checkpoint(ray_cluster, small_config, uninterrupted,
+                                                                      phase, rank, resumes_at):
+    expected = reference(small_config, uninterrupted, "parallel.pp=2")
+    cfg = small_config(f"drill-{phase}", *STEPS, "parallel.pp=2", "fault.max_failures=1",
+                       f"fault.drill={phase}@4", f"fault.drill_rank={rank}")
+    train(cfg)
+    run = Path(cfg.run.dir) / cfg.run.name
+    assert (run / ".fault-drill-fired").read_text().strip() == f"{phase}@4"
+    assert [r["resumed_from"] for r in read_metrics(run) if "resumed_from" in r] == [resumes_at]
+    assert run_losses(cfg) == expected
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith("tmp-")]
 
 
 def test_damaged_newest_checkpoint_falls_back_or_fails(ray_cluster, small_config, uninterrupted):
