@@ -27,12 +27,13 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A local Ray (token authentication on by default, no dashboard) shared by every ray-tier test."""
+    """A local Ray (token authentication on by default, dashboard on 127.0.0.1 for Ray Train's placement-group
+    cleaner) shared by every ray-tier test."""
     import ray
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if not ray.is_initialized():
-        ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}})
     yield ray
     ray.shutdown()

@@ -10,10 +10,15 @@ from raylm.log import get_logger
 
 CONNECT_TIMEOUT_S = 10.0
 LOCAL_HEALTH_CHECK_S = "0.5"
+LOCAL_DASHBOARD_HOST = "127.0.0.1"  # never a public interface
 
 
 def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """ray.init against RAY_ADDRESS, or a local single-node Ray (no dashboard, token authentication as default)."""
+    """ray.init against RAY_ADDRESS, or a local single-node Ray (token authentication as default).
+
+    A local Ray keeps its dashboard on 127.0.0.1: Ray Train's placement-group cleaner asks the state API behind
+    it whether a controller died, and without it the resources of a stopped run (an early-stopped Tune trial,
+    a killed driver) are never released."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS", "").strip()
@@ -30,7 +35,7 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         log.info("starting a local Ray (no RAY_ADDRESS set)")
         # ray.train.report waits for the controller's next poll; a local cluster can afford to poll often.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_S)
-        ray.init(include_dashboard=False, log_to_driver=True)
+        ray.init(include_dashboard=True, dashboard_host=LOCAL_DASHBOARD_HOST, log_to_driver=True)
 
 
 def _probe(address: str, timeout_s: float) -> None:

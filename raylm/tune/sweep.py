@@ -54,8 +54,9 @@ def asha_for(cfg: Config):
 
     run_tokens = cfg.train.max_steps * cfg.train.global_batch * cfg.data.seq_len
     grace_tokens = cfg.tune.grace_tokens or run_tokens // 4
+    # stop_last_trials=False: a trial that reaches the end finishes its run (and frees its workers) by itself
     return ASHAScheduler(time_attr="tokens", max_t=run_tokens, grace_period=max(1, grace_tokens),
-                         reduction_factor=cfg.tune.reduction_factor)
+                         reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], trials_dir: str, trial_name: str) -> Config:

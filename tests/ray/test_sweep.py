@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,17 @@ def test_sweep_writes_trials_and_a_runnable_best_config(ray_cluster, small_confi
     assert all(t["error"] is None and t["value"] > 0 and t["tokens"] > 0 for t in trials)
     best = load_config(sweep_dir / "best.yaml", [])
     assert best.optim.lr == min(trials, key=lambda t: t["value"])["params"]["optim.lr"]
-    pending = [pg for pg in ray_cluster.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+    assert_placement_groups_released(ray_cluster)
+
+
+def assert_placement_groups_released(ray, timeout_s: float = 30.0):
+    """A stopped trial's workers must give their CPUs back (Ray Train's cleaner runs within seconds)."""
+    deadline = time.time() + timeout_s
+    while True:
+        pending = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+        if not pending or time.time() > deadline:
+            break
+        time.sleep(0.5)
     assert not pending, f"placement groups outlived the sweep: {pending}"
 
 
