@@ -28,6 +28,8 @@ def start_head(gcs_port: int, dashboard_port: int, temp_dir: Path, env: dict) ->
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", f"--port={gcs_port}", "--num-cpus=3", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
+         # the test session's own Ray already holds the default agent port (52365)
+         f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
          f"--temp-dir={temp_dir}"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         start_new_session=True)
     deadline = time.time() + 120
@@ -57,14 +59,17 @@ def test_ray_job_submit_trains_tiny(prepared, small_corpus, tmp_path):
     try:
         overrides = [*SMALL_MODEL, "parallel.pp=2", f"data.paths=['{small_corpus}']", f"data.out_dir={prepared}",
                      f"run.dir={tmp_path / 'runs'}", "run.name=submitted"]
-        submit = subprocess.run(
-            [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard_port}", "--working-dir", str(REPO_ROOT),
-             "--runtime-env", str(REPO_ROOT / "jobs" / "runtime_env.yaml"), "--",
-             sys.executable, "jobs/train.py", "jobs/configs/tiny.yaml", *overrides],
-            env=env, capture_output=True, text=True, timeout=600)
+        command = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard_port}", "--working-dir",
+                   str(REPO_ROOT), "--runtime-env", str(REPO_ROOT / "jobs" / "runtime_env.yaml"), "--",
+                   sys.executable, "jobs/train.py", "jobs/configs/tiny.yaml", *overrides]
+        for _ in range(30):  # the head's job agent comes up a little after its Jobs API answers
+            submit = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in submit.stdout + submit.stderr:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, submit.stdout[-3000:] + submit.stderr[-3000:]
         assert "succeeded" in submit.stdout.lower()
-        rows = read_metrics(tmp_path / "runs" / "submitted")
-        assert len(rows) == 4 and (tmp_path / "runs" / "submitted" / "final" / "model.pt").exists()
+        run = tmp_path / "runs" / "submitted"
+        assert len(read_metrics(run)) == 4 and (run / "checkpoints" / "step-00000004" / "manifest.json").exists()
     finally:
         stop_head(head)
