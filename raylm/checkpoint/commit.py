@@ -15,6 +15,7 @@ from pathlib import Path
 
 from raylm.checkpoint.manifest import read_manifest, verify_checkpoint, write_manifest
 from raylm.errors import CheckpointError, ConfigError
+from raylm.fsync import fsync_path
 from raylm.log import get_logger
 
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
@@ -42,14 +43,6 @@ def new_tmp_dir(checkpoints_dir: str | Path, step: int) -> Path:
     return tmp
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def commit(tmp: Path, step: int, files: dict[str, dict], extra: dict) -> Path:
     """Write the manifest into `tmp` (after every file is complete) and rename it to step-XXXXXXXX.
 
@@ -63,7 +56,7 @@ def commit(tmp: Path, step: int, files: dict[str, dict], extra: dict) -> Path:
         replaced = tmp.parent / f"{TMP_PREFIX}replaced-{final.name}-{uuid.uuid4().hex[:12]}"
         os.rename(final, replaced)
     os.rename(tmp, final)
-    _fsync_dir(tmp.parent)
+    fsync_path(tmp.parent)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     return final

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from pathlib import Path
 from typing import Iterable
 
 from raylm.errors import CheckpointError
+from raylm.fsync import fsync_path
 
 MANIFEST = "manifest.json"
 FORMAT = "raylm-checkpoint/1"
@@ -25,22 +25,13 @@ def file_record(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
 
 
-def fsync_file(path: Path) -> None:
-    """Flush a written file to storage, so a commit never points at data still in the page cache."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_manifest(folder: Path, step: int, files: dict[str, dict], extra: dict) -> Path:
     """Write manifest.json (the last file of a save) listing `files` ({relative path: record})."""
     manifest = {"format": FORMAT, "step": step, "created_unix_s": round(time.time(), 3), **extra,
                 "files": dict(sorted(files.items()))}
     path = folder / MANIFEST
     path.write_text(json.dumps(manifest, indent=1) + "\n")
-    fsync_file(path)
+    fsync_path(path)
     return path
 
 

@@ -29,7 +29,7 @@ from raylm.checkpoint.writer import Records, manifest_extra, model_config_of, sa
 from raylm.errors import CheckpointError
 from raylm.log import get_logger
 from raylm.model.gpt import param_shapes
-from raylm.parallel.pipeline import local_params, shard_of
+from raylm.parallel.pipeline import gather_tp, local_params, shard_of
 from raylm.parallel.tensor import TPGroup
 
 
@@ -64,16 +64,6 @@ def _stage_layers(engine, owned_only: bool) -> dict[str, dict[str, nn.Parameter]
     return dict(sorted(layers.items()))
 
 
-def _gather_tp(shard: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> torch.Tensor:
-    """The full tensor from every TP rank's shard (a TP collective for split parameters)."""
-    dim = getattr(param, "tp_split_dim", None)
-    if dim is None or tp.size == 1:
-        return shard
-    parts = [torch.empty_like(shard) for _ in range(tp.size)]
-    dist.all_gather(parts, shard.contiguous(), group=tp.group)
-    return torch.cat(parts, dim=dim)
-
-
 def _owned_cpu(t: torch.Tensor) -> torch.Tensor:
     """A CPU fp32 copy with its own storage (torch.save of a view would write the whole flat buffer behind it)."""
     return t.detach().to("cpu", torch.float32, copy=True)
@@ -86,8 +76,8 @@ def _gather_layer(engine, params: dict[str, nn.Parameter]) -> tuple[dict, dict]:
         value, adam = optim_state.master_value(param), optim_state.adam_moments(engine, param)  # DP collectives
         if engine.coords.dp_rank != 0:
             continue  # each DP replica's TP group could gather; replica 0's suffices
-        weights[name] = _owned_cpu(_gather_tp(value, param, engine.tp))
-        moments[name] = {key: _owned_cpu(_gather_tp(v, param, engine.tp)) for key, v in adam.items()}
+        weights[name] = _owned_cpu(gather_tp(value, param, engine.tp))
+        moments[name] = {key: _owned_cpu(gather_tp(v, param, engine.tp)) for key, v in adam.items()}
     return weights, moments
 
 

@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from raylm.checkpoint.commit import commit, new_tmp_dir
-from raylm.checkpoint.manifest import file_record, fsync_file
+from raylm.checkpoint.manifest import file_record
+from raylm.fsync import fsync_path
 from raylm.checkpoint.names import (CONFIG_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, layer_file, model_file)
 from raylm.config import Config, to_dict
 from raylm.config.derived import padded_vocab
@@ -25,7 +26,7 @@ def save_torch(folder: Path, rel_path: str, obj) -> Records:
     path = folder / rel_path
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(obj, path)
-    fsync_file(path)
+    fsync_path(path)
     return {rel_path: file_record(path)}
 
 
@@ -33,7 +34,7 @@ def save_text(folder: Path, rel_path: str, text: str) -> Records:
     path = folder / rel_path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
-    fsync_file(path)
+    fsync_path(path)
     return {rel_path: file_record(path)}
 
 
@@ -56,7 +57,7 @@ def save_run_files(folder: Path, cfg: Config, trainer_state: dict) -> Records:
     tokenizer = tokenizer_source(cfg)
     if tokenizer is not None:
         shutil.copyfile(tokenizer, folder / TOKENIZER_FILE)
-        fsync_file(folder / TOKENIZER_FILE)
+        fsync_path(folder / TOKENIZER_FILE)
         files[TOKENIZER_FILE] = file_record(folder / TOKENIZER_FILE)
     return files
 

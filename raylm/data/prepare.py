@@ -38,6 +38,7 @@ from raylm.data.shards import (FORMAT, MANIFEST_FILE, SPLITS, ShardWriter, check
 from raylm.data.tokenizer import (EOT_ID, TOKENIZER_FILE, encode_documents, file_sha256, load_tokenizer_file,
                                   train_tokenizer)
 from raylm.errors import DataError
+from raylm.fsync import fsync_path
 from raylm.log import get_logger
 
 PREPARE_VERSION = 1  # part of the input fingerprint: bump when prepare writes other bytes for the same input
@@ -374,18 +375,10 @@ def _commit(staging: Path, out_dir: Path) -> None:
         os.replace(staging / name, out_dir / name)
     os.replace(staging / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
     os.replace(staging / MANIFEST_FILE, out_dir / MANIFEST_FILE)
-    _fsync_dir(out_dir)
+    fsync_path(out_dir)
     for path in out_dir.iterdir():
         if SHARD_NAME.match(path.name) and path.name not in names:
             path.unlink()
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _warn_small_val(manifest: dict, data) -> None:

@@ -99,7 +99,8 @@ def _fp32_value(param: nn.Parameter) -> torch.Tensor:
     return (param.detach() if master is None else master).float()
 
 
-def _gather_tp(shard: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> torch.Tensor:
+def gather_tp(shard: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> torch.Tensor:
+    """The full tensor from every TP rank's shard (a TP collective for split parameters)."""
     dim = getattr(param, "tp_split_dim", None)
     if dim is None or tp.size == 1:
         return shard
@@ -125,7 +126,7 @@ def gather_full_weights(pipe: PipelineModule, cfg: Config, vocab_size: int, topo
     for name, shape in param_shapes(cfg.model, vocab_size).items():
         owner_stage = pipe.stage_owner(owner_layer(name, cfg.model.n_layer))
         if owner_stage == my_stage:
-            value = _gather_tp(_fp32_value(params[name]), params[name], tp)
+            value = gather_tp(_fp32_value(params[name]), params[name], tp)
         else:
             value = torch.empty(shape, dtype=torch.float32, device=device)
         dist.broadcast(value, src=topo.rank_of(owner_stage, 0, 0))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import os
-import pickle
 import queue
 import socket
 import time
 import traceback
 
+import torch
 import torch.multiprocessing as mp
 
 TIMEOUT_S = 240  # a hung collective fails the test instead of the whole suite
@@ -30,8 +31,10 @@ def _rank_main(rank: int, world_size: int, port: int, fn, args, results) -> None
         from raylm.parallel.engine import init_distributed
 
         init_distributed("gloo")
-        # plain pickle bytes: tensors sent through a torch queue are shared by fd, which dies with this process
-        results.put((rank, "ok", pickle.dumps(fn(rank, world_size, *args))))
+        # serialized bytes: tensors sent through a torch queue are shared by fd, which dies with this process
+        buffer = io.BytesIO()
+        torch.save(fn(rank, world_size, *args), buffer)
+        results.put((rank, "ok", buffer.getvalue()))
     except BaseException:  # report any failure to the parent rather than hanging it
         results.put((rank, "error", traceback.format_exc()))
 
@@ -58,7 +61,7 @@ def run_world(world_size: int, fn, *args) -> list:
                 continue
             if status == "error":
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
-            out[rank] = pickle.loads(value)
+            out[rank] = torch.load(io.BytesIO(value), weights_only=True)
     finally:
         for p in procs:
             p.join(timeout=10)
