@@ -62,7 +62,8 @@ class ParallelConfig:
     num_workers: int = opt(0, "Ray Train workers; 0 = pp * tp * dp (set it to have the product checked)")
     zero_stage: int = opt(0, "ZeRO stage over the DP group: 0 or 1 (2 and 3 only when pp = 1)")
     micro_batch: int = opt(4, "samples per micro-batch per DP rank")
-    partition: str = opt("parameters", "how layers are split into pipeline stages: parameters | uniform")
+    partition: str = opt("compute", "how layers are split into pipeline stages: compute (balance FLOPs) | parameters "
+                                    "| uniform")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass")
     backend: str = opt("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo")
     use_gpu: str = opt("auto", "auto (GPUs when the cluster has them) | true | false")

@@ -67,7 +67,7 @@ def _check_choices(cfg: Config) -> None:
         "schedule.lr.kind": (cfg.schedule.lr.kind, ("constant", "linear", "cosine", "wsd")),
         "schedule.lr.decay_shape": (cfg.schedule.lr.decay_shape, ("linear", "cosine", "sqrt")),
         "checkpoint.resume": (cfg.checkpoint.resume, ("auto", "never", "required")),
-        "parallel.partition": (cfg.parallel.partition, ("parameters", "uniform")),
+        "parallel.partition": (cfg.parallel.partition, ("compute", "parameters", "uniform")),
         "parallel.backend": (cfg.parallel.backend, ("auto", "nccl", "gloo")),
         "parallel.use_gpu": (cfg.parallel.use_gpu, ("auto", "true", "false")),
         "data.decode_errors": (cfg.data.decode_errors, ("replace", "strict")),

@@ -244,9 +244,9 @@ def _ray_chunks(plan: StreamPlan, prefetch: int) -> Iterator[np.ndarray]:
     while True:
         items = [{"chunk": c} for c in range(first, first + CHUNKS_PER_DATASET)]
         dataset = ray.data.from_items(items, override_num_blocks=CHUNKS_PER_DATASET)
+        readers = ray.data.TaskPoolStrategy(size=max(1, prefetch))
         dataset = ordered(dataset.map_batches(_read_task, batch_size=1, fn_kwargs={"plan": plan},
-                                              num_cpus=READ_TASK_CPUS, concurrency=max(1, prefetch),
-                                              label_selector=here))
+                                              num_cpus=READ_TASK_CPUS, compute=readers, label_selector=here))
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch):
             raise_if_error(batch[ERROR_COLUMN])
             for data in batch["windows"]:

@@ -206,5 +206,9 @@ def param_count(cfg: ModelConfig, vocab_size: int) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> int:
-    """Training FLOPs per token, 6N + 12·L·d·T (PaLM appendix B): weights fwd+bwd plus attention scores."""
-    return 6 * param_count(cfg, vocab_size) + 12 * cfg.n_layer * cfg.d_model * seq_len
+    """Training FLOPs per token, 6N + 12·L·d·T (PaLM appendix B): weights fwd+bwd plus attention scores.
+
+    N counts the weights that take part in a matmul: an untied input embedding is a lookup and is left out
+    (a tied one is counted once, as the LM head)."""
+    lookup = 0 if cfg.tie_embeddings else vocab_size * cfg.d_model
+    return 6 * (param_count(cfg, vocab_size) - lookup) + 12 * cfg.n_layer * cfg.d_model * seq_len

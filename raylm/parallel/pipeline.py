@@ -7,6 +7,9 @@ and last stages; with pp = 1 both uses hit one module and autograd adds them.
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -14,7 +17,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
-from raylm.config.schema import Config
+from raylm.config.schema import Config, ModelConfig
 from raylm.model.gpt import param_shapes
 from raylm.parallel.layers import (BlockPipe, EmbeddingPipe, FinalNormPipe, HeadPipe, VocabParallelLoss,
                                    tied_head_forward)
@@ -37,14 +40,45 @@ def layer_specs(cfg: Config, vocab_size: int, tp: TPGroup) -> list[LayerSpec]:
     return [first, *blocks, LayerSpec(FinalNormPipe, m), last]
 
 
+def layer_costs(cfg: ModelConfig, vocab_size: int, seq_len: int) -> list[int]:
+    """Training FLOPs per token of each entry of layer_specs: what `parallel.partition=compute` balances.
+
+    A block costs 6 x its weights plus its attention scores; the head 6·V·d; the embedding (a lookup) and the
+    final norm nothing. Parameter counts would weigh the embedding like the head and leave the last stage
+    the slowest, and the slowest stage sets the pipeline's pace."""
+    shapes = param_shapes(cfg, vocab_size)
+    block_weights = sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("layers.0."))
+    block = 6 * block_weights + 12 * cfg.d_model * seq_len
+    return [0, *[block] * cfg.n_layer, 0, 6 * vocab_size * cfg.d_model]
+
+
+class ComputeBalancedPipeline(PipelineModule):
+    """A PipelineModule whose stages balance given per-layer costs instead of parameter counts.
+
+    DeepSpeed balances the list `_count_layer_params` returns (partition_method="parameters"); this class
+    returns the costs instead."""
+
+    def __init__(self, *, costs: list[int], **kwargs):
+        object.__setattr__(self, "_layer_costs", list(costs))  # read by the base __init__, before Module's
+        super().__init__(partition_method="parameters", **kwargs)
+
+    def _count_layer_params(self) -> list[int]:
+        return self._layer_costs
+
+
 def build_pipeline_module(cfg: Config, vocab_size: int, topo: Topology, tp: TPGroup) -> PipelineModule:
-    """A PipelineModule over DeepSpeed's topology with the same axis order as `topo`."""
+    """A PipelineModule over DeepSpeed's topology with the same axis order as `topo`, split into stages by
+    `parallel.partition` (compute, parameters or uniform)."""
     ds_topo = PipeModelDataParallelTopology(num_pp=topo.pp, num_mp=topo.tp, num_dp=topo.dp)
-    return PipelineModule(
+    if cfg.parallel.partition == "compute":
+        pipeline_class = functools.partial(ComputeBalancedPipeline,
+                                           costs=layer_costs(cfg.model, vocab_size, cfg.data.seq_len))
+    else:
+        pipeline_class = functools.partial(PipelineModule, partition_method=cfg.parallel.partition)
+    return pipeline_class(
         layers=layer_specs(cfg, vocab_size, tp),
         topology=ds_topo,
         loss_fn=VocabParallelLoss(tp),
-        partition_method=cfg.parallel.partition,
         # interval 1 = recompute each block; only blocks qualify, since reentrant checkpointing of the
         # embedding (whose input is integer ids) would drop its gradient
         activation_checkpoint_interval=1 if cfg.parallel.activation_checkpointing else 0,

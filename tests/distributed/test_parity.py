@@ -29,7 +29,7 @@ BF16 = "train.precision=bf16"
 JOBS = {
     1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,))])],
     2: [("tp",),
-        ("train", [(2, 1, 1, ()), (2, 1, 1, (CKPT,)), (1, 2, 1, (UNTIED,)), (1, 1, 2, (ZERO1,))]),
+        ("train", [(2, 1, 1, ()), (2, 1, 1, (CKPT, "parallel.partition=parameters")), (1, 2, 1, (UNTIED,)), (1, 1, 2, (ZERO1,))]),
         ("ramp", (2, 1, 1, (ZERO1,))),
         ("bf16", [(2, 1, 1, (ZERO1, BF16))])],
     4: [("train", [(2, 2, 1, ()), (2, 1, 2, (ZERO1,)), (1, 2, 2, (ZERO1, UNTIED)),

@@ -68,6 +68,8 @@ def test_param_count_and_flops():
     per_block = 2 * d * d + 2 * kv * d + 3 * d * hidden + 2 * d
     assert param_count(CFG, V) == V * d + L * per_block + d
     assert flops_per_token(CFG, V, seq_len=16) == 6 * param_count(CFG, V) + 12 * L * d * 16
+    untied = dataclasses.replace(CFG, tie_embeddings=False)  # the input lookup does no matmul
+    assert flops_per_token(untied, V, seq_len=16) == flops_per_token(CFG, V, seq_len=16)
 
 
 def test_rope_depends_only_on_relative_position():

@@ -62,3 +62,19 @@ def test_ds_config_from_typed_config():
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
     assert ds["pipeline"]["activation_checkpoint_interval"] == 1
     assert build_ds_config(cfg, micro_batches=2)["train_batch_size"] == 8
+
+
+def test_compute_partition_keeps_the_head_off_the_busiest_stage():
+    """Balancing FLOPs gives the stage with the head one block fewer: the embedding lookup costs nothing."""
+    from deepspeed.runtime.utils import partition_balanced
+
+    from raylm.parallel.pipeline import layer_costs
+
+    cfg = resolve({"model": {"d_model": 256, "n_layer": 7, "n_head": 8, "max_seq_len": 256},
+                   "data": {"seq_len": 256, "vocab_size": 2048}})
+    costs = layer_costs(cfg.model, 2048, 256)
+    block, head = costs[1], costs[-1]
+    assert costs[0] == costs[-2] == 0 and head == 6 * 2048 * 256 and 0 < head < block
+    assert list(partition_balanced(costs, 2)) == [0, 5, 10]  # [embed, 4 blocks] | [3 blocks, norm, head]
+    stage_cost = [sum(costs[a:b]) for a, b in zip([0, 5], [5, 10])]
+    assert max(stage_cost) == 4 * block
