@@ -34,6 +34,11 @@ MODEL = ["model.d_model=256", "model.n_layer=6", "model.n_head=8", "data.seq_len
 QUIET = ["train.eval_every=0", "train.eval_batches=1", "train.report_every=1000", "checkpoint.every_steps=0",
          "schedule.lr.kind=constant", "schedule.lr.warmup_steps=0", "parallel.zero_stage=0"]
 
+# The bubble formula assumes equal stages. With d=128 the LM head costs about one block (6·V·d against
+# 6·(block weights) + 12·d·T FLOPs per token), so 7 blocks split [embedding, 4 blocks] | [3 blocks, head].
+PIPELINE = ["model.d_model=128", "model.n_head=4", "model.n_layer=7", "train.global_batch=16",
+            "parallel.micro_batch=2", "train.torch_threads=1"]
+
 
 def plain_tokens_per_s(cfg: Config, steps: int) -> float:
     """A plain single-process loop (nanoGPT style) on the same model, batch and dtype: the yardstick."""
@@ -56,12 +61,6 @@ def plain_tokens_per_s(cfg: Config, steps: int) -> float:
         optimizer.zero_grad(set_to_none=True)
         rates.append(batch * seq_len / (time.perf_counter() - start))
     return sorted(rates[steps // 3:])[len(rates[steps // 3:]) // 2]
-
-
-# The bubble formula assumes equal stages. With d=128 the LM head costs about one block (6·V·d against
-# 6·(block weights) + 12·d·T FLOPs per token), so 7 blocks split [embedding, 4 blocks] | [3 blocks, head].
-PIPELINE = ["model.d_model=128", "model.n_head=4", "model.n_layer=7", "train.global_batch=16",
-            "parallel.micro_batch=2", "train.torch_threads=1"]
 
 
 def raylm_run(name: str, overrides: list[str], work) -> tuple[list[dict], float]:

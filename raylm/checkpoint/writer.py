@@ -12,11 +12,11 @@ import yaml
 
 from raylm.checkpoint.commit import commit, new_tmp_dir
 from raylm.checkpoint.manifest import file_record
-from raylm.fsync import fsync_path
 from raylm.checkpoint.names import (CONFIG_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, layer_file, model_file)
 from raylm.config import Config, to_dict
 from raylm.config.derived import padded_vocab
 from raylm.config.schema import ModelConfig
+from raylm.fsync import fsync_path
 
 Records = dict[str, dict]  # {path relative to the checkpoint folder: {"bytes", "sha256"}}
 
