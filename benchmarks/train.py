@@ -3,11 +3,19 @@
 Figures (one JSON object per line):
   raylm_vs_plain_ratio  raylm tokens/s (1 worker, pp=tp=dp=1) / plain single-process loop, same model+batch+dtype
   matmul_peak_frac      raylm's achieved model FLOP/s / a square fp32 matmul's FLOP/s measured here
+                        (plain_loop_peak_frac: the plain loop's, a ceiling for raylm's)
   startup_s             `raylm train` launch to the end of the first step's data fetch (its step time removed)
-  bubble_gap_pts        measured pp=2 bubble - (p-1)/(m+p-1), in points; both stages and the pp=1 reference on
-                        one thread each, so the only difference is the pipeline
-The yardsticks are taken on both sides of the raylm runs and the faster one is used (the plain loop's
-tokens/s and the matmul peak), so drift on a shared machine can only lower raylm's figures.
+  raylm_vs_plain_ratio_one_thread  the ratio with one torch thread each side (no target): raylm's own
+                        overhead once Ray's processes have a core of their own
+  bubble_gap_pts        pp=2 bubble from step times, 1 - (pp=1 step / p) / (pp=2 step), minus (p-1)/(m+p-1), in
+                        points; both stages and the pp=1 reference on one thread each
+  bubble_wait_gap_pts   the bubble stage 0 measures itself (pipe_wait_frac: its sends, receives and tied-weight
+                        reduce) minus the formula: the schedule alone, without the per-stage compute slowdown
+                        that two stages sharing the cores with Ray's own processes add to bubble_gap_pts
+                        (stage_compute_vs_pp1; per_core_speed_all_busy is the plain loop's tokens/s per core
+                        with every core busy against one core alone, a slowdown no pipeline can avoid)
+The plain loop runs on both sides of the raylm run and its per-step rates are pooled (a median against raylm's
+median, with drift during the raylm run bracketed); the matmul peak is the best reading of either side.
 `--steps N` sets the optimizer steps per measurement (default 30).
 """
 
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -40,9 +49,10 @@ PIPELINE = ["model.d_model=128", "model.n_head=4", "model.n_layer=7", "train.glo
             "parallel.micro_batch=2", "train.torch_threads=1"]
 
 
-def plain_tokens_per_s(cfg: Config, steps: int) -> float:
-    """A plain single-process loop (nanoGPT style) on the same model, batch and dtype: the yardstick."""
-    torch.set_num_threads(os.cpu_count() or 1)
+def plain_step_rates(cfg: Config, steps: int, threads: int) -> list[float]:
+    """A plain single-process loop (nanoGPT style) on the same model, batch and dtype, the yardstick: its
+    per-step tokens/s after the first third (warm-up)."""
+    torch.set_num_threads(threads)
     vocab = padded_vocab(cfg.data.vocab_size)
     model = GPT(cfg.model, vocab)
     model.load_state_dict(init_full_weights(cfg.model, vocab, cfg.run.seed))
@@ -60,7 +70,7 @@ def plain_tokens_per_s(cfg: Config, steps: int) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         rates.append(batch * seq_len / (time.perf_counter() - start))
-    return sorted(rates[steps // 3:])[len(rates[steps // 3:]) // 2]
+    return rates[steps // 3:]
 
 
 def raylm_run(name: str, overrides: list[str], work) -> tuple[list[dict], float]:
@@ -82,32 +92,62 @@ def main() -> None:
     cfg = load_config(TINY, base + ["parallel.pp=1"])
     ensure_prepared(cfg)
     skip = max(2, args.steps // 3)
+    cores = os.cpu_count() or 1
+    plain = ratio_figures(cfg, base, args.steps, skip, work, cores)
+    plain_one = one_thread_ratio(cfg, base, args.steps, skip, work)
+    bubble_figures(base, skip, work, per_core_all_busy=plain / (cores * plain_one))
 
-    plain_before, peak_before = plain_tokens_per_s(cfg, args.steps), measure_matmul_peak(seconds=1.0)
+
+def ratio_figures(cfg: Config, base: list[str], steps: int, skip: int, work, cores: int) -> float:
+    """raylm_vs_plain_ratio, matmul_peak_frac and startup_s from one raylm run between two plain-loop runs;
+    returns the plain loop's tokens/s."""
+    plain_before, peak_before = plain_step_rates(cfg, steps, cores), measure_matmul_peak(seconds=1.0)
     rows, launched = raylm_run("ratio", base + ["parallel.pp=1"], work)
-    plain_after, peak_after = plain_tokens_per_s(cfg, args.steps), measure_matmul_peak(seconds=1.0)
-    plain, peak = max(plain_before, plain_after), max(peak_before, peak_after)
+    plain_after, peak_after = plain_step_rates(cfg, steps, cores), measure_matmul_peak(seconds=1.0)
+    plain, peak = statistics.median(plain_before + plain_after), max(peak_before, peak_after)
     ours = steady(rows, "tokens_per_s", skip)
-    achieved = ours * flops_per_token(cfg.model, padded_vocab(cfg.data.vocab_size), cfg.data.seq_len)
+    model_flops = flops_per_token(cfg.model, padded_vocab(cfg.data.vocab_size), cfg.data.seq_len)
     first = rows[0]
     emit(raylm_vs_plain_ratio=round(ours / plain, 3), raylm_tokens_per_s=round(ours), plain_tokens_per_s=round(plain),
-         plain_before_after=[round(plain_before), round(plain_after)], target=0.90)
-    emit(matmul_peak_frac=round(achieved / peak, 3), achieved_gflops=round(achieved / 1e9, 1),
-         matmul_peak_gflops=round(peak / 1e9, 1), peak_before_after=[round(peak_before / 1e9, 1),
-                                                                     round(peak_after / 1e9, 1)], target=0.75)
+         plain_before_after=[round(statistics.median(plain_before)), round(statistics.median(plain_after))],
+         target=0.90)
+    emit(matmul_peak_frac=round(ours * model_flops / peak, 3), achieved_gflops=round(ours * model_flops / 1e9, 1),
+         plain_loop_peak_frac=round(plain * model_flops / peak, 3), matmul_peak_gflops=round(peak / 1e9, 1),
+         peak_before_after=[round(peak_before / 1e9, 1), round(peak_after / 1e9, 1)], target=0.75)
     emit(startup_s=round(first["time"] - first["step_s"] - launched, 2), target=20.0)
+    return plain
 
+
+def one_thread_ratio(cfg: Config, base: list[str], steps: int, skip: int, work) -> float:
+    """The tokens/s ratio again with one torch thread on each side: Ray's own processes (controller, actors,
+    dashboard, each waking 100 times a second) then run on a spare core instead of stalling the lock-stepped
+    intra-op threads of the other core, so this figure is raylm's own overhead. Returns the plain tokens/s."""
+    before = plain_step_rates(cfg, steps, 1)
+    rows, _ = raylm_run("ratio-one-thread", base + ["parallel.pp=1", "train.torch_threads=1"], work)
+    plain = statistics.median(before + plain_step_rates(cfg, steps, 1))
+    ours = steady(rows, "tokens_per_s", skip)
+    emit(raylm_vs_plain_ratio_one_thread=round(ours / plain, 3), raylm_tokens_per_s=round(ours),
+         plain_tokens_per_s=round(plain))
+    return plain
+
+
+def bubble_figures(base: list[str], skip: int, work, per_core_all_busy: float) -> None:
+    """bubble_gap_pts from a pp=1 and a pp=2 run, and bubble_wait_gap_pts from the pp=2 run's own waits."""
     pipe_cfg = load_config(TINY, base + PIPELINE + ["parallel.pp=2"])
     stages = stage_costs(pipe_cfg)
     one_stage, _ = raylm_run("bubble-pp1", base + PIPELINE + ["parallel.pp=1"], work)
     two_stage, _ = raylm_run("bubble-pp2", base + PIPELINE + ["parallel.pp=2"], work)
     p, m = 2, micro_batches_for(pipe_cfg.train.global_batch, pipe_cfg)
     t1, t2 = steady(one_stage, "step_s", skip), steady(two_stage, "step_s", skip)
+    waited = steady(two_stage, "pipe_wait_frac", skip)
     measured = 1 - (t1 / p) / t2
     formula = (p - 1) / (m + p - 1)
     emit(bubble_gap_pts=round(100 * (measured - formula), 2), bubble_measured=round(measured, 4),
          bubble_formula=round(formula, 4), step_s_pp1=round(t1, 4), step_s_pp2=round(t2, 4),
          stage_flops_share=[round(c / sum(stages), 3) for c in stages], target=5.0)
+    emit(bubble_wait_gap_pts=round(100 * (waited - formula), 2), stage0_wait_frac=round(waited, 4),
+         stage_compute_vs_pp1=round(t2 * (1 - waited) / (t1 / p), 3),
+         per_core_speed_all_busy=round(per_core_all_busy, 3), target=5.0)
 
 
 def stage_costs(cfg: Config) -> list[int]:

@@ -20,6 +20,7 @@ from raylm.config.derived import padded_vocab
 from raylm.config.schema import Config, OptimConfig
 from raylm.model.gpt import init_full_weights
 from raylm.parallel.ds_config import build_ds_config
+from raylm.parallel.pipe_wait import PipeWaitClock
 from raylm.parallel.pipeline import (build_pipeline_module, gather_full_weights, load_full_weights,
                                      tag_for_grad_norm)
 from raylm.parallel.tensor import TPGroup
@@ -68,6 +69,7 @@ class Engine:
         self.rank = dist.get_rank()
         self.coords = topo.coords(self.rank)
         self.vocab_size = padded_vocab(cfg.data.vocab_size)
+        self.pipe_wait = PipeWaitClock(ds_engine)
 
     @property
     def reads_data(self) -> bool:
@@ -89,6 +91,10 @@ class Engine:
         """One optimizer step over `micro_batches` micro-batches per DP rank; the loss is the global-batch
         mean (mean of the micro-batch means), identical on every rank."""
         return float(self.ds.train_batch(self._data(data_iter)))
+
+    def take_pipe_wait_s(self) -> float:
+        """Seconds this stage spent waiting on other stages since the last call (the bubble plus transfers)."""
+        return self.pipe_wait.take_wait_s()
 
     def eval_batch(self, data_iter: Iterator[Batch] | None, num_micro_batches: int) -> float:
         """Mean loss over `num_micro_batches` micro-batches per DP rank, without gradients; same on every rank."""

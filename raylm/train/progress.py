@@ -36,7 +36,10 @@ class Progress:
         eta_s = elapsed_s / max(1, done - self.start_step) * (self.cfg.train.max_steps - done)
         text = (f"step {done}/{self.cfg.train.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
                 f"batch {row['batch_size']} | {row['tokens_per_s'] / 1e3:.1f}k tok/s | mfu {row['mfu']:.1%} | "
-                f"data wait {row['data_wait_frac']:.1%} | eta {_clock(eta_s)}")
+                f"data wait {row['data_wait_frac']:.1%} | ")
+        if self.cfg.parallel.pp > 1:
+            text += f"pipe wait {row['pipe_wait_frac']:.1%} | "
+        text += f"eta {_clock(eta_s)}"
         if "val_loss" in row:
             text += f" | val_loss {row['val_loss']:.4f} (ppl {row['val_ppl']:.1f})"
         return text

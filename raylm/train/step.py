@@ -25,6 +25,7 @@ class StepResult:
     loss: float
     step_s: float
     data_wait_s: float
+    pipe_wait_s: float = 0.0
 
 
 class TimedIterator:
@@ -53,10 +54,12 @@ def train_step(engine, batches: TimedIterator | None, micro_batches: int, lr: fl
     """Set the step's learning rate and micro-batch count, run engine.train_batch, and time it."""
     engine.set_lr(lr)
     engine.set_micro_batches(micro_batches)
+    engine.take_pipe_wait_s()  # drop waits from anything run since the last step (an evaluation)
     start = time.perf_counter()
     loss = engine.train_batch(batches)
     step_s = time.perf_counter() - start
-    return StepResult(loss=float(loss), step_s=step_s, data_wait_s=batches.take_wait_s() if batches else 0.0)
+    return StepResult(loss=float(loss), step_s=step_s, data_wait_s=batches.take_wait_s() if batches else 0.0,
+                      pipe_wait_s=engine.take_pipe_wait_s())
 
 
 def evaluate(engine, batches: Iterator | None, micro_batches: int) -> float:

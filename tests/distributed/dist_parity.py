@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from raylm.config import resolve
@@ -82,12 +84,14 @@ def train_layouts(rank: int, world_size: int, layouts: list[tuple]) -> list[dict
         engine = build_engine(cfg, weights)
         assert engine.micro_batches == micro_batches_for(cfg.train.global_batch, cfg)
         dp_rank = engine.coords.dp_rank
-        losses = []
+        losses, wait_fracs = [], []
         for batch in global_batches(cfg):
             data = iter(micro_batches(batch, cfg, dp_rank)) if engine.reads_data else None
+            start = time.perf_counter()
             losses.append(engine.train_batch(data))
+            wait_fracs.append(engine.take_pipe_wait_s() / (time.perf_counter() - start))
         full = engine.full_state_dict()
-        out.append({"losses": losses, "weights": full if rank == 0 else None})
+        out.append({"losses": losses, "pipe_wait_fracs": wait_fracs, "weights": full if rank == 0 else None})
     return out
 
 

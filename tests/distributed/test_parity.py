@@ -88,6 +88,15 @@ def test_activation_checkpointing_keeps_losses():
     assert on["losses"] == pytest.approx(off["losses"], rel=1e-7)
 
 
+def test_pipe_wait_is_timed_only_between_stages():
+    """pp=2: every stage waits on the other in every step (warm-up and cool-down at least); pp=1: nothing to
+    wait for."""
+    pp2 = [out[0] for out in job_results(2, "train")]
+    assert all(0 < frac < 1 for out in pp2 for frac in out["pipe_wait_fracs"]), [o["pipe_wait_fracs"] for o in pp2]
+    single = job_results(1, "train")[0][0]
+    assert max(single["pipe_wait_fracs"]) < 0.2, single["pipe_wait_fracs"]
+
+
 def test_batch_ramp_eval_and_reload_pp2():
     cfg = tiny_cfg(2, 1, 1, ZERO1)
     weights = init_full_weights(cfg.model, padded_vocab(cfg.data.vocab_size), cfg.run.seed)

@@ -60,6 +60,7 @@ def test_evaluation_does_not_move_the_training_stream(ray_cluster, small_config,
     got = losses(cfg)
     rows = read_metrics(Path(cfg.run.dir) / cfg.run.name)
     assert all("val_loss" in r and r["val_ppl"] > 1 for r in rows)
+    assert all(0 < r["pipe_wait_frac"] < 1 for r in rows)  # stage 0 waits on stage 1 every step
     assert got == pytest.approx(expected, rel=PARITY_RTOL)
 
 
@@ -70,7 +71,8 @@ def test_run_folder_has_the_contract_files_and_generate_works(ray_cluster, small
     train(cfg)
     run = Path(cfg.run.dir) / cfg.run.name
     rows = read_metrics(run)
-    for key in ("step", "tokens", "loss", "lr", "batch_size", "tokens_per_s", "mfu", "data_wait_frac"):
+    for key in ("step", "tokens", "loss", "lr", "batch_size", "tokens_per_s", "mfu", "data_wait_frac",
+                "pipe_wait_frac"):
         assert key in rows[0], key
     assert 0 < rows[-1]["mfu"] < 1 and 0 <= rows[-1]["data_wait_frac"] <= 1
     assert (run / "config.yaml").exists() and (run / "loss.png").exists()
