@@ -10,6 +10,7 @@ from typing import Iterable
 
 from raylm.errors import CheckpointError
 from raylm.fsync import fsync_path
+from raylm.safe_paths import is_inside_name
 
 MANIFEST = "manifest.json"
 FORMAT = "raylm-checkpoint/1"
@@ -50,6 +51,10 @@ def read_manifest(folder: Path) -> dict:
             manifest.get("files"), dict):
         raise CheckpointError(f"{path} is not a {FORMAT} manifest; delete {folder} so that an older checkpoint "
                               f"is used")
+    unsafe = next((key for key in manifest["files"] if not is_inside_name(key)), None)
+    if unsafe is not None:
+        raise CheckpointError(f"{path} lists {unsafe!r}, a path outside the checkpoint folder; refusing to read it "
+                              f"(the manifest was edited): delete {folder} so that an older checkpoint is used")
     return manifest
 
 

@@ -27,10 +27,15 @@ def _fail(message: str) -> None:
 
 
 def _check_run(cfg: Config) -> None:
-    name = cfg.run.name
-    if not RUN_NAME.match(name) or name in (".", ".."):
-        _fail(f"run.name={name!r} may only use letters, digits, '.', '_' and '-' (and not be '.' or '..') "
-              f"so the run folder stays inside run.dir; e.g. run.name=tiny-1")
+    for key, name, example in (("run.name", cfg.run.name, "tiny-1"), ("tune.name", cfg.tune.name, "lr-sweep")):
+        if not is_folder_name(name):
+            _fail(f"{key}={name!r} must be one folder name of letters, digits, '.', '_' and '-' (not empty, "
+                  f"'.' or '..') so its folder stays inside run.dir; e.g. {key}={example}")
+
+
+def is_folder_name(name: object) -> bool:
+    """A single safe path component: what run.name and tune.name must be, since raylm may delete that folder."""
+    return isinstance(name, str) and bool(RUN_NAME.match(name)) and name not in (".", "..")
 
 
 def _check_positive(cfg: Config) -> None:

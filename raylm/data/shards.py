@@ -19,6 +19,7 @@ import numpy as np
 
 from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256
 from raylm.errors import DataError
+from raylm.safe_paths import is_inside_name
 
 FORMAT = "raylm-shards/1"
 MANIFEST_FILE = "manifest.json"
@@ -107,6 +108,11 @@ def read_manifest(out_dir: str | Path) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise DataError(f"{path} is not a {FORMAT} manifest (format={found!r}); {FIX}")
+    shards = manifest.get("shards")
+    if not isinstance(shards, list) or not all(isinstance(e, dict) and is_inside_name(e.get("file"))
+                                               and "/" not in e["file"] for e in shards):
+        raise DataError(f"{path} lists a shard file outside {path.parent} (or no shard list); refusing to read "
+                        f"it (the manifest was edited); {FIX}")
     return manifest
 
 

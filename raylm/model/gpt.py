@@ -188,16 +188,18 @@ def param_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, torch.Size]:
     return {name: p.shape for name, p in model.named_parameters()}
 
 
+def init_param(cfg: ModelConfig, shape: torch.Size, seed: int, name: str) -> torch.Tensor:
+    """One parameter's fp32 starting value as a pure function of (config, seed, name): norms 1, matrices
+    normal(0, std). Each parameter has its own generator, so any subset can be drawn in any order."""
+    if len(shape) == 1:
+        return torch.ones(shape)
+    gen = torch.Generator().manual_seed(_param_seed(seed, name))
+    return torch.randn(shape, generator=gen) * _init_std(cfg, name)
+
+
 def init_full_weights(cfg: ModelConfig, vocab_size: int, seed: int) -> dict[str, torch.Tensor]:
-    """The full fp32 weights as a pure function of (config, seed): norms 1, matrices normal(0, std)."""
-    weights = {}
-    for name, shape in param_shapes(cfg, vocab_size).items():
-        if len(shape) == 1:
-            weights[name] = torch.ones(shape)
-            continue
-        gen = torch.Generator().manual_seed(_param_seed(seed, name))
-        weights[name] = torch.randn(shape, generator=gen) * _init_std(cfg, name)
-    return weights
+    """Every parameter's starting value (init_param of each name): the whole model in memory at once."""
+    return {name: init_param(cfg, shape, seed, name) for name, shape in param_shapes(cfg, vocab_size).items()}
 
 
 def param_count(cfg: ModelConfig, vocab_size: int) -> int:

@@ -16,8 +16,22 @@ RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's l
 
 
 def run_path(cfg: Config) -> Path:
-    """Absolute path of this run's folder (Ray workers may run elsewhere, so never relative)."""
-    return (Path(cfg.run.dir).expanduser() / cfg.run.name).resolve()
+    """Absolute path of this run's folder (Ray workers may run elsewhere, so never relative).
+
+    run.dir is resolved, the run's own folder is not: a run folder that is a symbolic link stays the link, so
+    nothing is ever deleted through it (see remove_folder)."""
+    return Path(cfg.run.dir).expanduser().resolve() / cfg.run.name
+
+
+def remove_folder(path: Path, what: str) -> None:
+    """Delete a run or sweep folder that --overwrite replaces, but never through a symbolic link.
+
+    The user named <run.dir>/<name>; a link there points somewhere they did not name, so raylm refuses."""
+    if path.is_symlink():
+        raise RaylmError(f"{what} {path} is a symbolic link to {os.path.realpath(path)}; --overwrite never deletes "
+                         f"through a link: remove the link yourself, or set run.dir to the folder it points to")
+    if path.exists():
+        shutil.rmtree(path)
 
 
 def has_run_outputs(path: Path) -> bool:
@@ -45,8 +59,8 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
         reason = "checkpoint.resume=never" if policy == "never" else "no committed checkpoint to resume"
         raise RaylmError(f"run folder {path} already holds a run named {cfg.run.name!r} ({reason}); pass "
                          f"--overwrite to replace it or choose another run.name=...")
-    if overwrite and path.exists():
-        shutil.rmtree(path)
+    if overwrite:
+        remove_folder(path, "run folder")
     _check_writable(cfg, path)
     _forget_ray_snapshot(path)
     write_atomic(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))

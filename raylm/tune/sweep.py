@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from raylm.log import get_logger
 from raylm.train.driver import build_trainer, with_absolute_paths
 from raylm.train.preflight import check_prepared_data
 from raylm.train.ray_cluster import connect_ray
-from raylm.train.rundir import prepare_run_dir
+from raylm.train.rundir import prepare_run_dir, remove_folder
 from raylm.tune.space import load_space
 
 
@@ -78,11 +77,12 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> 
 
 
 def _prepare_sweep_dir(cfg: Config, overwrite: bool) -> Path:
+    """<run.dir>/<tune.name>, created empty; tune.name is one folder name (validated), so this stays in run.dir."""
     sweep_dir = Path(cfg.run.dir) / cfg.tune.name
-    if sweep_dir.exists() and any(sweep_dir.iterdir()):
+    if sweep_dir.is_symlink() or (sweep_dir.exists() and any(sweep_dir.iterdir())):
         if not overwrite:
             raise RaylmError(f"sweep folder {sweep_dir} already exists; pass --overwrite or set tune.name=...")
-        shutil.rmtree(sweep_dir)
+        remove_folder(sweep_dir, "sweep folder")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     return sweep_dir
 

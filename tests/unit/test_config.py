@@ -79,8 +79,8 @@ def test_every_field_has_a_doc():
     (["parallel.micro_batch=0"], "parallel.micro_batch=0 must be positive"),
     (["data.paths=['/nonexistent/corpus/*.txt']"], "data.paths entry '/nonexistent/corpus/*.txt' matches no file "
      "or folder; fix the path or glob"),
-    (["run.name=../escape"], "run.name='../escape' may only use letters, digits, '.', '_' and '-'"),
-    (["run.name=.."], "run.name='..' may only use letters, digits"),
+    (["run.name=../escape"], "run.name='../escape' must be one folder name of letters, digits, '.', '_' and '-'"),
+    (["run.name=.."], "run.name='..' must be one folder name of letters, digits"),
     (["data.vocab_size=100"], "data.vocab_size=100 is too small for the byte alphabet (256) plus special tokens; "
      "set data.vocab_size >= 259"),
     (["train.precision=fp16"], "train.precision='fp16' is not one of fp32, bf16"),

@@ -1,0 +1,63 @@
+"""Where a rank's starting weights come from: one parameter, or one tensor-parallel slice of it, at a time.
+
+The parallel engine asks a WeightSource only for the parameters its own pipeline stage holds, and only for its
+own TP slice, so no rank ever materializes the whole model:
+
+    source = SeededInit(cfg.model, vocab_size, cfg.run.seed)   # or a checkpoint / Hugging Face folder
+    shard = source.read("layers.3.attention.wq.weight", Shard(dim=0, index=tp_rank, count=tp))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Protocol
+
+import torch
+
+from raylm.config.schema import ModelConfig
+from raylm.model.gpt import init_param, param_shapes
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Slice `index` of `count` equal chunks along `dim`: the part of a full tensor one TP rank holds."""
+
+    dim: int
+    index: int
+    count: int
+
+    def of(self, full: torch.Tensor) -> torch.Tensor:
+        """This shard of `full`, as a tensor with its own storage (a view would keep the full tensor alive)."""
+        return full.chunk(self.count, dim=self.dim)[self.index].clone()
+
+
+class WeightSource(Protocol):
+    """Full-model fp32 weights under raylm's parameter names, read one parameter (or slice) at a time."""
+
+    def read(self, name: str, shard: Shard | None = None) -> torch.Tensor:
+        """The fp32 tensor of parameter `name`, or only `shard` of it."""
+        ...
+
+
+class SeededInit:
+    """Fresh weights as a pure function of (config, seed, name): the same values under every layout."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, seed: int):
+        self.cfg, self.seed = cfg, seed
+        self.vocab_size = vocab_size
+        self.shapes = param_shapes(cfg, vocab_size)
+
+    def read(self, name: str, shard: Shard | None = None) -> torch.Tensor:
+        full = init_param(self.cfg, self.shapes[name], self.seed, name)
+        return full if shard is None else shard.of(full)
+
+
+class InMemoryWeights:
+    """A full state dict already in memory (tests, a checkpoint read on one process)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor]):
+        self.state = state
+
+    def read(self, name: str, shard: Shard | None = None) -> torch.Tensor:
+        full = self.state[name].float()
+        return full if shard is None else shard.of(full)
