@@ -14,7 +14,8 @@ from typing import Mapping, Protocol
 
 import torch
 
-from raylm.config.schema import ModelConfig
+from raylm.config.derived import padded_vocab
+from raylm.config.schema import Config, ModelConfig
 from raylm.model.gpt import init_param, param_shapes
 
 
@@ -61,3 +62,8 @@ class InMemoryWeights:
     def read(self, name: str, shard: Shard | None = None) -> torch.Tensor:
         full = self.state[name].float()
         return full if shard is None else shard.of(full)
+
+
+def starting_weights(cfg: Config) -> WeightSource:
+    """The weights a fresh run starts from: drawn from (model config, run.seed)."""
+    return SeededInit(cfg.model, padded_vocab(cfg.data.vocab_size), cfg.run.seed)

@@ -3,7 +3,7 @@
 The training loop calls, on every rank:
 
     init_distributed("gloo")                       # once per process, before anything else here
-    engine = build_engine(cfg, full_weights=None)  # None = init_full_weights(cfg.model, vocab, cfg.run.seed)
+    engine = build_engine(cfg, weights=None)       # None = SeededInit(cfg.model, vocab, cfg.run.seed)
     loss = engine.train_batch(data_iter)           # data_iter yields (inputs, labels) on reading ranks, else None
 """
 
@@ -18,11 +18,10 @@ import torch.distributed as dist
 
 from raylm.config.derived import padded_vocab
 from raylm.config.schema import Config, OptimConfig
-from raylm.model.gpt import init_full_weights
+from raylm.model.weights import InMemoryWeights, SeededInit, WeightSource
 from raylm.parallel.ds_config import build_ds_config
 from raylm.parallel.pipe_wait import PipeWaitClock
-from raylm.parallel.pipeline import (build_pipeline_module, gather_full_weights, load_full_weights,
-                                     tag_for_grad_norm)
+from raylm.parallel.pipeline import build_pipeline_module, gather_full_weights, load_weights, tag_for_grad_norm
 from raylm.parallel.tensor import TPGroup
 from raylm.parallel.topology import Topology, build_groups, check_layout
 
@@ -117,10 +116,10 @@ class Engine:
 
     def load_full_state_dict(self, full: dict[str, torch.Tensor]) -> None:
         """Load full weights into this rank's shards and master copies (optimizer moments are kept)."""
-        load_full_weights(self.ds.module, full, self.tp)
+        load_weights(self.ds.module, InMemoryWeights(full), self.tp)
 
 
-def build_engine(cfg: Config, full_weights: dict[str, torch.Tensor] | None = None) -> Engine:
+def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     """Build this rank's engine for `cfg` (all ranks call together, after init_distributed)."""
     topo = Topology.from_config(cfg.parallel, dist.get_world_size())
     check_layout(topo, cfg)
@@ -128,9 +127,9 @@ def build_engine(cfg: Config, full_weights: dict[str, torch.Tensor] | None = Non
     tp = TPGroup(groups.tp, topo.coords(dist.get_rank()).tp_rank, topo.tp)
     vocab_size = padded_vocab(cfg.data.vocab_size)
     module = build_pipeline_module(cfg, vocab_size, topo, tp)
-    if full_weights is None:
-        full_weights = init_full_weights(cfg.model, vocab_size, cfg.run.seed)
-    load_full_weights(module, full_weights, tp)  # before initialize, so ZeRO copies the right masters
+    # each rank reads only its stage's parameters, and of those its TP slice; before initialize, so ZeRO
+    # copies the right masters
+    load_weights(module, weights if weights is not None else SeededInit(cfg.model, vocab_size, cfg.run.seed), tp)
     tag_for_grad_norm(module, tp)
     optimizer = build_optimizer(module, cfg.optim)
     ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=build_ds_config(cfg))

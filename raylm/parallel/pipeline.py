@@ -19,6 +19,7 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 
 from raylm.config.schema import Config, ModelConfig
 from raylm.model.gpt import param_shapes
+from raylm.model.weights import Shard, WeightSource
 from raylm.parallel.layers import (BlockPipe, EmbeddingPipe, FinalNormPipe, HeadPipe, VocabParallelLoss,
                                    tied_head_forward)
 from raylm.parallel.tensor import TPGroup
@@ -113,15 +114,18 @@ def shard_of(full: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> torch.Tens
     return full if dim is None else full.chunk(tp.size, dim=dim)[tp.rank]
 
 
-def load_full_weights(pipe: PipelineModule, full: dict[str, torch.Tensor], tp: TPGroup) -> None:
-    """Copy this rank's shards out of full weights into the module and any optimizer master copy (no comms)."""
-    params = local_params(pipe)
-    missing = sorted(set(params) - set(full))
-    if missing:
-        raise KeyError(f"full state dict lacks {len(missing)} parameters this stage needs, e.g. {missing[:3]}")
+def tp_shard(param: nn.Parameter, tp: TPGroup) -> Shard | None:
+    """Which slice of the full tensor this TP rank holds for `param` (None: the whole tensor)."""
+    dim = getattr(param, "tp_split_dim", None)
+    return None if dim is None or tp.size == 1 else Shard(dim=dim, index=tp.rank, count=tp.size)
+
+
+def load_weights(pipe: PipelineModule, source: WeightSource, tp: TPGroup) -> None:
+    """Read this rank's parameters, only its own TP slices, from `source` into the module and any optimizer
+    master copy (no comms). Nothing outside this stage's shard is ever materialized."""
     with torch.no_grad():
-        for name, param in params.items():
-            shard = shard_of(full[name], param, tp).to(device=param.device, dtype=torch.float32)
+        for name, param in local_params(pipe).items():
+            shard = source.read(name, tp_shard(param, tp)).to(device=param.device, dtype=torch.float32)
             assert shard.shape == param.shape, (name, shard.shape, param.shape)
             param.copy_(shard)
             safe_set_full_fp32_param(param, shard)  # ZeRO / bf16 master copies; no-op before initialize

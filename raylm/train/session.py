@@ -28,12 +28,13 @@ class Session:
 
     @classmethod
     def build(cls, cfg: Config, backend: str, rank: int) -> "Session":
-        from raylm.model.gpt import flops_per_token, init_full_weights
+        from raylm.model.gpt import flops_per_token
+        from raylm.model.weights import starting_weights
         from raylm.parallel.engine import build_engine, init_distributed
 
         init_distributed(backend)  # DeepSpeed needs its backend set before a PipelineModule is built
         vocab = padded_vocab(cfg.data.vocab_size)
-        engine = build_engine(cfg, init_full_weights(cfg.model, vocab, cfg.run.seed))
+        engine = build_engine(cfg, starting_weights(cfg))
         reads = engine.reads_data
         opener = _stream_opener(cfg, engine.coords.dp_rank, engine.topo.dp) if reads else None
         return cls(cfg=cfg, engine=engine, reads_data=reads, open_stream=opener,

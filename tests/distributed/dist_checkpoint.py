@@ -27,11 +27,11 @@ OTHER_SEED = 99  # fresh engines start from other weights, so a load that misses
 
 
 def _engine(pp: int, tp: int, dp: int, *overrides: str, seed: int = OTHER_SEED):
-    from raylm.model.gpt import init_full_weights
+    from raylm.model.weights import SeededInit
     from raylm.parallel.engine import build_engine
 
     cfg = tiny_cfg(pp, tp, dp, *overrides)
-    return cfg, build_engine(cfg, init_full_weights(cfg.model, padded_vocab(cfg.data.vocab_size), seed))
+    return cfg, build_engine(cfg, SeededInit(cfg.model, padded_vocab(cfg.data.vocab_size), seed))
 
 
 def full_label_batches(cfg, steps: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:

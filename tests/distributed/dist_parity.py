@@ -74,14 +74,12 @@ def reference_run(cfg, weights: dict, batches: list) -> tuple[list[float], dict,
 
 def train_layouts(rank: int, world_size: int, layouts: list[tuple]) -> list[dict]:
     """Rank worker: for each (pp, tp, dp, overrides) train STEPS steps; losses per rank, weights from rank 0."""
-    from raylm.model.gpt import init_full_weights
     from raylm.parallel.engine import build_engine
 
     out = []
     for pp, tp, dp, overrides in layouts:
         cfg = tiny_cfg(pp, tp, dp, *overrides)
-        weights = init_full_weights(cfg.model, padded_vocab(cfg.data.vocab_size), cfg.run.seed)
-        engine = build_engine(cfg, weights)
+        engine = build_engine(cfg)  # each rank draws only its own slices; the reference draws the whole model
         assert engine.micro_batches == micro_batches_for(cfg.train.global_batch, cfg)
         dp_rank = engine.coords.dp_rank
         losses, wait_fracs = [], []
@@ -116,12 +114,13 @@ def ramp_batches(cfg) -> list:
 def ramp_eval_load(rank: int, world_size: int, layout: tuple) -> dict:
     """Batch ramp (set_micro_batches), eval_batch, then load_full_state_dict + a zero-lr step (set_lr)."""
     from raylm.model.gpt import init_full_weights
+    from raylm.model.weights import InMemoryWeights
     from raylm.parallel.engine import build_engine
 
     pp, tp, dp, overrides = layout
     cfg = tiny_cfg(pp, tp, dp, *overrides)
     weights = init_full_weights(cfg.model, padded_vocab(cfg.data.vocab_size), cfg.run.seed)
-    engine = build_engine(cfg, weights)
+    engine = build_engine(cfg, InMemoryWeights(weights))
     dp_rank, losses = engine.coords.dp_rank, []
     feed = lambda batch: iter(micro_batches(batch, cfg, dp_rank)) if engine.reads_data else None  # noqa: E731
     for batch in ramp_batches(cfg):
