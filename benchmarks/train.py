@@ -35,7 +35,8 @@ from raylm.config import Config, load_config
 from raylm.config.derived import micro_batches_for, padded_vocab
 from raylm.model.gpt import GPT, flops_per_token, init_full_weights
 from raylm.parallel.pipeline import layer_costs
-from raylm.train.metrics import measure_matmul_peak, read_metrics
+from raylm.train.metrics import read_metrics
+from raylm.train.peaks import measure_matmul_peak
 
 # DESIGN.md's plain-loop shape (d=256, 6 layers, T=256, batch 8) with tiny.yaml's 2k vocabulary: 5.3M parameters.
 # DESIGN.md's 9M has a 16k vocabulary; its cross-entropy drops even the plain loop to ~0.64 of the matmul peak.

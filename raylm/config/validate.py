@@ -57,6 +57,7 @@ def _check_positive(cfg: Config) -> None:
         "fault.max_failures": cfg.fault.max_failures, "schedule.lr.warmup_steps": cfg.schedule.lr.warmup_steps,
         "train.grad_clip": cfg.train.grad_clip, "optim.weight_decay": cfg.optim.weight_decay,
         "parallel.cpus_per_worker": cfg.parallel.cpus_per_worker, "train.torch_threads": cfg.train.torch_threads,
+        "train.peak_tflops": cfg.train.peak_tflops,
         "model.n_kv_head": cfg.model.n_kv_head, "model.ffn_hidden": cfg.model.ffn_hidden,
     }
     for key, value in non_negative.items():

@@ -1,49 +1,11 @@
-"""Step metrics: FLOP peaks and MFU, the metrics.jsonl + TensorBoard writer (rank 0), and the loss-curve PNG."""
+"""Step metrics: the metrics.jsonl + TensorBoard writer (rank 0), and the loss-curve PNG."""
 
 from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 from typing import Any
-
-import torch
-
-# Dense bf16 peaks per GPU in FLOP/s (not the 2x sparsity figures).
-DENSE_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
-
-
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5,
-                        windows: int = 5) -> float:
-    """FLOP/s of a square matmul on this process's CPU threads: the CPU 'peak' that MFU is measured against.
-
-    The best of `windows` equal slices of `seconds`: a peak, so a slice slowed by another process's burst
-    (Ray starting its workers, say) does not lower it and flatter the MFU."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    torch.matmul(a, b)  # warm up kernels and caches
-    best = 0.0
-    for _ in range(windows):
-        runs, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / windows:
-            torch.matmul(a, b)
-            runs += 1
-        best = max(best, 2 * size**3 * runs / (time.perf_counter() - start))
-    return best
-
-
-def gpu_peak_flops() -> float | None:
-    """The dense bf16 peak of this process's GPU by name, or None when unknown."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    return next((peak for key, peak in DENSE_BF16_PEAK.items() if key in name), None)
-
-
-def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
-    """Model FLOPs utilisation (PaLM appendix B): achieved model FLOP/s over the hardware's peak."""
-    return tokens_per_s * flops_per_token / peak_flops if peak_flops > 0 else 0.0
 
 
 class MetricsWriter:

@@ -35,7 +35,7 @@ class Progress:
         done = row["step"] + 1
         eta_s = elapsed_s / max(1, done - self.start_step) * (self.cfg.train.max_steps - done)
         text = (f"step {done}/{self.cfg.train.max_steps} | loss {row['loss']:.4f} | lr {row['lr']:.2e} | "
-                f"batch {row['batch_size']} | {row['tokens_per_s'] / 1e3:.1f}k tok/s | mfu {row['mfu']:.1%} | "
+                f"batch {row['batch_size']} | {row['tokens_per_s'] / 1e3:.1f}k tok/s | mfu {_percent(row['mfu'])} | "
                 f"data wait {row['data_wait_frac']:.1%} | ")
         if self.cfg.parallel.pp > 1:
             text += f"pipe wait {row['pipe_wait_frac']:.1%} | "
@@ -46,6 +46,10 @@ class Progress:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{fraction:.1%}"
 
 
 def _clock(seconds: float) -> str:

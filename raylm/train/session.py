@@ -11,7 +11,8 @@ import torch
 
 from raylm.config import Config
 from raylm.config.derived import padded_vocab, samples_per_micro_step
-from raylm.train.metrics import gpu_peak_flops, measure_matmul_peak, mfu
+from raylm.log import get_logger
+from raylm.train.peaks import gpu_peak_flops, measure_matmul_peak, mfu
 from raylm.train.step import StepResult, TrainState, evaluate
 
 
@@ -24,7 +25,7 @@ class Session:
     reads_data: bool
     open_stream: Callable[[str, int], Iterator] | None
     flops_per_token: float
-    peak_flops: float
+    peak_flops: float | None  # all workers together; None = unknown (mfu is then null)
 
     @classmethod
     def build(cls, cfg: Config, backend: str, rank: int) -> "Session":
@@ -90,15 +91,21 @@ def _stream_opener(cfg: Config, dp_rank: int, dp_size: int) -> Callable[[str, in
     return open_stream
 
 
-def _peak_flops(cfg: Config, rank: int, world_size: int) -> float:
-    """Hardware peak for MFU: the GPUs' dense bf16 peak, or on CPU a matmul measured now on the node's cores.
-
-    Only rank 0 logs metrics, so only rank 0 spends the fraction of a second measuring."""
-    gpu_peak = gpu_peak_flops()
-    if gpu_peak:
-        return gpu_peak * world_size
+def _peak_flops(cfg: Config, rank: int, world_size: int) -> float | None:
+    """Hardware peak of all workers for MFU: train.peak_tflops per worker when set, else the GPU's dense peak
+    for the run's precision from the table (None and a warning for a GPU it lacks), else on CPU a matmul
+    measured now on the node's cores. Only rank 0 logs metrics, so only rank 0 measures or warns."""
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops * 1e12 * world_size
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        peak = gpu_peak_flops(name, cfg.train.precision)
+        if peak is None and rank == 0:
+            get_logger().warning("no peak FLOP/s known for GPU %r, so mfu is null; set train.peak_tflops to its "
+                                 "dense %s peak per GPU in TFLOP/s", name, cfg.train.precision)
+        return None if peak is None else peak * world_size
     if rank != 0:
-        return 0.0
+        return None
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
