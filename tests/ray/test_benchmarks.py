@@ -14,5 +14,5 @@ def test_gpu_benchmark_dry_mode_prints_its_figures():
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    assert figures["dry"] is True and figures["steps"] == 4
+    assert figures["dry"] is True and figures["steps"] == 4 and (figures["pp"], figures["tp"], figures["dp"]) == (1, 1, 1)
     assert figures["tokens_per_s"] > 0 and 0 < figures["mfu"] < 1
