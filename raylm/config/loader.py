@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -13,21 +14,28 @@ import yaml
 from raylm.config.schema import Config
 from raylm.errors import ConfigError
 
+MAX_DEPTH = 32  # a run config is sections of keys with at most lists of mappings below: 4 levels in practice
+
 
 def read_yaml(path: str | Path) -> dict:
     """Read a YAML mapping; a syntax error names the file, line and column."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}; pass an existing YAML file") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+                          f"save it as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        data = _safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}; fix the syntax there") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: YAML nested too deeply for a run config; a config is sections of keys") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -41,10 +49,30 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not sep or not key.strip() or "." not in key:
         raise ConfigError(f"override {text!r} is not of the form section.key=value, e.g. parallel.pp=2")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    except RecursionError:
+        raise ConfigError(f"override {key.strip()}: value nested too deeply; pass a plain value or a flat list") \
+            from None
     return key.strip(), value
+
+
+def _safe_load(text: str) -> Any:
+    """yaml.safe_load, and nothing nested deeper than MAX_DEPTH (deeper YAML would exhaust Python's stack
+    somewhere later: in copying, validating or printing the config)."""
+    data = yaml.safe_load(text)
+    if _depth(data) > MAX_DEPTH:
+        raise RecursionError
+    return data
+
+
+def _depth(node: Any, limit: int = MAX_DEPTH + 1) -> int:
+    """Nesting depth of lists and mappings, counted only up to `limit` (so the count itself cannot overflow)."""
+    if limit <= 0 or not isinstance(node, (dict, list)):
+        return 0
+    children = node.values() if isinstance(node, dict) else node
+    return 1 + max((_depth(child, limit - 1) for child in children), default=0)
 
 
 def apply_overrides(tree: dict, overrides: Mapping[str, Any] | Iterable[str]) -> dict:
@@ -123,13 +151,12 @@ def _coerce(dotted: str, value: Any, kind: type) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+        number = _as_float(value)
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None:
+            raise ConfigError(f"{dotted}={short_repr(value)} is not a finite number; set a real value, e.g. "
+                              f"{dotted}={_example(kind)}")
     elif kind is str:
         if isinstance(value, (str, bool)) and not (isinstance(value, bool) and dotted != "parallel.use_gpu"):
             return str(value).lower() if isinstance(value, bool) else value
@@ -140,8 +167,26 @@ def _coerce(dotted: str, value: Any, kind: type) -> Any:
             return value
     else:  # pragma: no cover - the schema only uses the kinds above
         raise AssertionError(f"unsupported field type {kind} for {dotted}")
-    raise ConfigError(f"{dotted} must be {_kind_name(kind)}, got {value!r} ({type(value).__name__}); "
+    raise ConfigError(f"{dotted} must be {_kind_name(kind)}, got {short_repr(value)} ({type(value).__name__}); "
                       f"set e.g. {dotted}={_example(kind)}")
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters, so an absurd value still gives a one-line error."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
+
+
+def _as_float(value: Any) -> float | None:
+    """A number as float (inf when beyond float's range), a numeric string like '3e-4' too; None otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range
+        return math.inf
+    except ValueError:
+        return None
 
 
 def _kind_name(kind: type) -> str:

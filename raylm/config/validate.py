@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import glob
+import math
 import os
 import re
 
 from raylm.config.derived import ffn_hidden, kv_heads, padded_vocab, samples_per_micro_step
+from raylm.config.loader import short_repr
 from raylm.config.schema import Config
 from raylm.errors import ConfigError
 
@@ -154,18 +156,18 @@ def _check_schedule(cfg: Config) -> None:
 
 def _check_data(cfg: Config) -> None:
     for pattern in cfg.data.paths:
-        if not isinstance(pattern, str):
-            _fail(f"data.paths entry {pattern!r} must be a string path or glob")
+        if not isinstance(pattern, str) or not pattern or "\0" in pattern:
+            _fail(f"data.paths entry {short_repr(pattern)} must be a non-empty string path or glob")
         expanded = os.path.expanduser(pattern)
         if not (os.path.exists(expanded) or glob.glob(expanded, recursive=True)):
             _fail(f"data.paths entry {pattern!r} matches no file or folder; fix the path or glob")
     for source in cfg.data.sources:
-        if not isinstance(source, dict) or "path" not in source:
-            _fail(f"data.sources entry {source!r} must be a mapping with path (and weight); "
+        if not isinstance(source, dict) or not isinstance(source.get("path"), str) or not source["path"]:
+            _fail(f"data.sources entry {short_repr(source)} must be a mapping with a path string (and weight); "
                   f"e.g. {{path: data/code, weight: 1.0}}")
         weight = source.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or weight <= 0:
-            _fail(f"data.sources weight {weight!r} for {source['path']} must be a positive number")
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < math.inf:
+            _fail(f"data.sources weight {short_repr(weight)} for {source['path']} must be a positive finite number")
 
 
 DRILL = re.compile(r"^(before-files|mid-files|before-commit|after-commit|step)@([0-9]+)$")
