@@ -14,7 +14,8 @@ from raylm.log import get_logger
 from raylm.train.metrics import plot_loss_curve, read_metrics
 from raylm.train.preflight import check_prepared_data
 from raylm.train.ray_cluster import connect_ray
-from raylm.train.rundir import checkpoint_root, prepare_run_dir
+from raylm.train.run_lock import hold_run_lock
+from raylm.train.rundir import checkpoint_root, prepare_run_dir, run_path
 
 DATA_CPU_RESERVE = 1.0  # CPUs left free on a CPU-only cluster so Ray Data tasks are never starved (hang 2)
 
@@ -23,14 +24,15 @@ def train(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
     """Run training end to end and return a summary; every failure surfaces here as one RaylmError."""
     start = time.perf_counter()
     cfg = with_absolute_paths(cfg)
-    check_prepared_data(cfg)
-    run_dir = prepare_run_dir(cfg, overwrite=overwrite)
-    connect_ray()
-    trainer = build_trainer(cfg, run_dir)
-    get_logger().info("training %s on %d worker(s) (pp=%d tp=%d dp=%d); run folder %s", cfg.run.name,
-                      num_workers(cfg), cfg.parallel.pp, cfg.parallel.tp, cfg.parallel.dp, run_dir)
-    result = _fit(trainer)
-    return summarise(run_dir, result, time.perf_counter() - start)
+    with hold_run_lock(run_path(cfg)):  # before anything reads, replaces or writes the run folder
+        check_prepared_data(cfg)
+        run_dir = prepare_run_dir(cfg, overwrite=overwrite)
+        connect_ray()
+        trainer = build_trainer(cfg, run_dir)
+        get_logger().info("training %s on %d worker(s) (pp=%d tp=%d dp=%d); run folder %s", cfg.run.name,
+                          num_workers(cfg), cfg.parallel.pp, cfg.parallel.tp, cfg.parallel.dp, run_dir)
+        result = _fit(trainer)
+        return summarise(run_dir, result, time.perf_counter() - start)
 
 
 def with_absolute_paths(cfg: Config) -> Config:
