@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= jobs/configs/tiny.yaml
 PROMPT ?= def main(
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,13 @@ demo: install
 	$(BIN)/raylm generate runs/demo --prompt '$(PROMPT)' --max-new-tokens 80
 
 test: install
+	$(BIN)/ruff check raylm jobs benchmarks
 	$(BIN)/python -m pytest -q tests/unit tests/distributed tests/ray tests/gpu
+
+# The edit loop: lint, the unit tier and the distributed (gloo) tier; no Ray cluster (a few minutes).
+test-fast: install
+	$(BIN)/ruff check raylm jobs benchmarks
+	$(BIN)/python -m pytest -q tests/unit tests/distributed
 
 bench: install
 	$(BIN)/python benchmarks/data.py
