@@ -10,6 +10,7 @@ every rank agrees without talking, and a run resumes at any global offset withou
 
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -156,3 +157,11 @@ class Order:
 
 def epoch_key(seed: int, source: int, epoch: int) -> int:
     return mix64(mix64(mix64(seed & MASK64) ^ source) ^ epoch)
+
+
+def samples_sha(order: Order, start: int, stop: int) -> str:
+    """First 16 hex digits of the sha256 of global samples [start, stop) as (source, epoch, window) triples:
+    two steps share it exactly when they trained on the same samples in the same order (metrics' samples_sha)."""
+    source, epoch, window = order.locate_arrays(np.arange(start, stop, dtype=np.int64))
+    triples = np.stack([source, epoch, window], axis=1).astype("<i8")  # (samples, 3)
+    return hashlib.sha256(triples.tobytes()).hexdigest()[:16]

@@ -133,14 +133,18 @@ def open_readers(sources: Sequence[tuple[str, float]], split: str, seq_len: int)
     return readers
 
 
+def order_of(readers: Sequence[SplitReader], sources: Sequence[tuple[str, float]], seed: int) -> Order:
+    """The global sample order over the sources' windows, as every rank of a run computes it."""
+    return Order([r.windows for r in readers], [w for _, w in sources], seed, [folder for folder, _ in sources])
+
+
 class ChunkReader:
     """Chunk c of a rank's sequence: its local samples [c*C, (c+1)*C) as a (C, seq_len + 1) int64 array."""
 
     def __init__(self, plan: StreamPlan):
         self.plan = plan
         self.readers = open_readers(plan.sources, plan.split, plan.seq_len)
-        self.order = Order([r.windows for r in self.readers], [w for _, w in plan.sources], plan.seed,
-                           [folder for folder, _ in plan.sources])
+        self.order = order_of(self.readers, plan.sources, plan.seed)
 
     def chunk(self, index: int) -> np.ndarray:
         local = np.arange(index * self.plan.chunk_samples, (index + 1) * self.plan.chunk_samples)
@@ -259,6 +263,17 @@ def build_rank_stream(cfg, split: str, dp_rank: int, dp_size: int, start_sample:
     sources = list(cfg.data.sources) or cfg.data.out_dir
     return RankStream(sources, split, cfg.data.seq_len, cfg.run.seed, dp_rank, dp_size, cfg.parallel.micro_batch,
                       start_sample=start_sample)
+
+
+def run_order(cfg, split: str = "train") -> Order:
+    """The global sample order of a run's split (what its ranks' streams follow), for exact data accounting."""
+    sources = normalize_sources(list(cfg.data.sources) or cfg.data.out_dir)
+    readers = open_readers(sources, split, cfg.data.seq_len)
+    try:
+        return order_of(readers, sources, cfg.run.seed)
+    finally:
+        for reader in readers:
+            reader.close()
 
 
 def peek(out_dir: Any, dp_rank: int = 0, dp_size: int = 1, start: int = 0, count: int = 4, seed: int = 0,

@@ -11,6 +11,7 @@ import torch
 
 from raylm.config import Config
 from raylm.config.derived import padded_vocab, samples_per_micro_step
+from raylm.data.order import samples_sha
 from raylm.log import get_logger
 from raylm.train.peaks import gpu_peak_flops, measure_matmul_peak, mfu
 from raylm.train.step import StepResult, TrainState, evaluate
@@ -25,10 +26,12 @@ class Session:
     reads_data: bool
     open_stream: Callable[[str, int], Iterator] | None
     flops_per_token: float
+    sample_order: Any  # the training split's global order (rank 0, which logs metrics); None elsewhere
     peak_flops: float | None  # all workers together; None = unknown (mfu is then null)
 
     @classmethod
     def build(cls, cfg: Config, backend: str, rank: int) -> "Session":
+        from raylm.data.stream import run_order
         from raylm.model.gpt import flops_per_token
         from raylm.model.weights import starting_weights
         from raylm.parallel.engine import build_engine, init_distributed
@@ -40,6 +43,7 @@ class Session:
         opener = _stream_opener(cfg, engine.coords.dp_rank, engine.topo.dp) if reads else None
         return cls(cfg=cfg, engine=engine, reads_data=reads, open_stream=opener,
                    flops_per_token=flops_per_token(cfg.model, vocab, cfg.data.seq_len),
+                   sample_order=run_order(cfg) if rank == 0 else None,
                    peak_flops=_peak_flops(cfg, rank, engine.topo.world_size))
 
     def resume(self, run_dir, rank: int):
@@ -77,6 +81,8 @@ class Session:
             "data_wait_frac": min(1.0, result.data_wait_s / result.step_s),
             "pipe_wait_frac": min(1.0, result.pipe_wait_s / result.step_s), "time": time.time(),
         }
+        if self.sample_order is not None:
+            row["samples_sha"] = samples_sha(self.sample_order, state.samples - global_batch, state.samples)
         if torch.cuda.is_available():
             row["peak_mem_gb"] = torch.cuda.max_memory_allocated() / 1e9
         return row

@@ -13,10 +13,14 @@ from raylm.train.metrics import read_metrics
 PARITY_RTOL = 1e-5
 
 
+SAMPLE_SHAS: dict[str, list[str]] = {}  # run name -> each step's samples_sha
+
+
 def losses(cfg) -> list[float]:
     summary = train(cfg)
     rows = read_metrics(Path(summary["run_dir"]))
     assert [r["step"] for r in rows] == list(range(cfg.train.max_steps))
+    SAMPLE_SHAS[cfg.run.name] = [r["samples_sha"] for r in rows]
     return [r["loss"] for r in rows]
 
 
@@ -36,9 +40,12 @@ def single_worker(small_config, reference_losses, *overrides):
                          ids=["pp2", "tp2", "dp2"])
 def test_layout_matches_single_worker(ray_cluster, small_config, reference_losses, layout):
     expected = single_worker(small_config, reference_losses)
-    got = losses(small_config("layout-" + layout[0].replace("=", ""), *layout))
+    cfg = small_config("layout-" + layout[0].replace("=", ""), *layout)
+    got = losses(cfg)
     assert got == pytest.approx(expected, rel=PARITY_RTOL)
     assert got[-1] < got[0]
+    assert SAMPLE_SHAS[cfg.run.name] == SAMPLE_SHAS["ref-0"]  # the same samples in the same steps, exactly
+    assert len(set(SAMPLE_SHAS["ref-0"])) == cfg.train.max_steps
 
 
 def test_batch_ramp_with_pipeline_matches_single_worker(ray_cluster, small_config, reference_losses):
@@ -72,7 +79,7 @@ def test_run_folder_has_the_contract_files_and_generate_works(ray_cluster, small
     run = Path(cfg.run.dir) / cfg.run.name
     rows = read_metrics(run)
     for key in ("step", "tokens", "loss", "lr", "batch_size", "tokens_per_s", "mfu", "data_wait_frac",
-                "pipe_wait_frac"):
+                "pipe_wait_frac", "samples_sha"):
         assert key in rows[0], key
     assert 0 < rows[-1]["mfu"] < 1 and 0 <= rows[-1]["data_wait_frac"] <= 1
     assert (run / "config.yaml").exists() and (run / "loss.png").exists()

@@ -139,3 +139,21 @@ def test_peek_matches_the_stream(out):
     full = rows(out, 1, 2, 8, micro_batch=1)
     assert [line["tokens"] for line in lines] == [list(r[:16]) for r in full[3:7]]
     assert isinstance(lines[0]["text"], str)
+
+
+def test_samples_sha_names_exactly_the_samples_a_step_trains_on(out):
+    """A step's samples_sha covers what every DP rank reads, whatever dp is; other samples or seeds differ."""
+    from raylm.config import resolve
+    from raylm.data.order import samples_sha
+    from raylm.data.stream import run_order
+
+    cfg = resolve({}, [f"data.out_dir={out}", "data.paths=[]", f"data.seq_len={SEQ}", "run.seed=7"])
+    order = run_order(cfg)
+    step = samples_sha(order, 8, 16)
+    assert step == samples_sha(run_order(cfg), 8, 16)  # any process computes it alone
+    assert step != samples_sha(order, 16, 24)
+    assert step != samples_sha(run_order(resolve({}, [f"data.out_dir={out}", "data.paths=[]",
+                                                      f"data.seq_len={SEQ}", "run.seed=8"])), 8, 16)
+    one = rows(out, 0, 1, 8, start=8)
+    two = [r for pair in zip(rows(out, 0, 2, 4, start=8), rows(out, 1, 2, 4, start=8)) for r in pair]
+    assert one == two  # dp=2 ranks together read exactly the dp=1 samples that the hash names
