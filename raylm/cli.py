@@ -50,7 +50,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raylm.train.driver import train
 
     cfg = _load(args)
-    summary = train(cfg, overwrite=args.overwrite)
+    summary = train(cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
     print(json.dumps(summary))
     return 0
 
@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("prepare", cmd_prepare, "tokenize the corpus into verified shards with Ray Data")
     train = with_config("train", cmd_train, "train on the Ray cluster in RAY_ADDRESS, or on a local Ray")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
+    train.add_argument("--allow-config-change", action="store_true",
+                       help="resume even though run.seed, the data, the tokenizer or the model shape changed")
 
     sweep_help = "search a tune_spaces YAML with Ray Tune, each trial a training run, ASHA early stopping"
     sweep = verbs.add_parser("sweep", help=sweep_help, description=sweep_help)

@@ -20,13 +20,15 @@ from raylm.train.rundir import checkpoint_root, prepare_run_dir, run_path
 DATA_CPU_RESERVE = 1.0  # CPUs left free on a CPU-only cluster so Ray Data tasks are never starved (hang 2)
 
 
-def train(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
-    """Run training end to end and return a summary; every failure surfaces here as one RaylmError."""
+def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
+    """Run training end to end and return a summary; every failure surfaces here as one RaylmError.
+
+    allow_config_change: resume even when the seed, data, tokenizer or model shape differ from the checkpoint's."""
     start = time.perf_counter()
     cfg = with_absolute_paths(cfg)
     with hold_run_lock(run_path(cfg)):  # before anything reads, replaces or writes the run folder
         check_prepared_data(cfg)
-        run_dir = prepare_run_dir(cfg, overwrite=overwrite)
+        run_dir = prepare_run_dir(cfg, overwrite=overwrite, allow_config_change=allow_config_change)
         connect_ray()
         trainer = build_trainer(cfg, run_dir)
         get_logger().info("training %s on %d worker(s) (pp=%d tp=%d dp=%d); run folder %s", cfg.run.name,

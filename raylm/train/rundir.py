@@ -44,11 +44,12 @@ def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
+def prepare_run_dir(cfg: Config, overwrite: bool, allow_config_change: bool = False) -> Path:
     """Create the run folder, or keep it to resume; fail early if storage is read-only.
 
     checkpoint.resume decides what an existing folder means: `auto` resumes it when it holds a committed
-    checkpoint, `never` refuses it, `required` fails without one. --overwrite replaces it."""
+    checkpoint, `never` refuses it, `required` fails without one. --overwrite replaces it. A resume whose
+    seed, data, tokenizer or model shape differs from the checkpoint's is refused unless allow_config_change."""
     path = run_path(cfg)
     policy = cfg.checkpoint.resume
     if policy == "required" and (overwrite or not _has_committed(path)):
@@ -61,6 +62,8 @@ def prepare_run_dir(cfg: Config, overwrite: bool) -> Path:
                          f"--overwrite to replace it or choose another run.name=...")
     if overwrite:
         remove_folder(path, "run folder")
+    elif policy != "never" and not allow_config_change:
+        _check_drift(cfg, path)
     _check_writable(cfg, path)
     _forget_ray_snapshot(path)
     write_atomic(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -73,6 +76,24 @@ def _forget_ray_snapshot(path: Path) -> None:
     raylm picks the checkpoint to resume from its own commit protocol, and prunes old ones itself; Ray Train
     would otherwise refuse to start in a folder whose snapshot names a checkpoint that was pruned."""
     (path / RAY_CHECKPOINT_SNAPSHOT).unlink(missing_ok=True)
+
+
+def _check_drift(cfg: Config, path: Path) -> None:
+    """Refuse to resume with settings that change the data or the model, compared with the newest committed
+    checkpoint whose config verifies (a damaged one is skipped here as resume=auto skips it)."""
+    from raylm.checkpoint.commit import list_committed
+    from raylm.checkpoint.manifest import verify_checkpoint
+    from raylm.checkpoint.names import CONFIG_FILE
+    from raylm.errors import CheckpointError
+    from raylm.train.drift import check_resume_drift
+
+    for folder in list_committed(checkpoint_root(path)):
+        try:
+            verify_checkpoint(folder, only=[CONFIG_FILE])
+        except CheckpointError:
+            continue
+        check_resume_drift(cfg, folder)
+        return
 
 
 def _has_committed(path: Path) -> bool:
