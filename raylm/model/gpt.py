@@ -151,6 +151,10 @@ class KVCache:
     def layer(self, i: int) -> LayerCache:
         return LayerCache(self.k[i], self.v[i], self.pos)
 
+    def clear(self) -> None:
+        """Forget every cached token; the next forward writes from position 0 over the old keys and values."""
+        self.pos = 0
+
 
 class FeedForward(nn.Module):
     """SwiGLU MLP: w2(silu(w1 x) * w3 x)."""

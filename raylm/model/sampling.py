@@ -84,7 +84,7 @@ def decode_cached(model: GPT, idx: torch.Tensor, vocab_size: int, sampler: Sampl
         if cache.pos < window:
             logits = model(next_id, cache=cache)[:, -1, :vocab_size]  # (B, V): one token against the cache
         else:
-            cache.pos = 0  # the buffers are overwritten from position 0
+            cache.clear()
             logits = model(context[:, -slide_keep(window):], cache=cache)[:, -1, :vocab_size]  # (B, V)
 
 

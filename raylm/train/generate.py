@@ -44,7 +44,7 @@ class GenerateOptions:
         if self.max_new_tokens < 0:
             raise GenerateError(f"--max-new-tokens {self.max_new_tokens} is negative; pass 0 or more")
         if not self.temperature >= 0:  # also catches nan
-            raise GenerateError(f"--temperature {self.temperature} is negative; pass 0 (greedy) or more")
+            raise GenerateError(f"--temperature {self.temperature} is not >= 0; pass 0 (greedy) or more")
         if self.top_k < 0:
             raise GenerateError(f"--top-k {self.top_k} is negative; pass 0 (all tokens) or more")
         if not 0 < self.top_p <= 1:
@@ -83,7 +83,12 @@ def read_prompt_file(path: str | Path) -> list[str]:
     if not path.is_file():
         raise GenerateError(f"--prompt-file {path} does not exist or is not a file; pass a text file with one "
                             f"prompt per line")
-    prompts = [_prompt_line(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GenerateError(f"--prompt-file {path} cannot be read as UTF-8 text ({type(exc).__name__}); pass a "
+                            f"readable UTF-8 text file with one prompt per line") from None
+    prompts = [_prompt_line(line) for line in lines if line.strip()]
     if not prompts:
         raise GenerateError(f"--prompt-file {path} has no prompts (every line is blank); write one prompt per line")
     return prompts
@@ -131,6 +136,12 @@ def load_model(source: str | Path):
     return model.eval(), load_tokenizer_file(tokenizer_path), cfg
 
 
+def sampled_vocab(tokenizer, cfg) -> int:
+    """How many token ids may be sampled: the tokenizer's tokens, which can be fewer than data.vocab_size when
+    its training ran out of merges (the embedding rows past them were never a target and cannot be decoded)."""
+    return min(cfg.data.vocab_size, tokenizer.get_vocab_size())
+
+
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str | None:
     """text up to the earliest stop string in it, or None when none occurs."""
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
@@ -167,7 +178,8 @@ def generate(source: str | Path, prompts: list[str], options: GenerateOptions) -
     options.check()
     model, tokenizer, cfg = load_model(source)
     _warn_if_past_window(tokenizer, prompts, options, cfg.model.max_seq_len)
-    return [complete(model, tokenizer, cfg.data.vocab_size, prompt, options) for prompt in prompts]
+    vocab_size = sampled_vocab(tokenizer, cfg)
+    return [complete(model, tokenizer, vocab_size, prompt, options) for prompt in prompts]
 
 
 def _warn_if_past_window(tokenizer, prompts: list[str], options: GenerateOptions, window: int) -> None:

@@ -20,7 +20,7 @@ from raylm.data.tokenizer import EOT_ID, train_tokenizer
 from raylm.model.gpt import GPT, KVCache, apply_rope, init_full_weights
 from raylm.model.sampling import (Sampler, decode_cached, decode_full_window, filter_logits, next_token,
                                   slide_keep)
-from raylm.train.generate import GenerateOptions, complete, generate, generate_text, load_model
+from raylm.train.generate import GenerateOptions, complete, generate, generate_text, load_model, sampled_vocab
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=32)
 VOCAB = 128
@@ -190,7 +190,8 @@ def full_window_text(run, prompt: str, n: int) -> str:
     """Today's path before the cache: re-run the window for every token, no stops."""
     model, tokenizer, cfg = load_model(run)
     idx = torch.tensor([tokenizer.encode(prompt).ids])
-    return prompt + tokenizer.decode(take(decode_full_window(model, idx, cfg.data.vocab_size, GREEDY), n))
+    tokens = take(decode_full_window(model, idx, sampled_vocab(tokenizer, cfg), GREEDY), n)
+    return prompt + tokenizer.decode(tokens)
 
 
 def test_greedy_text_is_the_full_window_text(checkpoint):
@@ -211,7 +212,8 @@ def test_stops_at_end_of_text(checkpoint):
     model, tokenizer, cfg = load_model(checkpoint)
     with torch.no_grad():
         model.tok_embeddings.weight.zero_()  # every logit 0: the greedy pick is the first id, EOT
-    out = complete(model, tokenizer, cfg.data.vocab_size, "x", GenerateOptions(temperature=0, max_new_tokens=9))
+    out = complete(model, tokenizer, sampled_vocab(tokenizer, cfg), "x", GenerateOptions(temperature=0,
+                                                                                      max_new_tokens=9))
     assert (out.completion, out.new_tokens, out.stop_reason) == ("", 0, "eot")
     assert EOT_ID == 0
 
@@ -248,16 +250,20 @@ def test_one_prompt_prints_its_text(checkpoint, capsys):
     (["--prompt", "a", "--top-p", "1.5"], ["--top-p 1.5", "(0, 1]"]),
     (["--prompt", "a", "--top-p", "nan"], ["--top-p nan"]),
     (["--prompt", "a", "--temperature", "-1"], ["--temperature -1.0"]),
+    (["--prompt", "a", "--temperature", "nan"], ["--temperature nan"]),
     (["--prompt", "a", "--top-k", "-2"], ["--top-k -2"]),
     (["--prompt", "a", "--max-new-tokens", "-1"], ["--max-new-tokens -1"]),
     (["--prompt", "a", "--stop", ""], ["--stop ''"]),
     (["--prompt-file", "MISSING"], ["does not exist"]),
     (["--prompt-file", "EMPTY"], ["no prompts"]),
+    (["--prompt-file", "BINARY"], ["UTF-8"]),
+    (["--prompt-file", "."], ["not a file"]),
 ])
 def test_bad_input_is_one_line_before_any_weights_load(tmp_path, capsys, args, words):
     (tmp_path / "empty.txt").write_text("\n  \n")
-    args = [str(tmp_path / "missing.txt") if a == "MISSING" else str(tmp_path / "empty.txt") if a == "EMPTY" else a
-            for a in args]
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 prompt\n")
+    files = {"MISSING": "missing.txt", "EMPTY": "empty.txt", "BINARY": "binary.txt", ".": "."}
+    args = [str(tmp_path / files[a]) if a in files else a for a in args]
     assert main(["generate", str(tmp_path / "no-such-run"), *args]) == 2  # the run is never opened
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("raylm: error: ") and "Traceback" not in err
