@@ -64,11 +64,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from raylm.train.generate import generate_text
+    from raylm.train.generate import GenerateOptions, generate, read_prompt_file
 
-    text = generate_text(args.source, args.prompt, max_new_tokens=args.max_new_tokens,
-                         temperature=args.temperature, top_k=args.top_k, seed=args.seed)
-    print(text)
+    options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    prompts = [args.prompt] if args.prompt_file is None else read_prompt_file(args.prompt_file)
+    completions = generate(args.source, prompts, options)
+    for completion in completions:  # one prompt: its text; a prompt file: one JSON object per prompt
+        print(completion.text if args.prompt_file is None else completion.to_json())
     return 0
 
 
@@ -122,13 +125,22 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder of the same name")
     sweep.set_defaults(func=cmd_sweep)
 
-    gen = verbs.add_parser("generate", help="sample text from a trained run or checkpoint")
+    gen_help = "continue prompts with a trained run, checkpoint or export (KV-cache decoding)"
+    gen = verbs.add_parser("generate", help=gen_help, description=gen_help + ". Stops at the end-of-text token, a "
+                           "--stop string or --max-new-tokens. One --prompt prints its text; --prompt-file prints "
+                           "one JSON object per prompt (prompt, completion, new_tokens, stop_reason).")
     gen.add_argument("source", help="run folder, checkpoint folder or export folder")
-    gen.add_argument("--prompt", required=True, help="text to continue")
-    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to sample")
+    prompt = gen.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue")
+    prompt.add_argument("--prompt-file", help="text file, one prompt per line (a JSON string line may hold \\n)")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to add to each prompt")
     gen.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy)")
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed")
+    gen.add_argument("--top-p", type=float, default=1.0,
+                     help="sample among the most likely tokens whose probability reaches p, in (0, 1] (1 = all)")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="stop when the new text contains TEXT, cut before it (repeatable)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt starts from it)")
     gen.set_defaults(func=cmd_generate)
 
     exp = verbs.add_parser("export", help="write a checkpoint as a Hugging Face Llama folder (safetensors)")

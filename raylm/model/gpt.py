@@ -91,20 +91,69 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, kv_heads(cfg) * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
-        group = q.size(1) // k.size(1)  # query heads per kv head
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)  # (B, Hq, T, hd)
-            v = v.repeat_interleave(group, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, hd)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, Hkv, S, hd): every key so far, S = cache.start + T
+        # enable_gqa lets each group of Hq / Hkv query heads read its kv head in place (no repeat_interleave copy)
+        mask = causal_mask(T, k.size(2), q.device)  # (T, S) or None
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=k.size(2) == T,
+                                           enable_gqa=True)  # (B, Hq, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq * hd)
         return self.wo(y)  # (B, T, C)
+
+
+def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:
+    """Which of S keys each of the last T queries may see, (T, S) bool, or None where SDPA needs no mask.
+
+    Training and the first chunk of a decode have S == T (is_causal does it); a one-token decode step sees every
+    cached key. A later chunk of several tokens needs the diagonal shifted right by the S - T cached keys:
+    is_causal alone would align it top-left and hide them."""
+    if S == T or T == 1:
+        return None
+    return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)  # (T, S)
+
+
+class LayerCache:
+    """One layer's keys and values for KV-cache decoding: buffers (B, Hkv, max_seq_len, hd), `start` filled."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, start: int):
+        self.k, self.v, self.start = k, v, start
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the chunk's keys and values (B, Hkv, T, hd) after the cached ones; return all of them."""
+        end = self.start + k.size(2)
+        self.k[:, :, self.start:end] = k
+        self.v[:, :, self.start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]  # (B, Hkv, end, hd) views, no copy
+
+
+class KVCache:
+    """Every layer's cached keys and values for one batch of sequences, and how many positions are filled.
+
+    Positions are absolute (RoPE is applied before caching), so the cache holds at most max_seq_len tokens;
+    the caller decides what to do when it is full (raylm.model.sampling re-encodes a shorter window)."""
+
+    def __init__(self, model: GPT, batch: int):
+        cfg, weight = model.cfg, model.tok_embeddings.weight
+        shape = (cfg.n_layer, batch, kv_heads(cfg), cfg.max_seq_len, cfg.d_model // cfg.n_head)
+        self.k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # (L, B, Hkv, max_seq_len, hd)
+        self.v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # (L, B, Hkv, max_seq_len, hd)
+        self.pos = 0  # tokens cached so far = the position of the next token
+        self.max_seq_len = cfg.max_seq_len
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self.k[i], self.v[i], self.pos)
+
+    def clear(self) -> None:
+        """Forget every cached token; the next forward writes from position 0 over the old keys and values."""
+        self.pos = 0
 
 
 class FeedForward(nn.Module):
@@ -131,8 +180,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin)  # (B, T, C)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache | None = None) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache)  # (B, T, C)
         return x + self.feed_forward(self.ffn_norm(x))  # (B, T, C)
 
 
@@ -155,13 +205,20 @@ class GPT(nn.Module):
         """The LM head matrix (vocab, C): the embedding itself when tied."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, vocab), or the mean cross-entropy over targets != -100 when targets are given."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+        """Logits (B, T, vocab), or the mean cross-entropy over targets != -100 when targets are given.
+
+        With a cache, idx holds only the tokens after the cached ones: they take positions cache.pos onwards,
+        attend to the cached keys too, and are appended to the cache."""
         T = idx.size(1)
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+        start = 0 if cache is None else cache.pos
+        assert start + T <= self.cfg.max_seq_len, f"{start} + {T} positions exceed the RoPE tables"
+        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hd/2)
         x = self.tok_embeddings(idx)  # (B, T, C)
-        for layer in self.layers:
-            x = layer(x, cos, sin)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, None if cache is None else cache.layer(i))  # (B, T, C)
+        if cache is not None:
+            cache.pos += T
         logits = F.linear(self.norm(x), self.head_weight())  # (B, T, vocab)
         if targets is None:
             return logits

@@ -1,14 +1,106 @@
-"""`raylm generate`: load full weights on one process (whatever layout trained them) and sample text."""
+"""`raylm generate`: load full weights on one process (whatever layout trained them) and continue prompts.
+
+Each prompt is encoded, decoded with the KV cache (raylm.model.sampling) and stopped at the first of: the
+end-of-text token (raylm's EOT, id 0: a document ended), a `--stop` string (cut before it), or
+`--max-new-tokens`. Prompts longer than the model's max_seq_len keep their newest tokens; past the window
+the cache slides (see `decode_cached`).
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
+from raylm.data.tokenizer import EOT_ID
 from raylm.errors import RaylmError
+from raylm.log import get_logger
+from raylm.model.sampling import Sampler, decode_cached, slide_keep
+
+
+class GenerateError(RaylmError):
+    """A generate option or prompt file that cannot be used (the message names the value and the fix)."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """What `raylm generate` samples and when it stops; `check` rejects bad values with one line each."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.8
+    top_k: int = 50
+    top_p: float = 1.0
+    seed: int = 0
+    stop: tuple[str, ...] = ()
+
+    def check(self) -> None:
+        if self.max_new_tokens < 0:
+            raise GenerateError(f"--max-new-tokens {self.max_new_tokens} is negative; pass 0 or more")
+        if not self.temperature >= 0:  # also catches nan
+            raise GenerateError(f"--temperature {self.temperature} is not >= 0; pass 0 (greedy) or more")
+        if self.top_k < 0:
+            raise GenerateError(f"--top-k {self.top_k} is negative; pass 0 (all tokens) or more")
+        if not 0 < self.top_p <= 1:
+            raise GenerateError(f"--top-p {self.top_p} is outside (0, 1]; pass a probability such as 0.9 "
+                                f"(1 keeps every token)")
+        if "" in self.stop:
+            raise GenerateError("--stop '' is empty and would stop before the first token; pass a non-empty "
+                                "string")
+
+    def sampler(self) -> Sampler:
+        return Sampler(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One prompt's continuation: the new text, how many tokens it took and why it stopped (eot|stop|length)."""
+
+    prompt: str
+    completion: str
+    new_tokens: int
+    stop_reason: str
+
+    @property
+    def text(self) -> str:
+        return self.prompt + self.completion
+
+    def to_json(self) -> str:
+        return json.dumps({"prompt": self.prompt, "completion": self.completion, "new_tokens": self.new_tokens,
+                           "stop_reason": self.stop_reason})
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts in a text file, one per non-blank line; a line that is a JSON string ("def f():\\n") is
+    decoded, so a prompt can hold newlines."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise GenerateError(f"--prompt-file {path} does not exist or is not a file; pass a text file with one "
+                            f"prompt per line")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise GenerateError(f"--prompt-file {path} cannot be read as UTF-8 text ({type(exc).__name__}); pass a "
+                            f"readable UTF-8 text file with one prompt per line") from None
+    prompts = [_prompt_line(line) for line in lines if line.strip()]
+    if not prompts:
+        raise GenerateError(f"--prompt-file {path} has no prompts (every line is blank); write one prompt per line")
+    return prompts
+
+
+def _prompt_line(line: str) -> str:
+    if line.startswith('"') and line.endswith('"'):
+        try:
+            return str(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # not JSON after all: the line as written
+    return line
 
 
 def load_weights(source: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
@@ -44,31 +136,64 @@ def load_model(source: str | Path):
     return model.eval(), load_tokenizer_file(tokenizer_path), cfg
 
 
-@torch.no_grad()
-def sample(model, idx: torch.Tensor, max_new_tokens: int, max_seq_len: int, vocab_size: int,
-           temperature: float, top_k: int, generator: torch.Generator) -> torch.Tensor:
-    """Autoregressive sampling; logits past the tokenizer's vocab (padding rows) are never chosen."""
-    for _ in range(max_new_tokens):
-        logits = model(idx[:, -max_seq_len:])[:, -1, :vocab_size]  # (B, V)
-        if temperature <= 0:
-            next_id = logits.argmax(dim=-1, keepdim=True)
-        else:
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            next_id = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
-        idx = torch.cat([idx, next_id], dim=1)
-    return idx
+def sampled_vocab(tokenizer, cfg) -> int:
+    """How many token ids may be sampled: the tokenizer's tokens, which can be fewer than data.vocab_size when
+    its training ran out of merges (the embedding rows past them were never a target and cannot be decoded)."""
+    return min(cfg.data.vocab_size, tokenizer.get_vocab_size())
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str | None:
+    """text up to the earliest stop string in it, or None when none occurs."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[:min(hits)] if hits else None
+
+
+def complete(model, tokenizer, vocab_size: int, prompt: str, options: GenerateOptions) -> Completion:
+    """Continue one prompt with the KV cache until EOT, a stop string or max_new_tokens.
+
+    Every prompt gets its own generator seeded with options.seed, so its text does not depend on the other
+    prompts of a batch (or their order)."""
+    ids = tokenizer.encode(prompt).ids or [EOT_ID]  # an empty prompt starts a new document
+    generator = torch.Generator().manual_seed(options.seed)
+    tokens = decode_cached(model, torch.tensor([ids]), vocab_size, options.sampler(), generator)
+    new_ids: list[int] = []
+    for next_id in itertools.islice(tokens, options.max_new_tokens):
+        token = int(next_id)
+        if token == EOT_ID:
+            return Completion(prompt, tokenizer.decode(new_ids), len(new_ids), "eot")
+        new_ids.append(token)
+        cut = cut_at_stop(tokenizer.decode(new_ids), options.stop) if options.stop else None
+        if cut is not None:
+            return Completion(prompt, cut, len(new_ids), "stop")
+    return Completion(prompt, tokenizer.decode(new_ids), len(new_ids), "length")
+
+
+def generate(source: str | Path, prompts: list[str], options: GenerateOptions) -> list[Completion]:
+    """Each prompt's continuation from the model in an export, checkpoint or run folder.
+
+    Prompts are decoded one at a time rather than as one left-padded batch: padding would shift each row's
+    RoPE positions and need a per-row mask at every step, and a prompt's text would then depend on the other
+    prompts' lengths. One at a time, a prompt's text is the same as running it alone; on a CPU the tiny
+    models here gain little from batching a single-token decode step."""
+    options.check()
+    model, tokenizer, cfg = load_model(source)
+    _warn_if_past_window(tokenizer, prompts, options, cfg.model.max_seq_len)
+    vocab_size = sampled_vocab(tokenizer, cfg)
+    return [complete(model, tokenizer, vocab_size, prompt, options) for prompt in prompts]
+
+
+def _warn_if_past_window(tokenizer, prompts: list[str], options: GenerateOptions, window: int) -> None:
+    longest = max(len(tokenizer.encode(p).ids) for p in prompts)
+    if longest + options.max_new_tokens > window:
+        get_logger().warning(
+            f"prompt ({longest} tokens) + --max-new-tokens {options.max_new_tokens} exceeds the model's "
+            f"max_seq_len={window}: a longer prompt keeps its newest {window} tokens, and when the window fills "
+            f"it slides to the newest {slide_keep(window)} tokens, so later tokens see less than all of the text")
 
 
 def generate_text(source: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
-                  top_k: int = 50, seed: int = 0) -> str:
-    """The prompt followed by `max_new_tokens` sampled tokens, decoded."""
-    model, tokenizer, cfg = load_model(source)
-    ids = tokenizer.encode(prompt).ids or [0]
-    idx = torch.tensor([ids], dtype=torch.long)
-    generator = torch.Generator().manual_seed(seed)
-    out = sample(model, idx, max_new_tokens, cfg.model.max_seq_len, cfg.data.vocab_size, temperature, top_k,
-                 generator)
-    return tokenizer.decode(out[0].tolist())
+                  top_k: int = 50, seed: int = 0, top_p: float = 1.0, stop: tuple[str, ...] = ()) -> str:
+    """The prompt followed by its continuation (at most `max_new_tokens` tokens), decoded."""
+    options = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                              seed=seed, stop=tuple(stop))
+    return generate(source, [prompt], options)[0].text
