@@ -33,7 +33,7 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
         trainer = build_trainer(cfg, run_dir)
         get_logger().info("training %s on %d worker(s) (pp=%d tp=%d dp=%d); run folder %s", cfg.run.name,
                           num_workers(cfg), cfg.parallel.pp, cfg.parallel.tp, cfg.parallel.dp, run_dir)
-        result = _fit(trainer)
+        result = _fit(trainer, run_dir)
         return summarise(run_dir, result, time.perf_counter() - start)
 
 
@@ -50,8 +50,9 @@ def with_absolute_paths(cfg: Config) -> Config:
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
     """The TorchTrainer for a run: workers and resources from the layout, storage in run.dir, retries from fault."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
+    from raylm.train.interrupt import InterruptibleTrainer
     from raylm.train.worker import train_loop_per_worker
 
     scaling, backend = scaling_for(cfg, _cluster_resources())
@@ -64,8 +65,8 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
     loop_config = {"config": to_dict(cfg), "run_dir": str(run_dir), "backend": backend}
     # No `datasets=`: Ray Train's default DataConfig would split them across every worker, and ranks that do not
     # read data (middle pipeline stages) would leave the split coordinator waiting forever (hang 1).
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
-                        run_config=run_config, torch_config=TorchConfig(backend=backend))
+    return InterruptibleTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+                                run_config=run_config, torch_config=TorchConfig(backend=backend))
 
 
 def scaling_for(cfg: Config, cluster: dict[str, float]):
@@ -99,12 +100,21 @@ def _cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def _fit(trainer):
-    """trainer.fit(), with a worker's failure turned into one line that names the cause."""
+def _fit(trainer, run_dir: Path):
+    """trainer.fit(), with a worker's failure turned into one line that names the cause, and a SIGINT or
+    SIGTERM into one that names the checkpoint a rerun resumes from."""
+    from raylm.train.interrupt import interrupted_error
+
     try:
         result = trainer.fit()
-    except Exception as exc:  # Ray wraps worker errors; unwrap to the user's cause
+    except (Exception, KeyboardInterrupt) as exc:  # Ray wraps worker errors; unwrap to the user's cause
+        if trainer.interrupted_by is not None:
+            raise interrupted_error(trainer.interrupted_by, _newest_checkpoint(run_dir)) from None
+        if isinstance(exc, KeyboardInterrupt):
+            raise
         raise RaylmError(f"training failed: {_root_cause(exc)}") from exc
+    if trainer.interrupted_by is not None:  # the signal came as the run was finishing on its own
+        get_logger().warning("the run finished before the interrupt took effect")
     if getattr(result, "error", None):
         raise RaylmError(f"training failed: {_root_cause(result.error)}")
     return result
