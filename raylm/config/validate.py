@@ -8,7 +8,8 @@ import re
 
 from raylm.config.derived import ffn_hidden, kv_heads, padded_vocab, samples_per_micro_step
 from raylm.config.schema import Config
-from raylm.errors import ConfigError
+from raylm.errors import ConfigError, StorageError
+from raylm.storage.uri import SUPPORTED, is_uri, parse_uri
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MIN_BYTE_VOCAB = 256 + 3  # the byte alphabet plus the special tokens
@@ -17,7 +18,7 @@ MIN_BYTE_VOCAB = 256 + 3  # the byte alphabet plus the special tokens
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first impossible setting; return the config unchanged when it can run."""
     for check in (_check_run, _check_positive, _check_choices, _check_model, _check_layout, _check_batch,
-                  _check_schedule, _check_data, _check_drill):
+                  _check_schedule, _check_storage, _check_data, _check_drill):
         check(cfg)
     return cfg
 
@@ -151,10 +152,46 @@ def _check_schedule(cfg: Config) -> None:
               f"e.g. schedule.batch.ramp_tokens={gb * cfg.data.seq_len * 20}")
 
 
+NOT_ON_STORAGE_YET = {  # keys whose URIs are not built yet: refused, instead of writing a local folder named 's3:'
+    "run.dir": "runs and checkpoints on object storage are not supported yet; set run.dir to a local or "
+               "shared-filesystem folder",
+    "model.init_from": "initial weights are read from a local Hugging Face folder only; download it first",
+    "data.tokenizer": "a given tokenizer is read from a local file only; copy it to a local path",
+    "data.cache_dir": "the cache is node-local by design; set a local folder such as /tmp/raylm-cache",
+}
+
+
+def _check_storage(cfg: Config) -> None:
+    """URIs only where raylm reads and writes object storage (data.out_dir, data.paths, data.sources)."""
+    for key, why in NOT_ON_STORAGE_YET.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(cfg, section), name, "")
+        if is_uri(value):
+            _fail(f"{key}={value!r}: {why} (URIs work today in data.out_dir, data.paths and data.sources)")
+    sources = [s["path"] for s in cfg.data.sources if isinstance(s, dict) and isinstance(s.get("path"), str)]
+    for key, values in (("data.out_dir", [cfg.data.out_dir]), ("data.paths", cfg.data.paths),
+                        ("data.sources", sources)):
+        for value in values:
+            if is_uri(value):
+                _check_uri(key, value)
+
+
+def _check_uri(key: str, value: str) -> None:
+    try:
+        uri = parse_uri(value, key)
+    except StorageError as exc:
+        raise ConfigError(str(exc)) from None
+    if glob.has_magic(uri.key):
+        _fail(f"{key} entry {value!r}: globs are not expanded on object storage; name a prefix (its text files are "
+              f"read) or one object")
+
+
 def _check_data(cfg: Config) -> None:
     for pattern in cfg.data.paths:
         if not isinstance(pattern, str):
-            _fail(f"data.paths entry {pattern!r} must be a string path or glob")
+            _fail(f"data.paths entry {pattern!r} must be a string path or glob, or {SUPPORTED}")
+        if is_uri(pattern):
+            continue  # checked by _check_storage; its objects are listed when prepare runs
         expanded = os.path.expanduser(pattern)
         if not (os.path.exists(expanded) or glob.glob(expanded, recursive=True)):
             _fail(f"data.paths entry {pattern!r} matches no file or folder; fix the path or glob")

@@ -11,6 +11,7 @@ from raylm.config import Config, to_dict, with_overrides
 from raylm.config.derived import num_workers
 from raylm.errors import RaylmError
 from raylm.log import get_logger
+from raylm.storage.uri import is_uri
 from raylm.train.metrics import plot_loss_curve, read_metrics
 from raylm.train.preflight import check_prepared_data
 from raylm.train.ray_cluster import connect_ray
@@ -34,13 +35,15 @@ def train(cfg: Config, overwrite: bool = False) -> dict[str, Any]:
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """Workers do not start in the caller's folder: pin every relative path of the config to it."""
+    """Workers do not start in the caller's folder: pin every relative path of the config to it (URIs stay as
+    they are: `s3://b/x` is not a path under the working folder)."""
     def absolute(path: str) -> str:
-        return str(Path(path).expanduser().resolve()) if path else path
+        return str(Path(path).expanduser().resolve()) if path and not is_uri(path) else path
 
     sources = [{**source, "path": absolute(source["path"])} for source in cfg.data.sources]
     return with_overrides(cfg, {"run.dir": absolute(cfg.run.dir), "data.out_dir": absolute(cfg.data.out_dir),
-                                "data.tokenizer": absolute(cfg.data.tokenizer), "data.sources": sources})
+                                "data.tokenizer": absolute(cfg.data.tokenizer), "data.sources": sources,
+                                "data.cache_dir": absolute(cfg.data.cache_dir)})
 
 
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):

@@ -1,0 +1,58 @@
+"""Storage URIs (`s3://bucket/prefix`, `gs://bucket/prefix`): recognise, parse and join them; refuse other schemes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from raylm.errors import StorageError
+
+SCHEMES = ("s3", "gs")
+SUPPORTED = "a local path, s3://bucket/prefix or gs://bucket/prefix"
+URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
+BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")  # S3 and GCS bucket names
+
+
+def is_uri(value: object) -> bool:
+    """True for anything of the form `scheme://...` (a supported scheme or not); local paths are False."""
+    return isinstance(value, str) and URI.match(value) is not None
+
+
+@dataclass(frozen=True)
+class StorageUri:
+    """A parsed URI: scheme, bucket and key prefix (no leading or trailing '/')."""
+
+    scheme: str
+    bucket: str
+    key: str
+
+    @property
+    def path(self) -> str:
+        """The path pyarrow.fs takes: `bucket/key`."""
+        return f"{self.bucket}/{self.key}" if self.key else self.bucket
+
+    def __str__(self) -> str:
+        return f"{self.scheme}://{self.path}"
+
+    def join(self, name: str) -> "StorageUri":
+        """The object `name` under this prefix (name is a plain relative key such as `manifest.json`)."""
+        return StorageUri(self.scheme, self.bucket, f"{self.key}/{name}" if self.key else name)
+
+
+def parse_uri(value: str, key: str = "path") -> StorageUri:
+    """Parse `s3://bucket/prefix` or `gs://...`; StorageError naming `key` for another scheme or a bad bucket."""
+    match = URI.match(value)
+    if match is None:
+        raise StorageError(f"{key}={value!r} is not a storage URI; use {SUPPORTED}")
+    scheme, rest = match.group(1).lower(), match.group(2)
+    if scheme not in SCHEMES:
+        raise StorageError(f"{key}={value!r} uses the scheme {scheme}://, which raylm does not read or write; use "
+                           f"{SUPPORTED}")
+    bucket, _, prefix = rest.partition("/")
+    if not BUCKET.match(bucket):
+        raise StorageError(f"{key}={value!r} has no valid bucket name ({bucket!r}: 3 or more lower-case letters, "
+                           f"digits, '.', '-' or '_'); write it as {scheme}://BUCKET/prefix")
+    parts = [part for part in prefix.split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        raise StorageError(f"{key}={value!r} has a '.' or '..' component; write the prefix without them")
+    return StorageUri(scheme, bucket, "/".join(parts))
