@@ -9,7 +9,7 @@ import re
 from raylm.config.derived import ffn_hidden, kv_heads, padded_vocab, samples_per_micro_step
 from raylm.config.schema import Config
 from raylm.errors import ConfigError, StorageError
-from raylm.storage.uri import SUPPORTED, is_uri, parse_uri
+from raylm.storage.uri import NOT_YET, SUPPORTED, is_uri, parse_uri, refuse_uri
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MIN_BYTE_VOCAB = 256 + 3  # the byte alphabet plus the special tokens
@@ -152,22 +152,14 @@ def _check_schedule(cfg: Config) -> None:
               f"e.g. schedule.batch.ramp_tokens={gb * cfg.data.seq_len * 20}")
 
 
-NOT_ON_STORAGE_YET = {  # keys whose URIs are not built yet: refused, instead of writing a local folder named 's3:'
-    "run.dir": "runs and checkpoints on object storage are not supported yet; set run.dir to a local or "
-               "shared-filesystem folder",
-    "model.init_from": "initial weights are read from a local Hugging Face folder only; download it first",
-    "data.tokenizer": "a given tokenizer is read from a local file only; copy it to a local path",
-    "data.cache_dir": "the cache is node-local by design; set a local folder such as /tmp/raylm-cache",
-}
-
-
 def _check_storage(cfg: Config) -> None:
     """URIs only where raylm reads and writes object storage (data.out_dir, data.paths, data.sources)."""
-    for key, why in NOT_ON_STORAGE_YET.items():
+    for key in ("run.dir", "model.init_from", "data.tokenizer", "data.cache_dir"):
         section, _, name = key.partition(".")
-        value = getattr(getattr(cfg, section), name, "")
-        if is_uri(value):
-            _fail(f"{key}={value!r}: {why} (URIs work today in data.out_dir, data.paths and data.sources)")
+        try:
+            refuse_uri(key, getattr(getattr(cfg, section), name, ""), NOT_YET[key])
+        except StorageError as exc:
+            raise ConfigError(str(exc)) from None
     sources = [s["path"] for s in cfg.data.sources if isinstance(s, dict) and isinstance(s.get("path"), str)]
     for key, values in (("data.out_dir", [cfg.data.out_dir]), ("data.paths", cfg.data.paths),
                         ("data.sources", sources)):

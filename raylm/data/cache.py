@@ -28,7 +28,7 @@ from raylm.errors import DataError
 from raylm.fsync import fsync_path
 from raylm.log import get_logger
 from raylm.storage.objects import COPY_BYTES, open_read, read_bytes
-from raylm.storage.uri import StorageUri, parse_uri
+from raylm.storage.uri import StorageUri, is_uri, parse_uri
 
 CACHE_NAME = "raylm-cache"
 LOCKS = ".locks"
@@ -66,6 +66,14 @@ def open_cached(uri_text: str, cache_dir: str, refresh: bool = True) -> tuple[Pa
         manifest = parse_manifest(local.read_bytes(), str(local), str(folder))
     _fetch_tokenizer(uri, folder, manifest["tokenizer_sha256"])
     return folder, manifest
+
+
+def local_tokenizer(out_dir: str, cache_dir: str) -> Path:
+    """Where a local copy of a prepared folder's tokenizer.json is: in the folder, or (for a prefix) in this node's
+    cache, fetched and checked first when it is not there yet."""
+    if not is_uri(out_dir):
+        return Path(out_dir).expanduser() / TOKENIZER_FILE
+    return open_cached(out_dir, cache_dir, refresh=False)[0] / TOKENIZER_FILE
 
 
 def _fetch_tokenizer(uri: StorageUri, folder: Path, sha256: str) -> None:

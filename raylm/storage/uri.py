@@ -56,3 +56,20 @@ def parse_uri(value: str, key: str = "path") -> StorageUri:
     if any(part in (".", "..") for part in parts):
         raise StorageError(f"{key}={value!r} has a '.' or '..' component; write the prefix without them")
     return StorageUri(scheme, bucket, "/".join(parts))
+
+NOT_YET = {  # where a URI is not built yet: refused with this fix, instead of writing a local folder named 's3:'
+    "run.dir": "runs and checkpoints on object storage are not supported yet; set run.dir to a local or "
+               "shared-filesystem folder",
+    "model.init_from": "initial weights are read from a local Hugging Face folder only; download it first",
+    "data.tokenizer": "a given tokenizer is read from a local file only; copy it to a local path",
+    "data.cache_dir": "the cache is node-local by design; set a local folder such as /tmp/raylm-cache",
+    "export OUT_DIR": "exports are written to a local folder only for now; export locally, then copy the folder "
+                      "to object storage",
+    "RUN_OR_CHECKPOINT": "checkpoints are read from a local folder only for now; copy the run folder here first",
+}
+
+
+def refuse_uri(key: str, value: object, why: str) -> None:
+    """StorageError for a URI where raylm cannot use one yet (`why` says what to do instead); nothing for a path."""
+    if is_uri(value):
+        raise StorageError(f"{key}={value!r}: {why} (URIs work today in data.out_dir, data.paths and data.sources)")

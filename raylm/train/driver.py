@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -41,9 +42,11 @@ def with_absolute_paths(cfg: Config) -> Config:
         return str(Path(path).expanduser().resolve()) if path and not is_uri(path) else path
 
     sources = [{**source, "path": absolute(source["path"])} for source in cfg.data.sources]
+    # data.paths keep their symlinks (a corpus file's path is its identity) and their globs: abspath, not resolve.
+    paths = [p if is_uri(p) else os.path.abspath(os.path.expanduser(p)) for p in cfg.data.paths]
     return with_overrides(cfg, {"run.dir": absolute(cfg.run.dir), "data.out_dir": absolute(cfg.data.out_dir),
                                 "data.tokenizer": absolute(cfg.data.tokenizer), "data.sources": sources,
-                                "data.cache_dir": absolute(cfg.data.cache_dir)})
+                                "data.cache_dir": absolute(cfg.data.cache_dir), "data.paths": paths})
 
 
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):

@@ -11,7 +11,7 @@ from raylm.config import resolve
 from raylm.data.shards import ShardDigest
 from raylm.errors import ConfigError, DataError, StorageError
 from raylm.storage.fs import describe, endpoint
-from raylm.storage.uri import StorageUri, is_uri, parse_uri
+from raylm.storage.uri import NOT_YET, StorageUri, is_uri, parse_uri, refuse_uri
 from raylm.train.driver import with_absolute_paths
 
 pytestmark = pytest.mark.unit
@@ -70,10 +70,13 @@ def test_bad_data_uris_are_refused_at_config_time(override, message):
 
 def test_data_uris_are_accepted_and_stay_uris(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = resolve({}, ["data.out_dir=s3://bucket/data", "data.paths=['s3://bucket/corpus', 'gs://other/c.txt']",
-                       "data.sources=[{path: 's3://bucket/data', weight: 2}]", "data.cache_dir=cache"])
+    (tmp_path / "rel").mkdir()
+    (tmp_path / "rel" / "a.txt").write_text("text")
+    cfg = resolve({}, ["data.out_dir=s3://bucket/data", "data.paths=['s3://bucket/corpus', 'gs://other/c.txt', "
+                       "'rel/*.txt']", "data.sources=[{path: 's3://bucket/data', weight: 2}]", "data.cache_dir=cache"])
     pinned = with_absolute_paths(cfg)
     assert pinned.data.out_dir == "s3://bucket/data" and pinned.data.sources[0]["path"] == "s3://bucket/data"
+    assert pinned.data.paths == ["s3://bucket/corpus", "gs://other/c.txt", str(tmp_path / "rel" / "*.txt")]
     assert pinned.data.cache_dir == str(tmp_path / "cache") and pinned.run.dir == str(tmp_path / "runs")
     assert not (tmp_path / "s3:").exists()
 
@@ -113,3 +116,9 @@ def test_shard_digest_pieces_of_any_length():
         digest.check("x.bin", entry, vocab_size=999)
     with pytest.raises(DataError, match="x.bin has 2000 bytes but the manifest says 2002"):
         digest.check("x.bin", {**entry, "bytes": 2002}, vocab_size=1000)
+
+
+def test_refuse_uri_for_callers_outside_the_config():
+    refuse_uri("export OUT_DIR", "exports/t1", NOT_YET["export OUT_DIR"])  # a path: nothing to refuse
+    with pytest.raises(StorageError, match=r"^export OUT_DIR='s3://b/e': exports are written to a local folder"):
+        refuse_uri("export OUT_DIR", "s3://b/e", NOT_YET["export OUT_DIR"])
