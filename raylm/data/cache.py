@@ -21,8 +21,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from raylm.data.shards import (FIX, MANIFEST_FILE, ShardDigest, check_shard_size, parse_manifest,
-                               write_json_atomic)
+from raylm.data.shards import (FIX, MANIFEST_FILE, SHARD_NAME, ShardDigest, check_shard_size,
+                               parse_manifest, write_json_atomic)
 from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256
 from raylm.errors import DataError
 from raylm.fsync import fsync_path
@@ -62,10 +62,20 @@ def open_cached(uri_text: str, cache_dir: str, refresh: bool = True) -> tuple[Pa
             folder.mkdir(parents=True, exist_ok=True)
             if not local.is_file() or local.read_bytes() != data:
                 write_json_atomic(local, manifest)
+                _drop_stale_shards(folder, manifest)
     else:
         manifest = parse_manifest(local.read_bytes(), str(local), str(folder))
     _fetch_tokenizer(uri, folder, manifest["tokenizer_sha256"])
     return folder, manifest
+
+
+def _drop_stale_shards(folder: Path, manifest: dict) -> None:
+    """The prefix was prepared again: remove this cache's shards its new manifest no longer names (a process
+    still reading one keeps its memory map; the name is gone)."""
+    names = {e["file"] for e in manifest["shards"]}
+    for path in folder.iterdir():
+        if SHARD_NAME.match(path.name) and path.name not in names:
+            path.unlink(missing_ok=True)
 
 
 def local_tokenizer(out_dir: str, cache_dir: str) -> Path:

@@ -21,7 +21,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -34,8 +33,8 @@ import numpy as np
 from raylm.config import Config
 from raylm.data.corpus import CorpusFile, ReadPolicy, list_files, read_documents, refuse_binary_files
 from raylm.data.on_ray import ERROR_COLUMN, errors_as_rows, ordered, raise_if_error, ray_session
-from raylm.data.shards import (FORMAT, MANIFEST_FILE, SPLITS, ShardWriter, check_shard_size, read_manifest,
-                               split_summary, token_dtype, write_json_atomic)
+from raylm.data.shards import (FORMAT, MANIFEST_FILE, SHARD_NAME, SPLITS, ShardWriter, check_shard_size,
+                               read_manifest, split_summary, token_dtype, write_json_atomic)
 from raylm.data.tokenizer import (EOT_ID, TOKENIZER_FILE, encode_documents, file_sha256, load_tokenizer_file,
                                   train_tokenizer)
 from raylm.errors import DataError
@@ -50,7 +49,6 @@ UNITS_PER_CPU = 4  # enough tasks to keep every CPU busy to the end, few enough 
 UNIT_BYTES_RANGE = (256 << 10, 64 << 20)
 STAGING_PREFIX = ".staging-"
 LOCK_FILE = ".prepare.lock"
-SHARD_NAME = re.compile(r"^(train|val)-[0-9a-f]{8}-\d{5}\.bin$")
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from raylm.config import Config, with_overrides
 from raylm.data.cache import cache_folder
-from raylm.data.prepare import SHARD_NAME, _summary, prepare, prepare_inputs
-from raylm.data.shards import MANIFEST_FILE, check_shard_size, parse_manifest, read_manifest
+from raylm.data.prepare import _summary, prepare, prepare_inputs
+from raylm.data.shards import MANIFEST_FILE, SHARD_NAME, check_shard_size, parse_manifest, read_manifest
 from raylm.data.tokenizer import TOKENIZER_FILE
 from raylm.errors import DataError
 from raylm.log import get_logger

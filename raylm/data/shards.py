@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ FORMAT = "raylm-shards/1"
 MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val")
 FIX = "run `raylm prepare CONFIG` to rebuild the folder"
+SHARD_NAME = re.compile(r"^(train|val)-[0-9a-f]{8}-\d{5}\.bin$")  # what ShardWriter names a shard
 SCAN_TOKENS = 1 << 22  # verify reads shards in pieces of this many tokens: memory stays flat
 
 

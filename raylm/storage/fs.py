@@ -120,7 +120,8 @@ def describe(exc: BaseException, uri: StorageUri, what: str) -> str:
         return (f"cannot {what} {uri}: the storage endpoint does not answer{_at_endpoint(uri.scheme)}; "
                 f"{_endpoint_fix(uri.scheme)}")
     if any(mark in text for mark in NO_BUCKET):
-        return f"cannot {what} {uri}: bucket {uri.bucket} does not exist{_at_endpoint(uri.scheme)}; create it or fix the URI"
+        return (f"cannot {what} {uri}: bucket {uri.bucket} does not exist{_at_endpoint(uri.scheme)}; create it or "
+                f"fix the URI")
     if any(mark in text for mark in DENIED):
         return (f"cannot {what} {uri}: access to bucket {uri.bucket} is denied; check that the credentials in the "
                 f"environment ({_credential_vars(uri.scheme)}) may use it")
