@@ -86,16 +86,30 @@ def local_tokenizer(out_dir: str, cache_dir: str) -> Path:
     return open_cached(out_dir, cache_dir, refresh=False)[0] / TOKENIZER_FILE
 
 
+def tokenizer_object(sha256: str) -> str:
+    """The prefix's copy of the tokenizer under a name of its own sha256: prepare uploads it before the manifest,
+    so the tokenizer a manifest names is in place the moment the manifest is (tokenizer.json follows it)."""
+    return f"tokenizer-{sha256[:16]}.json"
+
+
+def read_tokenizer(uri: StorageUri, sha256: str) -> bytes:
+    """The tokenizer bytes the manifest names (by its sha256 name, else tokenizer.json), checked."""
+    data = read_bytes(uri.join(tokenizer_object(sha256)))
+    where = uri.join(tokenizer_object(sha256) if data is not None else TOKENIZER_FILE)
+    data = read_bytes(where) if data is None else data
+    if data is None:
+        raise DataError(f"{uri.join(TOKENIZER_FILE)} is missing; {FIX}")
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"{where} is another tokenizer than the one that wrote the shards (sha256 differs from "
+                        f"{MANIFEST_FILE}); {FIX}")
+    return data
+
+
 def _fetch_tokenizer(uri: StorageUri, folder: Path, sha256: str) -> None:
     target = folder / TOKENIZER_FILE
     if target.is_file() and file_sha256(target) == sha256:
         return
-    data = read_bytes(uri.join(TOKENIZER_FILE))
-    if data is None:
-        raise DataError(f"{uri.join(TOKENIZER_FILE)} is missing; {FIX}")
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise DataError(f"{uri.join(TOKENIZER_FILE)} is another tokenizer than the one that wrote the shards "
-                        f"(sha256 differs from {MANIFEST_FILE}); {FIX}")
+    data = read_tokenizer(uri, sha256)
     with _cache_writes(folder, TOKENIZER_FILE):
         part = folder / f".{TOKENIZER_FILE}.{os.getpid()}{PART_SUFFIX}"
         try:
@@ -189,10 +203,7 @@ def verify_remote(uri_text: str) -> dict:
         raise DataError(f"no prepared data in {uri} ({MANIFEST_FILE} missing); run `raylm prepare` on a config "
                         f"with data.out_dir={uri}")
     manifest = parse_manifest(data, str(uri.join(MANIFEST_FILE)), str(uri))
-    tokenizer = read_bytes(uri.join(TOKENIZER_FILE))
-    if tokenizer is None or hashlib.sha256(tokenizer).hexdigest() != manifest["tokenizer_sha256"]:
-        raise DataError(f"{uri.join(TOKENIZER_FILE)} is missing or is another tokenizer than the one that wrote "
-                        f"the shards; {FIX}")
+    read_tokenizer(uri, manifest["tokenizer_sha256"])
     for entry in manifest["shards"]:
         digest = ShardDigest(entry["dtype"])
         try:

@@ -6,11 +6,13 @@
 3. Otherwise run the ordinary local prepare into this node's cache folder for the prefix (raylm.data.cache), so
    a stream on this node later finds the shards already in place.
 4. Upload the shards the prefix lacks (an object with the same name and size is one an earlier upload of the
-   same inputs completed: shard names carry the input fingerprint), then tokenizer.json, then manifest.json.
-   The manifest is what makes a prefix a prepared folder, so a reader sees the old manifest with its old shards
-   or the new one with every new shard in place; an interrupted upload leaves the previous prepared prefix valid.
-5. Remove the shard objects the new manifest no longer names (only names of raylm's shard pattern, only under
-   the prefix the user named).
+   same inputs completed: shard names carry the input fingerprint), then the tokenizer under a name of its own
+   sha256 (`tokenizer-<sha>.json`), then manifest.json, then tokenizer.json. The manifest is what makes a prefix
+   a prepared folder, so a reader sees the old manifest with its old shards and tokenizer or the new one with
+   every new object in place (readers take the tokenizer by the manifest's sha256 name); an interrupted upload
+   leaves the previous prepared prefix valid.
+5. Remove the shard and tokenizer-<sha> objects the new manifest no longer names (only names of raylm's own
+   patterns, only under the prefix the user named).
 Two prepares of one prefix from different machines are not kept apart (there is no lock on object storage).
 """
 
@@ -18,12 +20,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
 
 from raylm.config import Config, with_overrides
-from raylm.data.cache import cache_folder
+from raylm.data.cache import cache_folder, tokenizer_object
 from raylm.data.prepare import _summary, prepare, prepare_inputs
 from raylm.data.shards import MANIFEST_FILE, SHARD_NAME, check_shard_size, parse_manifest, read_manifest
 from raylm.data.tokenizer import TOKENIZER_FILE
@@ -32,6 +35,8 @@ from raylm.log import get_logger
 from raylm.storage.fs import filesystem
 from raylm.storage.objects import delete_object, object_sizes, read_bytes, upload_file
 from raylm.storage.uri import StorageUri, parse_uri
+
+TOKENIZER_OBJECT = re.compile(r"^tokenizer-[0-9a-f]{16}\.json$")
 
 
 def prepare_to_uri(cfg: Config, use_ray: bool = True) -> dict:
@@ -68,10 +73,11 @@ def _remote_current(uri: StorageUri, input_sha: str) -> dict | None:
     sizes = object_sizes(uri)
     if any(sizes.get(e["file"]) != e["bytes"] for e in manifest["shards"]):
         return None
-    tokenizer = read_bytes(uri.join(TOKENIZER_FILE)) if TOKENIZER_FILE in sizes else None
-    if tokenizer is None or hashlib.sha256(tokenizer).hexdigest() != manifest["tokenizer_sha256"]:
+    sha = manifest["tokenizer_sha256"]
+    if tokenizer_object(sha) not in sizes or TOKENIZER_FILE not in sizes:
         return None
-    return manifest
+    tokenizer = read_bytes(uri.join(TOKENIZER_FILE))
+    return manifest if tokenizer is not None and hashlib.sha256(tokenizer).hexdigest() == sha else None
 
 
 def upload_prepared(folder: Path, uri: StorageUri) -> int:
@@ -83,10 +89,12 @@ def upload_prepared(folder: Path, uri: StorageUri) -> int:
     for index, entry in enumerate(missing, 1):
         upload_file(check_shard_size(folder, entry), uri.join(entry["file"]))
         get_logger().info("prepare: uploaded %s (%d of %d shards)", uri.join(entry["file"]), index, len(missing))
-    upload_file(folder / TOKENIZER_FILE, uri.join(TOKENIZER_FILE))
+    tokenizer = tokenizer_object(manifest["tokenizer_sha256"])
+    upload_file(folder / TOKENIZER_FILE, uri.join(tokenizer))
     upload_file(folder / MANIFEST_FILE, uri.join(MANIFEST_FILE))  # the commit point
+    upload_file(folder / TOKENIZER_FILE, uri.join(TOKENIZER_FILE))  # the plain name, as in a local folder
     for name in sorted(sizes):
-        if SHARD_NAME.match(name) and name not in names:
+        if (SHARD_NAME.match(name) and name not in names) or (TOKENIZER_OBJECT.match(name) and name != tokenizer):
             delete_object(uri.join(name))
     get_logger().info("prepare: %s holds %d shards, tokenizer.json and manifest.json", uri, len(names))
     return len(missing)

@@ -22,7 +22,7 @@ from raylm.errors import StorageError
 from raylm.storage.uri import StorageUri
 
 PROBE_TIMEOUT_S = 15.0  # the first contact with a bucket fails within this, naming the endpoint variable
-CONNECT_TIMEOUT_S = 4.0
+CONNECT_TIMEOUT_S = 4.0  # also the request timeout: on Linux curl's low-speed limit, so a stalled read fails too
 MAX_ATTEMPTS = 3  # the SDK's retries on a failed request (with backoff)
 ENDPOINT_VARS = {"s3": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"), "gs": ("STORAGE_EMULATOR_HOST",)}
 SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")

@@ -87,6 +87,29 @@ def test_prepare_to_s3_then_stream_matches_local(on_s3, tmp_path, caplog):
     assert not any(value in written for value in DUMMY_KEYS.values() if len(value) > 9)
 
 
+def test_interrupted_upload_leaves_the_previous_prefix_valid(on_s3, tmp_path, monkeypatch):
+    _, remote, prefix, _ = on_s3
+    before = read_manifest(prefix)
+    (tmp_path / "corpus" / "doc003.txt").write_text("other words " * 200)
+    import raylm.data.publish as publish
+
+    real = publish.upload_file
+
+    def crash_at_manifest(local, target):
+        if target.key.endswith("manifest.json"):
+            raise KeyboardInterrupt
+        real(local, target)
+
+    monkeypatch.setattr(publish, "upload_file", crash_at_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(remote, use_ray=False)
+    assert read_manifest(prefix) == before and verify(prefix)["ok"]  # new shards uploaded, old manifest in charge
+    monkeypatch.setattr(publish, "upload_file", real)
+    assert prepare(remote, use_ray=False)["uploaded"] == 0  # the shards are there: only tokenizer and manifest
+    names = {e["file"] for e in read_manifest(prefix)["shards"]}
+    assert read_manifest(prefix) != before and {n for n in object_sizes(parse_uri(prefix)) if n.endswith(".bin")} == names
+
+
 def test_corrupted_object_is_detected_and_never_cached(on_s3, s3, tmp_path):
     _, _, prefix, _ = on_s3
     manifest = read_manifest(prefix)
@@ -110,11 +133,14 @@ def test_full_cache_is_named_and_holds_no_partial_shard(on_s3, tmp_path, monkeyp
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr("raylm.data.cache.os.fsync", disk_full)
+    import raylm.data.cache as cache
+
+    real_fsync = cache.os.fsync
+    monkeypatch.setattr(cache.os, "fsync", disk_full)
     with pytest.raises(DataError, match=r"data\.cache_dir .* \(No space left on device\); free space there"):
         fetch_shard(prefix, folder, entry, manifest["vocab_size"])
     assert not (folder / entry["file"]).exists() and not list(folder.glob(".*.part"))
-    monkeypatch.undo()
+    monkeypatch.setattr(cache.os, "fsync", real_fsync)
     monkeypatch.setattr("raylm.data.cache.shutil.disk_usage", lambda path: type("U", (), {"free": 10})())
     with pytest.raises(DataError, match=r"data\.cache_dir .* has 10 bytes free"):
         fetch_shard(prefix, folder, entry, manifest["vocab_size"])
