@@ -138,11 +138,11 @@ def open_readers(sources: Sequence[tuple[str, float]], split: str, seq_len: int,
         else:
             local, manifest, remote = folder, read_manifest(folder), ""
         if first is None:
-            first = (folder, manifest["tokenizer_sha256"])
+            first = (folder, manifest["tokenizer_sha256"], Path(local) / "tokenizer.json")  # a local copy
         elif manifest["tokenizer_sha256"] != first[1]:
             raise DataError(f"data source {folder} was prepared with another tokenizer (sha256 "
                             f"{manifest['tokenizer_sha256'][:16]}...) than {first[0]} ({first[1][:16]}...); prepare "
-                            f"every source with data.tokenizer={Path(first[0]) / 'tokenizer.json'}")
+                            f"every source with data.tokenizer={first[2]}")
         readers.append(SplitReader(local, manifest, split, seq_len, source=remote))
     return readers
 
