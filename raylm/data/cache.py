@@ -17,6 +17,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -111,7 +112,7 @@ def _fetch_tokenizer(uri: StorageUri, folder: Path, sha256: str) -> None:
         return
     data = read_tokenizer(uri, sha256)
     with _cache_writes(folder, TOKENIZER_FILE):
-        part = folder / f".{TOKENIZER_FILE}.{os.getpid()}{PART_SUFFIX}"
+        part = _part(folder, TOKENIZER_FILE)
         try:
             part.write_bytes(data)
             os.replace(part, target)
@@ -152,7 +153,7 @@ def _shard_lock(folder: Path, name: str) -> Iterator[None]:
 
 def _download(uri: StorageUri, folder: Path, entry: dict, vocab_size: int) -> None:
     """Object -> .part (hashed as it arrives) -> checked -> fsynced -> renamed; nothing else is left behind."""
-    part = folder / f".{entry['file']}.{os.getpid()}{PART_SUFFIX}"
+    part = _part(folder, entry["file"])
     digest = ShardDigest(entry["dtype"])
     _check_room(folder, entry)
     get_logger().info("cache: fetching %s (%d bytes) into %s", uri, entry["bytes"], folder)
@@ -173,6 +174,11 @@ def _download(uri: StorageUri, folder: Path, entry: dict, vocab_size: int) -> No
             fsync_path(folder)
     finally:
         part.unlink(missing_ok=True)
+
+
+def _part(folder: Path, name: str) -> Path:
+    """A download's temporary name: hidden, never a shard name, unique to this process and thread."""
+    return folder / f".{name}.{os.getpid()}-{threading.get_ident()}{PART_SUFFIX}"
 
 
 def _check_room(folder: Path, entry: dict) -> None:
