@@ -10,6 +10,7 @@ from raylm.errors import StorageError
 SCHEMES = ("s3", "gs")
 SUPPORTED = "a local path, s3://bucket/prefix or gs://bucket/prefix"
 URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
+USERINFO = re.compile(r"://[^/@]*@")
 BUCKET = re.compile(r"^[a-z0-9][a-z0-9._-]{1,221}[a-z0-9]$")  # S3 and GCS bucket names
 
 
@@ -39,22 +40,30 @@ class StorageUri:
         return StorageUri(self.scheme, self.bucket, f"{self.key}/{name}" if self.key else name)
 
 
+def shown(value: object) -> str:
+    """repr(value) for a message, with any `user:secret@` of a URI masked: credentials are never echoed."""
+    return repr(USERINFO.sub("://***@", value) if isinstance(value, str) else value)
+
+
 def parse_uri(value: str, key: str = "path") -> StorageUri:
     """Parse `s3://bucket/prefix` or `gs://...`; StorageError naming `key` for another scheme or a bad bucket."""
     match = URI.match(value)
     if match is None:
-        raise StorageError(f"{key}={value!r} is not a storage URI; use {SUPPORTED}")
+        raise StorageError(f"{key}={shown(value)} is not a storage URI; use {SUPPORTED}")
+    if USERINFO.search(value):
+        raise StorageError(f"{key}={shown(value)} carries credentials in the URI; remove them and set them in the "
+                           f"environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, see docs/storage.md)")
     scheme, rest = match.group(1).lower(), match.group(2)
     if scheme not in SCHEMES:
-        raise StorageError(f"{key}={value!r} uses the scheme {scheme}://, which raylm does not read or write; use "
+        raise StorageError(f"{key}={shown(value)} uses the scheme {scheme}://, which raylm does not read or write; use "
                            f"{SUPPORTED}")
     bucket, _, prefix = rest.partition("/")
     if not BUCKET.match(bucket):
-        raise StorageError(f"{key}={value!r} has no valid bucket name ({bucket!r}: 3 or more lower-case letters, "
+        raise StorageError(f"{key}={shown(value)} has no valid bucket name ({bucket!r}: 3 or more lower-case letters, "
                            f"digits, '.', '-' or '_'); write it as {scheme}://BUCKET/prefix")
     parts = [part for part in prefix.split("/") if part]
     if any(part in (".", "..") for part in parts):
-        raise StorageError(f"{key}={value!r} has a '.' or '..' component; write the prefix without them")
+        raise StorageError(f"{key}={shown(value)} has a '.' or '..' component; write the prefix without them")
     return StorageUri(scheme, bucket, "/".join(parts))
 
 NOT_YET = {  # where a URI is not built yet: refused with this fix, instead of writing a local folder named 's3:'
@@ -72,4 +81,4 @@ NOT_YET = {  # where a URI is not built yet: refused with this fix, instead of w
 def refuse_uri(key: str, value: object, why: str) -> None:
     """StorageError for a URI where raylm cannot use one yet (`why` says what to do instead); nothing for a path."""
     if is_uri(value):
-        raise StorageError(f"{key}={value!r}: {why} (URIs work today in data.out_dir, data.paths and data.sources)")
+        raise StorageError(f"{key}={shown(value)}: {why} (URIs work today in data.out_dir, data.paths and data.sources)")

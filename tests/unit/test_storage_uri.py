@@ -122,3 +122,11 @@ def test_refuse_uri_for_callers_outside_the_config():
     refuse_uri("export OUT_DIR", "exports/t1", NOT_YET["export OUT_DIR"])  # a path: nothing to refuse
     with pytest.raises(StorageError, match=r"^export OUT_DIR='s3://b/e': exports are written to a local folder"):
         refuse_uri("export OUT_DIR", "s3://b/e", NOT_YET["export OUT_DIR"])
+
+
+@pytest.mark.parametrize("override", ["data.out_dir=s3://AKIAX:hunter2-secret@bucket/data",
+                                      "run.dir=s3://AKIAX:hunter2-secret@bucket/runs"])
+def test_credentials_in_a_uri_are_refused_and_never_echoed(override):
+    with pytest.raises(ConfigError) as info:
+        resolve({}, [override])
+    assert "hunter2" not in str(info.value) and "AKIAX" not in str(info.value) and "***@" in str(info.value)
