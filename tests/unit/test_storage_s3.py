@@ -44,8 +44,9 @@ def s3(endpoint, monkeypatch):
 
 
 @pytest.fixture
-def on_s3(s3, tmp_path):
+def on_s3(s3, tmp_path, monkeypatch):
     """A corpus prepared both into a local folder and into an S3 prefix (a fresh prefix per test)."""
+    monkeypatch.chdir(tmp_path)  # where the old bug wrote a local folder named 's3:'
     corpus = write_corpus(tmp_path)
     prefix = f"{PREFIX}/{tmp_path.name}"
     local = small_config(tmp_path / "local", corpus)
@@ -74,6 +75,7 @@ def test_prepare_to_s3_then_stream_matches_local(on_s3, tmp_path, caplog):
     assert {"manifest.json", "tokenizer.json"} <= set(objects)
     assert read_manifest(prefix) == manifest  # the same bytes whichever way they were written
     assert prepare(remote, use_ray=False)["skipped"]  # unchanged input: a no-op, nothing uploaded
+    assert not (tmp_path / "s3:").exists()
 
     cache = tmp_path / "node-cache"  # a fresh node: every shard is fetched
     for (x_local, y_local), (x_s3, y_s3) in zip(_batches(local.data.out_dir, cache), _batches(prefix, cache)):
