@@ -23,3 +23,9 @@ class CheckpointError(RaylmError):
     """A checkpoint that cannot be used: missing, uncommitted, truncated or altered (the message names the file)."""
 
     exit_code = 4
+
+
+class StorageError(RaylmError):
+    """Object storage that cannot be used: an unknown URI scheme, a missing or denied bucket, a silent endpoint."""
+
+    exit_code = 5

@@ -21,7 +21,7 @@ def section(cls: type, doc: str) -> Any:
 @dataclass(frozen=True)
 class RunConfig:
     name: str = opt("tiny", "run name; the run folder is <run.dir>/<run.name> (letters, digits, '.', '_', '-')")
-    dir: str = opt("runs", "folder that holds run folders (a shared filesystem path on a cluster)")
+    dir: str = opt("runs", "folder that holds run folders (a shared filesystem path on a cluster; not a URI yet)")
     seed: int = opt(1234, "seed for weight init, data order and sampling")
 
 
@@ -29,7 +29,10 @@ class RunConfig:
 class DataConfig:
     paths: list = opt([], "text files, folders or globs to prepare; empty = this Python's standard-library sources")
     sources: list = opt([], "weighted mixture of prepared folders: [{path: DIR, weight: W}, ...]; empty = out_dir alone")
-    out_dir: str = opt("data/tiny", "folder where `raylm prepare` writes the tokenizer, shards and manifest.json")
+    out_dir: str = opt("data/tiny", "folder or s3://, gs:// prefix where `raylm prepare` writes the tokenizer, shards "
+                                    "and manifest.json")
+    cache_dir: str = opt("", "node-local folder for shards fetched from s3:// or gs:// data; '' = "
+                             "<system temp folder>/raylm-cache")
     tokenizer: str = opt("", "an existing tokenizer.json to use instead of training one")
     vocab_size: int = opt(2048, "tokenizer vocabulary size (byte-level BPE, >= 259)")
     seq_len: int = opt(128, "tokens per training sample (windows of seq_len + 1 tokens)")

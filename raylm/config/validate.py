@@ -10,7 +10,8 @@ import re
 from raylm.config.derived import ffn_hidden, kv_heads, padded_vocab, samples_per_micro_step
 from raylm.config.loader import short_repr
 from raylm.config.schema import Config
-from raylm.errors import ConfigError
+from raylm.errors import ConfigError, StorageError
+from raylm.storage.uri import NOT_YET, SUPPORTED, is_uri, parse_uri, refuse_uri
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MIN_BYTE_VOCAB = 256 + 3  # the byte alphabet plus the special tokens
@@ -19,7 +20,7 @@ MIN_BYTE_VOCAB = 256 + 3  # the byte alphabet plus the special tokens
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first impossible setting; return the config unchanged when it can run."""
     for check in (_check_run, _check_positive, _check_choices, _check_model, _check_layout, _check_batch,
-                  _check_schedule, _check_data, _check_drill):
+                  _check_schedule, _check_storage, _check_data, _check_drill):
         check(cfg)
     return cfg
 
@@ -154,10 +155,38 @@ def _check_schedule(cfg: Config) -> None:
               f"e.g. schedule.batch.ramp_tokens={gb * cfg.data.seq_len * 20}")
 
 
+def _check_storage(cfg: Config) -> None:
+    """URIs only where raylm reads and writes object storage (data.out_dir, data.paths, data.sources)."""
+    for key in ("run.dir", "model.init_from", "data.tokenizer", "data.cache_dir"):
+        section, _, name = key.partition(".")
+        try:
+            refuse_uri(key, getattr(getattr(cfg, section), name, ""), NOT_YET[key])
+        except StorageError as exc:
+            raise ConfigError(str(exc)) from None
+    sources = [s["path"] for s in cfg.data.sources if isinstance(s, dict) and isinstance(s.get("path"), str)]
+    for key, values in (("data.out_dir", [cfg.data.out_dir]), ("data.paths", cfg.data.paths),
+                        ("data.sources", sources)):
+        for value in values:
+            if is_uri(value):
+                _check_uri(key, value)
+
+
+def _check_uri(key: str, value: str) -> None:
+    try:
+        uri = parse_uri(value, key)
+    except StorageError as exc:
+        raise ConfigError(str(exc)) from None
+    if glob.has_magic(uri.key):
+        _fail(f"{key} entry {value!r}: globs are not expanded on object storage; name a prefix (its text files are "
+              f"read) or one object")
+
+
 def _check_data(cfg: Config) -> None:
     for pattern in cfg.data.paths:
         if not isinstance(pattern, str) or not pattern or "\0" in pattern:
-            _fail(f"data.paths entry {short_repr(pattern)} must be a non-empty string path or glob")
+            _fail(f"data.paths entry {short_repr(pattern)} must be a non-empty string path or glob, or {SUPPORTED}")
+        if is_uri(pattern):
+            continue  # checked by _check_storage; its objects are listed when prepare runs
         expanded = os.path.expanduser(pattern)
         if not (os.path.exists(expanded) or glob.glob(expanded, recursive=True)):
             _fail(f"data.paths entry {pattern!r} matches no file or folder; fix the path or glob")

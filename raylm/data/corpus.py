@@ -1,5 +1,8 @@
 """Corpus readers, the first step of prepare: files, folders and globs of text, JSON Lines or Parquet -> documents.
 
+data.paths entries may also be s3:// or gs:// URIs: one object, or every object with a text suffix under a prefix
+(no globs); they are read through pyarrow.fs, so every node that runs a prepare task needs the storage variables.
+
 A document is (doc_id, text, replaced_bytes). doc_id is the file's path relative to the folder or glob base it
 was found under (plus `:LINE` for JSON Lines, `:ROW` for Parquet, `#PIECE` for a text file read in pieces); it
 names the document in the train/val split, so it does not depend on where the corpus lives.
@@ -8,20 +11,25 @@ names the document in the train/val split, so it does not depend on where the co
 from __future__ import annotations
 
 import glob
+import io
 import json
 import os
 import re
 import sysconfig
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
 from raylm.errors import DataError
 from raylm.log import get_logger
+from raylm.storage.fs import filesystem, storage_errors
+from raylm.storage.uri import is_uri, parse_uri
 
 # Suffixes a folder walk picks up; a file named directly or by a glob is read whatever its suffix.
 TEXT_SUFFIXES = frozenset({".txt", ".text", ".md", ".markdown", ".rst", ".py", ".jsonl", ".ndjson", ".parquet"})
 JSONL_SUFFIXES = frozenset({".jsonl", ".ndjson"})
+READ_BUFFER_BYTES = 8 << 20  # reads of an object are buffered in pieces this large (each is a request)
 BINARY_PROBE_BYTES = 8192  # like git: a NUL byte in the first 8 KiB means binary
 # Installed third-party packages below a named folder or glob base (a Python's lib/pythonX.Y holds its
 # site-packages) are not that corpus; name such a folder itself to read it.
@@ -34,7 +42,7 @@ Document = tuple[str, str, int]
 
 @dataclass(frozen=True)
 class CorpusFile:
-    path: str  # absolute, symlinks kept: two links to one folder are two copies of the corpus
+    path: str  # absolute, symlinks kept (two links to one folder are two copies of the corpus), or an s3:// URI
     doc_id: str
     size_bytes: int
     mtime_ns: int
@@ -72,6 +80,8 @@ def list_files(paths: list[str]) -> list[CorpusFile]:
 
 
 def _expand(pattern: str) -> list[CorpusFile]:
+    if is_uri(pattern):
+        return _expand_uri(pattern)
     expanded = os.path.abspath(os.path.expanduser(pattern))
     if os.path.isfile(expanded):
         return [_corpus_file(expanded, os.path.dirname(expanded))]
@@ -118,6 +128,43 @@ def _glob_base(pattern: str) -> str:
     return os.path.join(*fixed) if fixed else os.sep
 
 
+def _expand_uri(pattern: str) -> list[CorpusFile]:
+    """One object, or every object with a text suffix under a prefix (hidden names skipped), sorted by key."""
+    import pyarrow.fs as pafs
+
+    uri = parse_uri(pattern, "data.paths entry")
+    fs = filesystem(uri)
+    with storage_errors(uri, "list"):
+        info = fs.get_file_info(uri.path)
+        if info.type == pafs.FileType.File:
+            return [_object_file(uri.scheme, info, uri.path.rpartition("/")[0])]
+        found = fs.get_file_info(pafs.FileSelector(uri.path, allow_not_found=True, recursive=True))
+    files = [_object_file(uri.scheme, i, uri.path) for i in sorted(found, key=lambda i: i.path)
+             if i.type == pafs.FileType.File and Path(i.path).suffix.lower() in TEXT_SUFFIXES]
+    files = [f for f in files if not any(part.startswith(".") for part in Path(f.doc_id).parts)]
+    if not files:
+        raise DataError(f"data.paths entry {pattern!r} holds no object with a text suffix "
+                        f"({', '.join(sorted(TEXT_SUFFIXES))}); fix the prefix or name one object")
+    return files
+
+
+def _object_file(scheme: str, info, base: str) -> CorpusFile:
+    return CorpusFile(path=f"{scheme}://{info.path}", doc_id=info.path[len(base):].lstrip("/"),
+                      size_bytes=info.size, mtime_ns=info.mtime_ns or 0)
+
+
+@contextmanager
+def _open_binary(file: CorpusFile) -> Iterator[BinaryIO]:
+    """The file's bytes: a local file, or a buffered reader over an s3:// or gs:// object."""
+    if not is_uri(file.path):
+        with open(file.path, "rb") as f:
+            yield f
+        return
+    uri = parse_uri(file.path, "data.paths entry")
+    with storage_errors(uri, "read"), filesystem(uri).open_input_file(uri.path) as raw:
+        yield io.BufferedReader(raw, READ_BUFFER_BYTES)
+
+
 def _corpus_file(path: str, base: str) -> CorpusFile:
     stat = os.stat(path)
     return CorpusFile(path=path, doc_id=Path(os.path.relpath(path, base)).as_posix(), size_bytes=stat.st_size,
@@ -153,15 +200,15 @@ def refuse_binary_files(files: list[CorpusFile]) -> None:
     """Fail on the first text or JSON Lines file that looks binary (reads only each file's first bytes)."""
     for file in files:
         if file.kind != "parquet":
-            with open(file.path, "rb") as f:
+            with _open_binary(file) as f:
                 _refuse_binary(file.path, f.read(BINARY_PROBE_BYTES))
 
 
 def _read_text(file: CorpusFile, policy: ReadPolicy) -> Iterator[Document]:
-    with open(file.path, "rb") as f:
+    with _open_binary(file) as f:
         _refuse_binary(file.path, f.read(BINARY_PROBE_BYTES))
         f.seek(0)
-        in_pieces = os.fstat(f.fileno()).st_size > policy.max_doc_bytes
+        in_pieces = file.size_bytes > policy.max_doc_bytes
         for index, (offset, data) in enumerate(_pieces(f, policy.max_doc_bytes)):
             text, replaced = decode(data, file.path, offset, policy)
             if text:
@@ -192,7 +239,7 @@ def _cut_point(data: bytes) -> int:
 
 
 def _read_jsonl(file: CorpusFile, policy: ReadPolicy) -> Iterator[Document]:
-    with open(file.path, "rb") as f:
+    with _open_binary(file) as f:
         _refuse_binary(file.path, f.read(BINARY_PROBE_BYTES))
         f.seek(0)
         offset = 0
@@ -223,11 +270,16 @@ def _field(record, field: str, where: str) -> str:
 
 
 def _read_parquet(file: CorpusFile, policy: ReadPolicy) -> Iterator[Document]:
+    with _open_binary(file) as source:
+        yield from _parquet_documents(file, policy, source)
+
+
+def _parquet_documents(file: CorpusFile, policy: ReadPolicy, source: BinaryIO) -> Iterator[Document]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
-        parquet = pq.ParquetFile(file.path)
+        parquet = pq.ParquetFile(source)
     except (pa.ArrowException, OSError) as exc:
         raise DataError(f"{file.path} is not a readable Parquet file ({exc}); fix or remove it") from None
     field, schema = policy.text_field, parquet.schema_arrow

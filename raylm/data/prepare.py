@@ -12,6 +12,7 @@
 Everything is written to a staging folder inside out_dir; `_commit` moves it in with manifest.json last, so an
 interrupted prepare leaves the previous folder valid; a lock file keeps a second prepare of the same folder out.
 On a multi-node Ray the corpus must be on storage every node sees (tasks read it); the driver writes the shards.
+An s3:// or gs:// data.out_dir is prepared into a local folder first and then uploaded (raylm.data.publish).
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import fcntl
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
@@ -33,13 +33,14 @@ import numpy as np
 from raylm.config import Config
 from raylm.data.corpus import CorpusFile, ReadPolicy, list_files, read_documents, refuse_binary_files
 from raylm.data.on_ray import ERROR_COLUMN, errors_as_rows, ordered, raise_if_error, ray_session
-from raylm.data.shards import (FORMAT, MANIFEST_FILE, SPLITS, ShardWriter, check_shard_size, read_manifest,
-                               split_summary, token_dtype, write_json_atomic)
+from raylm.data.shards import (FORMAT, MANIFEST_FILE, SHARD_NAME, SPLITS, ShardWriter, check_shard_size,
+                               read_manifest, split_summary, token_dtype, write_json_atomic)
 from raylm.data.tokenizer import (EOT_ID, TOKENIZER_FILE, encode_documents, file_sha256, load_tokenizer_file,
                                   train_tokenizer)
 from raylm.errors import DataError
 from raylm.fsync import fsync_path
 from raylm.log import get_logger
+from raylm.storage.uri import is_uri
 
 PREPARE_VERSION = 1  # part of the input fingerprint: bump when prepare writes other bytes for the same input
 TOKENIZER_SAMPLE_BYTES = 16 << 20  # BPE training reads at most this much text: memory stays flat as corpora grow
@@ -48,7 +49,6 @@ UNITS_PER_CPU = 4  # enough tasks to keep every CPU busy to the end, few enough 
 UNIT_BYTES_RANGE = (256 << 10, 64 << 20)
 STAGING_PREFIX = ".staging-"
 LOCK_FILE = ".prepare.lock"
-SHARD_NAME = re.compile(r"^(train|val)-[0-9a-f]{8}-\d{5}\.bin$")
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,13 @@ class Totals:
 
 def prepare(cfg: Config, use_ray: bool = True) -> dict:
     """Tokenize data.paths into data.out_dir; returns a summary (`skipped` when the folder was already current)."""
+    if is_uri(cfg.data.out_dir):
+        from raylm.data.publish import prepare_to_uri
+
+        return prepare_to_uri(cfg, use_ray)
     started, data = time.monotonic(), cfg.data
     out_dir = Path(data.out_dir).expanduser()
-    files = list_files(data.paths)
-    given = _given_tokenizer(data)
-    input_sha = _fingerprint(files, data, file_sha256(given) if given else "")
+    files, given, input_sha = prepare_inputs(data)
     current = _up_to_date(out_dir, input_sha)
     if current is not None:
         get_logger().info("prepare: %s is up to date with its %d input files; nothing to do", out_dir, len(files))
@@ -118,6 +120,13 @@ def _build(files: list[CorpusFile], data, given: Path | None, input_sha: str, ou
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest, timings
+
+
+def prepare_inputs(data) -> tuple[list[CorpusFile], Path | None, str]:
+    """(corpus files, data.tokenizer path or None, input fingerprint): what decides whether a folder is current."""
+    files = list_files(data.paths)
+    given = _given_tokenizer(data)
+    return files, given, _fingerprint(files, data, file_sha256(given) if given else "")
 
 
 @contextmanager

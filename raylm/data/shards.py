@@ -4,6 +4,7 @@ A prepared folder holds tokenizer.json, manifest.json and shard files `<split>-<
 little-endian token ids (uint16 when the vocab fits, else uint32), documents back to back, each ending with EOT.
 The manifest ("raylm-shards/1") lists every shard with its split, tokens, docs (EOT count), dtype, bytes and
 sha256, plus the sha256 of tokenizer.json and vocab_size. Nothing reads a shard the manifest does not vouch for.
+A prepared folder may also be an s3:// or gs:// prefix holding the same objects (see raylm.data.cache).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,14 @@ import numpy as np
 from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256
 from raylm.errors import DataError
 from raylm.safe_paths import is_inside_name
+from raylm.storage.objects import read_bytes
+from raylm.storage.uri import is_uri, parse_uri
 
 FORMAT = "raylm-shards/1"
 MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val")
 FIX = "run `raylm prepare CONFIG` to rebuild the folder"
+SHARD_NAME = re.compile(r"^(train|val)-[0-9a-f]{8}-\d{5}\.bin$")  # what ShardWriter names a shard
 SCAN_TOKENS = 1 << 22  # verify reads shards in pieces of this many tokens: memory stays flat
 
 
@@ -96,22 +101,33 @@ class ShardWriter:
 
 
 def read_manifest(out_dir: str | Path) -> dict:
-    """manifest.json of a prepared folder, checked for its format; DataError with the fix otherwise."""
-    path = Path(out_dir).expanduser() / MANIFEST_FILE
-    if not path.is_file():
-        raise DataError(f"no prepared data in {path.parent} ({MANIFEST_FILE} missing); run `raylm prepare` "
-                        f"on a config with data.out_dir={path.parent}")
+    """manifest.json of a prepared folder (or s3://, gs:// prefix), checked for its format; DataError otherwise."""
+    if is_uri(out_dir):
+        uri = parse_uri(str(out_dir), "data folder")
+        data, where, folder = read_bytes(uri.join(MANIFEST_FILE)), f"{uri.join(MANIFEST_FILE)}", str(uri)
+    else:
+        path = Path(out_dir).expanduser() / MANIFEST_FILE
+        data = path.read_bytes() if path.is_file() else None
+        where, folder = str(path), str(path.parent)
+    if data is None:
+        raise DataError(f"no prepared data in {folder} ({MANIFEST_FILE} missing); run `raylm prepare` "
+                        f"on a config with data.out_dir={folder}")
+    return parse_manifest(data, where, folder)
+
+
+def parse_manifest(data: bytes, where: str, folder: str) -> dict:
+    """The manifest in `data` (read from `where`), checked for its format and for shard names inside folder."""
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(data.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path} is not valid JSON ({exc}); {FIX}") from None
+        raise DataError(f"{where} is not valid JSON ({exc}); {FIX}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DataError(f"{path} is not a {FORMAT} manifest (format={found!r}); {FIX}")
+        raise DataError(f"{where} is not a {FORMAT} manifest (format={found!r}); {FIX}")
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(e, dict) and is_inside_name(e.get("file"))
                                                and "/" not in e["file"] for e in shards):
-        raise DataError(f"{path} lists a shard file outside {path.parent} (or no shard list); refusing to read "
+        raise DataError(f"{where} lists a shard file outside {folder} (or no shard list); refusing to read "
                         f"it (the manifest was edited); {FIX}")
     return manifest
 
@@ -128,22 +144,44 @@ def check_shard_size(folder: Path, entry: dict) -> Path:
     return path
 
 
+class ShardDigest:
+    """sha256, byte count and largest token id of a shard's bytes, fed in pieces of any length."""
+
+    def __init__(self, dtype: str):
+        self.dtype = np.dtype(dtype)
+        self.hash, self.bytes, self.top, self._carry = hashlib.sha256(), 0, 0, b""
+
+    def update(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.bytes += len(data)
+        data = self._carry + data
+        whole = len(data) // self.dtype.itemsize * self.dtype.itemsize  # a piece may end inside a token
+        if whole:
+            self.top = max(self.top, int(np.frombuffer(data[:whole], dtype=self.dtype).max()))
+        self._carry = data[whole:]
+
+    def check(self, where: str, entry: dict, vocab_size: int) -> None:
+        """DataError naming `where` unless size, sha256 and token ids match the manifest entry."""
+        if self.bytes != entry["bytes"]:
+            raise DataError(f"shard {where} has {self.bytes} bytes but the manifest says {entry['bytes']} "
+                            f"(truncated or overwritten); {FIX}")
+        if self.hash.hexdigest() != entry["sha256"]:
+            raise DataError(f"shard {where} has sha256 {self.hash.hexdigest()[:16]}... but the manifest says "
+                            f"{entry['sha256'][:16]}... (edited or corrupted); {FIX}")
+        if self.top >= vocab_size:
+            raise DataError(f"shard {where} holds token id {self.top} >= vocab size {vocab_size} recorded in the "
+                            f"manifest (shards from another tokenizer?); {FIX}")
+
+
 def check_shard(folder: Path, entry: dict, vocab_size: int) -> None:
     """Full check of one shard: size, sha256 and every token id below vocab_size."""
     path = check_shard_size(folder, entry)
-    digest, top = hashlib.sha256(), 0
+    digest = ShardDigest(entry["dtype"])
     tokens = np.memmap(path, dtype=entry["dtype"], mode="r") if entry["bytes"] else np.zeros(0, entry["dtype"])
     for start in range(0, len(tokens), SCAN_TOKENS):
-        piece = tokens[start:start + SCAN_TOKENS]
-        digest.update(piece.tobytes())
-        top = max(top, int(piece.max()))
+        digest.update(tokens[start:start + SCAN_TOKENS].tobytes())
     del tokens
-    if digest.hexdigest() != entry["sha256"]:
-        raise DataError(f"shard {path} has sha256 {digest.hexdigest()[:16]}... but the manifest says "
-                        f"{entry['sha256'][:16]}... (edited or corrupted); {FIX}")
-    if top >= vocab_size:
-        raise DataError(f"shard {path} holds token id {top} >= vocab size {vocab_size} recorded in the manifest "
-                        f"(shards from another tokenizer?); {FIX}")
+    digest.check(str(path), entry, vocab_size)
 
 
 def check_tokenizer(folder: Path, manifest: dict) -> None:
@@ -169,12 +207,18 @@ def split_summary(manifest: dict) -> dict[str, dict]:
 
 
 def verify(out_dir: str | Path) -> dict:
-    """Check the tokenizer and every shard against manifest.json; a summary dict, or DataError naming the shard."""
-    folder = Path(out_dir).expanduser()
-    manifest = read_manifest(folder)
-    check_tokenizer(folder, manifest)
-    for entry in manifest["shards"]:
-        check_shard(folder, entry, manifest["vocab_size"])
-    return {"ok": True, "dir": str(folder), "shards": len(manifest["shards"]), "tokens": manifest["tokens"],
+    """Check the tokenizer and every shard against manifest.json; a summary dict, or DataError naming the shard.
+    An s3:// or gs:// prefix is checked by reading each object once (nothing is written to the cache)."""
+    if is_uri(out_dir):
+        from raylm.data.cache import verify_remote
+
+        folder, manifest = str(out_dir), verify_remote(str(out_dir))
+    else:
+        folder = str(Path(out_dir).expanduser())
+        manifest = read_manifest(folder)
+        check_tokenizer(Path(folder), manifest)
+        for entry in manifest["shards"]:
+            check_shard(Path(folder), entry, manifest["vocab_size"])
+    return {"ok": True, "dir": folder, "shards": len(manifest["shards"]), "tokens": manifest["tokens"],
             "vocab_size": manifest["vocab_size"], "tokenizer_sha256": manifest["tokenizer_sha256"],
             "splits": split_summary(manifest)}

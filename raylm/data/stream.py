@@ -8,6 +8,9 @@ collective (hang 3), and a run resumes at any global offset, under any dp size t
 re-reading the epoch. Shards are memory-mapped and read lazily; each shard is checked against the manifest
 (sha256, ids < vocab) the first time this process touches it, and a bad one stops the stream with its name.
 
+A source may be an s3:// or gs:// prefix: its manifest is fetched when the stream opens and each shard is fetched
+into the node's data.cache_dir the first time it is read (raylm.data.cache), then memory-mapped like a local one.
+
 Reading: with prefetch > 0 and Ray initialized (always, inside Ray Train workers) the rank's chunks of
 CHUNK_SAMPLES windows are read by a Ray Data pipeline (`map_batches` over chunk ids, in order, `prefetch`
 chunks ahead, tasks pinned to this node so they read the same files); otherwise in-process. Both paths run
@@ -23,10 +26,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from raylm.data.cache import fetch_shard, open_cached
 from raylm.data.on_ray import ERROR_COLUMN, ordered, raise_if_error, ray_is_up
 from raylm.data.order import Order
 from raylm.data.shards import check_shard, check_shard_size, read_manifest
 from raylm.errors import DataError
+from raylm.storage.uri import is_uri
 
 DEFAULT_PREFETCH = 2  # chunks read ahead of the trainer
 CHUNK_SAMPLES = 256  # windows per read: one vectorized locate, one Ray Data block
@@ -49,6 +54,7 @@ class StreamPlan:
     dp_size: int
     start_sample: int
     chunk_samples: int
+    cache_dir: str = ""  # data.cache_dir: where shards of s3:// or gs:// sources are fetched on this node
 
     def global_samples(self, local: np.ndarray) -> np.ndarray:
         return self.start_sample + self.dp_rank + local * self.dp_size
@@ -62,18 +68,19 @@ def normalize_sources(paths_or_sources: Any) -> tuple[tuple[str, float], ...]:
     out = []
     for item in items:
         path, weight = (item["path"], item.get("weight", 1.0)) if isinstance(item, dict) else (item, 1.0)
-        out.append((str(Path(path).expanduser()), float(weight)))
+        out.append((str(path) if is_uri(path) else str(Path(path).expanduser()), float(weight)))
     return tuple(out)
 
 
 class SplitReader:
     """One prepared folder's split as one token sequence, read through lazily opened, verified memory maps."""
 
-    def __init__(self, folder: str, manifest: dict, split: str, seq_len: int):
+    def __init__(self, folder: str, manifest: dict, split: str, seq_len: int, source: str = ""):
         self.folder, self.split, self.seq_len = Path(folder), split, seq_len
+        self.source = source  # an s3:// or gs:// prefix whose shards are fetched into folder on first use
         self.vocab_size = manifest["vocab_size"]
         self.entries = [e for e in manifest["shards"] if e["split"] == split]
-        for entry in self.entries:
+        for entry in self.entries if not source else ():
             check_shard_size(self.folder, entry)  # a stat each: missing or truncated shards fail at open
         self.starts = np.concatenate([[0], np.cumsum([e["tokens"] for e in self.entries])]).astype(np.int64)
         tokens = int(self.starts[-1])
@@ -103,6 +110,8 @@ class SplitReader:
             self._open.move_to_end(shard)
             return self._open[shard]
         entry = self.entries[shard]
+        if self.source:
+            fetch_shard(self.source, self.folder, entry, self.vocab_size)
         path = check_shard_size(self.folder, entry)
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns, entry["sha256"])
@@ -118,18 +127,23 @@ class SplitReader:
         self._open.clear()
 
 
-def open_readers(sources: Sequence[tuple[str, float]], split: str, seq_len: int) -> list[SplitReader]:
-    """A reader per source; every source must come from the same tokenizer."""
+def open_readers(sources: Sequence[tuple[str, float]], split: str, seq_len: int, cache_dir: str = "",
+                 refresh: bool = True) -> list[SplitReader]:
+    """A reader per source; every source must come from the same tokenizer. A URI source reads from its cache
+    folder (its manifest fetched again when refresh, else the one this node already holds)."""
     readers, first = [], None
     for folder, _ in sources:
-        manifest = read_manifest(folder)
+        if is_uri(folder):
+            (local, manifest), remote = open_cached(folder, cache_dir, refresh), folder
+        else:
+            local, manifest, remote = folder, read_manifest(folder), ""
         if first is None:
-            first = (folder, manifest["tokenizer_sha256"])
+            first = (folder, manifest["tokenizer_sha256"], Path(local) / "tokenizer.json")  # a local copy
         elif manifest["tokenizer_sha256"] != first[1]:
             raise DataError(f"data source {folder} was prepared with another tokenizer (sha256 "
                             f"{manifest['tokenizer_sha256'][:16]}...) than {first[0]} ({first[1][:16]}...); prepare "
-                            f"every source with data.tokenizer={Path(first[0]) / 'tokenizer.json'}")
-        readers.append(SplitReader(folder, manifest, split, seq_len))
+                            f"every source with data.tokenizer={first[2]}")
+        readers.append(SplitReader(local, manifest, split, seq_len, source=remote))
     return readers
 
 
@@ -141,9 +155,9 @@ def order_of(readers: Sequence[SplitReader], sources: Sequence[tuple[str, float]
 class ChunkReader:
     """Chunk c of a rank's sequence: its local samples [c*C, (c+1)*C) as a (C, seq_len + 1) int64 array."""
 
-    def __init__(self, plan: StreamPlan):
+    def __init__(self, plan: StreamPlan, refresh: bool = True):
         self.plan = plan
-        self.readers = open_readers(plan.sources, plan.split, plan.seq_len)
+        self.readers = open_readers(plan.sources, plan.split, plan.seq_len, plan.cache_dir, refresh)
         self.order = order_of(self.readers, plan.sources, plan.seed)
 
     def chunk(self, index: int) -> np.ndarray:
@@ -180,11 +194,11 @@ class RankStream:
     """Infinite iterator of (inputs, targets) int64 tensors of shape (micro_batch, seq_len) for one DP rank."""
 
     def __init__(self, paths_or_sources: Any, split: str, seq_len: int, seed: int, dp_rank: int, dp_size: int,
-                 micro_batch: int, start_sample: int = 0, prefetch: int = DEFAULT_PREFETCH):
+                 micro_batch: int, start_sample: int = 0, prefetch: int = DEFAULT_PREFETCH, cache_dir: str = ""):
         _check_args(seq_len, dp_rank, dp_size, micro_batch, start_sample)
         self.micro_batch, self.dp_size, self.prefetch = micro_batch, dp_size, prefetch
         self.plan = StreamPlan(normalize_sources(paths_or_sources), split, seq_len, seed, dp_rank, dp_size,
-                               start_sample, micro_batch * max(1, CHUNK_SAMPLES // micro_batch))
+                               start_sample, micro_batch * max(1, CHUNK_SAMPLES // micro_batch), cache_dir)
         self.reader = ChunkReader(self.plan)  # opens and checks the manifests here, in the caller's process
         self.order = self.reader.order
         self.global_offset = start_sample
@@ -232,7 +246,7 @@ def _read_task(batch: dict, plan: StreamPlan) -> dict:
     try:
         if plan not in _CHUNK_READERS:
             _CHUNK_READERS.clear()
-            _CHUNK_READERS[plan] = ChunkReader(plan)
+            _CHUNK_READERS[plan] = ChunkReader(plan, refresh=False)  # the rank fetched the manifests just now
         data = [_CHUNK_READERS[plan].chunk(int(c)).tobytes() for c in batch["chunk"]]
         return {"windows": np.array(data, dtype=object), ERROR_COLUMN: np.array([""] * len(data), dtype=object)}
     except DataError as exc:
@@ -262,13 +276,13 @@ def build_rank_stream(cfg, split: str, dp_rank: int, dp_size: int, start_sample:
     """The stream a training rank reads: data.sources (or data.out_dir), data.seq_len, run.seed, micro_batch."""
     sources = list(cfg.data.sources) or cfg.data.out_dir
     return RankStream(sources, split, cfg.data.seq_len, cfg.run.seed, dp_rank, dp_size, cfg.parallel.micro_batch,
-                      start_sample=start_sample)
+                      start_sample=start_sample, cache_dir=cfg.data.cache_dir)
 
 
 def run_order(cfg, split: str = "train") -> Order:
     """The global sample order of a run's split (what its ranks' streams follow), for exact data accounting."""
     sources = normalize_sources(list(cfg.data.sources) or cfg.data.out_dir)
-    readers = open_readers(sources, split, cfg.data.seq_len)
+    readers = open_readers(sources, split, cfg.data.seq_len, cfg.data.cache_dir)
     try:
         return order_of(readers, sources, cfg.run.seed)
     finally:
@@ -277,15 +291,17 @@ def run_order(cfg, split: str = "train") -> Order:
 
 
 def peek(out_dir: Any, dp_rank: int = 0, dp_size: int = 1, start: int = 0, count: int = 4, seed: int = 0,
-         seq_len: int | None = None, split: str = "train") -> Iterator[dict]:
+         seq_len: int | None = None, split: str = "train", cache_dir: str = "") -> Iterator[dict]:
     """The samples DP rank `dp_rank` of `dp_size` trains on, from its `start`-th on: JSON-able dicts with text."""
     from raylm.data.tokenizer import load_tokenizer
 
     sources = normalize_sources(out_dir)
     seq_len = seq_len or read_manifest(sources[0][0]).get("seq_len") or 128
     _check_args(seq_len, dp_rank, dp_size, 1, 0)
-    plan = StreamPlan(sources, split, seq_len, seed, dp_rank, dp_size, 0, 1)
-    reader, tokenizer = ChunkReader(plan), load_tokenizer(sources[0][0])
+    plan = StreamPlan(sources, split, seq_len, seed, dp_rank, dp_size, 0, 1, cache_dir)
+    reader = ChunkReader(plan)
+    first = sources[0][0]
+    tokenizer = load_tokenizer(open_cached(first, cache_dir, refresh=False)[0] if is_uri(first) else first)
     samples = plan.global_samples(np.arange(start, start + count))
     located = reader.order.locate(samples)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ from raylm.config import Config, to_dict, with_overrides
 from raylm.config.derived import num_workers
 from raylm.errors import RaylmError
 from raylm.log import get_logger
+from raylm.storage.uri import is_uri
 from raylm.train.metrics import plot_loss_curve, read_metrics
 from raylm.train.preflight import check_prepared_data
 from raylm.train.ray_cluster import connect_ray
@@ -38,13 +40,17 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """Workers do not start in the caller's folder: pin every relative path of the config to it."""
+    """Workers do not start in the caller's folder: pin every relative path of the config to it (URIs stay as
+    they are: `s3://b/x` is not a path under the working folder)."""
     def absolute(path: str) -> str:
-        return str(Path(path).expanduser().resolve()) if path else path
+        return str(Path(path).expanduser().resolve()) if path and not is_uri(path) else path
 
     sources = [{**source, "path": absolute(source["path"])} for source in cfg.data.sources]
+    # data.paths keep their symlinks (a corpus file's path is its identity) and their globs: abspath, not resolve.
+    paths = [p if is_uri(p) else os.path.abspath(os.path.expanduser(p)) for p in cfg.data.paths]
     return with_overrides(cfg, {"run.dir": absolute(cfg.run.dir), "data.out_dir": absolute(cfg.data.out_dir),
-                                "data.tokenizer": absolute(cfg.data.tokenizer), "data.sources": sources})
+                                "data.tokenizer": absolute(cfg.data.tokenizer), "data.sources": sources,
+                                "data.cache_dir": absolute(cfg.data.cache_dir), "data.paths": paths})
 
 
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):

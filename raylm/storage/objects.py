@@ -1,0 +1,68 @@
+"""Object operations raylm needs on a storage prefix: read, stream, upload, list and delete one object."""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from raylm.storage.fs import filesystem, storage_errors
+from raylm.storage.uri import StorageUri
+
+COPY_BYTES = 8 << 20  # pieces an upload or download moves at a time: memory stays flat
+
+
+def read_bytes(uri: StorageUri) -> bytes | None:
+    """The whole object, or None when there is none (a small file: manifest.json, tokenizer.json)."""
+    fs = filesystem(uri)
+    try:
+        with storage_errors(uri, "read"), fs.open_input_stream(uri.path) as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return None
+
+
+class _Reader:
+    """read() of an object stream, its storage errors turned into one line (and only its own: an error in the
+    caller's code, such as a full local disk, passes through untouched)."""
+
+    def __init__(self, stream, uri: StorageUri):
+        self.stream, self.uri = stream, uri
+
+    def read(self, size: int = -1) -> bytes:
+        with storage_errors(self.uri, "read"):
+            return self.stream.read(size)
+
+
+@contextmanager
+def open_read(uri: StorageUri) -> Iterator[_Reader]:
+    """A sequential reader of the object (FileNotFoundError when there is none)."""
+    fs = filesystem(uri)
+    with storage_errors(uri, "read"):
+        stream = fs.open_input_stream(uri.path)
+    with stream:
+        yield _Reader(stream, uri)
+
+
+def upload_file(local: Path, uri: StorageUri) -> None:
+    """Copy a local file to the object (an S3 object appears whole or not at all, never half-written)."""
+    fs = filesystem(uri)
+    with storage_errors(uri, "write"), open(local, "rb") as source, fs.open_output_stream(uri.path) as target:
+        shutil.copyfileobj(source, target, COPY_BYTES)
+
+
+def object_sizes(uri: StorageUri) -> dict[str, int]:
+    """Size of every object directly under the prefix, by name (nothing for a prefix that holds none)."""
+    import pyarrow.fs as pafs
+
+    fs = filesystem(uri)
+    with storage_errors(uri, "list"):
+        infos = fs.get_file_info(pafs.FileSelector(uri.path, allow_not_found=True, recursive=False))
+    return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
+
+
+def delete_object(uri: StorageUri) -> None:
+    fs = filesystem(uri)
+    with storage_errors(uri, "delete"):
+        fs.delete_file(uri.path)

@@ -1,0 +1,60 @@
+"""A real S3-speaking server on 127.0.0.1 for storage tests (moto's ThreadedMotoServer), reached like real S3."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from contextlib import contextmanager
+from typing import Iterator
+
+import pytest
+
+BUCKET = "raylm-test"
+DUMMY_KEYS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+              "AWS_REGION": "us-east-1"}
+
+
+@contextmanager
+def s3_server() -> Iterator[str]:
+    """Start moto on a free port of 127.0.0.1; yields its endpoint URL (http://127.0.0.1:PORT)."""
+    server_module = pytest.importorskip("moto.server", reason="needs moto[server] (the dev extra)")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def use_endpoint(monkeypatch, endpoint: str) -> None:
+    """Point raylm (through pyarrow, exactly as for real S3) at the server with dummy credentials."""
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    for name, value in DUMMY_KEYS.items():
+        monkeypatch.setenv(name, value)
+
+
+def create_bucket(endpoint: str, name: str = BUCKET) -> None:
+    """Test set-up only (raylm never creates buckets): an empty bucket on the server."""
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=DUMMY_KEYS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=DUMMY_KEYS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+
+
+def put_object(endpoint: str, key: str, data: bytes, bucket: str = BUCKET) -> None:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=DUMMY_KEYS["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=DUMMY_KEYS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    client.put_object(Bucket=bucket, Key=key, Body=data)
