@@ -69,6 +69,7 @@ def _check_positive(cfg: Config) -> None:
 def _check_choices(cfg: Config) -> None:
     choices = {
         "train.precision": (cfg.train.precision, ("fp32", "bf16")),
+        "run.log_level": (cfg.run.log_level, ("info", "debug")),
         "schedule.lr.kind": (cfg.schedule.lr.kind, ("constant", "linear", "cosine", "wsd")),
         "schedule.lr.decay_shape": (cfg.schedule.lr.decay_shape, ("linear", "cosine", "sqrt")),
         "checkpoint.resume": (cfg.checkpoint.resume, ("auto", "never", "required")),
