@@ -90,13 +90,26 @@ def split_for_console(batch: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def quiet_ray_driver_loggers() -> None:
-    """On the driver, before ray.init and unless verbose: Ray's, Ray Data's, Ray Train's and Tune's own loggers to
+    """On the driver, before ray.init and unless verbose: Ray's, Ray Train's and Ray Data's console lines to
     warnings, and Ray's notice that a local Ray has token authentication on (it says so at every start) off."""
     if console_is_verbose():
         return
-    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+    for name in ("ray", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    _quiet_ray_data_console()
+
+
+def _quiet_ray_data_console() -> None:
+    """Ray Data logs to a file in the session folder and to the console: its console handler to warnings, so its
+    executor banners and progress snapshots stay in the file only."""
+    try:
+        import ray.data  # noqa: F401  (sets up the "ray.data" logger and its handlers on import)
+    except ImportError:
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def filter_forwarded_logs() -> None:
