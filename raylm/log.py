@@ -24,7 +24,7 @@ _console = {"verbose": False}
 RAYLM_LINE = re.compile(r"\[raylm r\d+\] ")
 # Python logging and warnings (WARNING, UserWarning:, ...), DeepSpeed's "[WARNING]", and Ray's C++ log lines at
 # warning, error or fatal level ("[2026-01-01 00:00:00,000 E 123 456] file.cc:10: ...").
-WARNING_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL|FATAL)\b|\w(Warning|Error|Exception):|^Traceback"
+WARNING_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL|FATAL)\b|\b\w*(Warning|Error|Exception):|^Traceback"
                           r"|^\[[\d-]+ [\d:,.]+ [WEF] \d+ \d+\]")
 # Warnings that are not news to a raylm user, each with the reason it is safe to hide. Still written to disk.
 KNOWN_NOISE = (

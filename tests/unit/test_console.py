@@ -36,6 +36,8 @@ KEPT = [
     "2026-12-02 04:17:00,819\tERROR worker.py:1 -- Unhandled error (suppress with RAY_IGNORE_UNHANDLED_ERRORS=1)",
     "[2026-12-02 04:17:00,819 E 8773 8840] raylet.cc:10: the node ran out of memory",
     "Traceback (most recent call last):",
+    "Warning: The following resource request cannot be scheduled right now: {'GPU': 1.0}.",
+    "Error: No available node types can fulfill resource request {'GPU': 1.0}. Add suitable node types.",
     "torch.OutOfMemoryError: CUDA out of memory.",
 ]
 
