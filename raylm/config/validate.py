@@ -9,6 +9,7 @@ import re
 from raylm.config.derived import ffn_hidden, kv_heads, padded_vocab, samples_per_micro_step
 from raylm.config.schema import Config
 from raylm.errors import ConfigError
+from raylm.log import LOG_LEVELS
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MIN_BYTE_VOCAB = 256 + 3  # the byte alphabet plus the special tokens
@@ -69,7 +70,7 @@ def _check_positive(cfg: Config) -> None:
 def _check_choices(cfg: Config) -> None:
     choices = {
         "train.precision": (cfg.train.precision, ("fp32", "bf16")),
-        "run.log_level": (cfg.run.log_level, ("info", "debug")),
+        "run.log_level": (cfg.run.log_level, LOG_LEVELS),
         "schedule.lr.kind": (cfg.schedule.lr.kind, ("constant", "linear", "cosine", "wsd")),
         "schedule.lr.decay_shape": (cfg.schedule.lr.decay_shape, ("linear", "cosine", "sqrt")),
         "checkpoint.resume": (cfg.checkpoint.resume, ("auto", "never", "required")),
