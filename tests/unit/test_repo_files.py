@@ -1,7 +1,6 @@
 """Every YAML under cluster/, jobs/ and tune_spaces/ loads, and the files and commands they name exist."""
 
 import re
-from pathlib import Path
 
 import pytest
 import yaml
