@@ -68,3 +68,19 @@ def test_workers_silence_only_the_harmless_broadcast_warning():
         warnings.warn("c10d::allreduce_: something else", UserWarning)
     assert [str(w.message) for w in caught if "c10d::" in str(w.message)] == ["c10d::allreduce_: something else"]
     assert HARMLESS_BROADCAST_WARNING.startswith("c10d::broadcast_")
+
+
+def test_the_driver_printer_swap_works_on_the_pinned_ray(monkeypatch):
+    """Ray's driver prints forwarded lines through a named handler; the swap must find it on the pinned Ray."""
+    from ray._private import worker as ray_worker
+
+    from raylm import log
+
+    printed = []
+    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda batch, ignore_prefix: printed.append(
+        (batch["lines"], ignore_prefix)))
+    dispatcher = ray_worker.global_worker_stdstream_dispatcher
+    monkeypatch.setattr(dispatcher, "handlers", [("ray_print_logs", lambda batch: printed.append("unfiltered"))])
+    log._swap_ray_log_printer()
+    dispatcher.emit({"pid": 1, "is_err": True, "lines": [KEPT[0], DROPPED[0], KEPT[3]]})
+    assert printed == [([KEPT[0]], True), ([KEPT[3]], False)]
