@@ -83,7 +83,7 @@ def keep_on_console(line: str) -> bool:
 
 
 def split_for_console(batch: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """A Ray log batch's lines to show: (raylm's own lines, printed bare; other kept lines, printed with Ray's prefix)."""
+    """A Ray log batch's lines to show: (raylm's own, printed bare; other kept lines, printed with Ray's prefix)."""
     kept = [line for line in batch.get("lines", []) if keep_on_console(line)]
     own = [line for line in kept if RAYLM_LINE.search(line)]
     return own, [line for line in kept if not RAYLM_LINE.search(line)]
