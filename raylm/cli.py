@@ -10,6 +10,7 @@ from typing import Callable, Sequence
 from raylm.errors import RaylmError
 
 CONFIG_HELP = "run config YAML (e.g. jobs/configs/tiny.yaml)"
+VERBOSE_HELP = "show every Ray, Ray Train and DeepSpeed line on the console (run.log_level=debug)"
 OVERRIDES_HELP = "dotted overrides section.key=value, values parsed as YAML (e.g. parallel.pp=2 optim.lr=3e-4)"
 
 
@@ -24,9 +25,14 @@ def _config_epilog() -> str:
 
 
 def _load(args: argparse.Namespace):
+    """The config with its overrides (`--verbose` is run.log_level=debug); the console follows its log level."""
     from raylm.config import load_config
+    from raylm.log import setup_logging
 
-    return load_config(args.config, args.overrides)
+    verbose = ["run.log_level=debug"] if getattr(args, "verbose", False) else []
+    cfg = load_config(args.config, [*args.overrides, *verbose])
+    setup_logging(rank=0, verbose=cfg.run.log_level == "debug")
+    return cfg
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -106,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = verbs.add_parser(name, help=help_text, description=help_text, **kwargs)
         sub.add_argument("config", help=CONFIG_HELP)
         sub.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
+        sub.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
         sub.set_defaults(func=func)
         return sub
 
@@ -123,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("space", help="search space YAML: dotted config key -> distribution (see tune_spaces/)")
     sweep.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     sweep.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder of the same name")
+    sweep.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     sweep.set_defaults(func=cmd_sweep)
 
     gen_help = "continue prompts with a trained run, checkpoint or export (KV-cache decoding)"

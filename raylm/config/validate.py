@@ -11,6 +11,7 @@ from raylm.config.derived import ffn_hidden, kv_heads, padded_vocab, samples_per
 from raylm.config.loader import short_repr
 from raylm.config.schema import Config
 from raylm.errors import ConfigError, StorageError
+from raylm.log import LOG_LEVELS
 from raylm.storage.uri import NOT_YET, SUPPORTED, is_uri, parse_uri, refuse_uri
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -73,6 +74,7 @@ def _check_positive(cfg: Config) -> None:
 def _check_choices(cfg: Config) -> None:
     choices = {
         "train.precision": (cfg.train.precision, ("fp32", "bf16")),
+        "run.log_level": (cfg.run.log_level, LOG_LEVELS),
         "schedule.lr.kind": (cfg.schedule.lr.kind, ("constant", "linear", "cosine", "wsd")),
         "schedule.lr.decay_shape": (cfg.schedule.lr.decay_shape, ("linear", "cosine", "sqrt")),
         "checkpoint.resume": (cfg.checkpoint.resume, ("auto", "never", "required")),

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 from raylm.errors import DataError
+from raylm.log import console_is_verbose, quiet_ray_driver_loggers
 
 ERROR_COLUMN = "error"  # a task reports a DataError as a row, so the driver raises one line, not a task traceback
 
@@ -17,6 +18,7 @@ def ray_session() -> Iterator[None]:
 
     started = not ray.is_initialized()
     if started:
+        quiet_ray_driver_loggers()
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         yield
@@ -34,10 +36,13 @@ def ray_is_up() -> bool:
 
 
 def ordered(dataset, progress: bool = False):
-    """Blocks come out in input order (shards and batches must not depend on which task finished first)."""
+    """Blocks come out in input order (shards and batches must not depend on which task finished first).
+
+    progress: a live progress bar on a terminal; Ray Data's start-of-execution banners only with run.log_level=debug
+    (streams start once per evaluation: they would flood the worker logs too)."""
     dataset.context.execution_options.preserve_order = True
     dataset.context.enable_progress_bars = progress
-    dataset.context.print_on_execution_start = progress  # streams start one per evaluation: keep worker logs quiet
+    dataset.context.print_on_execution_start = progress and console_is_verbose()
     return dataset
 
 

@@ -153,14 +153,20 @@ def summarise(run_dir: Path, result, wall_s: float) -> dict[str, Any]:
         "run_dir": str(run_dir),
         "steps": last.get("step", -1) + 1,
         "tokens": last.get("tokens", 0),
-        "first_loss": rows[0]["loss"] if rows else None,
-        "final_loss": last.get("loss"),
-        "val_loss": evals[-1]["val_loss"] if evals else None,
-        "tokens_per_s": last.get("tokens_per_s"),
+        "first_loss": _rounded(rows[0]["loss"] if rows else None, 4),
+        "final_loss": _rounded(last.get("loss"), 4),
+        "val_loss": _rounded(evals[-1]["val_loss"] if evals else None, 4),
+        "tokens_per_s": _rounded(last.get("tokens_per_s"), 1),
         "wall_s": round(wall_s, 1),
         "loss_curve": str(plot) if plot else None,
         "checkpoint": _newest_checkpoint(run_dir),
     }
+    val = f"{summary['val_loss']:.3f}" if summary["val_loss"] is not None else "none"
     get_logger().info("done: %d steps, loss %.3f -> %.3f, val_loss %s, %.0f s; %s", summary["steps"],
-                      summary["first_loss"] or 0, summary["final_loss"] or 0, summary["val_loss"], wall_s, run_dir)
+                      summary["first_loss"] or 0, summary["final_loss"] or 0, val, wall_s, run_dir)
     return summary
+
+
+def _rounded(value: float | None, digits: int) -> float | None:
+    """A summary figure as people read it; metrics.jsonl keeps the full value."""
+    return None if value is None else round(value, digits)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
 from raylm.errors import RaylmError
-from raylm.log import get_logger
+from raylm.log import console_is_verbose, filter_forwarded_logs, get_logger, quiet_ray_driver_loggers
 
 CONNECT_TIMEOUT_S = 10.0
 LOCAL_HEALTH_CHECK_S = "0.5"
@@ -14,7 +15,8 @@ LOCAL_DASHBOARD_HOST = "127.0.0.1"  # never a public interface
 
 
 def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """ray.init against RAY_ADDRESS, or a local single-node Ray (token authentication as default).
+    """ray.init against RAY_ADDRESS, or a local single-node Ray (token authentication as default); the console
+    then shows raylm's lines and real warnings unless run.log_level=debug (raylm/log.py).
 
     A local Ray keeps its dashboard on 127.0.0.1: Ray Train's placement-group cleaner asks the state API behind
     it whether a controller died, and without it the resources of a stopped run (an early-stopped Tune trial,
@@ -28,14 +30,18 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     if ray.is_initialized():
         return
     log = get_logger()
+    quiet_ray_driver_loggers()
+    ray_log_level = logging.INFO if console_is_verbose() else logging.WARNING  # Ray's own driver lines
     if remote:
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=ray_log_level)
     else:
         log.info("starting a local Ray (no RAY_ADDRESS set)")
         # ray.train.report waits for the controller's next poll; a local cluster can afford to poll often.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_S)
-        ray.init(include_dashboard=True, dashboard_host=LOCAL_DASHBOARD_HOST, log_to_driver=True)
+        ray.init(include_dashboard=True, dashboard_host=LOCAL_DASHBOARD_HOST, log_to_driver=True,
+                 logging_level=ray_log_level)
+    filter_forwarded_logs()
 
 
 def _probe(address: str, timeout_s: float) -> None:

@@ -26,7 +26,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = resolve(loop_config["config"])
     context = ray.train.get_context()
     rank = context.get_world_rank()
-    setup_logging(rank)
+    setup_logging(rank, verbose=cfg.run.log_level == "debug")
     quiet_worker_logs()
     torch.set_num_threads(_torch_threads(cfg, context.get_local_world_size()))
     session = build_session(cfg, loop_config["backend"], rank)

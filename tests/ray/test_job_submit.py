@@ -1,4 +1,7 @@
-"""A real `ray start --head` + `ray job submit` of jobs/train.py on the tiny config, as the README shows."""
+"""A real `ray start --head` + `ray job submit` of jobs/train.py on the tiny config, as the README shows.
+
+Every command runs in an environment without any RAY_ variable, as a new shell has it (the test process itself
+carries the ones its own Ray set, RAY_AUTH_MODE among them); the token settings come from the README's commands."""
 
 from __future__ import annotations
 
@@ -21,6 +24,11 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def fresh_shell_env() -> dict[str, str]:
+    """This process's environment without Ray's variables, as a new shell would have it."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
 
 
 def start_head(gcs_port: int, dashboard_port: int, temp_dir: Path, env: dict) -> subprocess.Popen:
@@ -54,9 +62,14 @@ def stop_head(head: subprocess.Popen) -> None:
 
 def test_ray_job_submit_trains_tiny(prepared, small_corpus, tmp_path):
     gcs_port, dashboard_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    subprocess.run([RAY, "get-auth-token", "--generate"], env=fresh_shell_env(), check=True, capture_output=True)
+    env = {**fresh_shell_env(), "RAY_AUTH_MODE": "token"}  # README: RAY_AUTH_MODE=token on the head and the client
     head = start_head(gcs_port, dashboard_port, Path("/tmp") / f"raylm-job-{os.getpid()}", env)
     try:
+        bare = subprocess.run([RAY, "job", "list", f"--address=http://127.0.0.1:{dashboard_port}"],
+                              env=fresh_shell_env(), capture_output=True, text=True, timeout=120)
+        assert bare.returncode != 0 and "token" in (bare.stdout + bare.stderr).lower(), \
+            "a client without RAY_AUTH_MODE=token must be refused: the README's export is what makes submit work"
         overrides = [*SMALL_MODEL, "parallel.pp=2", f"data.paths=['{small_corpus}']", f"data.out_dir={prepared}",
                      f"run.dir={tmp_path / 'runs'}", "run.name=submitted"]
         command = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dashboard_port}", "--working-dir",
