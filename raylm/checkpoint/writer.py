@@ -43,8 +43,11 @@ def save_json(folder: Path, rel_path: str, obj: dict) -> Records:
 
 
 def tokenizer_source(cfg: Config) -> Path | None:
-    """The run's tokenizer.json (in data.out_dir, else data.tokenizer), if there is one to copy."""
-    candidates = [Path(cfg.data.out_dir).expanduser() / TOKENIZER_FILE]
+    """The run's tokenizer.json (in data.out_dir, or this node's cached copy of an object-storage prefix; else
+    data.tokenizer), if there is one to copy."""
+    from raylm.data.cache import local_tokenizer
+
+    candidates = [local_tokenizer(cfg.data.out_dir, cfg.data.cache_dir)]
     if cfg.data.tokenizer:
         candidates.append(Path(cfg.data.tokenizer).expanduser())
     return next((p for p in candidates if p.is_file()), None)

@@ -120,6 +120,7 @@ def load_weights(source: str | Path) -> tuple[dict, dict[str, torch.Tensor], Pat
 
 def load_model(source: str | Path):
     """(model in eval mode, tokenizer, config) from an export, checkpoint or run folder."""
+    from raylm.data.cache import local_tokenizer
     from raylm.data.tokenizer import load_tokenizer_file
     from raylm.model.gpt import GPT
 
@@ -129,7 +130,7 @@ def load_model(source: str | Path):
     model.load_state_dict(state)
     tokenizer_path = folder / "tokenizer.json"
     if not tokenizer_path.exists():
-        tokenizer_path = Path(cfg.data.out_dir).expanduser() / "tokenizer.json"
+        tokenizer_path = local_tokenizer(cfg.data.out_dir, cfg.data.cache_dir)
     if not tokenizer_path.exists():
         raise RaylmError(f"no tokenizer.json in {folder} or {cfg.data.out_dir}; copy the run's tokenizer.json "
                          f"into {folder}")

@@ -12,6 +12,7 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,3 +207,14 @@ def test_corpus_on_s3_gives_the_same_shards(s3, tmp_path):
     prepare(remote, use_ray=False)
     shas = [[e["sha256"] for e in read_manifest(c.data.out_dir)["shards"]] for c in (local, remote)]
     assert shas[0] == shas[1]
+
+
+def test_a_checkpoint_of_a_run_on_s3_data_carries_its_tokenizer(on_s3, tmp_path):
+    """Checkpoints copy the run's tokenizer.json; for a prefix it comes from the node's verified cache."""
+    from raylm.checkpoint.writer import tokenizer_source
+    from raylm.config import with_overrides
+
+    local, remote, _, _ = on_s3
+    fresh = with_overrides(remote, {"data.cache_dir": str(tmp_path / "other-node")})
+    copied = tokenizer_source(fresh)
+    assert copied is not None and copied.read_bytes() == (Path(local.data.out_dir) / "tokenizer.json").read_bytes()
