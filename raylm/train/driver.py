@@ -40,7 +40,8 @@ def with_absolute_paths(cfg: Config) -> Config:
 
     sources = [{**source, "path": absolute(source["path"])} for source in cfg.data.sources]
     return with_overrides(cfg, {"run.dir": absolute(cfg.run.dir), "data.out_dir": absolute(cfg.data.out_dir),
-                                "data.tokenizer": absolute(cfg.data.tokenizer), "data.sources": sources})
+                                "data.tokenizer": absolute(cfg.data.tokenizer), "data.sources": sources,
+                                "model.init_from": absolute(cfg.model.init_from)})
 
 
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
