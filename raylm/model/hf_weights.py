@@ -27,6 +27,8 @@ from raylm.model.weights import Shard
 HF_CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"  # sharded folders map each tensor to its file here
 FLOAT_DTYPES = ("F32", "BF16", "F16")
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings", "rms_norm_eps")
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older HF writers saved; recomputed by every reader
 FIX = "point it at a Hugging Face Llama folder of float safetensors, such as one `raylm export` wrote"
 
@@ -66,12 +68,10 @@ def _read_config(path: Path, label: str) -> dict:
     file = path / HF_CONFIG_FILE
     if not file.is_file():
         raise CheckpointError(f"{label}: no {HF_CONFIG_FILE} in {path}; {FIX}")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{label}: {file} is not valid JSON ({exc}); {FIX}") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{label}: {file} holds a {type(config).__name__}, not a config object; {FIX}")
+    config = _json(file, label)
+    missing = [key for key in REQUIRED_KEYS if not isinstance(config.get(key), (int, float))]
+    if missing:
+        raise CheckpointError(f"{label}: {file} has no numeric {missing[0]}, which a Llama config.json has; {FIX}")
     architectures = config.get("architectures") or [LLAMA_ARCH]
     if config.get("model_type") != LLAMA_TYPE or LLAMA_ARCH not in architectures:
         raise CheckpointError(f"{label}: {file} describes model_type={config.get('model_type')!r} architectures="
@@ -80,11 +80,21 @@ def _read_config(path: Path, label: str) -> dict:
     return config
 
 
+def _json(file: Path, label: str) -> dict:
+    """A JSON object from `file`; CheckpointError naming the file otherwise."""
+    try:
+        obj = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{label}: {file} is not valid JSON ({exc}); {FIX}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{label}: {file} holds a {type(obj).__name__}, not a JSON object; {FIX}")
+    return obj
+
+
 def _tensor_files(path: Path, label: str) -> list[Path]:
     """The safetensors files to read: those the index names when there is one, else every *.safetensors."""
     if (path / INDEX_FILE).is_file():
-        weight_map = json.loads((path / INDEX_FILE).read_text()).get("weight_map", {})
-        names = sorted(set(weight_map.values()))
+        names = sorted(set(_json(path / INDEX_FILE, label).get("weight_map", {}).values()))
         bad = [n for n in names if "/" in n or n.startswith(".") or not (path / n).is_file()]
         if bad:
             raise CheckpointError(f"{label}: {INDEX_FILE} names {bad[0]!r}, which is not a file in {path}; "
@@ -93,7 +103,7 @@ def _tensor_files(path: Path, label: str) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        found = f" (found {', '.join(others[:3])}: pickles are never read, since loading one can run code)" if others else ""
+        found = f" (found {', '.join(others[:3])}: pickles are never read, loading one can run code)" if others else ""
         raise CheckpointError(f"{label}: no *.safetensors file in {path}{found}; {FIX}")
     return files
 
@@ -116,8 +126,12 @@ def _header(file: Path, label: str) -> dict:
         header_len = struct.unpack("<Q", raw_len)[0] if len(raw_len) == 8 else size
         if header_len > size - 8:
             raise CheckpointError(f"{label}: {file} is not a safetensors file (or is truncated); copy it again")
-        header = json.loads(f.read(header_len))
-    data_end = max((e["data_offsets"][1] for k, e in header.items() if k != "__metadata__"), default=0)
+        try:
+            header = json.loads(f.read(header_len))
+            entries = [e for k, e in header.items() if k != "__metadata__"]
+            data_end = max((e["data_offsets"][1] for e in entries if e["dtype"] and e["shape"] is not None), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise CheckpointError(f"{label}: {file} has a malformed safetensors header; copy it again") from None
     if 8 + header_len + data_end > size:
         raise CheckpointError(f"{label}: {file} has {size} bytes but its header needs {8 + header_len + data_end} "
                               f"(truncated); copy it again")
