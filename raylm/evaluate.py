@@ -21,6 +21,8 @@ from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256
 from raylm.errors import DataError
 from raylm.log import get_logger
 
+DEFAULT_SEQ_LEN = 128  # windows for a folder whose manifest predates recording data.seq_len
+
 
 @dataclass
 class Loaded:
@@ -69,6 +71,16 @@ def check_same_tokenizer(source: str, tokenizer: Path | None, sources: tuple[tup
                             f"data.tokenizer={tokenizer}, or pass --data a folder prepared with it")
 
 
+def _overrides(tree: dict, data: str | Path | None) -> dict:
+    """The corpus and an init_from folder need not exist where we evaluate; an export without raylm's run
+    config (a bare Hugging Face folder) reads windows of the data's own seq_len, within the model's positions."""
+    overrides: dict = {"data.paths": [], "data.sources": [], "model.init_from": ""}
+    if data is not None and "seq_len" not in tree.get("data", {}):
+        prepared_seq_len = read_manifest(normalize_sources(data)[0][0]).get("seq_len") or DEFAULT_SEQ_LEN
+        overrides["data.seq_len"] = min(prepared_seq_len, tree["model"]["max_seq_len"])
+    return overrides
+
+
 @torch.no_grad()
 def mean_loss(model, stream: RankStream, micro_batches: int) -> float:
     """The mean of the micro-batches' mean losses: what the engine's eval_batch returns."""
@@ -89,8 +101,7 @@ def evaluate(source: str | Path, data: str | Path | None = None, split: str = "v
     if batches is not None and batches < 1:
         raise DataError(f"--batches {batches} must be at least 1 (global batches of train.global_batch samples)")
     loaded = load_source(source)
-    # the corpus and an init_from folder need not exist where we evaluate
-    cfg = resolve(loaded.tree, {"data.paths": [], "data.sources": [], "model.init_from": ""})
+    cfg = resolve(loaded.tree, _overrides(loaded.tree, data))
     spec = data if data is not None else (list(cfg.data.sources) or cfg.data.out_dir)
     sources = normalize_sources(spec)
     check_same_tokenizer(str(source), loaded.tokenizer, sources)

@@ -86,6 +86,9 @@ def test_an_export_evaluates_elsewhere(run, tmp_path):
     row = evaluate(tmp_path / "made-elsewhere", data=data_copy)
     assert row["data"] == [str(data_copy)] and row["step"] is None
     assert row["loss"] == pytest.approx(evaluate(run_dir)["loss"], rel=RTOL)
+    (tmp_path / "made-elsewhere" / "raylm_config.yaml").unlink()  # a bare Hugging Face folder
+    bare = evaluate(tmp_path / "made-elsewhere", data=data_copy)
+    assert bare["tokens"] == bare["samples"] * cfg.data.seq_len and math.isfinite(bare["loss"])
 
 
 def test_data_from_another_tokenizer_is_refused(run, tmp_path, capsys):
