@@ -89,9 +89,10 @@ def model_settings(config: dict) -> dict:
             "init_std": config.get("initializer_range", 0.02)}
 
 
-# model settings that change what a folder's tensors compute without changing their shapes, with HF's key
-SAME_SHAPE_SETTINGS = {"n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads",
-                       "rope_theta": "rope_theta", "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
+# the model settings a folder must agree on, with HF's key; max_seq_len is free (RoPE is computed per position)
+HF_KEYS = {"n_layer": "num_hidden_layers", "d_model": "hidden_size", "ffn_hidden": "intermediate_size",
+           "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "rope_theta": "rope_theta",
+           "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
 
 
 def differing_settings(config: dict, model: ModelConfig) -> list[tuple[str, str, object, object]]:
@@ -100,6 +101,4 @@ def differing_settings(config: dict, model: ModelConfig) -> list[tuple[str, str,
     mine = {"n_layer": model.n_layer, "n_head": model.n_head, "n_kv_head": kv_heads(model),
             "d_model": model.d_model, "ffn_hidden": ffn_hidden(model), "rope_theta": model.rope_theta,
             "norm_eps": model.norm_eps, "tie_embeddings": model.tie_embeddings}
-    hf_keys = {"n_layer": "num_hidden_layers", "d_model": "hidden_size", "ffn_hidden": "intermediate_size",
-               **SAME_SHAPE_SETTINGS}
-    return [(key, hf_keys[key], folder[key], value) for key, value in mine.items() if folder[key] != value]
+    return [(key, HF_KEYS[key], folder[key], value) for key, value in mine.items() if folder[key] != value]

@@ -20,8 +20,8 @@ import torch
 from raylm.config.schema import ModelConfig
 from raylm.errors import CheckpointError
 from raylm.model.gpt import param_shapes
-from raylm.model.hf_llama import (LLAMA_ARCH, LLAMA_TYPE, SAME_SHAPE_SETTINGS, differing_settings,
-                                  half_to_interleaved, hf_name, rotary_heads, unsupported_settings)
+from raylm.model.hf_llama import (LLAMA_ARCH, LLAMA_TYPE, differing_settings, half_to_interleaved, hf_name,
+                                  rotary_heads, unsupported_settings)
 from raylm.model.weights import Shard
 
 HF_CONFIG_FILE = "config.json"
@@ -191,8 +191,9 @@ class HFWeights:
 
 
 def check_matches(folder: HFFolder, model: ModelConfig, shapes: dict[str, torch.Size]) -> None:
-    """CheckpointError naming the first tensor whose shape differs from the model's, or the first setting that
-    changes what same-shaped tensors compute (heads, RoPE base, norm eps, tying), or a tensor raylm has no use for."""
+    """CheckpointError naming the first tensor whose shape differs from the model's, else the first setting that
+    differs with the shapes alike (fewer layers, heads, RoPE base, norm eps, tying), else a tensor raylm has no
+    use for."""
     for name, shape in shapes.items():
         key = hf_name(name)
         have = folder.tensors.get(key)
@@ -200,10 +201,11 @@ def check_matches(folder: HFFolder, model: ModelConfig, shapes: dict[str, torch.
             found = "is missing" if have is None else f"has shape {have.shape}"
             raise CheckpointError(f"{folder.label}: {key} {found} but the model config needs {tuple(shape)}; "
                                   f"{_fix_for(folder, model)}")
-    for key, hf_key, theirs, mine in differing_settings(folder.config, model):
-        if key in SAME_SHAPE_SETTINGS:
-            raise CheckpointError(f"{folder.label}: config.json has {hf_key}={theirs!r} but model.{key}={mine!r}; "
-                                  f"set model.{key}={theirs} to start from this folder")
+    differ = differing_settings(folder.config, model)  # the shapes agree, yet the models differ
+    if differ:
+        key, hf_key, theirs, mine = differ[0]
+        raise CheckpointError(f"{folder.label}: config.json has {hf_key}={theirs!r} but model.{key}={mine!r}; "
+                              f"set model.{key}={theirs} to start from this folder")
     wanted = {hf_name(n) for n in shapes} | ({"lm_head.weight"} if model.tie_embeddings else set())
     extra = sorted(k for k in folder.tensors if k not in wanted and not k.endswith(IGNORED_SUFFIXES))
     if extra:

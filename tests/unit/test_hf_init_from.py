@@ -82,6 +82,8 @@ def test_same_shapes_other_heads_or_rope_are_refused(export_dir):
     message = refusal(export_dir[1], "model.n_head=8", "model.n_kv_head=4")
     assert "num_attention_heads=4" in message and "model.n_head=4" in message
     assert "rope_theta=10000.0" in refusal(export_dir[1], "model.rope_theta=500.0")
+    message = refusal(export_dir[1], "model.n_layer=1")  # the first layer's tensors fit
+    assert "num_hidden_layers=2" in message and "model.n_layer=2" in message
 
 
 def test_tied_run_from_an_untied_folder_is_refused(export_dir):
