@@ -12,8 +12,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
+import yaml
 
 from raylm.data.shards import read_manifest
 from raylm.data.stream import RankStream, normalize_sources
@@ -25,34 +27,37 @@ DEFAULT_SEQ_LEN = 128  # windows for a folder whose manifest predates recording 
 
 
 @dataclass
-class Loaded:
-    """A model source read on one process: its run config, full weights, tokenizer file and step if known."""
+class Source:
+    """A model to evaluate, opened but not yet read: its run config, tokenizer file, step if known, weights."""
 
     tree: dict
-    state: dict[str, torch.Tensor]
     tokenizer: Path | None
     step: int | None
+    read_state: Callable[[], dict[str, torch.Tensor]]
 
 
-def load_source(source: str | Path) -> Loaded:
-    """An export folder (config.json), a checkpoint folder, or a run folder (its newest committed checkpoint)."""
-    from raylm.checkpoint.export import load_export
+def open_source(source: str | Path) -> Source:
+    """An export folder (config.json), a checkpoint folder, or a run folder (its newest committed checkpoint);
+    the weights are read only by `read_state`, after the data has been checked."""
+    from raylm.checkpoint.export import open_export
     from raylm.checkpoint.manifest import read_manifest as read_checkpoint_manifest
     from raylm.checkpoint.manifest import verify_checkpoint
+    from raylm.checkpoint.names import CONFIG_FILE
     from raylm.checkpoint.reader import load_checkpoint_weights, resolve_checkpoint
 
     path = Path(source).expanduser()
     if (path / "config.json").is_file():
-        tree, state = load_export(path)
+        tree, weights = open_export(path)
         tokenizer = path / TOKENIZER_FILE
-        return Loaded(tree, state, tokenizer if tokenizer.is_file() else None, None)
+        return Source(tree, tokenizer if tokenizer.is_file() else None, None,
+                      lambda: {name: weights.read(name) for name in weights.shapes})
     folder = resolve_checkpoint(path)
-    tree, state = load_checkpoint_weights(folder)
     manifest = read_checkpoint_manifest(folder)
     has_tokenizer = TOKENIZER_FILE in manifest["files"]
-    if has_tokenizer:
-        verify_checkpoint(folder, only=[TOKENIZER_FILE])
-    return Loaded(tree, state, folder / TOKENIZER_FILE if has_tokenizer else None, manifest.get("step"))
+    verify_checkpoint(folder, only=[CONFIG_FILE, *([TOKENIZER_FILE] if has_tokenizer else [])])
+    tree = yaml.safe_load((folder / CONFIG_FILE).read_text())
+    return Source(tree, folder / TOKENIZER_FILE if has_tokenizer else None, manifest.get("step"),
+                  lambda: load_checkpoint_weights(folder)[1])
 
 
 def check_same_tokenizer(source: str, tokenizer: Path | None, sources: tuple[tuple[str, float], ...]) -> None:
@@ -100,14 +105,14 @@ def evaluate(source: str | Path, data: str | Path | None = None, split: str = "v
 
     if batches is not None and batches < 1:
         raise DataError(f"--batches {batches} must be at least 1 (global batches of train.global_batch samples)")
-    loaded = load_source(source)
-    cfg = resolve(loaded.tree, _overrides(loaded.tree, data))
+    opened = open_source(source)
+    cfg = resolve(opened.tree, _overrides(opened.tree, data))
     spec = data if data is not None else (list(cfg.data.sources) or cfg.data.out_dir)
     sources = normalize_sources(spec)
-    check_same_tokenizer(str(source), loaded.tokenizer, sources)
+    check_same_tokenizer(str(source), opened.tokenizer, sources)
     _check_vocab(sources, cfg.data.vocab_size, str(source))
     model = GPT(cfg.model, padded_vocab(cfg.data.vocab_size))
-    model.load_state_dict(loaded.state)
+    model.load_state_dict(opened.read_state())
     model.eval()
     global_batches = batches if batches is not None else cfg.train.eval_batches
     micro_batch = cfg.parallel.micro_batch
@@ -119,7 +124,7 @@ def evaluate(source: str | Path, data: str | Path | None = None, split: str = "v
     finally:
         stream.close()
     samples = micro_batches * micro_batch
-    return {"source": str(source), "step": loaded.step, "data": [folder for folder, _ in sources], "split": split,
+    return {"source": str(source), "step": opened.step, "data": [folder for folder, _ in sources], "split": split,
             "samples": samples, "tokens": samples * cfg.data.seq_len, "loss": loss, "ppl": math.exp(min(loss, 700.0))}
 
 

@@ -164,12 +164,12 @@ def export(source: str | Path, out_dir: str | Path) -> dict:
             "weights_bytes": (out / WEIGHTS_FILE).stat().st_size, "tokenizer": has_tokenizer}
 
 
-def load_export(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(raw run-config tree, raylm full state dict) from an export folder, the inverse of `export`.
+def open_export(folder: str | Path) -> tuple[dict, HFWeights]:
+    """(raw run-config tree, WeightSource over its tensors) of an export folder; only headers are read.
 
     The model section comes from config.json; the rest of the tree from raylm_config.yaml when present (it
     carries data.vocab_size, the tokenizer's size below the padded embedding rows). Any Llama folder that
-    raylm.model.hf_weights accepts loads here too.
+    raylm.model.hf_weights accepts opens here too.
     """
     hf = open_folder(folder)
     path = hf.path
@@ -180,6 +180,10 @@ def load_export(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if padded_vocab(tree["data"]["vocab_size"]) != rows:
         raise RaylmError(f"{path / HF_CONFIG_FILE}: vocab_size={rows} is not data.vocab_size="
                          f"{tree['data']['vocab_size']} padded to a multiple of 128; raylm cannot load it")
-    model = ModelConfig(**tree["model"])
-    weights = HFWeights(hf, model, rows)
+    return tree, HFWeights(hf, ModelConfig(**tree["model"]), rows)
+
+
+def load_export(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(raw run-config tree, raylm full state dict) from an export folder, the inverse of `export`."""
+    tree, weights = open_export(folder)
     return tree, {name: weights.read(name) for name in weights.shapes}
