@@ -1,7 +1,8 @@
 """A Hugging Face Llama folder (config.json + safetensors) as a WeightSource: `model.init_from`, eval, generate.
 
 `open_folder` is the one place that decides whether a folder can be read at all (a Llama, float safetensors,
-not quantized, not truncated); it parses config.json and the safetensors headers only. `HFWeights` then
+not quantized, not truncated; `_check_format` holds the format rules, so a later quantized format is refused or
+taught there); it parses config.json and the safetensors headers only. `HFWeights` then
 checks every tensor a model config needs against those headers, naming the first mismatch, and serves
 `read(name, shard)` from memory-mapped files: `get_slice` reads only a tensor-parallel rank's rows or columns,
 so a rank touches only the bytes it owns. wq/wk rows go back from HF's rotate-half order to raylm's
