@@ -88,6 +88,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from raylm.evaluate import evaluate
+
+    print(json.dumps(evaluate(args.source, data=args.data, split=args.split, batches=args.batches)))
+    return 0
+
+
 def cmd_data_verify(args: argparse.Namespace) -> int:
     from raylm.data.shards import verify
 
@@ -156,6 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
                                     "committed checkpoint)")
     exp.add_argument("out_dir", help="folder for model.safetensors, config.json and tokenizer.json")
     exp.set_defaults(func=cmd_export)
+
+    ev_help = "loss and perplexity of a run, checkpoint or export on a prepared split, as one JSON line"
+    ev = verbs.add_parser("eval", help=ev_help, description=ev_help)
+    ev.add_argument("source", help="run folder (its newest committed checkpoint), checkpoint folder or export folder")
+    ev.add_argument("--data", default=None, help="prepared data folder (default: the run's data.sources or "
+                                                 "data.out_dir); must use the model's tokenizer")
+    ev.add_argument("--split", default="val", choices=("val", "train"), help="which split to score")
+    ev.add_argument("--batches", type=int, default=None, help="global batches of train.global_batch samples "
+                                                              "(default: train.eval_batches, as the run's evaluation)")
+    ev.set_defaults(func=cmd_eval)
 
     data = verbs.add_parser("data", help="inspect prepared data").add_subparsers(dest="data_verb", required=True)
     verify = data.add_parser("verify", help="check every shard against manifest.json")

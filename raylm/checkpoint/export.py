@@ -1,9 +1,11 @@
-"""`raylm export`: a checkpoint as a Hugging Face Llama folder (safetensors, config.json, tokenizer.json), and back.
+"""`raylm export`: a checkpoint as a Hugging Face Llama folder that transformers loads as is, and back.
 
-The safetensors file is streamed: its header is computed from the model config, then each layer's tensors are
-appended as its model file is read, so no more than one layer is ever in memory and optimizer files are never
-opened. Names follow transformers' LlamaForCausalLM; raylm's RoPE rotates interleaved pairs while HF's rotates
-halves, so the rows of wq and wk are permuted exactly as HF's convert_llama_weights_to_hf does.
+The folder: model.safetensors, config.json (LlamaForCausalLM, with raylm's special-token ids),
+generation_config.json, tokenizer.json with tokenizer_config.json and special_tokens_map.json (a fast tokenizer
+whose ids equal raylm's), and raylm_config.yaml (the run config). The safetensors file is streamed: its header
+is computed from the model config, then each layer's tensors are appended as its model file is read, so no
+more than one layer is ever in memory and optimizer files are never opened. Names and the wq/wk row order
+follow transformers' Llama (raylm.model.hf_llama); reading back goes through raylm.model.hf_weights.
 """
 
 from __future__ import annotations
@@ -23,57 +25,20 @@ from raylm.checkpoint.manifest import read_manifest, verify_checkpoint
 from raylm.checkpoint.names import CONFIG_FILE, TOKENIZER_FILE, model_file
 from raylm.checkpoint.reader import iter_model_layers, resolve_checkpoint
 from raylm.checkpoint.writer import model_config_of
-from raylm.config.derived import ffn_hidden, kv_heads, padded_vocab
+from raylm.config.derived import padded_vocab
 from raylm.config.schema import ModelConfig
+from raylm.data.tokenizer import EOT, EOT_ID, SPECIAL_TOKENS, load_tokenizer_file
 from raylm.errors import RaylmError
-from raylm.model.gpt import HF_LLAMA_NAMES, param_shapes
+from raylm.model.gpt import param_shapes
+from raylm.model.hf_llama import hf_config, hf_name, model_settings, to_hf_tensor
+from raylm.model.hf_weights import HF_CONFIG_FILE, HFWeights, open_folder
 
 WEIGHTS_FILE = "model.safetensors"
-HF_CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+PAD = SPECIAL_TOKENS[1]  # "<|pad|>"
 RAYLM_CONFIG_FILE = "raylm_config.yaml"  # the run config, so `raylm generate` knows the tokenizer's vocab size
-ROTARY = ("attention.wq.weight", "attention.wk.weight")
-
-
-def hf_name(name: str) -> str:
-    """raylm name -> LlamaForCausalLM name: layers.3.attention.wq.weight -> model.layers.3.self_attn.q_proj.weight."""
-    module, leaf = name.rsplit(".", 1)
-    if module.startswith("layers."):
-        _, idx, rest = module.split(".", 2)
-        return f"model.layers.{idx}.{HF_LLAMA_NAMES[rest]}.{leaf}"
-    return f"{HF_LLAMA_NAMES[module]}.{leaf}"
-
-
-def interleaved_to_half(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder each head's output rows from RoPE pairs (2k, 2k+1) to halves (k, k + head_dim/2): HF's permute."""
-    rows, cols = w.shape
-    return w.view(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The inverse of interleaved_to_half."""
-    rows, cols = w.shape
-    return w.view(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
-
-
-def to_hf_tensor(name: str, t: torch.Tensor, model: ModelConfig) -> torch.Tensor:
-    if name.endswith(ROTARY[0]):
-        return interleaved_to_half(t, model.n_head)
-    if name.endswith(ROTARY[1]):
-        return interleaved_to_half(t, kv_heads(model))
-    return t
-
-
-def hf_config(model: ModelConfig, vocab_rows: int) -> dict:
-    """config.json for transformers' LlamaForCausalLM; vocab_size is the embedding's (padded) row count."""
-    return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
-        "vocab_size": vocab_rows, "hidden_size": model.d_model, "intermediate_size": ffn_hidden(model),
-        "num_hidden_layers": model.n_layer, "num_attention_heads": model.n_head,
-        "num_key_value_heads": kv_heads(model), "head_dim": model.d_model // model.n_head, "hidden_act": "silu",
-        "max_position_embeddings": model.max_seq_len, "rms_norm_eps": model.norm_eps, "rope_theta": model.rope_theta,
-        "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-        "tie_word_embeddings": model.tie_embeddings, "initializer_range": model.init_std, "use_cache": True,
-    }
 
 
 def _safetensors_header(specs: list[tuple[str, tuple[int, ...]]]) -> bytes:
@@ -131,6 +96,56 @@ def _copy(src: Path, dst: Path) -> None:
     os.replace(tmp, dst)
 
 
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = _tmp_name(path)
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def special_token_ids(tokenizer_path: Path | None) -> dict[str, int | None]:
+    """bos/eos/pad ids for config.json: raylm's end-of-document token (id 0) is both BOS and EOS, since every
+    training window sees it at document boundaries and never <|bos|>; pad is <|pad|> where the tokenizer has it."""
+    pad_id = None
+    if tokenizer_path is not None:
+        pad_id = load_tokenizer_file(tokenizer_path).token_to_id(PAD)
+    return {"bos_token_id": EOT_ID, "eos_token_id": EOT_ID, "pad_token_id": pad_id}
+
+
+def generation_config(model: ModelConfig, vocab_size: int, vocab_rows: int, token_ids: dict) -> dict:
+    """generation_config.json: `raylm generate`'s defaults; the padding rows past the tokenizer's vocabulary are
+    suppressed, as raylm generate never picks them."""
+    return {**token_ids, "do_sample": True, "temperature": 0.8, "top_k": 50, "max_length": model.max_seq_len,
+            "suppress_tokens": list(range(vocab_size, vocab_rows)) or None}
+
+
+def tokenizer_config(model: ModelConfig, token_ids: dict) -> tuple[dict, dict]:
+    """(tokenizer_config.json, special_tokens_map.json) for transformers' fast tokenizer over tokenizer.json.
+
+    split_special_tokens: a literal "<|endoftext|>" in text is ordinary text, as in raylm's tokenizer; no
+    BOS/EOS is added on encode and decoding does not touch spaces, so HF's ids and text equal raylm's; no
+    token_type_ids, which LlamaForCausalLM.generate refuses."""
+    special = {"bos_token": EOT, "eos_token": EOT}
+    if token_ids["pad_token_id"] is not None:
+        special["pad_token"] = PAD
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": model.max_seq_len,
+              "clean_up_tokenization_spaces": False, "split_special_tokens": True, "add_bos_token": False,
+              "add_eos_token": False, "model_input_names": ["input_ids", "attention_mask"]}
+    return config, special
+
+
+def _write_hf_files(out: Path, model: ModelConfig, vocab_size: int, vocab_rows: int,
+                    tokenizer: Path | None) -> None:
+    """config.json and generation_config.json, plus the tokenizer files when the checkpoint has a tokenizer."""
+    token_ids = special_token_ids(tokenizer)
+    _write_json(out / HF_CONFIG_FILE, hf_config(model, vocab_rows, token_ids))
+    _write_json(out / GENERATION_CONFIG_FILE, generation_config(model, vocab_size, vocab_rows, token_ids))
+    if tokenizer is not None:
+        _copy(tokenizer, out / TOKENIZER_FILE)
+        config, special = tokenizer_config(model, token_ids)
+        _write_json(out / TOKENIZER_CONFIG_FILE, config)
+        _write_json(out / SPECIAL_TOKENS_FILE, special)
+
+
 def export(source: str | Path, out_dir: str | Path) -> dict:
     """Write a checkpoint (or a run folder's newest one) to out_dir as a Hugging Face Llama folder; a summary."""
     folder = resolve_checkpoint(source)
@@ -140,72 +155,35 @@ def export(source: str | Path, out_dir: str | Path) -> dict:
     out = Path(out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     tensors = _write_weights(folder, model, vocab_rows, out / WEIGHTS_FILE)
-    config_tmp = _tmp_name(out / HF_CONFIG_FILE)
-    config_tmp.write_text(json.dumps(hf_config(model, vocab_rows), indent=2) + "\n")
-    os.replace(config_tmp, out / HF_CONFIG_FILE)
-    _copy(folder / CONFIG_FILE, out / RAYLM_CONFIG_FILE)
     has_tokenizer = TOKENIZER_FILE in manifest["files"]
     if has_tokenizer:
         verify_checkpoint(folder, only=[TOKENIZER_FILE])
-        _copy(folder / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    _write_hf_files(out, model, manifest["vocab_size"], vocab_rows, folder / TOKENIZER_FILE if has_tokenizer else None)
+    _copy(folder / CONFIG_FILE, out / RAYLM_CONFIG_FILE)
     return {"checkpoint": str(folder), "out_dir": str(out), "step": manifest["step"], "tensors": tensors,
             "weights_bytes": (out / WEIGHTS_FILE).stat().st_size, "tokenizer": has_tokenizer}
 
 
-def _model_from_hf(config: dict, folder: Path) -> dict:
-    """raylm model settings from a Llama config.json; RaylmError for what raylm's GPT cannot represent."""
-    unsupported = {"model_type": config.get("model_type") != "llama",
-                   "rope_scaling": config.get("rope_scaling") is not None,
-                   "hidden_act": config.get("hidden_act", "silu") != "silu",
-                   "attention_bias": bool(config.get("attention_bias")), "mlp_bias": bool(config.get("mlp_bias")),
-                   "head_dim": config.get("head_dim", config["hidden_size"] // config["num_attention_heads"])
-                   != config["hidden_size"] // config["num_attention_heads"]}
-    bad = [key for key, is_bad in unsupported.items() if is_bad]
-    if bad:
-        raise RaylmError(f"{folder / HF_CONFIG_FILE}: raylm's GPT cannot load a model with these settings: "
-                         f"{', '.join(f'{k}={config.get(k)!r}' for k in bad)}; export it from a raylm checkpoint")
-    return {"n_layer": config["num_hidden_layers"], "n_head": config["num_attention_heads"],
-            "n_kv_head": config.get("num_key_value_heads", config["num_attention_heads"]),
-            "d_model": config["hidden_size"], "ffn_hidden": config["intermediate_size"],
-            "max_seq_len": config["max_position_embeddings"], "rope_theta": config.get("rope_theta", 10000.0),
-            "norm_eps": config["rms_norm_eps"], "tie_embeddings": config.get("tie_word_embeddings", False),
-            "init_std": config.get("initializer_range", 0.02)}
+def open_export(folder: str | Path) -> tuple[dict, HFWeights]:
+    """(raw run-config tree, WeightSource over its tensors) of an export folder; only headers are read.
+
+    The model section comes from config.json; the rest of the tree from raylm_config.yaml when present (it
+    carries data.vocab_size, the tokenizer's size below the padded embedding rows). Any Llama folder that
+    raylm.model.hf_weights accepts opens here too.
+    """
+    hf = open_folder(folder)
+    path = hf.path
+    tree = yaml.safe_load((path / RAYLM_CONFIG_FILE).read_text()) if (path / RAYLM_CONFIG_FILE).is_file() else {}
+    rows = hf.config["vocab_size"]
+    tree["model"] = {**tree.get("model", {}), **model_settings(hf.config), "init_from": ""}  # weights: this folder
+    tree.setdefault("data", {}).setdefault("vocab_size", rows)
+    if padded_vocab(tree["data"]["vocab_size"]) != rows:
+        raise RaylmError(f"{path / HF_CONFIG_FILE}: vocab_size={rows} is not data.vocab_size="
+                         f"{tree['data']['vocab_size']} padded to a multiple of 128; raylm cannot load it")
+    return tree, HFWeights(hf, ModelConfig(**tree["model"]), rows)
 
 
 def load_export(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(raw run-config tree, raylm full state dict) from an export folder, the inverse of `export`.
-
-    The model section comes from config.json; the rest of the tree from raylm_config.yaml when present (it
-    carries data.vocab_size, the tokenizer's size below the padded embedding rows).
-    """
-    from safetensors.torch import load_file
-
-    folder = Path(folder).expanduser()
-    if not (folder / HF_CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise RaylmError(f"{folder} is not an export folder (needs {HF_CONFIG_FILE} and {WEIGHTS_FILE}); "
-                         f"create one with `raylm export CHECKPOINT_OR_RUN OUT_DIR`")
-    config = json.loads((folder / HF_CONFIG_FILE).read_text())
-    tree = yaml.safe_load((folder / RAYLM_CONFIG_FILE).read_text()) if (folder / RAYLM_CONFIG_FILE).is_file() else {}
-    tree["model"] = {**tree.get("model", {}), **_model_from_hf(config, folder)}
-    tree.setdefault("data", {}).setdefault("vocab_size", config["vocab_size"])
-    if padded_vocab(tree["data"]["vocab_size"]) != config["vocab_size"]:
-        raise RaylmError(f"{folder / HF_CONFIG_FILE}: vocab_size={config['vocab_size']} is not data.vocab_size="
-                         f"{tree['data']['vocab_size']} padded to a multiple of 128; raylm cannot load it")
-    model = ModelConfig(**tree["model"])
-    by_hf = {hf_name(n): n for n in param_shapes(model, config["vocab_size"])}
-    state = {}
-    for key, t in load_file(folder / WEIGHTS_FILE).items():
-        if key not in by_hf:
-            if key == "lm_head.weight" and model.tie_embeddings:
-                continue  # some writers store the tied head anyway
-            raise RaylmError(f"{folder / WEIGHTS_FILE} holds {key}, which a raylm Llama does not have")
-        name = by_hf[key]
-        if name.endswith(ROTARY[0]):
-            t = half_to_interleaved(t, model.n_head)
-        elif name.endswith(ROTARY[1]):
-            t = half_to_interleaved(t, kv_heads(model))
-        state[name] = t.float()
-    missing = sorted(set(by_hf.values()) - set(state))
-    if missing:
-        raise RaylmError(f"{folder / WEIGHTS_FILE} lacks {len(missing)} tensors, e.g. {hf_name(missing[0])}")
-    return tree, state
+    """(raw run-config tree, raylm full state dict) from an export folder, the inverse of `export`."""
+    tree, weights = open_export(folder)
+    return tree, {name: weights.read(name) for name in weights.shapes}

@@ -57,6 +57,8 @@ class ModelConfig:
     norm_eps: float = opt(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = opt(True, "share the token embedding with the LM head")
     init_std: float = opt(0.02, "std of the normal weight init (output projections scaled by 1/sqrt(2 n_layer))")
+    init_from: str = opt("", "start from this Hugging Face Llama folder (config.json + safetensors, e.g. a `raylm "
+                             "export`) instead of seeded weights; its shapes must match this section; '' = fresh")
 
 
 @dataclass(frozen=True)

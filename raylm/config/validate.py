@@ -21,7 +21,7 @@ MIN_BYTE_VOCAB = 256 + 3  # the byte alphabet plus the special tokens
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first impossible setting; return the config unchanged when it can run."""
     for check in (_check_run, _check_positive, _check_choices, _check_model, _check_layout, _check_batch,
-                  _check_schedule, _check_storage, _check_data, _check_drill):
+                  _check_schedule, _check_storage, _check_data, _check_drill, _check_init_from):
         check(cfg)
     return cfg
 
@@ -212,3 +212,17 @@ def _check_drill(cfg: Config) -> None:
     world = cfg.parallel.pp * cfg.parallel.tp * cfg.parallel.dp
     if drill and not 0 <= cfg.fault.drill_rank < world:
         _fail(f"fault.drill_rank={cfg.fault.drill_rank} is not a rank of the {world} workers; set it below {world}")
+
+
+def _check_init_from(cfg: Config) -> None:
+    """model.init_from must be a Llama folder whose tensors fit this model (headers only: no weights are read)."""
+    if not cfg.model.init_from:
+        return
+    from raylm.errors import RaylmError
+    from raylm.model.hf_weights import open_hf_weights  # torch and safetensors: only when a folder is named
+    from raylm.model.weights import init_from_label
+
+    try:
+        open_hf_weights(cfg.model.init_from, cfg.model, padded_vocab(cfg.data.vocab_size), init_from_label(cfg.model))
+    except RaylmError as exc:
+        _fail(str(exc))

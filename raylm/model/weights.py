@@ -3,7 +3,7 @@
 The parallel engine asks a WeightSource only for the parameters its own pipeline stage holds, and only for its
 own TP slice, so no rank ever materializes the whole model:
 
-    source = SeededInit(cfg.model, vocab_size, cfg.run.seed)   # or a checkpoint / Hugging Face folder
+    source = starting_weights(cfg)   # SeededInit, or HFWeights over model.init_from (raylm.model.hf_weights)
     shard = source.read("layers.3.attention.wq.weight", Shard(dim=0, index=tp_rank, count=tp))
 """
 
@@ -65,5 +65,16 @@ class InMemoryWeights:
 
 
 def starting_weights(cfg: Config) -> WeightSource:
-    """The weights a fresh run starts from: drawn from (model config, run.seed)."""
-    return SeededInit(cfg.model, padded_vocab(cfg.data.vocab_size), cfg.run.seed)
+    """The weights a fresh run starts from: the Hugging Face Llama folder in model.init_from (checked against
+    the model config), else drawn from (model config, run.seed)."""
+    vocab_rows = padded_vocab(cfg.data.vocab_size)
+    if cfg.model.init_from:
+        from raylm.model.hf_weights import open_hf_weights
+
+        return open_hf_weights(cfg.model.init_from, cfg.model, vocab_rows, label=init_from_label(cfg.model))
+    return SeededInit(cfg.model, vocab_rows, cfg.run.seed)
+
+
+def init_from_label(model: ModelConfig) -> str:
+    """How errors about model.init_from name it."""
+    return f"model.init_from={model.init_from}"

@@ -50,7 +50,8 @@ def with_absolute_paths(cfg: Config) -> Config:
     paths = [p if is_uri(p) else os.path.abspath(os.path.expanduser(p)) for p in cfg.data.paths]
     return with_overrides(cfg, {"run.dir": absolute(cfg.run.dir), "data.out_dir": absolute(cfg.data.out_dir),
                                 "data.tokenizer": absolute(cfg.data.tokenizer), "data.sources": sources,
-                                "data.cache_dir": absolute(cfg.data.cache_dir), "data.paths": paths})
+                                "data.cache_dir": absolute(cfg.data.cache_dir), "data.paths": paths,
+                                "model.init_from": absolute(cfg.model.init_from)})
 
 
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):

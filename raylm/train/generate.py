@@ -125,7 +125,8 @@ def load_model(source: str | Path):
     from raylm.model.gpt import GPT
 
     tree, state, folder = load_weights(source)
-    cfg = resolve(tree, {"data.paths": [], "data.sources": []})  # the corpus need not exist where we generate
+    # neither the corpus nor the folder the run started from need exist where we generate
+    cfg = resolve(tree, {"data.paths": [], "data.sources": [], "model.init_from": ""})
     model = GPT(cfg.model, padded_vocab(cfg.data.vocab_size))
     model.load_state_dict(state)
     tokenizer_path = folder / "tokenizer.json"

@@ -17,6 +17,7 @@ from raylm.checkpoint.writer import save_full_weights
 from raylm.cli import main
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
+from raylm.data.tokenizer import train_tokenizer
 from raylm.errors import CheckpointError
 from raylm.model.gpt import GPT, init_full_weights
 
@@ -104,10 +105,10 @@ def test_exported_llama_matches_raylm_logits(tmp_path, tie):
 def test_export_folder_loads_back_exactly(tmp_path):
     cfg, vocab, weights = tiny(tmp_path, tie=True)
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "tokenizer.json").write_text('{"fake": true}')
+    train_tokenizer(["a tiny corpus for a tiny tokenizer"] * 4, 300).save(str(tmp_path / "data" / "tokenizer.json"))
     checkpoint = save_full_weights(cfg, weights, tmp_path / "ck", 7)
     export(checkpoint, tmp_path / "hf")
-    assert (tmp_path / "hf" / "tokenizer.json").read_text() == '{"fake": true}'
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "data" / "tokenizer.json").read_bytes()
     tree, state = load_export(tmp_path / "hf")
     assert tree["data"]["vocab_size"] == 300 and tree["model"]["n_kv_head"] == 2
     assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)

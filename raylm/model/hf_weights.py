@@ -1,0 +1,229 @@
+"""A Hugging Face Llama folder (config.json + safetensors) as a WeightSource: `model.init_from`, eval, generate.
+
+`open_folder` is the one place that decides whether a folder can be read at all (a Llama, float safetensors,
+not quantized, not truncated; `_check_format` holds the format rules, so a later quantized format is refused or
+taught there); it parses config.json and the safetensors headers only. `HFWeights` then
+checks every tensor a model config needs against those headers, naming the first mismatch, and serves
+`read(name, shard)` from memory-mapped files: `get_slice` reads only a tensor-parallel rank's rows or columns,
+so a rank touches only the bytes it owns. wq/wk rows go back from HF's rotate-half order to raylm's
+interleaved pairs after slicing, which is exact because a TP slice holds whole heads.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from raylm.config.schema import ModelConfig
+from raylm.errors import CheckpointError
+from raylm.model.gpt import param_shapes
+from raylm.model.hf_llama import (LLAMA_ARCH, LLAMA_TYPE, differing_settings, half_to_interleaved, hf_name,
+                                  rotary_heads, unsupported_settings)
+from raylm.model.weights import Shard
+
+HF_CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"  # sharded folders map each tensor to its file here
+FLOAT_DTYPES = ("F32", "BF16", "F16")
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "max_position_embeddings", "rms_norm_eps")
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older HF writers saved; recomputed by every reader
+FIX = "point it at a Hugging Face Llama folder of float safetensors, such as one `raylm export` wrote"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what its header says."""
+
+    file: Path
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class HFFolder:
+    """A readable Llama folder: its config.json and every tensor's header entry, by HF name."""
+
+    path: Path
+    label: str  # how messages name it, e.g. "model.init_from=/exports/t1"
+    config: dict
+    tensors: dict[str, TensorInfo]
+
+
+def open_folder(folder: str | Path, label: str | None = None) -> HFFolder:
+    """Check that `folder` is a float Llama safetensors folder and read its headers; CheckpointError if not."""
+    path = Path(folder).expanduser()
+    label = label or str(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{label}: no such folder; {FIX}")
+    config = _read_config(path, label)
+    tensors = _read_headers(path, label)
+    _check_format(config, tensors, label)
+    return HFFolder(path, label, config, tensors)
+
+
+def _read_config(path: Path, label: str) -> dict:
+    file = path / HF_CONFIG_FILE
+    if not file.is_file():
+        raise CheckpointError(f"{label}: no {HF_CONFIG_FILE} in {path}; {FIX}")
+    config = _json(file, label)
+    missing = [key for key in REQUIRED_KEYS if not isinstance(config.get(key), (int, float))]
+    if missing:
+        raise CheckpointError(f"{label}: {file} has no numeric {missing[0]}, which a Llama config.json has; {FIX}")
+    architectures = config.get("architectures") or [LLAMA_ARCH]
+    if config.get("model_type") != LLAMA_TYPE or LLAMA_ARCH not in architectures:
+        raise CheckpointError(f"{label}: {file} describes model_type={config.get('model_type')!r} architectures="
+                              f"{architectures}, not a Llama ({LLAMA_ARCH}); raylm trains Llama-family models only, "
+                              f"so {FIX}")
+    return config
+
+
+def _json(file: Path, label: str) -> dict:
+    """A JSON object from `file`; CheckpointError naming the file otherwise."""
+    try:
+        obj = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{label}: {file} is not valid JSON ({exc}); {FIX}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{label}: {file} holds a {type(obj).__name__}, not a JSON object; {FIX}")
+    return obj
+
+
+def _tensor_files(path: Path, label: str) -> list[Path]:
+    """The safetensors files to read: those the index names when there is one, else every *.safetensors."""
+    if (path / INDEX_FILE).is_file():
+        names = sorted(set(_json(path / INDEX_FILE, label).get("weight_map", {}).values()))
+        bad = [n for n in names if "/" in n or n.startswith(".") or not (path / n).is_file()]
+        if bad:
+            raise CheckpointError(f"{label}: {INDEX_FILE} names {bad[0]!r}, which is not a file in {path}; "
+                                  f"copy the whole folder again")
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
+        found = f" (found {', '.join(others[:3])}: pickles are never read, loading one can run code)" if others else ""
+        raise CheckpointError(f"{label}: no *.safetensors file in {path}{found}; {FIX}")
+    return files
+
+
+def _read_headers(path: Path, label: str) -> dict[str, TensorInfo]:
+    """Every tensor's dtype and shape from the safetensors headers (no tensor data is read)."""
+    tensors: dict[str, TensorInfo] = {}
+    for file in _tensor_files(path, label):
+        for name, entry in _header(file, label).items():
+            if name != "__metadata__":
+                tensors[name] = TensorInfo(file, entry["dtype"], tuple(entry["shape"]))
+    return tensors
+
+
+def _header(file: Path, label: str) -> dict:
+    """A safetensors file's JSON header, after checking the file holds every byte the header points to."""
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        raw_len = f.read(8)
+        header_len = struct.unpack("<Q", raw_len)[0] if len(raw_len) == 8 else size
+        if header_len > size - 8:
+            raise CheckpointError(f"{label}: {file} is not a safetensors file (or is truncated); copy it again")
+        try:
+            header = json.loads(f.read(header_len))
+            entries = [e for k, e in header.items() if k != "__metadata__"]
+            data_end = max((e["data_offsets"][1] for e in entries if e["dtype"] and e["shape"] is not None), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise CheckpointError(f"{label}: {file} has a malformed safetensors header; copy it again") from None
+    if 8 + header_len + data_end > size:
+        raise CheckpointError(f"{label}: {file} has {size} bytes but its header needs {8 + header_len + data_end} "
+                              f"(truncated); copy it again")
+    return header
+
+
+def _check_format(config: dict, tensors: dict[str, TensorInfo], label: str) -> None:
+    """The format rules in one place: no quantized weights, only float dtypes, settings raylm's GPT can run."""
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "?")
+        raise CheckpointError(f"{label}: a quantized folder (quantization_config {method!r}) cannot start or be "
+                              f"read as float weights; point it at the unquantized export")
+    odd = next(((n, t.dtype) for n, t in tensors.items() if t.dtype not in FLOAT_DTYPES), None)
+    if odd:
+        raise CheckpointError(f"{label}: tensor {odd[0]} is {odd[1]}, not one of {', '.join(FLOAT_DTYPES)} (a "
+                              f"quantized folder?); point it at the unquantized export")
+    bad = unsupported_settings(config)
+    if bad:
+        raise CheckpointError(f"{label}: raylm's GPT cannot run a Llama with {', '.join(bad)}; {FIX}")
+
+
+class HFWeights:
+    """The WeightSource over an opened folder, checked against the model this run builds."""
+
+    def __init__(self, folder: HFFolder, model: ModelConfig, vocab_rows: int):
+        self.folder, self.model = folder, model
+        self.shapes = param_shapes(model, vocab_rows)
+        check_matches(folder, model, self.shapes)
+        self._open: dict[Path, object] = {}
+
+    def read(self, name: str, shard: Shard | None = None) -> torch.Tensor:
+        """Parameter `name` (raylm's name and layout), or only `shard` of it, as fp32."""
+        heads = rotary_heads(name, self.model)
+        if shard is not None and heads and shard.dim != 0:
+            return shard.of(self.read(name))  # not a split TP uses; exact, only slower
+        part = self._slice(hf_name(name), shard)
+        if heads:
+            part = half_to_interleaved(part, heads // (shard.count if shard else 1))
+        return part.float()
+
+    def _slice(self, key: str, shard: Shard | None) -> torch.Tensor:
+        info = self.folder.tensors[key]
+        tensor = self._handle(info.file).get_slice(key)
+        if shard is None:
+            return tensor[:]
+        size = info.shape[shard.dim] // shard.count
+        index = [slice(None)] * len(info.shape)
+        index[shard.dim] = slice(shard.index * size, (shard.index + 1) * size)
+        return tensor[tuple(index)]
+
+    def _handle(self, file: Path):
+        from safetensors import safe_open
+
+        if file not in self._open:
+            self._open[file] = safe_open(str(file), framework="pt")  # memory-mapped; nothing read yet
+        return self._open[file]
+
+
+def check_matches(folder: HFFolder, model: ModelConfig, shapes: dict[str, torch.Size]) -> None:
+    """CheckpointError naming the first tensor whose shape differs from the model's, else the first setting that
+    differs with the shapes alike (fewer layers, heads, RoPE base, norm eps, tying), else a tensor raylm has no
+    use for."""
+    for name, shape in shapes.items():
+        key = hf_name(name)
+        have = folder.tensors.get(key)
+        if have is None or have.shape != tuple(shape):
+            found = "is missing" if have is None else f"has shape {have.shape}"
+            raise CheckpointError(f"{folder.label}: {key} {found} but the model config needs {tuple(shape)}; "
+                                  f"{_fix_for(folder, model)}")
+    differ = differing_settings(folder.config, model)  # the shapes agree, yet the models differ
+    if differ:
+        key, hf_key, theirs, mine = differ[0]
+        raise CheckpointError(f"{folder.label}: config.json has {hf_key}={theirs!r} but model.{key}={mine!r}; "
+                              f"set model.{key}={theirs} to start from this folder")
+    wanted = {hf_name(n) for n in shapes} | ({"lm_head.weight"} if model.tie_embeddings else set())
+    extra = sorted(k for k in folder.tensors if k not in wanted and not k.endswith(IGNORED_SUFFIXES))
+    if extra:
+        raise CheckpointError(f"{folder.label}: holds {extra[0]}, which raylm's Llama has no place for "
+                              f"({len(extra)} such tensors); {FIX}")
+
+
+def _fix_for(folder: HFFolder, model: ModelConfig) -> str:
+    """How to make the model config match the folder: the overrides that differ, or why there are none."""
+    overrides = [f"model.{key}={theirs}" for key, _, theirs, _ in differing_settings(folder.config, model)]
+    rows = folder.config.get("vocab_size")
+    vocab = f"data.vocab_size padded to {rows} rows (a multiple of 128)"
+    if overrides:
+        return f"set {' '.join(overrides)} (from its config.json) and keep {vocab}"
+    return f"the model settings agree with its config.json, so the vocabulary differs: it needs {vocab}"
+
+
+def open_hf_weights(folder: str | Path, model: ModelConfig, vocab_rows: int, label: str | None = None) -> HFWeights:
+    """Open and check a folder for `model` with `vocab_rows` embedding rows: the reader every caller uses."""
+    return HFWeights(open_folder(folder, label), model, vocab_rows)
