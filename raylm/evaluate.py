@@ -43,6 +43,9 @@ def open_source(source: str | Path) -> Source:
     from raylm.checkpoint.manifest import read_manifest as read_checkpoint_manifest
     from raylm.checkpoint.manifest import verify_checkpoint
     from raylm.checkpoint.names import CONFIG_FILE
+    from raylm.storage.uri import NOT_YET, refuse_uri
+
+    refuse_uri("RUN_OR_CHECKPOINT", source, NOT_YET["RUN_OR_CHECKPOINT"])
     from raylm.checkpoint.reader import load_checkpoint_weights, resolve_checkpoint
 
     path = Path(source).expanduser()

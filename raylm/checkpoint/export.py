@@ -32,6 +32,7 @@ from raylm.errors import RaylmError
 from raylm.model.gpt import param_shapes
 from raylm.model.hf_llama import hf_config, hf_name, model_settings, to_hf_tensor
 from raylm.model.hf_weights import HF_CONFIG_FILE, HFWeights, open_folder
+from raylm.storage.uri import NOT_YET, refuse_uri
 
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -148,6 +149,7 @@ def _write_hf_files(out: Path, model: ModelConfig, vocab_size: int, vocab_rows: 
 
 def export(source: str | Path, out_dir: str | Path) -> dict:
     """Write a checkpoint (or a run folder's newest one) to out_dir as a Hugging Face Llama folder; a summary."""
+    refuse_uri("export OUT_DIR", out_dir, NOT_YET["export OUT_DIR"])
     folder = resolve_checkpoint(source)
     manifest = read_manifest(folder)  # the model files and config are verified as they are streamed
     model = model_config_of(manifest)

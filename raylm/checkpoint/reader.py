@@ -12,12 +12,14 @@ from raylm.checkpoint.commit import list_committed
 from raylm.checkpoint.manifest import MANIFEST, read_manifest, verify_checkpoint
 from raylm.checkpoint.names import CONFIG_FILE, MODEL_DIR
 from raylm.errors import CheckpointError
+from raylm.storage.uri import NOT_YET, refuse_uri
 
 CHECKPOINTS_DIR = "checkpoints"  # <run>/checkpoints
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
     """A checkpoint folder as it is; a run folder (or its checkpoints/ folder) -> its newest committed checkpoint."""
+    refuse_uri("RUN_OR_CHECKPOINT", source, NOT_YET["RUN_OR_CHECKPOINT"])
     path = Path(source).expanduser()
     if (path / MANIFEST).is_file():
         return path

@@ -21,6 +21,7 @@ from raylm.data.tokenizer import EOT_ID
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.model.sampling import Sampler, decode_cached, slide_keep
+from raylm.storage.uri import NOT_YET, refuse_uri
 
 
 class GenerateError(RaylmError):
@@ -109,6 +110,7 @@ def load_weights(source: str | Path) -> tuple[dict, dict[str, torch.Tensor], Pat
     from raylm.checkpoint.export import load_export
     from raylm.checkpoint.reader import load_checkpoint_weights, resolve_checkpoint
 
+    refuse_uri("RUN_OR_CHECKPOINT", source, NOT_YET["RUN_OR_CHECKPOINT"])
     path = Path(source).expanduser()
     if (path / "config.json").is_file():
         tree, state = load_export(path)

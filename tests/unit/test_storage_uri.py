@@ -130,3 +130,18 @@ def test_credentials_in_a_uri_are_refused_and_never_echoed(override):
     with pytest.raises(ConfigError) as info:
         resolve({}, [override])
     assert "hunter2" not in str(info.value) and "AKIAX" not in str(info.value) and "***@" in str(info.value)
+
+
+@pytest.mark.parametrize("argv,key", [(["export", "runs/x", "s3://bucket/exports/x"], "export OUT_DIR"),
+                                      (["export", "s3://bucket/runs/x", "out"], "RUN_OR_CHECKPOINT"),
+                                      (["generate", "gs://bucket/runs/x", "--prompt", "a"], "RUN_OR_CHECKPOINT"),
+                                      (["eval", "s3://bucket/runs/x"], "RUN_OR_CHECKPOINT")])
+def test_verbs_refuse_uris_they_cannot_use_yet(argv, key, tmp_path, monkeypatch, capsys):
+    """Not a local folder named 's3:' and a silent success: one line naming the argument, exit 5."""
+    from raylm.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 5
+    err = capsys.readouterr().err
+    assert err.startswith(f"raylm: error: {key}=") and err.count("\n") == 1 and "only for now" in err, err
+    assert not (tmp_path / "s3:").exists() and not (tmp_path / "gs:").exists()
