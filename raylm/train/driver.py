@@ -59,7 +59,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
     import ray.train
     from ray.train.torch import TorchConfig
 
-    from raylm.train.interrupt import InterruptibleTrainer
+    from raylm.train.trainer import RaylmTrainer
     from raylm.train.worker import train_loop_per_worker
 
     scaling, backend = scaling_for(cfg, _cluster_resources())
@@ -72,8 +72,8 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
     loop_config = {"config": to_dict(cfg), "run_dir": str(run_dir), "backend": backend}
     # No `datasets=`: Ray Train's default DataConfig would split them across every worker, and ranks that do not
     # read data (middle pipeline stages) would leave the split coordinator waiting forever (hang 1).
-    return InterruptibleTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
-                                run_config=run_config, torch_config=TorchConfig(backend=backend))
+    return RaylmTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+                        run_config=run_config, torch_config=TorchConfig(backend=backend))
 
 
 def scaling_for(cfg: Config, cluster: dict[str, float]):
@@ -110,6 +110,7 @@ def _cluster_resources() -> dict[str, float]:
 def _fit(trainer, run_dir: Path):
     """trainer.fit(), with a worker's failure turned into one line that names the cause, and a SIGINT or
     SIGTERM into one that names the checkpoint a rerun resumes from."""
+    from raylm.train.failure_policy import user_error_in
     from raylm.train.interrupt import interrupted_error
 
     try:
@@ -119,7 +120,11 @@ def _fit(trainer, run_dir: Path):
             raise interrupted_error(trainer.interrupted_by, _newest_checkpoint(run_dir)) from None
         if isinstance(exc, KeyboardInterrupt):
             raise
-        raise RaylmError(f"training failed: {_root_cause(exc)}") from exc
+        failure = RaylmError(f"training failed: {_root_cause(exc)}")
+        user_error = user_error_in(exc)
+        if user_error is not None:  # a data, config or checkpoint error keeps its own exit code (3, 2, 4)
+            failure.exit_code = user_error.exit_code
+        raise failure from exc
     if trainer.interrupted_by is not None:  # the signal came as the run was finishing on its own
         get_logger().warning("the run finished before the interrupt took effect")
     if getattr(result, "error", None):

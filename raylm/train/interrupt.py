@@ -2,17 +2,16 @@
 
 Ray Train's own SIGINT handler aborts the run and then calls sys.exit(0) from inside the handler, which ends
 the process with status 1 and no word on what was saved; SIGTERM (what `ray job stop` and Kubernetes send) it
-does not handle at all. The trainer below takes over that hook: the first SIGINT or SIGTERM asks the
-controller to abort (workers and placement group go), `fit()` then fails, and the driver raises Interrupted,
-which names the newest committed checkpoint that a rerun of the same command resumes from. A second signal
-stops waiting.
+does not handle at all. raylm's trainer (raylm.train.trainer) takes over that hook with the handler below: the
+first SIGINT or SIGTERM asks the controller to abort (workers and placement group go), `fit()` then fails, and
+the driver raises Interrupted, which names the newest committed checkpoint that a rerun of the same command
+resumes from. A second signal stops waiting.
 """
 
 from __future__ import annotations
 
 import signal
-
-from ray.train.torch import TorchTrainer
+from typing import Callable
 
 from raylm.errors import RaylmError
 from raylm.log import get_logger
@@ -28,22 +27,22 @@ class Interrupted(RaylmError):
         self.exit_code = 128 + signum
 
 
-class InterruptibleTrainer(TorchTrainer):
-    """A TorchTrainer whose fit() turns SIGINT and SIGTERM into a graceful abort it remembers."""
+def install_abort_on_signal(controller, on_first: Callable[[int], None]) -> None:
+    """Handle SIGINT and SIGTERM: the first asks Ray Train's controller to abort the run (it stops the worker
+    group, then exits, so fit() fails) and is reported to `on_first`; a second one stops waiting."""
+    received: list[int] = []
 
-    interrupted_by: int | None = None
+    def on_signal(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        on_first(signum)
+        get_logger().warning("%s received: stopping the workers (a second signal stops waiting)",
+                             signal.Signals(signum).name)
+        controller.abort.remote()
 
-    def _register_sigint_handler(self, controller) -> None:  # Ray Train v2's hook, called from fit()
-        def on_signal(signum, frame):
-            if self.interrupted_by is not None:
-                raise KeyboardInterrupt  # a second signal: stop waiting for the abort
-            self.interrupted_by = signum
-            get_logger().warning("%s received: stopping the workers (a second signal stops waiting)",
-                                 signal.Signals(signum).name)
-            controller.abort.remote()  # the controller stops the worker group, then exits; fit() then fails
-
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, on_signal)
+    for signum in HANDLED_SIGNALS:
+        signal.signal(signum, on_signal)
 
 
 def interrupted_error(signum: int, newest_checkpoint: str | None) -> Interrupted:
