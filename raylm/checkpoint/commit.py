@@ -13,7 +13,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from raylm.checkpoint.manifest import read_manifest, verify_checkpoint, write_manifest
+from raylm.checkpoint.manifest import read_manifest, write_manifest
 from raylm.errors import CheckpointError, ConfigError
 from raylm.fsync import fsync_path
 from raylm.log import get_logger
@@ -85,34 +85,59 @@ def list_committed(checkpoints_dir: str | Path) -> list[Path]:
     return [p for p in list_checkpoints(checkpoints_dir) if is_committed(p)]
 
 
-def pick_resume(checkpoints_dir: str | Path, policy: str) -> Path | None:
-    """The checkpoint to resume from under `policy` (checkpoint.resume), every file verified; None = start fresh.
+def check_sizes(folder: Path) -> dict:
+    """The manifest, once every file it lists exists with its listed size: the cheap check, no file is read.
 
-    auto: the newest checkpoint that verifies; a bad newer one is skipped with a warning naming the bad file.
-    required: the newest checkpoint, which must verify; CheckpointError naming the bad file, or saying none exists.
-    never: None.
+    The sha256 of each file is checked at load by the ranks that read it (raylm.checkpoint.state)."""
+    manifest = read_manifest(folder)
+    fix = f"delete {folder} so that an older checkpoint is used"
+    for rel_path, record in manifest["files"].items():
+        path = folder / rel_path
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file {path} is missing; {fix}")
+        if path.stat().st_size != record["bytes"]:
+            raise CheckpointError(f"checkpoint file {path} has {path.stat().st_size} bytes but the manifest lists "
+                                  f"{record['bytes']} (truncated or overwritten); {fix}")
+    return manifest
+
+
+def resume_candidates(checkpoints_dir: str | Path, policy: str) -> list[Path]:
+    """The checkpoints to try resuming from under `policy` (checkpoint.resume), newest first; [] = start fresh.
+
+    Only manifests and file sizes are checked here; the loading ranks check the hashes (and under auto fall back
+    to the next candidate when one fails).
+    auto: every checkpoint whose manifest and sizes check; a bad one is skipped with a warning naming the file.
+    required: the newest checkpoint, which must check; CheckpointError naming the bad file, or saying none exists.
+    never: [].
     """
     if policy not in RESUME_POLICIES:
         raise ConfigError(f"checkpoint.resume={policy!r} is not one of {'|'.join(RESUME_POLICIES)}; "
                           f"set checkpoint.resume=auto")
     if policy == "never":
-        return None
+        return []
     candidates = list_checkpoints(checkpoints_dir)
     if policy == "required":
         if not candidates:
             raise CheckpointError(f"checkpoint.resume=required but {checkpoints_dir} holds no committed checkpoint; "
                                   f"point run.dir/run.name at the run to resume, or set checkpoint.resume=auto")
-        verify_checkpoint(candidates[0])
-        return candidates[0]
+        check_sizes(candidates[0])
+        return candidates[:1]
+    usable = []
     for folder in candidates:
         try:
-            verify_checkpoint(folder)
-            return folder
+            check_sizes(folder)
+            usable.append(folder)
         except CheckpointError as exc:
             get_logger().warning("skipping unusable checkpoint %s: %s", folder.name, exc)
-    if candidates:
+    if candidates and not usable:
         get_logger().warning("no usable checkpoint in %s; starting from scratch", checkpoints_dir)
-    return None
+    return usable
+
+
+def pick_resume(checkpoints_dir: str | Path, policy: str) -> Path | None:
+    """The newest of resume_candidates (manifest and sizes checked, not hashes), or None to start fresh."""
+    candidates = resume_candidates(checkpoints_dir, policy)
+    return candidates[0] if candidates else None
 
 
 def prune(checkpoints_dir: str | Path, keep: int, protect: str | Path | None = None) -> list[Path]:

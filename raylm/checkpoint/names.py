@@ -11,10 +11,15 @@
       ranks/rank-00005.pt           the caller's per-rank state (RNG), restored only under the same layout
 
 Layer indices follow raylm.parallel.pipeline.layer_specs: embedding 0, blocks 1..n_layer, final norm
-n_layer + 1, untied head n_layer + 2. Pure string functions here, so export never imports DeepSpeed.
+n_layer + 1, untied head n_layer + 2. Pure functions here, so export never imports DeepSpeed.
 """
 
 from __future__ import annotations
+
+import torch
+
+from raylm.config.schema import ModelConfig
+from raylm.model.gpt import param_shapes
 
 MODEL_DIR = "model"
 OPTIM_DIR = "optim"
@@ -32,7 +37,7 @@ def layer_name(param_name: str) -> str:
 
 
 def layer_index(param_name: str, n_layer: int) -> int:
-    """Position in the pipeline's layer list of the layer owning a parameter (same as pipeline.owner_layer)."""
+    """Position in raylm.parallel.pipeline.layer_specs of the layer owning a parameter (tied: the embedding, 0)."""
     name = layer_name(param_name)
     if name.startswith("layers."):
         return 1 + int(name.split(".")[1])
@@ -54,3 +59,11 @@ def optim_file(param_name: str, n_layer: int) -> str:
 
 def rank_file(rank: int) -> str:
     return f"{RANKS_DIR}/rank-{rank:05d}.pt"
+
+
+def model_layers(model: ModelConfig, vocab_size: int) -> dict[int, dict[str, torch.Size]]:
+    """Every layer of the whole model: {layer index: {full name: full shape}}, in layer order."""
+    layers: dict[int, dict[str, torch.Size]] = {}
+    for name, shape in param_shapes(model, vocab_size).items():
+        layers.setdefault(layer_index(name, model.n_layer), {})[name] = shape
+    return dict(sorted(layers.items()))

@@ -1,12 +1,15 @@
 """Save and load an Engine's full training state layer by layer, so a checkpoint from one (pp, tp, dp) loads into any.
 
-Saving: for each layer its stage owns, every rank helps assemble full fp32 tensors (ZeRO partitions over DP,
-then TP shards), and the stage's (dp 0, tp 0) rank writes model/NNN-<layer>.pt and optim/NNN-<layer>.pt; rank 0
-writes the small files and commits. Loading: every file is checked against the manifest first; then each rank
-reads only its stage's layer files and keeps its TP shard and ZeRO partition. Same layout in, same bits out.
+Saving: the engine gathers each layer its stage owns into full fp32 tensors (Engine.save_state: ZeRO partitions
+over DP, then TP shards; under ZeRO-3 one layer at a time, never the whole model) and the stage's (dp 0, tp 0)
+rank writes model/NNN-<layer>.pt and optim/NNN-<layer>.pt here; rank 0 writes the small files and commits.
+Loading: every rank checks the sha256 of each file it will read, then reads only its stage's layer files and the
+engine keeps its TP shard and ZeRO partition (Engine.load_state). Same layout in, same bits out.
 
-    path = save_checkpoint(engine, run_dir / "checkpoints", step, {"step": step, "tokens": tokens}, capture_rng())
-    resumed = load_checkpoint(engine, path)   # -> Resumed(step, trainer_state, rank_state or None)
+    path = save_checkpoint(engine, cfg, run_dir / "checkpoints", step, {"step": step, ...}, capture_rng())
+    resumed = load_checkpoint(engine, cfg, path)   # -> Resumed(step, trainer_state, rank_state or None)
+
+Nothing here imports DeepSpeed: the engine's state goes through its save_state / load_state.
 """
 
 from __future__ import annotations
@@ -14,24 +17,24 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
-from raylm.checkpoint import optim_state
 from raylm.checkpoint.commit import commit, new_tmp_dir
 from raylm.checkpoint.manifest import read_manifest, verify_checkpoint
-from raylm.checkpoint.names import (ENGINE_STATE_FILE, TRAINER_STATE_FILE, layer_index, model_file, optim_file,
+from raylm.checkpoint.names import (ENGINE_STATE_FILE, TRAINER_STATE_FILE, model_file, model_layers, optim_file,
                                     rank_file)
 from raylm.checkpoint.writer import Records, manifest_extra, model_config_of, save_json, save_run_files, save_torch
+from raylm.config import Config
+from raylm.config.derived import padded_vocab
 from raylm.errors import CheckpointError
 from raylm.log import get_logger
 from raylm.model.gpt import param_shapes
-from raylm.parallel.pipeline import gather_tp, local_params, shard_of
-from raylm.parallel.tensor import TPGroup
 
+if TYPE_CHECKING:
+    from raylm.parallel.engine import Engine
 
 SAVE_PHASES = ("before-files", "mid-files", "before-commit", "after-commit")
 
@@ -46,65 +49,32 @@ class Resumed:
     rank_state: dict | None  # this rank's per-rank dict; None when the checkpoint's layout differs (or it had none)
 
 
-def _layout(engine) -> dict:
-    return {"pp": engine.topo.pp, "tp": engine.topo.tp, "dp": engine.topo.dp}
+def _layer_files(cfg: Config) -> dict[int, tuple[str, str]]:
+    """{layer index: (model file, optimizer file)} of the whole model."""
+    layers = model_layers(cfg.model, padded_vocab(cfg.data.vocab_size))
+    n_layer = cfg.model.n_layer
+    return {index: (model_file(next(iter(names)), n_layer), optim_file(next(iter(names)), n_layer))
+            for index, names in layers.items()}
 
 
-def _stage_layers(engine, owned_only: bool) -> dict[str, dict[str, nn.Parameter]]:
-    """{model file: {full name: local param}} for this stage's layers, in layer order.
+class _LayerWriter:
+    """write_layer for Engine.save_state: saves each layer's two files, and keeps the first error instead of
+    raising, so this rank still takes part in every later layer's collectives."""
 
-    owned_only drops the last stage's copy of a tied embedding, which stage 0 saves.
-    """
-    pipe, n_layer = engine.ds.module, engine.cfg.model.n_layer
-    layers: dict[str, dict[str, nn.Parameter]] = {}
-    for name, param in local_params(pipe).items():
-        if owned_only and pipe.stage_owner(layer_index(name, n_layer)) != pipe.stage_id:
-            continue
-        layers.setdefault(model_file(name, n_layer), {})[name] = param
-    return dict(sorted(layers.items()))
+    def __init__(self, folder: Path, cfg: Config, rank: int):
+        self.folder, self.files_of, self.rank = folder, _layer_files(cfg), rank
+        self.files: Records = {}
+        self.error: str | None = None
 
-
-def _owned_cpu(t: torch.Tensor) -> torch.Tensor:
-    """A CPU fp32 copy with its own storage (torch.save of a view would write the whole flat buffer behind it)."""
-    return t.detach().to("cpu", torch.float32, copy=True)
-
-
-def _gather_layer(engine, params: dict[str, nn.Parameter]) -> tuple[dict, dict]:
-    """Full weights and moments of one layer on the replica-0 ranks (empty dicts elsewhere); DP then TP collectives."""
-    weights, moments = {}, {}
-    for name, param in params.items():
-        value, adam = optim_state.master_value(param), optim_state.adam_moments(engine, param)  # DP collectives
-        if engine.coords.dp_rank != 0:
-            continue  # each DP replica's TP group could gather; replica 0's suffices
-        weights[name] = _owned_cpu(gather_tp(value, param, engine.tp))
-        moments[name] = {key: _owned_cpu(gather_tp(v, param, engine.tp)) for key, v in adam.items()}
-    return weights, moments
-
-
-def _write_layers(engine, folder: Path) -> tuple[Records, str | None]:
-    """Gather each owned layer; this stage's (dp 0, tp 0) rank writes its model and optimizer files.
-
-    A failed write does not stop the gathering: every rank must take part in every layer's collectives.
-    """
-    writer = engine.coords.dp_rank == 0 and engine.coords.tp_rank == 0
-    files: Records = {}
-    error = None
-    for rel_model, params in _stage_layers(engine, owned_only=True).items():
-        weights, moments = _gather_layer(engine, params)
-        if writer and error is None:
-            try:
-                files.update(save_torch(folder, rel_model, weights))
-                files.update(save_torch(folder, optim_file(next(iter(params)), engine.cfg.model.n_layer), moments))
-            except OSError as exc:
-                error = f"writing {folder / rel_model} failed on rank {engine.rank}: {exc}"
-    return files, error
-
-
-def _engine_state(engine) -> dict:
-    """AdamW's step and learning rate plus DeepSpeed's counters: layout-free scalars."""
-    ds = engine.ds
-    return {"adam_step": optim_state.adam_step(engine), "lr": engine.optimizer.param_groups[0]["lr"],
-            "global_steps": ds.global_steps, "global_samples": ds.global_samples, "skipped_steps": ds.skipped_steps}
+    def __call__(self, index: int, weights: dict, moments: dict) -> None:
+        if self.error is not None:
+            return
+        rel_model, rel_optim = self.files_of[index]
+        try:
+            self.files.update(save_torch(self.folder, rel_model, weights))
+            self.files.update(save_torch(self.folder, rel_optim, moments))
+        except OSError as exc:
+            self.error = f"writing {self.folder / rel_model} failed on rank {self.rank}: {exc}"
 
 
 def _on_rank0(fn: Callable[[], object]) -> object:
@@ -122,16 +92,16 @@ def _on_rank0(fn: Callable[[], object]) -> object:
     return value
 
 
-def _all_or_none(error: str | None) -> None:
+def _all_or_none(error: str | None, kind: type[CheckpointError] = CheckpointError) -> None:
     """Raise the first rank's error on every rank (so none goes on to a collective the others skip)."""
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     first = next((e for e in errors if e), None)
     if first:
-        raise CheckpointError(first)
+        raise kind(first)
 
 
-def save_checkpoint(engine, checkpoints_dir: str | Path, step: int, trainer_state: dict,
+def save_checkpoint(engine: Engine, cfg: Config, checkpoints_dir: str | Path, step: int, trainer_state: dict,
                     rank_state: dict | None = None, on_phase: Callable[[str], None] | None = None) -> Path:
     """Write and commit <checkpoints_dir>/step-XXXXXXXX/ (all ranks call together); returns its path.
 
@@ -140,40 +110,42 @@ def save_checkpoint(engine, checkpoints_dir: str | Path, step: int, trainer_stat
     name in SAVE_PHASES as the save reaches it (fault drills kill a rank there).
     """
     phase = on_phase or (lambda name: None)
-    optim_state.ensure_adam_state(engine)
     tmp = Path(_on_rank0(lambda: str(new_tmp_dir(checkpoints_dir, step))))
     phase("before-files")
-    files, error = _write_layers(engine, tmp)
+    writer = _LayerWriter(tmp, cfg, engine.rank)
+    scalars = engine.save_state(writer)
+    files, error = writer.files, writer.error
     phase("mid-files")
     if error is None:
         try:  # no collectives below: a failing rank can stop here and report
             if rank_state is not None:
                 files.update(save_torch(tmp, rank_file(engine.rank), rank_state))
             if engine.rank == 0:
-                files.update(save_run_files(tmp, engine.cfg, trainer_state))
-                files.update(save_json(tmp, ENGINE_STATE_FILE, _engine_state(engine)))
+                files.update(save_run_files(tmp, cfg, trainer_state))
+                files.update(save_json(tmp, ENGINE_STATE_FILE, scalars))
         except (OSError, TypeError, ValueError) as exc:  # TypeError: a trainer_state that is not JSON-able
             error = f"writing checkpoint step {step} under {tmp} failed on rank {engine.rank}: {exc}"
     _all_or_none(error)
     every_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(every_rank, files)  # every file is on storage once this returns
     merged = {path: record for rank_files in every_rank for path, record in rank_files.items()}
-    extra = manifest_extra(engine.cfg, _layout(engine), optimizer=True)
+    extra = manifest_extra(cfg, engine.layout, optimizer=True)
     phase("before-commit")
     committed = Path(_on_rank0(lambda: str(commit(tmp, step, merged, extra))))
     phase("after-commit")
     return committed
 
 
-def _check_model(manifest: dict, engine, folder: Path) -> None:
-    """CheckpointError when the checkpoint's model has other parameters (names or shapes) than this engine's."""
-    saved, mine = manifest["model"], asdict(engine.cfg.model)
+def _check_model(manifest: dict, cfg: Config, folder: Path) -> None:
+    """CheckpointError when the checkpoint's model has other parameters (names or shapes) than this run's."""
+    saved, mine = manifest["model"], asdict(cfg.model)
     saved_model = model_config_of(manifest)
     differ = [k for k in mine if k in saved and saved[k] != mine[k]]
-    if param_shapes(saved_model, manifest["padded_vocab"]) != param_shapes(engine.cfg.model, engine.vocab_size):
+    vocab = padded_vocab(cfg.data.vocab_size)
+    if param_shapes(saved_model, manifest["padded_vocab"]) != param_shapes(cfg.model, vocab):
         diffs = [f"model.{k}={saved[k]!r} (this run: {mine[k]!r})" for k in differ]
-        if manifest["padded_vocab"] != engine.vocab_size:
-            diffs.append(f"data.vocab_size={manifest['vocab_size']} (this run: {engine.cfg.data.vocab_size})")
+        if manifest["padded_vocab"] != vocab:
+            diffs.append(f"data.vocab_size={manifest['vocab_size']} (this run: {cfg.data.vocab_size})")
         raise CheckpointError(f"checkpoint {folder} holds another model: {', '.join(diffs)}; resume with the "
                               f"checkpoint's model settings, or start fresh (checkpoint.resume=never or another "
                               f"run.name)")
@@ -182,91 +154,79 @@ def _check_model(manifest: dict, engine, folder: Path) -> None:
                              folder.name, ", ".join(f"model.{k}={saved[k]!r}" for k in differ))
 
 
-def _files_to_verify(engine, manifest: dict) -> list[str]:
-    """The files this rank vouches for: its stage's layer files on the stage's (dp 0, tp 0) rank, its own rank
-    file, and the small JSON files on rank 0. Between them the ranks check every file they will read."""
+def _files_read(engine: Engine, cfg: Config, manifest: dict) -> list[str]:
+    """Every file this rank will read: its stage's layer files, its own rank file (same layout only), and the
+    two small state files."""
+    files_of = _layer_files(cfg)
     files = []
-    if engine.coords.dp_rank == 0 and engine.coords.tp_rank == 0:
-        for rel_model, params in _stage_layers(engine, owned_only=False).items():
-            files.append(rel_model)
-            if manifest["optimizer"]:
-                files.append(optim_file(next(iter(params)), engine.cfg.model.n_layer))
-    if manifest.get("layout") == _layout(engine) and rank_file(engine.rank) in manifest["files"]:
+    for index in engine.layer_indices(owned_only=False):
+        rel_model, rel_optim = files_of[index]
+        files += [rel_model, rel_optim] if manifest["optimizer"] else [rel_model]
+    if manifest.get("layout") == engine.layout and rank_file(engine.rank) in manifest["files"]:
         files.append(rank_file(engine.rank))
-    if engine.rank == 0:
-        files += [f for f in (TRAINER_STATE_FILE, ENGINE_STATE_FILE) if f in manifest["files"]]
-    return files
+    return files + [f for f in (TRAINER_STATE_FILE, ENGINE_STATE_FILE) if f in manifest["files"]]
 
 
-def _verify(engine, folder: Path) -> dict:
-    """The manifest, once every rank has checked its share of the files (before anything is unpickled)."""
+class UnverifiedFile(CheckpointError):
+    """A checkpoint file failed its manifest check (missing, resized or altered): resume=auto tries an older one."""
+
+
+def verify_for_load(engine: Engine, cfg: Config, path: str | Path) -> dict:
+    """The manifest, once every rank has checked the sha256 of each file it will read (before anything is
+    unpickled). All ranks call together and raise alike: CheckpointError for another model (never skipped, the
+    run's settings are wrong), UnverifiedFile, naming it, for a bad file."""
+    folder = Path(path)
     error, manifest = None, None
     try:
         manifest = read_manifest(folder)
-        _check_model(manifest, engine, folder)
-        verify_checkpoint(folder, only=_files_to_verify(engine, manifest))
+        _check_model(manifest, cfg, folder)
     except CheckpointError as exc:
         error = str(exc)
     _all_or_none(error)
+    try:
+        verify_checkpoint(folder, only=_files_read(engine, cfg, manifest))
+    except CheckpointError as exc:
+        error = str(exc)
+    _all_or_none(error, UnverifiedFile)
     return manifest
-
-
-def _full_shape(param: nn.Parameter, tp: TPGroup) -> tuple[int, ...]:
-    """The unsharded shape of a (possibly TP-split) parameter."""
-    shape = list(param.shape)
-    dim = getattr(param, "tp_split_dim", None)
-    if dim is not None:
-        shape[dim] *= tp.size
-    return tuple(shape)
 
 
 def _load_tensors(folder: Path, rel_path: str):
     return torch.load(folder / rel_path, map_location="cpu", weights_only=True)
 
 
-def _load_layers(engine, folder: Path, with_optimizer: bool) -> None:
-    """Each of this stage's layers: read the full tensors, keep this rank's TP shard (and ZeRO partition)."""
-    n_layer = engine.cfg.model.n_layer
-    for rel_model, params in _stage_layers(engine, owned_only=False).items():
+def _layer_reader(cfg: Config, folder: Path, with_optimizer: bool) -> Callable[[int], tuple[dict, dict | None]]:
+    """read_layer for Engine.load_state: one layer's full weights (shapes checked) and moments from its files."""
+    files_of, shapes = _layer_files(cfg), model_layers(cfg.model, padded_vocab(cfg.data.vocab_size))
+
+    def read_layer(index: int) -> tuple[dict, dict | None]:
+        rel_model, rel_optim = files_of[index]
         weights = _load_tensors(folder, rel_model)
-        moments = _load_tensors(folder, optim_file(next(iter(params)), n_layer)) if with_optimizer else None
-        for name, param in params.items():
+        for name, shape in shapes[index].items():
             full = weights.get(name)
-            if full is None or tuple(full.shape) != _full_shape(param, engine.tp):
+            if full is None or full.shape != shape:
                 found = "nothing" if full is None else f"shape {tuple(full.shape)}"
                 raise CheckpointError(f"{folder / rel_model} holds {found} for {name}, this model needs "
-                                      f"{_full_shape(param, engine.tp)}; load it into the model it was saved from")
-            optim_state.set_master_value(param, shard_of(full, param, engine.tp))
-            if moments is not None:
-                shards = {key: shard_of(t, param, engine.tp) for key, t in moments[name].items()}
-                optim_state.set_adam_moments(engine, param, shards)
+                                      f"{tuple(shape)}; load it into the model it was saved from")
+        return weights, _load_tensors(folder, rel_optim) if with_optimizer else None
+
+    return read_layer
 
 
-def _restore_engine_state(engine, state: dict) -> None:
-    optim_state.set_adam_step(engine, state["adam_step"])
-    engine.set_lr(state["lr"])
-    engine.ds.global_steps = state["global_steps"]
-    engine.ds.global_samples = state["global_samples"]
-    engine.ds.skipped_steps = state["skipped_steps"]
-
-
-def load_checkpoint(engine, path: str | Path) -> Resumed:
+def load_checkpoint(engine: Engine, cfg: Config, path: str | Path, manifest: dict | None = None) -> Resumed:
     """Load a committed checkpoint, written under any layout, into this engine (all ranks call together).
 
     Weights, fp32 masters and AdamW moments and step come back exactly; a weights-only checkpoint starts AdamW
-    fresh. Raises CheckpointError, naming the file, if anything fails its manifest check.
+    fresh. Each rank first checks the files it reads (or pass the manifest verify_for_load returned); raises
+    CheckpointError, naming the file, if one fails.
     """
     folder = Path(path)
-    manifest = _verify(engine, folder)
-    optim_state.ensure_adam_state(engine)
+    manifest = manifest or verify_for_load(engine, cfg, folder)
     with_optimizer = bool(manifest["optimizer"])
-    _load_layers(engine, folder, with_optimizer)
-    if with_optimizer:
-        _restore_engine_state(engine, json.loads((folder / ENGINE_STATE_FILE).read_text()))
-    else:
-        optim_state.reset_adam_moments(engine)
+    scalars = json.loads((folder / ENGINE_STATE_FILE).read_text()) if with_optimizer else None
+    engine.load_state(_layer_reader(cfg, folder, with_optimizer), scalars)
     rank_state = None
-    if manifest.get("layout") == _layout(engine) and rank_file(engine.rank) in manifest["files"]:
+    if manifest.get("layout") == engine.layout and rank_file(engine.rank) in manifest["files"]:
         rank_state = _load_tensors(folder, rank_file(engine.rank))
     trainer_state = json.loads((folder / TRAINER_STATE_FILE).read_text())
     return Resumed(path=folder, step=int(manifest["step"]), trainer_state=trainer_state, rank_state=rank_state)

@@ -25,9 +25,10 @@ def padded_vocab(vocab_size: int) -> int:
 
 
 def num_workers(cfg: Config) -> int:
-    """Ray Train workers: one per (pp, tp, dp) rank."""
-    p = cfg.parallel
-    return p.pp * p.tp * p.dp
+    """Ray Train workers: one per (pp, tp, dp) rank (the product is Topology's)."""
+    from raylm.parallel.topology import Topology  # it imports this module
+
+    return Topology.from_config(cfg.parallel).world_size
 
 
 def samples_per_micro_step(cfg: Config) -> int:

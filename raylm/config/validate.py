@@ -7,7 +7,7 @@ import math
 import os
 import re
 
-from raylm.config.derived import ffn_hidden, kv_heads, padded_vocab, samples_per_micro_step
+from raylm.config.derived import kv_heads, num_workers, padded_vocab, samples_per_micro_step
 from raylm.config.loader import short_repr
 from raylm.config.schema import Config
 from raylm.errors import ConfigError, StorageError
@@ -109,28 +109,16 @@ def _check_model(cfg: Config) -> None:
 
 
 def _check_layout(cfg: Config) -> None:
-    p, m = cfg.parallel, cfg.model
-    world = p.pp * p.tp * p.dp
+    """The (pp, tp, dp) rules, from the one place build_engine checks them too."""
+    from raylm.parallel.topology import Topology, check_layout  # raylm.parallel.topology imports this package
+
+    p = cfg.parallel
+    topo = Topology.from_config(p)
+    world = topo.world_size
     if p.num_workers and p.num_workers != world:
         _fail(f"parallel.pp * tp * dp = {p.pp} * {p.tp} * {p.dp} = {world} does not match "
               f"parallel.num_workers={p.num_workers}; change the degrees or set parallel.num_workers={world}")
-    if m.n_layer < p.pp:
-        _fail(f"model.n_layer={m.n_layer} < parallel.pp={p.pp}: every pipeline stage needs at least one block; "
-              f"lower parallel.pp or add layers")
-    if m.n_head % p.tp:
-        _fail(f"model.n_head={m.n_head} is not divisible by parallel.tp={p.tp}; pick tp dividing n_head")
-    if kv_heads(m) % p.tp:
-        _fail(f"model.n_kv_head={kv_heads(m)} is not divisible by parallel.tp={p.tp}; pick tp dividing n_kv_head")
-    if ffn_hidden(m) % p.tp:
-        _fail(f"FFN width {ffn_hidden(m)} (model.ffn_hidden) is not divisible by parallel.tp={p.tp}; "
-              f"set model.ffn_hidden to a multiple of {p.tp}")
-    vocab = padded_vocab(cfg.data.vocab_size)
-    if vocab % p.tp:
-        _fail(f"vocab {cfg.data.vocab_size}, padded to {vocab}, is not divisible by parallel.tp={p.tp}; "
-              f"pick tp dividing {vocab}")
-    if p.zero_stage > 1 and p.pp > 1:
-        _fail(f"parallel.zero_stage={p.zero_stage} with parallel.pp={p.pp}: DeepSpeed's pipeline engine supports "
-              f"ZeRO 0 or 1 only; set parallel.zero_stage=1")
+    check_layout(topo, cfg.model, cfg.data.vocab_size, p.zero_stage)
 
 
 def _check_batch(cfg: Config) -> None:
@@ -209,7 +197,7 @@ def _check_drill(cfg: Config) -> None:
     if drill and not DRILL.match(drill):
         _fail(f"fault.drill={drill!r} is not PHASE@STEP with PHASE one of before-files, mid-files, before-commit, "
               f"after-commit, step; e.g. fault.drill=mid-files@4, or '' for no drill")
-    world = cfg.parallel.pp * cfg.parallel.tp * cfg.parallel.dp
+    world = num_workers(cfg)
     if drill and not 0 <= cfg.fault.drill_rank < world:
         _fail(f"fault.drill_rank={cfg.fault.drill_rank} is not a rank of the {world} workers; set it below {world}")
 

@@ -2,38 +2,64 @@
 
 from __future__ import annotations
 
-from raylm.config.derived import micro_batches_for
-from raylm.config.schema import Config
+from dataclasses import dataclass
+
+from raylm.config.derived import micro_batches_for, padded_vocab
+from raylm.config.schema import Config, OptimConfig, ParallelConfig
 
 NEVER = 10**9  # steps_per_print: raylm logs its own metrics; DeepSpeed's per-step prints would only add noise
 
 
-def zero_stage_for(cfg: Config) -> int:
-    """ZeRO stage over DP: the configured one, but never above 1 with a pipeline (DeepSpeed refuses 2 and 3)."""
-    stage = cfg.parallel.zero_stage
-    return min(stage, 1) if cfg.parallel.pp > 1 else stage
+@dataclass(frozen=True)
+class TrainSpec:
+    """What the engine needs beyond the model and parallel sections, taken from data, train and optim."""
+
+    vocab_size: int  # padded (data.vocab_size rounded up): the embedding's rows
+    seq_len: int
+    micro_batches: int  # per DP rank per optimizer step, at train.global_batch
+    precision: str
+    grad_clip: float
+    optim: OptimConfig
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "TrainSpec":
+        return cls(vocab_size=padded_vocab(cfg.data.vocab_size), seq_len=cfg.data.seq_len,
+                   micro_batches=micro_batches_for(cfg.train.global_batch, cfg), precision=cfg.train.precision,
+                   grad_clip=cfg.train.grad_clip, optim=cfg.optim)
 
 
-def build_ds_config(cfg: Config, micro_batches: int | None = None) -> dict:
-    """DeepSpeed's JSON config for one run; `micro_batches` defaults to train.global_batch's accumulation steps."""
-    p = cfg.parallel
-    micro_batches = micro_batches or micro_batches_for(cfg.train.global_batch, cfg)
-    return {
+def zero_stage_for(p: ParallelConfig, precision: str) -> int:
+    """The ZeRO stage DeepSpeed runs: parallel.zero_stage, except that bf16 with pp = 1 runs ZeRO-1 for ZeRO 0.
+
+    bf16 keeps fp32 master weights and fp32 gradient accumulation. Without ZeRO, DeepSpeed's plain engine has no
+    optimizer that does (it would accumulate bf16 gradients); the pipeline engine's BF16_Optimizer, which it uses
+    at ZeRO 0, partitions the masters over DP exactly as ZeRO-1 does. So both engines keep the same state."""
+    if precision == "bf16" and p.pp == 1:
+        return max(p.zero_stage, 1)
+    return p.zero_stage
+
+
+def build_ds_config(p: ParallelConfig, spec: TrainSpec, micro_batches: int | None = None) -> dict:
+    """DeepSpeed's JSON config for one run; `micro_batches` defaults to the spec's (train.global_batch's)."""
+    micro_batches = micro_batches or spec.micro_batches
+    config = {
         "train_micro_batch_size_per_gpu": p.micro_batch,
         "gradient_accumulation_steps": micro_batches,
         "train_batch_size": p.micro_batch * micro_batches * p.dp,
-        "gradient_clipping": cfg.train.grad_clip,
+        "gradient_clipping": spec.grad_clip,
         # bf16 compute with fp32 master weights and fp32 gradient accumulation
-        "bf16": {"enabled": cfg.train.precision == "bf16"},
-        "zero_optimization": {"stage": zero_stage_for(cfg)},
+        "bf16": {"enabled": spec.precision == "bf16"},
+        "zero_optimization": {"stage": zero_stage_for(p, spec.precision)},  # 2, 3 only at pp = 1 (check_layout)
         # our torch.optim.AdamW is passed in; DeepSpeed would otherwise refuse it under ZeRO
         "zero_allow_untested_optimizer": True,
-        "pipeline": {
+        "steps_per_print": NEVER,
+        "wall_clock_breakdown": False,
+    }
+    if p.pp > 1:
+        config["pipeline"] = {
             # activations are replicated across TP; sending them whole keeps the p2p path simple
             "pipe_partitioned": False,
             "grad_partitioned": False,
             "activation_checkpoint_interval": 1 if p.activation_checkpointing else 0,
-        },
-        "steps_per_print": NEVER,
-        "wall_clock_breakdown": False,
-    }
+        }
+    return config

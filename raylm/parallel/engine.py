@@ -1,31 +1,42 @@
-"""One rank's training engine: layout -> TP layers -> PipelineModule -> deepspeed.initialize, behind a small API.
+"""One rank's training engine: layout -> TP layers -> pipeline or single-stage module -> deepspeed.initialize.
 
 The training loop calls, on every rank:
 
     init_distributed("gloo")                       # once per process, before anything else here
     engine = build_engine(cfg, weights=None)       # None = SeededInit(cfg.model, vocab, cfg.run.seed)
     loss = engine.train_batch(data_iter)           # data_iter yields (inputs, labels) on reading ranks, else None
+
+With pp > 1 the engine is a DeepSpeed PipelineEngine (ZeRO 0 or 1); with pp = 1 it is DeepSpeed's plain engine
+over the same layers, which also takes ZeRO-2 and ZeRO-3. Both sit behind the one `Engine` API below, which is
+also the only code that touches either engine's internals (checkpoints use save_state / load_state).
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
 import deepspeed
 import torch
 import torch.distributed as dist
+import torch.nn as nn
+from deepspeed.runtime.pipe.topology import PipelineParallelGrid
 
-from raylm.config.derived import padded_vocab
-from raylm.config.schema import Config, OptimConfig
+from raylm.checkpoint.names import model_layers
+from raylm.config.schema import Config, ModelConfig, OptimConfig, ParallelConfig
 from raylm.model.weights import InMemoryWeights, SeededInit, WeightSource
-from raylm.parallel.ds_config import build_ds_config
+from raylm.parallel import param_state
+from raylm.parallel.ds_config import TrainSpec, build_ds_config
 from raylm.parallel.pipe_wait import PipeWaitClock
-from raylm.parallel.pipeline import build_pipeline_module, gather_full_weights, load_weights, tag_for_grad_norm
+from raylm.parallel.pipeline import SingleStage, build_pipeline_module, ds_topology, stage_layers
+from raylm.parallel.shards import (StageLayers, gather_full, named_params, owned_cpu, read_weights,
+                                   shard_of, tag_for_grad_norm)
 from raylm.parallel.tensor import TPGroup
-from raylm.parallel.topology import Topology, build_groups, check_layout
+from raylm.parallel.topology import ProcessGroups, Topology, build_groups, check_layout
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), each LongTensor (micro_batch, seq_len)
+Tensors = dict[str, torch.Tensor]
+Moments = dict[str, Tensors]  # full name -> {"exp_avg": ..., "exp_avg_sq": ...}
 
 
 def resolve_backend(backend: str) -> str:
@@ -45,7 +56,7 @@ def init_distributed(backend: str = "auto") -> None:
     deepspeed.init_distributed(dist_backend=resolve_backend(backend))
 
 
-def build_optimizer(module: torch.nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW with decoupled weight decay on matrices only (norm gains are not decayed)."""
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [
@@ -57,18 +68,21 @@ def build_optimizer(module: torch.nn.Module, optim: OptimConfig) -> torch.optim.
 
 
 class Engine:
-    """A DeepSpeed pipeline engine plus raylm's layout and full-weight I/O; the same calls on every rank."""
+    """One rank of a DeepSpeed engine plus raylm's layout and full-state I/O; the same calls on every rank."""
 
-    def __init__(self, ds_engine, optimizer: torch.optim.Optimizer, cfg: Config, topo: Topology, tp: TPGroup):
+    def __init__(self, ds_engine, optimizer: torch.optim.Optimizer, topo: Topology, groups: ProcessGroups,
+                 tp: TPGroup, layers: StageLayers, model: ModelConfig, vocab_size: int, micro_batch: int):
         self.ds = ds_engine
         self.optimizer = optimizer
-        self.cfg = cfg
         self.topo = topo
+        self.groups = groups
         self.tp = tp
+        self.layers = layers
+        self.model = model
+        self.vocab_size = vocab_size  # padded
+        self.micro_batch = micro_batch
         self.rank = dist.get_rank()
         self.coords = topo.coords(self.rank)
-        self.vocab_size = padded_vocab(cfg.data.vocab_size)
-        self.pipe_wait = PipeWaitClock(ds_engine)
 
     @property
     def reads_data(self) -> bool:
@@ -80,6 +94,10 @@ class Engine:
         """Micro-batches (gradient accumulation steps) per DP rank per optimizer step."""
         return self.ds.gradient_accumulation_steps()
 
+    @property
+    def layout(self) -> dict[str, int]:
+        return {"pp": self.topo.pp, "tp": self.topo.tp, "dp": self.topo.dp}
+
     def _data(self, data_iter: Iterator[Batch] | None) -> Iterator[Batch] | None:
         if self.reads_data and data_iter is None:
             raise ValueError(f"rank {self.rank} {self.coords} is on the first or last pipeline stage and "
@@ -89,15 +107,15 @@ class Engine:
     def train_batch(self, data_iter: Iterator[Batch] | None) -> float:
         """One optimizer step over `micro_batches` micro-batches per DP rank; the loss is the global-batch
         mean (mean of the micro-batch means), identical on every rank."""
-        return float(self.ds.train_batch(self._data(data_iter)))
-
-    def take_pipe_wait_s(self) -> float:
-        """Seconds this stage spent waiting on other stages since the last call (the bubble plus transfers)."""
-        return self.pipe_wait.take_wait_s()
+        raise NotImplementedError
 
     def eval_batch(self, data_iter: Iterator[Batch] | None, num_micro_batches: int) -> float:
         """Mean loss over `num_micro_batches` micro-batches per DP rank, without gradients; same on every rank."""
-        return float(self.ds.eval_batch(self._data(data_iter), num_micro_batches=num_micro_batches))
+        raise NotImplementedError
+
+    def take_pipe_wait_s(self) -> float:
+        """Seconds this stage spent waiting on other stages since the last call (the bubble plus transfers)."""
+        return 0.0
 
     def set_lr(self, lr: float) -> None:
         """Learning rate for the next step (the schedule is computed by the caller)."""
@@ -108,29 +126,155 @@ class Engine:
         """Batch ramp: change the accumulation steps, keeping parallel.micro_batch samples per micro-batch."""
         if micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches} must be >= 1")
-        self.ds.set_train_batch_size(micro_batches * self.cfg.parallel.micro_batch * self.topo.dp)
+        self.ds.set_train_batch_size(micro_batches * self.micro_batch * self.topo.dp)
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights under the model's names, on every rank (all ranks must call)."""
-        return gather_full_weights(self.ds.module, self.cfg, self.vocab_size, self.topo, self.tp)
+    # -- full state: every tensor whole and layout-free ------------------------------------------------------
 
-    def load_full_state_dict(self, full: dict[str, torch.Tensor]) -> None:
-        """Load full weights into this rank's shards and master copies (optimizer moments are kept)."""
-        load_weights(self.ds.module, InMemoryWeights(full), self.tp)
+    @property
+    def writes_layers(self) -> bool:
+        """Whether this rank writes its stage's layers on save: its stage's (dp 0, tp 0) rank."""
+        return self.coords.dp_rank == 0 and self.coords.tp_rank == 0
+
+    def layer_indices(self, owned_only: bool) -> list[int]:
+        """Pipeline layer indices this rank holds (owned_only: those its stage saves; a tied copy is not)."""
+        return list(self.layers.by_layer(owned_only))
+
+    def full_state_dict(self) -> Tensors:
+        """Full fp32 CPU weights under the model's names, on every rank (all ranks must call): each stage gathers
+        its own layers, then the stage's (dp 0, tp 0) rank broadcasts each tensor."""
+        full, owned = {}, self.layers.by_layer(owned_only=True)
+        for index, shapes in model_layers(self.model, self.vocab_size).items():
+            owner, mine = self.layers.stage_of(index), owned.get(index)
+            for name, shape in shapes.items():
+                value = gather_full(mine[name], self.tp) if mine else torch.empty(shape, device=self.ds.device)
+                dist.broadcast(value, src=self.topo.rank_of(owner, 0, 0))
+                full[name] = owned_cpu(value)
+        return full
+
+    def load_full_state_dict(self, full: Tensors) -> None:
+        """Load full weights into this rank's shards and master copies (optimizer moments are kept); every rank
+        calls."""
+        read_weights(self.layers.params, InMemoryWeights(full), self.tp)
+        param_state.sync_zero3_weights(self.ds.optimizer)
+
+    def save_state(self, write_layer: Callable[[int, Tensors, Moments], None]) -> dict:
+        """Gather each layer this stage owns, one at a time (DP and TP collectives: every rank calls), and on the
+        stage's writer rank hand it to write_layer(index, weights, moments). Returns the optimizer's scalars
+        (AdamW step, learning rate, DeepSpeed's counters), the same on every rank."""
+        param_state.ensure_adam_state(self.optimizer, self.ds.optimizer)
+        for index, params in self.layers.by_layer(owned_only=True).items():
+            weights = {name: owned_cpu(gather_full(param, self.tp)) for name, param in params.items()}
+            moments = {name: {key: owned_cpu(t) for key, t in gather_full(param, self.tp, self.optimizer).items()}
+                       for name, param in params.items()}
+            if self.writes_layers:
+                write_layer(index, weights, moments)
+        ds = self.ds
+        return {"adam_step": param_state.adam_step(self.optimizer), "lr": self.optimizer.param_groups[0]["lr"],
+                "global_steps": ds.global_steps, "global_samples": ds.global_samples,
+                "skipped_steps": ds.skipped_steps}
+
+    def load_state(self, read_layer: Callable[[int], tuple[Tensors, Moments | None]], scalars: dict | None) -> None:
+        """Load every layer this rank holds from read_layer(index) -> (full weights, full moments or None), keeping
+        this rank's TP slice and ZeRO partition (every rank calls: ZeRO-3 re-gathers its whole-kept weights at the
+        end). `scalars` are save_state's; None starts AdamW
+        fresh (a weights-only checkpoint)."""
+        param_state.ensure_adam_state(self.optimizer, self.ds.optimizer)
+        for index, params in self.layers.by_layer(owned_only=False).items():
+            weights, moments = read_layer(index)
+            for name, param in params.items():
+                param_state.set_master_value(param, shard_of(weights[name], param, self.tp))
+                if moments is not None:
+                    shards = {key: shard_of(t, param, self.tp) for key, t in moments[name].items()}
+                    param_state.set_adam_moments(self.optimizer, param, shards)
+        param_state.sync_zero3_weights(self.ds.optimizer)
+        if scalars is None:
+            param_state.reset_adam_moments(self.optimizer)
+            return
+        param_state.set_adam_step(self.optimizer, scalars["adam_step"])
+        self.set_lr(scalars["lr"])
+        self.ds.global_steps = scalars["global_steps"]
+        self.ds.global_samples = scalars["global_samples"]
+        self.ds.skipped_steps = scalars["skipped_steps"]
+
+
+class PipelineStageEngine(Engine):
+    """pp > 1: one stage of DeepSpeed's PipelineEngine (1F1B schedule; ZeRO 0 or 1)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pipe_wait = PipeWaitClock(self.ds)
+
+    def train_batch(self, data_iter: Iterator[Batch] | None) -> float:
+        return float(self.ds.train_batch(self._data(data_iter)))
+
+    def eval_batch(self, data_iter: Iterator[Batch] | None, num_micro_batches: int) -> float:
+        return float(self.ds.eval_batch(self._data(data_iter), num_micro_batches=num_micro_batches))
+
+    def take_pipe_wait_s(self) -> float:
+        return self.pipe_wait.take_wait_s()
+
+
+class SingleStageEngine(Engine):
+    """pp = 1: DeepSpeed's plain engine over the whole layer list (ZeRO 0 to 3); forward/backward/step here."""
+
+    def train_batch(self, data_iter: Iterator[Batch] | None) -> float:
+        data_iter = self._data(data_iter)
+        losses, micro_batches = [], self.micro_batches
+        for i in range(micro_batches):
+            # the boundary is set, not counted: DeepSpeed's micro-step count would drift when a ramp changes m
+            self.ds.set_gradient_accumulation_boundary(i == micro_batches - 1)
+            inputs, labels = next(data_iter)
+            loss = self.ds(inputs.to(self.ds.device), labels.to(self.ds.device))
+            self.ds.backward(loss)  # scaled by 1 / micro_batches; DP-reduced at the boundary
+            losses.append(loss.detach())
+        self.ds.step()
+        return self._dp_mean(losses)
+
+    def eval_batch(self, data_iter: Iterator[Batch] | None, num_micro_batches: int) -> float:
+        data_iter = self._data(data_iter)
+        with torch.no_grad():
+            losses = [self.ds(inputs.to(self.ds.device), labels.to(self.ds.device))
+                      for inputs, labels in (next(data_iter) for _ in range(num_micro_batches))]
+        return self._dp_mean(losses)
+
+    def _dp_mean(self, losses: list[torch.Tensor]) -> float:
+        """Mean over micro-batches, then over DP ranks: the pipeline engine's reduction, so both report alike."""
+        mean = torch.stack(losses).float().mean()
+        if self.topo.dp > 1:
+            dist.all_reduce(mean, group=self.groups.dp)
+            mean /= self.topo.dp
+        return float(mean)
+
+
+def build_module(model: ModelConfig, parallel: ParallelConfig, spec: TrainSpec, topo: Topology,
+                 tp: TPGroup) -> tuple[nn.Module, StageLayers]:
+    """This rank's module (a pipeline stage, or the whole model when pp = 1) and its layers by full name."""
+    recompute = parallel.activation_checkpointing
+    if topo.pp == 1:
+        module = SingleStage(model, spec.vocab_size, tp, recompute)
+        return module, StageLayers(named_params(module.stage_layers()), 0, lambda index: 0, model.n_layer)
+    pipe = build_pipeline_module(model, spec.vocab_size, spec.seq_len, parallel.partition, recompute, topo, tp)
+    return pipe, StageLayers(named_params(stage_layers(pipe)), pipe.stage_id, pipe.stage_owner, model.n_layer)
 
 
 def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
-    """Build this rank's engine for `cfg` (all ranks call together, after init_distributed)."""
+    """Build this rank's engine for `cfg` (all ranks call together, after init_distributed). It reads the model
+    and parallel sections, and from the rest only a TrainSpec; `weights` defaults to the run's seeded init."""
+    spec = TrainSpec.from_config(cfg)
     topo = Topology.from_config(cfg.parallel, dist.get_world_size())
-    check_layout(topo, cfg)
+    check_layout(topo, cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
     groups = build_groups(topo)
     tp = TPGroup(groups.tp, topo.coords(dist.get_rank()).tp_rank, topo.tp)
-    vocab_size = padded_vocab(cfg.data.vocab_size)
-    module = build_pipeline_module(cfg, vocab_size, topo, tp)
+    module, layers = build_module(cfg.model, cfg.parallel, spec, topo, tp)
     # each rank reads only its stage's parameters, and of those its TP slice; before initialize, so ZeRO
-    # copies the right masters
-    load_weights(module, weights if weights is not None else SeededInit(cfg.model, vocab_size, cfg.run.seed), tp)
+    # partitions (and copies into its masters) the right values
+    read_weights(layers.params, weights or SeededInit(cfg.model, spec.vocab_size, cfg.run.seed), tp)
     tag_for_grad_norm(module, tp)
-    optimizer = build_optimizer(module, cfg.optim)
-    ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=build_ds_config(cfg))
-    return Engine(ds_engine, optimizer, cfg, topo, tp)
+    optimizer = build_optimizer(module, spec.optim)
+    # with pp = 1 DeepSpeed learns the TP and DP groups from a grid over the same topology the pipeline uses
+    mpu = PipelineParallelGrid(topology=ds_topology(topo)) if topo.pp == 1 else None
+    ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu,
+                                              config=build_ds_config(cfg.parallel, spec))
+    engine_class = SingleStageEngine if topo.pp == 1 else PipelineStageEngine
+    return engine_class(ds_engine, optimizer, topo, groups, tp, layers, cfg.model, spec.vocab_size,
+                        cfg.parallel.micro_batch)

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch.distributed as dist
 
 from raylm.config.derived import ffn_hidden, kv_heads, padded_vocab
-from raylm.config.schema import Config, ParallelConfig
+from raylm.config.schema import ModelConfig, ParallelConfig
 from raylm.errors import ConfigError
 
 
@@ -98,22 +98,26 @@ class Topology:
         return groups
 
 
-def check_layout(topo: Topology, cfg: Config) -> None:
-    """Raise ConfigError, with the arithmetic and the fix, when the model cannot be split over `topo`."""
-    m = cfg.model
-    vocab = padded_vocab(cfg.data.vocab_size)
-    splits = (("model.n_head", m.n_head), ("model.n_kv_head (or n_head)", kv_heads(m)),
-              ("FFN width (model.ffn_hidden)", ffn_hidden(m)), ("padded vocab of data.vocab_size", vocab))
-    for what, size in splits:
+def check_layout(topo: Topology, model: ModelConfig, vocab_size: int, zero_stage: int) -> None:
+    """Raise ConfigError, with the arithmetic and the fix, when the model cannot be split over `topo`.
+
+    The one home of the layout rules: `raylm config` (validate) and build_engine both call it. `vocab_size` is
+    data.vocab_size, before padding."""
+    vocab = padded_vocab(vocab_size)
+    if model.n_layer < topo.pp:
+        raise ConfigError(f"model.n_layer={model.n_layer} < parallel.pp={topo.pp}: every pipeline stage needs at "
+                          f"least one block; lower parallel.pp or add layers")
+    splits = ((f"model.n_head={model.n_head}", model.n_head, "pick tp dividing n_head"),
+              (f"model.n_kv_head={kv_heads(model)}", kv_heads(model), "pick tp dividing n_kv_head"),
+              (f"FFN width {ffn_hidden(model)} (model.ffn_hidden)", ffn_hidden(model),
+               f"set model.ffn_hidden to a multiple of {topo.tp}"),
+              (f"vocab {vocab_size}, padded to {vocab},", vocab, f"pick tp dividing {vocab}"))
+    for what, size, fix in splits:
         if size % topo.tp:
-            raise ConfigError(f"{what} = {size} is not divisible by parallel.tp={topo.tp} "
-                              f"({size} / {topo.tp} = {size / topo.tp:.2f}); pick parallel.tp dividing {size}")
-    if m.n_layer < topo.pp:
-        raise ConfigError(f"model.n_layer={m.n_layer} < parallel.pp={topo.pp}: each pipeline stage needs a block; "
-                          f"set parallel.pp <= {m.n_layer} or model.n_layer >= {topo.pp}")
-    if topo.pp > 1 and cfg.parallel.zero_stage > 1:
-        raise ConfigError(f"parallel.zero_stage={cfg.parallel.zero_stage} with parallel.pp={topo.pp}: DeepSpeed's "
-                          f"pipeline engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1")
+            raise ConfigError(f"{what} is not divisible by parallel.tp={topo.tp}; {fix}")
+    if topo.pp > 1 and zero_stage > 1:
+        raise ConfigError(f"parallel.zero_stage={zero_stage} with parallel.pp={topo.pp}: DeepSpeed's pipeline "
+                          f"engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1 (or parallel.pp=1)")
 
 
 @dataclass

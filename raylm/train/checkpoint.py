@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from raylm.config import Config
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.train.rundir import checkpoint_root
 from raylm.train.step import TrainState
+
+if TYPE_CHECKING:
+    from raylm.parallel.engine import Engine
 
 
 @dataclass(frozen=True)
@@ -27,61 +30,80 @@ def checkpoint_due(cfg: Config, step: int) -> bool:
     return step == cfg.train.max_steps or bool(every and step % every == 0)
 
 
-def resume_point(cfg: Config, run_dir: Path, rank: int) -> Path | None:
-    """The committed checkpoint every rank resumes from (chosen and verified on rank 0, then broadcast).
+def resume_candidates_of(cfg: Config, run_dir: Path, rank: int) -> list[Path]:
+    """The committed checkpoints to try, newest first (manifests and sizes checked on rank 0, then broadcast).
 
     Runs on every (re)start of the worker group: after a lost worker, Ray Train restarts the group and this
     finds the newest committed checkpoint the failed attempt wrote, whatever checkpoint.resume says; the driver
     has already refused a run folder that the policy does not allow resuming."""
     import torch.distributed as dist
 
-    from raylm.checkpoint.commit import pick_resume
+    from raylm.checkpoint.commit import resume_candidates
 
     choice: list[Any] = [None]
     if rank == 0:
         policy = "required" if cfg.checkpoint.resume == "required" else "auto"
         try:
-            picked = pick_resume(checkpoint_root(run_dir), policy)
-            choice = [str(picked) if picked else None]
+            choice = [[str(p) for p in resume_candidates(checkpoint_root(run_dir), policy)]]
         except RaylmError as exc:  # every rank must leave the broadcast, then fail with the same line
             choice = [exc]
     dist.broadcast_object_list(choice, src=0)
     if isinstance(choice[0], RaylmError):
         raise choice[0]
-    return Path(choice[0]) if choice[0] else None
+    return [Path(p) for p in choice[0]]
 
 
-def restore(engine, path: Path) -> ResumeInfo:
+def resume(cfg: Config, engine: Engine, run_dir: Path, rank: int) -> ResumeInfo:
+    """Load the newest checkpoint whose files verify, if any (all ranks together); the run's position either way.
+
+    Each rank hashes only the files it reads. Under checkpoint.resume=auto a checkpoint that fails is skipped with
+    a warning naming the file and the next older one is tried; under required it is an error."""
+    from raylm.checkpoint.state import UnverifiedFile, verify_for_load
+
+    candidates = resume_candidates_of(cfg, run_dir, rank)
+    for path in candidates:
+        try:
+            manifest = verify_for_load(engine, cfg, path)  # every rank raises alike, so all move on together
+        except UnverifiedFile as exc:  # another model is not skipped: that is an error under every policy
+            if cfg.checkpoint.resume == "required":
+                raise
+            get_logger().warning("skipping unusable checkpoint %s: %s", path.name, exc)
+            continue
+        return restore(cfg, engine, path, manifest)
+    if candidates:
+        get_logger().warning("no usable checkpoint in %s; starting from scratch", checkpoint_root(run_dir))
+    return ResumeInfo(state=TrainState())
+
+
+def restore(cfg: Config, engine: Engine, path: Path, manifest: dict | None = None) -> ResumeInfo:
     """Load model and optimizer state (resharded to this layout if it changed) and, same layout, this rank's RNG."""
     from raylm.checkpoint.rng import restore_rng
     from raylm.checkpoint.state import load_checkpoint
 
-    resumed = load_checkpoint(engine, path)
+    resumed = load_checkpoint(engine, cfg, path, manifest)
     if resumed.rank_state is not None:
         restore_rng(resumed.rank_state["rng"])
     saved = resumed.trainer_state
     state = TrainState(step=saved["step"], tokens=saved["tokens"], samples=saved["samples"])
     layout = saved.get("layout")
-    now = {"pp": engine.topo.pp, "tp": engine.topo.tp, "dp": engine.topo.dp}
-    if layout and layout != now:
+    if layout and layout != engine.layout:
         get_logger().info("checkpoint %s was written with %s; resharding model and optimizer state to %s",
-                             path.name, _layout_text(layout), _layout_text(now))
+                          path.name, _layout_text(layout), _layout_text(engine.layout))
     get_logger().info("resumed from %s at step %d (%d tokens, sample %d)", path, state.step, state.tokens,
                       state.samples)
     return ResumeInfo(state=state, source=path)
 
 
-def save(cfg: Config, engine, run_dir: Path, state: TrainState, rank: int, protect: Path | None,
+def save(cfg: Config, engine: Engine, run_dir: Path, state: TrainState, rank: int, protect: Path | None,
          on_phase=None) -> Path:
     """Commit a checkpoint (a collective over every rank), then prune old ones on rank 0."""
     from raylm.checkpoint.commit import prune
     from raylm.checkpoint.rng import capture_rng
     from raylm.checkpoint.state import save_checkpoint
 
-    trainer = {"step": state.step, "tokens": state.tokens, "samples": state.samples,
-               "layout": {"pp": engine.topo.pp, "tp": engine.topo.tp, "dp": engine.topo.dp}}
-    path = save_checkpoint(engine, checkpoint_root(run_dir), state.step, trainer, rank_state={"rng": capture_rng()},
-                           on_phase=on_phase)
+    trainer = {"step": state.step, "tokens": state.tokens, "samples": state.samples, "layout": engine.layout}
+    path = save_checkpoint(engine, cfg, checkpoint_root(run_dir), state.step, trainer,
+                           rank_state={"rng": capture_rng()}, on_phase=on_phase)
     if rank == 0:
         prune(checkpoint_root(run_dir), cfg.checkpoint.keep, protect=protect)
     return path

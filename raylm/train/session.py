@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -16,13 +16,16 @@ from raylm.log import get_logger
 from raylm.train.peaks import gpu_peak_flops, measure_matmul_peak, mfu
 from raylm.train.step import StepResult, TrainState, evaluate
 
+if TYPE_CHECKING:
+    from raylm.parallel.engine import Engine
+
 
 @dataclass
 class Session:
     """Engine + data for one rank. Ranks that do not read data (middle pipeline stages) get no streams."""
 
     cfg: Config
-    engine: Any
+    engine: Engine
     reads_data: bool
     open_stream: Callable[[str, int], Iterator] | None
     flops_per_token: float
@@ -47,11 +50,10 @@ class Session:
                    peak_flops=_peak_flops(cfg, rank, engine.topo.world_size))
 
     def resume(self, run_dir, rank: int):
-        """Load the committed checkpoint to resume from, if any; the run's position either way (ResumeInfo)."""
-        from raylm.train.checkpoint import ResumeInfo, restore, resume_point
+        """Load the newest committed checkpoint that verifies, if any; the run's position either way (ResumeInfo)."""
+        from raylm.train.checkpoint import resume
 
-        path = resume_point(self.cfg, run_dir, rank)
-        return restore(self.engine, path) if path else ResumeInfo(state=TrainState())
+        return resume(self.cfg, self.engine, run_dir, rank)
 
     def train_batches(self, start_sample: int) -> Iterator:
         """This DP rank's micro-batches of the training split from global sample `start_sample` on."""

@@ -8,6 +8,10 @@ The chain the parent runs, one spawned world per phase, all sharing one folder:
     phase_2        (2 ranks): (1,1,2) ZeRO-1 loads B, re-saves C0, trains step 3, saves C, trains 2 more; a fresh
                               (1,1,2) loads C and repeats them; (2,1,1) ZeRO-1 loads C, re-saves D0 and trains
                               them; bf16 round trips (ZeRO-1 and BF16_Optimizer); a truncated file fails every rank
+    phase_zero3    (2 ranks): (1,1,2) ZeRO-3 loads B, re-saves Z0, trains step 3, saves Z3, trains 2 more; a fresh
+                              ZeRO-3 engine loads Z3 and repeats them; (2,1,1) ZeRO-1 loads Z0, re-saves P0, trains
+                              steps 3-5; a fresh ZeRO-3 engine loads P0, re-saves Z0B; resume=auto skips a
+                              checkpoint whose file fails its sha256 on the loading ranks, resume=required stops
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from raylm.config.derived import padded_vocab
 
 SAVE_STEP = 2  # checkpoint A is taken after this many of the five batches
 ZERO1 = "parallel.zero_stage=1"
+ZERO3 = "parallel.zero_stage=3"
 OTHER_SEED = 99  # fresh engines start from other weights, so a load that misses a tensor shows
 
 
@@ -50,7 +55,7 @@ def _train(engine, cfg, steps: range) -> list[float]:
 
 
 def _state(step: int) -> dict:
-    return {"step": step, "tokens": step * 8 * 16, "data_offset": {"shard": 0, "sample": step * 8}}
+    return {"step": step, "tokens": step * 8 * 16, "samples": step * 8}
 
 
 def phase_221(rank: int, world_size: int, root: str) -> dict:
@@ -58,7 +63,7 @@ def phase_221(rank: int, world_size: int, root: str) -> dict:
 
     cfg, engine = _engine(2, 2, 1, seed=cfg_seed())
     _train(engine, cfg, range(SAVE_STEP))
-    path_a = save_checkpoint(engine, Path(root) / "A", SAVE_STEP, _state(SAVE_STEP), capture_rng())
+    path_a = save_checkpoint(engine, cfg, Path(root) / "A", SAVE_STEP, _state(SAVE_STEP), capture_rng())
     return {"A": str(path_a), "reference": _train(engine, cfg, range(SAVE_STEP, 5))}
 
 
@@ -68,13 +73,13 @@ def phase_111(rank: int, world_size: int, root: str) -> dict:
     from raylm.errors import CheckpointError
 
     cfg, engine = _engine(1, 1, 1)
-    resumed = load_checkpoint(engine, _step_dir(root, "A", SAVE_STEP))
-    path_b = save_checkpoint(engine, Path(root) / "B", resumed.step, resumed.trainer_state)
+    resumed = load_checkpoint(engine, cfg, _step_dir(root, "A", SAVE_STEP))
+    path_b = save_checkpoint(engine, cfg, Path(root) / "B", resumed.step, resumed.trainer_state)
     out = {"B": str(path_b), "losses": _train(engine, cfg, range(SAVE_STEP, 5)),
            "has_rank_state": resumed.rank_state is not None}
-    _, deeper = _engine(1, 1, 1, "model.n_layer=5")
+    deeper_cfg, deeper = _engine(1, 1, 1, "model.n_layer=5")
     try:
-        load_checkpoint(deeper, _step_dir(root, "A", SAVE_STEP))
+        load_checkpoint(deeper, deeper_cfg, _step_dir(root, "A", SAVE_STEP))
     except CheckpointError as exc:
         out["other_model_error"] = str(exc)
     return out
@@ -87,8 +92,8 @@ def phase_221_back(rank: int, world_size: int, root: str) -> dict:
     out = {}
     for source, resave in (("A", "A2"), ("B", "B2")):
         cfg, engine = _engine(2, 2, 1)
-        resumed = load_checkpoint(engine, _step_dir(root, source, SAVE_STEP))
-        path = save_checkpoint(engine, Path(root) / resave, resumed.step, resumed.trainer_state)
+        resumed = load_checkpoint(engine, cfg, _step_dir(root, source, SAVE_STEP))
+        path = save_checkpoint(engine, cfg, Path(root) / resave, resumed.step, resumed.trainer_state)
         out[source] = {"resaved": str(path), "losses": _train(engine, cfg, range(SAVE_STEP, 5)),
                        "trainer_state": resumed.trainer_state, "has_rank_state": resumed.rank_state is not None}
     return out
@@ -102,26 +107,26 @@ def phase_2(rank: int, world_size: int, root: str) -> dict:
     from raylm.checkpoint import load_checkpoint, save_checkpoint
 
     cfg, engine = _engine(1, 1, 2, ZERO1)
-    resumed = load_checkpoint(engine, _step_dir(root, "B", SAVE_STEP))
-    path_c0 = save_checkpoint(engine, Path(root) / "C0", resumed.step, resumed.trainer_state)
+    resumed = load_checkpoint(engine, cfg, _step_dir(root, "B", SAVE_STEP))
+    path_c0 = save_checkpoint(engine, cfg, Path(root) / "C0", resumed.step, resumed.trainer_state)
     step3 = _train(engine, cfg, range(SAVE_STEP, SAVE_STEP + 1))
-    path_c = save_checkpoint(engine, Path(root) / "C", SAVE_STEP + 1, _state(SAVE_STEP + 1))
+    path_c = save_checkpoint(engine, cfg, Path(root) / "C", SAVE_STEP + 1, _state(SAVE_STEP + 1))
     reference_c = _train(engine, cfg, range(SAVE_STEP + 1, 5))
 
     cfg, fresh = _engine(1, 1, 2, ZERO1)
-    load_checkpoint(fresh, path_c)
+    load_checkpoint(fresh, cfg, path_c)
     same_layout_c = _train(fresh, cfg, range(SAVE_STEP + 1, 5))
 
     cfg, pipe = _engine(2, 1, 1, ZERO1)
-    load_checkpoint(pipe, path_c)
-    path_d0 = save_checkpoint(pipe, Path(root) / "D0", SAVE_STEP + 1, _state(SAVE_STEP + 1))
+    load_checkpoint(pipe, cfg, path_c)
+    path_d0 = save_checkpoint(pipe, cfg, Path(root) / "D0", SAVE_STEP + 1, _state(SAVE_STEP + 1))
     pp2 = _train(pipe, cfg, range(SAVE_STEP + 1, 5))
     return {"C0": str(path_c0), "C": str(path_c), "D0": str(path_d0), "chain": step3 + pp2,
             "reference_c": reference_c, "same_layout_c": same_layout_c, "bf16": bf16_round_trip(root),
-            "corrupt_error": load_corrupt(pipe, path_c, Path(root) / "CORRUPT")}
+            "corrupt_error": load_corrupt(pipe, cfg, path_c, Path(root) / "CORRUPT")}
 
 
-def load_corrupt(engine, path: Path, copy_to: Path) -> str | None:
+def load_corrupt(engine, cfg, path: Path, copy_to: Path) -> str | None:
     """Every rank must raise (not hang) when one file is bad, even ranks that did not check that file."""
     from raylm.checkpoint import load_checkpoint
     from raylm.errors import CheckpointError
@@ -132,29 +137,83 @@ def load_corrupt(engine, path: Path, copy_to: Path) -> str | None:
             f.truncate(100)
     dist.barrier()
     try:
-        load_checkpoint(engine, copy_to)
+        load_checkpoint(engine, cfg, copy_to)
     except CheckpointError as exc:
         return str(exc)
     return None
 
 
 def bf16_round_trip(root: str) -> list[dict]:
-    """bf16 keeps fp32 masters in DeepSpeed's optimizer (ZeRO-1's, or with ZeRO 0 its BF16_Optimizer, which also
-    partitions over DP): save after one step, then the engine and a fresh one that loaded it take the next."""
+    """bf16 keeps fp32 masters in DeepSpeed's optimizer (ZeRO-1's, or on the pipeline at ZeRO 0 its BF16_Optimizer,
+    which also partitions over DP; the plain engine runs ZeRO-1 for bf16 at ZeRO 0): save after one step, then the
+    engine and a fresh one that loaded it take the next."""
     from raylm.checkpoint import load_checkpoint, save_checkpoint
 
     out = []
-    for pp, dp, zero in ((2, 1, 1), (1, 2, 0)):
+    for pp, dp, zero in ((2, 1, 1), (2, 1, 0), (1, 2, 0)):
         overrides = ("train.precision=bf16", f"parallel.zero_stage={zero}")
         cfg, engine = _engine(pp, 1, dp, *overrides)
         _train(engine, cfg, range(1))
-        path = save_checkpoint(engine, Path(root) / f"BF16-pp{pp}-dp{dp}-zero{zero}", 1, _state(1))
+        path = save_checkpoint(engine, cfg, Path(root) / f"BF16-pp{pp}-dp{dp}-zero{zero}", 1, _state(1))
         continued = _train(engine, cfg, range(1, 2))
         cfg, fresh = _engine(pp, 1, dp, *overrides)
-        load_checkpoint(fresh, path)
+        load_checkpoint(fresh, cfg, path)
         out.append({"optimizer": type(engine.ds.optimizer).__name__, "continued": continued,
                     "resumed": _train(fresh, cfg, range(1, 2))})
     return out
+
+
+def phase_zero3(rank: int, world_size: int, root: str) -> dict:
+    from raylm.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, engine = _engine(1, 1, 2, ZERO3)
+    resumed = load_checkpoint(engine, cfg, _step_dir(root, "B", SAVE_STEP))
+    path_z0 = save_checkpoint(engine, cfg, Path(root) / "Z0", resumed.step, resumed.trainer_state)
+    step3 = _train(engine, cfg, range(SAVE_STEP, SAVE_STEP + 1))
+    path_z3 = save_checkpoint(engine, cfg, Path(root) / "Z3", SAVE_STEP + 1, _state(SAVE_STEP + 1))
+    reference_z3 = _train(engine, cfg, range(SAVE_STEP + 1, 5))
+
+    cfg, fresh = _engine(1, 1, 2, ZERO3)
+    load_checkpoint(fresh, cfg, path_z3)
+    same_layout_z3 = _train(fresh, cfg, range(SAVE_STEP + 1, 5))
+
+    cfg, pipe = _engine(2, 1, 1, ZERO1)
+    load_checkpoint(pipe, cfg, path_z0)
+    path_p0 = save_checkpoint(pipe, cfg, Path(root) / "P0", SAVE_STEP, _state(SAVE_STEP))
+    pp2 = _train(pipe, cfg, range(SAVE_STEP, 5))
+
+    cfg, back = _engine(1, 1, 2, ZERO3)
+    load_checkpoint(back, cfg, path_p0)
+    path_z0b = save_checkpoint(back, cfg, Path(root) / "Z0B", SAVE_STEP, _state(SAVE_STEP))
+    return {"Z0": str(path_z0), "P0": str(path_p0), "Z0B": str(path_z0b), "chain": step3 + reference_z3,
+            "reference_z3": reference_z3, "same_layout_z3": same_layout_z3, "pp2": pp2,
+            "back": _train(back, cfg, range(SAVE_STEP, 5)),
+            "fallback": resume_falls_back(back, Path(root), path_z0, path_z3)}
+
+
+def resume_falls_back(engine, root: Path, older: Path, newer: Path) -> dict:
+    """A run folder whose newest checkpoint has one altered byte (same size: only its sha256 can tell): auto
+    resumes from the older one, required names the file. Only the loading ranks hash anything."""
+    from raylm.errors import CheckpointError
+    from raylm.train.checkpoint import resume
+
+    run_dir = root / "RUN"
+    if dist.get_rank() == 0:
+        for folder in (older, newer):
+            shutil.copytree(folder, run_dir / "checkpoints" / folder.name)
+        bad = run_dir / "checkpoints" / newer.name / "model" / "001-layers.0.pt"
+        data = bytearray(bad.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        bad.write_bytes(bytes(data))
+    dist.barrier()
+    cfg = tiny_cfg(1, 1, 2, ZERO3)
+    info = resume(cfg, engine, run_dir, dist.get_rank())
+    try:
+        resume(tiny_cfg(1, 1, 2, ZERO3, "checkpoint.resume=required"), engine, run_dir, dist.get_rank())
+        required_error = None
+    except CheckpointError as exc:
+        required_error = str(exc)
+    return {"source": str(info.source), "step": info.state.step, "required_error": required_error}
 
 
 def cfg_seed() -> int:

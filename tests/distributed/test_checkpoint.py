@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the helpers by module name
 
-from dist_checkpoint import SAVE_STEP, phase_2, phase_111, phase_221, phase_221_back  # noqa: E402
+from dist_checkpoint import SAVE_STEP, phase_2, phase_111, phase_221, phase_221_back, phase_zero3  # noqa: E402
 from dist_harness import run_world  # noqa: E402
 
 RTOL = 1e-5  # asked for across layouts; measured here: <= 1e-7 (summation order only)
@@ -28,6 +28,7 @@ def chain(tmp_path_factory):
     out["111"] = run_world(1, phase_111, root)
     out["221_back"] = run_world(4, phase_221_back, root)
     out["2"] = run_world(2, phase_2, root)
+    out["zero3"] = run_world(2, phase_zero3, root)
     return out
 
 
@@ -69,7 +70,7 @@ def test_state_round_trips_exactly_across_layouts(chain):
 def test_trainer_and_rank_state(chain):
     back = chain["221_back"]
     for rank_out in back:
-        assert rank_out["A"]["trainer_state"] == {"step": 2, "tokens": 256, "data_offset": {"shard": 0, "sample": 16}}
+        assert rank_out["A"]["trainer_state"] == {"step": 2, "tokens": 256, "samples": 16}
         assert rank_out["A"]["has_rank_state"]  # same layout: the per-rank RNG state comes back
         assert not rank_out["B"]["has_rank_state"]  # B was written by (1,1,1) without one
     assert not chain["111"][0]["has_rank_state"]  # another layout: per-rank state is not restored
@@ -101,3 +102,26 @@ def test_bad_file_fails_every_rank_naming_it(chain):
 
 def test_another_model_is_refused_with_the_difference(chain):
     assert "model.n_layer=4 (this run: 5)" in chain["111"][0]["other_model_error"]
+
+
+def test_zero3_state_round_trips_exactly_through_pp2_and_back(chain):
+    """ZeRO-3 partitions weights, masters and moments over dp = 2; its checkpoint is the same layout-free files."""
+    a, z3 = state_files(chain["221"][0]["A"]), chain["zero3"][0]
+    assert_exactly_equal(state_files(z3["Z0"]), a)  # -> (1,1,2) ZeRO-3
+    assert_exactly_equal(state_files(z3["P0"]), a)  # ZeRO-3 -> (2,1,1) ZeRO-1
+    assert_exactly_equal(state_files(z3["Z0B"]), a)  # -> back to (1,1,2) ZeRO-3
+
+
+def test_zero3_resumes_bit_identically_and_trains_across_layouts(chain):
+    reference = chain["221"][0]["reference"]
+    for rank_out in chain["zero3"]:
+        assert rank_out["same_layout_z3"] == rank_out["reference_z3"]
+        for losses in (rank_out["chain"], rank_out["pp2"], rank_out["back"]):
+            assert losses == pytest.approx(reference, rel=RTOL)
+
+
+def test_resume_auto_skips_a_checkpoint_whose_file_fails_its_hash(chain):
+    for rank_out in chain["zero3"]:
+        fallback = rank_out["fallback"]
+        assert fallback["step"] == SAVE_STEP and fallback["source"].endswith(f"step-{SAVE_STEP:08d}")
+        assert "model/001-layers.0.pt" in fallback["required_error"] and "sha256" in fallback["required_error"]

@@ -1,5 +1,7 @@
 """Every (pp, tp, dp) layout trains like one process: losses and gathered weights vs the plain-GPT reference.
 
+pp > 1 runs DeepSpeed's pipeline engine (ZeRO 0 or 1); pp = 1 its plain engine, also under ZeRO-2 and ZeRO-3.
+
 Layouts sharing a world size run in one spawned gloo process group (module-scoped), to keep the tier fast.
 """
 
@@ -23,17 +25,21 @@ from raylm.model.gpt import init_full_weights  # noqa: E402
 RTOL = 1e-5  # asked for; measured on 2-core CPU gloo: <= 1e-7 on losses, <= 3e-7 on weights
 CKPT = "parallel.activation_checkpointing=true"
 ZERO1 = "parallel.zero_stage=1"
+ZERO2 = "parallel.zero_stage=2"
+ZERO3 = "parallel.zero_stage=3"
 UNTIED = "model.tie_embeddings=false"
 BF16 = "train.precision=bf16"
 
 JOBS = {
     1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,))])],
     2: [("tp",),
-        ("train", [(2, 1, 1, ()), (2, 1, 1, (CKPT, "parallel.partition=parameters")), (1, 2, 1, (UNTIED,)), (1, 1, 2, (ZERO1,))]),
+        ("train", [(2, 1, 1, ()), (2, 1, 1, (CKPT, "parallel.partition=parameters")), (1, 2, 1, (UNTIED,)),
+                   (1, 1, 2, (ZERO1,)), (1, 1, 2, (ZERO2,)), (1, 1, 2, (ZERO3,)), (1, 2, 1, (ZERO3,))]),
         ("ramp", (2, 1, 1, (ZERO1,))),
+        ("ramp", (1, 1, 2, (ZERO3,))),
         ("bf16", [(2, 1, 1, (ZERO1, BF16))])],
     4: [("train", [(2, 2, 1, ()), (2, 1, 2, (ZERO1,)), (1, 2, 2, (ZERO1, UNTIED)),
-                   (4, 1, 1, ("parallel.partition=uniform",))])],
+                   (4, 1, 1, ("parallel.partition=uniform",)), (1, 2, 2, (ZERO2, UNTIED)), (1, 2, 2, (ZERO3, CKPT))])],
     8: [("train", [(2, 2, 2, (ZERO1, CKPT))])],
 }
 LAYOUTS = [(world, i, layout) for world, jobs in JOBS.items() for kind, *args in jobs if kind == "train"
@@ -49,9 +55,9 @@ def world_results(world: int) -> list:
     return _results[world]
 
 
-def job_results(world: int, kind: str) -> list:
-    """Per rank, the result of the first job of `kind` in JOBS[world]."""
-    index = [job[0] for job in JOBS[world]].index(kind)
+def job_results(world: int, kind: str, nth: int = 0) -> list:
+    """Per rank, the result of the nth job of `kind` in JOBS[world]."""
+    index = [i for i, job in enumerate(JOBS[world]) if job[0] == kind][nth]
     return [rank_out[index] for rank_out in world_results(world)]
 
 
@@ -97,12 +103,20 @@ def test_pipe_wait_is_timed_only_between_stages():
     assert max(single["pipe_wait_fracs"]) < 0.2, single["pipe_wait_fracs"]
 
 
-def test_batch_ramp_eval_and_reload_pp2():
-    cfg = tiny_cfg(2, 1, 1, ZERO1)
+RAMPS = [job[1] for job in JOBS[2] if job[0] == "ramp"]
+
+
+@pytest.mark.parametrize("nth,layout", enumerate(RAMPS), ids=[f"pp{r[0]}-dp{r[2]}-{r[3][0].split('.')[-1]}"
+                                                             for r in RAMPS])
+def test_batch_ramp_eval_and_reload(nth, layout):
+    """set_micro_batches, eval_batch, then load_full_state_dict with a zero-lr step: on the pipeline engine and
+    on the plain one under ZeRO-3 (whose working weights are partitioned too)."""
+    pp, tp, dp, overrides = layout
+    cfg = tiny_cfg(pp, tp, dp, *overrides)
     weights = init_full_weights(cfg.model, padded_vocab(cfg.data.vocab_size), cfg.run.seed)
     ref_losses, ref_weights, _ = reference_run(cfg, weights, ramp_batches(cfg))
     ref_eval = reference_eval(cfg, ref_weights, global_batches(cfg, steps=3)[2])
-    ranks = job_results(2, "ramp")
+    ranks = job_results(2, "ramp", nth)
     for out in ranks:
         assert out["losses"] == pytest.approx(ref_losses, rel=RTOL)
         assert out["eval"] == pytest.approx(ref_eval, rel=RTOL)

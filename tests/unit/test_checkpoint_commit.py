@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from raylm.checkpoint import (capture_rng, list_checkpoints, list_committed, load_checkpoint_weights, pick_resume,
-                              prune, restore_rng, resolve_checkpoint, step_dir_name, verify_checkpoint)
+                              prune, restore_rng, resolve_checkpoint, resume_candidates, step_dir_name,
+                              verify_checkpoint)
 from raylm.checkpoint.commit import new_tmp_dir
 from raylm.checkpoint.names import layer_file, layer_index
 from raylm.checkpoint.writer import save_full_weights
@@ -91,7 +92,7 @@ TARGETS = ["model/002-layers.1.pt", "config.yaml", "manifest.json"]
 
 
 @pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.parametrize("damage", DAMAGE)
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
 def test_auto_falls_back_and_required_names_the_file(ckpt_dir, warnings_seen, monkeypatch, damage, target):
     newest = ckpt_dir / step_dir_name(30)
     DAMAGE[damage](newest / target)
@@ -101,6 +102,15 @@ def test_auto_falls_back_and_required_names_the_file(ckpt_dir, warnings_seen, mo
     assert "step-00000030" in warning and target in warning
     with pytest.raises(CheckpointError, match=target.replace(".", r"\.")):
         pick_resume(ckpt_dir, "required")
+
+
+def test_picking_reads_no_file_an_altered_one_is_found_by_the_loading_ranks(ckpt_dir, monkeypatch):
+    """Resume picking checks manifests and sizes only: the sha256 of each file is checked by the ranks that read
+    it (tests/distributed/test_checkpoint.py: a bad file under auto falls back to the older checkpoint)."""
+    _alter(ckpt_dir / step_dir_name(30) / "model/002-layers.1.pt")
+    monkeypatch.setattr("raylm.checkpoint.manifest.file_record", lambda *a: pytest.fail("hashed while picking"))
+    assert resume_candidates(ckpt_dir, "auto")[:2] == [ckpt_dir / step_dir_name(30), ckpt_dir / step_dir_name(20)]
+    assert pick_resume(ckpt_dir, "required") == ckpt_dir / step_dir_name(30)
 
 
 def test_bad_model_file_fails_before_any_unpickling(ckpt_dir, monkeypatch):
@@ -166,10 +176,15 @@ def test_tokenizer_is_copied_when_the_run_has_one(tmp_path, cfg, weights):
 
 
 def test_layer_files_follow_the_pipeline_layer_order(cfg):
-    from raylm.parallel.pipeline import owner_layer
+    from raylm.parallel.pipeline import layer_specs
+    from raylm.parallel.tensor import TPGroup
 
     names = list(param_shapes(cfg.model, 384))
-    assert all(layer_index(n, cfg.model.n_layer) == owner_layer(n, cfg.model.n_layer) for n in names)
+    specs = layer_specs(cfg.model, 384, TPGroup(None, 0, 1))
+    prefixes = [spec.typename.name_prefix if hasattr(spec.typename, "name_prefix") else None for spec in specs]
+    for name in names:  # layer_index points at the spec whose layer holds the parameter (blocks: any block)
+        prefix = prefixes[layer_index(name, cfg.model.n_layer)]
+        assert name.startswith(prefix or "layers."), (name, prefix)
     assert layer_file("layers.1.feed_forward.w2.weight", 2) == "002-layers.1.pt"
     files = [layer_file(n, 2) for n in names]
     assert files == sorted(files)  # parameter order = file order, which export's streaming relies on

@@ -7,7 +7,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
 from raylm.config import resolve
 from raylm.errors import ConfigError
-from raylm.parallel.ds_config import build_ds_config
+from raylm.parallel.ds_config import TrainSpec, build_ds_config
 from raylm.parallel.topology import Topology, check_layout
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2), (4, 2, 3)]
@@ -48,20 +48,47 @@ def test_world_size_mismatch_names_the_fix():
 
 def test_check_layout_rejects_indivisible_heads():
     cfg = resolve({}, ["model.n_head=4"])
-    with pytest.raises(ConfigError, match=r"n_head = 4 is not divisible by parallel.tp=3"):
-        check_layout(Topology(pp=1, tp=3, dp=1), cfg)
-    with pytest.raises(ConfigError, match="set parallel.pp <= 4"):
-        check_layout(Topology(pp=5, tp=1, dp=1), cfg)
+    with pytest.raises(ConfigError, match=r"n_head=4 is not divisible by parallel.tp=3"):
+        check_layout(Topology(pp=1, tp=3, dp=1), cfg.model, cfg.data.vocab_size, zero_stage=0)
+    with pytest.raises(ConfigError, match="lower parallel.pp or add layers"):
+        check_layout(Topology(pp=5, tp=1, dp=1), cfg.model, cfg.data.vocab_size, zero_stage=0)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_2_and_3_need_pp_1(stage):
+    """One line, at config time; with pp = 1 the plain engine takes every stage."""
+    with pytest.raises(ConfigError) as caught:
+        resolve({}, ["parallel.pp=2", f"parallel.zero_stage={stage}"])
+    message = str(caught.value)
+    assert "\n" not in message and f"parallel.zero_stage={stage} with parallel.pp=2" in message
+    assert "set parallel.zero_stage=1 (or parallel.pp=1)" in message
+    assert resolve({}, ["parallel.pp=1", "parallel.tp=2", "parallel.dp=2", f"parallel.zero_stage={stage}"])
 
 
 def test_ds_config_from_typed_config():
     cfg = resolve({}, ["parallel.pp=2", "parallel.dp=2", "parallel.micro_batch=2", "train.global_batch=16",
                        "parallel.zero_stage=1", "train.precision=bf16", "parallel.activation_checkpointing=true"])
-    ds = build_ds_config(cfg)
+    ds = build_ds_config(cfg.parallel, TrainSpec.from_config(cfg))
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 16
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
     assert ds["pipeline"]["activation_checkpoint_interval"] == 1
-    assert build_ds_config(cfg, micro_batches=2)["train_batch_size"] == 8
+    assert build_ds_config(cfg.parallel, TrainSpec.from_config(cfg), micro_batches=2)["train_batch_size"] == 8
+
+
+def test_ds_config_keeps_the_zero_stage_and_drops_the_pipeline_at_pp1():
+    cfg = resolve({}, ["parallel.pp=1", "parallel.zero_stage=3"])
+    ds = build_ds_config(cfg.parallel, TrainSpec.from_config(cfg))
+    assert ds["zero_optimization"]["stage"] == 3 and "pipeline" not in ds
+    bf16 = resolve({}, ["parallel.pp=1", "parallel.zero_stage=0", "train.precision=bf16"])
+    assert build_ds_config(bf16.parallel, TrainSpec.from_config(bf16))["zero_optimization"]["stage"] == 1
+
+
+def test_world_size_is_one_product():
+    from raylm.config.derived import num_workers
+
+    cfg = resolve({}, ["parallel.pp=2", "parallel.tp=2", "parallel.dp=3", "model.n_kv_head=2",
+                       "train.global_batch=24"])
+    assert num_workers(cfg) == Topology.from_config(cfg.parallel).world_size == 12
 
 
 def test_compute_partition_keeps_the_head_off_the_busiest_stage():
