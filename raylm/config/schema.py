@@ -88,6 +88,8 @@ class TrainConfig:
     log_every: int = opt(1, "append a metrics.jsonl line every N steps")
     report_every: int = opt(25, "send metrics to Ray every N steps (each report costs a controller round trip)")
     torch_threads: int = opt(0, "torch CPU threads per worker; 0 = node cores / workers on the node")
+    compile: bool = opt(False, "torch.compile each transformer block (fuses norms, RoPE and SwiGLU); compiling "
+                               "takes seconds to minutes at start")
     peak_tflops: float = opt(0.0, "MFU denominator per worker in TFLOP/s; 0 = the GPU's dense peak from raylm's "
                                   "table (bf16, or TF32 for fp32 runs), or a matmul measured on CPU")
 

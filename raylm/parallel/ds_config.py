@@ -20,12 +20,13 @@ class TrainSpec:
     precision: str
     grad_clip: float
     optim: OptimConfig
+    compile_blocks: bool  # train.compile
 
     @classmethod
     def from_config(cls, cfg: Config) -> "TrainSpec":
         return cls(vocab_size=padded_vocab(cfg.data.vocab_size), seq_len=cfg.data.seq_len,
                    micro_batches=micro_batches_for(cfg.train.global_batch, cfg), precision=cfg.train.precision,
-                   grad_clip=cfg.train.grad_clip, optim=cfg.optim)
+                   grad_clip=cfg.train.grad_clip, optim=cfg.optim, compile_blocks=cfg.train.compile)
 
 
 def zero_stage_for(p: ParallelConfig, precision: str) -> int:

@@ -27,6 +27,7 @@ from raylm.config.schema import Config, ModelConfig, OptimConfig, ParallelConfig
 from raylm.model.weights import InMemoryWeights, SeededInit, WeightSource
 from raylm.parallel import param_state
 from raylm.parallel.ds_config import TrainSpec, build_ds_config
+from raylm.parallel.layers import compile_blocks
 from raylm.parallel.pipe_wait import PipeWaitClock
 from raylm.parallel.pipeline import SingleStage, build_pipeline_module, ds_topology, stage_layers
 from raylm.parallel.shards import (StageLayers, gather_full, named_params, owned_cpu, read_weights,
@@ -56,15 +57,16 @@ def init_distributed(backend: str = "auto") -> None:
     deepspeed.init_distributed(dist_backend=resolve_backend(backend))
 
 
-def build_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with decoupled weight decay on matrices only (norm gains are not decayed)."""
+def build_optimizer(module: nn.Module, optim: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with decoupled weight decay on matrices only (norm gains are not decayed); `fused` runs torch's
+    single-kernel AdamW (on GPUs: one launch per step instead of several per parameter)."""
     params = [p for p in module.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]  # a stage may hold no norm (e.g. the embedding alone)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused)
 
 
 class Engine:
@@ -268,9 +270,12 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     module, layers = build_module(cfg.model, cfg.parallel, spec, topo, tp)
     # each rank reads only its stage's parameters, and of those its TP slice; before initialize, so ZeRO
     # partitions (and copies into its masters) the right values
-    read_weights(layers.params, weights or SeededInit(cfg.model, spec.vocab_size, cfg.run.seed), tp)
+    read_weights(layers.params, weights if weights is not None else SeededInit(cfg.model, spec.vocab_size,
+                                                                                cfg.run.seed), tp)
     tag_for_grad_norm(module, tp)
-    optimizer = build_optimizer(module, spec.optim)
+    if spec.compile_blocks:
+        compile_blocks(module)
+    optimizer = build_optimizer(module, spec.optim, fused=torch.cuda.is_available())
     # with pp = 1 DeepSpeed learns the TP and DP groups from a grid over the same topology the pipeline uses
     mpu = PipelineParallelGrid(topology=ds_topology(topo)) if topo.pp == 1 else None
     ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu,

@@ -96,3 +96,11 @@ class VocabParallelLoss:
 
     def __call__(self, logits_shard: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(logits_shard, labels, self.tp)
+
+
+def compile_blocks(module: nn.Module) -> None:
+    """torch.compile every transformer block of `module` in place (train.compile): the norms, RoPE and SwiGLU
+    elementwise work fuses, while the TP collectives stay where they are (compiled code calls them in order)."""
+    for block in module.modules():
+        if isinstance(block, BlockPipe):
+            block.compile()

@@ -29,12 +29,14 @@ ZERO2 = "parallel.zero_stage=2"
 ZERO3 = "parallel.zero_stage=3"
 UNTIED = "model.tie_embeddings=false"
 BF16 = "train.precision=bf16"
+COMPILE = "train.compile=true"  # torch.compile of each block: the TP collectives inside must survive it
 
 JOBS = {
-    1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,))])],
+    1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,)), (1, 1, 1, (COMPILE,))])],
     2: [("tp",),
         ("train", [(2, 1, 1, ()), (2, 1, 1, (CKPT, "parallel.partition=parameters")), (1, 2, 1, (UNTIED,)),
-                   (1, 1, 2, (ZERO1,)), (1, 1, 2, (ZERO2,)), (1, 1, 2, (ZERO3,)), (1, 2, 1, (ZERO3,))]),
+                   (1, 1, 2, (ZERO1,)), (1, 1, 2, (ZERO2,)), (1, 1, 2, (ZERO3,)), (1, 2, 1, (ZERO3,)),
+                   (2, 1, 1, (COMPILE,)), (1, 2, 1, (COMPILE,))]),
         ("ramp", (2, 1, 1, (ZERO1,))),
         ("ramp", (1, 1, 2, (ZERO3,))),
         ("bf16", [(2, 1, 1, (ZERO1, BF16))])],
