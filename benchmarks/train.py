@@ -2,6 +2,9 @@
 
 Figures (one JSON object per line):
   raylm_vs_plain_ratio  raylm tokens/s (1 worker, pp=tp=dp=1) / plain single-process loop, same model+batch+dtype
+  raylm_vs_plain_in_ray_ratio  raylm tokens/s / the same plain loop run inside one Ray Train worker (a fresh
+                        local Ray, the worker shaped as raylm shapes its own, the same torch threads), in the same
+                        run: Ray's own cost taken out of the yardstick, so what is left is raylm's
   matmul_peak_frac      raylm's achieved model FLOP/s / a square fp32 matmul's FLOP/s measured here
                         (plain_loop_peak_frac: the plain loop's, a ceiling for raylm's)
   startup_s             `raylm train` launch to the end of the first step's data fetch (its step time removed)
@@ -22,6 +25,7 @@ median, with drift during the raylm run bracketed); the matmul peak is the best 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -117,7 +121,47 @@ def ratio_figures(cfg: Config, base: list[str], steps: int, skip: int, work, cor
          plain_loop_peak_frac=round(plain * model_flops / peak, 3), matmul_peak_gflops=round(peak / 1e9, 1),
          peak_before_after=[round(peak_before / 1e9, 1), round(peak_after / 1e9, 1)], target=0.75)
     emit(startup_s=round(first["time"] - first["step_s"] - launched, 2), target=20.0)
+    in_ray = statistics.median(plain_in_ray_rates(cfg, steps, cores, work))
+    emit(raylm_vs_plain_in_ray_ratio=round(ours / in_ray, 3), raylm_tokens_per_s=round(ours),
+         plain_in_ray_tokens_per_s=round(in_ray), plain_in_ray_vs_plain=round(in_ray / plain, 3), threads=cores,
+         target=0.97)
     return plain
+
+
+def plain_in_ray_rates(cfg: Config, steps: int, threads: int, work) -> list[float]:
+    """plain_step_rates inside one Ray Train worker of a fresh local Ray, resourced as `raylm train` resources
+    its own workers (raylm.train.driver.scaling_for)."""
+    import ray
+    from ray.train import RunConfig
+    from ray.train.torch import TorchTrainer
+
+    from raylm.config import to_dict
+    from raylm.train.driver import scaling_for
+
+    # workers import this file by module name unless it runs as __main__ (then Ray ships the function by value)
+    here = os.path.dirname(os.path.abspath(__file__))
+    pythonpath = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    ray.init(include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    try:
+        scaling, _ = scaling_for(cfg, dict(ray.cluster_resources()))
+        out = os.path.join(str(work), "plain-in-ray-rates.json")
+        loop_config = {"config": to_dict(cfg), "steps": steps, "threads": threads, "out": out}
+        TorchTrainer(plain_worker, scaling_config=scaling, train_loop_config=loop_config,
+                     run_config=RunConfig(storage_path=str(work), name="plain-in-ray")).fit()
+        with open(out) as f:
+            return json.load(f)
+    finally:
+        ray.shutdown()
+
+
+def plain_worker(loop_config: dict) -> None:
+    """The Ray Train worker of plain_in_ray_rates: the plain loop, its rates written to a file (one local node;
+    Ray Train v2 keeps reported metrics only with checkpoints)."""
+    from raylm.config import resolve
+
+    rates = plain_step_rates(resolve(loop_config["config"]), loop_config["steps"], loop_config["threads"])
+    with open(loop_config["out"], "w") as f:
+        json.dump(rates, f)
 
 
 def one_thread_ratio(cfg: Config, base: list[str], steps: int, skip: int, work) -> float:

@@ -2,7 +2,7 @@
 
 Every rank of a stage holds, for each of its parameters, one TP slice (and under ZeRO one DP partition of its
 master and AdamW state). `gather_full` assembles the full tensor on every rank of the stage (a DP collective, then
-a TP all-gather); `read_weights` and `write_layer` go the other way without any communication.
+a TP all-gather); `read_weights` and `shard_of` go the other way without any communication.
 """
 
 from __future__ import annotations
