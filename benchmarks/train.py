@@ -42,8 +42,8 @@ from raylm.parallel.pipeline import layer_costs
 from raylm.train.metrics import read_metrics
 from raylm.train.peaks import measure_matmul_peak
 
-# DESIGN.md's plain-loop shape (d=256, 6 layers, T=256, batch 8) with tiny.yaml's 2k vocabulary: 5.3M parameters.
-# DESIGN.md's 9M has a 16k vocabulary; its cross-entropy drops even the plain loop to ~0.64 of the matmul peak.
+# The plain-loop yardstick of docs/ray-facts.md 3 (d=256, 6 layers, T=256, batch 8) with tiny.yaml's 2k vocabulary:
+# 5.3M parameters, so the blocks, not the cross-entropy, dominate.
 MODEL = ["model.d_model=256", "model.n_layer=6", "model.n_head=8", "data.seq_len=256", "model.max_seq_len=256",
          "train.global_batch=8", "parallel.micro_batch=8", "train.precision=fp32"]
 QUIET = ["train.eval_every=0", "train.eval_batches=1", "train.report_every=1000", "checkpoint.every_steps=0",

@@ -74,7 +74,7 @@ class Session:
         return self.cfg.train.eval_batches * self.cfg.train.global_batch // samples_per_micro_step(self.cfg)
 
     def metrics_row(self, state: TrainState, result: StepResult, lr: float, global_batch: int) -> dict[str, Any]:
-        """One metrics.jsonl row (keys from DESIGN.md section 2); `step` is the 0-based step just finished."""
+        """One metrics.jsonl row (keys listed in README.md "Where results land"); `step` is the 0-based step just finished."""
         tokens_per_s = global_batch * self.cfg.data.seq_len / result.step_s
         row = {
             "step": state.step - 1, "tokens": state.tokens, "samples": state.samples, "loss": result.loss,

@@ -34,7 +34,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def _torch_threads(cfg: Config, workers_on_node: int) -> int:
-    """Threads per worker from the node's cores and the workers placed on it (Ray would leave one: DESIGN.md)."""
+    """Threads per worker from the node's cores and the workers placed on it (Ray would leave one: docs/ray-facts.md 1)."""
     return cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // workers_on_node)
 
 
@@ -80,7 +80,7 @@ def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
 def report(cfg: Config, session, run_dir: Path, state: TrainState, row: dict, rank: int,
            protect: Path | None, drill: FaultDrill) -> bool:
     """Commit a checkpoint when one is due (returns whether it did), then tell Ray. A report costs a controller
-    round trip (~2 s by default): at checkpoints, evaluations and every train.report_every steps (DESIGN.md 3)."""
+    round trip (~2 s by default): at checkpoints, evaluations and every train.report_every steps (docs/ray-facts.md 2)."""
     import ray.train
 
     if checkpoint_due(cfg, state.step):
