@@ -29,8 +29,24 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     setup_logging(rank, verbose=cfg.run.log_level == "debug")
     quiet_worker_logs()
     torch.set_num_threads(_torch_threads(cfg, context.get_local_world_size()))
+    _pin_gpu()
     session = build_session(cfg, loop_config["backend"], rank)
     run_loop(cfg, session, Path(loop_config["run_dir"]), rank)
+
+
+def _pin_gpu() -> None:
+    """Make this worker's GPU (the one Ray Train assigned) torch's current device and DeepSpeed's.
+
+    Ray Train shows every GPU of a node to each of its workers there and sets LOCAL_RANK to the worker's local
+    rank, while DeepSpeed places its modules on cuda:LOCAL_RANK: the two need not name the same GPU. Pointing
+    both at Ray's device keeps one worker per GPU, the one Ray accounted for."""
+    if not torch.cuda.is_available():
+        return
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    torch.cuda.set_device(device)
+    os.environ["LOCAL_RANK"] = str(device.index)
 
 
 def _torch_threads(cfg: Config, workers_on_node: int) -> int:
