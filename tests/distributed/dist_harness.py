@@ -1,4 +1,4 @@
-"""Run a function on N gloo ranks in spawned CPU processes and collect each rank's return value."""
+"""Run a function on N ranks in spawned processes (gloo on CPU, or nccl with a GPU each) and collect results."""
 
 from __future__ import annotations
 
@@ -21,16 +21,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, fn, args, results) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+def _rank_main(rank: int, world_size: int, port: int, backend: str, fn, args, results) -> None:
+    on_gpu = backend == "nccl"  # rank r drives GPU r
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank if on_gpu else 0),
+                      LOCAL_WORLD_SIZE=str(world_size if on_gpu else 1), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
     import torch
 
     torch.set_num_threads(1)  # world_size ranks share 2 cores: one thread each avoids oversubscription
     try:
         from raylm.parallel.engine import init_distributed
 
-        init_distributed("gloo")
+        if on_gpu:
+            torch.cuda.set_device(rank)
+        init_distributed(backend)
         # serialized bytes: tensors sent through a torch queue are shared by fd, which dies with this process
         buffer = io.BytesIO()
         torch.save(fn(rank, world_size, *args), buffer)
@@ -39,12 +43,12 @@ def _rank_main(rank: int, world_size: int, port: int, fn, args, results) -> None
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_world(world_size: int, fn, *args) -> list:
+def run_world(world_size: int, fn, *args, backend: str = "gloo") -> list:
     """fn(rank, world_size, *args) on every rank; returns the results in rank order or raises a rank's error."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, fn, args, results), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, backend, fn, args, results), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
