@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import sys
-import warnings
 from typing import Any, Callable
 
 LOGGER_NAME = "raylm"
@@ -35,11 +34,6 @@ KNOWN_NOISE = (
     # Ray 2.60 turns token authentication on for a local Ray: the notice says so on every start.
     re.compile(r"Token authentication is enabled for this Ray cluster"),
 )
-# DeepSpeed's PipelineModule broadcasts the tied embedding from the first to the last stage when it is built, with
-# the parameter outside torch.no_grad(). The parameter stays a leaf without a grad_fn, so its gradient is exactly
-# the no-broadcast one (checked with two gloo ranks: identical grads with and without no_grad); autograd only warns
-# at every backward that c10d::broadcast_ has no autograd kernel. Nothing to backpropagate through a copy-in.
-HARMLESS_BROADCAST_WARNING = r"c10d::broadcast_: an autograd kernel was not registered"
 
 
 def get_logger() -> logging.Logger:
@@ -143,9 +137,8 @@ def _swap_ray_log_printer() -> None:
 
 
 def quiet_worker_logs() -> None:
-    """Inside a training worker: no progress bars in the log files, and the one proven-harmless autograd warning
-    (HARMLESS_BROADCAST_WARNING) off. Libraries keep their log levels, so the files on disk stay complete."""
-    warnings.filterwarnings("ignore", message=HARMLESS_BROADCAST_WARNING, category=UserWarning)
+    """Inside a training worker: no progress bars in the log files. Libraries keep their log levels, so the files
+    on disk stay complete."""
     try:
         from ray.data import DataContext
 

@@ -78,15 +78,19 @@ def build_pipeline_module(cfg: ModelConfig, vocab_size: int, seq_len: int, parti
         pipeline_class = functools.partial(ComputeBalancedPipeline, costs=layer_costs(cfg, vocab_size, seq_len))
     else:
         pipeline_class = functools.partial(PipelineModule, partition_method=partition)
-    return pipeline_class(
-        layers=layer_specs(cfg, vocab_size, tp),
-        topology=ds_topology(topo),
-        loss_fn=VocabParallelLoss(tp),
-        # interval 1 = recompute each block; only blocks qualify, since reentrant checkpointing of the
-        # embedding (whose input is integer ids) would drop its gradient
-        activation_checkpoint_interval=1 if recompute else 0,
-        checkpointable_layers=[BlockPipe.__name__],
-    )
+    # no_grad: building it broadcasts the tied embedding between the first and last stage in place; under grad
+    # mode that records c10d::broadcast_ (which has no autograd kernel) on the parameter, and autograd warns of
+    # "silently incorrect behavior" at every backward. A copy-in at construction has nothing to differentiate.
+    with torch.no_grad():
+        return pipeline_class(
+            layers=layer_specs(cfg, vocab_size, tp),
+            topology=ds_topology(topo),
+            loss_fn=VocabParallelLoss(tp),
+            # interval 1 = recompute each block; only blocks qualify, since reentrant checkpointing of the
+            # embedding (whose input is integer ids) would drop its gradient
+            activation_checkpoint_interval=1 if recompute else 0,
+            checkpointable_layers=[BlockPipe.__name__],
+        )
 
 
 def stage_layers(pipe: PipelineModule) -> list[nn.Module]:

@@ -151,3 +151,19 @@ def run_jobs(rank: int, world_size: int, jobs: list[tuple]) -> list:
         else:
             out.append(run_tp_checks())
     return out
+
+
+def autograd_warnings(rank: int, world_size: int) -> list[str]:
+    """Warnings a tied pp=2 engine raises while built and trained for a step (DeepSpeed's tied-weight broadcast
+    used to record c10d::broadcast_ on the parameter, and autograd warned at every backward)."""
+    import warnings
+
+    from raylm.parallel.engine import build_engine
+
+    cfg = tiny_cfg(2, 1, 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        engine = build_engine(cfg)
+        batch = global_batches(cfg, steps=1)[0]
+        engine.train_batch(iter(micro_batches(batch, cfg, 0)) if engine.reads_data else None)
+    return [str(w.message) for w in caught if "autograd" in str(w.message)]

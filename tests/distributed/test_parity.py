@@ -16,8 +16,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the helpers by module name
 
 from dist_harness import run_world  # noqa: E402
-from dist_parity import (global_batches, ramp_batches, reference_eval, reference_run, run_jobs,  # noqa: E402
-                         tiny_cfg)
+from dist_parity import (autograd_warnings, global_batches, ramp_batches, reference_eval, reference_run,  # noqa: E402
+                         run_jobs, tiny_cfg)
 
 from raylm.config.derived import padded_vocab  # noqa: E402
 from raylm.model.gpt import init_full_weights  # noqa: E402
@@ -141,3 +141,8 @@ def test_bf16_trains_near_fp32_reference():
     assert out["losses"] == pytest.approx(ref_losses, rel=1e-3)
     assert all(w.dtype == torch.float32 for w in out["weights"].values())
     assert_weights_close(out["weights"], ref_weights, rtol=2e-2)
+
+
+def test_tied_pipeline_raises_no_autograd_warning():
+    """No 'silently incorrect behavior' warning from the tied embedding's broadcast, on either stage."""
+    assert run_world(2, autograd_warnings) == [[], []]

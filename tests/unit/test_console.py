@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 
-from raylm.log import HARMLESS_BROADCAST_WARNING, keep_on_console, quiet_worker_logs, split_for_console
+from raylm.log import keep_on_console, split_for_console
 
 # Lines as Ray forwards them from a `raylm train` of tiny.yaml (Ray 2.60, Ray Train v2, DeepSpeed 0.19.8).
 DROPPED = [
@@ -57,17 +57,6 @@ def test_a_batch_splits_into_bare_raylm_lines_and_prefixed_warnings():
     own, other = split_for_console(batch)
     assert own == [line for line in KEPT if line.startswith("[raylm r")]
     assert other == [line for line in KEPT if not line.startswith("[raylm r")]
-
-
-def test_workers_silence_only_the_harmless_broadcast_warning():
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        quiet_worker_logs()
-        warnings.warn("c10d::broadcast_: an autograd kernel was not registered to the Autograd key(s) but we are "
-                      "trying to backprop through it.", UserWarning)
-        warnings.warn("c10d::allreduce_: something else", UserWarning)
-    assert [str(w.message) for w in caught if "c10d::" in str(w.message)] == ["c10d::allreduce_: something else"]
-    assert HARMLESS_BROADCAST_WARNING.startswith("c10d::broadcast_")
 
 
 def test_the_driver_printer_swap_works_on_the_pinned_ray(monkeypatch):
