@@ -106,7 +106,9 @@ def resume_candidates(checkpoints_dir: str | Path, policy: str) -> list[Path]:
 
     Only manifests and file sizes are checked here; the loading ranks check the hashes (and under auto fall back
     to the next candidate when one fails).
-    auto: every checkpoint whose manifest and sizes check; a bad one is skipped with a warning naming the file.
+    auto: every checkpoint whose manifest and sizes check; a bad one is skipped with a warning naming the file;
+    when every one is bad, CheckpointError naming them (starting over would lose the run's place, and pruning
+    would then delete them).
     required: the newest checkpoint, which must check; CheckpointError naming the bad file, or saying none exists.
     never: [].
     """
@@ -130,8 +132,16 @@ def resume_candidates(checkpoints_dir: str | Path, policy: str) -> list[Path]:
         except CheckpointError as exc:
             get_logger().warning("skipping unusable checkpoint %s: %s", folder.name, exc)
     if candidates and not usable:
-        get_logger().warning("no usable checkpoint in %s; starting from scratch", checkpoints_dir)
+        raise every_checkpoint_damaged(checkpoints_dir, candidates)
     return usable
+
+
+def every_checkpoint_damaged(checkpoints_dir: str | Path, folders: list[Path]) -> CheckpointError:
+    """The error for a run whose checkpoints all fail their checks: nothing is deleted, the user decides."""
+    names = ", ".join(folder.name for folder in folders)
+    return CheckpointError(f"every checkpoint in {checkpoints_dir} is damaged ({names}; the warnings above name "
+                           f"each bad file) and nothing was deleted: restore them from a copy, or start over with "
+                           f"--overwrite or another run.name")
 
 
 def pick_resume(checkpoints_dir: str | Path, policy: str) -> Path | None:

@@ -58,6 +58,7 @@ def resume(cfg: Config, engine: Engine, run_dir: Path, rank: int) -> ResumeInfo:
 
     Each rank hashes only the files it reads. Under checkpoint.resume=auto a checkpoint that fails is skipped with
     a warning naming the file and the next older one is tried; under required it is an error."""
+    from raylm.checkpoint.commit import every_checkpoint_damaged
     from raylm.checkpoint.state import UnverifiedFile, verify_for_load
 
     candidates = resume_candidates_of(cfg, run_dir, rank)
@@ -71,7 +72,7 @@ def resume(cfg: Config, engine: Engine, run_dir: Path, rank: int) -> ResumeInfo:
             continue
         return restore(cfg, engine, path, manifest)
     if candidates:
-        get_logger().warning("no usable checkpoint in %s; starting from scratch", checkpoint_root(run_dir))
+        raise every_checkpoint_damaged(checkpoint_root(run_dir), candidates)
     return ResumeInfo(state=TrainState())
 
 

@@ -118,6 +118,15 @@ def test_damaged_newest_checkpoint_falls_back_or_fails(ray_cluster, small_config
     train(small_config("damaged", *STEPS, "train.max_steps=6"))  # auto: falls back to step 2 with a warning
     rows = read_metrics(Path(cfg.run.dir) / cfg.run.name)
     assert [r["step"] for r in rows] == list(range(6))
+    folders = committed(cfg)
+    for name in folders:  # same sizes, other bytes: only the ranks' sha256 checks can tell
+        victim = next(p for p in sorted((Path(cfg.run.dir) / cfg.run.name / "checkpoints" / name).rglob("*.pt")))
+        blob = bytearray(victim.read_bytes())
+        blob[-3] ^= 0xFF
+        victim.write_bytes(bytes(blob))
+    with pytest.raises(RaylmError, match="every checkpoint in .* is damaged .*nothing was deleted") as failed:
+        train(small_config("damaged", *STEPS, "train.max_steps=8"))
+    assert failed.value.exit_code == 4 and committed(cfg) == folders  # not a silent restart from step 0
 
 
 def test_resume_policy_never_and_required(ray_cluster, small_config):

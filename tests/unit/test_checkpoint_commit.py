@@ -132,12 +132,16 @@ def test_policies_without_checkpoints(tmp_path, ckpt_dir):
         resolve_checkpoint(empty)
 
 
-def test_every_checkpoint_bad_means_fresh_start_under_auto(ckpt_dir, warnings_seen):
+def test_every_checkpoint_bad_under_auto_is_an_error_that_deletes_nothing(ckpt_dir, warnings_seen):
+    """Starting over silently would lose the run's place, and the fresh run's pruning would delete them."""
+    before = sorted(p.name for p in ckpt_dir.iterdir())
     for folder in list_committed(ckpt_dir):
         _truncate(folder / "config.yaml")
-    assert pick_resume(ckpt_dir, "auto") is None
-    messages = [r.getMessage() for r in warnings_seen.records]
-    assert len(messages) == 4 and "starting from scratch" in messages[-1]
+    with pytest.raises(CheckpointError, match=r"every checkpoint in .* is damaged \(step-00000030, step-00000020, "
+                                              r"step-00000010; .*nothing was deleted"):
+        pick_resume(ckpt_dir, "auto")
+    assert len(warnings_seen.records) == 3  # each bad file named once
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == before
 
 
 def test_prune_keeps_newest_protected_and_removes_tmp(ckpt_dir, cfg, weights):
