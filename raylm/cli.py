@@ -58,7 +58,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from raylm.tune.sweep import sweep
 
-    summary = sweep(_load(args), args.space, overwrite=args.overwrite)
+    summary = sweep(_load(args), args.space, overwrite=args.overwrite, resume=args.resume)
     print(json.dumps(summary))
     return 0
 
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("space", help="search space YAML: dotted config key -> distribution (see tune_spaces/)")
     sweep.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     sweep.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder of the same name")
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (same config and space): "
+                                                              "finished and stopped trials stay, the rest resume")
     sweep.set_defaults(func=cmd_sweep)
 
     gen = verbs.add_parser("generate", help="sample text from a trained run or checkpoint")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ from raylm.config import Config
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.train.rundir import checkpoint_root
+from raylm.train.schedule import PlateauState
 from raylm.train.step import TrainState
 
 
@@ -19,6 +20,7 @@ class ResumeInfo:
 
     state: TrainState
     source: Path | None = None
+    plateau: PlateauState | None = None  # the plateau lr schedule's state at that checkpoint
 
 
 def checkpoint_due(cfg: Config, step: int) -> bool:
@@ -68,18 +70,20 @@ def restore(engine, path: Path) -> ResumeInfo:
                              path.name, _layout_text(layout), _layout_text(now))
     get_logger().info("resumed from %s at step %d (%d tokens, sample %d)", path, state.step, state.tokens,
                       state.samples)
-    return ResumeInfo(state=state, source=path)
+    plateau = PlateauState(**saved["plateau"]) if saved.get("plateau") else None
+    return ResumeInfo(state=state, source=path, plateau=plateau)
 
 
 def save(cfg: Config, engine, run_dir: Path, state: TrainState, rank: int, protect: Path | None,
-         on_phase=None) -> Path:
+         on_phase=None, plateau: PlateauState | None = None) -> Path:
     """Commit a checkpoint (a collective over every rank), then prune old ones on rank 0."""
     from raylm.checkpoint.commit import prune
     from raylm.checkpoint.rng import capture_rng
     from raylm.checkpoint.state import save_checkpoint
 
     trainer = {"step": state.step, "tokens": state.tokens, "samples": state.samples,
-               "layout": {"pp": engine.topo.pp, "tp": engine.topo.tp, "dp": engine.topo.dp}}
+               "layout": {"pp": engine.topo.pp, "tp": engine.topo.tp, "dp": engine.topo.dp},
+               "plateau": asdict(plateau or PlateauState())}
     path = save_checkpoint(engine, checkpoint_root(run_dir), state.step, trainer, rank_state={"rng": capture_rng()},
                            on_phase=on_phase)
     if rank == 0:
