@@ -105,5 +105,5 @@ def _draw_heat(ax, heat: dict, metric: str) -> None:
     ax.set_yticks(range(len(heat["batches"])), [str(b) for b in heat["batches"]])
     ax.set_xlabel("optim.lr")
     ax.set_ylabel("train.global_batch")
-    ax.set_title(f"final {metric} (blank: no finished trial)")
+    ax.set_title(f"last {metric} (a stopped trial: at its stop; blank: no trial)")
     ax.figure.colorbar(image, ax=ax)

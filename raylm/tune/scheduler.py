@@ -20,7 +20,7 @@ class TokenRungScheduler(FIFOScheduler):
 
     def __init__(self, book: RungBook, metric: str, decisions_path: str):
         super().__init__()
-        self.book, self.metric, self.decisions_path = book, metric, Path(decisions_path)
+        self.book, self.metric_name, self.decisions_path = book, metric, Path(decisions_path)
         self.loaded = False
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -28,15 +28,15 @@ class TokenRungScheduler(FIFOScheduler):
             self.book.recorded.clear()
             self.book.replay(read_decisions(self.decisions_path))
             self.loaded = True
-        if "tokens" not in result or self.metric not in result:
+        if "tokens" not in result or self.metric_name not in result:
             return TrialScheduler.CONTINUE
-        decision = self.book.decide(trial.trial_id, int(result["tokens"]), float(result[self.metric]))
+        decision = self.book.decide(trial.trial_id, int(result["tokens"]), float(result[self.metric_name]))
         if decision is None:
             return TrialScheduler.CONTINUE
         row = {"trial_name": str(trial), **asdict(decision)}
         with self.decisions_path.open("a") as out:
             out.write(json.dumps(row) + "\n")
         get_logger().info("rung %d (%d tokens): %s at %d tokens, %s=%s, cutoff %s: %s", decision.rung,
-                          decision.milestone_tokens, trial, decision.tokens, self.metric, decision.value,
+                          decision.milestone_tokens, trial, decision.tokens, self.metric_name, decision.value,
                           decision.cutoff, decision.action)
         return TrialScheduler.STOP if decision.action == "stop" else TrialScheduler.CONTINUE

@@ -1,4 +1,4 @@
-"""A real Tune sweep over two trials on a local Ray: results files, a runnable best config, nothing left behind."""
+"""A real 6-trial ASHA sweep on a local Ray: equal-token rungs, fixed validation samples, outputs, nothing left."""
 
 from __future__ import annotations
 
@@ -6,48 +6,69 @@ import json
 import time
 from pathlib import Path
 
-import pytest
-
-from raylm.config import load_config
-from raylm.errors import ConfigError
-from raylm.tune.space import load_space
+from raylm.cli import main as raylm_main
+from raylm.train.metrics import read_metrics
 from raylm.tune.sweep import sweep
 
+SEQ = 32  # the small model's data.seq_len
+# 3 lrs x 2 batches: four lrs far too small to learn in the budget, so ASHA has trials to stop at its rungs.
+SPACE = "optim.lr: {grid: [1.0e-2, 1.0e-4, 1.0e-5]}\ntrain.global_batch: {grid: [8, 16]}\n"
+BUDGET = 9 * 2048  # rungs at 2048 and 6144 tokens: steps 8 and 24 at batch 8, 4 and 12 at batch 16
 
-def test_sweep_writes_trials_and_a_runnable_best_config(ray_cluster, small_config, tmp_path):
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_asha_sweep_at_equal_tokens(ray_cluster, small_config, tmp_path):
     space = tmp_path / "space.yaml"
-    space.write_text("optim.lr: {grid: [1.0e-3, 1.0e-2]}\n")
-    cfg = small_config("unused", "train.eval_every=2", "tune.name=lr", "tune.num_samples=1")
+    space.write_text(SPACE)
+    cfg = small_config("unused", "tune.name=asha", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
+                       "train.eval_batches=2")
     summary = sweep(cfg, space)
     sweep_dir = Path(summary["sweep_dir"])
-    trials = [json.loads(line) for line in (sweep_dir / "trials.jsonl").read_text().splitlines()]
-    assert sorted(t["params"]["optim.lr"] for t in trials) == [1.0e-3, 1.0e-2]
-    assert all(t["error"] is None and t["value"] > 0 and t["tokens"] > 0 for t in trials)
-    best = load_config(sweep_dir / "best.yaml", [])
-    assert best.optim.lr == min(trials, key=lambda t: t["value"])["params"]["optim.lr"]
-    assert_placement_groups_released(ray_cluster)
+    trials = read_jsonl(sweep_dir / "trials.jsonl")
+    assert len(trials) == 6 and summary["status"]["stopped"] >= 2, summary
+    assert {t["status"] for t in trials} <= {"finished", "stopped"}
+    for t in trials:
+        if t["status"] == "finished":
+            batch_tokens = t["params"]["train.global_batch"] * SEQ
+            assert BUDGET <= t["tokens"] < BUDGET + batch_tokens
+    assert_rungs_at_equal_tokens(sweep_dir, trials)
+    assert_same_validation_samples(trials)
+    for name in ("decisions.jsonl", "best.yaml", "sweep.png", "sweep.md"):
+        assert (sweep_dir / name).stat().st_size > 0
+    assert_nothing_left(ray_cluster)
+    assert raylm_main(["train", str(sweep_dir / "best.yaml"), "train.max_steps=2", "run.name=best-check"]) == 0
 
 
-def assert_placement_groups_released(ray, timeout_s: float = 30.0):
-    """A stopped trial's workers must give their CPUs back (Ray Train's cleaner runs within seconds)."""
+def assert_rungs_at_equal_tokens(sweep_dir: Path, trials: list[dict]):
+    """Every decision lies in [M_k, M_k + one step of that trial]."""
+    batch_of = {t["trial_id"]: t["params"]["train.global_batch"] for t in trials}
+    decisions = read_jsonl(sweep_dir / "decisions.jsonl")
+    assert decisions and {d["milestone_tokens"] for d in decisions} <= {2048, 6144}
+    for d in decisions:
+        assert d["milestone_tokens"] <= d["tokens"] < d["milestone_tokens"] + batch_of[d["trial"]] * SEQ, d
+    stopped = {d["trial"] for d in decisions if d["action"] == "stop"}
+    assert stopped == {t["trial_id"] for t in trials if t["status"] == "stopped"}
+
+
+def assert_same_validation_samples(trials: list[dict]):
+    counts = {(t["params"]["train.global_batch"], r["val_samples"]) for t in trials
+              for r in read_metrics(Path(t["folder"])) if "val_samples" in r}
+    assert {batch for batch, _ in counts} == {8, 16} and len({n for _, n in counts}) == 1, counts
+
+
+def assert_nothing_left(ray, timeout_s: float = 30.0):
+    """No placement group, Train controller or worker of any trial outlives the sweep by more than 30 s."""
+    from ray.util.state import list_actors
+
     deadline = time.time() + timeout_s
     while True:
-        pending = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
-        if not pending or time.time() > deadline:
+        groups = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+        actors = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])
+                  if "Train" in a.class_name or "Worker" in a.class_name or "SplitCoordinator" in a.class_name]
+        if (not groups and not actors) or time.time() > deadline:
             break
         time.sleep(0.5)
-    assert not pending, f"placement groups outlived the sweep: {pending}"
-
-
-def test_space_errors_name_the_key_and_the_fix(small_config, tmp_path):
-    cfg = small_config("unused")
-    space = tmp_path / "space.yaml"
-    space.write_text("optim.learning_rate: {choice: [1.0e-3]}\n")
-    with pytest.raises(ConfigError, match="'optim.learning_rate' is not a config key"):
-        load_space(space, cfg)
-    space.write_text("train.global_batch: {choice: [8, 7]}\n")
-    with pytest.raises(ConfigError, match="global_batch"):
-        load_space(space, cfg)
-    space.write_text("optim.lr: {normal: [0, 1]}\n")
-    with pytest.raises(ConfigError, match="must be one of"):
-        load_space(space, cfg)
+    assert not groups and not actors, f"left after the sweep: {groups} {actors}"
