@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+import pytest
+import yaml
+
 from raylm.cli import main as raylm_main
+from raylm.config import to_dict
 from raylm.train.metrics import read_metrics
 from raylm.tune.sweep import sweep
+from tests.conftest import REPO_ROOT
 
 SEQ = 32  # the small model's data.seq_len
 # 3 lrs x 2 batches: four lrs far too small to learn in the budget, so ASHA has trials to stop at its rungs.
@@ -72,3 +81,57 @@ def assert_nothing_left(ray, timeout_s: float = 30.0):
             break
         time.sleep(0.5)
     assert not groups and not actors, f"left after the sweep: {groups} {actors}"
+
+
+@pytest.mark.slow
+def test_a_killed_trial_worker_resumes_from_its_rung_checkpoint(ray_cluster, small_config, tmp_path):
+    """fault.drill SIGKILLs the trial's worker after step 10; Ray Train restarts it from the rung-0 checkpoint
+    (step 8 at batch 8) and the trial still trains its budget."""
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {grid: [1.0e-2]}\n")
+    cfg = small_config("unused", "tune.name=kill", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
+                       "train.eval_batches=2", "fault.drill=step@10", "tune.max_failures=1")
+    sweep_dir = Path(sweep(cfg, space)["sweep_dir"])
+    (trial,) = read_jsonl(sweep_dir / "trials.jsonl")
+    rows = read_metrics(Path(trial["folder"]))
+    assert [r["resumed_from"] for r in rows if "resumed_from" in r] == [8]
+    assert trial["status"] == "finished" and BUDGET <= trial["tokens"] < BUDGET + 8 * SEQ
+    assert [r["step"] for r in rows] == list(range(len(rows)))  # each step once
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes(ray_cluster, small_config, tmp_path):
+    """SIGINT `raylm sweep` after its first stop, then --resume: finished trials are not rerun, stopped trials stay
+    stopped, and the sweep ends with num_samples trials."""
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {grid: [1.0e-2, 1.0e-5, 2.0e-5, 1.0e-2]}\n")
+    cfg = small_config("unused", "tune.name=resume", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
+                       "train.eval_batches=2", "tune.max_concurrent=2")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    sweep_dir = Path(cfg.run.dir) / "resume"
+    command = [sys.executable, "-m", "raylm.cli", "sweep", str(config_file), str(space)]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    first = subprocess.Popen(command, env=env, cwd=REPO_ROOT)
+    stopped_at_interrupt = wait_for_first_stop(sweep_dir / "decisions.jsonl")
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=120) == 0
+    before = {p.parent.name: p.read_text() for p in (sweep_dir / "trials").glob("*/metrics.jsonl")}
+    finished_before = {t["trial_id"] for t in read_jsonl(sweep_dir / "trials.jsonl") if t["status"] == "finished"}
+    assert subprocess.run(command + ["--resume"], env=env, cwd=REPO_ROOT, timeout=600).returncode == 0
+    trials = read_jsonl(sweep_dir / "trials.jsonl")
+    assert len(trials) == 4 and all(t["status"] in ("finished", "stopped") for t in trials)
+    status = {t["trial_id"]: t["status"] for t in trials}
+    assert all(status[trial] == "stopped" for trial in stopped_at_interrupt)
+    for trial in finished_before:
+        assert (sweep_dir / "trials" / trial / "metrics.jsonl").read_text() == before[trial]
+
+
+def wait_for_first_stop(decisions: Path, timeout_s: float = 300) -> set[str]:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        stops = {d["trial"] for d in read_jsonl(decisions) if d["action"] == "stop"} if decisions.exists() else set()
+        if stops:
+            return stops
+        time.sleep(0.2)
+    raise AssertionError("no trial was stopped")
