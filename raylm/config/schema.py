@@ -153,6 +153,8 @@ class TuneConfig:
     trial_of: str = opt("", "set by raylm sweep in a trial's config: the sweep it belongs to ('' = a plain run)")
     rung_tokens: list = opt([], "set by raylm sweep: evaluate, report and checkpoint at the first step whose tokens "
                                 "reach each of these")
+    start_from: str = opt("", "set by PBT: a folder holding the donor's committed checkpoint, used when the run "
+                              "folder has none of its own")
 
 
 @dataclass(frozen=True)

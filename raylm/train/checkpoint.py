@@ -44,6 +44,8 @@ def resume_point(cfg: Config, run_dir: Path, rank: int) -> Path | None:
         policy = "required" if cfg.checkpoint.resume == "required" else "auto"
         try:
             picked = pick_resume(checkpoint_root(run_dir), policy)
+            if picked is None and cfg.tune.start_from:  # a PBT exploit: the donor's checkpoint, copied
+                picked = pick_resume(cfg.tune.start_from, "required")
             choice = [str(picked) if picked else None]
         except RaylmError as exc:  # every rank must leave the broadcast, then fail with the same line
             choice = [exc]

@@ -64,6 +64,7 @@ def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
         row = session.metrics_row(state, result, lr, global_batch)
         if resumed.source and step == resumed.state.step:
             row["resumed_from"] = resumed.state.step  # the first step after a resume says where it came from
+            row["resumed_from_checkpoint"] = str(resumed.source)
         drill.at("step", state.step)
         last = state.step == cfg.train.max_steps
         if _evaluation_due(cfg, state.step, last, rung):

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
-from raylm.config import Config, resolve, to_dict
+from raylm.config import Config, resolve, to_dict, with_overrides
 from raylm.errors import ConfigError, RaylmError
 from raylm.log import get_logger
 from raylm.train.driver import build_trainer, with_absolute_paths
@@ -18,6 +19,7 @@ from raylm.train.preflight import check_prepared_data
 from raylm.train.ray_cluster import connect_ray
 from raylm.train.rundir import checkpoint_root, prepare_run_dir, remove_folder
 from raylm.tune.asha import RungBook
+from raylm.tune.pbt import PbtBook, split_exploit
 from raylm.tune.plan import SweepPlan, check_combinations, plan_sweep, trial_config, trial_overrides
 from raylm.tune.report import plot_sweep, write_markdown
 from raylm.tune.resources import TRIAL_DRIVER_CPU, trial_share
@@ -51,8 +53,6 @@ def prepare(cfg: Config, space_path: str | Path) -> tuple[Space, SweepPlan]:
     if cfg.tune.metric not in METRICS:
         raise ConfigError(f"tune.metric={cfg.tune.metric!r} is not reported by every trial; use one of "
                           f"{', '.join(METRICS)}")
-    if cfg.tune.scheduler == "pbt":
-        raise ConfigError("tune.scheduler=pbt is not implemented yet in this raylm; use tune.scheduler=asha or fifo")
     space = load_space(space_path)
     if cfg.tune.search == "optuna":
         _check_optuna(space)
@@ -123,8 +123,11 @@ def _restore_tuner(cfg: Config, sweep_dir: Path, plan: SweepPlan):
 
 
 def _scheduler(cfg: Config, plan: SweepPlan, sweep_dir: Path):
-    from raylm.tune.scheduler import TokenRungScheduler
+    from raylm.tune.scheduler import TokenPBTScheduler, TokenRungScheduler
 
+    if cfg.tune.scheduler == "pbt":
+        book = PbtBook(plan.milestones_tokens, seed=cfg.run.seed)
+        return TokenPBTScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"))
     book = RungBook(plan.milestones_tokens, cfg.tune.reduction_factor, stops=cfg.tune.scheduler == "asha")
     return TokenRungScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"))
 
@@ -139,18 +142,35 @@ def _search_alg(cfg: Config):
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], plan: SweepPlan, trials_dir: str) -> None:
     """Tune function trainable: one TorchTrainer run whose reports Tune receives. A restarted trial keeps its
-    folder and resumes from its newest committed checkpoint."""
+    folder and resumes from its newest committed checkpoint; after a PBT exploit it starts from the donor's."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    params, exploit = split_exploit(params)
     context = tune.get_context()
     base_cfg = resolve(base)
     cfg = trial_config(base_cfg, params, plan, trials_dir, context.get_trial_id())
     run_dir = prepare_run_dir(cfg, overwrite=not _has_checkpoint(cfg))
-    info = {"trial_id": context.get_trial_id(), "trial_name": context.get_trial_name(),
-            "params": trial_overrides(base_cfg, params, plan), "max_steps": cfg.train.max_steps}
-    (run_dir / TRIAL_FILE).write_text(json.dumps(info))
+    info_path = run_dir / TRIAL_FILE
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"exploit_n": 0, "start_from": ""}
+    if exploit and exploit["n"] > info["exploit_n"]:
+        info.update(exploit_n=exploit["n"], start_from=take_donor_checkpoint(run_dir, exploit, context.get_trial_id()))
+    if info["start_from"]:
+        cfg = with_overrides(cfg, {"tune.start_from": info["start_from"]})
+    info.update(trial_id=context.get_trial_id(), trial_name=context.get_trial_name(),
+                params=trial_overrides(base_cfg, params, plan), max_steps=cfg.train.max_steps)
+    info_path.write_text(json.dumps(info))
     build_trainer(cfg, run_dir, callbacks=[TuneReportCallback()]).fit()
+
+
+def take_donor_checkpoint(run_dir: Path, exploit: dict, trial_id: str) -> str:
+    """Copy the donor's committed checkpoint next to the trial folders (the donor may prune its own) and drop the
+    trial's own checkpoints, so its workers start from the copy. Returns the folder holding the copy."""
+    source = Path(exploit["checkpoint"])
+    folder = run_dir.parent.parent / "exploits" / f"{trial_id}-{exploit['n']}-from-{exploit['donor']}"
+    shutil.copytree(source, folder / source.name, dirs_exist_ok=True)
+    shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
+    return str(folder)
 
 
 def _has_checkpoint(cfg: Config) -> bool:
@@ -182,7 +202,23 @@ def write_outputs(cfg: Config, plan: SweepPlan, sweep_dir: Path, errors: dict[st
         get_logger().warning("sweep %s is unfinished (%d of %d trials started, %d unfinished); continue it with "
                              "`raylm sweep ... --resume`", cfg.tune.name, len(records), expected, unfinished)
         return {"sweep_dir": str(sweep_dir), "trials": len(records), "interrupted": True}
-    return summarise(cfg, records, sweep_dir)
+    summary = summarise(cfg, records, sweep_dir)
+    if cfg.tune.scheduler == "pbt":
+        summary["best_lr_path"] = str(write_lr_path(records, summary["best"]["trial_id"], sweep_dir))
+    return summary
+
+
+def write_lr_path(records, best_id: str, sweep_dir: Path) -> Path:
+    """best_lr_path.jsonl: the lr-vs-tokens schedule the best trial's weights followed across its exploits."""
+    from raylm.train.metrics import read_metrics
+    from raylm.tune.asha import read_decisions
+    from raylm.tune.pbt import lr_path
+
+    rows_of = {r.trial_id: read_metrics(Path(r.folder)) for r in records}
+    exploits = [d for d in read_decisions(sweep_dir / "decisions.jsonl") if d["action"] == "exploit"]
+    out = sweep_dir / "best_lr_path.jsonl"
+    out.write_text("".join(json.dumps(p) + "\n" for p in lr_path(best_id, rows_of, exploits)))
+    return out
 
 
 def _expected_trials(sweep_dir: Path, cfg: Config) -> int:

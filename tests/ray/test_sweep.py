@@ -135,3 +135,36 @@ def wait_for_first_stop(decisions: Path, timeout_s: float = 300) -> set[str]:
             return stops
         time.sleep(0.2)
     raise AssertionError("no trial was stopped")
+
+
+@pytest.mark.slow
+def test_pbt_exploits_a_donor_checkpoint(ray_cluster, small_config, tmp_path):
+    """4 trials, three of them with lrs far too small: at a rung the worst takes the best one's checkpoint."""
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {grid: [1.0e-2, 1.0e-5, 2.0e-5, 3.0e-5]}\n")
+    cfg = small_config("unused", "tune.name=pbt", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
+                       "train.eval_batches=2", "tune.scheduler=pbt")
+    summary = sweep(cfg, space)
+    sweep_dir = Path(summary["sweep_dir"])
+    exploits = [d for d in read_jsonl(sweep_dir / "decisions.jsonl") if d["action"] == "exploit"]
+    assert exploits
+    first = exploits[0]
+    rows = read_metrics(sweep_dir / "trials" / first["trial"])
+    resumed = [r for r in rows if "resumed_from_checkpoint" in r]
+    assert resumed and f"from-{first['donor']}" in resumed[0]["resumed_from_checkpoint"]
+    assert resumed[0]["tokens"] > first["tokens"]  # it continued from the donor's rung, not from scratch
+    path = read_jsonl(sweep_dir / "best_lr_path.jsonl")
+    assert path and path[-1]["tokens"] >= BUDGET
+
+
+@pytest.mark.slow
+def test_optuna_search(ray_cluster, small_config, tmp_path):
+    pytest.importorskip("optuna")
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    cfg = small_config("unused", "tune.name=optuna", "tune.num_samples=2", "tune.budget_tokens=4608",
+                       "train.eval_batches=2", "tune.search=optuna", "tune.scheduler=fifo")
+    summary = sweep(cfg, space)
+    trials = read_jsonl(Path(summary["sweep_dir"]) / "trials.jsonl")
+    assert len(trials) == 2 and all(t["status"] == "finished" for t in trials)
+    assert all(1e-3 <= t["params"]["optim.lr"] <= 1e-2 for t in trials)
