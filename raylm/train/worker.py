@@ -112,7 +112,8 @@ DIVERGED_LOSS = float("inf")  # what Tune sees for a diverged trial: worse than 
 
 
 def report(cfg: Config, session, run_dir: Path, state: TrainState, row: dict, rank: int,
-           protect: Path | None, drill: FaultDrill, at_rung: bool = False, plateau: PlateauState = PlateauState()) -> bool:
+           protect: Path | None, drill: FaultDrill, at_rung: bool = False,
+           plateau: PlateauState = PlateauState()) -> bool:
     """Commit a checkpoint when one is due or at a sweep rung (returns whether it did), then tell Ray. A report
     costs a controller round trip (~2 s by default): at checkpoints, evaluations and every train.report_every
     steps (DESIGN.md 3)."""

@@ -20,9 +20,10 @@ def write_markdown(records: list[TrialRecord], plan: SweepPlan, metric: str, pat
     wall_full = sum(r.wall_s * plan.budget_tokens / r.tokens for r in records if r.tokens)
     ranked = sorted(records, key=lambda r: (r.last is None, r.last if r.last is not None else 0.0))
     keys = sorted({key for r in records for key in r.params})
+    rungs = ", ".join(f"{m:,}" for m in plan.milestones_tokens)
     lines = [f"# Sweep {plan.name}", "",
-             f"Budget {plan.budget_tokens:,} tokens per trial; rungs at {', '.join(f'{m:,}' for m in plan.milestones_tokens)} "
-             f"tokens; every trial validates on the same {plan.eval_samples} samples.", "",
+             f"Budget {plan.budget_tokens:,} tokens per trial; rungs at {rungs} tokens; every trial validates on the "
+             f"same {plan.eval_samples} samples.", "",
              f"| rank | trial | status | tokens | {metric} | best | {' | '.join(keys)} |",
              "|" + "---|" * (6 + len(keys))]
     for rank, r in enumerate(ranked, 1):

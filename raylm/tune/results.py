@@ -105,5 +105,6 @@ def summarise(base: Config, records: list[TrialRecord], sweep_dir: Path) -> dict
               ("finished", "stopped", "diverged", "error", "unfinished")}
     get_logger().info("sweep %s: %s; best %s=%.4f (%s) with %s; %s", base.tune.name, counts, base.tune.metric,
                       best.last, best.name, best.params, best_path)
-    return {"sweep_dir": str(sweep_dir), "trials": len(records), "status": counts,
-            "best": {"name": best.name, "trial_id": best.trial_id, "params": best.params, base.tune.metric: best.last}, "best_yaml": str(best_path)}
+    best_summary = {"name": best.name, "trial_id": best.trial_id, "params": best.params, base.tune.metric: best.last}
+    return {"sweep_dir": str(sweep_dir), "trials": len(records), "status": counts, "best": best_summary,
+            "best_yaml": str(best_path)}

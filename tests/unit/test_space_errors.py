@@ -24,7 +24,8 @@ def check(tmp_path, text, *overrides):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("optim.learning_rate: {choice: [1.0e-3]}\n", r"'optim.learning_rate' is not a config key; did you mean optim.lr\?"),
+    ("optim.learning_rate: {choice: [1.0e-3]}\n",
+     r"'optim.learning_rate' is not a config key; did you mean optim.lr\?"),
     ("optim.lr: {normal: [0, 1]}\n", r"optim.lr: \{'normal': \[0, 1\]\} is not one distribution; use one of choice"),
     ("optim.lr: {uniform: [0.1, 0.01]}\n", r"optim.lr: uniform: low 0.1 must be below high 0.01"),
     ("optim.lr: {uniform: [0.01, 0.01]}\n", r"low 0.01 must be below high 0.01"),
@@ -35,7 +36,8 @@ def check(tmp_path, text, *overrides):
     ("run.seed: {choice: [1, 2]}\n", r"run.seed is set by the sweep itself"),
     ("checkpoint.resume: {choice: [auto]}\n", r"checkpoint.resume is set by the sweep itself"),
     ("tune.num_samples: {choice: [1]}\n", r"tune.num_samples is set by the sweep itself"),
-    ("train.global_batch: {choice: [8, 7]}\n", r"value train.global_batch=7 fails: train.global_batch=7 is not divisible"),
+    ("train.global_batch: {choice: [8, 7]}\n",
+     r"value train.global_batch=7 fails: train.global_batch=7 is not divisible"),
     ("train.global_batch: {grid: [8, 16]}\nschedule.batch.start: {choice: [8, 16]}\n",
      r"combination train.global_batch=8, schedule.batch.start=16 fails: schedule.batch.start=16 exceeds"),
     ("train.global_batch: {choice: [8, 24]}\n", r"tune.eval_samples=64 is not a multiple of train.global_batch=24"),
@@ -93,12 +95,55 @@ def test_cli_resume_without_a_sweep_exit_2(tmp_path):
     assert done.returncode == 2 and "--resume: no sweep to resume in" in done.stderr
 
 
-def test_cli_optuna_missing_names_the_extra(tmp_path):
-    pytest.importorskip("ray")
-    try:
-        import optuna  # noqa: F401
-        pytest.skip("optuna is installed")
-    except ImportError:
-        pass
-    done = run_cli("jobs/configs/tiny.yaml", "tune_spaces/lr_batch.yaml", f"run.dir={tmp_path}", "tune.search=optuna")
-    assert done.returncode == 2 and "pip install 'raylm[optuna]'" in done.stderr
+def test_optuna_missing_names_the_extra(monkeypatch, tmp_path):
+    from raylm.tune.sweep import _check_optuna
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if the extra were not installed
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("optim.lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    with pytest.raises(ConfigError, match=r"tune.search=optuna needs Optuna: pip install 'raylm\[optuna\]'"):
+        _check_optuna(load_space(space_file))
+
+
+def test_resume_refuses_a_changed_config_or_space(tmp_path):
+    import json
+
+    from raylm.config import to_dict
+    from raylm.tune.sweep import SWEEP_FILE, check_resumable
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("optim.lr: {choice: [1.0e-3, 1.0e-2]}\n")
+    cfg = resolve({}, BASE)
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "tuner.pkl").write_text("")
+    (sweep_dir / SWEEP_FILE).write_text(json.dumps({"config": to_dict(cfg), "space": load_space(space_file).raw}))
+    check_resumable(sweep_dir, cfg, load_space(space_file))
+    with pytest.raises(ConfigError, match=r"the config differs .* at optim.lr \(0.003 then, 0.01 now\)"):
+        check_resumable(sweep_dir, resolve({}, BASE + ["optim.lr=0.01"]), load_space(space_file))
+    space_file.write_text("optim.lr: {choice: [1.0e-3]}\n")
+    with pytest.raises(ConfigError, match=r"the space differs .* at optim.lr"):
+        check_resumable(sweep_dir, cfg, load_space(space_file))
+
+
+@pytest.mark.parametrize("cluster, requested, message", [
+    ({"CPU": 2.0}, 3, r"tune.max_concurrent=3 cannot fit: each trial needs 1 CPU\(s\) .* 2 CPUs, which fits 2"),
+    ({"CPU": 8.0, "GPU": 2.0}, 2, r"each trial needs 2 GPU\(s\) .* 2 GPUs, which fits 1"),
+])
+def test_max_concurrent_that_cannot_fit(cluster, requested, message):
+    from raylm.tune.resources import trial_share
+
+    world = "parallel.dp=2" if "GPU" in cluster else "parallel.dp=1"
+    cfg = resolve({}, BASE + [world, f"tune.max_concurrent={requested}"])
+    with pytest.raises(ConfigError, match=message):
+        trial_share(cfg, cluster, trials=6)
+
+
+def test_automatic_concurrency_sizes_workers_from_a_trials_share():
+    from raylm.tune.resources import trial_share
+
+    share = trial_share(resolve({}, BASE), {"CPU": 2.0}, trials=6)
+    assert (share.concurrent, share.cpus_per_worker, share.torch_threads) == (2, 0.45, 1)
+    assert trial_share(resolve({}, BASE), {"CPU": 2.0}, trials=1).concurrent == 1
+    gpu = trial_share(resolve({}, BASE + ["parallel.dp=2"]), {"CPU": 16.0, "GPU": 8.0}, trials=6)
+    assert (gpu.concurrent, gpu.use_gpu) == (4, True)
