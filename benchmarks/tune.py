@@ -11,7 +11,9 @@ reaches the same outcome; target >= 8/9).
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -80,8 +82,14 @@ def main() -> None:
     work = scratch_dir("raylm-bench-tune-")
     small_corpus(work / "corpus")
     (work / "space.yaml").write_text(SPACE)
-    full, _, full_wall_s = run_sweep(work, "fifo")
-    asha, asha_decisions, asha_wall_s = run_sweep(work, "asha")
+    stdout = os.dup(1)
+    os.dup2(2, 1)  # Tune's live tables go to stderr: stdout carries the one JSON line
+    try:
+        full, _, full_wall_s = run_sweep(work, "fifo")
+        asha, asha_decisions, asha_wall_s = run_sweep(work, "asha")
+    finally:
+        sys.stdout.flush()
+        os.dup2(stdout, 1)
     milestones = sorted({d["milestone_tokens"] for d in asha_decisions})
     ranked = sorted((t for t in full if t["last"] is not None), key=lambda t: t["last"])
     asha_best = min((t for t in asha if t["status"] == "finished"), key=lambda t: t["last"])
