@@ -104,7 +104,8 @@ def end_diverged(row: dict, progress) -> None:
 
     row.update(diverged=True, **{key: None for key in ("loss", "val_loss", "val_ppl") if key in row})
     if progress:
-        progress.record(row, force=True)
+        progress.writer.write(row)
+        get_logger().warning("step %d: the loss is not finite; this trial ends as diverged", row["step"] + 1)
     ray.train.report({**row, "val_loss": DIVERGED_LOSS})
 
 

@@ -184,3 +184,20 @@ def test_plateau_lr_survives_a_resume(ray_cluster, small_config):
     train(small_config("plateau-resumed", *plateau))
     lrs = [[r["lr"] for r in read_metrics(Path(c.run.dir) / c.run.name)] for c in (whole, first)]
     assert lrs[0] == lrs[1] and len(lrs[0]) == 8 and lrs[0][-1] < lrs[0][2] / 8, lrs
+
+
+def test_a_diverged_trial_ends_at_once_and_is_never_best(ray_cluster, small_config, tmp_path):
+    """lr 1e30 overflows the weights after one step: that trial ends as `diverged`, with no NaN in any JSON."""
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {grid: [1.0e-2, 1.0e+30]}\n")
+    cfg = small_config("unused", "tune.name=nan", "tune.num_samples=1", "tune.budget_tokens=4608",
+                       "train.eval_batches=2", "train.grad_clip=0", "tune.scheduler=fifo")
+    summary = sweep(cfg, space)
+    sweep_dir = Path(summary["sweep_dir"])
+    trials = {t["params"]["optim.lr"]: t for t in read_jsonl(sweep_dir / "trials.jsonl")}
+    diverged = trials[1e30]
+    assert diverged["status"] == "diverged" and diverged["last"] is None and diverged["tokens"] < 4608
+    assert summary["best"]["params"]["optim.lr"] == 1e-2
+    for name in ("trials.jsonl", "decisions.jsonl", f"trials/{diverged['trial_id']}/metrics.jsonl"):
+        text = (sweep_dir / name).read_text()
+        assert "NaN" not in text and "Infinity" not in text, name
