@@ -55,6 +55,8 @@ def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
     batches = TimedIterator(session.train_batches(state.samples)) if session.reads_data else None
     progress = Progress(cfg, run_dir, start_step=state.step) if rank == 0 else None
     drill = FaultDrill(cfg, run_dir, rank)
+    if cfg.tune.trial_of and resumed.source:
+        report_resumed_rung(cfg, session, state)
     for step in range(state.step, cfg.train.max_steps):
         global_batch = batch_size_at(state.tokens, cfg.train.global_batch, cfg.schedule.batch)
         lr = lr_at(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule.lr, plateau.scale)
@@ -96,6 +98,18 @@ def _evaluate(session, row: dict, step: int, rung: int | None, plateau: PlateauS
     if rung is not None:
         row["rung_tokens"] = rung
     return plateau_after_eval(plateau, row["val_loss"], step, session.cfg.schedule.lr)
+
+
+def report_resumed_rung(cfg: Config, session, state: TrainState) -> None:
+    """A trial resumed from the checkpoint of a rung step reports that rung again: the attempt that wrote it may
+    have been interrupted before Tune saw the report, and Tune judges a trial once per rung (a repeat is ignored)."""
+    import ray.train
+
+    step_tokens = batch_size_at(state.tokens, cfg.train.global_batch, cfg.schedule.batch) * cfg.data.seq_len
+    rung = next((m for m in cfg.tune.rung_tokens if state.tokens - step_tokens < m <= state.tokens), None)
+    if rung is not None:
+        ray.train.report({"step": state.step - 1, "tokens": state.tokens, "samples": state.samples,
+                          "val_loss": session.evaluate(), "rung_tokens": rung, "resumed_rung": True})
 
 
 def end_diverged(row: dict, progress) -> None:
