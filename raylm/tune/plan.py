@@ -115,9 +115,3 @@ def _failure(base: Config, params: dict[str, Any], plan: SweepPlan) -> str | Non
 
 def _lcm_hint(a: int, b: int) -> int:
     return a * b // math.gcd(a, b)
-
-
-def plan_summary(plan: SweepPlan) -> dict[str, Any]:
-    return {"budget_tokens": plan.budget_tokens, "milestones_tokens": plan.milestones_tokens,
-            "eval_samples": plan.eval_samples}
-

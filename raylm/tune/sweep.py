@@ -24,9 +24,9 @@ from raylm.tune.plan import SweepPlan, check_combinations, plan_sweep, trial_con
 from raylm.tune.report import plot_sweep, write_markdown
 from raylm.tune.resources import TRIAL_DRIVER_CPU, trial_share
 from raylm.tune.results import TRIAL_FILE, collect_trials, summarise, write_trials
+from raylm.tune.resume import SWEEP_FILE, check_resumable, expected_trials
 from raylm.tune.space import Space, load_space
 
-SWEEP_FILE = "sweep.json"  # the config and space a sweep started with: --resume refuses any change to them
 METRICS = ("val_loss", "loss")
 
 
@@ -197,7 +197,7 @@ def write_outputs(cfg: Config, plan: SweepPlan, sweep_dir: Path, errors: dict[st
     write_markdown(records, plan, cfg.tune.metric, sweep_dir / "sweep.md")
     plot_sweep(records, plan, cfg.tune.metric, sweep_dir / "sweep.png")
     unfinished = sum(r.status == "unfinished" for r in records)
-    expected = _expected_trials(sweep_dir, cfg)
+    expected = expected_trials(sweep_dir, cfg)
     if unfinished or len(records) < expected:
         get_logger().warning("sweep %s is unfinished (%d of %d trials started, %d unfinished); continue it with "
                              "`raylm sweep ... --resume`", cfg.tune.name, len(records), expected, unfinished)
@@ -219,47 +219,6 @@ def write_lr_path(records, best_id: str, sweep_dir: Path) -> Path:
     out = sweep_dir / "best_lr_path.jsonl"
     out.write_text("".join(json.dumps(p) + "\n" for p in lr_path(best_id, rows_of, exploits)))
     return out
-
-
-def _expected_trials(sweep_dir: Path, cfg: Config) -> int:
-    saved = json.loads((sweep_dir / SWEEP_FILE).read_text())
-    grid = 1
-    for spec in saved["space"].values():
-        if isinstance(spec, dict) and "grid" in spec:
-            grid *= len(spec["grid"])
-    return cfg.tune.num_samples * grid
-
-
-def check_resumable(sweep_dir: Path, cfg: Config, space: Space) -> None:
-    """--resume needs the sweep's folder and the same config and space it started with (names what differs)."""
-    saved_path = sweep_dir / SWEEP_FILE
-    if not saved_path.exists() or not (sweep_dir / "tuner.pkl").exists():
-        raise ConfigError(f"--resume: no sweep to resume in {sweep_dir}; run without --resume to start it, or set "
-                          f"tune.name to the sweep you mean")
-    saved = json.loads(saved_path.read_text())
-    for what, old, new in (("config", saved["config"], json.loads(json.dumps(to_dict(cfg)))),
-                           ("space", saved["space"], json.loads(json.dumps(space.raw)))):
-        key = _first_difference(old, new)
-        if key is not None:
-            raise ConfigError(f"--resume: the {what} differs from the one the sweep started with at {key} "
-                              f"({_at(old, key)!r} then, {_at(new, key)!r} now); resume with the same {what}, or "
-                              f"start a new sweep with another tune.name")
-
-
-def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new)):
-            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
-            if found is not None:
-                return found
-        return None
-    return None if old == new else prefix.rstrip(".")
-
-
-def _at(tree: Any, dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
 
 
 def _prepare_sweep_dir(cfg: Config, overwrite: bool) -> Path:

@@ -109,7 +109,7 @@ def test_resume_refuses_a_changed_config_or_space(tmp_path):
     import json
 
     from raylm.config import to_dict
-    from raylm.tune.sweep import SWEEP_FILE, check_resumable
+    from raylm.tune.resume import SWEEP_FILE, check_resumable
 
     space_file = tmp_path / "space.yaml"
     space_file.write_text("optim.lr: {choice: [1.0e-3, 1.0e-2]}\n")
