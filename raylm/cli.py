@@ -64,7 +64,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     from raylm.tune.sweep import sweep
 
-    summary = sweep(_load(args), args.space, overwrite=args.overwrite)
+    summary = sweep(_load(args), args.space, overwrite=args.overwrite, resume=args.resume)
     print(json.dumps(summary))
     return 0
 
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
     sweep.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder of the same name")
     sweep.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
+    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (same config and space): "
+                                                              "finished and stopped trials stay, the rest resume")
     sweep.set_defaults(func=cmd_sweep)
 
     gen_help = "continue prompts with a trained run, checkpoint or export (KV-cache decoding)"

@@ -105,11 +105,15 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class LrScheduleConfig:
-    kind: str = opt("cosine", "constant | linear | cosine | wsd (warmup-stable-decay)")
+    kind: str = opt("cosine", "constant | linear | cosine | wsd (warmup-stable-decay) | plateau (cut on stalled "
+                              "val_loss)")
     warmup_steps: int = opt(10, "steps of linear warmup from 0 to optim.lr")
     min_lr_frac: float = opt(0.1, "floor of the decay, as a fraction of optim.lr")
     decay_frac: float = opt(0.2, "wsd: share of the steps spent decaying at the end")
     decay_shape: str = opt("linear", "wsd: shape of the final decay: linear | cosine | sqrt")
+    factor: float = opt(0.5, "plateau: multiply the lr by this when val_loss stalls (0 < factor < 1)")
+    patience: int = opt(2, "plateau: evaluations without improvement before the lr is cut")
+    threshold: float = opt(0.01, "plateau: relative val_loss drop that counts as an improvement")
 
 
 @dataclass(frozen=True)
@@ -144,11 +148,22 @@ class FaultConfig:
 @dataclass(frozen=True)
 class TuneConfig:
     name: str = opt("sweep", "sweep name; results go to <run.dir>/<tune.name>")
-    num_samples: int = opt(4, "trials to sample from the search space")
+    num_samples: int = opt(4, "trials to sample from the search space (each grid point this many times)")
     metric: str = opt("val_loss", "metric the sweep minimises")
-    max_concurrent: int = opt(1, "trials run at once")
-    grace_tokens: int = opt(0, "ASHA: tokens a trial trains before it may be stopped (0 = a quarter of the run)")
-    reduction_factor: int = opt(3, "ASHA reduction factor")
+    budget_tokens: int = opt(0, "tokens every trial trains; 0 = train.max_steps * global_batch * seq_len of the base")
+    search: str = opt("random", "random | grid (the space's grid and random keys, Tune's variant generator) | optuna")
+    scheduler: str = opt("asha", "asha (stop weak trials at equal tokens) | pbt | fifo (every trial to the budget)")
+    max_concurrent: int = opt(0, "trials run at once; 0 = as many as fit (GPUs / workers, or CPUs / workers)")
+    max_failures: int = opt(0, "restarts of a failed trial (and of its worker group) before it counts as an error")
+    grace_tokens: int = opt(0, "ASHA: tokens of the first rung, before which no trial is stopped; 0 = budget / 9")
+    reduction_factor: int = opt(3, "ASHA: rungs lie at grace * factor^k tokens; a rung keeps the best 1/factor")
+    eval_samples: int = opt(0, "validation samples every trial evaluates on, whatever its batch; 0 = "
+                               "train.eval_batches * train.global_batch of the base")
+    trial_of: str = opt("", "set by raylm sweep in a trial's config: the sweep it belongs to ('' = a plain run)")
+    rung_tokens: list = opt([], "set by raylm sweep: evaluate, report and checkpoint at the first step whose tokens "
+                                "reach each of these")
+    start_from: str = opt("", "set by PBT: a folder holding the donor's committed checkpoint, used when the run "
+                              "folder has none of its own")
 
 
 @dataclass(frozen=True)

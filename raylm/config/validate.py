@@ -21,7 +21,8 @@ MIN_BYTE_VOCAB = 256 + 3  # the byte alphabet plus the special tokens
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first impossible setting; return the config unchanged when it can run."""
     for check in (_check_run, _check_positive, _check_choices, _check_model, _check_layout, _check_batch,
-                  _check_schedule, _check_storage, _check_data, _check_drill, _check_init_from):
+                  _check_schedule, _check_plateau, _check_tune, _check_storage, _check_data, _check_drill,
+                  _check_init_from):
         check(cfg)
     return cfg
 
@@ -75,7 +76,9 @@ def _check_choices(cfg: Config) -> None:
     choices = {
         "train.precision": (cfg.train.precision, ("fp32", "bf16")),
         "run.log_level": (cfg.run.log_level, LOG_LEVELS),
-        "schedule.lr.kind": (cfg.schedule.lr.kind, ("constant", "linear", "cosine", "wsd")),
+        "schedule.lr.kind": (cfg.schedule.lr.kind, ("constant", "linear", "cosine", "wsd", "plateau")),
+        "tune.search": (cfg.tune.search, ("random", "grid", "optuna")),
+        "tune.scheduler": (cfg.tune.scheduler, ("asha", "pbt", "fifo")),
         "schedule.lr.decay_shape": (cfg.schedule.lr.decay_shape, ("linear", "cosine", "sqrt")),
         "checkpoint.resume": (cfg.checkpoint.resume, ("auto", "never", "required")),
         "parallel.partition": (cfg.parallel.partition, ("compute", "parameters", "uniform")),
@@ -169,6 +172,32 @@ def _check_uri(key: str, value: str) -> None:
     if glob.has_magic(uri.key):
         _fail(f"{key} entry {value!r}: globs are not expanded on object storage; name a prefix (its text files are "
               f"read) or one object")
+
+
+def _check_plateau(cfg: Config) -> None:
+    lr = cfg.schedule.lr
+    if not 0.0 < lr.factor < 1.0:
+        _fail(f"schedule.lr.factor={lr.factor} must lie in (0, 1): the plateau schedule multiplies the lr by it; "
+              f"e.g. schedule.lr.factor=0.5")
+    if lr.patience < 1:
+        _fail(f"schedule.lr.patience={lr.patience} must be at least 1 evaluation; e.g. schedule.lr.patience=2")
+    if lr.threshold < 0:
+        _fail(f"schedule.lr.threshold={lr.threshold} must not be negative; e.g. schedule.lr.threshold=0.01")
+    if lr.kind == "plateau" and not cfg.train.eval_every and not cfg.tune.rung_tokens:
+        _fail("schedule.lr.kind=plateau follows val_loss, but train.eval_every=0 evaluates only at the end; "
+              "set train.eval_every=N")
+
+
+def _check_tune(cfg: Config) -> None:
+    t = cfg.tune
+    for key, value in (("tune.num_samples", t.num_samples), ("tune.reduction_factor", t.reduction_factor - 1)):
+        if value <= 0:
+            _fail(f"{key}={getattr(t, key.split('.')[1])} is too small; e.g. {key}=" + ("4" if "num" in key else "3"))
+    for key in ("budget_tokens", "max_concurrent", "max_failures", "grace_tokens", "eval_samples"):
+        if getattr(t, key) < 0:
+            _fail(f"tune.{key}={getattr(t, key)} must not be negative; set tune.{key}=0 for the default")
+    if any(not isinstance(m, int) or m <= 0 for m in t.rung_tokens):
+        _fail(f"tune.rung_tokens={t.rung_tokens} must be positive token counts; leave it to raylm sweep")
 
 
 def _check_data(cfg: Config) -> None:

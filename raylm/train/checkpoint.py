@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +10,7 @@ from raylm.config import Config
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.train.rundir import checkpoint_root
+from raylm.train.schedule import PlateauState
 from raylm.train.step import TrainState
 
 if TYPE_CHECKING:
@@ -22,6 +23,7 @@ class ResumeInfo:
 
     state: TrainState
     source: Path | None = None
+    plateau: PlateauState | None = None  # the plateau lr schedule's state at that checkpoint
 
 
 def checkpoint_due(cfg: Config, step: int) -> bool:
@@ -44,7 +46,10 @@ def resume_candidates_of(cfg: Config, run_dir: Path, rank: int) -> list[Path]:
     if rank == 0:
         policy = "required" if cfg.checkpoint.resume == "required" else "auto"
         try:
-            choice = [[str(p) for p in resume_candidates(checkpoint_root(run_dir), policy)]]
+            candidates = resume_candidates(checkpoint_root(run_dir), policy)
+            if not candidates and cfg.tune.start_from:  # a PBT exploit: the donor's checkpoint, copied
+                candidates = resume_candidates(cfg.tune.start_from, "required")
+            choice = [[str(p) for p in candidates]]
         except RaylmError as exc:  # every rank must leave the broadcast, then fail with the same line
             choice = [exc]
     dist.broadcast_object_list(choice, src=0)
@@ -92,17 +97,19 @@ def restore(cfg: Config, engine: Engine, path: Path, manifest: dict | None = Non
                           path.name, _layout_text(layout), _layout_text(engine.layout))
     get_logger().info("resumed from %s at step %d (%d tokens, sample %d)", path, state.step, state.tokens,
                       state.samples)
-    return ResumeInfo(state=state, source=path)
+    plateau = PlateauState(**saved["plateau"]) if saved.get("plateau") else None
+    return ResumeInfo(state=state, source=path, plateau=plateau)
 
 
 def save(cfg: Config, engine: Engine, run_dir: Path, state: TrainState, rank: int, protect: Path | None,
-         on_phase=None) -> Path:
+         on_phase=None, plateau: PlateauState | None = None) -> Path:
     """Commit a checkpoint (a collective over every rank), then prune old ones on rank 0."""
     from raylm.checkpoint.commit import prune
     from raylm.checkpoint.rng import capture_rng
     from raylm.checkpoint.state import save_checkpoint
 
-    trainer = {"step": state.step, "tokens": state.tokens, "samples": state.samples, "layout": engine.layout}
+    trainer = {"step": state.step, "tokens": state.tokens, "samples": state.samples, "layout": engine.layout,
+               "plateau": asdict(plateau or PlateauState())}
     path = save_checkpoint(engine, cfg, checkpoint_root(run_dir), state.step, trainer,
                            rank_state={"rng": capture_rng()}, on_phase=on_phase)
     if rank == 0:

@@ -1,19 +1,25 @@
-"""Schedules as pure functions of the step: learning rate (constant, linear, cosine, wsd) and batch-size ramp."""
+"""Schedules as pure functions of the step: learning rate (constant, linear, cosine, wsd, plateau), batch-size
+ramp, and the token milestones (a sweep's rungs) a step crosses."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 from raylm.config.schema import BatchScheduleConfig, LrScheduleConfig
 
 
-def lr_at(step: int, peak_lr: float, max_steps: int, sched: LrScheduleConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then the chosen decay to the floor."""
+def lr_at(step: int, peak_lr: float, max_steps: int, sched: LrScheduleConfig, plateau_scale: float = 1.0) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then the chosen decay to the floor.
+
+    `plateau` holds peak_lr * plateau_scale after warmup; the scale comes from plateau_after_eval."""
     floor = peak_lr * sched.min_lr_frac
     if step < sched.warmup_steps:
         return peak_lr * (step + 1) / sched.warmup_steps
     if sched.kind == "constant":
         return peak_lr
+    if sched.kind == "plateau":
+        return peak_lr * plateau_scale
     decay_steps = max(1, max_steps - sched.warmup_steps)
     progress = min(1.0, (step - sched.warmup_steps) / decay_steps)
     if sched.kind == "linear":
@@ -48,3 +54,35 @@ def batch_size_at(tokens_seen: int, final_batch: int, sched: BatchScheduleConfig
     tokens_per_stage = sched.ramp_tokens / stages
     stage = int(tokens_seen // tokens_per_stage)
     return min(final_batch, sched.start + stage * sched.increment)
+
+
+@dataclass(frozen=True)
+class PlateauState:
+    """The plateau schedule's memory: the lr scale, the best val_loss after warmup, evaluations since it improved.
+    It is saved in the checkpoint's trainer state, so a resumed run (any layout) cuts the lr at the same steps."""
+
+    scale: float = 1.0
+    best_loss: float | None = None
+    stalled_evals: int = 0
+
+
+def plateau_after_eval(state: PlateauState, val_loss: float, step: int, sched: LrScheduleConfig) -> PlateauState:
+    """Update after an evaluation at optimizer step count `step`: an improvement is a drop below best * (1 -
+    threshold); `patience` evaluations without one multiply the scale by `factor`, down to min_lr_frac. Every rank
+    sees the same val_loss (evaluations are collective), so every rank takes the same decision."""
+    if sched.kind != "plateau" or step <= sched.warmup_steps:
+        return state
+    finite = math.isfinite(val_loss)
+    if finite and (state.best_loss is None or val_loss < state.best_loss * (1.0 - sched.threshold)):
+        return replace(state, best_loss=val_loss, stalled_evals=0)
+    stalled = state.stalled_evals + 1
+    if stalled < sched.patience:
+        return replace(state, stalled_evals=stalled)
+    return replace(state, scale=max(sched.min_lr_frac, state.scale * sched.factor), stalled_evals=0)
+
+
+def milestone_crossed(tokens_before: int, tokens_after: int, milestones_tokens: list[int]) -> int | None:
+    """The milestone a step from `tokens_before` to `tokens_after` reaches first (before < M <= after), if any:
+    a trial evaluates and reports there, so every trial is judged within one step of the same tokens."""
+    crossed = [m for m in milestones_tokens if tokens_before < m <= tokens_after]
+    return max(crossed) if crossed else None

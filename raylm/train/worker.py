@@ -15,7 +15,7 @@ from raylm.log import get_logger, quiet_worker_logs, setup_logging
 from raylm.train.checkpoint import checkpoint_due, report_with_checkpoint, save
 from raylm.train.faults import FaultDrill
 from raylm.train.progress import Progress
-from raylm.train.schedule import batch_size_at, lr_at
+from raylm.train.schedule import PlateauState, batch_size_at, lr_at, milestone_crossed, plateau_after_eval
 from raylm.train.step import TimedIterator, TrainState, train_step
 
 
@@ -67,41 +67,92 @@ def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
     The last step always commits a checkpoint: it holds the final weights that generate and export read."""
     resumed = session.resume(run_dir, rank)
     state, protect = resumed.state, resumed.source  # keep the resume source until this attempt commits its own
-    seq_len = cfg.data.seq_len
+    plateau = resumed.plateau or PlateauState()
     batches = TimedIterator(session.train_batches(state.samples)) if session.reads_data else None
     progress = Progress(cfg, run_dir, start_step=state.step) if rank == 0 else None
     drill = FaultDrill(cfg, run_dir, rank)
+    if cfg.tune.trial_of and resumed.source:
+        report_resumed_rung(cfg, session, state)
     for step in range(state.step, cfg.train.max_steps):
         global_batch = batch_size_at(state.tokens, cfg.train.global_batch, cfg.schedule.batch)
-        lr = lr_at(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule.lr)
+        lr = lr_at(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule.lr, plateau.scale)
         result = train_step(session.engine, batches, micro_batches_for(global_batch, cfg), lr)
-        state = state.advance(global_batch, seq_len)
+        rung = milestone_crossed(state.tokens, state.tokens + global_batch * cfg.data.seq_len, cfg.tune.rung_tokens)
+        state = state.advance(global_batch, cfg.data.seq_len)
         row = session.metrics_row(state, result, lr, global_batch)
         if resumed.source and step == resumed.state.step:
             row["resumed_from"] = resumed.state.step  # the first step after a resume says where it came from
+            row["resumed_from_checkpoint"] = str(resumed.source)
         drill.at("step", state.step)
         last = state.step == cfg.train.max_steps
-        if last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
-            row["val_loss"] = session.evaluate()
-            row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
+        if _evaluation_due(cfg, state.step, last, rung):
+            plateau = _evaluate(session, row, state.step, rung, plateau)
+        if cfg.tune.trial_of and not all(math.isfinite(row.get(key, 0.0)) for key in ("loss", "val_loss")):
+            end_diverged(row, progress)  # losses are the same on every rank, so every rank ends here
+            break
         if progress:
             progress.record(row, force=last or "val_loss" in row)
-        if report(cfg, session, run_dir, state, row, rank, protect, drill):
+        if report(cfg, session, run_dir, state, row, rank, protect, drill, rung is not None, plateau):
             protect = None
     if progress:
         progress.close()
     get_logger().debug("rank %d finished", rank)
 
 
-def report(cfg: Config, session, run_dir: Path, state: TrainState, row: dict, rank: int,
-           protect: Path | None, drill: FaultDrill) -> bool:
-    """Commit a checkpoint when one is due (returns whether it did), then tell Ray. A report costs a controller
-    round trip (~2 s by default): at checkpoints, evaluations and every train.report_every steps (docs/ray-facts.md 2)."""
+def _evaluation_due(cfg: Config, step: int, last: bool, rung: int | None) -> bool:
+    """At the end, every train.eval_every steps, at a sweep rung, and in a sweep trial at every checkpoint (so that
+    every report to Tune carries the metric)."""
+    every = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
+    return last or every or rung is not None or bool(cfg.tune.trial_of and checkpoint_due(cfg, step))
+
+
+def _evaluate(session, row: dict, step: int, rung: int | None, plateau: PlateauState) -> PlateauState:
+    """Validation loss into the row (with the sample count and the rung it marks); the plateau schedule's update."""
+    row["val_loss"] = session.evaluate()
+    row["val_ppl"] = math.exp(min(row["val_loss"], 50.0))
+    row["val_samples"] = session.eval_micro_batches * session.cfg.parallel.micro_batch * session.cfg.parallel.dp
+    if rung is not None:
+        row["rung_tokens"] = rung
+    return plateau_after_eval(plateau, row["val_loss"], step, session.cfg.schedule.lr)
+
+
+def report_resumed_rung(cfg: Config, session, state: TrainState) -> None:
+    """A trial resumed from the checkpoint of a rung step reports that rung again: the attempt that wrote it may
+    have been interrupted before Tune saw the report, and Tune judges a trial once per rung (a repeat is ignored)."""
     import ray.train
 
-    if checkpoint_due(cfg, state.step):
+    step_tokens = batch_size_at(state.tokens, cfg.train.global_batch, cfg.schedule.batch) * cfg.data.seq_len
+    rung = next((m for m in cfg.tune.rung_tokens if state.tokens - step_tokens < m <= state.tokens), None)
+    if rung is not None:
+        ray.train.report({"step": state.step - 1, "tokens": state.tokens, "samples": state.samples,
+                          "val_loss": session.evaluate(), "rung_tokens": rung, "resumed_rung": True})
+
+
+def end_diverged(row: dict, progress) -> None:
+    """A sweep trial whose loss is not finite stops at once: one `diverged` row (no NaN in JSON), one report."""
+    import ray.train
+
+    row.update(diverged=True, **{key: None for key in ("loss", "val_loss", "val_ppl") if key in row})
+    if progress:
+        progress.writer.write(row)
+        get_logger().warning("step %d: the loss is not finite; this trial ends as diverged", row["step"] + 1)
+    ray.train.report({**row, "val_loss": DIVERGED_LOSS})
+
+
+DIVERGED_LOSS = float("inf")  # what Tune sees for a diverged trial: worse than any loss (raylm's files say null)
+
+
+def report(cfg: Config, session, run_dir: Path, state: TrainState, row: dict, rank: int,
+           protect: Path | None, drill: FaultDrill, at_rung: bool = False,
+           plateau: PlateauState = PlateauState()) -> bool:
+    """Commit a checkpoint when one is due or at a sweep rung (returns whether it did), then tell Ray. A report
+    costs a controller round trip (~2 s by default): at checkpoints, evaluations and every train.report_every
+    steps (docs/ray-facts.md 2)."""
+    import ray.train
+
+    if checkpoint_due(cfg, state.step) or at_rung:
         committed = save(cfg, session.engine, run_dir, state, rank, protect,  # a collective: every rank saves
-                         on_phase=lambda phase: drill.at(phase, state.step))
+                         on_phase=lambda phase: drill.at(phase, state.step), plateau=plateau)
         report_with_checkpoint(row, committed if rank == 0 else None)
         return True
     if "val_loss" in row or state.step % cfg.train.report_every == 0:

@@ -1,12 +1,15 @@
-"""`raylm sweep`: a Ray Tune search over config overrides, each trial one TorchTrainer run, ASHA on tokens."""
+"""`raylm sweep`: a Ray Tune search over config overrides, each trial one TorchTrainer run, ASHA on tokens.
+
+Every check runs before Ray starts (space, combinations, budget, resume); then the Tuner runs (or is restored)
+and the outputs are read back from the trial folders: trials.jsonl, decisions.jsonl, best.yaml, sweep.png/.md."""
 
 from __future__ import annotations
 
 import json
+import re
+import shutil
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from raylm.config import Config, resolve, to_dict, with_overrides
 from raylm.errors import ConfigError, RaylmError
@@ -14,66 +17,208 @@ from raylm.log import get_logger
 from raylm.train.driver import build_trainer, with_absolute_paths
 from raylm.train.preflight import check_prepared_data
 from raylm.train.ray_cluster import connect_ray
-from raylm.train.rundir import prepare_run_dir, remove_folder
-from raylm.tune.space import load_space
+from raylm.train.rundir import checkpoint_root, prepare_run_dir, remove_folder
+from raylm.tune.asha import RungBook
+from raylm.tune.pbt import PbtBook, split_exploit
+from raylm.tune.plan import SweepPlan, check_combinations, plan_sweep, trial_config, trial_overrides
+from raylm.tune.report import plot_sweep, write_markdown
+from raylm.tune.resources import TRIAL_DRIVER_CPU, trial_share
+from raylm.tune.results import TRIAL_FILE, collect_trials, summarise, write_trials
+from raylm.tune.resume import SWEEP_FILE, check_resumable, expected_trials
+from raylm.tune.space import Space, load_space
+
+METRICS = ("val_loss", "loss")
 
 
-def sweep(cfg: Config, space_path: str | Path, overwrite: bool = False) -> dict[str, Any]:
-    """Run the sweep; write <run.dir>/<tune.name>/trials.jsonl and best.yaml; return a summary."""
+def sweep(cfg: Config, space_path: str | Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the sweep and write its outputs in <run.dir>/<tune.name>/; return a summary."""
+    cfg = with_absolute_paths(cfg)
+    space, plan = prepare(cfg, space_path)
+    sweep_dir = Path(cfg.run.dir) / cfg.tune.name
+    if resume:
+        check_resumable(sweep_dir, cfg, space)
+    check_prepared_data(cfg)
+    if not resume:
+        _prepare_sweep_dir(cfg, overwrite)
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"config": to_dict(cfg), "space": space.raw}, indent=1))
+    connect_ray()
+    plan, concurrent = _with_share(cfg, space, plan)
+    tuner = _restore_tuner(cfg, sweep_dir, plan) if resume else _new_tuner(cfg, space, plan, sweep_dir, concurrent)
+    results = tuner.fit()
+    return write_outputs(cfg, plan, sweep_dir, _errors(results))
+
+
+def prepare(cfg: Config, space_path: str | Path) -> tuple[Space, SweepPlan]:
+    """Everything that can be refused before Ray starts: metric, scheduler, space, budget, combinations."""
+    if cfg.tune.metric not in METRICS:
+        raise ConfigError(f"tune.metric={cfg.tune.metric!r} is not reported by every trial; use one of "
+                          f"{', '.join(METRICS)}")
+    space = load_space(space_path)
+    if cfg.tune.search == "optuna":
+        _check_optuna(space)
+    plan = plan_sweep(cfg, space)
+    checked = check_combinations(cfg, space, plan)
+    get_logger().info("sweep %s: %d trial(s) of %d tokens each, rungs at %s tokens, %d combination(s) of the "
+                      "space validated", cfg.tune.name, _trial_count(cfg, space), plan.budget_tokens,
+                      plan.milestones_tokens, checked)
+    return space, plan
+
+
+def _check_optuna(space: Space) -> None:
+    try:
+        import optuna  # noqa: F401
+    except ImportError:
+        raise ConfigError("tune.search=optuna needs Optuna: pip install 'raylm[optuna]' (or use tune.search=random)"
+                          ) from None
+    if any(p.kind == "grid" for p in space.params):
+        raise ConfigError(f"{space.path}: tune.search=optuna samples; it cannot take grid keys: use choice there "
+                          f"or tune.search=grid")
+
+
+def _trial_count(cfg: Config, space: Space) -> int:
+    return cfg.tune.num_samples * space.grid_points()
+
+
+def _with_share(cfg: Config, space: Space, plan: SweepPlan) -> tuple[SweepPlan, int]:
+    """Concurrency and per-worker CPUs/threads from one trial's share of the cluster now connected."""
+    import dataclasses
+
+    import ray
+
+    share = trial_share(cfg, dict(ray.cluster_resources()), _trial_count(cfg, space))
+    get_logger().info("sweep %s: %d trial(s) at once, %.2f CPU(s) and %d torch thread(s) per worker",
+                      cfg.tune.name, share.concurrent, share.cpus_per_worker, share.torch_threads)
+    plan = dataclasses.replace(plan, cpus_per_worker=share.cpus_per_worker, torch_threads=share.torch_threads)
+    return plan, share.concurrent
+
+
+def _trainable(cfg: Config, plan: SweepPlan, sweep_dir: Path):
     from ray import tune
 
-    cfg = with_absolute_paths(cfg)
-    check_sweepable(cfg)
-    space = load_space(space_path, cfg)
-    check_prepared_data(cfg)
-    sweep_dir = _prepare_sweep_dir(cfg, overwrite)
-    connect_ray()
-    tuner = tune.Tuner(
-        tune.with_parameters(run_trial, base=to_dict(cfg), trials_dir=str(sweep_dir / "trials")),
-        param_space=space,
-        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", scheduler=asha_for(cfg),
-                                    num_samples=cfg.tune.num_samples,
-                                    max_concurrent_trials=cfg.tune.max_concurrent),
-        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(sweep_dir.parent), verbose=1),
+    bound = tune.with_parameters(run_trial, base=to_dict(cfg), plan=plan, trials_dir=str(sweep_dir / "trials"))
+    return tune.with_resources(bound, {"cpu": TRIAL_DRIVER_CPU})
+
+
+def _new_tuner(cfg: Config, space: Space, plan: SweepPlan, sweep_dir: Path, concurrent: int):
+    from ray import tune
+
+    return tune.Tuner(
+        _trainable(cfg, plan, sweep_dir),
+        param_space=space.param_space(),
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", scheduler=_scheduler(cfg, plan, sweep_dir),
+                                    search_alg=_search_alg(cfg), num_samples=cfg.tune.num_samples,
+                                    max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(sweep_dir.parent), verbose=1,
+                                  failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)),
     )
-    results = tuner.fit()
-    return write_results(cfg, results, sweep_dir)
 
 
-def check_sweepable(cfg: Config) -> None:
-    """ASHA compares trials on the metric at report steps: make sure reports carry it."""
-    if cfg.tune.metric == "val_loss" and not cfg.train.eval_every:
-        raise ConfigError("tune.metric=val_loss needs evaluations during the run; set train.eval_every=N "
-                          "(the trials report at each evaluation) or tune.metric=loss")
+def _restore_tuner(cfg: Config, sweep_dir: Path, plan: SweepPlan):
+    """Tuner.restore: unfinished and errored trials resume from their folders; finished and stopped stay so."""
+    from ray import tune
+
+    get_logger().info("resuming sweep %s from %s", cfg.tune.name, sweep_dir)
+    return tune.Tuner.restore(str(sweep_dir), trainable=_trainable(cfg, plan, sweep_dir), resume_unfinished=True,
+                              resume_errored=True)
 
 
-def asha_for(cfg: Config):
-    """ASHA over trained tokens: trials with different batch sizes are compared at equal data seen."""
-    from ray.tune.schedulers import ASHAScheduler
+def _scheduler(cfg: Config, plan: SweepPlan, sweep_dir: Path):
+    from raylm.tune.scheduler import TokenPBTScheduler, TokenRungScheduler
 
-    run_tokens = cfg.train.max_steps * cfg.train.global_batch * cfg.data.seq_len
-    grace_tokens = cfg.tune.grace_tokens or run_tokens // 4
-    # stop_last_trials=False: a trial that reaches the end finishes its run (and frees its workers) by itself
-    return ASHAScheduler(time_attr="tokens", max_t=run_tokens, grace_period=max(1, grace_tokens),
-                         reduction_factor=cfg.tune.reduction_factor, stop_last_trials=False)
-
-
-def trial_config(base: dict[str, Any], params: dict[str, Any], trials_dir: str, trial_name: str) -> Config:
-    """A trial's run config: the base with the sampled overrides, its own run folder, reports at evaluations."""
-    cfg = resolve(base, params)
-    report_every = cfg.train.eval_every or cfg.train.report_every
-    return with_overrides(cfg, {"run.dir": trials_dir, "run.name": trial_name, "train.report_every": report_every,
-                                "checkpoint.resume": "never"})
+    if cfg.tune.scheduler == "pbt":
+        book = PbtBook(plan.milestones_tokens, seed=cfg.run.seed)
+        return TokenPBTScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"))
+    book = RungBook(plan.milestones_tokens, cfg.tune.reduction_factor, stops=cfg.tune.scheduler == "asha")
+    return TokenRungScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"))
 
 
-def run_trial(params: dict[str, Any], base: dict[str, Any], trials_dir: str) -> None:
-    """Tune function trainable: one TorchTrainer run whose reports are forwarded to Tune."""
+def _search_alg(cfg: Config):
+    if cfg.tune.search != "optuna":
+        return None  # Tune's variant generator: grid keys are crossed, the others sampled
+    from ray.tune.search.optuna import OptunaSearch
+
+    return OptunaSearch(seed=cfg.run.seed)
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], plan: SweepPlan, trials_dir: str) -> None:
+    """Tune function trainable: one TorchTrainer run whose reports Tune receives. A restarted trial keeps its
+    folder and resumes from its newest committed checkpoint; after a PBT exploit it starts from the donor's."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    cfg = trial_config(base, params, trials_dir, tune.get_context().get_trial_name())
-    run_dir = prepare_run_dir(cfg, overwrite=True)
+    params, exploit = split_exploit(params)
+    context = tune.get_context()
+    base_cfg = resolve(base)
+    cfg = trial_config(base_cfg, params, plan, trials_dir, context.get_trial_id())
+    run_dir = prepare_run_dir(cfg, overwrite=not _has_checkpoint(cfg))
+    info_path = run_dir / TRIAL_FILE
+    info = json.loads(info_path.read_text()) if info_path.exists() else {"exploit_n": 0, "start_from": ""}
+    if exploit and exploit["n"] > info["exploit_n"]:
+        info.update(exploit_n=exploit["n"], start_from=take_donor_checkpoint(run_dir, exploit, context.get_trial_id()))
+    if info["start_from"]:
+        cfg = with_overrides(cfg, {"tune.start_from": info["start_from"]})
+    info.update(trial_id=context.get_trial_id(), trial_name=context.get_trial_name(),
+                params=trial_overrides(base_cfg, params, plan), max_steps=cfg.train.max_steps)
+    info_path.write_text(json.dumps(info))
     build_trainer(cfg, run_dir, callbacks=[TuneReportCallback()]).fit()
+
+
+def take_donor_checkpoint(run_dir: Path, exploit: dict, trial_id: str) -> str:
+    """Copy the donor's committed checkpoint next to the trial folders (the donor may prune its own) and drop the
+    trial's own checkpoints, so its workers start from the copy. Returns the folder holding the copy."""
+    source = Path(exploit["checkpoint"])
+    folder = run_dir.parent.parent / "exploits" / f"{trial_id}-{exploit['n']}-from-{exploit['donor']}"
+    shutil.copytree(source, folder / source.name, dirs_exist_ok=True)
+    shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
+    return str(folder)
+
+
+def _has_checkpoint(cfg: Config) -> bool:
+    from raylm.checkpoint.commit import list_committed
+    from raylm.train.rundir import run_path
+
+    return bool(list_committed(checkpoint_root(run_path(cfg))))
+
+
+def _errors(results) -> dict[str, str]:
+    """Trial id -> first line of its error, for the trials that failed."""
+    errors = {}
+    for result in results:
+        if result.error:
+            match = re.search(r"_([0-9a-f]{5}_[0-9]{5})", Path(result.path).name)
+            trial_id = (result.metrics or {}).get("trial_id") or (match.group(1) if match else "?")
+            errors[trial_id] = (str(result.error).strip().splitlines() or ["error"])[0]
+    return errors
+
+
+def write_outputs(cfg: Config, plan: SweepPlan, sweep_dir: Path, errors: dict[str, str]) -> dict[str, Any]:
+    records = collect_trials(sweep_dir / "trials", sweep_dir / "decisions.jsonl", plan, errors)
+    write_trials(records, sweep_dir / "trials.jsonl")
+    write_markdown(records, plan, cfg.tune.metric, sweep_dir / "sweep.md")
+    plot_sweep(records, plan, cfg.tune.metric, sweep_dir / "sweep.png")
+    unfinished = sum(r.status == "unfinished" for r in records)
+    expected = expected_trials(sweep_dir, cfg)
+    if unfinished or len(records) < expected:
+        get_logger().warning("sweep %s is unfinished (%d of %d trials started, %d unfinished); continue it with "
+                             "`raylm sweep ... --resume`", cfg.tune.name, len(records), expected, unfinished)
+        return {"sweep_dir": str(sweep_dir), "trials": len(records), "interrupted": True}
+    summary = summarise(cfg, records, sweep_dir)
+    if cfg.tune.scheduler == "pbt":
+        summary["best_lr_path"] = str(write_lr_path(records, summary["best"]["trial_id"], sweep_dir))
+    return summary
+
+
+def write_lr_path(records, best_id: str, sweep_dir: Path) -> Path:
+    """best_lr_path.jsonl: the lr-vs-tokens schedule the best trial's weights followed across its exploits."""
+    from raylm.train.metrics import read_metrics
+    from raylm.tune.asha import read_decisions
+    from raylm.tune.pbt import lr_path
+
+    rows_of = {r.trial_id: read_metrics(Path(r.folder)) for r in records}
+    exploits = [d for d in read_decisions(sweep_dir / "decisions.jsonl") if d["action"] == "exploit"]
+    out = sweep_dir / "best_lr_path.jsonl"
+    out.write_text("".join(json.dumps(p) + "\n" for p in lr_path(best_id, rows_of, exploits)))
+    return out
 
 
 def _prepare_sweep_dir(cfg: Config, overwrite: bool) -> Path:
@@ -81,27 +226,8 @@ def _prepare_sweep_dir(cfg: Config, overwrite: bool) -> Path:
     sweep_dir = Path(cfg.run.dir) / cfg.tune.name
     if sweep_dir.is_symlink() or (sweep_dir.exists() and any(sweep_dir.iterdir())):
         if not overwrite:
-            raise RaylmError(f"sweep folder {sweep_dir} already exists; pass --overwrite or set tune.name=...")
+            raise RaylmError(f"sweep folder {sweep_dir} already exists; pass --overwrite, --resume to continue it, "
+                             f"or set tune.name=...")
         remove_folder(sweep_dir, "sweep folder")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     return sweep_dir
-
-
-def write_results(cfg: Config, results, sweep_dir: Path) -> dict[str, Any]:
-    """trials.jsonl (one line per trial: params, last metrics, status) and best.yaml (a runnable config)."""
-    lines, metric = [], cfg.tune.metric
-    for result in results:
-        metrics = result.metrics or {}
-        lines.append({"trial": metrics.get("trial_id"), "params": result.config, "metric": metric,
-                      "value": metrics.get(metric), "tokens": metrics.get("tokens"),
-                      "error": str(result.error).splitlines()[0] if result.error else None})
-    (sweep_dir / "trials.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    scored = [line for line in lines if line["value"] is not None and not line["error"]]
-    if not scored:
-        raise RaylmError(f"no trial of sweep {cfg.tune.name!r} reported {metric}; see {sweep_dir}/trials.jsonl")
-    best = min(scored, key=lambda line: line["value"])
-    best_cfg = with_overrides(cfg, {**best["params"], "run.name": f"{cfg.tune.name}-best"})
-    (sweep_dir / "best.yaml").write_text(yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
-    get_logger().info("sweep %s: %d trials, best %s=%.4f with %s; %s", cfg.tune.name, len(lines), metric,
-                      best["value"], best["params"], sweep_dir / "best.yaml")
-    return {"sweep_dir": str(sweep_dir), "trials": len(lines), "best": best}

@@ -1,53 +1,203 @@
-"""A real Tune sweep over two trials on a local Ray: results files, a runnable best config, nothing left behind."""
+"""A real 6-trial ASHA sweep on a local Ray: equal-token rungs, fixed validation samples, outputs, nothing left."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from raylm.config import load_config
-from raylm.errors import ConfigError
-from raylm.tune.space import load_space
+from raylm.cli import main as raylm_main
+from raylm.config import to_dict
+from raylm.train.metrics import read_metrics
 from raylm.tune.sweep import sweep
+from tests.conftest import REPO_ROOT
+
+SEQ = 32  # the small model's data.seq_len
+# 3 lrs x 2 batches: four lrs far too small to learn in the budget, so ASHA has trials to stop at its rungs.
+SPACE = "optim.lr: {grid: [1.0e-2, 1.0e-4, 1.0e-5]}\ntrain.global_batch: {grid: [8, 16]}\n"
+BUDGET = 9 * 2048  # rungs at 2048 and 6144 tokens: steps 8 and 24 at batch 8, 4 and 12 at batch 16
 
 
-def test_sweep_writes_trials_and_a_runnable_best_config(ray_cluster, small_config, tmp_path):
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_asha_sweep_at_equal_tokens(ray_cluster, small_config, tmp_path):
     space = tmp_path / "space.yaml"
-    space.write_text("optim.lr: {grid: [1.0e-3, 1.0e-2]}\n")
-    cfg = small_config("unused", "train.eval_every=2", "tune.name=lr", "tune.num_samples=1")
+    space.write_text(SPACE)
+    cfg = small_config("unused", "tune.name=asha", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
+                       "train.eval_batches=2")
     summary = sweep(cfg, space)
     sweep_dir = Path(summary["sweep_dir"])
-    trials = [json.loads(line) for line in (sweep_dir / "trials.jsonl").read_text().splitlines()]
-    assert sorted(t["params"]["optim.lr"] for t in trials) == [1.0e-3, 1.0e-2]
-    assert all(t["error"] is None and t["value"] > 0 and t["tokens"] > 0 for t in trials)
-    best = load_config(sweep_dir / "best.yaml", [])
-    assert best.optim.lr == min(trials, key=lambda t: t["value"])["params"]["optim.lr"]
-    assert_placement_groups_released(ray_cluster)
+    trials = read_jsonl(sweep_dir / "trials.jsonl")
+    assert len(trials) == 6 and summary["status"]["stopped"] >= 2, summary
+    assert {t["status"] for t in trials} <= {"finished", "stopped"}
+    for t in trials:
+        if t["status"] == "finished":
+            batch_tokens = t["params"]["train.global_batch"] * SEQ
+            assert BUDGET <= t["tokens"] < BUDGET + batch_tokens
+    assert_rungs_at_equal_tokens(sweep_dir, trials)
+    assert_same_validation_samples(trials)
+    for name in ("decisions.jsonl", "best.yaml", "sweep.png", "sweep.md"):
+        assert (sweep_dir / name).stat().st_size > 0
+    assert_nothing_left(ray_cluster)
+    assert raylm_main(["train", str(sweep_dir / "best.yaml"), "train.max_steps=2", "run.name=best-check"]) == 0
 
 
-def assert_placement_groups_released(ray, timeout_s: float = 30.0):
-    """A stopped trial's workers must give their CPUs back (Ray Train's cleaner runs within seconds)."""
+def assert_rungs_at_equal_tokens(sweep_dir: Path, trials: list[dict]):
+    """Every decision lies in [M_k, M_k + one step of that trial]."""
+    batch_of = {t["trial_id"]: t["params"]["train.global_batch"] for t in trials}
+    decisions = read_jsonl(sweep_dir / "decisions.jsonl")
+    assert decisions and {d["milestone_tokens"] for d in decisions} <= {2048, 6144}
+    for d in decisions:
+        assert d["milestone_tokens"] <= d["tokens"] < d["milestone_tokens"] + batch_of[d["trial"]] * SEQ, d
+    stopped = {d["trial"] for d in decisions if d["action"] == "stop"}
+    assert stopped == {t["trial_id"] for t in trials if t["status"] == "stopped"}
+
+
+def assert_same_validation_samples(trials: list[dict]):
+    counts = {(t["params"]["train.global_batch"], r["val_samples"]) for t in trials
+              for r in read_metrics(Path(t["folder"])) if "val_samples" in r}
+    assert {batch for batch, _ in counts} == {8, 16} and len({n for _, n in counts}) == 1, counts
+
+
+def assert_nothing_left(ray, timeout_s: float = 30.0):
+    """No placement group, Train controller or worker of any trial outlives the sweep by more than 30 s."""
+    from ray.util.state import list_actors
+
     deadline = time.time() + timeout_s
     while True:
-        pending = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
-        if not pending or time.time() > deadline:
+        groups = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
+        actors = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])
+                  if "Train" in a.class_name or "Worker" in a.class_name or "SplitCoordinator" in a.class_name]
+        if (not groups and not actors) or time.time() > deadline:
             break
         time.sleep(0.5)
-    assert not pending, f"placement groups outlived the sweep: {pending}"
+    assert not groups and not actors, f"left after the sweep: {groups} {actors}"
 
 
-def test_space_errors_name_the_key_and_the_fix(small_config, tmp_path):
-    cfg = small_config("unused")
+@pytest.mark.slow
+def test_a_killed_trial_worker_resumes_from_its_rung_checkpoint(ray_cluster, small_config, tmp_path):
+    """fault.drill SIGKILLs the trial's worker after step 10; Ray Train restarts it from the rung-0 checkpoint
+    (step 8 at batch 8) and the trial still trains its budget."""
     space = tmp_path / "space.yaml"
-    space.write_text("optim.learning_rate: {choice: [1.0e-3]}\n")
-    with pytest.raises(ConfigError, match="'optim.learning_rate' is not a config key"):
-        load_space(space, cfg)
-    space.write_text("train.global_batch: {choice: [8, 7]}\n")
-    with pytest.raises(ConfigError, match="global_batch"):
-        load_space(space, cfg)
-    space.write_text("optim.lr: {normal: [0, 1]}\n")
-    with pytest.raises(ConfigError, match="must be one of"):
-        load_space(space, cfg)
+    space.write_text("optim.lr: {grid: [1.0e-2]}\n")
+    cfg = small_config("unused", "tune.name=kill", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
+                       "train.eval_batches=2", "fault.drill=step@10", "tune.max_failures=1")
+    sweep_dir = Path(sweep(cfg, space)["sweep_dir"])
+    (trial,) = read_jsonl(sweep_dir / "trials.jsonl")
+    rows = read_metrics(Path(trial["folder"]))
+    assert [r["resumed_from"] for r in rows if "resumed_from" in r] == [8]
+    assert trial["status"] == "finished" and BUDGET <= trial["tokens"] < BUDGET + 8 * SEQ
+    assert [r["step"] for r in rows] == list(range(len(rows)))  # each step once
+
+
+@pytest.mark.slow
+def test_an_interrupted_sweep_resumes(ray_cluster, small_config, tmp_path):
+    """SIGINT `raylm sweep` after its first stop, then --resume: finished trials are not rerun, stopped trials stay
+    stopped, and the sweep ends with num_samples trials."""
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {grid: [1.0e-2, 1.0e-5, 2.0e-5, 1.0e-2]}\n")
+    cfg = small_config("unused", "tune.name=resume", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
+                       "train.eval_batches=2", "tune.max_concurrent=2")
+    config_file = tmp_path / "config.yaml"
+    config_file.write_text(yaml.safe_dump(to_dict(cfg)))
+    sweep_dir = Path(cfg.run.dir) / "resume"
+    command = [sys.executable, "-m", "raylm.cli", "sweep", str(config_file), str(space)]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    first = subprocess.Popen(command, env=env, cwd=REPO_ROOT)
+    stopped_at_interrupt = wait_for_first_stop(sweep_dir / "decisions.jsonl")
+    first.send_signal(signal.SIGINT)
+    assert first.wait(timeout=120) == 0
+    before = {p.parent.name: p.read_text() for p in (sweep_dir / "trials").glob("*/metrics.jsonl")}
+    finished_before = {t["trial_id"] for t in read_jsonl(sweep_dir / "trials.jsonl") if t["status"] == "finished"}
+    assert subprocess.run(command + ["--resume"], env=env, cwd=REPO_ROOT, timeout=600).returncode == 0
+    trials = read_jsonl(sweep_dir / "trials.jsonl")
+    assert len(trials) == 4 and all(t["status"] in ("finished", "stopped") for t in trials)
+    status = {t["trial_id"]: t["status"] for t in trials}
+    assert all(status[trial] == "stopped" for trial in stopped_at_interrupt)
+    for trial in finished_before:
+        assert (sweep_dir / "trials" / trial / "metrics.jsonl").read_text() == before[trial]
+
+
+def wait_for_first_stop(decisions: Path, timeout_s: float = 300) -> set[str]:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        stops = {d["trial"] for d in read_jsonl(decisions) if d["action"] == "stop"} if decisions.exists() else set()
+        if stops:
+            return stops
+        time.sleep(0.2)
+    raise AssertionError("no trial was stopped")
+
+
+@pytest.mark.slow
+def test_pbt_exploits_a_donor_checkpoint(ray_cluster, small_config, tmp_path):
+    """4 trials, three of them with lrs far too small: at a rung the worst takes the best one's checkpoint."""
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {grid: [1.0e-2, 1.0e-5, 2.0e-5, 3.0e-5]}\n")
+    cfg = small_config("unused", "tune.name=pbt", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
+                       "train.eval_batches=2", "tune.scheduler=pbt")
+    summary = sweep(cfg, space)
+    sweep_dir = Path(summary["sweep_dir"])
+    exploits = [d for d in read_jsonl(sweep_dir / "decisions.jsonl") if d["action"] == "exploit"]
+    assert exploits
+    first = exploits[0]
+    rows = read_metrics(sweep_dir / "trials" / first["trial"])
+    resumed = [r for r in rows if "resumed_from_checkpoint" in r]
+    assert resumed and f"from-{first['donor']}" in resumed[0]["resumed_from_checkpoint"]
+    assert resumed[0]["tokens"] > first["tokens"]  # it continued from the donor's rung, not from scratch
+    path = read_jsonl(sweep_dir / "best_lr_path.jsonl")
+    assert path and path[-1]["tokens"] >= BUDGET
+
+
+@pytest.mark.slow
+def test_optuna_search(ray_cluster, small_config, tmp_path):
+    pytest.importorskip("optuna")
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    cfg = small_config("unused", "tune.name=optuna", "tune.num_samples=2", "tune.budget_tokens=4608",
+                       "train.eval_batches=2", "tune.search=optuna", "tune.scheduler=fifo")
+    summary = sweep(cfg, space)
+    trials = read_jsonl(Path(summary["sweep_dir"]) / "trials.jsonl")
+    assert len(trials) == 2 and all(t["status"] == "finished" for t in trials)
+    assert all(1e-3 <= t["params"]["optim.lr"] <= 1e-2 for t in trials)
+
+
+def test_plateau_lr_survives_a_resume(ray_cluster, small_config):
+    """The plateau schedule's state rides in the checkpoint: 4 steps, then a resume to 8, gives the lr sequence of
+    one uninterrupted 8-step run (a patience of 1 and a huge threshold cut the lr at every evaluation)."""
+    from raylm.train.driver import train
+
+    plateau = ["schedule.lr.kind=plateau", "schedule.lr.patience=1", "schedule.lr.threshold=0.9",
+               "schedule.lr.factor=0.5", "schedule.lr.min_lr_frac=0.01", "train.eval_every=1", "train.max_steps=8"]
+    whole = small_config("plateau-whole", *plateau)
+    train(whole)
+    first = small_config("plateau-resumed", *plateau, "train.max_steps=4")
+    train(first)
+    train(small_config("plateau-resumed", *plateau))
+    lrs = [[r["lr"] for r in read_metrics(Path(c.run.dir) / c.run.name)] for c in (whole, first)]
+    assert lrs[0] == lrs[1] and len(lrs[0]) == 8 and lrs[0][-1] < lrs[0][2] / 8, lrs
+
+
+def test_a_diverged_trial_ends_at_once_and_is_never_best(ray_cluster, small_config, tmp_path):
+    """lr 1e30 overflows the weights after one step: that trial ends as `diverged`, with no NaN in any JSON."""
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr: {grid: [1.0e-2, 1.0e+30]}\n")
+    cfg = small_config("unused", "tune.name=nan", "tune.num_samples=1", "tune.budget_tokens=4608",
+                       "train.eval_batches=2", "train.grad_clip=0", "tune.scheduler=fifo")
+    summary = sweep(cfg, space)
+    sweep_dir = Path(summary["sweep_dir"])
+    trials = {t["params"]["optim.lr"]: t for t in read_jsonl(sweep_dir / "trials.jsonl")}
+    diverged = trials[1e30]
+    assert diverged["status"] == "diverged" and diverged["last"] is None and diverged["tokens"] < 4608
+    assert summary["best"]["params"]["optim.lr"] == 1e-2
+    for name in ("trials.jsonl", "decisions.jsonl", f"trials/{diverged['trial_id']}/metrics.jsonl"):
+        text = (sweep_dir / name).read_text()
+        assert "NaN" not in text and "Infinity" not in text, name

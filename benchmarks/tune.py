@@ -1,0 +1,109 @@
+"""Tune benchmark: a 9-trial grid (3 lrs x cosine/wsd/linear) run to the full budget (FIFO), then under ASHA.
+
+Run `python benchmarks/tune.py` (no arguments: a 0.3M-parameter model on a dozen standard-library modules, about
+8 minutes on 2 cores). Prints one JSON object: asha_budget_frac (ASHA's tokens / the full grid's, target <= 0.45),
+asha_wall_frac (wall seconds, the same ratio), asha_best_loss_gap (relative final val_loss of ASHA's best against
+the full grid's best, target <= 0.01; asha_best_in_top2 says whether ASHA's best is among the full grid's top 2),
+asha_replay_agree (trials on which ASHA replayed offline on the full grid's curves, in the order ASHA judged them,
+reaches the same outcome; target >= 8/9).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from common import REPO_ROOT, TINY, emit, ensure_prepared, scratch_dir
+
+from raylm.config import load_config
+from raylm.tune.asha import RungBook, read_decisions
+
+SPACE = ("optim.lr: {grid: [3.0e-3, 1.0e-2, 3.0e-2]}\n"
+         "schedule.lr.kind: {grid: [cosine, wsd, linear]}\n")
+MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.max_seq_len=64", "data.vocab_size=512",
+         "data.seq_len=32", "parallel.pp=1", "parallel.zero_stage=0", "parallel.micro_batch=4",
+         "train.global_batch=8", "train.eval_every=0", "train.eval_batches=4", "schedule.lr.warmup_steps=5",
+         "checkpoint.every_steps=0", "data.val_fraction=0.1"]
+BUDGET_TOKENS = 9 * 4096  # 144 steps of 8 x 32 tokens; rungs at 4096 and 12288 tokens
+STDLIB_FILES = ("argparse.py", "dataclasses.py", "functools.py", "json/decoder.py", "json/encoder.py", "pathlib.py",
+                "string.py", "textwrap.py", "typing.py", "heapq.py", "bisect.py", "random.py")
+
+
+def small_corpus(folder: Path) -> Path:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in STDLIB_FILES:
+        if (stdlib / name).exists():
+            shutil.copy(stdlib / name, folder / name.replace("/", "_"))
+    return folder
+
+
+def run_sweep(work: Path, scheduler: str) -> tuple[list[dict], list[dict], float]:
+    """(trials.jsonl rows, decisions.jsonl rows, wall seconds) of one sweep over SPACE."""
+    from raylm.tune.sweep import sweep
+
+    cfg = load_config(TINY, MODEL + [f"data.paths=['{work / 'corpus'}']", f"data.out_dir={work / 'data'}",
+                                     f"run.dir={work / 'runs'}", f"tune.name={scheduler}", "tune.num_samples=1",
+                                     f"tune.budget_tokens={BUDGET_TOKENS}", f"tune.scheduler={scheduler}"])
+    ensure_prepared(cfg)
+    start = time.time()
+    summary = sweep(cfg, work / "space.yaml", overwrite=True)
+    wall_s = time.time() - start
+    sweep_dir = Path(summary["sweep_dir"])
+    trials = [json.loads(line) for line in (sweep_dir / "trials.jsonl").read_text().splitlines()]
+    return trials, read_decisions(sweep_dir / "decisions.jsonl"), wall_s
+
+
+def key(params: dict) -> tuple:
+    return tuple(sorted(params.items()))
+
+
+def replay(full: list[dict], asha: list[dict], asha_decisions: list[dict], milestones: list[int]) -> int:
+    """ASHA offline on the full grid's rung values, fed in the order the live ASHA judged its trials: the number
+    of trials whose outcome (stopped at rung k, or never stopped) matches the live run's."""
+    value_at = {(key(t["params"]), int(rung)): value for t in full for rung, value in t["rungs"].items()}
+    params_of = {t["trial_id"]: key(t["params"]) for t in asha}
+    book, replayed = RungBook(milestones, reduction_factor=3), {}
+    for d in asha_decisions:
+        params = params_of[d["trial"]]
+        decision = book.decide(d["trial"], d["milestone_tokens"], value_at[(params, d["milestone_tokens"])])
+        if decision and decision.action == "stop":
+            replayed[d["trial"]] = decision.rung
+    live = {d["trial"]: d["rung"] for d in asha_decisions if d["action"] == "stop"}
+    return sum(replayed.get(t["trial_id"]) == live.get(t["trial_id"]) for t in asha)
+
+
+def main() -> None:
+    work = scratch_dir("raylm-bench-tune-")
+    small_corpus(work / "corpus")
+    (work / "space.yaml").write_text(SPACE)
+    stdout = os.dup(1)
+    os.dup2(2, 1)  # Tune's live tables go to stderr: stdout carries the one JSON line
+    try:
+        full, _, full_wall_s = run_sweep(work, "fifo")
+        asha, asha_decisions, asha_wall_s = run_sweep(work, "asha")
+    finally:
+        sys.stdout.flush()
+        os.dup2(stdout, 1)
+    milestones = sorted({d["milestone_tokens"] for d in asha_decisions})
+    ranked = sorted((t for t in full if t["last"] is not None), key=lambda t: t["last"])
+    asha_best = min((t for t in asha if t["status"] == "finished"), key=lambda t: t["last"])
+    full_best = ranked[0]["last"]
+    emit(benchmark="tune", trials=len(full), budget_tokens=BUDGET_TOKENS, milestones_tokens=milestones,
+         asha_budget_frac=round(sum(t["tokens"] for t in asha) / sum(t["tokens"] for t in full), 4),
+         asha_wall_frac=round(asha_wall_s / full_wall_s, 4), full_wall_s=round(full_wall_s, 1),
+         asha_wall_s=round(asha_wall_s, 1),
+         asha_best_loss_gap=round((asha_best["last"] - full_best) / full_best, 5),
+         asha_best_in_top2=key(asha_best["params"]) in {key(t["params"]) for t in ranked[:2]},
+         asha_stopped=sum(t["status"] == "stopped" for t in asha),
+         asha_replay_agree=f"{replay(full, asha, asha_decisions, milestones)}/{len(asha)}",
+         work_dir=str(work), repo=str(REPO_ROOT))
+
+
+if __name__ == "__main__":
+    main()
