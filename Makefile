@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= jobs/configs/tiny.yaml
 PROMPT ?= def main(
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-all test-fast install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,12 @@ demo: install
 	$(BIN)/raylm train $(CONFIG) run.name=demo --overwrite
 	$(BIN)/raylm generate runs/demo --prompt '$(PROMPT)' --max-new-tokens 80
 
+# The whole suite but the few tests marked slow (sweep faults, PBT, optuna: ~8 more minutes on 2 cores).
 test: install
+	$(BIN)/ruff check raylm jobs benchmarks
+	$(BIN)/python -m pytest -q -m "not slow" tests/unit tests/distributed tests/ray tests/gpu
+
+test-all: install
 	$(BIN)/ruff check raylm jobs benchmarks
 	$(BIN)/python -m pytest -q tests/unit tests/distributed tests/ray tests/gpu
 
