@@ -194,14 +194,22 @@ def test_launcher_starts_ray_first_with_auth_and_a_local_dashboard():
     assert "0.0.0.0" not in LAUNCHER.read_text()
 
 
-def test_storage_defaults_to_object_storage_and_needs_no_shared_volume():
+def test_data_on_object_storage_runs_on_a_volume_every_pod_mounts():
+    """Prepared data on s3; run folders on the shared claim until raylm writes runs to object storage (run.dir
+    URIs are refused today, so a manifest naming one would fail at its first step)."""
     entrypoint = load(CLUSTER / "kuberay-rayjob.yaml")["spec"]["entrypoint"]
-    assert "run.dir=s3://" in entrypoint and entrypoint.count("data.out_dir=s3://") == 2
+    assert entrypoint.count("data.out_dir=s3://") == 2 and "run.dir=/mnt/shared/" in entrypoint
     assert "$" not in entrypoint, "KubeRay's submitter shell would expand a variable to nothing"
     readme = (CLUSTER / "README.md").read_text()
-    assert re.search(r"export RAYLM_STORAGE=s3://", readme)
+    assert re.search(r"export RAYLM_DATA=s3://", readme) and re.search(r"export RAYLM_RUNS=/mnt/shared/", readme)
     for path in KUBERAY:
-        assert "persistentVolumeClaim" not in path.read_text(), f"{path.name}: a shared volume stays optional"
+        spec = load(path)["spec"]
+        cluster = spec.get("rayClusterSpec", spec)
+        for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+            pod = group["template"]["spec"]
+            claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+            mounts = [m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])]
+            assert claims == ["raylm-shared"] and "/mnt/shared" in mounts, path.name
 
 
 def test_gpt2_small_asks_for_gpus():
