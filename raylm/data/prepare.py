@@ -33,7 +33,7 @@ import numpy as np
 from raylm.config import Config
 from raylm.data.corpus import CorpusFile, ReadPolicy, list_files, read_documents, refuse_binary_files
 from raylm.data.on_ray import ERROR_COLUMN, errors_as_rows, ordered, raise_if_error, ray_session
-from raylm.data.shards import (FORMAT, MANIFEST_FILE, SHARD_NAME, SPLITS, ShardWriter, check_shard_size,
+from raylm.data.shards import (FORMAT, MANIFEST_FILE, SHARD_NAME, SPLITS, ShardWriter, check_shard,
                                read_manifest, split_summary, token_dtype, write_json_atomic)
 from raylm.data.tokenizer import (EOT_ID, TOKENIZER_FILE, encode_documents, file_sha256, load_tokenizer_file,
                                   train_tokenizer)
@@ -160,7 +160,8 @@ def _fingerprint(files: list[CorpusFile], data, tokenizer_sha: str) -> str:
 
 
 def _up_to_date(out_dir: Path, input_sha: str) -> dict | None:
-    """The current manifest when it was built from these inputs and its files are all in place (a stat each)."""
+    """The current manifest when it was built from these inputs and every file still matches it: the tokenizer
+    and each shard by sha256 (a size check would miss a shard damaged in place; a damaged one is rebuilt)."""
     if not (out_dir / MANIFEST_FILE).is_file():
         return None
     try:
@@ -170,8 +171,11 @@ def _up_to_date(out_dir: Path, input_sha: str) -> dict | None:
         if file_sha256(out_dir / TOKENIZER_FILE) != manifest["tokenizer_sha256"]:
             return None
         for entry in manifest["shards"]:
-            check_shard_size(out_dir, entry)
-    except (DataError, OSError, KeyError):
+            check_shard(out_dir, entry, manifest["vocab_size"])
+    except DataError as exc:
+        get_logger().warning("%s; rebuilding %s", exc, out_dir)
+        return None
+    except (OSError, KeyError):
         return None  # anything amiss: rebuild
     return manifest
 

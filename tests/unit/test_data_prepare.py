@@ -75,3 +75,19 @@ def test_bad_corpora(tmp_path):
     (binary / "zz.txt").write_bytes(b"\x7fELF\x00\x00\x00")
     with pytest.raises(DataError, match="zz.txt looks binary"):
         prepare(small_config(tmp_path / "bin", binary), use_ray=False)
+
+
+def test_a_shard_damaged_in_place_is_detected_and_rebuilt(tmp_path, caplog):
+    """Same size, other bytes: prepare compares sha256, not sizes, so it rebuilds instead of 'nothing to do'."""
+    cfg = small_config(tmp_path, write_corpus(tmp_path))
+    prepare(cfg, use_ray=False)
+    entry = read_manifest(cfg.data.out_dir)["shards"][0]
+    shard = os.path.join(cfg.data.out_dir, entry["file"])
+    blob = bytearray(open(shard, "rb").read())
+    blob[0] ^= 0x01
+    open(shard, "wb").write(bytes(blob))
+    with pytest.raises(DataError):
+        verify(cfg.data.out_dir)
+    again = prepare(cfg, use_ray=False)
+    assert not again["skipped"] and verify(cfg.data.out_dir)["ok"]
+    assert entry["file"] in caplog.text and "rebuilding" in caplog.text
