@@ -15,6 +15,7 @@ Nothing here imports DeepSpeed: the engine's state goes through its save_state /
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -74,7 +75,25 @@ class _LayerWriter:
             self.files.update(save_torch(self.folder, rel_model, weights))
             self.files.update(save_torch(self.folder, rel_optim, moments))
         except OSError as exc:
-            self.error = f"writing {self.folder / rel_model} failed on rank {self.rank}: {exc}"
+            self.error = f"writing {self.folder / rel_model} failed on rank {self.rank}: {_reason(exc)}"
+
+
+def _reason(exc: BaseException) -> str:
+    """An OSError's text without its errno prefix, e.g. 'No space left on device'."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+
+
+def _space_hint(checkpoints_dir: str | Path) -> str:
+    """What a failed save needs: about the newest committed checkpoint's bytes, against what the disk has free."""
+    from raylm.checkpoint.commit import list_committed
+
+    committed = list_committed(checkpoints_dir)
+    free = shutil.disk_usage(checkpoints_dir).free
+    if not committed:
+        return f"{free} bytes are free there; free space or point run.dir at a larger disk"
+    need = sum(record["bytes"] for record in read_manifest(committed[0])["files"].values())
+    return (f"a checkpoint needs about {need} bytes (the size of {committed[0].name}, which is untouched) and "
+            f"{free} are free there; free space or point run.dir at a larger disk, then rerun to resume")
 
 
 def _on_rank0(fn: Callable[[], object]) -> object:
@@ -124,8 +143,13 @@ def save_checkpoint(engine: Engine, cfg: Config, checkpoints_dir: str | Path, st
                 files.update(save_run_files(tmp, cfg, trainer_state))
                 files.update(save_json(tmp, ENGINE_STATE_FILE, scalars))
         except (OSError, TypeError, ValueError) as exc:  # TypeError: a trainer_state that is not JSON-able
-            error = f"writing checkpoint step {step} under {tmp} failed on rank {engine.rank}: {exc}"
-    _all_or_none(error)
+            error = f"writing checkpoint step {step} under {tmp} failed on rank {engine.rank}: {_reason(exc)}"
+    try:
+        _all_or_none(error)
+    except CheckpointError as exc:  # nothing of a failed save stays to fill the disk; older checkpoints stay
+        if engine.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{exc}; {_space_hint(checkpoints_dir)}") from None
     every_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(every_rank, files)  # every file is on storage once this returns
     merged = {path: record for rank_files in every_rank for path, record in rank_files.items()}

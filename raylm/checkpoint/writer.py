@@ -25,7 +25,10 @@ def save_torch(folder: Path, rel_path: str, obj) -> Records:
     """torch.save `obj` (tensors, numbers, strings, lists, dicts: what weights_only loading accepts)."""
     path = folder / rel_path
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(obj, path)
+    try:
+        torch.save(obj, path)
+    except RuntimeError:  # torch's zip writer reports a refused write only as an internal position mismatch
+        raise OSError("the file system refused the write (a full disk, a quota or a file-size limit)") from None
     fsync_path(path)
     return {rel_path: file_record(path)}
 

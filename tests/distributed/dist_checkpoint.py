@@ -218,3 +218,33 @@ def resume_falls_back(engine, root: Path, older: Path, newer: Path) -> dict:
 
 def cfg_seed() -> int:
     return tiny_cfg(1, 1, 1).run.seed
+
+
+def disk_full_save(rank: int, world_size: int, root: str) -> dict:
+    """Save A, then save B with every write capped at a few KB (RLIMIT_FSIZE: what a full disk does to the
+    writes), then B again once the cap is gone: the error, what the folder holds after it, and whether B works."""
+    import resource
+    import signal
+
+    from raylm.checkpoint import capture_rng, list_checkpoints, save_checkpoint, verify_checkpoint
+    from raylm.errors import CheckpointError
+
+    cfg, engine = _engine(2, 1, 1, seed=cfg_seed())
+    folder = Path(root) / "full"
+    save_checkpoint(engine, cfg, folder, 1, _state(1), capture_rng())
+    _train(engine, cfg, range(1))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap then fails with EFBIG instead of killing
+    cap = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, cap[1]))
+    try:
+        save_checkpoint(engine, cfg, folder, 2, _state(2), capture_rng())
+        error = None
+    except CheckpointError as exc:
+        error = str(exc)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, cap)
+    dist.barrier()
+    left = sorted(p.name for p in folder.iterdir())
+    verify_checkpoint(list_checkpoints(folder)[0])
+    retried = save_checkpoint(engine, cfg, folder, 2, _state(2), capture_rng())
+    return {"error": error, "left": left, "retried": retried.name}

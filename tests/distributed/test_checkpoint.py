@@ -15,7 +15,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the helpers by module name
 
-from dist_checkpoint import SAVE_STEP, phase_2, phase_111, phase_221, phase_221_back, phase_zero3  # noqa: E402
+from dist_checkpoint import (SAVE_STEP, disk_full_save, phase_2, phase_111, phase_221, phase_221_back,  # noqa: E402
+                             phase_zero3)
 from dist_harness import run_world  # noqa: E402
 
 RTOL = 1e-5  # asked for across layouts; measured here: <= 1e-7 (summation order only)
@@ -125,3 +126,13 @@ def test_resume_auto_skips_a_checkpoint_whose_file_fails_its_hash(chain):
         fallback = rank_out["fallback"]
         assert fallback["step"] == SAVE_STEP and fallback["source"].endswith(f"step-{SAVE_STEP:08d}")
         assert "model/001-layers.0.pt" in fallback["required_error"] and "sha256" in fallback["required_error"]
+
+
+def test_a_save_that_runs_out_of_space_fails_in_one_line_and_leaves_the_previous_checkpoint(tmp_path):
+    """Every rank gets one line naming the file and the bytes a checkpoint needs; no tmp-* folder is left to eat
+    the space, step 1 still verifies, and the same save succeeds once space is back."""
+    for rank, out in enumerate(run_world(2, disk_full_save, str(tmp_path))):
+        assert out["error"] and "\n" not in out["error"], rank
+        assert "failed on rank" in out["error"] and "a checkpoint needs about" in out["error"], out["error"]
+        assert "step-00000001, which is untouched" in out["error"]
+        assert out["left"] == ["step-00000001"] and out["retried"] == "step-00000002"
