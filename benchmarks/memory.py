@@ -15,7 +15,8 @@ worker's RSS is a clean baseline). Figures (one JSON object per line):
                         is dropped (posix_fadvise DONTNEED) before each side reads
 No arguments: a ~154M-parameter model (d=1024, 12 layers, seq 128, micro-batch 1, fp32). 24 layers (~300M) would
 take ~17 GB at ZeRO-3 dp=2 (two ranks at ~29 bytes per model parameter each), too much for a shared 24 GB machine;
-`--layers 24` runs it where memory allows. The ratios barely move with depth (4 and 8 layers agree within 0.2).
+`--layers 24` runs it where memory allows. The ratios fall a little with depth (fixed costs spread over more
+weights: from 4 to 8 layers by 0.1 to 0.7), so 12 layers slightly overstates them for 24.
 `--dry`: a tiny model and the (1,1,1,0) layout only, so the script is checked in seconds.
 """
 
