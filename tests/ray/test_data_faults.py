@@ -29,3 +29,17 @@ def test_corrupt_shard_fails_at_once_naming_the_file(ray_cluster, small_config, 
     assert str(failed.value).startswith("training failed: shard ") and shard.name in str(failed.value)
     assert "sha256" in str(failed.value) and "\n" not in str(failed.value)
     assert time.monotonic() - start < 120
+    assert_no_train_controller_left()
+
+
+def assert_no_train_controller_left(timeout_s: float = 30.0) -> None:
+    """A finished run's TrainController goes with it (the driver's signal handlers held its handle, once)."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])]
+        if "TrainController" not in alive or time.monotonic() > deadline:
+            break
+        time.sleep(1.0)
+    assert "TrainController" not in alive, alive
