@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from raylm.train.rundir import write_atomic
+
 PLACEMENT_DIR = "placement"
 
 
@@ -19,9 +21,7 @@ def record_placement(run_dir: Path, rank: int, coords) -> Path:
     folder = Path(run_dir) / PLACEMENT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"rank-{rank:05d}.json"
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(entry) + "\n", encoding="utf-8")
-    os.replace(tmp, path)  # a reader sees the old entry or the new one, never half a file
+    write_atomic(path, json.dumps(entry) + "\n")
     return path
 
 
