@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from raylm.config.derived import micro_batches_for, padded_vocab
 from raylm.config.schema import Config, OptimConfig, ParallelConfig
 
+REDUCE_BUCKET = 50_000_000  # elements per gradient reduction bucket (200 MB in fp32)
 NEVER = 10**9  # steps_per_print: raylm logs its own metrics; DeepSpeed's per-step prints would only add noise
 
 
@@ -30,13 +31,19 @@ class TrainSpec:
 
 
 def zero_stage_for(p: ParallelConfig, precision: str) -> int:
-    """The ZeRO stage DeepSpeed runs: parallel.zero_stage, except that bf16 with pp = 1 runs ZeRO-1 for ZeRO 0.
+    """The ZeRO stage DeepSpeed runs: parallel.zero_stage, except in two cases.
 
-    bf16 keeps fp32 master weights and fp32 gradient accumulation. Without ZeRO, DeepSpeed's plain engine has no
-    optimizer that does (it would accumulate bf16 gradients); the pipeline engine's BF16_Optimizer, which it uses
-    at ZeRO 0, partitions the masters over DP exactly as ZeRO-1 does. So both engines keep the same state."""
+    bf16 with pp = 1 runs ZeRO-1 for ZeRO 0: bf16 keeps fp32 master weights and fp32 gradient accumulation, and
+    without ZeRO DeepSpeed's plain engine has no optimizer that does (it would accumulate bf16 gradients); the
+    pipeline engine's BF16_Optimizer, which it uses at ZeRO 0, partitions the masters over DP exactly as ZeRO-1
+    does. So both engines keep the same state.
+    fp32 with dp = 1 runs ZeRO 0: ZeRO partitions over the DP ranks, and over one rank it saves nothing, while
+    DeepSpeed's flat fp32 copies of the weights and gradients, and AdamW temporaries as large as the whole stage,
+    cost about one more model's worth of memory (docs/parallelism.md, "Memory")."""
     if precision == "bf16" and p.pp == 1:
         return max(p.zero_stage, 1)
+    if precision == "fp32" and p.dp == 1:
+        return 0
     return p.zero_stage
 
 
@@ -50,7 +57,9 @@ def build_ds_config(p: ParallelConfig, spec: TrainSpec, micro_batches: int | Non
         "gradient_clipping": spec.grad_clip,
         # bf16 compute with fp32 master weights and fp32 gradient accumulation
         "bf16": {"enabled": spec.precision == "bf16"},
-        "zero_optimization": {"stage": zero_stage_for(p, spec.precision)},  # 2, 3 only at pp = 1 (check_layout)
+        # stage 2, 3 only at pp = 1 (check_layout). Gradients are reduced in buckets of REDUCE_BUCKET elements:
+        # DeepSpeed's default (5e8) holds a model of up to 500M parameters' gradients a second time, whole
+        "zero_optimization": {"stage": zero_stage_for(p, spec.precision), "reduce_bucket_size": REDUCE_BUCKET},
         # our torch.optim.AdamW is passed in; DeepSpeed would otherwise refuse it under ZeRO
         "zero_allow_untested_optimizer": True,
         "steps_per_print": NEVER,

@@ -14,6 +14,7 @@ from raylm.config.derived import micro_batches_for
 from raylm.log import get_logger, quiet_worker_logs, setup_logging
 from raylm.train.checkpoint import checkpoint_due, report_with_checkpoint, save
 from raylm.train.faults import FaultDrill
+from raylm.train.placement import record_placement
 from raylm.train.progress import Progress
 from raylm.train.schedule import PlateauState, batch_size_at, lr_at, milestone_crossed, plateau_after_eval
 from raylm.train.step import TimedIterator, TrainState, train_step
@@ -31,6 +32,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(_torch_threads(cfg, context.get_local_world_size()))
     _pin_gpu()
     session = build_session(cfg, loop_config["backend"], rank)
+    record_placement(Path(loop_config["run_dir"]), rank, session.engine.coords)
     run_loop(cfg, session, Path(loop_config["run_dir"]), rank)
 
 

@@ -76,9 +76,17 @@ def test_ds_config_from_typed_config():
 
 
 def test_ds_config_keeps_the_zero_stage_and_drops_the_pipeline_at_pp1():
-    cfg = resolve({}, ["parallel.pp=1", "parallel.zero_stage=3"])
+    cfg = resolve({}, ["parallel.pp=1", "parallel.dp=2", "parallel.zero_stage=3"])
     ds = build_ds_config(cfg.parallel, TrainSpec.from_config(cfg))
     assert ds["zero_optimization"]["stage"] == 3 and "pipeline" not in ds
+    assert ds["zero_optimization"]["reduce_bucket_size"] < 5e8  # not DeepSpeed's default, a second model's worth
+
+
+@pytest.mark.parametrize("layout", [("parallel.pp=2",), ("parallel.pp=1",), ("parallel.pp=1", "parallel.tp=2")])
+def test_fp32_over_one_dp_rank_runs_without_zero(layout):
+    """ZeRO over a single DP rank partitions nothing and only adds DeepSpeed's flat copies: it runs ZeRO 0."""
+    cfg = resolve({}, [*layout, "parallel.dp=1", "parallel.zero_stage=1"])
+    assert build_ds_config(cfg.parallel, TrainSpec.from_config(cfg))["zero_optimization"]["stage"] == 0
     bf16 = resolve({}, ["parallel.pp=1", "parallel.zero_stage=0", "train.precision=bf16"])
     assert build_ds_config(bf16.parallel, TrainSpec.from_config(bf16))["zero_optimization"]["stage"] == 1
 

@@ -1,0 +1,32 @@
+"""Where each rank runs: every rank writes its node to <run>/placement/rank-NNNNN.json when its worker starts."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from raylm.train.rundir import write_atomic
+
+PLACEMENT_DIR = "placement"
+
+
+def record_placement(run_dir: Path, rank: int, coords) -> Path:
+    """Write this rank's (pp_stage, dp_rank, tp_rank) and Ray node id; a restarted worker group overwrites the
+    files, so they always describe the newest attempt (README.md "Where results land")."""
+    import ray
+
+    entry = {"rank": rank, "pp_stage": coords.pp_stage, "dp_rank": coords.dp_rank, "tp_rank": coords.tp_rank,
+             "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    folder = Path(run_dir) / PLACEMENT_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"rank-{rank:05d}.json"
+    write_atomic(path, json.dumps(entry) + "\n")
+    return path
+
+
+def read_placement(run_dir: Path) -> list[dict]:
+    """Every rank's entry, ordered by rank."""
+    folder = Path(run_dir) / PLACEMENT_DIR
+    entries = [json.loads(p.read_text(encoding="utf-8")) for p in folder.glob("rank-*.json")]
+    return sorted(entries, key=lambda e: e["rank"])
