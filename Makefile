@@ -1,5 +1,5 @@
-# Two set-up commands for a fresh machine: `make demo` (the main job) and `make test` (the whole suite).
-# Both create .venv if it is missing and install what they need.
+# Two set-up commands for a fresh machine: `make demo` (the main job) and `make test` (the suite; `make test-all` adds
+# the few tests marked slow). Both create .venv if it is missing and install what they need.
 
 PYTHON ?= python3
 VENV   ?= .venv
