@@ -27,8 +27,10 @@ SPACE = ("optim.lr: {grid: [3.0e-3, 1.0e-2, 3.0e-2]}\n"
          "schedule.lr.kind: {grid: [cosine, wsd, linear]}\n")
 MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.max_seq_len=64", "data.vocab_size=512",
          "data.seq_len=32", "parallel.pp=1", "parallel.zero_stage=0", "parallel.micro_batch=4",
-         "train.global_batch=8", "train.eval_every=0", "train.eval_batches=4", "schedule.lr.warmup_steps=5",
-         "checkpoint.every_steps=0", "data.val_fraction=0.1"]
+         "train.global_batch=8", "train.eval_every=0", "schedule.lr.warmup_steps=5", "checkpoint.every_steps=0",
+         # Validation: 10% of the corpus in 4 KB pieces (whole modules would hold out one 1.5k-token file), and
+         # 256 samples (8192 tokens) of it at every rung, the same for every trial.
+         "data.val_fraction=0.1", "data.max_doc_bytes=4096", "train.eval_samples=256"]
 BUDGET_TOKENS = 9 * 4096  # 144 steps of 8 x 32 tokens; rungs at 4096 and 12288 tokens
 STDLIB_FILES = ("argparse.py", "dataclasses.py", "functools.py", "json/decoder.py", "json/encoder.py", "pathlib.py",
                 "string.py", "textwrap.py", "typing.py", "heapq.py", "bisect.py", "random.py")

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from raylm.config import Config, with_overrides
-from raylm.config.derived import samples_per_micro_step
+from raylm.config.derived import eval_samples, samples_per_micro_step
 from raylm.errors import ConfigError
 from raylm.tune.budget import budget_tokens, rung_milestones, trial_max_steps
 from raylm.tune.space import Space, active_params
@@ -32,9 +31,8 @@ class SweepPlan:
 
 def plan_sweep(cfg: Config, space: Space) -> SweepPlan:
     budget = budget_tokens(cfg)
-    eval_samples = cfg.tune.eval_samples or cfg.train.eval_batches * cfg.train.global_batch
     return SweepPlan(name=cfg.tune.name, budget_tokens=budget, milestones_tokens=rung_milestones(cfg, budget),
-                     eval_samples=eval_samples, space_raw=space.raw)
+                     eval_samples=eval_samples(cfg), space_raw=space.raw)
 
 
 def trial_overrides(base: Config, params: dict[str, Any], plan: SweepPlan) -> dict[str, Any]:
@@ -51,13 +49,8 @@ def trial_config(base: Config, params: dict[str, Any], plan: SweepPlan, run_dir:
     """A trial's run: the base with its values, max_steps walked from the budget, rung reports, fixed eval samples."""
     cfg = with_overrides(base, trial_overrides(base, params, plan))
     max_steps = trial_max_steps(cfg, plan.budget_tokens)
-    batch = cfg.train.global_batch
-    if plan.eval_samples % batch:
-        raise ConfigError(f"tune.eval_samples={plan.eval_samples} is not a multiple of train.global_batch={batch}, "
-                          f"so trials would validate on different samples; set tune.eval_samples to a multiple "
-                          f"of every searched batch (e.g. {_lcm_hint(plan.eval_samples, batch)})")
     return with_overrides(cfg, {
-        "train.max_steps": max_steps, "train.eval_batches": plan.eval_samples // batch,
+        "train.max_steps": max_steps, "train.eval_samples": plan.eval_samples,
         "train.report_every": max_steps, "checkpoint.resume": "auto",
         "fault.max_failures": max(base.fault.max_failures, base.tune.max_failures),
         "tune.trial_of": plan.name, "tune.rung_tokens": plan.milestones_tokens,
@@ -111,7 +104,3 @@ def _failure(base: Config, params: dict[str, Any], plan: SweepPlan) -> str | Non
     except ConfigError as exc:
         return str(exc)
     return None
-
-
-def _lcm_hint(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)
