@@ -45,10 +45,12 @@ def trial_overrides(base: Config, params: dict[str, Any], plan: SweepPlan) -> di
     return overrides
 
 
-def trial_config(base: Config, params: dict[str, Any], plan: SweepPlan, run_dir: str, trial_name: str) -> Config:
-    """A trial's run: the base with its values, max_steps walked from the budget, rung reports, fixed eval samples."""
+def trial_config(base: Config, params: dict[str, Any], plan: SweepPlan, run_dir: str, trial_name: str,
+                 start: tuple[int, int] = (0, 0)) -> Config:
+    """A trial's run: the base with its values, max_steps walked from the budget (from `start` = (steps, tokens)
+    after a PBT exploit), rung reports, fixed eval samples."""
     cfg = with_overrides(base, trial_overrides(base, params, plan))
-    max_steps = trial_max_steps(cfg, plan.budget_tokens)
+    max_steps = trial_max_steps(cfg, plan.budget_tokens, start)
     return with_overrides(cfg, {
         "train.max_steps": max_steps, "train.eval_samples": plan.eval_samples,
         "train.report_every": max_steps, "checkpoint.resume": "auto",
