@@ -63,8 +63,10 @@ def trial_config(base: Config, params: dict[str, Any], plan: SweepPlan, run_dir:
 
 
 def best_config(trial_cfg: Config, base: Config) -> Config:
-    """A trial's config as a plain `raylm train` run: its derived max_steps kept, the sweep's bookkeeping cleared."""
+    """A trial's config as a plain `raylm train` run from scratch: max_steps walked from the budget with its batch
+    schedule (a PBT trial's own count included the donor's steps), the sweep's bookkeeping cleared."""
     return with_overrides(trial_cfg, {
+        "train.max_steps": trial_max_steps(trial_cfg, budget_tokens(base)), "tune.start_from": "",
         "run.dir": base.run.dir, "run.name": f"{base.tune.name}-best", "tune.trial_of": "", "tune.rung_tokens": [],
         "train.report_every": base.train.report_every, "parallel.cpus_per_worker": base.parallel.cpus_per_worker,
         "train.torch_threads": base.train.torch_threads, "fault.max_failures": base.fault.max_failures,

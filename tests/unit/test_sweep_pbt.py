@@ -2,10 +2,10 @@
 
 import pytest
 
-from raylm.config import resolve
+from raylm.config import resolve, with_overrides
 from raylm.tune.budget import tokens_after_steps
 from raylm.tune.pbt import EXPLOIT_KEY, PbtBook, lr_path, split_exploit
-from raylm.tune.plan import plan_sweep, trial_config
+from raylm.tune.plan import best_config, plan_sweep, trial_config
 from raylm.tune.space import Space
 
 
@@ -78,3 +78,6 @@ def test_after_an_exploit_the_budget_counts_the_donors_tokens_then_the_new_batch
     trial = trial_config(cfg, {"train.global_batch": 16}, plan, "/tmp/trials", "t", start=start)
     assert plan.budget_tokens == 15360 and trial.train.max_steps == 20 + 20
     assert trial_config(cfg, {"train.global_batch": 16}, plan, "/tmp/trials", "t").train.max_steps == 30
+    exploited = with_overrides(trial, {"tune.start_from": "/tmp/exploits/t-1-from-d"})
+    best = best_config(exploited, cfg)  # best.yaml trains that config from scratch: 30 steps of 16, no donor
+    assert best.train.max_steps == 30 and best.tune.start_from == ""
