@@ -1,5 +1,7 @@
 """PBT at token rungs from a table: who exploits whom, the perturbed lr, and the learned lr path across exploits."""
 
+from pathlib import Path
+
 import pytest
 
 from raylm.config import resolve, with_overrides
@@ -81,3 +83,18 @@ def test_after_an_exploit_the_budget_counts_the_donors_tokens_then_the_new_batch
     exploited = with_overrides(trial, {"tune.start_from": "/tmp/exploits/t-1-from-d"})
     best = best_config(exploited, cfg)  # best.yaml trains that config from scratch: 30 steps of 16, no donor
     assert best.train.max_steps == 30 and best.tune.start_from == ""
+
+
+def test_the_copied_donor_checkpoint_gives_the_position_the_budget_starts_from(tmp_path):
+    import json
+
+    from raylm.tune.sweep import checkpoint_position, take_donor_checkpoint
+
+    donor = tmp_path / "trials" / "d" / "checkpoints" / "step-00000020"
+    donor.mkdir(parents=True)
+    (donor / "trainer_state.json").write_text(json.dumps({"step": 20, "tokens": 5120, "samples": 160}))
+    run_dir = tmp_path / "trials" / "t"
+    (run_dir / "checkpoints" / "step-00000008").mkdir(parents=True)
+    folder = take_donor_checkpoint(run_dir, {"checkpoint": str(donor), "n": 1, "donor": "d"}, "t")
+    assert checkpoint_position(Path(folder)) == (20, 5120)
+    assert not (run_dir / "checkpoints").exists()  # the trial's own checkpoints go: it resumes from the copy
