@@ -1,7 +1,10 @@
 """Tune benchmark: a 9-trial grid (3 lrs x cosine/wsd/linear) run to the full budget (FIFO), then under ASHA.
 
-Run `python benchmarks/tune.py` (no arguments: a 0.3M-parameter model on a dozen standard-library modules, about
-8 minutes on 2 cores). Prints one JSON object: asha_budget_frac (ASHA's tokens / the full grid's, target <= 0.45),
+Run `python benchmarks/tune.py` (a 0.3M-parameter model on a dozen standard-library modules, 432 steps of 8 x 32
+tokens per trial, about 8 minutes on 2 cores, mostly trial start-up); `--steps N` sets the steps per trial (the
+rungs, at budget / 9 and budget / 3, move with it). At 144 steps the first rung falls 11 steps after warm-up, while
+every trial is still learning unigram statistics: there lr 1e-2 leads 3e-3 by 0.012 nats of val_loss, and trails it
+by 0.3 at the end, so ASHA stops the eventual winner (measured: asha_best_loss_gap 0.072). Prints one JSON object: asha_budget_frac (ASHA's tokens / the full grid's, target <= 0.45),
 asha_wall_frac (wall seconds, the same ratio), asha_best_loss_gap (relative final val_loss of ASHA's best against
 the full grid's best, target <= 0.01; asha_best_in_top2 says whether ASHA's best is among the full grid's top 2),
 asha_replay_agree (trials on which ASHA replayed offline on the full grid's curves, in the order ASHA judged them,
@@ -10,6 +13,7 @@ reaches the same outcome; target >= 8/9).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -27,9 +31,11 @@ SPACE = ("optim.lr: {grid: [3.0e-3, 1.0e-2, 3.0e-2]}\n"
          "schedule.lr.kind: {grid: [cosine, wsd, linear]}\n")
 MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.max_seq_len=64", "data.vocab_size=512",
          "data.seq_len=32", "parallel.pp=1", "parallel.zero_stage=0", "parallel.micro_batch=4",
-         "train.global_batch=8", "train.eval_every=0", "train.eval_batches=4", "schedule.lr.warmup_steps=5",
-         "checkpoint.every_steps=0", "data.val_fraction=0.1"]
-BUDGET_TOKENS = 9 * 4096  # 144 steps of 8 x 32 tokens; rungs at 4096 and 12288 tokens
+         "train.global_batch=8", "train.eval_every=0", "schedule.lr.warmup_steps=5", "checkpoint.every_steps=0",
+         # Validation: 10% of the corpus in 4 KB pieces (whole modules would hold out one 1.5k-token file), and
+         # 256 samples (8192 tokens) of it at every rung, the same for every trial.
+         "data.val_fraction=0.1", "data.max_doc_bytes=4096", "train.eval_samples=256"]
+STEP_TOKENS = 8 * 32  # train.global_batch x data.seq_len below
 STDLIB_FILES = ("argparse.py", "dataclasses.py", "functools.py", "json/decoder.py", "json/encoder.py", "pathlib.py",
                 "string.py", "textwrap.py", "typing.py", "heapq.py", "bisect.py", "random.py")
 
@@ -43,13 +49,13 @@ def small_corpus(folder: Path) -> Path:
     return folder
 
 
-def run_sweep(work: Path, scheduler: str) -> tuple[list[dict], list[dict], float]:
+def run_sweep(work: Path, scheduler: str, budget: int) -> tuple[list[dict], list[dict], float]:
     """(trials.jsonl rows, decisions.jsonl rows, wall seconds) of one sweep over SPACE."""
     from raylm.tune.sweep import sweep
 
     cfg = load_config(TINY, MODEL + [f"data.paths=['{work / 'corpus'}']", f"data.out_dir={work / 'data'}",
                                      f"run.dir={work / 'runs'}", f"tune.name={scheduler}", "tune.num_samples=1",
-                                     f"tune.budget_tokens={BUDGET_TOKENS}", f"tune.scheduler={scheduler}"])
+                                     f"tune.budget_tokens={budget}", f"tune.scheduler={scheduler}"])
     ensure_prepared(cfg)
     start = time.time()
     summary = sweep(cfg, work / "space.yaml", overwrite=True)
@@ -79,14 +85,17 @@ def replay(full: list[dict], asha: list[dict], asha_decisions: list[dict], miles
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=432, help="steps of 8 x 32 tokens every trial trains")
+    budget = parser.parse_args().steps * STEP_TOKENS
     work = scratch_dir("raylm-bench-tune-")
     small_corpus(work / "corpus")
     (work / "space.yaml").write_text(SPACE)
     stdout = os.dup(1)
     os.dup2(2, 1)  # Tune's live tables go to stderr: stdout carries the one JSON line
     try:
-        full, _, full_wall_s = run_sweep(work, "fifo")
-        asha, asha_decisions, asha_wall_s = run_sweep(work, "asha")
+        full, _, full_wall_s = run_sweep(work, "fifo", budget)
+        asha, asha_decisions, asha_wall_s = run_sweep(work, "asha", budget)
     finally:
         sys.stdout.flush()
         os.dup2(stdout, 1)
@@ -94,13 +103,15 @@ def main() -> None:
     ranked = sorted((t for t in full if t["last"] is not None), key=lambda t: t["last"])
     asha_best = min((t for t in asha if t["status"] == "finished"), key=lambda t: t["last"])
     full_best = ranked[0]["last"]
-    emit(benchmark="tune", trials=len(full), budget_tokens=BUDGET_TOKENS, milestones_tokens=milestones,
+    emit(benchmark="tune", trials=len(full), budget_tokens=budget, milestones_tokens=milestones,
          asha_budget_frac=round(sum(t["tokens"] for t in asha) / sum(t["tokens"] for t in full), 4),
          asha_wall_frac=round(asha_wall_s / full_wall_s, 4), full_wall_s=round(full_wall_s, 1),
          asha_wall_s=round(asha_wall_s, 1),
          asha_best_loss_gap=round((asha_best["last"] - full_best) / full_best, 5),
          asha_best_in_top2=key(asha_best["params"]) in {key(t["params"]) for t in ranked[:2]},
          asha_stopped=sum(t["status"] == "stopped" for t in asha),
+         full_top2=[{**t["params"], "val_loss": round(t["last"], 4)} for t in ranked[:2]],
+         asha_best={**asha_best["params"], "val_loss": round(asha_best["last"], 4)},
          asha_replay_agree=f"{replay(full, asha, asha_decisions, milestones)}/{len(asha)}",
          work_dir=str(work), repo=str(REPO_ROOT))
 

@@ -173,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "data.out_dir); must use the model's tokenizer")
     ev.add_argument("--split", default="val", choices=("val", "train"), help="which split to score")
     ev.add_argument("--batches", type=int, default=None, help="global batches of train.global_batch samples "
-                                                              "(default: train.eval_batches, as the run's evaluation)")
+                                                              "(default: the run's own evaluation, train.eval_samples)")
     ev.set_defaults(func=cmd_eval)
 
     data = verbs.add_parser("data", help="inspect prepared data").add_subparsers(dest="data_verb", required=True)

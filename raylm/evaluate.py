@@ -1,10 +1,10 @@
 """`raylm eval`: loss and perplexity of a run, checkpoint or export on a prepared split, in one process (no Ray).
 
-The samples are the ones the training's evaluation uses: global samples 0 .. eval_batches * global_batch - 1
-of the split in the run's (run.seed, data.seq_len) order, read by raylm.data.stream; DP ranks split exactly
-those samples between them, so `raylm eval RUN` repeats the run's last val_loss (fp32 here, so a bf16 run's
-differs by its rounding). The model's tokenizer must be the one that prepared the data: the sha256 of the
-source's tokenizer.json is compared with the data manifest's before anything is read.
+The samples are the ones the training's evaluation uses: global samples 0 .. train.eval_samples - 1 (by default
+eval_batches * global_batch) of the split in the run's (run.seed, data.seq_len) order, read by raylm.data.stream;
+DP ranks split exactly those samples between them, so `raylm eval RUN` repeats the run's last val_loss (fp32
+here, so a bf16 run's differs by its rounding). The model's tokenizer must be the one that prepared the data:
+the sha256 of the source's tokenizer.json is compared with the data manifest's before anything is read.
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def evaluate(source: str | Path, data: str | Path | None = None, split: str = "v
              batches: int | None = None) -> dict:
     """Loss and perplexity of `source` on `split` of `data` (default: the run's own data); a JSON-able dict."""
     from raylm.config import resolve
-    from raylm.config.derived import padded_vocab
+    from raylm.config.derived import eval_samples, padded_vocab
     from raylm.model.gpt import GPT
 
     if batches is not None and batches < 1:
@@ -117,9 +117,9 @@ def evaluate(source: str | Path, data: str | Path | None = None, split: str = "v
     model = GPT(cfg.model, padded_vocab(cfg.data.vocab_size))
     model.load_state_dict(opened.read_state())
     model.eval()
-    global_batches = batches if batches is not None else cfg.train.eval_batches
+    wanted = batches * cfg.train.global_batch if batches is not None else eval_samples(cfg)
     micro_batch = cfg.parallel.micro_batch
-    micro_batches = max(1, global_batches * cfg.train.global_batch // micro_batch)
+    micro_batches = max(1, wanted // micro_batch)
     stream = RankStream(spec, split, cfg.data.seq_len, cfg.run.seed, dp_rank=0, dp_size=1,
                         micro_batch=micro_batch, prefetch=0)
     try:

@@ -36,6 +36,11 @@ def samples_per_micro_step(cfg: Config) -> int:
     return cfg.parallel.micro_batch * cfg.parallel.dp
 
 
+def eval_samples(cfg: Config) -> int:
+    """Validation samples per evaluation: train.eval_samples, or eval_batches global batches of the final size."""
+    return cfg.train.eval_samples or cfg.train.eval_batches * cfg.train.global_batch
+
+
 def micro_batches_for(global_batch: int, cfg: Config) -> int:
     """Micro-batches (gradient accumulation steps) per DP rank for a global batch."""
     return global_batch // samples_per_micro_step(cfg)

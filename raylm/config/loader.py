@@ -92,6 +92,9 @@ def apply_overrides(tree: dict, overrides: Mapping[str, Any] | Iterable[str]) ->
     return tree
 
 
+MOVED_KEYS = {"tune.eval_samples": "train.eval_samples"}  # old key -> the key that replaced it
+
+
 def build_config(tree: Mapping[str, Any]) -> Config:
     """Convert a raw mapping into the typed tree, naming unknown keys (with the closest match) and bad types."""
     return _build(Config, tree, prefix="")
@@ -125,6 +128,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
+        if f"{prefix}{key}" in MOVED_KEYS:
+            raise ConfigError(f"{prefix}{key} is now {MOVED_KEYS[prefix + key]}; rename the key")
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"

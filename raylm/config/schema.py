@@ -82,7 +82,9 @@ class TrainConfig:
     max_steps: int = opt(200, "optimizer steps to run")
     global_batch: int = opt(16, "samples per optimizer step across all DP ranks (the ramp's end size)")
     eval_every: int = opt(50, "evaluate on the validation split every N steps (0 = only at the end)")
-    eval_batches: int = opt(4, "global batches of validation data per evaluation")
+    eval_batches: int = opt(4, "global batches of validation data per evaluation (when eval_samples is 0)")
+    eval_samples: int = opt(0, "validation samples per evaluation, the same whatever the batch size or its ramp "
+                               "(a multiple of micro_batch * dp); 0 = eval_batches * global_batch")
     precision: str = opt("fp32", "fp32 | bf16 (bf16 compute, fp32 master weights)")
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     log_every: int = opt(1, "append a metrics.jsonl line every N steps")
@@ -157,8 +159,6 @@ class TuneConfig:
     max_failures: int = opt(0, "restarts of a failed trial (and of its worker group) before it counts as an error")
     grace_tokens: int = opt(0, "ASHA: tokens of the first rung, before which no trial is stopped; 0 = budget / 9")
     reduction_factor: int = opt(3, "ASHA: rungs lie at grace * factor^k tokens; a rung keeps the best 1/factor")
-    eval_samples: int = opt(0, "validation samples every trial evaluates on, whatever its batch; 0 = "
-                               "train.eval_batches * train.global_batch of the base")
     trial_of: str = opt("", "set by raylm sweep in a trial's config: the sweep it belongs to ('' = a plain run)")
     rung_tokens: list = opt([], "set by raylm sweep: evaluate, report and checkpoint at the first step whose tokens "
                                 "reach each of these")

@@ -62,7 +62,7 @@ def _check_positive(cfg: Config) -> None:
         "fault.max_failures": cfg.fault.max_failures, "schedule.lr.warmup_steps": cfg.schedule.lr.warmup_steps,
         "train.grad_clip": cfg.train.grad_clip, "optim.weight_decay": cfg.optim.weight_decay,
         "parallel.cpus_per_worker": cfg.parallel.cpus_per_worker, "train.torch_threads": cfg.train.torch_threads,
-        "train.peak_tflops": cfg.train.peak_tflops,
+        "train.peak_tflops": cfg.train.peak_tflops, "train.eval_samples": cfg.train.eval_samples,
         "model.n_kv_head": cfg.model.n_kv_head, "model.ffn_hidden": cfg.model.ffn_hidden,
     }
     for key, value in non_negative.items():
@@ -131,6 +131,11 @@ def _check_batch(cfg: Config) -> None:
         _fail(f"train.global_batch={gb} is not divisible by parallel.micro_batch * dp = "
               f"{cfg.parallel.micro_batch} * {cfg.parallel.dp} = {step}; set train.global_batch to a multiple "
               f"of {step}, e.g. {max(step, gb // step * step)}")
+    samples = cfg.train.eval_samples
+    if samples % step:
+        _fail(f"train.eval_samples={samples} is not divisible by parallel.micro_batch * dp = "
+              f"{cfg.parallel.micro_batch} * {cfg.parallel.dp} = {step}; set train.eval_samples to a multiple "
+              f"of {step}, e.g. {max(step, samples // step * step)}")
 
 
 def _check_schedule(cfg: Config) -> None:
@@ -193,7 +198,7 @@ def _check_tune(cfg: Config) -> None:
     for key, value in (("tune.num_samples", t.num_samples), ("tune.reduction_factor", t.reduction_factor - 1)):
         if value <= 0:
             _fail(f"{key}={getattr(t, key.split('.')[1])} is too small; e.g. {key}=" + ("4" if "num" in key else "3"))
-    for key in ("budget_tokens", "max_concurrent", "max_failures", "grace_tokens", "eval_samples"):
+    for key in ("budget_tokens", "max_concurrent", "max_failures", "grace_tokens"):
         if getattr(t, key) < 0:
             _fail(f"tune.{key}={getattr(t, key)} must not be negative; set tune.{key}=0 for the default")
     if any(not isinstance(m, int) or m <= 0 for m in t.rung_tokens):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from raylm.config import Config
-from raylm.config.derived import padded_vocab, samples_per_micro_step
+from raylm.config.derived import eval_samples, padded_vocab, samples_per_micro_step
 from raylm.data.order import samples_sha
 from raylm.log import get_logger
 from raylm.train.peaks import gpu_peak_flops, measure_matmul_peak, mfu
@@ -71,7 +71,7 @@ class Session:
 
     @property
     def eval_micro_batches(self) -> int:
-        return self.cfg.train.eval_batches * self.cfg.train.global_batch // samples_per_micro_step(self.cfg)
+        return eval_samples(self.cfg) // samples_per_micro_step(self.cfg)
 
     def metrics_row(self, state: TrainState, result: StepResult, lr: float, global_batch: int) -> dict[str, Any]:
         """One metrics.jsonl row (keys listed in README.md "Where results land"); `step` is the 0-based step just finished."""

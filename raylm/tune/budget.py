@@ -23,18 +23,22 @@ def tokens_after_steps(steps: int, final_batch: int, ramp: BatchScheduleConfig, 
     return tokens
 
 
-def steps_for_tokens(target_tokens: int, final_batch: int, ramp: BatchScheduleConfig, seq_len: int) -> int:
-    """The first step count whose tokens reach `target_tokens`: the trial overshoots by less than one step."""
-    steps = tokens = 0
+def steps_for_tokens(target_tokens: int, final_batch: int, ramp: BatchScheduleConfig, seq_len: int,
+                     start_tokens: int = 0) -> int:
+    """The first step count (after `start_tokens`) whose tokens reach `target_tokens`: the trial overshoots by less
+    than one step."""
+    steps, tokens = 0, start_tokens
     while tokens < target_tokens:
         tokens += batch_size_at(tokens, final_batch, ramp) * seq_len
         steps += 1
     return steps
 
 
-def trial_max_steps(cfg: Config, budget: int) -> int:
-    """A trial's train.max_steps: the steps its own batch schedule needs to train the budget."""
-    return steps_for_tokens(budget, cfg.train.global_batch, cfg.schedule.batch, cfg.data.seq_len)
+def trial_max_steps(cfg: Config, budget: int, start: tuple[int, int] = (0, 0)) -> int:
+    """A trial's train.max_steps: the steps its own batch schedule needs to train the budget; from a checkpoint at
+    `start` = (steps, tokens) (a PBT exploit), those steps plus what its schedule needs from there."""
+    steps, tokens = start
+    return steps + steps_for_tokens(budget, cfg.train.global_batch, cfg.schedule.batch, cfg.data.seq_len, tokens)
 
 
 def rung_milestones(cfg: Config, budget: int) -> list[int]:

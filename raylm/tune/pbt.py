@@ -1,7 +1,8 @@
 """Population-based training at token rungs (pure): who exploits whom, the perturbed config, the learned lr path.
 
 At each rung a trial whose value is in the worst `quantile` of those recorded there takes the config of the best
-trial at that rung with optim.lr perturbed, and restarts from that donor's committed rung checkpoint."""
+trial at that rung with optim.lr perturbed (and each searched batch-schedule key moved to a neighbouring value of
+its space), and restarts from that donor's committed rung checkpoint: schedules may change on resume."""
 
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import numpy as np
 
 EXPLOIT_KEY = "__exploit"  # in a trial's Tune config after an exploit: {n, donor, checkpoint, tokens}
 LR_FACTORS = (0.8, 1.25)
+PATH_KEYS = ("tokens", "lr", "batch_size")  # of each metrics row, in best_lr_path.jsonl
+BATCH_KEYS = ("train.global_batch", "schedule.batch.start", "schedule.batch.increment", "schedule.batch.ramp_tokens")
 
 
 @dataclass
@@ -20,6 +23,7 @@ class PbtBook:
     milestones_tokens: list[int]
     quantile: float = 0.25
     seed: int = 0
+    space: dict = field(default_factory=dict)  # the space file's raw mapping: where a batch key may move
     recorded: dict[int, dict[str, dict]] = field(default_factory=dict)  # rung -> trial -> {value, checkpoint, config}
     exploits: int = 0
 
@@ -51,12 +55,34 @@ class PbtBook:
         return exploits
 
     def perturb(self, donor_config: dict) -> dict:
-        """The donor's sampled values with optim.lr multiplied by 0.8 or 1.25 (drawn from seed and exploit count)."""
+        """The donor's sampled values with optim.lr multiplied by 0.8 or 1.25 and each searched batch-schedule key
+        moved one value along its list (or x0.8 / x1.25 within its range); drawn from seed and exploit count."""
         config = {key: value for key, value in donor_config.items() if key != EXPLOIT_KEY}
+        draw = random.Random(self.seed + self.exploits)  # noqa: S311 - a seeded search, not a secret
         if "optim.lr" in config:
-            perturb = random.Random(self.seed + self.exploits)  # noqa: S311 - a seeded search, not a secret
-            config["optim.lr"] = config["optim.lr"] * perturb.choice(LR_FACTORS)
+            config["optim.lr"] = config["optim.lr"] * draw.choice(LR_FACTORS)
+        for key in BATCH_KEYS:
+            if key in config and isinstance(self.space.get(key), dict):
+                config[key] = neighbour(self.space[key], config[key], draw)
         return config
+
+
+def neighbour(spec: dict, value: Any, draw: random.Random) -> Any:
+    """A value next to `value` in its distribution: the previous or next listed value (choice/grid), or value x0.8
+    or x1.25 kept inside a range (integers for randint)."""
+    for kind in ("choice", "grid"):
+        if kind in spec:
+            values = list(spec[kind])
+            if value not in values or len(values) < 2:
+                return value
+            index = values.index(value) + draw.choice((-1, 1))
+            return values[index if 0 <= index < len(values) else values.index(value) * 2 - index]
+    for kind in ("uniform", "loguniform", "randint"):
+        if kind in spec:
+            low, high = spec[kind]
+            moved = min(max(value * draw.choice(LR_FACTORS), low), high)
+            return min(round(moved), high - 1) if kind == "randint" else moved
+    return value
 
 
 def split_exploit(params: dict[str, Any]) -> tuple[dict[str, Any], dict | None]:
@@ -65,9 +91,9 @@ def split_exploit(params: dict[str, Any]) -> tuple[dict[str, Any], dict | None]:
 
 
 def lr_path(trial: str, rows_of: dict[str, list[dict]], exploits: list[dict]) -> list[dict]:
-    """The lr-vs-tokens path the trial's final weights actually followed: its donors' rows up to each exploit,
-    then its own. `exploits` are the decisions (trial, donor, tokens) in the order they happened."""
-    own = [{"tokens": r["tokens"], "lr": r["lr"]} for r in rows_of.get(trial, [])]
+    """The lr-vs-tokens path (with the batch size) the trial's final weights actually followed: its donors' rows up
+    to each exploit, then its own. `exploits` are the decisions (trial, donor, tokens) in the order they happened."""
+    own = [{key: r[key] for key in PATH_KEYS if key in r} for r in rows_of.get(trial, [])]
     mine = [e for e in exploits if e["trial"] == trial]
     if not mine:
         return own

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from raylm.config import Config, with_overrides
-from raylm.config.derived import samples_per_micro_step
+from raylm.config.derived import eval_samples, samples_per_micro_step
 from raylm.errors import ConfigError
 from raylm.tune.budget import budget_tokens, rung_milestones, trial_max_steps
 from raylm.tune.space import Space, active_params
@@ -32,9 +31,8 @@ class SweepPlan:
 
 def plan_sweep(cfg: Config, space: Space) -> SweepPlan:
     budget = budget_tokens(cfg)
-    eval_samples = cfg.tune.eval_samples or cfg.train.eval_batches * cfg.train.global_batch
     return SweepPlan(name=cfg.tune.name, budget_tokens=budget, milestones_tokens=rung_milestones(cfg, budget),
-                     eval_samples=eval_samples, space_raw=space.raw)
+                     eval_samples=eval_samples(cfg), space_raw=space.raw)
 
 
 def trial_overrides(base: Config, params: dict[str, Any], plan: SweepPlan) -> dict[str, Any]:
@@ -47,17 +45,14 @@ def trial_overrides(base: Config, params: dict[str, Any], plan: SweepPlan) -> di
     return overrides
 
 
-def trial_config(base: Config, params: dict[str, Any], plan: SweepPlan, run_dir: str, trial_name: str) -> Config:
-    """A trial's run: the base with its values, max_steps walked from the budget, rung reports, fixed eval samples."""
+def trial_config(base: Config, params: dict[str, Any], plan: SweepPlan, run_dir: str, trial_name: str,
+                 start: tuple[int, int] = (0, 0)) -> Config:
+    """A trial's run: the base with its values, max_steps walked from the budget (from `start` = (steps, tokens)
+    after a PBT exploit), rung reports, fixed eval samples."""
     cfg = with_overrides(base, trial_overrides(base, params, plan))
-    max_steps = trial_max_steps(cfg, plan.budget_tokens)
-    batch = cfg.train.global_batch
-    if plan.eval_samples % batch:
-        raise ConfigError(f"tune.eval_samples={plan.eval_samples} is not a multiple of train.global_batch={batch}, "
-                          f"so trials would validate on different samples; set tune.eval_samples to a multiple "
-                          f"of every searched batch (e.g. {_lcm_hint(plan.eval_samples, batch)})")
+    max_steps = trial_max_steps(cfg, plan.budget_tokens, start)
     return with_overrides(cfg, {
-        "train.max_steps": max_steps, "train.eval_batches": plan.eval_samples // batch,
+        "train.max_steps": max_steps, "train.eval_samples": plan.eval_samples,
         "train.report_every": max_steps, "checkpoint.resume": "auto",
         "fault.max_failures": max(base.fault.max_failures, base.tune.max_failures),
         "tune.trial_of": plan.name, "tune.rung_tokens": plan.milestones_tokens,
@@ -68,8 +63,10 @@ def trial_config(base: Config, params: dict[str, Any], plan: SweepPlan, run_dir:
 
 
 def best_config(trial_cfg: Config, base: Config) -> Config:
-    """A trial's config as a plain `raylm train` run: its derived max_steps kept, the sweep's bookkeeping cleared."""
+    """A trial's config as a plain `raylm train` run from scratch: max_steps walked from the budget with its batch
+    schedule (a PBT trial's own count included the donor's steps), the sweep's bookkeeping cleared."""
     return with_overrides(trial_cfg, {
+        "train.max_steps": trial_max_steps(trial_cfg, budget_tokens(base)), "tune.start_from": "",
         "run.dir": base.run.dir, "run.name": f"{base.tune.name}-best", "tune.trial_of": "", "tune.rung_tokens": [],
         "train.report_every": base.train.report_every, "parallel.cpus_per_worker": base.parallel.cpus_per_worker,
         "train.torch_threads": base.train.torch_threads, "fault.max_failures": base.fault.max_failures,
@@ -111,7 +108,3 @@ def _failure(base: Config, params: dict[str, Any], plan: SweepPlan) -> str | Non
     except ConfigError as exc:
         return str(exc)
     return None
-
-
-def _lcm_hint(a: int, b: int) -> int:
-    return a * b // math.gcd(a, b)

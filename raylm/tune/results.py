@@ -17,7 +17,7 @@ from raylm.train.metrics import read_metrics
 from raylm.tune.asha import read_decisions
 from raylm.tune.plan import SweepPlan, best_config
 
-TRIAL_FILE = "trial.json"  # written in each trial's run folder when it starts: id, name, sampled values
+TRIAL_FILE = "trial.json"  # written in each trial's run folder when it starts: id, name, values, its Tune actor
 
 
 @dataclass

@@ -126,7 +126,7 @@ def _scheduler(cfg: Config, plan: SweepPlan, sweep_dir: Path):
     from raylm.tune.scheduler import TokenPBTScheduler, TokenRungScheduler
 
     if cfg.tune.scheduler == "pbt":
-        book = PbtBook(plan.milestones_tokens, seed=cfg.run.seed)
+        book = PbtBook(plan.milestones_tokens, seed=cfg.run.seed, space=plan.space_raw)
         return TokenPBTScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"))
     book = RungBook(plan.milestones_tokens, cfg.tune.reduction_factor, stops=cfg.tune.scheduler == "asha")
     return TokenRungScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"))
@@ -143,6 +143,7 @@ def _search_alg(cfg: Config):
 def run_trial(params: dict[str, Any], base: dict[str, Any], plan: SweepPlan, trials_dir: str) -> None:
     """Tune function trainable: one TorchTrainer run whose reports Tune receives. A restarted trial keeps its
     folder and resumes from its newest committed checkpoint; after a PBT exploit it starts from the donor's."""
+    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -155,10 +156,13 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], plan: SweepPlan, tri
     info = json.loads(info_path.read_text()) if info_path.exists() else {"exploit_n": 0, "start_from": ""}
     if exploit and exploit["n"] > info["exploit_n"]:
         info.update(exploit_n=exploit["n"], start_from=take_donor_checkpoint(run_dir, exploit, context.get_trial_id()))
-    if info["start_from"]:
+    if info["start_from"]:  # the budget counts the donor's steps and tokens, then this config's batch schedule
+        cfg = trial_config(base_cfg, params, plan, trials_dir, context.get_trial_id(),
+                           start=checkpoint_position(Path(info["start_from"])))
         cfg = with_overrides(cfg, {"tune.start_from": info["start_from"]})
     info.update(trial_id=context.get_trial_id(), trial_name=context.get_trial_name(),
-                params=trial_overrides(base_cfg, params, plan), max_steps=cfg.train.max_steps)
+                params=trial_overrides(base_cfg, params, plan), max_steps=cfg.train.max_steps,
+                actor_id=ray.get_runtime_context().get_actor_id())  # the Tune actor running it: `ray list actors`
     info_path.write_text(json.dumps(info))
     build_trainer(cfg, run_dir, callbacks=[TuneReportCallback()]).fit()
 
@@ -171,6 +175,15 @@ def take_donor_checkpoint(run_dir: Path, exploit: dict, trial_id: str) -> str:
     shutil.copytree(source, folder / source.name, dirs_exist_ok=True)
     shutil.rmtree(checkpoint_root(run_dir), ignore_errors=True)
     return str(folder)
+
+
+def checkpoint_position(folder: Path) -> tuple[int, int]:
+    """(steps, tokens) of the one checkpoint copied into a PBT start_from folder."""
+    from raylm.checkpoint.names import TRAINER_STATE_FILE
+
+    (state_file,) = folder.glob(f"*/{TRAINER_STATE_FILE}")
+    state = json.loads(state_file.read_text())
+    return int(state["step"]), int(state["tokens"])
 
 
 def _has_checkpoint(cfg: Config) -> bool:

@@ -18,6 +18,7 @@ from raylm.config import to_dict
 from raylm.train.metrics import read_metrics
 from raylm.tune.sweep import sweep
 from tests.conftest import REPO_ROOT
+from tests.ray.stop_watch import StopWatch
 
 SEQ = 32  # the small model's data.seq_len
 # 3 lrs x 2 batches: four lrs far too small to learn in the budget, so ASHA has trials to stop at its rungs.
@@ -33,8 +34,13 @@ def test_asha_sweep_at_equal_tokens(ray_cluster, small_config, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
     cfg = small_config("unused", "tune.name=asha", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
-                       "train.eval_batches=2")
-    summary = sweep(cfg, space)
+                       "train.eval_samples=16")
+    watch = StopWatch(Path(cfg.run.dir) / "asha")
+    watch.start()
+    try:
+        summary = sweep(cfg, space)
+    finally:
+        watch.finish()
     sweep_dir = Path(summary["sweep_dir"])
     trials = read_jsonl(sweep_dir / "trials.jsonl")
     assert len(trials) == 6 and summary["status"]["stopped"] >= 2, summary
@@ -48,6 +54,7 @@ def test_asha_sweep_at_equal_tokens(ray_cluster, small_config, tmp_path):
     for name in ("decisions.jsonl", "best.yaml", "sweep.png", "sweep.md"):
         assert (sweep_dir / name).stat().st_size > 0
     assert_nothing_left(ray_cluster)
+    assert_stopped_trials_left_nothing(watch, trials)
     assert raylm_main(["train", str(sweep_dir / "best.yaml"), "train.max_steps=2", "run.name=best-check"]) == 0
 
 
@@ -66,6 +73,16 @@ def assert_same_validation_samples(trials: list[dict]):
     counts = {(t["params"]["train.global_batch"], r["val_samples"]) for t in trials
               for r in read_metrics(Path(t["folder"])) if "val_samples" in r}
     assert {batch for batch, _ in counts} == {8, 16} and len({n for _, n in counts}) == 1, counts
+
+
+def assert_stopped_trials_left_nothing(watch: StopWatch, trials: list[dict]):
+    """Within 30 s of each stop: no placement group, Train actor or Ray Data task of that trial alive."""
+    stopped = {t["trial_id"] for t in trials if t["status"] == "stopped"}
+    assert not watch.late, f"left 30 s after a stop: {watch.late}"
+    assert set(watch.checked) == stopped, (watch.checked, stopped)
+    for trial in stopped:  # the watch had found the trial's Train controller and workers while they ran
+        classes = {actor.class_name for actor in watch.owned.get(trial, {}).values()}
+        assert classes == {"TrainController", "RayTrainWorker"}, (trial, watch.owned)
 
 
 def assert_nothing_left(ray, timeout_s: float = 30.0):

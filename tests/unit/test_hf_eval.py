@@ -3,6 +3,7 @@ JSON line; an export evaluates elsewhere on a copied data folder; data from anot
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -15,7 +16,7 @@ from raylm.checkpoint.export import export
 from raylm.checkpoint.writer import save_full_weights
 from raylm.cli import main
 from raylm.config import resolve
-from raylm.config.derived import padded_vocab
+from raylm.config.derived import eval_samples, padded_vocab
 from raylm.data.stream import RankStream
 from raylm.errors import DataError
 from raylm.evaluate import evaluate
@@ -55,7 +56,7 @@ def training_eval_loss(cfg, weights, dp: int) -> float:
     of every micro-batch's mean loss."""
     model = GPT(cfg.model, padded_vocab(cfg.data.vocab_size))
     model.load_state_dict(weights)
-    per_rank = cfg.train.eval_batches * cfg.train.global_batch // (cfg.parallel.micro_batch * dp)
+    per_rank = eval_samples(cfg) // (cfg.parallel.micro_batch * dp)
     losses = []
     for dp_rank in range(dp):
         stream = RankStream(cfg.data.out_dir, "val", cfg.data.seq_len, cfg.run.seed, dp_rank, dp,
@@ -77,6 +78,15 @@ def test_eval_repeats_the_training_evaluation(run, capsys):
     assert row["ppl"] == pytest.approx(math.exp(row["loss"]))
     train = evaluate(run_dir, split="train", batches=1)
     assert train["samples"] == 8 and train["loss"] != row["loss"]
+
+
+def test_eval_samples_sets_the_validation_sample_count(run, tmp_path):
+    """train.eval_samples, not eval_batches x global_batch, when set: the count a sweep keeps across batches."""
+    cfg, weights, _ = run
+    fixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_samples=12))
+    save_full_weights(fixed, weights, tmp_path / "run" / "checkpoints", 6)
+    row = evaluate(tmp_path / "run")
+    assert row["samples"] == 12 and row["loss"] == pytest.approx(training_eval_loss(fixed, weights, dp=2), rel=RTOL)
 
 
 def test_an_export_evaluates_elsewhere(run, tmp_path):

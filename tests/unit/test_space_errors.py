@@ -40,13 +40,27 @@ def check(tmp_path, text, *overrides):
      r"value train.global_batch=7 fails: train.global_batch=7 is not divisible"),
     ("train.global_batch: {grid: [8, 16]}\nschedule.batch.start: {choice: [8, 16]}\n",
      r"combination train.global_batch=8, schedule.batch.start=16 fails: schedule.batch.start=16 exceeds"),
-    ("train.global_batch: {choice: [8, 24]}\n", r"tune.eval_samples=64 is not a multiple of train.global_batch=24"),
+    ("parallel.micro_batch: {choice: [4, 3]}\n",
+     r"value parallel.micro_batch=3 fails: train.global_batch=16 is not divisible"),
     ("schedule.lr.decay_frac: {uniform: [0.1, 0.3], when: {schedule.lr.kind: wsd}}\n",
      r"`when` names schedule.lr.kind, which the space does not search"),
 ])
 def test_bad_space(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
         check(tmp_path, text)
+
+
+def test_validation_samples_that_a_trial_cannot_split(tmp_path):
+    with pytest.raises(ConfigError, match=r"value parallel.micro_batch=8 fails: train.eval_samples=36 is not "
+                                          r"divisible by parallel.micro_batch \* dp = 8 \* 1 = 8"):
+        check(tmp_path, "parallel.micro_batch: {choice: [4, 8]}\n", "train.eval_samples=36")
+
+
+def test_the_old_eval_samples_key_names_the_new_one():
+    with pytest.raises(ConfigError, match=r"^tune.eval_samples is now train.eval_samples; rename the key$"):
+        resolve({}, BASE + ["tune.eval_samples=64"])
+    with pytest.raises(ConfigError, match=r"^tune.eval_samples is now train.eval_samples"):
+        resolve({"tune": {"eval_samples": 64}})
 
 
 def test_budget_below_grace(tmp_path):

@@ -61,7 +61,7 @@ def test_trial_configs_share_the_budget_and_the_validation_samples():
     t8 = trial_config(cfg, {"train.global_batch": 8}, plan, "/tmp/trials", "t8")
     t16 = trial_config(cfg, {"train.global_batch": 16}, plan, "/tmp/trials", "t16")
     assert (t8.train.max_steps, t16.train.max_steps) == (120, 60)
-    assert t8.train.eval_batches * 8 == t16.train.eval_batches * 16 == 64
+    assert t8.train.eval_samples == t16.train.eval_samples == 64  # the base's 4 batches of 16
     assert t8.tune.rung_tokens == [13654, 40960] and t8.tune.trial_of == "sweep"
     best = best_config(t8, cfg)
     assert best.train.max_steps == 120 and best.tune.trial_of == "" and best.run.name == "sweep-best"
