@@ -27,9 +27,8 @@ median, with drift during the raylm run bracketed); the matmul peak is the best 
 Measured on 2 shared cores (other jobs running), ratio and one-thread figures from one script per branch, run back
 to back: raylm_vs_plain_in_ray_ratio 0.964 before skipping DeepSpeed's all-reduce over a single DP rank, 1.006
 after (raylm 3440 -> 3747 tokens/s; the plain loop in Ray 3567 and 3725); with one thread 0.964 and 0.925, raylm
-2277 and 2249 tokens/s, i.e. unchanged within this machine's noise (the all-reduce is two memory copies, which a
-second thread hides less). In one gloo process without Ray, one thread, raylm's train_batch runs at 0.985 of the
-plain loop after the change.
+2277 and 2249 tokens/s, i.e. unchanged within this machine's noise. In one gloo process without Ray, one thread,
+raylm's train_batch runs at 0.985 of the plain loop after the change.
 """
 
 from __future__ import annotations
