@@ -8,6 +8,15 @@ from raylm.config.derived import micro_batches_for, padded_vocab
 from raylm.config.schema import Config, OptimConfig, ParallelConfig
 
 REDUCE_BUCKET = 50_000_000  # elements per gradient reduction bucket (200 MB in fp32)
+# ZeRO-3 (docs/parallelism.md "Memory"): what a rank holds beyond its partitions. A layer's gathered weights are
+# released right after its forward and gathered again for its backward, instead of DeepSpeed's default of keeping
+# every parameter reused within 1e9 elements (the whole model, whole, until backward); the optimizer steps the
+# partition in sub-groups of ZERO3_SUB_GROUP elements, so its temporaries (a flat gradient copy, AdamW's
+# intermediates) are that large rather than the whole partition; and gradients are reduced in buckets of
+# ZERO3_REDUCE_BUCKET elements.
+ZERO3_SUB_GROUP = 10_000_000
+ZERO3_REDUCE_BUCKET = 10_000_000
+ZERO3_PREFETCH_BUCKET = 0  # no prefetch: the next layer is gathered when it is reached, not kept alongside
 NEVER = 10**9  # steps_per_print: raylm logs its own metrics; DeepSpeed's per-step prints would only add noise
 
 
@@ -47,6 +56,15 @@ def zero_stage_for(p: ParallelConfig, precision: str) -> int:
     return p.zero_stage
 
 
+def zero_optimization(stage: int) -> dict:
+    """The zero_optimization section for a ZeRO stage (the ZERO3_* settings above for stage 3)."""
+    if stage < 3:
+        return {"stage": stage, "reduce_bucket_size": REDUCE_BUCKET}
+    return {"stage": 3, "reduce_bucket_size": ZERO3_REDUCE_BUCKET, "sub_group_size": ZERO3_SUB_GROUP,
+            "stage3_max_reuse_distance": 0, "stage3_max_live_parameters": ZERO3_REDUCE_BUCKET,
+            "stage3_prefetch_bucket_size": ZERO3_PREFETCH_BUCKET}
+
+
 def build_ds_config(p: ParallelConfig, spec: TrainSpec, micro_batches: int | None = None) -> dict:
     """DeepSpeed's JSON config for one run; `micro_batches` defaults to the spec's (train.global_batch's)."""
     micro_batches = micro_batches or spec.micro_batches
@@ -59,7 +77,7 @@ def build_ds_config(p: ParallelConfig, spec: TrainSpec, micro_batches: int | Non
         "bf16": {"enabled": spec.precision == "bf16"},
         # stage 2, 3 only at pp = 1 (check_layout). Gradients are reduced in buckets of REDUCE_BUCKET elements:
         # DeepSpeed's default (5e8) holds a model of up to 500M parameters' gradients a second time, whole
-        "zero_optimization": {"stage": zero_stage_for(p, spec.precision), "reduce_bucket_size": REDUCE_BUCKET},
+        "zero_optimization": zero_optimization(zero_stage_for(p, spec.precision)),
         # our torch.optim.AdamW is passed in; DeepSpeed would otherwise refuse it under ZeRO
         "zero_allow_untested_optimizer": True,
         "steps_per_print": NEVER,

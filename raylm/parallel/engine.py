@@ -26,7 +26,8 @@ from raylm.checkpoint.names import model_layers
 from raylm.config.schema import Config, ModelConfig, OptimConfig, ParallelConfig
 from raylm.model.weights import InMemoryWeights, SeededInit, WeightSource
 from raylm.parallel import param_state
-from raylm.parallel.ds_config import TrainSpec, build_ds_config
+from raylm.parallel.ds_config import TrainSpec, build_ds_config, zero_stage_for
+from raylm.parallel.host_alloc import map_large_allocations
 from raylm.parallel.layers import compile_blocks
 from raylm.parallel.pipe_wait import PipeWaitClock
 from raylm.parallel.pipeline import SingleStage, build_pipeline_module, ds_topology, stage_layers
@@ -219,6 +220,13 @@ class PipelineStageEngine(Engine):
 class SingleStageEngine(Engine):
     """pp = 1: DeepSpeed's plain engine over the whole layer list (ZeRO 0 to 3); forward/backward/step here."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.topo.dp == 1 and not self.ds.zero_optimization():
+            # without ZeRO DeepSpeed all-reduces the gradients over DP even for one rank: flattening every
+            # gradient into buckets and copying it back, twice the gradients' bytes per step for nothing
+            self.ds.enable_backward_allreduce = False
+
     def train_batch(self, data_iter: Iterator[Batch] | None) -> float:
         data_iter = self._data(data_iter)
         losses, micro_batches = [], self.micro_batches
@@ -267,6 +275,8 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     check_layout(topo, cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
     groups = build_groups(topo)
     tp = TPGroup(groups.tp, topo.coords(dist.get_rank()).tp_rank, topo.tp)
+    if zero_stage_for(cfg.parallel, spec.precision) == 3 and not torch.cuda.is_available():
+        map_large_allocations()  # before the stage is built: its full weights are freed when ZeRO-3 partitions
     module, layers = build_module(cfg.model, cfg.parallel, spec, topo, tp)
     # each rank reads only its stage's parameters, and of those its TP slice; before initialize, so ZeRO
     # partitions (and copies into its masters) the right values

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
@@ -9,6 +11,7 @@ from raylm.config import resolve
 from raylm.errors import ConfigError
 from raylm.parallel.ds_config import TrainSpec, build_ds_config
 from raylm.parallel.topology import Topology, check_layout
+from tests.conftest import REPO_ROOT
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2), (4, 2, 3)]
 
@@ -79,7 +82,10 @@ def test_ds_config_keeps_the_zero_stage_and_drops_the_pipeline_at_pp1():
     cfg = resolve({}, ["parallel.pp=1", "parallel.dp=2", "parallel.zero_stage=3"])
     ds = build_ds_config(cfg.parallel, TrainSpec.from_config(cfg))
     assert ds["zero_optimization"]["stage"] == 3 and "pipeline" not in ds
-    assert ds["zero_optimization"]["reduce_bucket_size"] < 5e8  # not DeepSpeed's default, a second model's worth
+    zero = ds["zero_optimization"]
+    assert zero["reduce_bucket_size"] < 5e8  # not DeepSpeed's default, a second model's worth
+    # gathered layers are released after use, and the optimizer steps bounded sub-groups, not the whole partition
+    assert zero["stage3_max_reuse_distance"] == 0 and zero["sub_group_size"] < 1e9
 
 
 @pytest.mark.parametrize("layout", [("parallel.pp=2",), ("parallel.pp=1",), ("parallel.pp=1", "parallel.tp=2")])
@@ -113,3 +119,37 @@ def test_compute_partition_keeps_the_head_off_the_busiest_stage():
     assert list(partition_balanced(costs, 2)) == [0, 5, 10]  # [embed, 4 blocks] | [3 blocks, norm, head]
     stage_cost = [sum(costs[a:b]) for a, b in zip([0, 5], [5, 10])]
     assert max(stage_cost) == 4 * block
+
+
+FREE_LOWERS_RSS = """
+import ctypes, ctypes.util, sys
+from raylm.parallel.host_alloc import map_large_allocations
+fixed = sys.argv[1] == "fixed" and map_large_allocations()
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+size = 8 << 20  # under glibc's dynamic ceiling (32 MiB)
+for _ in range(2):  # the first free raises glibc's own threshold above 8 MiB; the second buffer is what counts
+    pointer = libc.malloc(size)
+    ctypes.memset(pointer, 1, size)
+    before = rss_kib()
+    libc.free(pointer)
+print(before - rss_kib() >= (size >> 10) * 3 // 4)
+"""
+
+
+@pytest.mark.parametrize("mode", ["fixed", "default"])
+def test_map_large_allocations_returns_freed_buffers_to_the_system(mode):
+    """With the threshold fixed, freeing a large buffer lowers resident memory at once; with glibc's default
+    (the control) the heap keeps it. A fresh process each, so no other test runs under the changed allocator."""
+    import subprocess
+    import sys
+
+    if not os.path.exists("/proc/self/status"):
+        pytest.skip("needs Linux /proc")
+    out = subprocess.run([sys.executable, "-c", FREE_LOWERS_RSS, mode], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert out.stdout.strip() == str(mode == "fixed")
