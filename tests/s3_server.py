@@ -28,6 +28,14 @@ def s3_server() -> Iterator[str]:
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A module's S3 server with the test bucket in it (import this fixture into a test module to use it)."""
+    with s3_server() as url:
+        create_bucket(url)
+        yield url
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -45,16 +53,22 @@ def use_endpoint(monkeypatch, endpoint: str) -> None:
 
 def create_bucket(endpoint: str, name: str = BUCKET) -> None:
     """Test set-up only (raylm never creates buckets): an empty bucket on the server."""
+    client(endpoint).create_bucket(Bucket=name)
+
+
+def client(endpoint: str):
+    """A boto3 client on the server, for test set-up and inspection only (raylm itself goes through pyarrow)."""
     import boto3
 
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=DUMMY_KEYS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=DUMMY_KEYS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-    client.create_bucket(Bucket=name)
+    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=DUMMY_KEYS["AWS_ACCESS_KEY_ID"],
+                        aws_secret_access_key=DUMMY_KEYS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
 
 
 def put_object(endpoint: str, key: str, data: bytes, bucket: str = BUCKET) -> None:
-    import boto3
+    client(endpoint).put_object(Bucket=bucket, Key=key, Body=data)
 
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=DUMMY_KEYS["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=DUMMY_KEYS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
-    client.put_object(Bucket=bucket, Key=key, Body=data)
+
+def keys(endpoint: str, prefix: str, bucket: str = BUCKET) -> dict[str, int]:
+    """{key: size} of every object under a prefix."""
+    pages = client(endpoint).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {obj["Key"]: obj["Size"] for page in pages for obj in page.get("Contents", [])}

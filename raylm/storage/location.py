@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Union
 
-from raylm.storage.objects import (COPY_BYTES, delete_object, object_sizes, open_read, read_bytes as read_object,
+from raylm.storage.objects import (COPY_BYTES, delete_object, delete_prefix, object_sizes, open_read, read_bytes as read_object,
                                    sub_prefixes, upload_bytes, upload_file)
 from raylm.storage.uri import StorageUri, is_uri, parse_uri
 
@@ -117,7 +117,18 @@ def remove_tree(loc: Location, first: tuple[str, ...] = ()) -> None:
         shutil.rmtree(loc, ignore_errors=True)
         return
     names = list(file_sizes(loc))
-    delete_files(loc, [n for n in first if n in names] + [n for n in names if n not in first])
+    delete_files(loc, [n for n in first if n in names])
+    delete_prefix(loc)
+
+
+def remove_empty_folders(loc: Location, names: tuple[str, ...]) -> None:
+    """Remove the named sub-folders that hold no file any more (on object storage, pyarrow's empty markers)."""
+    for name in names:
+        if not file_sizes(loc / name):
+            if is_remote(loc):
+                delete_prefix(loc / name)
+            else:
+                shutil.rmtree(loc / name, ignore_errors=True)
 
 
 def fetch_verified(uri: StorageUri, target: Path, record: dict) -> str | None:

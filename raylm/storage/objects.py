@@ -85,3 +85,13 @@ def delete_object(uri: StorageUri) -> None:
     fs = filesystem(uri)
     with storage_errors(uri, "delete"):
         fs.delete_file(uri.path)
+
+
+def delete_prefix(uri: StorageUri) -> None:
+    """Delete every object under the prefix (and the empty 'folder' markers pyarrow leaves behind)."""
+    fs = filesystem(uri)
+    try:
+        with storage_errors(uri, "delete"):
+            fs.delete_dir(uri.path)
+    except FileNotFoundError:
+        pass

@@ -15,7 +15,7 @@ from raylm.config import Config, to_dict
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.storage.location import (Location, delete_files, file_sizes, is_remote, local_view, read_bytes,
-                                    write_text)
+                                    remove_empty_folders, write_text)
 from raylm.storage.uri import is_uri, parse_uri
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's list of reported checkpoints
@@ -60,6 +60,7 @@ def _remove_run_objects(prefix: Location) -> None:
     names = file_sizes(prefix)
     ours = sorted((n for n in names if RUN_OBJECTS.match(n)), key=lambda n: (not n.endswith("/manifest.json"), n))
     delete_files(prefix, ours)
+    remove_empty_folders(prefix, ("checkpoints", "tensorboard", "placement"))
     foreign = sorted(set(names) - set(ours))
     if foreign:
         get_logger().warning("--overwrite left %d object(s) under %s that raylm did not write: %s", len(foreign),
