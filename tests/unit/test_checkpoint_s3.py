@@ -8,7 +8,6 @@ an upload) is in tests/ray/test_multinode.py.
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
@@ -20,7 +19,6 @@ from raylm.checkpoint.writer import save_full_weights, save_torch
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
 from raylm.errors import CheckpointError, RaylmError
-from raylm.log import get_logger
 from raylm.model.gpt import init_full_weights
 from raylm.storage.location import local_view
 from raylm.storage.uri import parse_uri
@@ -58,18 +56,6 @@ def prefix(s3, tmp_path, cfg, weights):
     for step in (10, 20, 30):
         save_full_weights(cfg, weights, root, step)
     return root
-
-
-@pytest.fixture
-def warnings_seen(caplog):
-    logger = get_logger()
-    attach = not logger.propagate
-    if attach:
-        logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger=logger.name)
-    yield caplog
-    if attach:
-        logger.removeHandler(caplog.handler)
 
 
 def test_commit_writes_every_file_then_the_manifest_and_loads_back(prefix, s3, weights, tmp_path):
