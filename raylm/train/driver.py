@@ -132,7 +132,7 @@ def _fit(trainer, run_dir: Location):
             raise interrupted_error(trainer.interrupted_by, _newest_checkpoint(run_dir)) from None
         if isinstance(exc, KeyboardInterrupt):
             raise
-        failure = RaylmError(f"training failed: {_root_cause(exc)}")
+        failure = RaylmError(f"training failed: {_root_cause(exc, run_dir)}")
         user_error = user_error_in(exc)
         if user_error is not None:  # a data, config or checkpoint error keeps its own exit code (3, 2, 4)
             failure.exit_code = user_error.exit_code
@@ -140,15 +140,20 @@ def _fit(trainer, run_dir: Location):
     if trainer.interrupted_by is not None:  # the signal came as the run was finishing on its own
         get_logger().warning("the run finished before the interrupt took effect")
     if getattr(result, "error", None):
-        raise RaylmError(f"training failed: {_root_cause(result.error)}")
+        raise RaylmError(f"training failed: {_root_cause(result.error, run_dir)}")
     return result
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost exception's one-line message (a RaylmError's text is already written for users)."""
+def _root_cause(exc: BaseException, run_dir: Location | None = None) -> str:
+    """The innermost exception's one-line message (a RaylmError's text is already written for users; a storage
+    error of Ray Train's own writes to a run on object storage is described as raylm's are, scrubbed)."""
     seen = exc
     while seen.__cause__ is not None or getattr(seen, "cause", None) is not None:
         seen = seen.__cause__ or seen.cause
+    if run_dir is not None and is_remote(run_dir) and isinstance(seen, OSError):
+        from raylm.storage.fs import describe
+
+        return describe(seen, run_dir, "write the run to")
     text = str(seen).strip().splitlines()
     last = next((line for line in reversed(text) if line.strip()), type(seen).__name__).strip()
     return re.sub(r"^raylm\.errors\.\w+: ", "", last)  # our errors are already worded for users
