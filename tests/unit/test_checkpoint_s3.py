@@ -139,6 +139,17 @@ def test_export_to_and_from_object_storage(prefix, s3, weights, tmp_path):
     assert export_folder(str(prefix.parent)) is None  # a run, not an export
 
 
+def test_generate_and_eval_read_a_run_prefix_through_the_verified_cache(prefix, weights, tmp_path):
+    from raylm.evaluate import open_source
+    from raylm.train.generate import load_weights
+
+    tree, state, folder = load_weights(str(prefix.parent))
+    assert tree["model"]["n_layer"] == 2 and all(torch.equal(state[k], weights[k]) for k in weights)
+    assert folder.is_dir() and not str(folder).startswith("s3:")  # a local folder: the fetched, checked files
+    source = open_source(str(prefix.parent))
+    assert source.step == 30 and all(torch.equal(source.read_state()[k], weights[k]) for k in weights)
+
+
 def test_overwrite_deletes_only_raylms_objects_under_that_exact_prefix(s3, tmp_path, cfg, weights):
     runs = f"{tmp_path.name}/runs"
     run_cfg = resolve({}, [f"run.dir=s3://{BUCKET}/{runs}", "run.name=r1", f"data.cache_dir={tmp_path / 'c'}"])
