@@ -172,7 +172,7 @@ def summarise(run_dir: Location, result, wall_s: float, cache_dir: str = "") -> 
     files = RunFiles(run_dir, cache_dir)
     files.pull(METRICS_FILE)
     rows = read_metrics(files.local)
-    plot = plot_loss_curve(files.local)
+    plot = plot_loss_curve(files.local, title=run_dir.name)
     if plot is not None and files.push((plot.name,)):
         plot = run_dir / plot.name
     last = rows[-1] if rows else {}
