@@ -176,6 +176,15 @@ def test_no_credential_reaches_config_or_manifest(prefix, s3, tmp_path):
         assert not [t for t in texts if secret.encode() in t]
 
 
+def test_a_run_in_a_bucket_that_does_not_exist_is_one_line(s3, tmp_path):
+    from raylm.errors import StorageError
+
+    with pytest.raises(StorageError, match=r"^bucket no-such-bucket of s3://no-such-bucket/runs/r1 does not exist "
+                                           r"\(endpoint http://127\.0\.0\.1:\d+ from AWS_ENDPOINT_URL\); create it"):
+        prepare_run_dir(resolve({}, ["run.dir=s3://no-such-bucket/runs", "run.name=r1",
+                                     f"data.cache_dir={tmp_path / 'c'}"]), overwrite=False)
+
+
 def test_the_run_lock_of_a_prefix_is_held_on_this_machine(s3, tmp_path):
     run = parse_uri(f"s3://{BUCKET}/{tmp_path.name}/runs/r1")
     with hold_run_lock(run, str(tmp_path / "c")):
