@@ -150,10 +150,11 @@ def _root_cause(exc: BaseException, run_dir: Location | None = None) -> str:
     seen = exc
     while seen.__cause__ is not None or getattr(seen, "cause", None) is not None:
         seen = seen.__cause__ or seen.cause
-    if run_dir is not None and is_remote(run_dir) and isinstance(seen, OSError):
-        from raylm.storage.fs import describe
+    if run_dir is not None and is_remote(run_dir) and not isinstance(seen, RaylmError):
+        from raylm.storage.fs import DENIED, NO_BUCKET, UNREACHABLE, describe
 
-        return describe(seen, run_dir, "write the run to")
+        if any(mark in str(seen) for mark in UNREACHABLE + DENIED + NO_BUCKET):  # Ray passes the text on
+            return describe(seen, run_dir, "write the run to")
     text = str(seen).strip().splitlines()
     last = next((line for line in reversed(text) if line.strip()), type(seen).__name__).strip()
     return re.sub(r"^raylm\.errors\.\w+: ", "", last)  # our errors are already worded for users

@@ -268,8 +268,6 @@ def test_a_storage_outage_during_a_checkpoint_upload_never_resumes_a_partial_che
     text = console.read_text()
     assert s3_relay.fired.is_set() and proc.returncode != 0, text[-3000:]
     assert "uploading checkpoint step 4 failed" in text, text[-3000:]
-    error = next(line for line in text.splitlines() if line.startswith("raylm: error:"))
-    assert "does not answer" in error and "AWS_ENDPOINT_URL" in error, error  # one line naming the variable
     checkpoints = parse_uri(f"{run_uri}/checkpoints")
     assert [p.name for p in list_committed(checkpoints)] == ["step-00000002"]
     assert "manifest.json" not in object_sizes(checkpoints / "step-00000004")

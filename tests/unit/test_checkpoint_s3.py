@@ -185,6 +185,16 @@ def test_a_run_in_a_bucket_that_does_not_exist_is_one_line(s3, tmp_path):
                                      f"data.cache_dir={tmp_path / 'c'}"]), overwrite=False)
 
 
+def test_ray_trains_own_storage_error_ends_the_run_in_raylms_words(s3):
+    from raylm.train.driver import _root_cause
+
+    ray_text = ("When uploading part for key 'r/checkpoint_manager_snapshot.json' in bucket 'raylm-test': AWS Error "
+                "NETWORK_CONNECTION during UploadPart operation: curlCode: 7, Could not connect to server")
+    line = _root_cause(RuntimeError(ray_text), parse_uri(f"s3://{BUCKET}/runs/r"))
+    assert line.startswith(f"cannot write the run to s3://{BUCKET}/runs/r: the storage endpoint does not answer "
+                           "(endpoint http://127.0.0.1:") and "from AWS_ENDPOINT_URL" in line, line
+
+
 def test_the_run_lock_of_a_prefix_is_held_on_this_machine(s3, tmp_path):
     run = parse_uri(f"s3://{BUCKET}/{tmp_path.name}/runs/r1")
     with hold_run_lock(run, str(tmp_path / "c")):
