@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = verbs.add_parser("generate", help=gen_help, description=gen_help + ". Stops at the end-of-text token, a "
                            "--stop string or --max-new-tokens. One --prompt prints its text; --prompt-file prints "
                            "one JSON object per prompt (prompt, completion, new_tokens, stop_reason).")
-    gen.add_argument("source", help="run folder, checkpoint folder or export folder")
+    gen.add_argument("source", help="run folder, checkpoint folder or export folder (or an s3://, gs:// prefix)")
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text to continue")
     prompt.add_argument("--prompt-file", help="text file, one prompt per line (a JSON string line may hold \\n)")
@@ -162,13 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     exp = verbs.add_parser("export", help="write a checkpoint as a Hugging Face Llama folder (safetensors)")
     exp.add_argument("source", help="checkpoint folder (<run>/checkpoints/step-XXXXXXXX) or run folder (its newest "
-                                    "committed checkpoint)")
-    exp.add_argument("out_dir", help="folder for model.safetensors, config.json and tokenizer.json")
+                                    "committed checkpoint), or such an s3://, gs:// prefix")
+    exp.add_argument("out_dir", help="folder (or s3://, gs:// prefix) for model.safetensors, config.json and "
+                                     "tokenizer.json")
     exp.set_defaults(func=cmd_export)
 
     ev_help = "loss and perplexity of a run, checkpoint or export on a prepared split, as one JSON line"
     ev = verbs.add_parser("eval", help=ev_help, description=ev_help)
-    ev.add_argument("source", help="run folder (its newest committed checkpoint), checkpoint folder or export folder")
+    ev.add_argument("source", help="run folder (its newest committed checkpoint), checkpoint folder or export folder "
+                                   "(or an s3://, gs:// prefix)")
     ev.add_argument("--data", default=None, help="prepared data folder (default: the run's data.sources or "
                                                  "data.out_dir); must use the model's tokenizer")
     ev.add_argument("--split", default="val", choices=("val", "train"), help="which split to score")

@@ -39,27 +39,23 @@ class Source:
 def open_source(source: str | Path) -> Source:
     """An export folder (config.json), a checkpoint folder, or a run folder (its newest committed checkpoint);
     the weights are read only by `read_state`, after the data has been checked."""
-    from raylm.checkpoint.export import open_export
+    from raylm.checkpoint.export import export_folder, open_export
     from raylm.checkpoint.manifest import read_manifest as read_checkpoint_manifest
-    from raylm.checkpoint.manifest import verify_checkpoint
     from raylm.checkpoint.names import CONFIG_FILE
-    from raylm.storage.uri import NOT_YET, refuse_uri
+    from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_files, resolve_checkpoint
 
-    refuse_uri("RUN_OR_CHECKPOINT", source, NOT_YET["RUN_OR_CHECKPOINT"])
-    from raylm.checkpoint.reader import load_checkpoint_weights, resolve_checkpoint
-
-    path = Path(source).expanduser()
-    if (path / "config.json").is_file():
+    path = export_folder(source)  # a prefix is fetched into this node's cache first
+    if path is not None:
         tree, weights = open_export(path)
         tokenizer = path / TOKENIZER_FILE
         return Source(tree, tokenizer if tokenizer.is_file() else None, None,
                       lambda: {name: weights.read(name) for name in weights.shapes})
-    folder = resolve_checkpoint(path)
+    folder = resolve_checkpoint(source)
     manifest = read_checkpoint_manifest(folder)
     has_tokenizer = TOKENIZER_FILE in manifest["files"]
-    verify_checkpoint(folder, only=[CONFIG_FILE, *([TOKENIZER_FILE] if has_tokenizer else [])])
-    tree = yaml.safe_load((folder / CONFIG_FILE).read_text())
-    return Source(tree, folder / TOKENIZER_FILE if has_tokenizer else None, manifest.get("step"),
+    local = local_checkpoint_files(folder, [CONFIG_FILE, *([TOKENIZER_FILE] if has_tokenizer else [])])
+    tree = yaml.safe_load((local / CONFIG_FILE).read_text())
+    return Source(tree, local / TOKENIZER_FILE if has_tokenizer else None, manifest.get("step"),
                   lambda: load_checkpoint_weights(folder)[1])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -53,3 +54,18 @@ def run_dir(tmp_path):
     path = tmp_path / "runs"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def warnings_seen(caplog):
+    """Warnings of the raylm logger (which may not propagate once setup_logging ran)."""
+    from raylm.log import get_logger
+
+    logger = get_logger()
+    attach = not logger.propagate
+    if attach:
+        logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger=logger.name)
+    yield caplog
+    if attach:
+        logger.removeHandler(caplog.handler)

@@ -1,8 +1,12 @@
-"""The commit protocol of <run>/checkpoints/: write under tmp-*, manifest last, rename to step-XXXXXXXX; pick and prune.
+"""The commit protocol of <run>/checkpoints/: a checkpoint counts once its manifest.json, written last, is in place.
 
-Only a step-XXXXXXXX folder with a readable manifest.json counts as committed; a crash at any point leaves
-either a tmp-* folder (never counted, removed by `prune`) or a complete checkpoint. DeepSpeed's `latest` file
-is not used: the newest committed folder is found by listing.
+On a local or shared folder every file goes under tmp-*, the manifest last, then one rename to step-XXXXXXXX:
+a crash leaves a tmp-* folder (never counted, removed by `prune`) or a complete checkpoint. On object storage,
+which has no rename, each rank uploads the files it wrote straight to step-XXXXXXXX/ and rank 0 uploads
+manifest.json after every rank's uploads returned ("manifest last"): a prefix without a manifest is an
+interrupted upload, never a checkpoint, and `prune` removes it. Either way only a step folder whose manifest
+lists every file with its size is resumed (the sha256 of each file is checked by the ranks that read it).
+DeepSpeed's `latest` file is not used: the newest committed folder is found by listing. See docs/storage.md.
 """
 
 from __future__ import annotations
@@ -13,10 +17,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-from raylm.checkpoint.manifest import read_manifest, write_manifest
+from raylm.checkpoint.manifest import MANIFEST, bad_file, read_manifest, write_manifest
 from raylm.errors import CheckpointError, ConfigError
 from raylm.fsync import fsync_path
 from raylm.log import get_logger
+from raylm.storage.location import (Location, as_location, file_sizes, folders, is_remote, local_view, put_file,
+                                    read_bytes, remove_tree)
 
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 TMP_PREFIX = "tmp-"
@@ -28,28 +34,56 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def step_of(path: str | Path) -> int | None:
+def step_of(path: Location | str) -> int | None:
     """The step a step-XXXXXXXX folder name encodes, else None."""
-    match = STEP_DIR.match(Path(path).name)
+    match = STEP_DIR.match(as_location(path).name)
     return int(match.group(1)) if match else None
 
 
-def new_tmp_dir(checkpoints_dir: str | Path, step: int) -> Path:
-    """Create <dir>/tmp-step-XXXXXXXX-<nonce>/, the folder a save writes into before its commit."""
-    root = Path(checkpoints_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{TMP_PREFIX}{step_dir_name(step)}-{uuid.uuid4().hex[:12]}"
+def new_tmp_dir(checkpoints_dir: Location | str, step: int, cache_dir: str = "") -> Path:
+    """Create the local folder a save writes into before its commit (rank 0, before any file is written).
+
+    A folder: <dir>/tmp-step-XXXXXXXX-<nonce>/. A prefix: the same name in this node's mirror of it, and any
+    step-XXXXXXXX/ objects already there (a run that resumed from an older step) are deleted first, manifest
+    first, so the new files never mix with old ones under a manifest."""
+    root = as_location(checkpoints_dir)
+    if is_remote(root):
+        remove_tree(root / step_dir_name(step), first=(MANIFEST,))
+    local = local_view(root, cache_dir)
+    local.mkdir(parents=True, exist_ok=True)
+    tmp = local / f"{TMP_PREFIX}{step_dir_name(step)}-{uuid.uuid4().hex[:12]}"
     tmp.mkdir()
     return tmp
 
 
-def commit(tmp: Path, step: int, files: dict[str, dict], extra: dict) -> Path:
-    """Write the manifest into `tmp` (after every file is complete) and rename it to step-XXXXXXXX.
+def upload_own_files(tmp: Path, checkpoints_dir: Location | str, step: int, files: dict[str, dict]) -> None:
+    """On object storage, upload the files this rank wrote into `tmp` to step-XXXXXXXX/ and drop the local
+    copies (each rank its own files, all ranks at once); nothing to do for a folder (the commit renames it)."""
+    root = as_location(checkpoints_dir)
+    if not is_remote(root):
+        return
+    final = root / step_dir_name(step)
+    for rel_path in files:
+        put_file(tmp / rel_path, final / rel_path)
+        (tmp / rel_path).unlink()
+
+
+def commit(tmp: Path, step: int, files: dict[str, dict], extra: dict,
+           checkpoints_dir: Location | str | None = None) -> Location:
+    """Write the manifest (after every file is complete) and make the save a checkpoint: rename `tmp` to
+    step-XXXXXXXX, or on object storage (checkpoints_dir a prefix) upload manifest.json last.
 
     A committed folder of the same step (a run that resumed from an older one) is replaced: it is first
-    renamed to a tmp-* name, so no half-replaced folder is ever counted.
+    renamed to a tmp-* name, so no half-replaced folder is ever counted (on object storage new_tmp_dir has
+    already deleted it).
     """
-    write_manifest(tmp, step, files, extra)
+    manifest = write_manifest(tmp, step, files, extra)
+    root = as_location(checkpoints_dir) if checkpoints_dir is not None else tmp.parent
+    if is_remote(root):
+        final = root / step_dir_name(step)
+        put_file(manifest, final / MANIFEST)  # the commit point
+        shutil.rmtree(tmp, ignore_errors=True)
+        return final
     final = tmp.parent / step_dir_name(step)
     replaced = None
     if final.exists():
@@ -62,16 +96,17 @@ def commit(tmp: Path, step: int, files: dict[str, dict], extra: dict) -> Path:
     return final
 
 
-def list_checkpoints(checkpoints_dir: str | Path) -> list[Path]:
-    """Every step-XXXXXXXX folder, newest step first, committed or not (see list_committed)."""
-    root = Path(checkpoints_dir)
-    if not root.is_dir():
-        return []
-    folders = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
-    return sorted(folders, key=step_of, reverse=True)
+def list_checkpoints(checkpoints_dir: Location | str, uploads: bool = False) -> list[Location]:
+    """Every step-XXXXXXXX folder, newest step first, committed or not (see list_committed). On object storage a
+    prefix without manifest.json is an upload still running or interrupted: listed only when `uploads`."""
+    root = as_location(checkpoints_dir)
+    steps = [root / name for name in folders(root) if step_of(name) is not None]
+    if is_remote(root) and not uploads:
+        steps = [p for p in steps if read_bytes(p / MANIFEST) is not None]
+    return sorted(steps, key=step_of, reverse=True)
 
 
-def is_committed(folder: Path) -> bool:
+def is_committed(folder: Location) -> bool:
     """A step folder whose manifest.json exists and parses (file hashes are checked by verify_checkpoint)."""
     try:
         read_manifest(folder)
@@ -80,28 +115,26 @@ def is_committed(folder: Path) -> bool:
     return True
 
 
-def list_committed(checkpoints_dir: str | Path) -> list[Path]:
+def list_committed(checkpoints_dir: Location | str) -> list[Location]:
     """Committed checkpoints, newest step first; tmp-* folders and step folders without a manifest never count."""
     return [p for p in list_checkpoints(checkpoints_dir) if is_committed(p)]
 
 
-def check_sizes(folder: Path) -> dict:
-    """The manifest, once every file it lists exists with its listed size: the cheap check, no file is read.
-
-    The sha256 of each file is checked at load by the ranks that read it (raylm.checkpoint.state)."""
+def check_sizes(folder: Location) -> dict:
+    """The manifest, once every file it lists exists with its listed size: the cheap check (one listing), no file
+    is read. The sha256 of each file is checked at load by the ranks that read it (raylm.checkpoint.state)."""
     manifest = read_manifest(folder)
-    fix = f"delete {folder} so that an older checkpoint is used"
+    sizes = file_sizes(folder)
     for rel_path, record in manifest["files"].items():
-        path = folder / rel_path
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file {path} is missing; {fix}")
-        if path.stat().st_size != record["bytes"]:
-            raise CheckpointError(f"checkpoint file {path} has {path.stat().st_size} bytes but the manifest lists "
-                                  f"{record['bytes']} (truncated or overwritten); {fix}")
+        if rel_path not in sizes:
+            raise bad_file(folder, rel_path, "is missing")
+        if sizes[rel_path] != record["bytes"]:
+            raise bad_file(folder, rel_path, f"has {sizes[rel_path]} bytes but the manifest lists "
+                                             f"{record['bytes']} (truncated or overwritten)")
     return manifest
 
 
-def resume_candidates(checkpoints_dir: str | Path, policy: str) -> list[Path]:
+def resume_candidates(checkpoints_dir: Location | str, policy: str) -> list[Location]:
     """The checkpoints to try resuming from under `policy` (checkpoint.resume), newest first; [] = start fresh.
 
     Only manifests and file sizes are checked here; the loading ranks check the hashes (and under auto fall back
@@ -136,37 +169,45 @@ def resume_candidates(checkpoints_dir: str | Path, policy: str) -> list[Path]:
     return usable
 
 
-def every_checkpoint_damaged(checkpoints_dir: str | Path, folders: list[Path]) -> CheckpointError:
+def every_checkpoint_damaged(checkpoints_dir: Location | str, damaged: list[Location]) -> CheckpointError:
     """The error for a run whose checkpoints all fail their checks: nothing is deleted, the user decides."""
-    names = ", ".join(folder.name for folder in folders)
+    names = ", ".join(folder.name for folder in damaged)
     return CheckpointError(f"every checkpoint in {checkpoints_dir} is damaged ({names}; the warnings above name "
                            f"each bad file) and nothing was deleted: restore them from a copy, or start over with "
                            f"--overwrite or another run.name")
 
 
-def pick_resume(checkpoints_dir: str | Path, policy: str) -> Path | None:
+def pick_resume(checkpoints_dir: Location | str, policy: str) -> Location | None:
     """The newest of resume_candidates (manifest and sizes checked, not hashes), or None to start fresh."""
     candidates = resume_candidates(checkpoints_dir, policy)
     return candidates[0] if candidates else None
 
 
-def prune(checkpoints_dir: str | Path, keep: int, protect: str | Path | None = None) -> list[Path]:
-    """Delete committed checkpoints beyond the newest `keep`, and every stale tmp-* folder; returns what went.
+def prune(checkpoints_dir: Location | str, keep: int, protect: Location | str | None = None) -> list[Location]:
+    """Delete committed checkpoints beyond the newest `keep`, and every stale tmp-* folder (on object storage:
+    every step prefix without a manifest, an interrupted upload); returns what went.
 
     `protect` (the checkpoint this run resumed from) is never deleted, even when newer but corrupt folders
-    outnumber `keep`. Call it after a commit, not while another save into the same folder is in flight.
+    outnumber `keep`. Call it after a commit, not while another save into the same folder is in flight. A
+    committed checkpoint on object storage loses its manifest first, so a half-deleted one never counts.
     """
     if keep < 1:
         raise ValueError(f"keep={keep} must be >= 1")
-    root = Path(checkpoints_dir)
-    if not root.is_dir():
-        return []
+    root = as_location(checkpoints_dir)
     committed = list_committed(root)
-    kept = {p.resolve() for p in committed[:keep]}
+    kept = {_identity(p) for p in committed[:keep]}
     if protect is not None:
-        kept.add(Path(protect).resolve())
-    doomed = [p for p in committed[keep:] if p.resolve() not in kept]
-    doomed += [p for p in root.iterdir() if p.is_dir() and p.name.startswith(TMP_PREFIX)]
+        kept.add(_identity(as_location(protect)))
+    doomed = [p for p in committed[keep:] if _identity(p) not in kept]
+    if is_remote(root):
+        committed_names = {p.name for p in committed}
+        doomed += [p for p in list_checkpoints(root, uploads=True) if p.name not in committed_names]
+    else:
+        doomed += [root / n for n in folders(root) if n.startswith(TMP_PREFIX)]
     for path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path, first=(MANIFEST,))
     return doomed
+
+
+def _identity(loc: Location) -> str:
+    return str(loc) if is_remote(loc) else str(Path(loc).resolve())

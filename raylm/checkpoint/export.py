@@ -32,7 +32,8 @@ from raylm.errors import RaylmError
 from raylm.model.gpt import param_shapes
 from raylm.model.hf_llama import hf_config, hf_name, model_settings, to_hf_tensor
 from raylm.model.hf_weights import HF_CONFIG_FILE, HFWeights, open_folder
-from raylm.storage.uri import NOT_YET, refuse_uri
+from raylm.storage.location import (Location, as_location, download_folder, is_remote, local_view, read_bytes,
+                                    upload_folder)
 
 WEIGHTS_FILE = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -147,23 +148,41 @@ def _write_hf_files(out: Path, model: ModelConfig, vocab_size: int, vocab_rows: 
         _write_json(out / SPECIAL_TOKENS_FILE, special)
 
 
-def export(source: str | Path, out_dir: str | Path) -> dict:
-    """Write a checkpoint (or a run folder's newest one) to out_dir as a Hugging Face Llama folder; a summary."""
-    refuse_uri("export OUT_DIR", out_dir, NOT_YET["export OUT_DIR"])
+def export(source: Location | str, out_dir: Location | str) -> dict:
+    """Write a checkpoint (or a run folder's newest one) to out_dir as a Hugging Face Llama folder; a summary.
+
+    Either may be on object storage: a source's files are fetched into this node's cache, verified; an s3://
+    or gs:// out_dir is written in this node's mirror of it, then uploaded with config.json last."""
+    target = as_location(out_dir, "export OUT_DIR")
     folder = resolve_checkpoint(source)
     manifest = read_manifest(folder)  # the model files and config are verified as they are streamed
     model = model_config_of(manifest)
     vocab_rows = manifest["padded_vocab"]
-    out = Path(out_dir).expanduser()
+    out = local_view(target)
+    if is_remote(target):
+        shutil.rmtree(out, ignore_errors=True)  # an earlier export to the prefix: only this one's files go up
     out.mkdir(parents=True, exist_ok=True)
     tensors = _write_weights(folder, model, vocab_rows, out / WEIGHTS_FILE)
     has_tokenizer = TOKENIZER_FILE in manifest["files"]
     if has_tokenizer:
         verify_checkpoint(folder, only=[TOKENIZER_FILE])
-    _write_hf_files(out, model, manifest["vocab_size"], vocab_rows, folder / TOKENIZER_FILE if has_tokenizer else None)
-    _copy(folder / CONFIG_FILE, out / RAYLM_CONFIG_FILE)
-    return {"checkpoint": str(folder), "out_dir": str(out), "step": manifest["step"], "tensors": tensors,
+    source_files = local_view(folder)  # verified above (tokenizer) and while streaming (model files, config)
+    _write_hf_files(out, model, manifest["vocab_size"], vocab_rows,
+                    source_files / TOKENIZER_FILE if has_tokenizer else None)
+    _copy(source_files / CONFIG_FILE, out / RAYLM_CONFIG_FILE)
+    if is_remote(target):
+        upload_folder(out, target, last=(HF_CONFIG_FILE,))
+    return {"checkpoint": str(folder), "out_dir": str(target), "step": manifest["step"], "tensors": tensors,
             "weights_bytes": (out / WEIGHTS_FILE).stat().st_size, "tokenizer": has_tokenizer}
+
+
+def export_folder(source: Location | str) -> Path | None:
+    """The local folder of an export (a folder or prefix holding config.json; a prefix is fetched into this node's
+    cache first), or None when the source is a run or checkpoint."""
+    location = as_location(source, "RUN_OR_CHECKPOINT")
+    if read_bytes(location / HF_CONFIG_FILE) is None:
+        return None
+    return download_folder(location) if is_remote(location) else location
 
 
 def open_export(folder: str | Path) -> tuple[dict, HFWeights]:

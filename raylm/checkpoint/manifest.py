@@ -1,8 +1,11 @@
-"""A checkpoint's manifest.json: every file with its size and sha256, written last, checked before any unpickling."""
+"""A checkpoint's manifest.json: every file with its size and sha256, written last, checked before any unpickling.
+
+The checkpoint may be a local folder or an object-storage prefix (raylm.storage.location): a file of a prefix
+is checked as it is downloaded into this node's mirror of it, where the loading code then reads it.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -11,19 +14,16 @@ from typing import Iterable
 from raylm.errors import CheckpointError
 from raylm.fsync import fsync_path
 from raylm.safe_paths import is_inside_name
+from raylm.storage.location import (Location, as_location, fetch_verified, is_remote, local_problem, local_view,
+                                    read_bytes, sha256_of)
 
 MANIFEST = "manifest.json"
 FORMAT = "raylm-checkpoint/1"
-READ_CHUNK_BYTES = 1 << 20
 
 
 def file_record(path: Path) -> dict:
     """{"bytes", "sha256"} of one file, read in chunks (never the whole file in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(READ_CHUNK_BYTES):
-            digest.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": sha256_of(path)}
 
 
 def write_manifest(folder: Path, step: int, files: dict[str, dict], extra: dict) -> Path:
@@ -36,15 +36,21 @@ def write_manifest(folder: Path, step: int, files: dict[str, dict], extra: dict)
     return path
 
 
-def read_manifest(folder: Path) -> dict:
-    """The parsed manifest of a checkpoint folder; CheckpointError if it is missing or unreadable."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
+def read_manifest(folder: Location | str) -> dict:
+    """The parsed manifest of a checkpoint folder or prefix; CheckpointError if it is missing or unreadable."""
+    folder = as_location(folder)
+    path = folder / MANIFEST
+    try:
+        data = read_bytes(path)
+    except OSError as exc:
+        raise CheckpointError(f"{path} is unreadable ({exc}); delete {folder} so that an older checkpoint "
+                              f"is used") from None
+    if data is None:
         raise CheckpointError(f"{path} is missing: {folder} is not a committed checkpoint (an interrupted save, or "
                               f"not a checkpoint folder); pass a step-XXXXXXXX folder that holds a manifest.json")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        manifest = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{path} is unreadable ({exc}); delete {folder} so that an older checkpoint "
                               f"is used") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
@@ -58,28 +64,30 @@ def read_manifest(folder: Path) -> dict:
     return manifest
 
 
-def check_file(folder: Path, rel_path: str, record: dict) -> None:
-    """Raise CheckpointError naming the file when it is missing, truncated/extended or altered."""
-    path = Path(folder) / rel_path
-    fix = f"delete {folder} so that an older checkpoint is used"
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing; {fix}")
-    size = path.stat().st_size
-    if size != record["bytes"]:
-        raise CheckpointError(f"checkpoint file {path} has {size} bytes but the manifest lists {record['bytes']} "
-                              f"(truncated or overwritten); {fix}")
-    if file_record(path)["sha256"] != record["sha256"]:
-        raise CheckpointError(f"checkpoint file {path} does not match its sha256 in the manifest (altered or "
-                              f"corrupt); {fix}")
+def bad_file(folder: Location, rel_path: str, problem: str) -> CheckpointError:
+    """The error for one checkpoint file that fails its manifest check: it names the file and the way out."""
+    return CheckpointError(f"checkpoint file {folder / rel_path} {problem}; delete {folder} so that an older "
+                           f"checkpoint is used")
 
 
-def verify_checkpoint(path: str | Path, only: Iterable[str] | None = None) -> dict:
+def check_file(folder: Location, rel_path: str, record: dict, cache_dir: str = "") -> None:
+    """Raise CheckpointError naming the file when it is missing, truncated/extended or altered. A file of a
+    prefix is checked while it is fetched into local_view(folder, cache_dir), where it is read afterwards."""
+    if is_remote(folder):
+        problem = fetch_verified(folder / rel_path, local_view(folder, cache_dir) / rel_path, record)
+    else:
+        problem = local_problem(folder / rel_path, record)
+    if problem is not None:
+        raise bad_file(folder, rel_path, problem)
+
+
+def verify_checkpoint(path: Location | str, only: Iterable[str] | None = None, cache_dir: str = "") -> dict:
     """Check a checkpoint's manifest and then every file it lists (or just `only`) by size and sha256.
 
     Nothing is unpickled here, so a bad file fails with a CheckpointError that names it, before torch.load.
-    Returns the manifest.
+    For a prefix the checked files are then in local_view(path, cache_dir). Returns the manifest.
     """
-    folder = Path(path)
+    folder = as_location(path)
     manifest = read_manifest(folder)
     files = manifest["files"]
     wanted = list(files) if only is None else list(only)
@@ -87,5 +95,5 @@ def verify_checkpoint(path: str | Path, only: Iterable[str] | None = None) -> di
         if rel_path not in files:
             raise CheckpointError(f"{folder / MANIFEST} does not list {rel_path}; the checkpoint is incomplete, "
                                   f"delete {folder} so that an older checkpoint is used")
-        check_file(folder, rel_path, files[rel_path])
+        check_file(folder, rel_path, files[rel_path], cache_dir)
     return manifest

@@ -23,16 +23,17 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.distributed as dist
 
-from raylm.checkpoint.commit import commit, new_tmp_dir
+from raylm.checkpoint.commit import commit, new_tmp_dir, upload_own_files
 from raylm.checkpoint.manifest import read_manifest, verify_checkpoint
 from raylm.checkpoint.names import (ENGINE_STATE_FILE, TRAINER_STATE_FILE, model_file, model_layers, optim_file,
                                     rank_file)
 from raylm.checkpoint.writer import Records, manifest_extra, model_config_of, save_json, save_run_files, save_torch
 from raylm.config import Config
 from raylm.config.derived import padded_vocab
-from raylm.errors import CheckpointError
+from raylm.errors import CheckpointError, RaylmError
 from raylm.log import get_logger
 from raylm.model.gpt import param_shapes
+from raylm.storage.location import Location, as_location, is_remote, local_view
 
 if TYPE_CHECKING:
     from raylm.parallel.engine import Engine
@@ -44,7 +45,7 @@ SAVE_PHASES = ("before-files", "mid-files", "before-commit", "after-commit")
 class Resumed:
     """What load_checkpoint hands back to the training loop."""
 
-    path: Path
+    path: Location
     step: int
     trainer_state: dict  # the dict save_checkpoint was given (rank 0's)
     rank_state: dict | None  # this rank's per-rank dict; None when the checkpoint's layout differs (or it had none)
@@ -87,6 +88,8 @@ def _space_hint(checkpoints_dir: str | Path) -> str:
     """What a failed save needs: about the newest committed checkpoint's bytes, against what the disk has free."""
     from raylm.checkpoint.commit import list_committed
 
+    if is_remote(as_location(checkpoints_dir)):
+        return "older checkpoints are untouched; fix the storage problem named above, then rerun to resume"
     committed = list_committed(checkpoints_dir)
     free = shutil.disk_usage(checkpoints_dir).free
     if not committed:
@@ -120,16 +123,28 @@ def _all_or_none(error: str | None, kind: type[CheckpointError] = CheckpointErro
         raise kind(first)
 
 
-def save_checkpoint(engine: Engine, cfg: Config, checkpoints_dir: str | Path, step: int, trainer_state: dict,
-                    rank_state: dict | None = None, on_phase: Callable[[str], None] | None = None) -> Path:
+def save_checkpoint(engine: Engine, cfg: Config, checkpoints_dir: Location | str, step: int, trainer_state: dict,
+                    rank_state: dict | None = None, on_phase: Callable[[str], None] | None = None) -> Location:
     """Write and commit <checkpoints_dir>/step-XXXXXXXX/ (all ranks call together); returns its path.
 
+    checkpoints_dir may be an object-storage prefix: each rank then writes its files into this node's mirror
+    and uploads them itself, and rank 0 uploads the manifest last (raylm.checkpoint.commit).
     trainer_state: JSON-able, the same on every rank (rank 0's is written). rank_state: this rank's tensors and
     plain values (e.g. capture_rng()), restored only into the same layout. on_phase: called with each phase
     name in SAVE_PHASES as the save reaches it (fault drills kill a rank there).
     """
     phase = on_phase or (lambda name: None)
-    tmp = Path(_on_rank0(lambda: str(new_tmp_dir(checkpoints_dir, step))))
+    remote = is_remote(as_location(checkpoints_dir))
+    tmp = Path(_on_rank0(lambda: str(new_tmp_dir(checkpoints_dir, step, cfg.data.cache_dir))))
+    try:
+        return _save_into(tmp, engine, cfg, checkpoints_dir, step, trainer_state, rank_state, phase)
+    finally:
+        if remote:  # this node's staging copy: every file is uploaded (or the save failed) once here
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_into(tmp: Path, engine: Engine, cfg: Config, checkpoints_dir: Location | str, step: int,
+               trainer_state: dict, rank_state: dict | None, phase: Callable[[str], None]) -> Location:
     phase("before-files")
     writer = _LayerWriter(tmp, cfg, engine.rank)
     scalars = engine.save_state(writer)
@@ -144,6 +159,11 @@ def save_checkpoint(engine: Engine, cfg: Config, checkpoints_dir: str | Path, st
                 files.update(save_json(tmp, ENGINE_STATE_FILE, scalars))
         except (OSError, TypeError, ValueError) as exc:  # TypeError: a trainer_state that is not JSON-able
             error = f"writing checkpoint step {step} under {tmp} failed on rank {engine.rank}: {_reason(exc)}"
+    if error is None:
+        try:
+            upload_own_files(tmp, checkpoints_dir, step, files)
+        except (OSError, RaylmError) as exc:
+            error = f"uploading checkpoint step {step} failed on rank {engine.rank}: {_reason(exc)}"
     try:
         _all_or_none(error)
     except CheckpointError as exc:  # nothing of a failed save stays to fill the disk; older checkpoints stay
@@ -155,7 +175,7 @@ def save_checkpoint(engine: Engine, cfg: Config, checkpoints_dir: str | Path, st
     merged = {path: record for rank_files in every_rank for path, record in rank_files.items()}
     extra = manifest_extra(cfg, engine.layout, optimizer=True)
     phase("before-commit")
-    committed = Path(_on_rank0(lambda: str(commit(tmp, step, merged, extra))))
+    committed = as_location(_on_rank0(lambda: str(commit(tmp, step, merged, extra, checkpoints_dir))))
     phase("after-commit")
     return committed
 
@@ -195,11 +215,12 @@ class UnverifiedFile(CheckpointError):
     """A checkpoint file failed its manifest check (missing, resized or altered): resume=auto tries an older one."""
 
 
-def verify_for_load(engine: Engine, cfg: Config, path: str | Path) -> dict:
+def verify_for_load(engine: Engine, cfg: Config, path: Location | str) -> dict:
     """The manifest, once every rank has checked the sha256 of each file it will read (before anything is
-    unpickled). All ranks call together and raise alike: CheckpointError for another model (never skipped, the
-    run's settings are wrong), UnverifiedFile, naming it, for a bad file."""
-    folder = Path(path)
+    unpickled; from object storage, while fetching it into this node's data.cache_dir). All ranks call
+    together and raise alike: CheckpointError for another model (never skipped, the run's settings are wrong),
+    UnverifiedFile, naming it, for a bad file."""
+    folder = as_location(path)
     error, manifest = None, None
     try:
         manifest = read_manifest(folder)
@@ -208,7 +229,7 @@ def verify_for_load(engine: Engine, cfg: Config, path: str | Path) -> dict:
         error = str(exc)
     _all_or_none(error)
     try:
-        verify_checkpoint(folder, only=_files_read(engine, cfg, manifest))
+        verify_checkpoint(folder, only=_files_read(engine, cfg, manifest), cache_dir=cfg.data.cache_dir)
     except CheckpointError as exc:
         error = str(exc)
     _all_or_none(error, UnverifiedFile)
@@ -219,38 +240,41 @@ def _load_tensors(folder: Path, rel_path: str):
     return torch.load(folder / rel_path, map_location="cpu", weights_only=True)
 
 
-def _layer_reader(cfg: Config, folder: Path, with_optimizer: bool) -> Callable[[int], tuple[dict, dict | None]]:
-    """read_layer for Engine.load_state: one layer's full weights (shapes checked) and moments from its files."""
+def _layer_reader(cfg: Config, folder: Location, with_optimizer: bool) -> Callable[[int], tuple[dict, dict | None]]:
+    """read_layer for Engine.load_state: one layer's full weights (shapes checked) and moments from its files
+    (verified copies in this node's mirror when the checkpoint is on object storage)."""
     files_of, shapes = _layer_files(cfg), model_layers(cfg.model, padded_vocab(cfg.data.vocab_size))
+    local = local_view(folder, cfg.data.cache_dir)
 
     def read_layer(index: int) -> tuple[dict, dict | None]:
         rel_model, rel_optim = files_of[index]
-        weights = _load_tensors(folder, rel_model)
+        weights = _load_tensors(local, rel_model)
         for name, shape in shapes[index].items():
             full = weights.get(name)
             if full is None or full.shape != shape:
                 found = "nothing" if full is None else f"shape {tuple(full.shape)}"
                 raise CheckpointError(f"{folder / rel_model} holds {found} for {name}, this model needs "
                                       f"{tuple(shape)}; load it into the model it was saved from")
-        return weights, _load_tensors(folder, rel_optim) if with_optimizer else None
+        return weights, _load_tensors(local, rel_optim) if with_optimizer else None
 
     return read_layer
 
 
-def load_checkpoint(engine: Engine, cfg: Config, path: str | Path, manifest: dict | None = None) -> Resumed:
+def load_checkpoint(engine: Engine, cfg: Config, path: Location | str, manifest: dict | None = None) -> Resumed:
     """Load a committed checkpoint, written under any layout, into this engine (all ranks call together).
 
     Weights, fp32 masters and AdamW moments and step come back exactly; a weights-only checkpoint starts AdamW
     fresh. Each rank first checks the files it reads (or pass the manifest verify_for_load returned); raises
     CheckpointError, naming the file, if one fails.
     """
-    folder = Path(path)
+    folder = as_location(path)
     manifest = manifest or verify_for_load(engine, cfg, folder)
+    local = local_view(folder, cfg.data.cache_dir)
     with_optimizer = bool(manifest["optimizer"])
-    scalars = json.loads((folder / ENGINE_STATE_FILE).read_text()) if with_optimizer else None
+    scalars = json.loads((local / ENGINE_STATE_FILE).read_text()) if with_optimizer else None
     engine.load_state(_layer_reader(cfg, folder, with_optimizer), scalars)
     rank_state = None
     if manifest.get("layout") == engine.layout and rank_file(engine.rank) in manifest["files"]:
-        rank_state = _load_tensors(folder, rank_file(engine.rank))
-    trainer_state = json.loads((folder / TRAINER_STATE_FILE).read_text())
+        rank_state = _load_tensors(local, rank_file(engine.rank))
+    trainer_state = json.loads((local / TRAINER_STATE_FILE).read_text())
     return Resumed(path=folder, step=int(manifest["step"]), trainer_state=trainer_state, rank_state=rank_state)

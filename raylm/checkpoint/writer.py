@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from raylm.checkpoint.commit import commit, new_tmp_dir
+from raylm.checkpoint.commit import commit, new_tmp_dir, upload_own_files
 from raylm.checkpoint.manifest import file_record
 from raylm.checkpoint.names import (CONFIG_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, layer_file, model_file)
 from raylm.config import Config, to_dict
 from raylm.config.derived import padded_vocab
 from raylm.config.schema import ModelConfig
 from raylm.fsync import fsync_path
+from raylm.storage.location import Location
 
 Records = dict[str, dict]  # {path relative to the checkpoint folder: {"bytes", "sha256"}}
 
@@ -81,13 +82,14 @@ def model_config_of(manifest: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in manifest["model"].items() if k in known})
 
 
-def save_full_weights(cfg: Config, full_state: dict[str, torch.Tensor], checkpoints_dir: str | Path, step: int,
-                      trainer_state: dict | None = None) -> Path:
-    """A committed weights-only checkpoint from full tensors on one process (no optimizer state, no layout).
+def save_full_weights(cfg: Config, full_state: dict[str, torch.Tensor], checkpoints_dir: Location | str, step: int,
+                      trainer_state: dict | None = None) -> Location:
+    """A committed weights-only checkpoint from full tensors on one process (no optimizer state, no layout), in
+    a folder or an object-storage prefix.
 
     Loading it into an engine sets the weights and starts AdamW fresh; export reads it like any checkpoint.
     """
-    tmp = new_tmp_dir(checkpoints_dir, step)
+    tmp = new_tmp_dir(checkpoints_dir, step, cfg.data.cache_dir)
     by_file: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in full_state.items():
         by_file.setdefault(layer_file(name, cfg.model.n_layer), {})[name] = tensor.detach().to(
@@ -96,4 +98,5 @@ def save_full_weights(cfg: Config, full_state: dict[str, torch.Tensor], checkpoi
     for name_in_layer in by_file.values():
         files.update(save_torch(tmp, model_file(next(iter(name_in_layer)), cfg.model.n_layer), name_in_layer))
     files.update(save_run_files(tmp, cfg, {"step": step, **(trainer_state or {})}))
-    return commit(tmp, step, files, manifest_extra(cfg, layout=None, optimizer=False))
+    upload_own_files(tmp, checkpoints_dir, step, files)
+    return commit(tmp, step, files, manifest_extra(cfg, layout=None, optimizer=False), checkpoints_dir)

@@ -21,7 +21,8 @@ def section(cls: type, doc: str) -> Any:
 @dataclass(frozen=True)
 class RunConfig:
     name: str = opt("tiny", "run name; the run folder is <run.dir>/<run.name> (letters, digits, '.', '_', '-')")
-    dir: str = opt("runs", "folder that holds run folders (a shared filesystem path on a cluster; not a URI yet)")
+    dir: str = opt("runs", "folder or s3://, gs:// prefix that holds run folders (on a cluster: object storage or a "
+                           "shared filesystem)")
     seed: int = opt(1234, "seed for weight init, data order and sampling")
     log_level: str = opt("info", "console: info (raylm's progress, evaluations, warnings, summary) | debug (also "
                                  "every Ray and DeepSpeed line; same as --verbose)")

@@ -154,15 +154,15 @@ def _check_schedule(cfg: Config) -> None:
 
 
 def _check_storage(cfg: Config) -> None:
-    """URIs only where raylm reads and writes object storage (data.out_dir, data.paths, data.sources)."""
-    for key in ("run.dir", "model.init_from", "data.tokenizer", "data.cache_dir"):
+    """URIs only where raylm reads and writes object storage (run.dir, data.out_dir, data.paths, data.sources)."""
+    for key in NOT_YET:
         section, _, name = key.partition(".")
         try:
             refuse_uri(key, getattr(getattr(cfg, section), name, ""), NOT_YET[key])
         except StorageError as exc:
             raise ConfigError(str(exc)) from None
     sources = [s["path"] for s in cfg.data.sources if isinstance(s, dict) and isinstance(s.get("path"), str)]
-    for key, values in (("data.out_dir", [cfg.data.out_dir]), ("data.paths", cfg.data.paths),
+    for key, values in (("run.dir", [cfg.run.dir]), ("data.out_dir", [cfg.data.out_dir]), ("data.paths", cfg.data.paths),
                         ("data.sources", sources)):
         for value in values:
             if is_uri(value):

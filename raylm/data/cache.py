@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import os
 import shutil
-import tempfile
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,23 +27,16 @@ from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256
 from raylm.errors import DataError
 from raylm.fsync import fsync_path
 from raylm.log import get_logger
+from raylm.storage.location import mirror_folder
 from raylm.storage.objects import COPY_BYTES, open_read, read_bytes
 from raylm.storage.uri import StorageUri, is_uri, parse_uri
 
-CACHE_NAME = "raylm-cache"
 LOCKS = ".locks"
 PART_SUFFIX = ".part"
 CACHE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
-def cache_root(cache_dir: str) -> Path:
-    """data.cache_dir, or <system temp folder>/raylm-cache when it is '' (resolved on each node)."""
-    return Path(cache_dir).expanduser() if cache_dir else Path(tempfile.gettempdir()) / CACHE_NAME
-
-
-def cache_folder(uri: StorageUri, cache_dir: str) -> Path:
-    """The node-local folder that mirrors one prefix."""
-    return cache_root(cache_dir) / f"{uri.bucket}-{hashlib.sha256(str(uri).encode()).hexdigest()[:16]}"
+cache_folder = mirror_folder  # the node-local folder that mirrors one prefix (raylm.storage.location)
 
 
 def open_cached(uri_text: str, cache_dir: str, refresh: bool = True) -> tuple[Path, dict]:

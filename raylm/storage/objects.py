@@ -52,17 +52,46 @@ def upload_file(local: Path, uri: StorageUri) -> None:
         shutil.copyfileobj(source, target, COPY_BYTES)
 
 
-def object_sizes(uri: StorageUri) -> dict[str, int]:
-    """Size of every object directly under the prefix, by name (nothing for a prefix that holds none)."""
+def upload_bytes(data: bytes, uri: StorageUri) -> None:
+    """Write a small object (a manifest, a config) in one piece."""
+    fs = filesystem(uri)
+    with storage_errors(uri, "write"), fs.open_output_stream(uri.path) as target:
+        target.write(data)
+
+
+def object_sizes(uri: StorageUri, recursive: bool = False) -> dict[str, int]:
+    """Size of every object under the prefix, by its key relative to the prefix ('model/001-layers.0.pt' when
+    recursive, else only the objects directly under it); nothing for a prefix that holds none."""
+    import pyarrow.fs as pafs
+
+    fs = filesystem(uri)
+    with storage_errors(uri, "list"):
+        infos = fs.get_file_info(pafs.FileSelector(uri.path, allow_not_found=True, recursive=recursive))
+    start = len(uri.path) + 1
+    return {info.path[start:]: info.size for info in infos if info.type == pafs.FileType.File}
+
+
+def sub_prefixes(uri: StorageUri) -> list[str]:
+    """Names of the 'folders' directly under the prefix (keys that continue with another '/')."""
     import pyarrow.fs as pafs
 
     fs = filesystem(uri)
     with storage_errors(uri, "list"):
         infos = fs.get_file_info(pafs.FileSelector(uri.path, allow_not_found=True, recursive=False))
-    return {info.base_name: info.size for info in infos if info.type == pafs.FileType.File}
+    return sorted(info.base_name for info in infos if info.type == pafs.FileType.Directory)
 
 
 def delete_object(uri: StorageUri) -> None:
     fs = filesystem(uri)
     with storage_errors(uri, "delete"):
         fs.delete_file(uri.path)
+
+
+def delete_prefix(uri: StorageUri) -> None:
+    """Delete every object under the prefix (and the empty 'folder' markers pyarrow leaves behind)."""
+    fs = filesystem(uri)
+    try:
+        with storage_errors(uri, "delete"):
+            fs.delete_dir(uri.path)
+    except FileNotFoundError:
+        pass

@@ -39,6 +39,17 @@ class StorageUri:
         """The object `name` under this prefix (name is a plain relative key such as `manifest.json`)."""
         return StorageUri(self.scheme, self.bucket, f"{self.key}/{name}" if self.key else name)
 
+    __truediv__ = join  # `prefix / "manifest.json"`, as for a pathlib.Path
+
+    @property
+    def name(self) -> str:
+        """The last component of the key ('' for a whole bucket), as Path.name."""
+        return self.key.rpartition("/")[2]
+
+    @property
+    def parent(self) -> "StorageUri":
+        return StorageUri(self.scheme, self.bucket, self.key.rpartition("/")[0])
+
 
 def shown(value: object) -> str:
     """repr(value) for a message, with any `user:secret@` of a URI masked: credentials are never echoed."""
@@ -67,18 +78,14 @@ def parse_uri(value: str, key: str = "path") -> StorageUri:
     return StorageUri(scheme, bucket, "/".join(parts))
 
 NOT_YET = {  # where a URI is not built yet: refused with this fix, instead of writing a local folder named 's3:'
-    "run.dir": "runs and checkpoints on object storage are not supported yet; set run.dir to a local or "
-               "shared-filesystem folder",
     "model.init_from": "initial weights are read from a local Hugging Face folder only; download it first",
     "data.tokenizer": "a given tokenizer is read from a local file only; copy it to a local path",
     "data.cache_dir": "the cache is node-local by design; set a local folder such as /tmp/raylm-cache",
-    "export OUT_DIR": "exports are written to a local folder only for now; export locally, then copy the folder "
-                      "to object storage",
-    "RUN_OR_CHECKPOINT": "checkpoints are read from a local folder only for now; copy the run folder here first",
 }
 
 
 def refuse_uri(key: str, value: object, why: str) -> None:
     """StorageError for a URI where raylm cannot use one yet (`why` says what to do instead); nothing for a path."""
     if is_uri(value):
-        raise StorageError(f"{key}={shown(value)}: {why} (URIs work today in data.out_dir, data.paths and data.sources)")
+        raise StorageError(f"{key}={shown(value)}: {why} (URIs work in run.dir, data.out_dir, data.paths, "
+                           f"data.sources, and the sources and output of generate, export and eval)")

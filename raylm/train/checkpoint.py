@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raylm.config import Config
 from raylm.errors import RaylmError
 from raylm.log import get_logger
+from raylm.storage.location import Location, as_location, is_remote
 from raylm.train.rundir import checkpoint_root
 from raylm.train.schedule import PlateauState
 from raylm.train.step import TrainState
@@ -22,7 +22,7 @@ class ResumeInfo:
     """Where a (re)started worker group begins, and the checkpoint it came from (never pruned by this attempt)."""
 
     state: TrainState
-    source: Path | None = None
+    source: Location | None = None
     plateau: PlateauState | None = None  # the plateau lr schedule's state at that checkpoint
 
 
@@ -32,7 +32,7 @@ def checkpoint_due(cfg: Config, step: int) -> bool:
     return step == cfg.train.max_steps or bool(every and step % every == 0)
 
 
-def resume_candidates_of(cfg: Config, run_dir: Path, rank: int) -> list[Path]:
+def resume_candidates_of(cfg: Config, run_dir: Location, rank: int) -> list[Location]:
     """The committed checkpoints to try, newest first (manifests and sizes checked on rank 0, then broadcast).
 
     Runs on every (re)start of the worker group: after a lost worker, Ray Train restarts the group and this
@@ -55,10 +55,10 @@ def resume_candidates_of(cfg: Config, run_dir: Path, rank: int) -> list[Path]:
     dist.broadcast_object_list(choice, src=0)
     if isinstance(choice[0], RaylmError):
         raise choice[0]
-    return [Path(p) for p in choice[0]]
+    return [as_location(p) for p in choice[0]]
 
 
-def resume(cfg: Config, engine: Engine, run_dir: Path, rank: int) -> ResumeInfo:
+def resume(cfg: Config, engine: Engine, run_dir: Location, rank: int) -> ResumeInfo:
     """Load the newest checkpoint whose files verify, if any (all ranks together); the run's position either way.
 
     Each rank hashes only the files it reads. Under checkpoint.resume=auto a checkpoint that fails is skipped with
@@ -81,7 +81,7 @@ def resume(cfg: Config, engine: Engine, run_dir: Path, rank: int) -> ResumeInfo:
     return ResumeInfo(state=TrainState())
 
 
-def restore(cfg: Config, engine: Engine, path: Path, manifest: dict | None = None) -> ResumeInfo:
+def restore(cfg: Config, engine: Engine, path: Location, manifest: dict | None = None) -> ResumeInfo:
     """Load model and optimizer state (resharded to this layout if it changed) and, same layout, this rank's RNG."""
     from raylm.checkpoint.rng import restore_rng
     from raylm.checkpoint.state import load_checkpoint
@@ -101,8 +101,8 @@ def restore(cfg: Config, engine: Engine, path: Path, manifest: dict | None = Non
     return ResumeInfo(state=state, source=path, plateau=plateau)
 
 
-def save(cfg: Config, engine: Engine, run_dir: Path, state: TrainState, rank: int, protect: Path | None,
-         on_phase=None, plateau: PlateauState | None = None) -> Path:
+def save(cfg: Config, engine: Engine, run_dir: Location, state: TrainState, rank: int, protect: Location | None,
+         on_phase=None, plateau: PlateauState | None = None) -> Location:
     """Commit a checkpoint (a collective over every rank), then prune old ones on rank 0."""
     from raylm.checkpoint.commit import prune
     from raylm.checkpoint.rng import capture_rng
@@ -117,12 +117,18 @@ def save(cfg: Config, engine: Engine, run_dir: Path, state: TrainState, rank: in
     return path
 
 
-def report_with_checkpoint(row: dict[str, Any], path: Path | None) -> None:
-    """ray.train.report with the committed folder, which already sits in the run folder: nothing is copied."""
+def report_with_checkpoint(row: dict[str, Any], path: Location | None) -> None:
+    """ray.train.report with the committed folder, which already sits in the run folder (or prefix, on Ray
+    Train's own storage filesystem): nothing is copied."""
     import ray.train
     from ray.train import CheckpointUploadMode
 
-    checkpoint = ray.train.Checkpoint.from_directory(str(path)) if path else None
+    checkpoint = None
+    if path is not None and is_remote(path):
+        storage = ray.train.get_context().get_storage()  # the filesystem RunConfig was given
+        checkpoint = ray.train.Checkpoint(path=path.path, filesystem=storage.storage_filesystem)
+    elif path is not None:
+        checkpoint = ray.train.Checkpoint.from_directory(str(path))
     ray.train.report(row, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 

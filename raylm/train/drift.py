@@ -8,7 +8,6 @@ not depend on them.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -18,15 +17,17 @@ from raylm.checkpoint.names import CONFIG_FILE, TOKENIZER_FILE
 from raylm.config import Config, to_dict
 from raylm.data.shards import read_manifest as read_data_manifest
 from raylm.errors import ConfigError, DataError
+from raylm.storage.location import Location, local_view
 
 DRIFT_KEYS = ("run.seed", "data.seq_len", "data.vocab_size", "model.n_layer", "model.n_head", "model.n_kv_head",
               "model.d_model", "model.ffn_hidden", "model.tie_embeddings")
 
 
-def check_resume_drift(cfg: Config, checkpoint: Path) -> None:
+def check_resume_drift(cfg: Config, checkpoint: Location) -> None:
     """ConfigError naming the first key whose value differs from the checkpoint's, or a tokenizer that does.
-    The checkpoint's config.yaml must have been verified against its manifest."""
-    saved = yaml.safe_load((checkpoint / CONFIG_FILE).read_text())
+    The checkpoint's config.yaml must have been verified against its manifest (which fetches a checkpoint on
+    object storage into this node's data.cache_dir, where it is read here)."""
+    saved = yaml.safe_load((local_view(checkpoint, cfg.data.cache_dir) / CONFIG_FILE).read_text())
     now = to_dict(cfg)
     for dotted in DRIFT_KEYS:
         before, after = _get(saved, dotted), _get(now, dotted)
@@ -45,11 +46,11 @@ def data_sources(tree: dict) -> list[tuple[str, float]]:
     return [(str(s.get("path")), float(s.get("weight", 1.0))) for s in sources]
 
 
-def _check_tokenizer(cfg: Config, checkpoint: Path) -> None:
+def _check_tokenizer(cfg: Config, checkpoint: Location) -> None:
     files = read_manifest(checkpoint)["files"]
     if TOKENIZER_FILE not in files:
         return  # written before tokenizers were saved with checkpoints: nothing to compare
-    folder = Path(data_sources(to_dict(cfg))[0][0])
+    folder = data_sources(to_dict(cfg))[0][0]  # a folder or a prefix
     try:
         prepared = read_data_manifest(folder)["tokenizer_sha256"]
     except (DataError, KeyError):
@@ -62,7 +63,7 @@ def _check_tokenizer(cfg: Config, checkpoint: Path) -> None:
                           f"--allow-config-change to resume anyway, or start a new run.name")
 
 
-def _refuse(dotted: str, now: Any, before: Any, checkpoint: Path, hint: str | None = None) -> None:
+def _refuse(dotted: str, now: Any, before: Any, checkpoint: Location, hint: str | None = None) -> None:
     raise ConfigError(f"{dotted}={now!r} differs from {before!r} in checkpoint {checkpoint}: resuming would change "
                       f"which samples come next or the model itself; set {hint or dotted} back, pass "
                       f"--allow-config-change to resume anyway, or start a new run.name")

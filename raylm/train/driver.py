@@ -12,12 +12,14 @@ from raylm.config import Config, to_dict, with_overrides
 from raylm.config.derived import num_workers
 from raylm.errors import RaylmError
 from raylm.log import get_logger
+from raylm.storage.location import Location, is_remote
 from raylm.storage.uri import is_uri
 from raylm.train.metrics import plot_loss_curve, read_metrics
 from raylm.train.preflight import check_prepared_data
 from raylm.train.ray_cluster import connect_ray
+from raylm.train.run_files import RunFiles
 from raylm.train.run_lock import hold_run_lock
-from raylm.train.rundir import checkpoint_root, prepare_run_dir, run_path
+from raylm.train.rundir import METRICS_FILE, checkpoint_root, prepare_run_dir, run_path
 
 DATA_CPU_RESERVE = 1.0  # CPUs left free on a CPU-only cluster so Ray Data tasks are never starved (hang 2)
 
@@ -28,7 +30,7 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
     allow_config_change: resume even when the seed, data, tokenizer or model shape differ from the checkpoint's."""
     start = time.perf_counter()
     cfg = with_absolute_paths(cfg)
-    with hold_run_lock(run_path(cfg)):  # before anything reads, replaces or writes the run folder
+    with hold_run_lock(run_path(cfg), cfg.data.cache_dir):  # before anything reads, replaces or writes the run
         check_prepared_data(cfg)
         run_dir = prepare_run_dir(cfg, overwrite=overwrite, allow_config_change=allow_config_change)
         connect_ray()
@@ -36,7 +38,7 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
         get_logger().info("training %s on %d worker(s) (pp=%d tp=%d dp=%d); run folder %s", cfg.run.name,
                           num_workers(cfg), cfg.parallel.pp, cfg.parallel.tp, cfg.parallel.dp, run_dir)
         result = _fit(trainer, run_dir)
-        return summarise(run_dir, result, time.perf_counter() - start)
+        return summarise(run_dir, result, time.perf_counter() - start, cfg.data.cache_dir)
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -54,7 +56,7 @@ def with_absolute_paths(cfg: Config) -> Config:
                                 "model.init_from": absolute(cfg.model.init_from)})
 
 
-def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
+def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None):
     """The TorchTrainer for a run: workers and resources from the layout, storage in run.dir, retries from fault."""
     import ray.train
     from ray.train.torch import TorchConfig
@@ -65,7 +67,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
     scaling, backend = scaling_for(cfg, _cluster_resources())
     run_config = ray.train.RunConfig(
         name=cfg.run.name,
-        storage_path=str(run_dir.parent),
+        **ray_storage(run_dir),
         failure_config=ray.train.FailureConfig(max_failures=cfg.fault.max_failures),
         callbacks=callbacks,
     )
@@ -74,6 +76,16 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
     # read data (middle pipeline stages) would leave the split coordinator waiting forever (hang 1).
     return RaylmTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                         run_config=run_config, torch_config=TorchConfig(backend=backend))
+
+
+def ray_storage(run_dir: Location) -> dict[str, Any]:
+    """RunConfig's storage for the run: its parent folder, or for a prefix the bucket path with the pyarrow
+    filesystem raylm built from the environment (credentials stay in the environment, never in the object)."""
+    if not is_remote(run_dir):
+        return {"storage_path": str(run_dir.parent)}
+    from raylm.storage.fs import filesystem
+
+    return {"storage_path": run_dir.parent.path, "storage_filesystem": filesystem(run_dir)}
 
 
 def scaling_for(cfg: Config, cluster: dict[str, float]):
@@ -107,7 +119,7 @@ def _cluster_resources() -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def _fit(trainer, run_dir: Path):
+def _fit(trainer, run_dir: Location):
     """trainer.fit(), with a worker's failure turned into one line that names the cause, and a SIGINT or
     SIGTERM into one that names the checkpoint a rerun resumes from."""
     from raylm.train.failure_policy import user_error_in
@@ -120,7 +132,7 @@ def _fit(trainer, run_dir: Path):
             raise interrupted_error(trainer.interrupted_by, _newest_checkpoint(run_dir)) from None
         if isinstance(exc, KeyboardInterrupt):
             raise
-        failure = RaylmError(f"training failed: {_root_cause(exc)}")
+        failure = RaylmError(f"training failed: {_root_cause(exc, run_dir)}")
         user_error = user_error_in(exc)
         if user_error is not None:  # a data, config or checkpoint error keeps its own exit code (3, 2, 4)
             failure.exit_code = user_error.exit_code
@@ -128,31 +140,42 @@ def _fit(trainer, run_dir: Path):
     if trainer.interrupted_by is not None:  # the signal came as the run was finishing on its own
         get_logger().warning("the run finished before the interrupt took effect")
     if getattr(result, "error", None):
-        raise RaylmError(f"training failed: {_root_cause(result.error)}")
+        raise RaylmError(f"training failed: {_root_cause(result.error, run_dir)}")
     return result
 
 
-def _root_cause(exc: BaseException) -> str:
-    """The innermost exception's one-line message (a RaylmError's text is already written for users)."""
+def _root_cause(exc: BaseException, run_dir: Location | None = None) -> str:
+    """The innermost exception's one-line message (a RaylmError's text is already written for users; a storage
+    error of Ray Train's own writes to a run on object storage is described as raylm's are, scrubbed)."""
     seen = exc
     while seen.__cause__ is not None or getattr(seen, "cause", None) is not None:
         seen = seen.__cause__ or seen.cause
+    if run_dir is not None and is_remote(run_dir) and not isinstance(seen, RaylmError):
+        from raylm.storage.fs import DENIED, NO_BUCKET, UNREACHABLE, describe
+
+        if any(mark in str(seen) for mark in UNREACHABLE + DENIED + NO_BUCKET):  # Ray passes the text on
+            return describe(seen, run_dir, "write the run to")
     text = str(seen).strip().splitlines()
     last = next((line for line in reversed(text) if line.strip()), type(seen).__name__).strip()
     return re.sub(r"^raylm\.errors\.\w+: ", "", last)  # our errors are already worded for users
 
 
-def _newest_checkpoint(run_dir: Path) -> str | None:
+def _newest_checkpoint(run_dir: Location) -> str | None:
     from raylm.checkpoint.commit import list_committed
 
     committed = list_committed(checkpoint_root(run_dir))
     return str(committed[0]) if committed else None
 
 
-def summarise(run_dir: Path, result, wall_s: float) -> dict[str, Any]:
-    """Final summary printed by the CLI: where things are and how the run ended."""
-    rows = read_metrics(run_dir)
-    plot = plot_loss_curve(run_dir)
+def summarise(run_dir: Location, result, wall_s: float, cache_dir: str = "") -> dict[str, Any]:
+    """Final summary printed by the CLI: where things are and how the run ended. For a run on object storage the
+    metrics come from its prefix, and loss.png goes there."""
+    files = RunFiles(run_dir, cache_dir)
+    files.pull(METRICS_FILE)
+    rows = read_metrics(files.local)
+    plot = plot_loss_curve(files.local, title=run_dir.name)
+    if plot is not None and files.push((plot.name,)):
+        plot = run_dir / plot.name
     last = rows[-1] if rows else {}
     evals = [r for r in rows if "val_loss" in r]
     summary = {

@@ -21,7 +21,6 @@ from raylm.data.tokenizer import EOT_ID
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.model.sampling import Sampler, decode_cached, slide_keep
-from raylm.storage.uri import NOT_YET, refuse_uri
 
 
 class GenerateError(RaylmError):
@@ -105,19 +104,22 @@ def _prompt_line(line: str) -> str:
 
 
 def load_weights(source: str | Path) -> tuple[dict, dict[str, torch.Tensor], Path]:
-    """(raw config tree, full state dict, folder holding tokenizer.json) from an export folder, a checkpoint
-    folder, or a run folder (its newest committed checkpoint)."""
-    from raylm.checkpoint.export import load_export
-    from raylm.checkpoint.reader import load_checkpoint_weights, resolve_checkpoint
+    """(raw config tree, full state dict, local folder holding tokenizer.json) from an export folder, a
+    checkpoint folder, or a run folder (its newest committed checkpoint); any of them may be an s3:// or gs://
+    prefix, fetched into this node's cache first (checkpoint files verified against their manifest)."""
+    from raylm.checkpoint.export import export_folder, load_export
+    from raylm.checkpoint.names import TOKENIZER_FILE
+    from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_files, resolve_checkpoint
+    from raylm.checkpoint.manifest import read_manifest
 
-    refuse_uri("RUN_OR_CHECKPOINT", source, NOT_YET["RUN_OR_CHECKPOINT"])
-    path = Path(source).expanduser()
-    if (path / "config.json").is_file():
-        tree, state = load_export(path)
-        return tree, state, path
-    folder = resolve_checkpoint(path)
+    export = export_folder(source)
+    if export is not None:
+        tree, state = load_export(export)
+        return tree, state, export
+    folder = resolve_checkpoint(source)
     tree, state = load_checkpoint_weights(folder)
-    return tree, state, folder
+    tokenizer = [TOKENIZER_FILE] if TOKENIZER_FILE in read_manifest(folder)["files"] else []
+    return tree, state, local_checkpoint_files(folder, tokenizer)
 
 
 def load_model(source: str | Path):

@@ -54,8 +54,9 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def plot_loss_curve(run_dir: Path) -> Path | None:
-    """Write <run>/loss.png from metrics.jsonl (train loss per step, validation loss on eval steps)."""
+def plot_loss_curve(run_dir: Path, title: str | None = None) -> Path | None:
+    """Write <run>/loss.png from metrics.jsonl (train loss per step, validation loss on eval steps); the title is
+    the run's name (the folder's, unless given)."""
     rows = read_metrics(run_dir)
     if not rows:
         return None
@@ -71,7 +72,7 @@ def plot_loss_curve(run_dir: Path) -> Path | None:
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title(Path(run_dir).name)
+    ax.set_title(title or Path(run_dir).name)
     ax.grid(alpha=0.3)
     ax.legend()
     out = Path(run_dir) / "loss.png"

@@ -4,6 +4,10 @@ The lock file is `<run.dir>/.<run.name>.lock`, a sibling of the run folder, so `
 folder) never deletes a lock that another process holds. It is an `fcntl.flock`, so a holder killed with -9
 leaves no stale lock behind: the next run takes it at once. The file's text names the holder (host, pid) for
 the error a second run prints.
+
+Object storage has no locks (and a lease object without a heartbeat cannot tell a live holder from a dead
+one), so for a run on an s3:// or gs:// prefix the lock is taken beside this machine's local folder for the
+prefix: it keeps two runs started from one machine apart, not runs started from two (docs/storage.md).
 """
 
 from __future__ import annotations
@@ -18,17 +22,19 @@ from pathlib import Path
 from typing import Iterator
 
 from raylm.errors import RaylmError
+from raylm.storage.location import Location, local_view
 
 
-def lock_path(run_dir: Path) -> Path:
-    """Where the lock of a run folder lives: beside it, inside run.dir."""
-    return run_dir.with_name(f".{run_dir.name}.lock")
+def lock_path(run_dir: Location, cache_dir: str = "") -> Path:
+    """Where the lock of a run folder lives: beside it, inside run.dir (for a prefix: beside its local folder)."""
+    local = local_view(run_dir, cache_dir)
+    return local.with_name(f".{local.name}.lock")
 
 
 @contextlib.contextmanager
-def hold_run_lock(run_dir: Path) -> Iterator[None]:
+def hold_run_lock(run_dir: Location, cache_dir: str = "") -> Iterator[None]:
     """Hold the run folder's lock for the `with` block; RaylmError naming the holder if another run has it."""
-    path = lock_path(run_dir)
+    path = lock_path(run_dir, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:

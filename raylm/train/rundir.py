@@ -1,8 +1,10 @@
-"""The run folder <run.dir>/<run.name>: refuse to clobber a used name, check storage is writable, save config."""
+"""The run folder <run.dir>/<run.name> (or prefix, on object storage): refuse to clobber a used name, check storage
+is writable, save config."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -11,22 +13,40 @@ import yaml
 
 from raylm.config import Config, to_dict
 from raylm.errors import RaylmError
+from raylm.log import get_logger
+from raylm.storage.location import (Location, delete_files, file_sizes, is_remote, local_view, read_bytes,
+                                    remove_empty_folders, write_text)
+from raylm.storage.uri import is_uri, parse_uri
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's list of reported checkpoints
+METRICS_FILE = "metrics.jsonl"
+# Every object name raylm (or Ray Train, for raylm) writes under a run prefix: --overwrite deletes these and no other.
+RUN_OBJECTS = re.compile(r"^(metrics\.jsonl|config\.yaml|loss\.png|\.fault-drill-fired|\.validate_storage_marker|"
+                         rf"{RAY_CHECKPOINT_SNAPSHOT.replace('.', '[.]')}|"
+                         r"tensorboard/events\.out\.tfevents\.[\w.-]+|placement/rank-\d+\.json|"
+                         r"checkpoints/step-\d{8,}/(manifest\.json|config\.yaml|trainer_state\.json|engine\.json|"
+                         r"tokenizer\.json|(model|optim)/\d{3}-[\w.]+\.pt|ranks/rank-\d{5,}\.pt))$")
 
 
-def run_path(cfg: Config) -> Path:
-    """Absolute path of this run's folder (Ray workers may run elsewhere, so never relative).
+def run_path(cfg: Config) -> Location:
+    """Where this run lives: an absolute folder (Ray workers may run elsewhere, so never relative), or the
+    prefix <run.dir>/<run.name> when run.dir is an s3:// or gs:// URI.
 
     run.dir is resolved, the run's own folder is not: a run folder that is a symbolic link stays the link, so
     nothing is ever deleted through it (see remove_folder)."""
+    if is_uri(cfg.run.dir):
+        return parse_uri(cfg.run.dir, "run.dir") / cfg.run.name
     return Path(cfg.run.dir).expanduser().resolve() / cfg.run.name
 
 
-def remove_folder(path: Path, what: str) -> None:
+def remove_folder(path: Location, what: str) -> None:
     """Delete a run or sweep folder that --overwrite replaces, but never through a symbolic link.
 
-    The user named <run.dir>/<name>; a link there points somewhere they did not name, so raylm refuses."""
+    The user named <run.dir>/<name>; a link there points somewhere they did not name, so raylm refuses. On
+    object storage only the objects of raylm's own names directly under that exact prefix are deleted."""
+    if is_remote(path):
+        _remove_run_objects(path)
+        return
     if path.is_symlink():
         raise RaylmError(f"{what} {path} is a symbolic link to {os.path.realpath(path)}; --overwrite never deletes "
                          f"through a link: remove the link yourself, or set run.dir to the folder it points to")
@@ -34,17 +54,33 @@ def remove_folder(path: Path, what: str) -> None:
         shutil.rmtree(path)
 
 
-def has_run_outputs(path: Path) -> bool:
+def _remove_run_objects(prefix: Location) -> None:
+    """--overwrite on object storage: checkpoints first (each manifest before its files), then the run's other
+    objects; anything under the prefix that raylm did not name is left in place and listed in a warning."""
+    names = file_sizes(prefix)
+    ours = sorted((n for n in names if RUN_OBJECTS.match(n)), key=lambda n: (not n.endswith("/manifest.json"), n))
+    delete_files(prefix, ours)
+    remove_empty_folders(prefix, ("checkpoints", "tensorboard", "placement"))
+    foreign = sorted(set(names) - set(ours))
+    if foreign:
+        get_logger().warning("--overwrite left %d object(s) under %s that raylm did not write: %s", len(foreign),
+                             prefix, ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else ""))
+
+
+def has_run_outputs(path: Location) -> bool:
     """A folder that already holds a run's results (metrics or checkpoints), not merely an empty folder."""
-    return (path / "metrics.jsonl").exists() or checkpoint_root(path).exists()
+    if is_remote(path):
+        names = file_sizes(path)
+        return METRICS_FILE in names or any(n.startswith("checkpoints/") for n in names)
+    return (path / METRICS_FILE).exists() or checkpoint_root(path).exists()
 
 
-def checkpoint_root(run_dir: Path) -> Path:
+def checkpoint_root(run_dir: Location) -> Location:
     """Where a run's committed checkpoints live: <run>/checkpoints/step-XXXXXXXX."""
     return run_dir / "checkpoints"
 
 
-def prepare_run_dir(cfg: Config, overwrite: bool, allow_config_change: bool = False) -> Path:
+def prepare_run_dir(cfg: Config, overwrite: bool, allow_config_change: bool = False) -> Location:
     """Create the run folder, or keep it to resume; fail early if storage is read-only.
 
     checkpoint.resume decides what an existing folder means: `auto` resumes it when it holds a committed
@@ -66,19 +102,19 @@ def prepare_run_dir(cfg: Config, overwrite: bool, allow_config_change: bool = Fa
         _check_drift(cfg, path)
     _check_writable(cfg, path)
     _forget_ray_snapshot(path)
-    write_atomic(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
 
 
-def _forget_ray_snapshot(path: Path) -> None:
+def _forget_ray_snapshot(path: Location) -> None:
     """Drop Ray Train's record of the checkpoints an earlier attempt reported.
 
     raylm picks the checkpoint to resume from its own commit protocol, and prunes old ones itself; Ray Train
     would otherwise refuse to start in a folder whose snapshot names a checkpoint that was pruned."""
-    (path / RAY_CHECKPOINT_SNAPSHOT).unlink(missing_ok=True)
+    delete_files(path, [RAY_CHECKPOINT_SNAPSHOT])
 
 
-def _check_drift(cfg: Config, path: Path) -> None:
+def _check_drift(cfg: Config, path: Location) -> None:
     """Refuse to resume with settings that change the data or the model, compared with the newest committed
     checkpoint whose config verifies (a damaged one is skipped here as resume=auto skips it)."""
     from raylm.checkpoint.commit import list_committed
@@ -89,32 +125,31 @@ def _check_drift(cfg: Config, path: Path) -> None:
 
     for folder in list_committed(checkpoint_root(path)):
         try:
-            verify_checkpoint(folder, only=[CONFIG_FILE])
+            verify_checkpoint(folder, only=[CONFIG_FILE], cache_dir=cfg.data.cache_dir)
         except CheckpointError:
             continue
         check_resume_drift(cfg, folder)
         return
 
 
-def _has_committed(path: Path) -> bool:
+def _has_committed(path: Location) -> bool:
     from raylm.checkpoint.commit import list_committed
 
     return bool(list_committed(checkpoint_root(path)))
 
 
-def _check_writable(cfg: Config, path: Path) -> None:
+def _check_writable(cfg: Config, path: Location) -> None:
+    """Write and delete a probe file (object) now, so a read-only folder or a bucket that refuses writes fails
+    before any worker starts; the node-local folder of a run on object storage must be writable too."""
+    probe = f".write-probe-{uuid.uuid4().hex}"
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{uuid.uuid4().hex}"
-        probe.write_text("ok")
-        probe.unlink()
+        local = local_view(path, cfg.data.cache_dir)
+        local.mkdir(parents=True, exist_ok=True)
+        write_text(path / probe, "ok")
+        if is_remote(path) and read_bytes(path / probe) != b"ok":
+            raise RaylmError(f"run.dir {cfg.run.dir!r}: a probe object written to {path} did not read back; "
+                             f"check the storage endpoint")
+        delete_files(path, [probe])
     except OSError as exc:
-        raise RaylmError(f"run.dir {cfg.run.dir!r} is not writable ({exc.strerror}); point run.dir at a writable "
-                         f"folder (shared storage on a cluster)") from None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write a text file so readers see the old content or the new, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        raise RaylmError(f"run.dir {cfg.run.dir!r} is not writable ({exc.strerror or exc}); point run.dir at a "
+                         f"writable folder or bucket (shared storage on a cluster)") from None

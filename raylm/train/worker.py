@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,10 +11,12 @@ import torch
 from raylm.config import Config, resolve
 from raylm.config.derived import micro_batches_for
 from raylm.log import get_logger, quiet_worker_logs, setup_logging
+from raylm.storage.location import Location, as_location
 from raylm.train.checkpoint import checkpoint_due, report_with_checkpoint, save
 from raylm.train.faults import FaultDrill
 from raylm.train.placement import record_placement
 from raylm.train.progress import Progress
+from raylm.train.run_files import RunFiles
 from raylm.train.schedule import PlateauState, batch_size_at, lr_at, milestone_crossed, plateau_after_eval
 from raylm.train.step import TimedIterator, TrainState, train_step
 
@@ -32,8 +33,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     torch.set_num_threads(_torch_threads(cfg, context.get_local_world_size()))
     _pin_gpu()
     session = build_session(cfg, loop_config["backend"], rank)
-    record_placement(Path(loop_config["run_dir"]), rank, session.engine.coords)
-    run_loop(cfg, session, Path(loop_config["run_dir"]), rank)
+    run = as_location(loop_config["run_dir"])
+    files = RunFiles(run, cfg.data.cache_dir)
+    placement = record_placement(files.local, rank, session.engine.coords)
+    files.push((placement.relative_to(files.local).as_posix(),))  # each rank its own file
+    run_loop(cfg, session, run, rank)
 
 
 def _pin_gpu() -> None:
@@ -63,16 +67,21 @@ def build_session(cfg: Config, backend: str, rank: int):
     return Session.build(cfg, backend, rank)
 
 
-def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
+def run_loop(cfg: Config, session, run_dir: Location, rank: int) -> None:
     """The training loop: schedules per step, train_batch, eval, metrics, checkpoints and reports to Ray.
 
-    The last step always commits a checkpoint: it holds the final weights that generate and export read."""
+    The last step always commits a checkpoint: it holds the final weights that generate and export read. Rank 0
+    writes the metrics in a local folder (the run folder, or for a run on object storage this machine's folder
+    for its prefix, copied there at every report and at the end)."""
     resumed = session.resume(run_dir, rank)
     state, protect = resumed.state, resumed.source  # keep the resume source until this attempt commits its own
     plateau = resumed.plateau or PlateauState()
     batches = TimedIterator(session.train_batches(state.samples)) if session.reads_data else None
-    progress = Progress(cfg, run_dir, start_step=state.step) if rank == 0 else None
-    drill = FaultDrill(cfg, run_dir, rank)
+    files = RunFiles(run_dir, cfg.data.cache_dir)
+    if rank == 0:
+        files.start()
+    progress = Progress(cfg, files.local, start_step=state.step) if rank == 0 else None
+    drill = FaultDrill(cfg, files.local, rank)
     if cfg.tune.trial_of and resumed.source:
         report_resumed_rung(cfg, session, state)
     for step in range(state.step, cfg.train.max_steps):
@@ -94,10 +103,11 @@ def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
             break
         if progress:
             progress.record(row, force=last or "val_loss" in row)
-        if report(cfg, session, run_dir, state, row, rank, protect, drill, rung is not None, plateau):
+        if report(cfg, session, run_dir, state, row, rank, protect, drill, rung is not None, plateau, files):
             protect = None
     if progress:
         progress.close()
+        files.push()
     get_logger().debug("rank %d finished", rank)
 
 
@@ -144,19 +154,23 @@ def end_diverged(row: dict, progress) -> None:
 DIVERGED_LOSS = float("inf")  # what Tune sees for a diverged trial: worse than any loss (raylm's files say null)
 
 
-def report(cfg: Config, session, run_dir: Path, state: TrainState, row: dict, rank: int,
-           protect: Path | None, drill: FaultDrill, at_rung: bool = False,
-           plateau: PlateauState = PlateauState()) -> bool:
+def report(cfg: Config, session, run_dir: Location, state: TrainState, row: dict, rank: int,
+           protect: Location | None, drill: FaultDrill, at_rung: bool = False,
+           plateau: PlateauState = PlateauState(), files: RunFiles | None = None) -> bool:
     """Commit a checkpoint when one is due or at a sweep rung (returns whether it did), then tell Ray. A report
     costs a controller round trip (~2 s by default): at checkpoints, evaluations and every train.report_every
-    steps (docs/ray-facts.md 2)."""
+    steps (docs/ray-facts.md 2). Rank 0 copies the run's files to object storage before each report."""
     import ray.train
 
     if checkpoint_due(cfg, state.step) or at_rung:
         committed = save(cfg, session.engine, run_dir, state, rank, protect,  # a collective: every rank saves
                          on_phase=lambda phase: drill.at(phase, state.step), plateau=plateau)
+        if rank == 0 and files:
+            files.push()
         report_with_checkpoint(row, committed if rank == 0 else None)
         return True
     if "val_loss" in row or state.step % cfg.train.report_every == 0:
+        if rank == 0 and files:
+            files.push()
         ray.train.report(row)
     return False

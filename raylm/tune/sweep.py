@@ -14,6 +14,7 @@ from typing import Any
 from raylm.config import Config, resolve, to_dict, with_overrides
 from raylm.errors import ConfigError, RaylmError
 from raylm.log import get_logger
+from raylm.storage.uri import refuse_uri
 from raylm.train.driver import build_trainer, with_absolute_paths
 from raylm.train.preflight import check_prepared_data
 from raylm.train.ray_cluster import connect_ray
@@ -28,10 +29,13 @@ from raylm.tune.resume import SWEEP_FILE, check_resumable, expected_trials
 from raylm.tune.space import Space, load_space
 
 METRICS = ("val_loss", "loss")
+SWEEP_ON_URI = ("a sweep keeps its trials, exploits and summary in a local or shared folder (object storage is built "
+                "for single runs); set run.dir to such a folder")
 
 
 def sweep(cfg: Config, space_path: str | Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) the sweep and write its outputs in <run.dir>/<tune.name>/; return a summary."""
+    refuse_uri("run.dir", cfg.run.dir, SWEEP_ON_URI)
     cfg = with_absolute_paths(cfg)
     space, plan = prepare(cfg, space_path)
     sweep_dir = Path(cfg.run.dir) / cfg.tune.name

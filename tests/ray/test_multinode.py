@@ -1,5 +1,6 @@
 """Multi-node Ray on one machine: pipeline stages on two nodes match one node bit for bit, TP groups stay on a
-node, and a run that loses a whole node finishes by itself with the losses of an uninterrupted run.
+node, a run that loses a whole node finishes by itself with the losses of an uninterrupted run, and a run whose
+every path is an s3:// URI (moto on 127.0.0.1, behind a relay that can play an outage) matches local folders.
 
 Why a separate process for the cluster and for each multi-node run: this pytest process is already connected to
 the session's local Ray (tests/conftest.py), `ray.init` holds one cluster per process, and
@@ -22,11 +23,21 @@ from pathlib import Path
 
 import pytest
 
+from raylm.checkpoint import list_committed
+from raylm.checkpoint.export import export
+from raylm.config import resolve
+from raylm.config.loader import read_yaml
+from raylm.data.prepare import prepare
+from raylm.data.shards import read_manifest as read_data_manifest
+from raylm.storage.objects import object_sizes
+from raylm.storage.uri import parse_uri
 from raylm.train.driver import train
 from raylm.train.metrics import read_metrics
 from raylm.train.placement import read_placement
+from raylm.train.run_files import RunFiles
 from tests.conftest import REPO_ROOT, TINY_CONFIG
 from tests.ray.conftest import SMALL_MODEL
+from tests.s3_server import BUCKET, OutageRelay, create_bucket, s3_server, use_endpoint
 
 CLUSTER_SCRIPT = Path(__file__).with_name("multinode_cluster.py")
 ONE_WORKER_PER_NODE = ("parallel.cpus_per_worker=2",)  # a worker takes a whole 2-CPU node, so stages spread
@@ -73,7 +84,19 @@ def _env(**extra: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cluster(ray_cluster):
+def s3_relay():
+    """An S3 server reached through an OutageRelay, its endpoint and dummy keys in this process's environment
+    for the module (so the cluster's nodes, every `raylm train` and in-process reads all use it)."""
+    with s3_server() as url, pytest.MonkeyPatch.context() as env:
+        create_bucket(url)
+        relay = OutageRelay(url)
+        use_endpoint(env, relay.url)
+        yield relay
+        relay.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_cluster, s3_relay):
     host = ClusterHost(["node_a", "node_b"])
     yield host
     host.close()
@@ -109,11 +132,16 @@ def losses(run: Path) -> list[tuple[float, str]]:
     return [(r["loss"], r["samples_sha"]) for r in rows]
 
 
+_REFERENCES: dict[tuple[str, ...], list[tuple[float, str]]] = {}
+
+
 def reference(small_config, name: str, *extra: str) -> list[tuple[float, str]]:
-    """The same run on the session's one-node Ray."""
-    cfg = small_config(name, *THREADS, *extra)
-    train(cfg)
-    return losses(Path(cfg.run.dir) / cfg.run.name)
+    """The same run on the session's one-node Ray, in local folders (run once per module for the same settings)."""
+    if extra not in _REFERENCES:
+        cfg = small_config(name, *THREADS, *extra)
+        train(cfg)
+        _REFERENCES[extra] = losses(Path(cfg.run.dir) / cfg.run.name)
+    return _REFERENCES[extra]
 
 
 def nodes_by_stage(run: Path) -> dict[int, set[str]]:
@@ -176,3 +204,76 @@ def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout_s: float = 18
             return len((run / "metrics.jsonl").read_text().splitlines())
         time.sleep(0.05)
     raise AssertionError(f"no checkpoint committed (exit code {proc.poll()})")
+
+
+def s3_overrides(prefix: str, small_corpus, tmp_path: Path, name: str, *extra: str) -> list[str]:
+    """A run whose data, run folder and checkpoints are all under an s3:// prefix (node caches under tmp_path)."""
+    return [*SMALL_MODEL, f"data.paths=['{small_corpus}']", f"data.out_dir={prefix}/data", f"run.dir={prefix}/runs",
+            f"run.name={name}", f"data.cache_dir={tmp_path / 'node-cache'}", *THREADS, *extra]
+
+
+def prepare_on_s3(args: list[str]) -> None:
+    """`raylm prepare` of the run's data.out_dir prefix (in this process: its output is what is tested)."""
+    prepare(resolve(read_yaml(TINY_CONFIG), args), use_ray=False)
+
+
+def fetched(run_uri: str, tmp_path: Path, *names: str) -> Path:
+    """A local folder holding these files of a run on object storage, read back from its prefix."""
+    files = RunFiles(parse_uri(run_uri), str(tmp_path / "reader-cache"))
+    for name in names:
+        files.pull(name)
+    return files.local
+
+
+def test_every_path_on_s3_prepare_train_pp2_export_matches_local(cluster, s3_relay, prepared, small_corpus,
+                                                                 small_config, tmp_path):
+    prefix, run_uri = f"s3://{BUCKET}/e2e", f"s3://{BUCKET}/e2e/runs/s3run"
+    args = s3_overrides(prefix, small_corpus, tmp_path, "s3run", "parallel.pp=2", "checkpoint.every_steps=2",
+                        *ONE_WORKER_PER_NODE)
+    prepare_on_s3(args)
+    assert [e["sha256"] for e in read_data_manifest(f"{prefix}/data")["shards"]] == [
+        e["sha256"] for e in read_data_manifest(prepared)["shards"]]  # the same shards as the local reference's
+    console = tmp_path / "s3run.log"
+    finish(start_run(cluster, args, console), console)
+    summary = export(run_uri, f"{prefix}/exports/s3run")
+    assert summary["out_dir"] == f"{prefix}/exports/s3run" and summary["step"] == 4
+    bucket = object_sizes(parse_uri(f"s3://{BUCKET}/e2e"), recursive=True)
+    expected = ["data/manifest.json", "data/tokenizer.json", "runs/s3run/config.yaml", "runs/s3run/metrics.jsonl",
+                "runs/s3run/loss.png", "runs/s3run/checkpoints/step-00000002/manifest.json",
+                "runs/s3run/checkpoints/step-00000004/manifest.json", "runs/s3run/placement/rank-00000.json",
+                "runs/s3run/placement/rank-00001.json", "exports/s3run/config.json", "exports/s3run/model.safetensors"]
+    assert [k for k in expected if k not in bucket] == []
+    assert any(k.startswith("data/") and k.endswith(".bin") for k in bucket)
+    assert any(k.startswith("runs/s3run/tensorboard/events.") for k in bucket)
+    assert not (REPO_ROOT / "s3:").exists()
+    run = fetched(run_uri, tmp_path, "metrics.jsonl", "placement/rank-00000.json", "placement/rank-00001.json")
+    assert len({e["node_id"] for e in read_placement(run)}) == 2  # one stage per node, each uploading its files
+    assert losses(run) == reference(small_config, "one-node", "parallel.pp=2")
+
+
+@pytest.mark.slow
+def test_a_storage_outage_during_a_checkpoint_upload_never_resumes_a_partial_checkpoint(
+        cluster, s3_relay, small_corpus, small_config, tmp_path):
+    """The relay cuts the server off for 5 s at the first upload of step 4: the commit fails with one line
+    (older checkpoints untouched); the prefix step-00000004/ has no manifest, so the rerun resumes from step 2
+    and ends with the losses of an uninterrupted run."""
+    prefix, run_uri = f"s3://{BUCKET}/outage", f"s3://{BUCKET}/outage/runs/cut"
+    steps = ("train.max_steps=6", "checkpoint.every_steps=2", "parallel.pp=2")
+    args = s3_overrides(prefix, small_corpus, tmp_path, "cut", *steps, *ONE_WORKER_PER_NODE)
+    prepare_on_s3(args)
+    s3_relay.arm(b"/outage/runs/cut/checkpoints/step-00000004/", down_s=5.0)
+    console = tmp_path / "cut.log"
+    proc = start_run(cluster, args, console)
+    proc.wait(timeout=RUN_TIMEOUT_S)
+    text = console.read_text()
+    assert s3_relay.fired.is_set() and proc.returncode != 0, text[-3000:]
+    assert "uploading checkpoint step 4 failed" in text, text[-3000:]
+    checkpoints = parse_uri(f"{run_uri}/checkpoints")
+    assert [p.name for p in list_committed(checkpoints)] == ["step-00000002"]
+    assert "manifest.json" not in object_sizes(checkpoints / "step-00000004")
+    console = tmp_path / "cut-rerun.log"
+    finish(start_run(cluster, args, console), console)
+    run = fetched(run_uri, tmp_path, "metrics.jsonl")
+    resumed = [(r["resumed_from"], r["resumed_from_checkpoint"]) for r in read_metrics(run) if "resumed_from" in r]
+    assert resumed == [(2, f"{run_uri}/checkpoints/step-00000002")]
+    assert losses(run) == reference(small_config, "cut-ref", *steps)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import random
 
 import pytest
@@ -18,7 +17,6 @@ from raylm.checkpoint.writer import save_full_weights
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
 from raylm.errors import CheckpointError, RaylmError
-from raylm.log import get_logger
 from raylm.model.gpt import init_full_weights, param_shapes
 
 
@@ -40,19 +38,6 @@ def ckpt_dir(tmp_path, cfg, weights):
     for step in (10, 20, 30):
         save_full_weights(cfg, weights, root, step)
     return root
-
-
-@pytest.fixture
-def warnings_seen(caplog):
-    """Warnings of the raylm logger (which may not propagate once setup_logging ran)."""
-    logger = get_logger()
-    attach = not logger.propagate
-    if attach:
-        logger.addHandler(caplog.handler)
-    caplog.set_level(logging.WARNING, logger=logger.name)
-    yield caplog
-    if attach:
-        logger.removeHandler(caplog.handler)
 
 
 def test_commit_layout_and_manifest(ckpt_dir, cfg, weights):

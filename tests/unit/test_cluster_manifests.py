@@ -194,22 +194,25 @@ def test_launcher_starts_ray_first_with_auth_and_a_local_dashboard():
     assert "0.0.0.0" not in LAUNCHER.read_text()
 
 
-def test_data_on_object_storage_runs_on_a_volume_every_pod_mounts():
-    """Prepared data on s3; run folders on the shared claim until raylm writes runs to object storage (run.dir
-    URIs are refused today, so a manifest naming one would fail at its first step)."""
+def test_runs_and_data_default_to_object_storage_and_no_pod_needs_a_volume_claim():
+    """Prepared data and run folders on s3 (issue 14): the RayJob's entrypoint, the README's variables and
+    gpt2-small.yaml name s3:// URIs, and no manifest requires a ReadWriteMany claim (a shared volume is optional)."""
     entrypoint = load(CLUSTER / "kuberay-rayjob.yaml")["spec"]["entrypoint"]
-    assert entrypoint.count("data.out_dir=s3://") == 2 and "run.dir=/mnt/shared/" in entrypoint
+    assert entrypoint.count("data.out_dir=s3://") == 2 and entrypoint.count("run.dir=s3://") == 1
     assert "$" not in entrypoint, "KubeRay's submitter shell would expand a variable to nothing"
     readme = (CLUSTER / "README.md").read_text()
-    assert re.search(r"export RAYLM_DATA=s3://", readme) and re.search(r"export RAYLM_RUNS=/mnt/shared/", readme)
+    assert re.search(r"export RAYLM_DATA=s3://", readme) and re.search(r"export RAYLM_RUNS=s3://", readme)
+    from raylm.config import load_config
+
+    gpt2 = load_config(REPO_ROOT / "jobs" / "configs" / "gpt2-small.yaml")
+    assert gpt2.run.dir.startswith("s3://") and gpt2.data.out_dir.startswith("s3://")
     for path in KUBERAY:
         spec = load(path)["spec"]
         cluster = spec.get("rayClusterSpec", spec)
         for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
             pod = group["template"]["spec"]
-            claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
-            mounts = [m["mountPath"] for c in pod["containers"] for m in c.get("volumeMounts", [])]
-            assert claims == ["raylm-shared"] and "/mnt/shared" in mounts, path.name
+            claims = [v for v in pod.get("volumes", []) if "persistentVolumeClaim" in v]
+            assert claims == [], f"{path.name}: runs live on object storage, no pod needs a volume claim"
 
 
 def test_gpt2_small_asks_for_gpus():

@@ -48,12 +48,11 @@ def test_is_uri_leaves_local_paths_alone():
 
 
 @pytest.mark.parametrize("override, key", [
-    ("run.dir=s3://bucket/runs", "run.dir"),
     ("data.tokenizer=s3://bucket/tok.json", "data.tokenizer"),
     ("data.cache_dir=s3://bucket/cache", "data.cache_dir"),
 ])
 def test_uris_that_are_not_built_yet_are_refused_at_config_time(override, key):
-    with pytest.raises(ConfigError, match=rf"^{key}='s3://bucket/[a-z.]+': .*\(URIs work today in data\.out_dir"):
+    with pytest.raises(ConfigError, match=rf"^{key}='s3://bucket/[a-z.]+': .*\(URIs work in run\.dir, data\.out_dir"):
         resolve({}, [override])
 
 
@@ -118,10 +117,10 @@ def test_shard_digest_pieces_of_any_length():
         digest.check("x.bin", {**entry, "bytes": 2002}, vocab_size=1000)
 
 
-def test_refuse_uri_for_callers_outside_the_config():
-    refuse_uri("export OUT_DIR", "exports/t1", NOT_YET["export OUT_DIR"])  # a path: nothing to refuse
-    with pytest.raises(StorageError, match=r"^export OUT_DIR='s3://b/e': exports are written to a local folder"):
-        refuse_uri("export OUT_DIR", "s3://b/e", NOT_YET["export OUT_DIR"])
+def test_refuse_uri_names_the_key_and_the_fix():
+    refuse_uri("data.tokenizer", "tok/t1.json", NOT_YET["data.tokenizer"])  # a path: nothing to refuse
+    with pytest.raises(StorageError, match=r"^data.tokenizer='s3://b/e': a given tokenizer is read from a local"):
+        refuse_uri("data.tokenizer", "s3://b/e", NOT_YET["data.tokenizer"])
 
 
 @pytest.mark.parametrize("override", ["data.out_dir=s3://AKIAX:hunter2-secret@bucket/data",
@@ -132,16 +131,16 @@ def test_credentials_in_a_uri_are_refused_and_never_echoed(override):
     assert "hunter2" not in str(info.value) and "AKIAX" not in str(info.value) and "***@" in str(info.value)
 
 
-@pytest.mark.parametrize("argv,key", [(["export", "runs/x", "s3://bucket/exports/x"], "export OUT_DIR"),
-                                      (["export", "s3://bucket/runs/x", "out"], "RUN_OR_CHECKPOINT"),
-                                      (["generate", "gs://bucket/runs/x", "--prompt", "a"], "RUN_OR_CHECKPOINT"),
-                                      (["eval", "s3://bucket/runs/x"], "RUN_OR_CHECKPOINT")])
-def test_verbs_refuse_uris_they_cannot_use_yet(argv, key, tmp_path, monkeypatch, capsys):
-    """Not a local folder named 's3:' and a silent success: one line naming the argument, exit 5."""
+@pytest.mark.parametrize("argv,key", [(["export", "runs/x", "ftp://bucket/exports/x"], "export OUT_DIR"),
+                                      (["export", "file:///bucket/runs/x", "out"], "RUN_OR_CHECKPOINT"),
+                                      (["generate", "hdfs://bucket/runs/x", "--prompt", "a"], "RUN_OR_CHECKPOINT"),
+                                      (["eval", "az://bucket/runs/x"], "RUN_OR_CHECKPOINT")])
+def test_verbs_refuse_uris_of_other_schemes(argv, key, tmp_path, monkeypatch, capsys):
+    """Not a local folder named 'ftp:' and a silent success: one line naming the argument, exit 5."""
     from raylm.cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(argv) == 5
     err = capsys.readouterr().err
-    assert err.startswith(f"raylm: error: {key}=") and err.count("\n") == 1 and "only for now" in err, err
+    assert err.startswith(f"raylm: error: {key}=") and err.count("\n") == 1 and "does not read or write" in err, err
     assert not (tmp_path / "s3:").exists() and not (tmp_path / "gs:").exists()
