@@ -32,6 +32,7 @@ from raylm.parallel.pipe_wait import PipeWaitClock
 from raylm.parallel.pipeline import SingleStage, build_pipeline_module, ds_topology, stage_layers
 from raylm.parallel.shards import (StageLayers, gather_full, named_params, owned_cpu, read_weights,
                                    shard_of, tag_for_grad_norm)
+from raylm.parallel.step_guard import StepGuard
 from raylm.parallel.tensor import TPGroup
 from raylm.parallel.topology import ProcessGroups, Topology, build_groups, check_layout
 
@@ -85,6 +86,27 @@ class Engine:
         self.micro_batch = micro_batch
         self.rank = dist.get_rank()
         self.coords = topo.coords(self.rank)
+        self.guard = StepGuard(ds_engine, list(layers.params.values()))
+
+    @property
+    def computes_loss(self) -> bool:
+        """Whether this rank computes micro-batch losses (the last pipeline stage; every rank when pp = 1)."""
+        return self.coords.pp_stage == self.topo.pp - 1
+
+    def watch_losses(self, loss_fn) -> None:
+        """Route every micro-batch loss through the step guard (non-finite check, fault drill)."""
+        loss_fn.on_loss = self.guard.watch_loss
+
+    def poison_next_loss(self) -> None:
+        """Fault drill: the next micro-batch loss this rank computes becomes NaN."""
+        if not self.computes_loss:
+            raise ValueError(f"rank {self.rank} {self.coords} computes no loss")
+        self.guard.poison_next = True
+
+    def take_nonfinite_flags(self) -> list[int] | None:
+        """After train_batch: every rank's flags (bit 1 loss, bit 2 gradient not finite) when any rank found a
+        non-finite value, in which case no rank updated its weights; None for a normal step. Same on every rank."""
+        return self.guard.take_flags()
 
     @property
     def reads_data(self) -> bool:
@@ -281,5 +303,7 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu,
                                               config=build_ds_config(cfg.parallel, spec))
     engine_class = SingleStageEngine if topo.pp == 1 else PipelineStageEngine
-    return engine_class(ds_engine, optimizer, topo, groups, tp, layers, cfg.model, spec.vocab_size,
-                        cfg.parallel.micro_batch)
+    engine = engine_class(ds_engine, optimizer, topo, groups, tp, layers, cfg.model, spec.vocab_size,
+                          cfg.parallel.micro_batch)
+    engine.watch_losses(module.loss_fn)
+    return engine
