@@ -58,6 +58,18 @@ def init_distributed(backend: str = "auto") -> None:
     deepspeed.init_distributed(dist_backend=resolve_backend(backend))
 
 
+def set_collective_timeout(seconds: float) -> None:
+    """Apply one timeout to every process group this rank is in (the default group and those DeepSpeed and raylm
+    created, which torch gives its 30-minute default): a rank that stops answering fails its peers' collectives
+    after `seconds` instead of hanging them."""
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d
+
+    for group in list(distributed_c10d._world.pg_map):
+        distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
+
+
 def build_optimizer(module: nn.Module, optim: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
     """AdamW with decoupled weight decay on matrices only (norm gains are not decayed); `fused` runs torch's
     single-kernel AdamW (on GPUs: one launch per step instead of several per parameter)."""

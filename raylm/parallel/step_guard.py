@@ -126,16 +126,3 @@ def _instance_override(obj, **attrs: object) -> Iterator[None]:
                 setattr(obj, name, before[name])
             else:
                 delattr(obj, name)
-
-
-def set_collective_timeout(seconds: float) -> None:
-    """Apply one timeout to every process group this rank is in (the default group and those DeepSpeed and raylm
-    created, which torch gives its 30-minute default): a rank that stops answering fails its peers' collectives
-    after `seconds` instead of hanging them."""
-    from datetime import timedelta
-
-    from torch.distributed import distributed_c10d
-
-    for group in list(distributed_c10d._world.pg_map):
-        distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
-

@@ -18,6 +18,7 @@ from raylm.train.placement import record_placement
 from raylm.train.progress import Progress
 from raylm.train.schedule import PlateauState, batch_size_at, lr_at, milestone_crossed, plateau_after_eval
 from raylm.train.step import TimedIterator, TrainState, train_step
+from raylm.train.step_faults import StepFaults
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -73,28 +74,33 @@ def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
     batches = TimedIterator(session.train_batches(state.samples)) if session.reads_data else None
     progress = Progress(cfg, run_dir, start_step=state.step) if rank == 0 else None
     drill = FaultDrill(cfg, run_dir, rank)
+    faults = StepFaults(cfg, session.engine, resumed.trainer)
     if cfg.tune.trial_of and resumed.source:
         report_resumed_rung(cfg, session, state)
     for step in range(state.step, cfg.train.max_steps):
         global_batch = batch_size_at(state.tokens, cfg.train.global_batch, cfg.schedule.batch)
-        lr = lr_at(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule.lr, plateau.scale)
+        lr = lr_at(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule.lr, plateau.scale) * drill.lr_factor(step)
+        drill.poison(session.engine, step)
         result = train_step(session.engine, batches, micro_batches_for(global_batch, cfg), lr)
         rung = milestone_crossed(state.tokens, state.tokens + global_batch * cfg.data.seq_len, cfg.tune.rung_tokens)
-        state = state.advance(global_batch, cfg.data.seq_len)
+        state, before = state.advance(global_batch, cfg.data.seq_len), state
         row = session.metrics_row(state, result, lr, global_batch)
         if resumed.source and step == resumed.state.step:
             row["resumed_from"] = resumed.state.step  # the first step after a resume says where it came from
             row["resumed_from_checkpoint"] = str(resumed.source)
+        # a rollback commits at once, so that a restart resumes past the skipped samples too
+        rolled_back = faults.judge(row, before, state) and faults.rollback(run_dir, rank, row, state)
         drill.at("step", state.step)
         last = state.step == cfg.train.max_steps
         if _evaluation_due(cfg, state.step, last, rung):
             plateau = _evaluate(session, row, state.step, rung, plateau)
-        if cfg.tune.trial_of and not all(math.isfinite(row.get(key, 0.0)) for key in ("loss", "val_loss")):
+        if cfg.tune.trial_of and not all(math.isfinite(row.get(key) or 0.0) for key in ("loss", "val_loss")):
             end_diverged(row, progress)  # losses are the same on every rank, so every rank ends here
             break
         if progress:
             progress.record(row, force=last or "val_loss" in row)
-        if report(cfg, session, run_dir, state, row, rank, protect, drill, rung is not None, plateau):
+        if report(cfg, session, run_dir, state, row, rank, protect, drill, rung is not None or rolled_back, plateau,
+                  faults.trainer_state()):
             protect = None
     if progress:
         progress.close()
@@ -145,16 +151,17 @@ DIVERGED_LOSS = float("inf")  # what Tune sees for a diverged trial: worse than 
 
 
 def report(cfg: Config, session, run_dir: Path, state: TrainState, row: dict, rank: int,
-           protect: Path | None, drill: FaultDrill, at_rung: bool = False,
-           plateau: PlateauState = PlateauState()) -> bool:
-    """Commit a checkpoint when one is due or at a sweep rung (returns whether it did), then tell Ray. A report
+           protect: Path | None, drill: FaultDrill, commit_now: bool = False,
+           plateau: PlateauState = PlateauState(), extra: dict | None = None) -> bool:
+    """Commit a checkpoint when one is due, at a sweep rung or after a rollback (returns whether it did), with
+    `extra` in its trainer state, then tell Ray. A report
     costs a controller round trip (~2 s by default): at checkpoints, evaluations and every train.report_every
     steps (docs/ray-facts.md 2)."""
     import ray.train
 
-    if checkpoint_due(cfg, state.step) or at_rung:
+    if checkpoint_due(cfg, state.step) or commit_now:
         committed = save(cfg, session.engine, run_dir, state, rank, protect,  # a collective: every rank saves
-                         on_phase=lambda phase: drill.at(phase, state.step), plateau=plateau)
+                         on_phase=lambda phase: drill.at(phase, state.step), plateau=plateau, extra=extra)
         report_with_checkpoint(row, committed if rank == 0 else None)
         return True
     if "val_loss" in row or state.step % cfg.train.report_every == 0:
