@@ -244,7 +244,8 @@ class PipelineStageEngine(Engine):
         return float(self.ds.train_batch(self._data(data_iter)))
 
     def eval_batch(self, data_iter: Iterator[Batch] | None, num_micro_batches: int) -> float:
-        return float(self.ds.eval_batch(self._data(data_iter), num_micro_batches=num_micro_batches))
+        with self.guard.not_training():
+            return float(self.ds.eval_batch(self._data(data_iter), num_micro_batches=num_micro_batches))
 
     def take_pipe_wait_s(self) -> float:
         return self.pipe_wait.take_wait_s()
@@ -268,7 +269,7 @@ class SingleStageEngine(Engine):
 
     def eval_batch(self, data_iter: Iterator[Batch] | None, num_micro_batches: int) -> float:
         data_iter = self._data(data_iter)
-        with torch.no_grad():
+        with torch.no_grad(), self.guard.not_training():
             losses = [self.ds(inputs.to(self.ds.device), labels.to(self.ds.device))
                       for inputs, labels in (next(data_iter) for _ in range(num_micro_batches))]
         return self._dp_mean(losses)

@@ -46,6 +46,14 @@ class StepGuard:
             self.loss_bad = True
         return loss
 
+    @contextlib.contextmanager
+    def not_training(self) -> Iterator[None]:
+        """Around an evaluation: its losses are not the next step's, so a non-finite one flags nothing."""
+        try:
+            yield
+        finally:
+            self.loss_bad = False
+
     def take_flags(self) -> list[int] | None:
         """Every rank's flags for the step just run when any was set, else None (then forgotten)."""
         flags, self.flags = self.flags, None

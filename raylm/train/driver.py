@@ -73,7 +73,8 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
     # No `datasets=`: Ray Train's default DataConfig would split them across every worker, and ranks that do not
     # read data (middle pipeline stages) would leave the split coordinator waiting forever (hang 1).
     return RaylmTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
-                        run_config=run_config, torch_config=TorchConfig(backend=backend, timeout_s=cfg.fault.collective_timeout_s))
+                        run_config=run_config,
+                        torch_config=TorchConfig(backend=backend, timeout_s=cfg.fault.collective_timeout_s))
 
 
 def scaling_for(cfg: Config, cluster: dict[str, float]):

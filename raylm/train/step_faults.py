@@ -72,6 +72,8 @@ class StepFaults:
         if restored.source is None:
             get_logger().warning("step %d: no committed checkpoint to roll back to; going on without rollback",
                                  row["step"])
+            if "nonfinite" in row:  # the guard did not apply the step: it was skipped
+                row["skipped"] = row.pop("nonfinite")
             return False
         window = {"step": row["step"], "to_step": restored.state.step,
                   "samples": [restored.state.samples, state.samples]}

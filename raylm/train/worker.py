@@ -154,9 +154,8 @@ def report(cfg: Config, session, run_dir: Path, state: TrainState, row: dict, ra
            protect: Path | None, drill: FaultDrill, commit_now: bool = False,
            plateau: PlateauState = PlateauState(), extra: dict | None = None) -> bool:
     """Commit a checkpoint when one is due, at a sweep rung or after a rollback (returns whether it did), with
-    `extra` in its trainer state, then tell Ray. A report
-    costs a controller round trip (~2 s by default): at checkpoints, evaluations and every train.report_every
-    steps (docs/ray-facts.md 2)."""
+    `extra` in its trainer state, then tell Ray. A report costs a controller round trip (~2 s by default): at
+    checkpoints, evaluations and every train.report_every steps (docs/ray-facts.md 2)."""
     import ray.train
 
     if checkpoint_due(cfg, state.step) or commit_now:

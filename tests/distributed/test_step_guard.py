@@ -1,5 +1,5 @@
 """A non-finite loss on one rank is seen by every rank before the optimizer step, and the skipped step leaves no
-trace: the run then matches one that never saw the batch, bit for bit, under ZeRO 0 and 1, with dp and pp."""
+trace: the run then matches one that never saw the batch, bit for bit, under ZeRO 0 and 1, bf16, dp and pp."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from dist_step_guard import poisoned_step_leaves_no_trace  # noqa: E402
 
 from raylm.parallel.step_guard import GRAD, LOSS  # noqa: E402
 
-LAYOUTS = [(1, 1, 2, ()), (1, 1, 2, ("parallel.zero_stage=1",)), (2, 1, 1, ("parallel.zero_stage=1",))]
+LAYOUTS = [(1, 1, 2, ()), (1, 1, 2, ("parallel.zero_stage=1",)), (2, 1, 1, ("parallel.zero_stage=1",)),
+           (1, 1, 2, ("train.precision=bf16",))]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def results():
     return run_world(2, poisoned_step_leaves_no_trace, LAYOUTS)
 
 
-@pytest.mark.parametrize("index", range(len(LAYOUTS)), ids=["dp2-zero0", "dp2-zero1", "pp2-zero1"])
+@pytest.mark.parametrize("index", range(len(LAYOUTS)), ids=["dp2-zero0", "dp2-zero1", "pp2-zero1", "dp2-bf16"])
 def test_poisoned_step_is_skipped_on_every_rank(results, index):
     per_rank = [rank_out[index] for rank_out in results]
     assert per_rank[-1]["poisoned"]["computes_loss"]

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -18,7 +16,8 @@ import torch
 from raylm.errors import RaylmError
 from raylm.train.driver import train
 from raylm.train.metrics import read_metrics
-from tests.ray.test_recovery import STEPS, committed, reference, run_losses, uninterrupted  # noqa: F401
+from tests.ray.test_recovery import (STEPS, WorkerKiller, committed, reference, run_losses,  # noqa: F401
+                                     uninterrupted)
 
 DP2 = "parallel.dp=2"  # rank 1 computes the loss of DP replica 1
 BATCH = 8  # train.global_batch of the small config
@@ -116,44 +115,20 @@ def expected_lr(rows: list[dict], step: int) -> float:
     return (rows[step - 1]["lr"] + rows[step + 1]["lr"]) / 2
 
 
-class WorkerStopper(threading.Thread):
-    """SIGSTOPs one Ray Train worker once the run has logged `steps` rows: a stalled rank that holds its sockets
-    open, so no peer sees it die; records when."""
-
-    def __init__(self, cfg, steps: int):
-        super().__init__(daemon=True)
-        self.metrics = Path(cfg.run.dir) / cfg.run.name / "metrics.jsonl"
-        self.steps, self.stopped_at, self.pid = steps, None, None
-        self.start()
-
-    def run(self):
-        deadline = time.time() + 300
-        while time.time() < deadline and self.stopped_at is None:
-            rows = len(self.metrics.read_text().splitlines()) if self.metrics.exists() else 0
-            if rows >= self.steps:
-                workers = [p for p in psutil.process_iter(["cmdline"])
-                           if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])]
-                if workers:
-                    self.pid = workers[-1].pid
-                    os.kill(self.pid, signal.SIGSTOP)
-                    self.stopped_at = time.time()
-            time.sleep(0.05)
-
-
 @pytest.mark.slow
 def test_stalled_rank_fails_its_collectives_and_the_group_resumes_bitwise(ray_cluster, small_config, uninterrupted):
     expected = reference(small_config, uninterrupted, DP2)
     timeout_s = 20
     cfg = small_config("stalled", *STEPS, DP2, f"fault.collective_timeout_s={timeout_s}", "fault.max_failures=1")
-    stopper = WorkerStopper(cfg, steps=3)
+    stopper = WorkerKiller(cfg, steps=3, signum=signal.SIGSTOP)  # it holds its sockets open: no peer sees it die
     try:
         train(cfg)
     finally:
         if stopper.pid and psutil.pid_exists(stopper.pid):
             os.kill(stopper.pid, signal.SIGCONT)
     rows = rows_of(cfg)
-    assert stopper.stopped_at is not None and run_losses(cfg) == expected
+    assert stopper.killed_at is not None and run_losses(cfg) == expected
     resumed = [r for r in rows if "resumed_from" in r]
     assert len(resumed) == 1
     # the restarted group's first step ran within the timeout + 30 s of the stall
-    assert resumed[0]["time"] - stopper.stopped_at <= timeout_s + 30
+    assert resumed[0]["time"] - stopper.killed_at <= timeout_s + 30
