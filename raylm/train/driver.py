@@ -57,9 +57,8 @@ def with_absolute_paths(cfg: Config) -> Config:
 def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
     """The TorchTrainer for a run: workers and resources from the layout, storage in run.dir, retries from fault."""
     import ray.train
-    from ray.train.torch import TorchConfig
 
-    from raylm.train.trainer import RaylmTrainer
+    from raylm.train.trainer import RaylmTorchConfig, RaylmTrainer
     from raylm.train.worker import train_loop_per_worker
 
     scaling, backend = scaling_for(cfg, _cluster_resources())
@@ -74,7 +73,7 @@ def build_trainer(cfg: Config, run_dir: Path, callbacks: list | None = None):
     # read data (middle pipeline stages) would leave the split coordinator waiting forever (hang 1).
     return RaylmTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                         run_config=run_config,
-                        torch_config=TorchConfig(backend=backend, timeout_s=cfg.fault.collective_timeout_s))
+                        torch_config=RaylmTorchConfig(backend=backend, timeout_s=cfg.fault.collective_timeout_s))
 
 
 def scaling_for(cfg: Config, cluster: dict[str, float]):
