@@ -30,7 +30,7 @@ class StepGuard:
     def __init__(self, ds_engine, params: list[nn.Parameter]):
         self.ds = ds_engine
         self.params = params
-        self.loss_bad = False
+        self.loss_bad: torch.Tensor | bool = False  # a tensor once a loss was seen: no host sync per micro-batch
         self.poison_next = False  # fault drill: the next micro-batch loss on this rank becomes NaN
         self.flags: list[int] | None = None  # the last checked step's flags, one per rank
         optimizer = ds_engine.optimizer
@@ -42,8 +42,7 @@ class StepGuard:
         if self.poison_next:
             self.poison_next = False
             loss = loss * float("nan")
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self.loss_bad = True
+        self.loss_bad = ~torch.isfinite(loss.detach()).all() | self.loss_bad
         return loss
 
     @contextlib.contextmanager
@@ -71,24 +70,26 @@ class StepGuard:
                 self._step(*args, **kwargs)
 
     def _all_flags(self) -> list[int]:
-        mine = (LOSS if self.loss_bad else 0) | (0 if _grads_finite(self.params, self.ds.optimizer) else GRAD)
+        device = self.ds.device
+        loss_bad = torch.as_tensor(self.loss_bad, device=device).to(torch.int32)
+        grad_bad = (~_grads_finite(self.params, self.ds.optimizer, device)).to(torch.int32)
         self.loss_bad = False
-        vector = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=self.ds.device)
-        vector[dist.get_rank()] = mine
+        vector = torch.zeros(dist.get_world_size(), dtype=torch.int32, device=device)
+        vector[dist.get_rank()] = LOSS * loss_bad + GRAD * grad_bad
         dist.all_reduce(vector)
-        return [int(v) for v in vector.tolist()]
+        return [int(v) for v in vector.tolist()]  # the step's one host sync
 
 
-def _grads_finite(params: list[nn.Parameter], optimizer) -> bool:
-    """Whether every gradient this rank holds for the step is finite: the parameters' own and, under ZeRO-1/2 and
-    bf16, the reduced partitions DeepSpeed's optimizer keeps."""
+def _grads_finite(params: list[nn.Parameter], optimizer, device) -> torch.Tensor:
+    """Whether every gradient this rank holds for the step is finite (a bool tensor): the parameters' own and,
+    under ZeRO-1/2 and bf16, the reduced partitions DeepSpeed's optimizer keeps."""
     tensors = [p.grad for p in params if p.grad is not None]
     for partition in (getattr(optimizer, "averaged_gradients", None) or {}).values():
         tensors.extend(t for t in (partition or []) if t is not None)
     tensors.extend(t for t in getattr(optimizer, "fp32_groups_gradients_flat", None) or [] if t is not None)
     if not tensors:
-        return True
-    return bool(torch.isfinite(torch.nn.utils.get_total_norm(tensors)))
+        return torch.tensor(True, device=device)
+    return torch.isfinite(torch.nn.utils.get_total_norm(tensors)).to(device)
 
 
 def _is_deepspeed_wrapper(optimizer) -> bool:
