@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from raylm.checkpoint.commit import commit, new_tmp_dir, upload_own_files
+from raylm.checkpoint.finite import first_non_finite
 from raylm.checkpoint.manifest import read_manifest, verify_checkpoint
 from raylm.checkpoint.names import (ENGINE_STATE_FILE, TRAINER_STATE_FILE, model_file, model_layers, optim_file,
                                     rank_file)
@@ -59,6 +60,9 @@ def _layer_files(cfg: Config) -> dict[int, tuple[str, str]]:
             for index, names in layers.items()}
 
 
+NON_FINITE = "refusing to commit a checkpoint with a non-finite weight"
+
+
 class _LayerWriter:
     """write_layer for Engine.save_state: saves each layer's two files, and keeps the first error instead of
     raising, so this rank still takes part in every later layer's collectives."""
@@ -72,6 +76,10 @@ class _LayerWriter:
         if self.error is not None:
             return
         rel_model, rel_optim = self.files_of[index]
+        bad = first_non_finite(weights)
+        if bad is not None:
+            self.error = f"{NON_FINITE}: {bad} on rank {self.rank}"
+            return
         try:
             self.files.update(save_torch(self.folder, rel_model, weights))
             self.files.update(save_torch(self.folder, rel_optim, moments))
@@ -169,7 +177,9 @@ def _save_into(tmp: Path, engine: Engine, cfg: Config, checkpoints_dir: Location
     except CheckpointError as exc:  # nothing of a failed save stays to fill the disk; older checkpoints stay
         if engine.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{exc}; {_space_hint(checkpoints_dir)}") from None
+        if str(exc).startswith(NON_FINITE):
+            raise CheckpointError(f"checkpoint step {step}: {exc}") from None
+        raise CheckpointError(f"{exc}; {_space_hint(checkpoints_dir)}") from None  # a write failed
     every_rank: list = [None] * dist.get_world_size()
     dist.all_gather_object(every_rank, files)  # every file is on storage once this returns
     merged = {path: record for rank_files in every_rank for path, record in rank_files.items()}

@@ -142,10 +142,22 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class FaultConfig:
     max_failures: int = opt(0, "worker-group restarts Ray Train allows before the run fails")
-    drill: str = opt("", "fault drill, once per run: 'PHASE@STEP' SIGKILLs a worker at checkpoint-save phase "
-                         "PHASE (before-files|mid-files|before-commit|after-commit) of step STEP, or 'step@STEP' "
-                         "right after that step; '' = off")
-    drill_rank: int = opt(0, "the rank the fault drill kills")
+    drill: str = opt("", "fault drill, once per run (tests only): 'PHASE@STEP' SIGKILLs a worker at checkpoint-save "
+                         "phase PHASE (before-files|mid-files|before-commit|after-commit) of step STEP, or "
+                         "'step@STEP' right after that step; 'nonfinite@STEP' makes one micro-batch's loss NaN on "
+                         "drill_rank in step STEP; 'spike@STEP' multiplies step STEP's lr by 1000; '' = off")
+    drill_rank: int = opt(0, "the rank the fault drill kills or poisons")
+    nonfinite: str = opt("skip", "a non-finite loss or gradient on any rank, found before the optimizer step: stop "
+                                 "(exit 1 naming step and rank, weights unchanged) | skip (no update; the step's "
+                                 "samples are logged as skipped) | rollback (reload the last checkpoint, skip its "
+                                 "samples since)")
+    spike_sigma: float = opt(6.0, "a loss this many standard deviations above the mean of the last spike_window "
+                                  "losses is a spike; 0 = off")
+    spike_window: int = opt(50, "losses in the rolling mean and deviation spikes are measured against")
+    spike: str = opt("warn", "a loss spike: warn (a `spike` metrics row and a warning) | rollback (also reload the "
+                             "last checkpoint and skip its samples since)")
+    collective_timeout_s: int = opt(1800, "seconds a collective may wait for a stalled rank before the worker group "
+                                          "fails (and restarts under max_failures)")
 
 
 @dataclass(frozen=True)

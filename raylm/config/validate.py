@@ -53,6 +53,7 @@ def _check_positive(cfg: Config) -> None:
         "model.max_seq_len": cfg.model.max_seq_len, "train.log_every": cfg.train.log_every,
         "train.report_every": cfg.train.report_every, "data.shard_tokens": cfg.data.shard_tokens,
         "checkpoint.keep": cfg.checkpoint.keep, "train.eval_batches": cfg.train.eval_batches,
+        "fault.spike_window": cfg.fault.spike_window, "fault.collective_timeout_s": cfg.fault.collective_timeout_s,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -63,6 +64,7 @@ def _check_positive(cfg: Config) -> None:
         "train.grad_clip": cfg.train.grad_clip, "optim.weight_decay": cfg.optim.weight_decay,
         "parallel.cpus_per_worker": cfg.parallel.cpus_per_worker, "train.torch_threads": cfg.train.torch_threads,
         "train.peak_tflops": cfg.train.peak_tflops, "train.eval_samples": cfg.train.eval_samples,
+        "fault.spike_sigma": cfg.fault.spike_sigma,
         "model.n_kv_head": cfg.model.n_kv_head, "model.ffn_hidden": cfg.model.ffn_hidden,
     }
     for key, value in non_negative.items():
@@ -78,6 +80,8 @@ def _check_choices(cfg: Config) -> None:
         "run.log_level": (cfg.run.log_level, LOG_LEVELS),
         "schedule.lr.kind": (cfg.schedule.lr.kind, ("constant", "linear", "cosine", "wsd", "plateau")),
         "tune.search": (cfg.tune.search, ("random", "grid", "optuna")),
+        "fault.nonfinite": (cfg.fault.nonfinite, ("stop", "skip", "rollback")),
+        "fault.spike": (cfg.fault.spike, ("warn", "rollback")),
         "tune.scheduler": (cfg.tune.scheduler, ("asha", "pbt", "fifo")),
         "schedule.lr.decay_shape": (cfg.schedule.lr.decay_shape, ("linear", "cosine", "sqrt")),
         "checkpoint.resume": (cfg.checkpoint.resume, ("auto", "never", "required")),
@@ -223,14 +227,14 @@ def _check_data(cfg: Config) -> None:
             _fail(f"data.sources weight {short_repr(weight)} for {source['path']} must be a positive finite number")
 
 
-DRILL = re.compile(r"^(before-files|mid-files|before-commit|after-commit|step)@([0-9]+)$")
+DRILL = re.compile(r"^(before-files|mid-files|before-commit|after-commit|step|nonfinite|spike)@([0-9]+)$")
 
 
 def _check_drill(cfg: Config) -> None:
     drill = cfg.fault.drill
     if drill and not DRILL.match(drill):
         _fail(f"fault.drill={drill!r} is not PHASE@STEP with PHASE one of before-files, mid-files, before-commit, "
-              f"after-commit, step; e.g. fault.drill=mid-files@4, or '' for no drill")
+              f"after-commit, step, nonfinite, spike; e.g. fault.drill=mid-files@4, or '' for no drill")
     world = num_workers(cfg)
     if drill and not 0 <= cfg.fault.drill_rank < world:
         _fail(f"fault.drill_rank={cfg.fault.drill_rank} is not a rank of the {world} workers; set it below {world}")

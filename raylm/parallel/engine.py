@@ -33,6 +33,7 @@ from raylm.parallel.pipe_wait import PipeWaitClock
 from raylm.parallel.pipeline import SingleStage, build_pipeline_module, ds_topology, stage_layers
 from raylm.parallel.shards import (StageLayers, gather_full, named_params, owned_cpu, read_weights,
                                    shard_of, tag_for_grad_norm)
+from raylm.parallel.step_guard import StepGuard
 from raylm.parallel.tensor import TPGroup
 from raylm.parallel.topology import ProcessGroups, Topology, build_groups, check_layout
 
@@ -56,6 +57,18 @@ def init_distributed(backend: str = "auto") -> None:
     # PipelineModule reads LOCAL_RANK to pick its device; a one-device-per-process worker is local rank 0
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed(dist_backend=resolve_backend(backend))
+
+
+def set_collective_timeout(seconds: float) -> None:
+    """Apply one timeout to every process group this rank is in (the default group and those DeepSpeed and raylm
+    created, which torch gives its 30-minute default): a rank that stops answering fails its peers' collectives
+    after `seconds` instead of hanging them."""
+    from datetime import timedelta
+
+    from torch.distributed import distributed_c10d
+
+    for group in list(distributed_c10d._world.pg_map):
+        distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
 
 
 def build_optimizer(module: nn.Module, optim: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -86,6 +99,27 @@ class Engine:
         self.micro_batch = micro_batch
         self.rank = dist.get_rank()
         self.coords = topo.coords(self.rank)
+        self.guard = StepGuard(ds_engine, list(layers.params.values()))
+
+    @property
+    def computes_loss(self) -> bool:
+        """Whether this rank computes micro-batch losses (the last pipeline stage; every rank when pp = 1)."""
+        return self.coords.pp_stage == self.topo.pp - 1
+
+    def watch_losses(self, loss_fn) -> None:
+        """Route every micro-batch loss through the step guard (non-finite check, fault drill)."""
+        loss_fn.on_loss = self.guard.watch_loss
+
+    def poison_next_loss(self) -> None:
+        """Fault drill: the next micro-batch loss this rank computes becomes NaN."""
+        if not self.computes_loss:
+            raise ValueError(f"rank {self.rank} {self.coords} computes no loss")
+        self.guard.poison_next = True
+
+    def take_nonfinite_flags(self) -> list[int] | None:
+        """After train_batch: every rank's flags (bit 1 loss, bit 2 gradient not finite) when any rank found a
+        non-finite value, in which case no rank updated its weights; None for a normal step. Same on every rank."""
+        return self.guard.take_flags()
 
     @property
     def reads_data(self) -> bool:
@@ -211,7 +245,8 @@ class PipelineStageEngine(Engine):
         return float(self.ds.train_batch(self._data(data_iter)))
 
     def eval_batch(self, data_iter: Iterator[Batch] | None, num_micro_batches: int) -> float:
-        return float(self.ds.eval_batch(self._data(data_iter), num_micro_batches=num_micro_batches))
+        with self.guard.not_training():
+            return float(self.ds.eval_batch(self._data(data_iter), num_micro_batches=num_micro_batches))
 
     def take_pipe_wait_s(self) -> float:
         return self.pipe_wait.take_wait_s()
@@ -242,7 +277,7 @@ class SingleStageEngine(Engine):
 
     def eval_batch(self, data_iter: Iterator[Batch] | None, num_micro_batches: int) -> float:
         data_iter = self._data(data_iter)
-        with torch.no_grad():
+        with torch.no_grad(), self.guard.not_training():
             losses = [self.ds(inputs.to(self.ds.device), labels.to(self.ds.device))
                       for inputs, labels in (next(data_iter) for _ in range(num_micro_batches))]
         return self._dp_mean(losses)
@@ -291,5 +326,7 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu,
                                               config=build_ds_config(cfg.parallel, spec))
     engine_class = SingleStageEngine if topo.pp == 1 else PipelineStageEngine
-    return engine_class(ds_engine, optimizer, topo, groups, tp, layers, cfg.model, spec.vocab_size,
-                        cfg.parallel.micro_batch)
+    engine = engine_class(ds_engine, optimizer, topo, groups, tp, layers, cfg.model, spec.vocab_size,
+                          cfg.parallel.micro_batch)
+    engine.watch_losses(module.loss_fn)
+    return engine

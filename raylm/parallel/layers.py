@@ -6,6 +6,8 @@ name of its parameters (`name_prefix` + local name), which is how full weights a
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -93,9 +95,11 @@ class VocabParallelLoss:
     def __init__(self, tp: TPGroup):
         self.tp = tp
         self.__name__ = "vocab_parallel_cross_entropy"  # DeepSpeed prints the loss function's name
+        self.on_loss: Callable[[torch.Tensor], torch.Tensor] | None = None  # sees (and may replace) each loss
 
     def __call__(self, logits_shard: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits_shard, labels, self.tp)
+        loss = vocab_parallel_cross_entropy(logits_shard, labels, self.tp)
+        return self.on_loss(loss) if self.on_loss is not None else loss
 
 
 def compile_blocks(module: nn.Module) -> None:

@@ -24,6 +24,7 @@ class ResumeInfo:
     state: TrainState
     source: Location | None = None
     plateau: PlateauState | None = None  # the plateau lr schedule's state at that checkpoint
+    trainer: dict | None = None  # the checkpoint's whole trainer state (fault handling reads its own keys)
 
 
 def checkpoint_due(cfg: Config, step: int) -> bool:
@@ -98,18 +99,19 @@ def restore(cfg: Config, engine: Engine, path: Location, manifest: dict | None =
     get_logger().info("resumed from %s at step %d (%d tokens, sample %d)", path, state.step, state.tokens,
                       state.samples)
     plateau = PlateauState(**saved["plateau"]) if saved.get("plateau") else None
-    return ResumeInfo(state=state, source=path, plateau=plateau)
+    return ResumeInfo(state=state, source=path, plateau=plateau, trainer=saved)
 
 
 def save(cfg: Config, engine: Engine, run_dir: Location, state: TrainState, rank: int, protect: Location | None,
-         on_phase=None, plateau: PlateauState | None = None) -> Location:
-    """Commit a checkpoint (a collective over every rank), then prune old ones on rank 0."""
+         on_phase=None, plateau: PlateauState | None = None, extra: dict | None = None) -> Location:
+    """Commit a checkpoint (a collective over every rank), then prune old ones on rank 0; `extra` adds JSON-able
+    keys to the trainer state."""
     from raylm.checkpoint.commit import prune
     from raylm.checkpoint.rng import capture_rng
     from raylm.checkpoint.state import save_checkpoint
 
     trainer = {"step": state.step, "tokens": state.tokens, "samples": state.samples, "layout": engine.layout,
-               "plateau": asdict(plateau or PlateauState())}
+               "plateau": asdict(plateau or PlateauState()), **(extra or {})}
     path = save_checkpoint(engine, cfg, checkpoint_root(run_dir), state.step, trainer,
                            rank_state={"rng": capture_rng()}, on_phase=on_phase)
     if rank == 0:

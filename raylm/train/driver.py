@@ -59,9 +59,8 @@ def with_absolute_paths(cfg: Config) -> Config:
 def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None):
     """The TorchTrainer for a run: workers and resources from the layout, storage in run.dir, retries from fault."""
     import ray.train
-    from ray.train.torch import TorchConfig
 
-    from raylm.train.trainer import RaylmTrainer
+    from raylm.train.trainer import RaylmTorchConfig, RaylmTrainer
     from raylm.train.worker import train_loop_per_worker
 
     scaling, backend = scaling_for(cfg, _cluster_resources())
@@ -75,7 +74,8 @@ def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None)
     # No `datasets=`: Ray Train's default DataConfig would split them across every worker, and ranks that do not
     # read data (middle pipeline stages) would leave the split coordinator waiting forever (hang 1).
     return RaylmTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
-                        run_config=run_config, torch_config=TorchConfig(backend=backend))
+                        run_config=run_config,
+                        torch_config=RaylmTorchConfig(backend=backend, timeout_s=cfg.fault.collective_timeout_s))
 
 
 def ray_storage(run_dir: Location) -> dict[str, Any]:

@@ -66,7 +66,8 @@ def plot_loss_curve(run_dir: Path, title: str | None = None) -> Path | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss", linewidth=1)
+    losses = [float("nan") if r["loss"] is None else r["loss"] for r in rows]  # a skipped step's loss is null
+    ax.plot([r["step"] for r in rows], losses, label="train loss", linewidth=1)
     evals = [r for r in rows if "val_loss" in r]
     if evals:
         ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation loss")

@@ -19,6 +19,7 @@ from raylm.train.progress import Progress
 from raylm.train.run_files import RunFiles
 from raylm.train.schedule import PlateauState, batch_size_at, lr_at, milestone_crossed, plateau_after_eval
 from raylm.train.step import TimedIterator, TrainState, train_step
+from raylm.train.step_faults import StepFaults
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -82,28 +83,33 @@ def run_loop(cfg: Config, session, run_dir: Location, rank: int) -> None:
         files.start()
     progress = Progress(cfg, files.local, start_step=state.step) if rank == 0 else None
     drill = FaultDrill(cfg, files.local, rank)
+    faults = StepFaults(cfg, session.engine, resumed.trainer)
     if cfg.tune.trial_of and resumed.source:
         report_resumed_rung(cfg, session, state)
     for step in range(state.step, cfg.train.max_steps):
         global_batch = batch_size_at(state.tokens, cfg.train.global_batch, cfg.schedule.batch)
-        lr = lr_at(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule.lr, plateau.scale)
+        lr = lr_at(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule.lr, plateau.scale) * drill.lr_factor(step)
+        drill.poison(session.engine, step)
         result = train_step(session.engine, batches, micro_batches_for(global_batch, cfg), lr)
         rung = milestone_crossed(state.tokens, state.tokens + global_batch * cfg.data.seq_len, cfg.tune.rung_tokens)
-        state = state.advance(global_batch, cfg.data.seq_len)
+        state, before = state.advance(global_batch, cfg.data.seq_len), state
         row = session.metrics_row(state, result, lr, global_batch)
         if resumed.source and step == resumed.state.step:
             row["resumed_from"] = resumed.state.step  # the first step after a resume says where it came from
             row["resumed_from_checkpoint"] = str(resumed.source)
+        # a rollback commits at once, so that a restart resumes past the skipped samples too
+        rolled_back = faults.judge(row, before, state) and faults.rollback(run_dir, rank, row, state)
         drill.at("step", state.step)
         last = state.step == cfg.train.max_steps
         if _evaluation_due(cfg, state.step, last, rung):
             plateau = _evaluate(session, row, state.step, rung, plateau)
-        if cfg.tune.trial_of and not all(math.isfinite(row.get(key, 0.0)) for key in ("loss", "val_loss")):
+        if cfg.tune.trial_of and not all(math.isfinite(row.get(key) or 0.0) for key in ("loss", "val_loss")):
             end_diverged(row, progress)  # losses are the same on every rank, so every rank ends here
             break
         if progress:
             progress.record(row, force=last or "val_loss" in row)
-        if report(cfg, session, run_dir, state, row, rank, protect, drill, rung is not None, plateau, files):
+        if report(cfg, session, run_dir, state, row, rank, protect, drill, rung is not None or rolled_back, plateau,
+                  faults.trainer_state(), files):
             protect = None
     if progress:
         progress.close()
@@ -155,16 +161,17 @@ DIVERGED_LOSS = float("inf")  # what Tune sees for a diverged trial: worse than 
 
 
 def report(cfg: Config, session, run_dir: Location, state: TrainState, row: dict, rank: int,
-           protect: Location | None, drill: FaultDrill, at_rung: bool = False,
-           plateau: PlateauState = PlateauState(), files: RunFiles | None = None) -> bool:
-    """Commit a checkpoint when one is due or at a sweep rung (returns whether it did), then tell Ray. A report
-    costs a controller round trip (~2 s by default): at checkpoints, evaluations and every train.report_every
-    steps (docs/ray-facts.md 2). Rank 0 copies the run's files to object storage before each report."""
+           protect: Location | None, drill: FaultDrill, commit_now: bool = False,
+           plateau: PlateauState = PlateauState(), extra: dict | None = None, files: RunFiles | None = None) -> bool:
+    """Commit a checkpoint when one is due, at a sweep rung or after a rollback (returns whether it did), with
+    `extra` in its trainer state, then tell Ray. A report costs a controller round trip (~2 s by default): at
+    checkpoints, evaluations and every train.report_every steps (docs/ray-facts.md 2). Rank 0 copies the run's
+    files to object storage before each report."""
     import ray.train
 
-    if checkpoint_due(cfg, state.step) or at_rung:
+    if checkpoint_due(cfg, state.step) or commit_now:
         committed = save(cfg, session.engine, run_dir, state, rank, protect,  # a collective: every rank saves
-                         on_phase=lambda phase: drill.at(phase, state.step), plateau=plateau)
+                         on_phase=lambda phase: drill.at(phase, state.step), plateau=plateau, extra=extra)
         if rank == 0 and files:
             files.push()
         report_with_checkpoint(row, committed if rank == 0 else None)

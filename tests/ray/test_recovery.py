@@ -46,13 +46,14 @@ def reference(small_config, uninterrupted, *layout):
 
 
 class WorkerKiller(threading.Thread):
-    """SIGKILLs one Ray Train worker process once the run has logged `steps` rows (a lost node, as users see it);
-    `rows_at_kill` records how far the run was, so a test can check the kill landed mid-run."""
+    """SIGKILLs (or sends `signum` to) one Ray Train worker process once the run has logged `steps` rows (a lost
+    node, as users see it); `rows_at_kill` records how far the run was, so a test can check the kill landed
+    mid-run, and `pid` / `killed_at` which worker and when."""
 
-    def __init__(self, cfg, steps: int):
+    def __init__(self, cfg, steps: int, signum: int = signal.SIGKILL):
         super().__init__(daemon=True)
         self.metrics = Path(cfg.run.dir) / cfg.run.name / "metrics.jsonl"
-        self.steps, self.rows_at_kill = steps, None
+        self.steps, self.signum, self.rows_at_kill, self.pid, self.killed_at = steps, signum, None, None, None
         self.start()
 
     def run(self):
@@ -62,8 +63,8 @@ class WorkerKiller(threading.Thread):
             if rows >= self.steps:
                 for proc in psutil.process_iter(["cmdline"]):
                     if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        self.rows_at_kill = rows
+                        os.kill(proc.pid, self.signum)
+                        self.rows_at_kill, self.pid, self.killed_at = rows, proc.pid, time.time()
                         break
             time.sleep(0.05)
 
