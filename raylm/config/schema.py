@@ -139,9 +139,11 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class FaultConfig:
     max_failures: int = opt(0, "worker-group restarts Ray Train allows before the run fails")
-    drill: str = opt("", "fault drill, once per run: 'PHASE@STEP' SIGKILLs a worker at checkpoint-save phase "
-                         "PHASE (before-files|mid-files|before-commit|after-commit) of step STEP, or 'step@STEP' "
-                         "right after that step; '' = off")
+    drill: str = opt("", "fault drills, each once per run: 'PHASE@STEP[:RANK]' SIGKILLs rank RANK (default "
+                         "fault.drill_rank) at checkpoint-save phase PHASE (before-files|mid-files|before-commit|"
+                         "after-commit) of step STEP, 'step@STEP' right after that step, or 'read@STEP' holds the "
+                         "first Ray Data read task of the training stream opened at STEP (for a test to kill it); "
+                         "comma-separated for several; '' = off")
     drill_rank: int = opt(0, "the rank the fault drill kills")
 
 

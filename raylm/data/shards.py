@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256
+from raylm.data.tokenizer import file_sha256, tokenizer_path
 from raylm.errors import DataError
 from raylm.safe_paths import is_inside_name
 from raylm.storage.objects import read_bytes
@@ -186,7 +186,7 @@ def check_shard(folder: Path, entry: dict, vocab_size: int) -> None:
 
 def check_tokenizer(folder: Path, manifest: dict) -> None:
     """tokenizer.json beside the shards must be the one that wrote them."""
-    path = folder / TOKENIZER_FILE
+    path = tokenizer_path(folder, manifest["tokenizer_sha256"])
     if not path.is_file():
         raise DataError(f"{path} is missing; {FIX}")
     sha = file_sha256(path)

@@ -10,11 +10,12 @@ from typing import Any
 
 from raylm.config import Config, to_dict, with_overrides
 from raylm.config.derived import num_workers
+from raylm.data.readers_lock import reading
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.storage.uri import is_uri
 from raylm.train.metrics import plot_loss_curve, read_metrics
-from raylm.train.preflight import check_prepared_data
+from raylm.train.preflight import check_prepared_data, local_data_folders
 from raylm.train.ray_cluster import connect_ray
 from raylm.train.run_lock import hold_run_lock
 from raylm.train.rundir import checkpoint_root, prepare_run_dir, run_path
@@ -28,7 +29,7 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
     allow_config_change: resume even when the seed, data, tokenizer or model shape differ from the checkpoint's."""
     start = time.perf_counter()
     cfg = with_absolute_paths(cfg)
-    with hold_run_lock(run_path(cfg)):  # before anything reads, replaces or writes the run folder
+    with hold_run_lock(run_path(cfg)), reading(local_data_folders(cfg)):  # prepare cannot replace its shards now
         check_prepared_data(cfg)
         run_dir = prepare_run_dir(cfg, overwrite=overwrite, allow_config_change=allow_config_change)
         connect_ray()

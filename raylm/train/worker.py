@@ -70,9 +70,10 @@ def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
     resumed = session.resume(run_dir, rank)
     state, protect = resumed.state, resumed.source  # keep the resume source until this attempt commits its own
     plateau = resumed.plateau or PlateauState()
-    batches = TimedIterator(session.train_batches(state.samples)) if session.reads_data else None
-    progress = Progress(cfg, run_dir, start_step=state.step) if rank == 0 else None
     drill = FaultDrill(cfg, run_dir, rank)
+    stall = drill.read_stall_s(state.step)
+    batches = TimedIterator(session.train_batches(state.samples, stall)) if session.reads_data else None
+    progress = Progress(cfg, run_dir, start_step=state.step) if rank == 0 else None
     if cfg.tune.trial_of and resumed.source:
         report_resumed_rung(cfg, session, state)
     for step in range(state.step, cfg.train.max_steps):
