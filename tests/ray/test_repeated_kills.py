@@ -69,7 +69,7 @@ def assert_exact_run(cfg, expected, resumed_from: list[int]) -> None:
 
 
 class ReadTaskKiller(threading.Thread):
-    """SIGKILLs the worker process of a Ray Data read task that Ray's state API shows running in two looks 2 s
+    """SIGKILLs the worker process of a Ray Data read task that Ray's state API shows running in two looks 3 s
     apart (the read@STEP drill holds one that long), once; `killed` = (task_id, pid)."""
 
     def __init__(self):
@@ -86,7 +86,7 @@ class ReadTaskKiller(threading.Thread):
             running = list_tasks(filters=[("state", "=", "RUNNING")], raise_on_missing_output=False)
             now = time.monotonic()
             for task in (t for t in running if "_read_task" in t.name and t.worker_pid):
-                if now - seen.setdefault(task.task_id, now) >= 2.0:
+                if now - seen.setdefault(task.task_id, now) >= 3.0:
                     os.kill(task.worker_pid, signal.SIGKILL)
                     self.killed = (task.task_id, task.worker_pid)
                     break

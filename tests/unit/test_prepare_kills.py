@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 
 from raylm.config import resolve
 from raylm.data.prepare import STAGING_PREFIX, prepare
-from raylm.data.readers_lock import reading
+from raylm.data.readers_lock import reading, writing
 from raylm.data.shards import read_manifest, verify
 from raylm.data.tokenizer import file_sha256, load_tokenizer
 from raylm.errors import DataError
@@ -99,6 +99,10 @@ def test_prepare_refuses_a_folder_a_training_reads(tmp_path):
             prepare(resolve({}, overrides(corpus, out_dir)), use_ray=False)
         assert sorted(p.name for p in out_dir.glob("*.bin")) == shards  # nothing deleted or replaced
     assert not prepare(resolve({}, overrides(corpus, out_dir)), use_ray=False)["skipped"]  # after the run: proceeds
+    with writing(out_dir):  # what prepare holds while it writes: a training that starts now is refused
+        with pytest.raises(DataError, match=f"`raylm prepare` is rewriting {out_dir}"):
+            with reading([out_dir]):
+                pass
 
 
 def test_prepare_with_a_dead_ray_address_fails_fast(tmp_path):
