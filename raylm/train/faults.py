@@ -12,7 +12,7 @@ from raylm.config import Config
 from raylm.log import get_logger
 
 FIRED_MARKER = ".fault-drill-fired"  # in the run folder, a line per fired drill: a restarted group skips them
-READ_STALL_S = 8.0
+READ_STALL_S = 6.0
 
 
 def parse_drills(text: str, default_rank: int) -> list[tuple[str, int, int]]:

@@ -69,7 +69,7 @@ def assert_exact_run(cfg, expected, resumed_from: list[int]) -> None:
 
 
 class ReadTaskKiller(threading.Thread):
-    """SIGKILLs the worker process of a Ray Data read task that Ray's state API shows running in two looks 3 s
+    """SIGKILLs the worker process of a Ray Data read task that Ray's state API shows running in two looks 2.5 s
     apart (the read@STEP drill holds one that long), once; `killed` = (task_id, pid)."""
 
     def __init__(self):
@@ -86,7 +86,7 @@ class ReadTaskKiller(threading.Thread):
             running = list_tasks(filters=[("state", "=", "RUNNING")], raise_on_missing_output=False)
             now = time.monotonic()
             for task in (t for t in running if "_read_task" in t.name and t.worker_pid):
-                if now - seen.setdefault(task.task_id, now) >= 3.0:
+                if now - seen.setdefault(task.task_id, now) >= 2.5:
                     os.kill(task.worker_pid, signal.SIGKILL)
                     self.killed = (task.task_id, task.worker_pid)
                     break
@@ -108,15 +108,14 @@ def assert_read_task_ran_again(killed: tuple[str, int] | None) -> None:
     assert max(t.attempt_number for t in attempts) >= 1, attempts  # Ray ran the killed task again
 
 
-def run_with_kills(small_config, unkilled, name: str, seed: int, kills: int, steps: int,
+def run_with_kills(small_config, unkilled, name: str, plan: list[tuple[str, int, int]], steps: int,
                    kill_a_read_task: bool = False) -> None:
-    """Train with `kills` planned worker SIGKILLs (and a read task SIGKILLed after the first restart); exactly
-    `kills` restarts are allowed, so a read-task kill that restarted the group would fail the run."""
-    plan = kill_plan(seed, kills, steps, every=2)
+    """Train with the planned worker SIGKILLs (and a read task SIGKILLed after the first restart); exactly
+    len(plan) restarts are allowed, so a read-task kill that restarted the group would fail the run."""
     resumes = [resume_point(phase, step, 2) for phase, step, _ in plan]
     drill = ",".join(f"{phase}@{step}:{rank}" for phase, step, rank in plan)
     drill += f",read@{resumes[0]}" if kill_a_read_task else ""
-    cfg = small_config(name, *LAYOUT, f"train.max_steps={steps}", f"fault.max_failures={kills}",
+    cfg = small_config(name, *LAYOUT, f"train.max_steps={steps}", f"fault.max_failures={len(plan)}",
                        f"fault.drill={drill}")
     with ReadTaskKiller() if kill_a_read_task else contextlib.nullcontext() as killer:
         train(cfg)
@@ -127,19 +126,25 @@ def run_with_kills(small_config, unkilled, name: str, seed: int, kills: int, ste
         assert_read_task_ran_again(killer.killed)
 
 
-def test_worker_and_read_task_kills_recover_exactly(ray_cluster, small_config, unkilled):
-    run_with_kills(small_config, unkilled, "two-kills", seed=3, kills=2, steps=12, kill_a_read_task=True)
+def test_a_rank_killed_mid_save_and_a_read_task_killed_recover_exactly(ray_cluster, small_config, unkilled):
+    # rank 3 (pipeline stage 1, DP rank 1) dies while it writes the step-4 checkpoint; the group resumes from step 2
+    run_with_kills(small_config, unkilled, "mid-save", [("mid-files", 4, 3)], steps=8, kill_a_read_task=True)
+
+
+@pytest.mark.slow
+def test_two_kills_and_a_read_task_kill_recover_exactly(ray_cluster, small_config, unkilled):
+    run_with_kills(small_config, unkilled, "two-kills", kill_plan(3, 2, 12, every=2), steps=12, kill_a_read_task=True)
 
 
 @pytest.mark.slow
 def test_five_kills_over_forty_steps_recover_exactly(ray_cluster, small_config, unkilled):
-    run_with_kills(small_config, unkilled, "five-kills", seed=12, kills=5, steps=40)
+    run_with_kills(small_config, unkilled, "five-kills", kill_plan(12, 5, 40, every=2), steps=40)
 
 
 @pytest.mark.slow
 def test_killed_read_task_is_retried_without_a_restart(ray_cluster, small_config, unkilled):
-    cfg = small_config("read-task-killed", *LAYOUT, "train.max_steps=12", "fault.max_failures=0", "fault.drill=read@0")
+    cfg = small_config("read-task-killed", *LAYOUT, "train.max_steps=8", "fault.max_failures=0", "fault.drill=read@0")
     with ReadTaskKiller() as killer:
         train(cfg)  # max_failures=0: a worker-group restart would fail the run
     assert_read_task_ran_again(killer.killed)
-    assert_exact_run(cfg, unkilled_run(small_config, unkilled, 12), resumed_from=[])
+    assert_exact_run(cfg, unkilled_run(small_config, unkilled, 8), resumed_from=[])
