@@ -27,24 +27,25 @@ from tests.conftest import REPO_ROOT
 WORDS = "ray data shard token window stream rank batch seed epoch naïve ☃ kill commit rename".split()
 
 
-def write_corpus(folder: Path, seed: int, docs: int = 60) -> Path:
-    """About 600 KB of text in `docs` files: three units of work, so half-way is mid-tokenizing."""
+def write_corpus(folder: Path, seed: int, docs: int = 20) -> Path:
+    """About 100 KB of text in `docs` files."""
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(docs):
-        (folder / f"d{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, 1600)) + "\n", encoding="utf-8")
+        (folder / f"d{i:02d}.txt").write_text(" ".join(rng.choice(WORDS, 600)) + "\n", encoding="utf-8")
     return folder
 
 
 def overrides(corpus: Path, out_dir: Path, *more: str) -> list[str]:
     return [f"data.paths=['{corpus}']", f"data.out_dir={out_dir}", "data.vocab_size=300", "data.seq_len=16",
-            "data.shard_tokens=60000", "data.val_fraction=0.1", *more]
+            "data.shard_tokens=6000", "data.val_fraction=0.1", *more]
 
 
 def killed_prepare(corpus: Path, out_dir: Path, drill: str) -> int:
-    """prepare in its own process with fault.drill set; its exit status (-9: the drill killed it)."""
-    code = ("import sys; from raylm.config import resolve; from raylm.data.prepare import prepare; "
-            "prepare(resolve({}, sys.argv[1:]), use_ray=False)")
+    """prepare in its own process with fault.drill set; its exit status (-9: the drill killed it). Units of work
+    of 16 KB (the grouping never changes the bytes), so that half-way falls between units."""
+    code = ("import sys; from raylm.config import resolve; import raylm.data.prepare as p; "
+            "p.UNIT_BYTES_RANGE = (16 << 10, 64 << 20); p.prepare(resolve({}, sys.argv[1:]), use_ray=False)")
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     return subprocess.run([sys.executable, "-c", code, *overrides(corpus, out_dir, f"fault.drill={drill}")],
                           env=env, capture_output=True, timeout=120).returncode
@@ -72,8 +73,8 @@ def test_prepare_killed_anywhere_leaves_a_folder_that_verifies(tmp_path):
     assert old["tokenizer_sha256"] != expected["tokenizer_sha256"]  # the commit replaces the tokenizer too
     shards = len(expected["shards"])
     assert shards >= 3
-    # every rename of the commit: shard 1, the last shard, tokenizer-<sha>.json, manifest.json, tokenizer.json
-    drills = ["prepare@50", "commit@0", "commit@1", f"commit@{shards}", *(f"commit@{shards + k}" for k in (1, 2, 3))]
+    # before the commit, then after each rename: every shard, tokenizer-<sha>.json, manifest.json, tokenizer.json
+    drills = ["prepare@50", *(f"commit@{k}" for k in range(shards + 4))]
     for drill in drills:
         folder = tmp_path / drill.replace("@", "-")
         shutil.copytree(before, folder)
