@@ -87,7 +87,11 @@ class ReadTaskKiller(threading.Thread):
             now = time.monotonic()
             for task in (t for t in running if "_read_task" in t.name and t.worker_pid):
                 if now - seen.setdefault(task.task_id, now) >= 2.5:
-                    os.kill(task.worker_pid, signal.SIGKILL)
+                    try:
+                        os.kill(task.worker_pid, signal.SIGKILL)
+                    except ProcessLookupError:  # a stale entry: the task ended with an earlier run's dataset
+                        seen[task.task_id] = float("inf")
+                        continue
                     self.killed = (task.task_id, task.worker_pid)
                     break
             time.sleep(0.2)
