@@ -12,8 +12,8 @@ One JSON line:
   final_loss_diff        |last loss - the uninterrupted run's last loss| (fp32 on CPU: 0)
 Targets: every fault survived, tokens exact, 0 mismatches, diff 0.
 
-max_steps is sized from a short calibration run so that the chaos run's steps take about 70% of --minutes (restarts
-take the rest). A read task is killed only when Ray's state API shows one running (a stream reads ahead, so that
+max_steps is sized from a short calibration run so that the chaos run's steps take about --minutes (restarts add
+to that); the first fault comes 1-3 minutes after the first step. A read task is killed only when Ray's state API shows one running (a stream reads ahead, so that
 is not always the case); after 30 s without one the chaos thread kills a training worker instead.
 `--minutes N` (default 20), `--seed S`, `--min-gap-s` / `--max-gap-s` (default 60 / 180).
 """
@@ -24,6 +24,7 @@ import argparse
 import os
 import random
 import signal
+import statistics
 import threading
 import time
 from pathlib import Path
@@ -64,6 +65,8 @@ class Chaos(threading.Thread):
         self.start()
 
     def run(self):
+        while not self.metrics.exists() and not self.done.wait(1.0):
+            pass  # the clock starts with the first step, not with Ray's start-up
         while not self.done.wait(self.rng.uniform(*self.gaps)):
             kind = self.rng.choice(("worker", "read_task"))
             pid = self._read_task_within(30.0) if kind == "read_task" else None
@@ -122,8 +125,8 @@ def main() -> None:
     ensure_prepared(base)
     run_dir = scratch_dir("raylm-soak-")
     calibration, _ = train_run("calibration", run_dir, CALIBRATION_STEPS)
-    step_s = sorted(r["step_s"] for r in calibration[2:])[len(calibration[2:]) // 2]
-    steps = max(20, int(args.minutes * 60 * 0.7 / step_s))
+    step_s = statistics.median(r["step_s"] for r in calibration[CALIBRATION_STEPS // 2:])
+    steps = max(20, int(args.minutes * 60 / step_s))
     chaos = Chaos(args.seed, args.min_gap_s, args.max_gap_s, run_dir / "chaos" / "metrics.jsonl")
     try:
         failed = None
