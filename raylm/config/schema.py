@@ -142,10 +142,13 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class FaultConfig:
     max_failures: int = opt(0, "worker-group restarts Ray Train allows before the run fails")
-    drill: str = opt("", "fault drill, once per run (tests only): 'PHASE@STEP' SIGKILLs a worker at checkpoint-save "
-                         "phase PHASE (before-files|mid-files|before-commit|after-commit) of step STEP, or "
-                         "'step@STEP' right after that step; 'nonfinite@STEP' makes one micro-batch's loss NaN on "
-                         "drill_rank in step STEP; 'spike@STEP' multiplies step STEP's lr by 1000; '' = off")
+    drill: str = opt("", "fault drills, each once per run (tests only): 'PHASE@STEP[:RANK]' SIGKILLs rank RANK "
+                         "(default fault.drill_rank) at checkpoint-save phase PHASE (before-files|mid-files|"
+                         "before-commit|after-commit) of step STEP, 'step@STEP' right after that step; "
+                         "'nonfinite@STEP' makes one micro-batch's loss NaN on that rank in step STEP; 'spike@STEP' "
+                         "multiplies step STEP's lr by 1000; 'read@STEP' holds the first Ray Data read task of the "
+                         "training stream opened at STEP (for a test to kill it); comma-separated for several; "
+                         "'' = off")
     drill_rank: int = opt(0, "the rank the fault drill kills or poisons")
     nonfinite: str = opt("skip", "a non-finite loss or gradient on any rank, found before the optimizer step: stop "
                                  "(exit 1 naming step and rank, weights unchanged) | skip (no update; the step's "

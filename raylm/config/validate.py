@@ -227,17 +227,24 @@ def _check_data(cfg: Config) -> None:
             _fail(f"data.sources weight {short_repr(weight)} for {source['path']} must be a positive finite number")
 
 
-DRILL = re.compile(r"^(before-files|mid-files|before-commit|after-commit|step|nonfinite|spike)@([0-9]+)$")
+_DRILL_ONE = (r"(before-files|mid-files|before-commit|after-commit|step|nonfinite|spike|read|prepare|commit)"
+              r"@[0-9]+(:[0-9]+)?")
+DRILL = re.compile(rf"^{_DRILL_ONE}(,{_DRILL_ONE})*$")
 
 
 def _check_drill(cfg: Config) -> None:
+    from raylm.train.faults import parse_drills
+
     drill = cfg.fault.drill
     if drill and not DRILL.match(drill):
-        _fail(f"fault.drill={drill!r} is not PHASE@STEP with PHASE one of before-files, mid-files, before-commit, "
-              f"after-commit, step, nonfinite, spike; e.g. fault.drill=mid-files@4, or '' for no drill")
+        _fail(f"fault.drill={drill!r} is not PHASE@STEP[:RANK][,...] with PHASE one of before-files, mid-files, "
+              f"before-commit, after-commit, step, nonfinite, spike, read, prepare, commit; e.g. "
+              f"fault.drill=mid-files@4 or step@3:1,after-commit@6:2, or '' for no drill")
     world = num_workers(cfg)
-    if drill and not 0 <= cfg.fault.drill_rank < world:
-        _fail(f"fault.drill_rank={cfg.fault.drill_rank} is not a rank of the {world} workers; set it below {world}")
+    for _, _, rank in parse_drills(drill, cfg.fault.drill_rank):
+        if not 0 <= rank < world:
+            _fail(f"fault.drill rank {rank} (fault.drill_rank or :RANK) is not a rank of the {world} workers; "
+                  f"set it below {world}")
 
 
 def _check_init_from(cfg: Config) -> None:

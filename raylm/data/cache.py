@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Iterator
 
 from raylm.data.shards import (FIX, MANIFEST_FILE, SHARD_NAME, ShardDigest, check_shard_size,
-                               parse_manifest, write_json_atomic)
-from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256
+                               parse_manifest, read_manifest, write_json_atomic)
+from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256, tokenizer_object, tokenizer_path
 from raylm.errors import DataError
 from raylm.fsync import fsync_path
 from raylm.log import get_logger
@@ -75,14 +75,12 @@ def local_tokenizer(out_dir: str, cache_dir: str) -> Path:
     """Where a local copy of a prepared folder's tokenizer.json is: in the folder, or (for a prefix) in this node's
     cache, fetched and checked first when it is not there yet."""
     if not is_uri(out_dir):
-        return Path(out_dir).expanduser() / TOKENIZER_FILE
+        folder = Path(out_dir).expanduser()
+        try:
+            return tokenizer_path(folder, read_manifest(folder)["tokenizer_sha256"])
+        except DataError:  # no usable manifest: the plain name, which the caller checks
+            return folder / TOKENIZER_FILE
     return open_cached(out_dir, cache_dir, refresh=False)[0] / TOKENIZER_FILE
-
-
-def tokenizer_object(sha256: str) -> str:
-    """The prefix's copy of the tokenizer under a name of its own sha256: prepare uploads it before the manifest,
-    so the tokenizer a manifest names is in place the moment the manifest is (tokenizer.json follows it)."""
-    return f"tokenizer-{sha256[:16]}.json"
 
 
 def read_tokenizer(uri: StorageUri, sha256: str) -> bytes:

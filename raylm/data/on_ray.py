@@ -27,6 +27,18 @@ def ray_session() -> Iterator[None]:
             ray.shutdown()
 
 
+def probe_ray_address() -> None:
+    """Fail in seconds, as `raylm train` does, when RAY_ADDRESS names a cluster that does not answer (ray.init
+    would retry for minutes); nothing to check when Ray is up already or starts locally."""
+    import os
+
+    from raylm.train.ray_cluster import CONNECT_TIMEOUT_S, probe_address
+
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address not in ("", "local", "auto") and not ray_is_up():
+        probe_address(address, CONNECT_TIMEOUT_S)
+
+
 def ray_is_up() -> bool:
     try:
         import ray

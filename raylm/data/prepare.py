@@ -9,21 +9,26 @@
    them to one shard writer per split, so the shards are the same bytes whichever path or task order ran.
 4. A document is in the validation split when a stable hash of its id is below data.val_fraction; the first
    document of the file with the lowest hash is always there too, so a small corpus still has a validation split.
-Everything is written to a staging folder inside out_dir; `_commit` moves it in with manifest.json last, so an
-interrupted prepare leaves the previous folder valid; a lock file keeps a second prepare of the same folder out.
+Everything is written to a staging folder inside out_dir; `_commit` moves the new shards and the tokenizer (under
+its sha256 name, tokenizer-<sha>.json) in, then manifest.json (the commit point), then tokenizer.json, so a prepare
+killed at any point leaves a folder that verifies: the manifest names shards and a tokenizer that are in place
+(readers take the tokenizer by the manifest's sha256 name, raylm.data.shards.tokenizer_path). The folder's readers
+lock (raylm.data.readers_lock) keeps a second prepare out, and keeps prepare from replacing the shards of a folder
+that a running `raylm train` reads. fault.drill=prepare@50 or commit@K SIGKILLs prepare at half the text or after
+the K-th rename of the commit, to rehearse that.
 On a multi-node Ray the corpus must be on storage every node sees (tasks read it); the driver writes the shards.
 An s3:// or gs:// data.out_dir is prepared into a local folder first and then uploaded (raylm.data.publish).
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
+import signal
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -32,10 +37,12 @@ import numpy as np
 
 from raylm.config import Config
 from raylm.data.corpus import CorpusFile, ReadPolicy, list_files, read_documents, refuse_binary_files
-from raylm.data.on_ray import ERROR_COLUMN, errors_as_rows, ordered, raise_if_error, ray_session
-from raylm.data.shards import (FORMAT, MANIFEST_FILE, SHARD_NAME, SPLITS, ShardWriter, check_shard,
+from raylm.data.on_ray import ERROR_COLUMN, errors_as_rows, ordered, probe_ray_address, raise_if_error, ray_session
+from raylm.data.readers_lock import writing
+from raylm.data.shards import (FORMAT, MANIFEST_FILE, SHARD_NAME, SPLITS, ShardWriter, check_shard, check_tokenizer,
                                read_manifest, split_summary, token_dtype, write_json_atomic)
-from raylm.data.tokenizer import (EOT_ID, TOKENIZER_FILE, encode_documents, file_sha256, load_tokenizer_file,
+from raylm.data.tokenizer import (EOT_ID, TOKENIZER_FILE, TOKENIZER_OBJECT, encode_documents, file_sha256,
+                                  load_tokenizer_file, tokenizer_object,
                                   train_tokenizer)
 from raylm.errors import DataError
 from raylm.fsync import fsync_path
@@ -48,7 +55,6 @@ FLUSH_TEXT_BYTES = 4 << 20  # text per encode_batch call inside a task: bounds a
 UNITS_PER_CPU = 4  # enough tasks to keep every CPU busy to the end, few enough to amortize task start-up
 UNIT_BYTES_RANGE = (256 << 10, 64 << 20)
 STAGING_PREFIX = ".staging-"
-LOCK_FILE = ".prepare.lock"
 
 
 @dataclass(frozen=True)
@@ -86,10 +92,13 @@ def prepare(cfg: Config, use_ray: bool = True) -> dict:
         if current.get("seq_len") != data.seq_len:  # only peek's default window length; the shards do not change
             current = {**current, "seq_len": data.seq_len}
             write_json_atomic(out_dir / MANIFEST_FILE, current)
+        _tidy(out_dir, current)
         return _summary(current, out_dir, skipped=True, seconds=time.monotonic() - started)
+    if use_ray:
+        probe_ray_address()  # a dead RAY_ADDRESS fails in seconds, before any tokenizing
     out_dir.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out_dir):
-        manifest, timings = _build(files, data, given, input_sha, out_dir, use_ray)
+    with writing(out_dir):
+        manifest, timings = _build(files, data, given, input_sha, out_dir, use_ray, PrepareDrill(cfg.fault.drill))
     _warn_small_val(manifest, data)
     summary = _summary(manifest, out_dir, skipped=False, seconds=time.monotonic() - started)
     get_logger().info("prepare: %d docs -> %d tokens in %d shards at %s", summary["docs"], summary["tokens"],
@@ -98,7 +107,7 @@ def prepare(cfg: Config, use_ray: bool = True) -> dict:
 
 
 def _build(files: list[CorpusFile], data, given: Path | None, input_sha: str, out_dir: Path,
-           use_ray: bool) -> tuple[dict, dict]:
+           use_ray: bool, drill: "PrepareDrill") -> tuple[dict, dict]:
     """Tokenizer, shards and manifest into a staging folder, then commit; (manifest, timings)."""
     refuse_binary_files(files)  # cheap checks first: bad input fails before any Ray worker starts
     staging = _fresh_staging(out_dir, input_sha[:8])
@@ -111,12 +120,12 @@ def _build(files: list[CorpusFile], data, given: Path | None, input_sha: str, ou
         with ray_session() if use_ray else nullcontext():
             pipeline_started = time.monotonic()  # Ray start-up is not pipeline time
             run = _run_on_ray if use_ray else _run_local
-            totals = run(files, spec, staging, data.shard_tokens, input_sha[:8])
+            totals = run(files, spec, staging, data.shard_tokens, input_sha[:8], drill)
             timings = {"tokenizer_s": tokenizer_s, "pipeline_s": time.monotonic() - pipeline_started}
         _check_enough(totals, data)
         manifest = _manifest(totals, data, input_sha, file_sha256(staging / TOKENIZER_FILE))
         write_json_atomic(staging / MANIFEST_FILE, manifest)
-        _commit(staging, out_dir)
+        _commit(staging, out_dir, drill)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return manifest, timings
@@ -127,18 +136,6 @@ def prepare_inputs(data) -> tuple[list[CorpusFile], Path | None, str]:
     files = list_files(data.paths)
     given = _given_tokenizer(data)
     return files, given, _fingerprint(files, data, file_sha256(given) if given else "")
-
-
-@contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
-    """One prepare per folder: a second one fails at once instead of mixing shards."""
-    with open(out_dir / LOCK_FILE, "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise DataError(f"another `raylm prepare` is writing {out_dir}; wait for it to finish or set another "
-                            f"data.out_dir") from None
-        yield
 
 
 def _given_tokenizer(data) -> Path | None:
@@ -168,8 +165,9 @@ def _up_to_date(out_dir: Path, input_sha: str) -> dict | None:
         manifest = read_manifest(out_dir)
         if manifest.get("input_sha256") != input_sha:
             return None
+        check_tokenizer(out_dir, manifest)
         if file_sha256(out_dir / TOKENIZER_FILE) != manifest["tokenizer_sha256"]:
-            return None
+            return None  # a commit stopped before its tokenizer.json: rebuilt like any stale folder
         for entry in manifest["shards"]:
             check_shard(out_dir, entry, manifest["vocab_size"])
     except DataError as exc:
@@ -279,10 +277,11 @@ def plan_units(files: list[CorpusFile], cpus: float) -> list[list[CorpusFile]]:
 class _Sink:
     """The driver's side: appends each row's tokens to its split's writer and adds up the counts."""
 
-    def __init__(self, staging: Path, dtype: np.dtype, shard_tokens: int, tag: str, files: int):
+    def __init__(self, staging: Path, dtype: np.dtype, shard_tokens: int, tag: str, files, drill: "PrepareDrill"):
         self.dtype = dtype
         self.writers = {s: ShardWriter(staging, s, dtype, shard_tokens, eot=EOT_ID, tag=tag) for s in SPLITS}
-        self.totals = Totals(files=files)
+        self.totals = Totals(files=len(files))
+        self.text_bytes, self.drill = max(1, sum(f.size_bytes for f in files)), drill
 
     def add(self, columns: dict) -> None:
         raise_if_error(columns[ERROR_COLUMN])
@@ -292,28 +291,29 @@ class _Sink:
             self.totals.docs += int(docs)
             self.totals.text_bytes += int(text_bytes)
             self.totals.replaced_bytes += int(replaced)
+        self.drill.at("prepare", 100 * self.totals.text_bytes // self.text_bytes)
 
     def close(self) -> Totals:
         self.totals.entries = [e for s in SPLITS for e in self.writers[s].close()]
         return self.totals
 
 
-def _run_local(files, spec: EncodeSpec, staging: Path, shard_tokens: int, tag: str) -> Totals:
+def _run_local(files, spec: EncodeSpec, staging: Path, shard_tokens: int, tag: str, drill: "PrepareDrill") -> Totals:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(spec.tokenizer_json)
     tokenizer.encode_special_tokens = True
-    sink = _Sink(staging, np.dtype(spec.dtype), shard_tokens, tag, len(files))
+    sink = _Sink(staging, np.dtype(spec.dtype), shard_tokens, tag, files, drill)
     for unit in plan_units(files, os.cpu_count() or 1):
         for columns in encode_unit(unit, spec, tokenizer):
             sink.add(columns)
     return sink.close()
 
 
-def _run_on_ray(files, spec: EncodeSpec, staging: Path, shard_tokens: int, tag: str) -> Totals:
+def _run_on_ray(files, spec: EncodeSpec, staging: Path, shard_tokens: int, tag: str, drill: "PrepareDrill") -> Totals:
     import ray
 
-    sink = _Sink(staging, np.dtype(spec.dtype), shard_tokens, tag, len(files))
+    sink = _Sink(staging, np.dtype(spec.dtype), shard_tokens, tag, files, drill)
     units = plan_units(files, ray.cluster_resources().get("CPU", 1))
     rows = [{"files": json.dumps([asdict(f) for f in unit])} for unit in units]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
@@ -379,19 +379,63 @@ def _manifest(totals: Totals, data, input_sha: str, tokenizer_sha: str) -> dict:
             "tokens": sum(e["tokens"] for e in totals.entries), "shards": totals.entries}
 
 
-def _commit(staging: Path, out_dir: Path) -> None:
-    """Move the new shards in (new names), then tokenizer.json, then manifest.json (the commit point); then remove
-    the shards the new manifest no longer names."""
+def _commit(staging: Path, out_dir: Path, drill: "PrepareDrill") -> None:
+    """Move the new shards in (new names) and the tokenizer under its sha256 name, then manifest.json (the commit
+    point), then tokenizer.json; then remove the shards and tokenizer copies the new manifest no longer names.
+    After any rename the folder verifies: the old manifest with its old files, or the new one with its new."""
     manifest = json.loads((staging / MANIFEST_FILE).read_text())
     names = {e["file"] for e in manifest["shards"]}
-    for name in names:
+    tokenizer = tokenizer_object(manifest["tokenizer_sha256"])
+    shutil.copyfile(staging / TOKENIZER_FILE, staging / tokenizer)
+    renames = [*sorted(names), tokenizer, MANIFEST_FILE, TOKENIZER_FILE]
+    drill.at("commit", 0)
+    for index, name in enumerate(renames, 1):
         os.replace(staging / name, out_dir / name)
-    os.replace(staging / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
-    os.replace(staging / MANIFEST_FILE, out_dir / MANIFEST_FILE)
+        if name == MANIFEST_FILE:
+            fsync_path(out_dir)
+        drill.at("commit", index)
     fsync_path(out_dir)
-    for path in out_dir.iterdir():
-        if SHARD_NAME.match(path.name) and path.name not in names:
-            path.unlink()
+    _remove(_leftovers(out_dir, manifest))
+
+
+def _leftovers(out_dir: Path, manifest: dict) -> list[Path]:
+    """Shards and sha256-named tokenizer copies the manifest does not name, and staging folders of killed runs."""
+    names = {e["file"] for e in manifest["shards"]} | {tokenizer_object(manifest["tokenizer_sha256"])}
+    return [path for path in out_dir.iterdir() if path.name.startswith(STAGING_PREFIX) or (
+        (SHARD_NAME.match(path.name) or TOKENIZER_OBJECT.match(path.name)) and path.name not in names)]
+
+
+def _remove(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _tidy(out_dir: Path, manifest: dict) -> None:
+    """Remove what a prepare killed after its commit left behind, unless a training reads the folder now."""
+    leftovers = _leftovers(out_dir, manifest)
+    if not leftovers:
+        return
+    try:
+        with writing(out_dir):
+            _remove(_leftovers(out_dir, manifest))
+    except DataError as exc:
+        get_logger().warning("prepare: kept %d leftover files of an interrupted prepare: %s", len(leftovers), exc)
+
+
+class PrepareDrill:
+    """fault.drill for prepare: 'prepare@P' SIGKILLs this process once P percent of the text is tokenized,
+    'commit@K' right after the K-th rename of the commit (0: before the first). For tests only."""
+
+    def __init__(self, drill: str):
+        self.points = {(phase, int(at)) for phase, _, at in (d.partition("@") for d in drill.split(",") if d)}
+
+    def at(self, phase: str, value: int) -> None:
+        if any(p == phase and (value == at if phase == "commit" else value >= at) for p, at in self.points):
+            get_logger().warning("fault drill: killing prepare (pid %d) at %s@%d", os.getpid(), phase, value)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _warn_small_val(manifest: dict, data) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256
+from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256, tokenizer_object, tokenizer_path
 from raylm.errors import DataError
 from raylm.safe_paths import is_inside_name
 from raylm.storage.objects import read_bytes
@@ -185,14 +185,19 @@ def check_shard(folder: Path, entry: dict, vocab_size: int) -> None:
 
 
 def check_tokenizer(folder: Path, manifest: dict) -> None:
-    """tokenizer.json beside the shards must be the one that wrote them."""
-    path = folder / TOKENIZER_FILE
+    """The tokenizer the manifest names must be the one that wrote the shards; so must tokenizer.json, unless it is
+    the previous commit's tokenizer (its sha256-named copy still beside it): a prepare stopped between the manifest
+    and tokenizer.json, which readers do not mind (they take the sha256-named copy) and a rerun completes."""
+    sha = manifest["tokenizer_sha256"]
+    path = tokenizer_path(folder, sha)
     if not path.is_file():
         raise DataError(f"{path} is missing; {FIX}")
-    sha = file_sha256(path)
-    if sha != manifest["tokenizer_sha256"]:
-        raise DataError(f"{path} is another tokenizer than the one that wrote the shards (sha256 {sha[:16]}... vs "
-                        f"{manifest['tokenizer_sha256'][:16]}... in {MANIFEST_FILE}); {FIX}")
+    plain = folder / TOKENIZER_FILE
+    for candidate in (path, plain) if path != plain and plain.is_file() else (path,):
+        found = file_sha256(candidate)
+        if found != sha and not (candidate == plain and (folder / tokenizer_object(found)).is_file()):
+            raise DataError(f"{candidate} is another tokenizer than the one that wrote the shards (sha256 "
+                            f"{found[:16]}... vs {sha[:16]}... in {MANIFEST_FILE}); {FIX}")
 
 
 def split_summary(manifest: dict) -> dict[str, dict]:

@@ -19,6 +19,7 @@ the same ChunkReader, so they give identical samples.
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +56,7 @@ class StreamPlan:
     start_sample: int
     chunk_samples: int
     cache_dir: str = ""  # data.cache_dir: where shards of s3:// or gs:// sources are fetched on this node
+    first_read_stall_s: float = 0.0  # a fault drill (read@STEP): the task reading chunk 0 waits this long first
 
     def global_samples(self, local: np.ndarray) -> np.ndarray:
         return self.start_sample + self.dp_rank + local * self.dp_size
@@ -194,11 +196,13 @@ class RankStream:
     """Infinite iterator of (inputs, targets) int64 tensors of shape (micro_batch, seq_len) for one DP rank."""
 
     def __init__(self, paths_or_sources: Any, split: str, seq_len: int, seed: int, dp_rank: int, dp_size: int,
-                 micro_batch: int, start_sample: int = 0, prefetch: int = DEFAULT_PREFETCH, cache_dir: str = ""):
+                 micro_batch: int, start_sample: int = 0, prefetch: int = DEFAULT_PREFETCH, cache_dir: str = "",
+                 first_read_stall_s: float = 0.0):
         _check_args(seq_len, dp_rank, dp_size, micro_batch, start_sample)
         self.micro_batch, self.dp_size, self.prefetch = micro_batch, dp_size, prefetch
         self.plan = StreamPlan(normalize_sources(paths_or_sources), split, seq_len, seed, dp_rank, dp_size,
-                               start_sample, micro_batch * max(1, CHUNK_SAMPLES // micro_batch), cache_dir)
+                               start_sample, micro_batch * max(1, CHUNK_SAMPLES // micro_batch), cache_dir,
+                               first_read_stall_s)
         self.reader = ChunkReader(self.plan)  # opens and checks the manifests here, in the caller's process
         self.order = self.reader.order
         self.global_offset = start_sample
@@ -244,6 +248,8 @@ _CHUNK_READERS: dict[StreamPlan, ChunkReader] = {}  # per task process: one read
 def _read_task(batch: dict, plan: StreamPlan) -> dict:
     """Ray Data UDF: chunk ids -> that chunk's windows as bytes (a DataError becomes an error row)."""
     try:
+        if plan.first_read_stall_s and 0 in batch["chunk"]:
+            time.sleep(plan.first_read_stall_s)  # long enough to be found running and killed from outside
         if plan not in _CHUNK_READERS:
             _CHUNK_READERS.clear()
             _CHUNK_READERS[plan] = ChunkReader(plan, refresh=False)  # the rank fetched the manifests just now
@@ -272,11 +278,12 @@ def _ray_chunks(plan: StreamPlan, prefetch: int) -> Iterator[np.ndarray]:
         first += CHUNKS_PER_DATASET
 
 
-def build_rank_stream(cfg, split: str, dp_rank: int, dp_size: int, start_sample: int = 0) -> RankStream:
+def build_rank_stream(cfg, split: str, dp_rank: int, dp_size: int, start_sample: int = 0,
+                      first_read_stall_s: float = 0.0) -> RankStream:
     """The stream a training rank reads: data.sources (or data.out_dir), data.seq_len, run.seed, micro_batch."""
     sources = list(cfg.data.sources) or cfg.data.out_dir
     return RankStream(sources, split, cfg.data.seq_len, cfg.run.seed, dp_rank, dp_size, cfg.parallel.micro_batch,
-                      start_sample=start_sample, cache_dir=cfg.data.cache_dir)
+                      start_sample=start_sample, cache_dir=cfg.data.cache_dir, first_read_stall_s=first_read_stall_s)
 
 
 def run_order(cfg, split: str = "train") -> Order:

@@ -9,6 +9,8 @@ strings inside a document are encoded as ordinary text.
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -22,6 +24,7 @@ SPECIAL_TOKENS = (EOT, "<|pad|>", "<|bos|>")  # ids 0, 1, 2; only EOT is written
 EOT_ID = 0
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_OBJECT = re.compile(r"^tokenizer-[0-9a-f]{16}\.json$")
 
 
 def check_vocab_size(vocab_size: int) -> None:
@@ -70,9 +73,27 @@ def load_tokenizer_file(path: str | Path, max_vocab: int | None = None) -> Token
     return _configured(tokenizer)
 
 
+def tokenizer_object(sha256: str) -> str:
+    """A prepared folder's copy of its tokenizer under a name of its own sha256: prepare moves it in before the
+    manifest, so the tokenizer a manifest names is in place the moment the manifest is (tokenizer.json follows)."""
+    return f"tokenizer-{sha256[:16]}.json"
+
+
+def tokenizer_path(folder: str | Path, sha256: str) -> Path:
+    """The tokenizer file of a prepared folder whose manifest names `sha256`: its sha256-named copy when there is
+    one (a prepare killed between the manifest and tokenizer.json leaves the plain name stale), else tokenizer.json."""
+    named = Path(folder) / tokenizer_object(sha256)
+    return named if sha256 and named.is_file() else Path(folder) / TOKENIZER_FILE
+
+
 def load_tokenizer(out_dir: str | Path) -> Tokenizer:
-    """The tokenizer that prepare saved beside the shards in out_dir."""
-    return load_tokenizer_file(Path(out_dir).expanduser() / TOKENIZER_FILE)
+    """The tokenizer that prepare saved beside the shards in out_dir (the one its manifest names)."""
+    folder = Path(out_dir).expanduser()
+    try:
+        sha256 = json.loads((folder / "manifest.json").read_text()).get("tokenizer_sha256", "")
+    except (OSError, ValueError, AttributeError):
+        sha256 = ""
+    return load_tokenizer_file(tokenizer_path(folder, sha256))
 
 
 def file_sha256(path: str | Path) -> str:

@@ -10,12 +10,13 @@ from typing import Any
 
 from raylm.config import Config, to_dict, with_overrides
 from raylm.config.derived import num_workers
+from raylm.data.readers_lock import reading
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.storage.location import Location, is_remote
 from raylm.storage.uri import is_uri
 from raylm.train.metrics import plot_loss_curve, read_metrics
-from raylm.train.preflight import check_prepared_data
+from raylm.train.preflight import check_prepared_data, local_data_folders
 from raylm.train.ray_cluster import connect_ray
 from raylm.train.run_files import RunFiles
 from raylm.train.run_lock import hold_run_lock
@@ -30,7 +31,8 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
     allow_config_change: resume even when the seed, data, tokenizer or model shape differ from the checkpoint's."""
     start = time.perf_counter()
     cfg = with_absolute_paths(cfg)
-    with hold_run_lock(run_path(cfg), cfg.data.cache_dir):  # before anything reads, replaces or writes the run
+    # the lock comes before anything reads, replaces or writes the run; reading() keeps prepare off its shards
+    with hold_run_lock(run_path(cfg), cfg.data.cache_dir), reading(local_data_folders(cfg)):
         check_prepared_data(cfg)
         run_dir = prepare_run_dir(cfg, overwrite=overwrite, allow_config_change=allow_config_change)
         connect_ray()

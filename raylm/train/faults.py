@@ -1,5 +1,6 @@
-"""Fault drills (fault.drill), once per run, to rehearse recovery for real: SIGKILL one worker at a named point,
-make one micro-batch's loss NaN on one rank, or multiply one step's learning rate by 1000."""
+"""Fault drills (fault.drill), each once per run, to rehearse recovery for real: SIGKILL a worker at a named point,
+make one micro-batch's loss NaN on one rank, multiply one step's learning rate by 1000, or hold a Ray Data read
+task (`read@STEP`) long enough for a test to find it running and SIGKILL it from outside."""
 
 from __future__ import annotations
 
@@ -11,50 +12,69 @@ from raylm.config import Config
 from raylm.errors import ConfigError
 from raylm.log import get_logger
 
-FIRED_MARKER = ".fault-drill-fired"  # in the run folder: a restarted worker group does not fire the drill again
+FIRED_MARKER = ".fault-drill-fired"  # in the run folder, a line per fired drill: a restarted group skips them
 SPIKE_LR_FACTOR = 1000.0
+READ_STALL_S = 6.0
+
+
+def parse_drills(text: str, default_rank: int) -> list[tuple[str, int, int]]:
+    """'PHASE@STEP[:RANK],...' -> [(phase, step, rank), ...]; a drill without :RANK names fault.drill_rank."""
+    drills = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        point, _, rank = item.partition(":")
+        phase, _, step = point.partition("@")
+        drills.append((phase, int(step or 0), int(rank) if rank else default_rank))
+    return drills
 
 
 class FaultDrill:
-    """`at(phase, step)` kills this process when the drill names this rank, phase and step, the first time only;
+    """`at(phase, step)` kills this process when a drill names this rank, phase and step, the first time only;
     `poison(engine, step)` and `lr_factor(step)` fire the non-finite and spike drills (STEP = the 0-based step)."""
 
     def __init__(self, cfg: Config, run_dir: Path, rank: int):
-        phase, _, step = cfg.fault.drill.partition("@")
+        drills = parse_drills(cfg.fault.drill, cfg.fault.drill_rank)
         self.rank = rank
-        self.armed = bool(cfg.fault.drill) and rank == cfg.fault.drill_rank
-        self.phase, self.step = phase, int(step or 0)
+        self.mine = {(phase, step) for phase, step, drill_rank in drills if drill_rank == rank}
+        self.read_steps = {step for phase, step, _ in drills if phase == "read"}  # every data-reading rank
         self.marker = run_dir / FIRED_MARKER
-        # the spike drill changes every rank's lr, so every rank decides now whether it already fired (a restart)
-        self.spike_due = phase == "spike" and not self.marker.exists()
+        # a spike drill changes every rank's lr, so every rank decides now whether it already fired (a restart)
+        self.spikes_due = {step for phase, step, _ in drills if phase == "spike" and not self._fired(f"spike@{step}")}
+
+    def read_stall_s(self, step: int) -> float:
+        """How long the first read task of a training stream opened at `step` waits (0: no drill there)."""
+        return READ_STALL_S if step in self.read_steps else 0.0
 
     def at(self, phase: str, step: int) -> None:
-        if not self.armed or phase != self.phase or step != self.step or self.marker.exists():
+        if (phase, step) not in self.mine or self._fired(f"{phase}@{step}"):
             return
-        self._fired(f"{phase}@{step}")
+        self._mark(f"{phase}@{step}")
         get_logger().warning("fault drill: killing this worker (pid %d) at %s of step %d", os.getpid(), phase, step)
         os.kill(os.getpid(), signal.SIGKILL)
 
     def poison(self, engine, step: int) -> None:
         """nonfinite@STEP: the drill rank's first micro-batch loss of step STEP becomes NaN."""
-        if not self.armed or self.phase != "nonfinite" or step != self.step or self.marker.exists():
+        if ("nonfinite", step) not in self.mine or self._fired(f"nonfinite@{step}"):
             return
         if not engine.computes_loss:
             raise ConfigError(f"fault.drill_rank={self.rank} is on pipeline stage {engine.coords.pp_stage}, which "
                               f"computes no loss; pick a rank of the last stage for fault.drill=nonfinite@{step}")
-        self._fired(f"nonfinite@{step}")
+        self._mark(f"nonfinite@{step}")
         get_logger().warning("fault drill: rank %d makes a micro-batch loss of step %d NaN", self.rank, step)
         engine.poison_next_loss()
 
     def lr_factor(self, step: int) -> float:
         """spike@STEP: step STEP trains at 1000 x its lr on every rank."""
-        if not self.spike_due or step != self.step:
+        if step not in self.spikes_due:
             return 1.0
-        self.spike_due = False
-        if self.armed:
-            self._fired(f"spike@{step}")
+        self.spikes_due.discard(step)
+        if ("spike", step) in self.mine:
+            self._mark(f"spike@{step}")
             get_logger().warning("fault drill: step %d trains at %g x its learning rate", step, SPIKE_LR_FACTOR)
         return SPIKE_LR_FACTOR
 
-    def _fired(self, what: str) -> None:
-        self.marker.write_text(what + "\n")
+    def _mark(self, drill: str) -> None:
+        with self.marker.open("a") as marker:
+            marker.write(f"{drill}\n")
+
+    def _fired(self, drill: str) -> bool:
+        return self.marker.exists() and drill in self.marker.read_text().split()

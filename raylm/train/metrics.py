@@ -11,18 +11,18 @@ from typing import Any
 class MetricsWriter:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
 
-    A run resumed at `start_step` first drops the rows an interrupted attempt logged from that step on, so the
-    file holds each step once, in order."""
+    A worker group (re)started at `start_step` first drops the rows an interrupted attempt logged from that step
+    on (all of them when it starts again from step 0, before any checkpoint), so the file holds each step once,
+    in order, however often the group restarts."""
 
     def __init__(self, run_dir: Path, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = Path(run_dir) / "metrics.jsonl"
-        if start_step:
-            _drop_rows_from(self.path, start_step)
+        rerun = _drop_rows_from(self.path, start_step)
         self.file = self.path.open("a")
         self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
-                                         purge_step=start_step or None)
+                                         purge_step=start_step if rerun else None)
 
     def write(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -36,14 +36,25 @@ class MetricsWriter:
         self.tensorboard.close()
 
 
-def _drop_rows_from(path: Path, start_step: int) -> None:
-    """Rewrite metrics.jsonl (atomically) without the rows of steps >= start_step."""
+def _drop_rows_from(path: Path, start_step: int) -> bool:
+    """Rewrite metrics.jsonl (atomically) without the rows of steps >= start_step; whether the file existed.
+
+    A line that is not JSON can only be the last one, torn by a SIGKILL in mid-write: it is dropped too."""
     if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] < start_step]
+        return False
+    steps = [(line, _step_of(line)) for line in path.read_text().splitlines()]
+    kept = [line for line, step in steps if step is not None and step < start_step]
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
+    return True
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -16,6 +16,11 @@ def data_folders(cfg: Config) -> list[str]:
     return [p if is_uri(p) else str(Path(p).expanduser()) for p in paths]
 
 
+def local_data_folders(cfg: Config) -> list[str]:
+    """The data folders on a filesystem (not object storage) that exist: those a readers lock can cover."""
+    return [folder for folder in data_folders(cfg) if not is_uri(folder) and Path(folder).is_dir()]
+
+
 def check_prepared_data(cfg: Config) -> None:
     """Fail with the fix when a data folder is missing or was prepared for another tokenizer or vocab size; a
     prefix on object storage is read here too, so a missing bucket or a silent endpoint fails before workers start."""

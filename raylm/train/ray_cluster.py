@@ -26,7 +26,7 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     address = os.environ.get("RAY_ADDRESS", "").strip()
     remote = address not in ("", "local")
     if remote and address != "auto":
-        _probe(address, connect_timeout_s)  # a bad address is the user's error even when Ray is already up
+        probe_address(address, connect_timeout_s)  # a bad address is the user's error even when Ray is already up
     if ray.is_initialized():
         return
     log = get_logger()
@@ -44,7 +44,7 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
     filter_forwarded_logs()
 
 
-def _probe(address: str, timeout_s: float) -> None:
+def probe_address(address: str, timeout_s: float) -> None:
     """Open a TCP connection to the head first: ray.init would otherwise retry for minutes."""
     host_port = address.split("://", 1)[-1].rstrip("/")
     host, _, port = host_port.rpartition(":")

@@ -84,7 +84,8 @@ def prepare_run_dir(cfg: Config, overwrite: bool, allow_config_change: bool = Fa
     """Create the run folder, or keep it to resume; fail early if storage is read-only.
 
     checkpoint.resume decides what an existing folder means: `auto` resumes it when it holds a committed
-    checkpoint, `never` refuses it, `required` fails without one. --overwrite replaces it. A resume whose
+    checkpoint and starts it again when it holds none but was written by this same config (a rerun of a command
+    stopped before its first commit), `never` refuses it, `required` fails without one. --overwrite replaces it. A resume whose
     seed, data, tokenizer or model shape differs from the checkpoint's is refused unless allow_config_change."""
     path = run_path(cfg)
     policy = cfg.checkpoint.resume
@@ -93,17 +94,35 @@ def prepare_run_dir(cfg: Config, overwrite: bool, allow_config_change: bool = Fa
                          + (" (and --overwrite would delete it)" if overwrite else "")
                          + "; train without resume first or set checkpoint.resume=auto")
     if has_run_outputs(path) and not overwrite and not (policy != "never" and _has_committed(path)):
-        reason = "checkpoint.resume=never" if policy == "never" else "no committed checkpoint to resume"
+        if policy != "never" and _same_config(cfg, path):  # the same command, stopped before its first commit
+            get_logger().info("run folder %s holds no committed checkpoint yet; starting it again from step 0", path)
+            return _start(cfg, path)
+        reason = ("checkpoint.resume=never" if policy == "never"
+                  else "no committed checkpoint to resume, and another config.yaml")
         raise RaylmError(f"run folder {path} already holds a run named {cfg.run.name!r} ({reason}); pass "
                          f"--overwrite to replace it or choose another run.name=...")
     if overwrite:
         remove_folder(path, "run folder")
     elif policy != "never" and not allow_config_change:
         _check_drift(cfg, path)
+    return _start(cfg, path)
+
+
+def _start(cfg: Config, path: Location) -> Location:
     _check_writable(cfg, path)
     _forget_ray_snapshot(path)
     write_text(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
+
+
+def _same_config(cfg: Config, path: Location) -> bool:
+    """Whether the folder's config.yaml is this run's config: a rerun of the same command (its metrics rows of
+    the attempt that never committed are dropped when the new attempt starts; see raylm.train.metrics)."""
+    try:
+        saved = yaml.safe_load(read_bytes(path / "config.yaml") or b"")
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return False
+    return saved == yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def _forget_ray_snapshot(path: Location) -> None:

@@ -27,7 +27,7 @@ class Session:
     cfg: Config
     engine: Engine
     reads_data: bool
-    open_stream: Callable[[str, int], Iterator] | None
+    open_stream: Callable[..., Iterator] | None
     flops_per_token: float
     sample_order: Any  # the training split's global order (rank 0, which logs metrics); None elsewhere
     peak_flops: float | None  # all workers together; None = unknown (mfu is then null)
@@ -56,9 +56,10 @@ class Session:
 
         return resume(self.cfg, self.engine, run_dir, rank)
 
-    def train_batches(self, start_sample: int) -> Iterator:
-        """This DP rank's micro-batches of the training split from global sample `start_sample` on."""
-        return self.open_stream("train", start_sample)
+    def train_batches(self, start_sample: int, first_read_stall_s: float = 0.0) -> Iterator:
+        """This DP rank's micro-batches of the training split from global sample `start_sample` on
+        (first_read_stall_s: the read@STEP fault drill, raylm.train.faults)."""
+        return self.open_stream("train", start_sample, first_read_stall_s)
 
     def evaluate(self) -> float:
         """Validation loss on a fresh stream from the split's start: every evaluation sees the same samples, and
@@ -91,11 +92,12 @@ class Session:
         return row
 
 
-def _stream_opener(cfg: Config, dp_rank: int, dp_size: int) -> Callable[[str, int], Iterator]:
+def _stream_opener(cfg: Config, dp_rank: int, dp_size: int) -> Callable[..., Iterator]:
     from raylm.data.stream import build_rank_stream
 
-    def open_stream(split: str, start_sample: int) -> Iterator:
-        return build_rank_stream(cfg, split, dp_rank=dp_rank, dp_size=dp_size, start_sample=start_sample)
+    def open_stream(split: str, start_sample: int, first_read_stall_s: float = 0.0) -> Iterator:
+        return build_rank_stream(cfg, split, dp_rank=dp_rank, dp_size=dp_size, start_sample=start_sample,
+                                 first_read_stall_s=first_read_stall_s)
 
     return open_stream
 

@@ -77,12 +77,13 @@ def run_loop(cfg: Config, session, run_dir: Location, rank: int) -> None:
     resumed = session.resume(run_dir, rank)
     state, protect = resumed.state, resumed.source  # keep the resume source until this attempt commits its own
     plateau = resumed.plateau or PlateauState()
-    batches = TimedIterator(session.train_batches(state.samples)) if session.reads_data else None
     files = RunFiles(run_dir, cfg.data.cache_dir)
     if rank == 0:
         files.start()
-    progress = Progress(cfg, files.local, start_step=state.step) if rank == 0 else None
     drill = FaultDrill(cfg, files.local, rank)
+    stall = drill.read_stall_s(state.step)
+    batches = TimedIterator(session.train_batches(state.samples, stall)) if session.reads_data else None
+    progress = Progress(cfg, files.local, start_step=state.step) if rank == 0 else None
     faults = StepFaults(cfg, session.engine, resumed.trainer)
     if cfg.tune.trial_of and resumed.source:
         report_resumed_rung(cfg, session, state)

@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from raylm.config import Config, resolve, to_dict, with_overrides
+from raylm.data.readers_lock import reading
 from raylm.errors import ConfigError, RaylmError
 from raylm.log import get_logger
 from raylm.storage.uri import refuse_uri
 from raylm.train.driver import build_trainer, with_absolute_paths
-from raylm.train.preflight import check_prepared_data
+from raylm.train.preflight import check_prepared_data, local_data_folders
 from raylm.train.ray_cluster import connect_ray
 from raylm.train.rundir import checkpoint_root, prepare_run_dir, remove_folder
 from raylm.tune.asha import RungBook
@@ -48,7 +49,8 @@ def sweep(cfg: Config, space_path: str | Path, overwrite: bool = False, resume: 
     connect_ray()
     plan, concurrent = _with_share(cfg, space, plan)
     tuner = _restore_tuner(cfg, sweep_dir, plan) if resume else _new_tuner(cfg, space, plan, sweep_dir, concurrent)
-    results = tuner.fit()
+    with reading(local_data_folders(cfg)):  # `raylm prepare` cannot replace the shards the trials read
+        results = tuner.fit()
     return write_outputs(cfg, plan, sweep_dir, _errors(results))
 
 

@@ -36,9 +36,14 @@ def test_used_run_name_is_refused_without_overwrite(tmp_path):
     run = prepare_run_dir(cfg, overwrite=False)
     assert (run / "config.yaml").exists()
     (run / "metrics.jsonl").write_text('{"step": 0}\n')
-    with pytest.raises(RaylmError, match="already holds a run named 'r1' .*; pass --overwrite"):
-        prepare_run_dir(cfg, overwrite=False)
+    other = resolve({}, [f"run.dir={tmp_path}", "run.name=r1", "run.seed=7"])
+    with pytest.raises(RaylmError, match="already holds a run named 'r1' .*another config.yaml.*; pass --overwrite"):
+        prepare_run_dir(other, overwrite=False)
     assert (run / "metrics.jsonl").exists()  # nothing overwritten
+    with pytest.raises(RaylmError, match="already holds a run named 'r1' .*resume=never.*; pass --overwrite"):
+        prepare_run_dir(resolve({}, [f"run.dir={tmp_path}", "run.name=r1", "checkpoint.resume=never"]), False)
+    assert prepare_run_dir(cfg, overwrite=False) == run  # the same command before any commit: starts again
+    assert (run / "metrics.jsonl").exists()  # its rows go when the new attempt's rank 0 starts writing
     prepare_run_dir(cfg, overwrite=True)
     assert not (run / "metrics.jsonl").exists()
 
