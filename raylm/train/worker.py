@@ -10,9 +10,10 @@ from typing import Any
 import torch
 
 from raylm.config import Config, resolve
-from raylm.config.derived import micro_batches_for
+from raylm.config.derived import is_elastic, micro_batches_for
 from raylm.log import get_logger, quiet_worker_logs, setup_logging
 from raylm.train.checkpoint import checkpoint_due, report_with_checkpoint, save
+from raylm.train.elastic import ResizeChannel, ResizeHandshake, config_for_group
 from raylm.train.faults import FaultDrill
 from raylm.train.placement import record_placement
 from raylm.train.progress import Progress
@@ -24,8 +25,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entrypoint: every rank runs this with the resolved config as a plain dict."""
     import ray.train
 
-    cfg = resolve(loop_config["config"])
     context = ray.train.get_context()
+    cfg = config_for_group(resolve(loop_config["config"]), context.get_world_size())
     rank = context.get_world_rank()
     setup_logging(rank, verbose=cfg.run.log_level == "debug")
     quiet_worker_logs()
@@ -33,7 +34,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _pin_gpu()
     session = build_session(cfg, loop_config["backend"], rank)
     record_placement(Path(loop_config["run_dir"]), rank, session.engine.coords)
-    run_loop(cfg, session, Path(loop_config["run_dir"]), rank)
+    resize = ResizeHandshake(ResizeChannel(loop_config["resize_channel"]), rank) if is_elastic(cfg.parallel) else None
+    if resize and rank == 0:
+        get_logger().info("elastic run: this worker group trains with dp=%d (range %d..%d)", cfg.parallel.dp,
+                          cfg.parallel.dp_min, cfg.parallel.dp_max)
+    run_loop(cfg, session, Path(loop_config["run_dir"]), rank, resize)
 
 
 def _pin_gpu() -> None:
@@ -63,10 +68,12 @@ def build_session(cfg: Config, backend: str, rank: int):
     return Session.build(cfg, backend, rank)
 
 
-def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
+def run_loop(cfg: Config, session, run_dir: Path, rank: int, resize: ResizeHandshake | None = None) -> None:
     """The training loop: schedules per step, train_batch, eval, metrics, checkpoints and reports to Ray.
 
-    The last step always commits a checkpoint: it holds the final weights that generate and export read."""
+    The last step always commits a checkpoint: it holds the final weights that generate and export read. In an
+    elastic run a step after which Ray wants to resize the group commits one too, and then waits for the resize
+    (raylm.train.elastic)."""
     resumed = session.resume(run_dir, rank)
     state, protect = resumed.state, resumed.source  # keep the resume source until this attempt commits its own
     plateau = resumed.plateau or PlateauState()
@@ -94,8 +101,11 @@ def run_loop(cfg: Config, session, run_dir: Path, rank: int) -> None:
             break
         if progress:
             progress.record(row, force=last or "val_loss" in row)
-        if report(cfg, session, run_dir, state, row, rank, protect, drill, rung is not None, plateau):
+        resizing = bool(resize and not last and resize.requested())  # a collective on every rank
+        if report(cfg, session, run_dir, state, row, rank, protect, drill, rung is not None or resizing, plateau):
             protect = None
+        if resizing:
+            resize.wait_for_resize(step)
     if progress:
         progress.close()
     get_logger().debug("rank %d finished", rank)
@@ -145,14 +155,15 @@ DIVERGED_LOSS = float("inf")  # what Tune sees for a diverged trial: worse than 
 
 
 def report(cfg: Config, session, run_dir: Path, state: TrainState, row: dict, rank: int,
-           protect: Path | None, drill: FaultDrill, at_rung: bool = False,
+           protect: Path | None, drill: FaultDrill, commit_anyway: bool = False,
            plateau: PlateauState = PlateauState()) -> bool:
-    """Commit a checkpoint when one is due or at a sweep rung (returns whether it did), then tell Ray. A report
+    """Commit a checkpoint when one is due, or anyway (a sweep rung, a resize): returns whether it did; then tell
+    Ray. A report
     costs a controller round trip (~2 s by default): at checkpoints, evaluations and every train.report_every
     steps (docs/ray-facts.md 2)."""
     import ray.train
 
-    if checkpoint_due(cfg, state.step) or at_rung:
+    if checkpoint_due(cfg, state.step) or commit_anyway:
         committed = save(cfg, session.engine, run_dir, state, rank, protect,  # a collective: every rank saves
                          on_phase=lambda phase: drill.at(phase, state.step), plateau=plateau)
         report_with_checkpoint(row, committed if rank == 0 else None)
