@@ -4,8 +4,8 @@ Ray Train's ElasticScalingPolicy sizes the group to what the cluster fits, any c
 raylm's engine needs whole DP replicas of pp * tp workers, each TP group on one node, so this policy counts per
 node only whole TP groups and rounds the total down to a multiple of pp * tp: every group Ray starts holds whole
 replicas, and no rank is left outside one. It asks the cluster afresh (the autoscaling coordinator otherwise
-refreshes its view every 20 s, which would keep a dead node in the count), and it resizes a healthy group only
-after the group committed a checkpoint for it (the handshake in raylm.train.elastic).
+refreshes its view every 20 s, which would keep a dead node in the count: docs/ray-facts.md 6), and it resizes
+a healthy group only after the group committed a checkpoint for it (the handshake in raylm.train.elastic).
 
 A Ray Train v2 internal of the pinned Ray version (`ElasticScalingPolicy`); tests/unit/test_trainer_hooks.py
 fails if an upgrade moves the methods overridden here.

@@ -18,8 +18,11 @@ from raylm.train.metrics import read_metrics
 from tests.ray.test_multinode import THREADS, ClusterHost, finish, overrides, start_run
 
 LAYOUT = ("parallel.pp=2", "parallel.zero_stage=1", "train.global_batch=8", "parallel.micro_batch=2")
-STEPS = ("train.max_steps=40", "checkpoint.every_steps=2", "checkpoint.keep=2", "train.report_every=1")
-ELASTIC = ("parallel.dp=[1, 2]", "parallel.cpus_per_worker=1", "fault.max_failures=2", "fault.resize_check_s=1")
+STEPS = ("train.max_steps=40", "checkpoint.every_steps=2", "checkpoint.keep=2")
+# report_every=1: each step waits for a controller poll (docs/ray-facts.md 2), which paces the run so that it is
+# still training when the node comes back
+ELASTIC = ("parallel.dp=[1, 2]", "parallel.cpus_per_worker=1", "fault.max_failures=2", "fault.resize_check_s=1",
+           "train.report_every=1")
 
 
 @pytest.fixture(scope="module")
