@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import math
 import os
 import re
@@ -17,6 +18,7 @@ from raylm.storage.uri import NOT_YET, SUPPORTED, is_uri, parse_uri, refuse_uri
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MIN_BYTE_VOCAB = 256 + 3  # the byte alphabet plus the special tokens
+MAX_NAMED = 8  # DP sizes named in one error line
 
 
 def validate(cfg: Config) -> Config:
@@ -164,13 +166,18 @@ def _check_batch(cfg: Config) -> None:
 def _check_elastic_batch(cfg: Config) -> None:
     """Every dp of the range must divide the global batch into whole micro-batches: a resize keeps the batch."""
     p, gb = cfg.parallel, cfg.train.global_batch
-    failing = [dp for dp in dp_sizes(p) if gb % (p.micro_batch * dp)]
-    if failing:
+    failing = list(itertools.islice((dp for dp in dp_sizes(p) if gb % (p.micro_batch * dp)), MAX_NAMED + 1))
+    if not failing:
+        return
+    named = ", ".join(map(str, failing[:MAX_NAMED])) + (", ..." if len(failing) > MAX_NAMED else "")
+    if len(dp_sizes(p)) > MAX_NAMED:  # no batch that every dp of a wide range divides is a practical one
+        fix = "narrow the range"
+    else:
         quantum = batch_quantum(p)
-        _fail(f"train.global_batch={gb} is not divisible by parallel.micro_batch * dp = {p.micro_batch} * dp for "
-              f"dp = {', '.join(map(str, failing))} of parallel.dp=[{p.dp_min}, {p.dp_max}]; set train.global_batch "
-              f"to a multiple of {quantum} (micro_batch * every dp), e.g. {-(-gb // quantum) * quantum}, or narrow "
-              f"the range")
+        fix = (f"set train.global_batch to a multiple of {quantum} (micro_batch * every dp), e.g. "
+               f"{-(-gb // quantum) * quantum}, or narrow the range")
+    _fail(f"train.global_batch={gb} is not divisible by parallel.micro_batch * dp = {p.micro_batch} * dp for "
+          f"dp = {named} of parallel.dp=[{p.dp_min}, {p.dp_max}]; {fix}")
 
 
 def _check_schedule(cfg: Config) -> None:

@@ -13,15 +13,30 @@ fails if an upgrade moves the methods overridden here.
 
 from __future__ import annotations
 
+import time
+
 import ray
 from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision, ScalingDecision
 from ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client import (
     AUTOSCALING_REQUESTS_GET_TIMEOUT_S,
 )
 from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
+from ray.train.v2._internal.util import time_monotonic
 
 from raylm.log import get_logger
 from raylm.train.elastic import ResizeChannel
+
+
+WAIT_PAUSE_S = 0.2
+
+
+def node_death_s() -> float:
+    """Seconds until the GCS declares a silent node dead (its health-check period times the misses it allows),
+    plus a margin for the news to reach the coordinator."""
+    try:
+        return ray._config.health_check_period_ms() * ray._config.health_check_failure_threshold() / 1000 + 2.0
+    except AttributeError:  # a Ray without these settings: its defaults (3 s x 5)
+        return 17.0
 
 
 def whole_replicas(workers_per_node: list[int], tp: int, replica_workers: int, max_workers: int) -> int:
@@ -39,6 +54,8 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
         self.channel = ResizeChannel(channel)
         self.asked = 0  # the request number the running group was last asked to checkpoint for (0 = none pending)
         self.requests = 0
+        self.group_workers = 0  # the size of the newest group started (0 before the first)
+        self.failed_at: float | None = None  # when the newest group was found not running (None while it runs)
 
     def _count_possible_workers(self, reserved_resources) -> int:
         per_worker = {k: v for k, v in self.scaling_config._resources_per_worker_not_none.items() if v > 0}
@@ -49,19 +66,45 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
         return whole_replicas(counts, self.tp, self.replica_workers, self.scaling_config.max_workers)
 
     def _get_reserved_resources(self):
-        """The coordinator's reservation, recomputed against the live cluster (so a dead node no longer counts)."""
+        """The coordinator's reservation recomputed against the live nodes (a node known dead no longer counts),
+        at most once per GET_RESERVED_RESOURCES_INTERVAL_S as in Ray's policy."""
+        now = time_monotonic()
+        if now - self._latest_reserved_resources_query_time < self.GET_RESERVED_RESOURCES_INTERVAL_S:
+            return self._latest_reserved_resources
         try:
-            return ray.get(self._autoscaling_coordinator.get_reserved_resources.remote(self._requester_id,
-                                                                                     recompute=True),
-                           timeout=AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
+            self._latest_reserved_resources = ray.get(
+                self._autoscaling_coordinator.get_reserved_resources.remote(self._requester_id, recompute=True),
+                timeout=AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
         except Exception as exc:  # as Ray's policy: no answer means no resize now
             get_logger().warning("could not read the cluster's resources for a resize decision: %s", exc)
-            return None
+            self._latest_reserved_resources = None
+        self._latest_reserved_resources_query_time = time_monotonic()
+        return self._latest_reserved_resources
 
     def make_decision_for_non_running_worker_group(self) -> ScalingDecision:
+        """Start (or restart) the group at the most whole replicas that fit. After a failure, a count as large as
+        the failed group's waits until Ray could have declared a lost node dead (its workers may die before the
+        GCS misses the node's heartbeats), so the group restarts at the size that really fits at once."""
         self.asked = 0
         self.channel.clear()  # a group that starts now owes no answer to an earlier request
-        return super().make_decision_for_non_running_worker_group()
+        if self.group_workers and self.failed_at is None:
+            self.failed_at = time_monotonic()
+        reserved = self._get_reserved_resources()
+        if reserved is not None and self._settling(self._count_possible_workers(reserved)):
+            self._maybe_send_resource_request()
+            decision: ScalingDecision = NoopDecision()
+        else:
+            decision = super().make_decision_for_non_running_worker_group()
+        if isinstance(decision, ResizeDecision):
+            self.group_workers, self.failed_at = decision.num_workers, None
+        else:
+            time.sleep(WAIT_PAUSE_S)  # the controller asks again at once: do not spin its event loop
+        return decision
+
+    def _settling(self, possible: int) -> bool:
+        """True while a failed group's nodes all still count, within the time Ray takes to declare a node dead."""
+        return (self.failed_at is not None and possible >= self.group_workers
+                and time_monotonic() - self.failed_at < node_death_s())
 
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status) -> ScalingDecision:
         if self.asked:
@@ -83,7 +126,7 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
         reserved = self._get_reserved_resources()
         target = self._count_possible_workers(reserved) if reserved is not None else current_workers
         if target != current_workers and target >= self.scaling_config.min_workers:
-            self.asked = 0
+            self.asked, self.group_workers = 0, target
             self.channel.clear()
             get_logger().info("resizing the worker group from %d to %d workers", current_workers, target)
             return self._get_resize_decision(target)

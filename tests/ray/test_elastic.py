@@ -17,8 +17,10 @@ import pytest
 from raylm.train.metrics import read_metrics
 from tests.ray.test_multinode import THREADS, ClusterHost, finish, overrides, start_run
 
-LAYOUT = ("parallel.pp=2", "parallel.zero_stage=1", "train.global_batch=8", "parallel.micro_batch=2")
-STEPS = ("train.max_steps=40", "checkpoint.every_steps=2", "checkpoint.keep=2")
+# Reduction order differs between dp=1 and dp=2, and AdamW amplifies those last-bit differences step by step: a
+# moderate lr and 36 steps keep the losses within the 1e-5 the comparison allows.
+LAYOUT = ("parallel.pp=2", "parallel.zero_stage=1", "train.global_batch=8", "parallel.micro_batch=2", "optim.lr=1e-3")
+STEPS = ("train.max_steps=36", "checkpoint.every_steps=3", "checkpoint.keep=2")
 # report_every=1: each step waits for a controller poll (docs/ray-facts.md 2), which paces the run so that it is
 # still training when the node comes back
 ELASTIC = ("parallel.dp=[1, 2]", "parallel.cpus_per_worker=1", "fault.max_failures=2", "fault.resize_check_s=1",
@@ -79,7 +81,7 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back_with_the_same_samples
         finish(proc, console)
         watcher.close()
     rows = read_metrics(run)
-    assert [r["step"] for r in rows] == list(range(40))  # every step logged once, in order, and the run ended
+    assert [r["step"] for r in rows] == list(range(36))  # every step logged once, in order, and the run ended
     dps = [r["dp"] for r in rows]
     first_small, last_small = dps.index(1), len(dps) - 1 - dps[::-1].index(1)
     assert dps == [2] * first_small + [1] * (last_small - first_small + 1) + [2] * (len(dps) - last_small - 1)
