@@ -35,19 +35,19 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
         connect_ray()
         trainer = build_trainer(cfg, run_dir)
         get_logger().info("training %s on %s; run folder %s", cfg.run.name, _layout_text(cfg), run_dir)
+        if is_elastic(cfg.parallel) and not cfg.fault.max_failures:
+            get_logger().warning("fault.max_failures=0: a lost node ends this elastic run instead of shrinking it; "
+                                 "set fault.max_failures to the node losses it should survive")
         result = _fit(trainer, run_dir)
         return summarise(run_dir, result, time.perf_counter() - start)
 
 
 def _layout_text(cfg: Config) -> str:
-    """`4 worker(s) (pp=2 tp=1 dp=2)`, or for an elastic run the range and what a lost node costs."""
+    """`4 worker(s) (pp=2 tp=1 dp=2)`, or for an elastic run the range of workers and of dp."""
     p = cfg.parallel
     lo, hi = worker_range(cfg)
     if not is_elastic(p):
         return f"{hi} worker(s) (pp={p.pp} tp={p.tp} dp={p.dp})"
-    if not cfg.fault.max_failures:
-        get_logger().warning("fault.max_failures=0: a lost node ends this elastic run instead of shrinking it; set "
-                             "fault.max_failures to the node losses it should survive")
     return f"{lo} to {hi} workers (pp={p.pp} tp={p.tp} dp={p.dp_min}..{p.dp_max}, elastic)"
 
 

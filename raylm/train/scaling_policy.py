@@ -39,6 +39,12 @@ def node_death_s() -> float:
         return 17.0
 
 
+def may_still_lose_a_node(possible: int, failed_workers: int, failed_for_s: float | None, node_death_s: float) -> bool:
+    """True while a restart should wait: the group of `failed_workers` failed `failed_for_s` seconds ago (None: no
+    failure), the cluster still counts room for all of them, and Ray may not yet have declared a lost node dead."""
+    return failed_for_s is not None and possible >= failed_workers and failed_for_s < node_death_s
+
+
 def whole_replicas(workers_per_node: list[int], tp: int, replica_workers: int, max_workers: int) -> int:
     """Workers the nodes can hold as whole DP replicas: whole TP groups per node, rounded down to replicas."""
     fits = sum(count // tp * tp for count in workers_per_node)
@@ -102,9 +108,8 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
         return decision
 
     def _settling(self, possible: int) -> bool:
-        """True while a failed group's nodes all still count, within the time Ray takes to declare a node dead."""
-        return (self.failed_at is not None and possible >= self.group_workers
-                and time_monotonic() - self.failed_at < node_death_s())
+        since = None if self.failed_at is None else time_monotonic() - self.failed_at
+        return may_still_lose_a_node(possible, self.group_workers, since, node_death_s())
 
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status) -> ScalingDecision:
         if self.asked:

@@ -11,7 +11,7 @@ from raylm.config.derived import dp_sizes, worker_range
 from raylm.errors import ConfigError
 from raylm.train.driver import scaling_for
 from raylm.train.elastic import config_for_group
-from raylm.train.scaling_policy import whole_replicas
+from raylm.train.scaling_policy import may_still_lose_a_node, whole_replicas
 from tests.conftest import TINY_CONFIG
 from tests.unit.test_config import error_of
 
@@ -96,3 +96,14 @@ def test_each_worker_group_trains_with_the_dp_its_size_holds():
     assert config_for_group(fixed, 4) is fixed
     with pytest.raises(ConfigError, match="5 workers is not a whole number of DP replicas of pp \\* tp = 2"):
         config_for_group(cfg, 5)
+
+
+@pytest.mark.parametrize("possible, failed_workers, failed_for_s, waits", [
+    (4, 4, 1.0, True),    # all four still count a second after the failure: the lost node may not be known dead yet
+    (2, 4, 1.0, False),   # the node is known dead: restart at once with what fits
+    (4, 4, 8.0, False),   # past the time Ray takes to declare a node dead: a crash, not a lost node
+    (4, 2, 1.0, True),    # room for more than the failed group: still wait the same short while
+    (4, 4, None, False),  # no failure: the first start never waits
+])
+def test_a_restart_waits_only_while_ray_may_not_know_a_node_is_lost(possible, failed_workers, failed_for_s, waits):
+    assert may_still_lose_a_node(possible, failed_workers, failed_for_s, node_death_s=7.0) is waits
