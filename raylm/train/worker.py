@@ -158,9 +158,8 @@ def report(cfg: Config, session, run_dir: Path, state: TrainState, row: dict, ra
            protect: Path | None, drill: FaultDrill, commit_anyway: bool = False,
            plateau: PlateauState = PlateauState()) -> bool:
     """Commit a checkpoint when one is due, or anyway (a sweep rung, a resize): returns whether it did; then tell
-    Ray. A report
-    costs a controller round trip (~2 s by default): at checkpoints, evaluations and every train.report_every
-    steps (docs/ray-facts.md 2)."""
+    Ray. A report costs a controller round trip (~2 s by default): at checkpoints, evaluations and every
+    train.report_every steps (docs/ray-facts.md 2)."""
     import ray.train
 
     if checkpoint_due(cfg, state.step) or commit_anyway:
