@@ -64,6 +64,7 @@ class MetricsWatcher:
         self.thread.join()
 
 
+@pytest.mark.slow  # four worker-group starts, a node's death and a node's start: ~4-5 minutes on 2 shared cores
 def test_elastic_run_shrinks_on_a_lost_node_and_grows_back_with_the_same_samples(
         elastic_cluster, prepared, small_corpus, small_config, tmp_path):
     run, console = tmp_path / "elastic", tmp_path / "elastic.log"
