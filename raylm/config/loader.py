@@ -97,7 +97,27 @@ MOVED_KEYS = {"tune.eval_samples": "train.eval_samples"}  # old key -> the key t
 
 def build_config(tree: Mapping[str, Any]) -> Config:
     """Convert a raw mapping into the typed tree, naming unknown keys (with the closest match) and bad types."""
-    return _build(Config, tree, prefix="")
+    return _build(Config, _expand_dp_range(tree), prefix="")
+
+
+def _expand_dp_range(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`parallel.dp: [min, max]` is shorthand for parallel.dp_min and dp_max; with a range and no dp of its own, dp
+    starts at max (the size the run aims for; each worker group sets its own)."""
+    parallel = tree.get("parallel") if isinstance(tree, Mapping) else None
+    if not isinstance(parallel, Mapping):
+        return tree
+    parallel = dict(parallel)
+    dp = parallel.get("dp")
+    if isinstance(dp, list):
+        if len(dp) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in dp):
+            raise ConfigError(f"parallel.dp={short_repr(dp)} must be an integer or a range [min, max] of two "
+                              f"integers; e.g. parallel.dp=[2, 8]")
+        if "dp_min" in parallel or "dp_max" in parallel:
+            raise ConfigError("parallel.dp=[min, max] and parallel.dp_min/dp_max both give a DP range; keep one")
+        parallel["dp_min"], parallel["dp_max"] = parallel.pop("dp")
+    if "dp" not in parallel and isinstance(parallel.get("dp_max"), int) and parallel["dp_max"] > 0:
+        parallel["dp"] = parallel["dp_max"]
+    return {**tree, "parallel": parallel}
 
 
 def to_dict(cfg: Any) -> dict:

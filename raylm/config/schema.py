@@ -66,7 +66,11 @@ class ModelConfig:
 class ParallelConfig:
     pp: int = opt(1, "pipeline-parallel stages")
     tp: int = opt(1, "tensor-parallel ranks per stage (Megatron column/row split)")
-    dp: int = opt(1, "data-parallel replicas (ZeRO over this group)")
+    dp: int = opt(1, "data-parallel replicas (ZeRO over this group); `dp: [min, max]` makes the run elastic (sets "
+                     "dp_min and dp_max; dp is then the replicas the current worker group holds)")
+    dp_min: int = opt(0, "elastic runs: fewest data-parallel replicas the run trains with (0 = not elastic)")
+    dp_max: int = opt(0, "elastic runs: most data-parallel replicas; the worker group grows to pp * tp * dp_max "
+                         "workers when the cluster has room (0 = not elastic)")
     num_workers: int = opt(0, "Ray Train workers; 0 = pp * tp * dp (set it to have the product checked)")
     zero_stage: int = opt(0, "ZeRO stage over the DP group: 0 or 1 (2 and 3 only when pp = 1)")
     micro_batch: int = opt(4, "samples per micro-batch per DP rank")
@@ -161,6 +165,8 @@ class FaultConfig:
                              "last checkpoint and skip its samples since)")
     collective_timeout_s: int = opt(1800, "seconds a collective may wait for a stalled rank before the worker group "
                                           "fails (and restarts under max_failures)")
+    resize_check_s: float = opt(60.0, "elastic runs: seconds between checks whether the cluster fits another "
+                                      "number of DP replicas (Ray Train's elastic_resize_monitor_interval_s)")
 
 
 @dataclass(frozen=True)

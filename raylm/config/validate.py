@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import glob
+import itertools
 import math
 import os
 import re
 
-from raylm.config.derived import kv_heads, num_workers, padded_vocab, samples_per_micro_step
+from raylm.config.derived import (batch_quantum, dp_sizes, is_elastic, kv_heads, padded_vocab,
+                                  samples_per_micro_step, worker_range)
 from raylm.config.loader import short_repr
 from raylm.config.schema import Config
 from raylm.errors import ConfigError, StorageError
@@ -16,11 +18,13 @@ from raylm.storage.uri import NOT_YET, SUPPORTED, is_uri, parse_uri, refuse_uri
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 MIN_BYTE_VOCAB = 256 + 3  # the byte alphabet plus the special tokens
+MAX_NAMED = 8  # DP sizes named in one error line
 
 
 def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first impossible setting; return the config unchanged when it can run."""
-    for check in (_check_run, _check_positive, _check_choices, _check_model, _check_layout, _check_batch,
+    for check in (_check_run, _check_positive, _check_choices, _check_model, _check_dp_range, _check_layout,
+                  _check_batch,
                   _check_schedule, _check_plateau, _check_tune, _check_storage, _check_data, _check_drill,
                   _check_init_from):
         check(cfg)
@@ -66,6 +70,7 @@ def _check_positive(cfg: Config) -> None:
         "train.peak_tflops": cfg.train.peak_tflops, "train.eval_samples": cfg.train.eval_samples,
         "fault.spike_sigma": cfg.fault.spike_sigma,
         "model.n_kv_head": cfg.model.n_kv_head, "model.ffn_hidden": cfg.model.ffn_hidden,
+        "fault.resize_check_s": cfg.fault.resize_check_s,
     }
     for key, value in non_negative.items():
         if value < 0:
@@ -115,6 +120,29 @@ def _check_model(cfg: Config) -> None:
     del tp
 
 
+def _check_dp_range(cfg: Config) -> None:
+    """An elastic range [dp_min, dp_max]: sane bounds, dp inside them, no fixed worker count, not in a sweep."""
+    p = cfg.parallel
+    if not (p.dp_min or p.dp_max):
+        return
+    lo, hi = p.dp_min, p.dp_max
+    if lo < 1:
+        _fail(f"parallel.dp range [{lo}, {hi}] has min {lo} < 1: every worker group holds at least one DP replica; "
+              f"e.g. parallel.dp=[1, {max(hi, 1)}]")
+    if lo > hi:
+        _fail(f"parallel.dp range [{lo}, {hi}] has min {lo} > max {hi}; write it as [min, max], e.g. "
+              f"parallel.dp=[{hi}, {lo}]")
+    if not lo <= p.dp <= hi:
+        _fail(f"parallel.dp={p.dp} lies outside the range parallel.dp_min..dp_max = {lo}..{hi}; give only the "
+              f"range (parallel.dp=[{lo}, {hi}]) or a dp inside it")
+    if is_elastic(p) and p.num_workers:
+        _fail(f"parallel.num_workers={p.num_workers} fixes the worker count, but parallel.dp=[{lo}, {hi}] lets it "
+              f"change; set parallel.num_workers=0")
+    if is_elastic(p) and cfg.tune.trial_of:
+        _fail(f"parallel.dp=[{lo}, {hi}] (elastic) is for raylm train; a sweep trial runs a fixed layout, so set "
+              f"parallel.dp to one number")
+
+
 def _check_layout(cfg: Config) -> None:
     """The (pp, tp, dp) rules, from the one place build_engine checks them too."""
     from raylm.parallel.topology import Topology, check_layout  # raylm.parallel.topology imports this package
@@ -131,7 +159,9 @@ def _check_layout(cfg: Config) -> None:
 def _check_batch(cfg: Config) -> None:
     step = samples_per_micro_step(cfg)
     gb = cfg.train.global_batch
-    if gb % step:
+    if is_elastic(cfg.parallel):
+        _check_elastic_batch(cfg)
+    elif gb % step:
         _fail(f"train.global_batch={gb} is not divisible by parallel.micro_batch * dp = "
               f"{cfg.parallel.micro_batch} * {cfg.parallel.dp} = {step}; set train.global_batch to a multiple "
               f"of {step}, e.g. {max(step, gb // step * step)}")
@@ -142,13 +172,33 @@ def _check_batch(cfg: Config) -> None:
               f"of {step}, e.g. {max(step, samples // step * step)}")
 
 
+def _check_elastic_batch(cfg: Config) -> None:
+    """Every dp of the range must divide the global batch into whole micro-batches: a resize keeps the batch."""
+    p, gb = cfg.parallel, cfg.train.global_batch
+    failing = list(itertools.islice((dp for dp in dp_sizes(p) if gb % (p.micro_batch * dp)), MAX_NAMED + 1))
+    if not failing:
+        return
+    named = ", ".join(map(str, failing[:MAX_NAMED])) + (", ..." if len(failing) > MAX_NAMED else "")
+    if len(dp_sizes(p)) > MAX_NAMED:  # no batch that every dp of a wide range divides is a practical one
+        fix = "narrow the range"
+    else:
+        quantum = batch_quantum(p)
+        fix = (f"set train.global_batch to a multiple of {quantum} (micro_batch * every dp), e.g. "
+               f"{-(-gb // quantum) * quantum}, or narrow the range")
+    _fail(f"train.global_batch={gb} is not divisible by parallel.micro_batch * dp = {p.micro_batch} * dp for "
+          f"dp = {named} of parallel.dp=[{p.dp_min}, {p.dp_max}]; {fix}")
+
+
 def _check_schedule(cfg: Config) -> None:
-    ramp, gb, step = cfg.schedule.batch, cfg.train.global_batch, samples_per_micro_step(cfg)
+    ramp, gb, step = cfg.schedule.batch, cfg.train.global_batch, batch_quantum(cfg.parallel)
     if not ramp.start:
         return
+    p = cfg.parallel
+    quantum = (f"{step} (micro_batch * dp for every dp of parallel.dp=[{p.dp_min}, {p.dp_max}])" if is_elastic(p)
+               else f"micro_batch * dp = {step}")
     for key, value in (("start", ramp.start), ("increment", ramp.increment)):
         if value <= 0 or value % step:
-            _fail(f"schedule.batch.{key}={value} must be a positive multiple of micro_batch * dp = {step}; "
+            _fail(f"schedule.batch.{key}={value} must be a positive multiple of {quantum}; "
                   f"e.g. schedule.batch.{key}={step}")
     if ramp.start > gb:
         _fail(f"schedule.batch.start={ramp.start} exceeds train.global_batch={gb}; the ramp grows up to the global batch")
@@ -240,7 +290,7 @@ def _check_drill(cfg: Config) -> None:
         _fail(f"fault.drill={drill!r} is not PHASE@STEP[:RANK][,...] with PHASE one of before-files, mid-files, "
               f"before-commit, after-commit, step, nonfinite, spike, read, prepare, commit; e.g. "
               f"fault.drill=mid-files@4 or step@3:1,after-commit@6:2, or '' for no drill")
-    world = num_workers(cfg)
+    world = worker_range(cfg)[0]  # an elastic group may shrink to its fewest workers
     for _, _, rank in parse_drills(drill, cfg.fault.drill_rank):
         if not 0 <= rank < world:
             _fail(f"fault.drill rank {rank} (fault.drill_rank or :RANK) is not a rank of the {world} workers; "

@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 import re
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from raylm.config import Config, to_dict, with_overrides
-from raylm.config.derived import num_workers
+from raylm.config.derived import is_elastic, replica_workers, worker_range
 from raylm.data.readers_lock import reading
 from raylm.errors import RaylmError
 from raylm.log import get_logger
@@ -37,10 +38,21 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
         run_dir = prepare_run_dir(cfg, overwrite=overwrite, allow_config_change=allow_config_change)
         connect_ray()
         trainer = build_trainer(cfg, run_dir)
-        get_logger().info("training %s on %d worker(s) (pp=%d tp=%d dp=%d); run folder %s", cfg.run.name,
-                          num_workers(cfg), cfg.parallel.pp, cfg.parallel.tp, cfg.parallel.dp, run_dir)
+        get_logger().info("training %s on %s; run folder %s", cfg.run.name, _layout_text(cfg), run_dir)
+        if is_elastic(cfg.parallel) and not cfg.fault.max_failures:
+            get_logger().warning("fault.max_failures=0: a lost node ends this elastic run instead of shrinking it; "
+                                 "set fault.max_failures to the node losses it should survive")
         result = _fit(trainer, run_dir)
         return summarise(run_dir, result, time.perf_counter() - start, cfg.data.cache_dir)
+
+
+def _layout_text(cfg: Config) -> str:
+    """`4 worker(s) (pp=2 tp=1 dp=2)`, or for an elastic run the range of workers and of dp."""
+    p = cfg.parallel
+    lo, hi = worker_range(cfg)
+    if not is_elastic(p):
+        return f"{hi} worker(s) (pp={p.pp} tp={p.tp} dp={p.dp})"
+    return f"{lo} to {hi} workers (pp={p.pp} tp={p.tp} dp={p.dp_min}..{p.dp_max}, elastic)"
 
 
 def with_absolute_paths(cfg: Config) -> Config:
@@ -62,22 +74,27 @@ def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None)
     """The TorchTrainer for a run: workers and resources from the layout, storage in run.dir, retries from fault."""
     import ray.train
 
-    from raylm.train.trainer import RaylmTorchConfig, RaylmTrainer
+    from raylm.train.trainer import ElasticGroup, RaylmTorchConfig, RaylmTrainer
     from raylm.train.worker import train_loop_per_worker
 
     scaling, backend = scaling_for(cfg, _cluster_resources())
+    channel = f"resize/{uuid.uuid4().hex}"  # this run's resize handshake (raylm.train.elastic)
     run_config = ray.train.RunConfig(
         name=cfg.run.name,
         **ray_storage(run_dir),
         failure_config=ray.train.FailureConfig(max_failures=cfg.fault.max_failures),
         callbacks=callbacks,
     )
-    loop_config = {"config": to_dict(cfg), "run_dir": str(run_dir), "backend": backend}
+    loop_config = {"config": to_dict(cfg), "run_dir": str(run_dir), "backend": backend, "resize_channel": channel}
     # No `datasets=`: Ray Train's default DataConfig would split them across every worker, and ranks that do not
     # read data (middle pipeline stages) would leave the split coordinator waiting forever (hang 1).
-    return RaylmTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
-                        run_config=run_config,
-                        torch_config=RaylmTorchConfig(backend=backend, timeout_s=cfg.fault.collective_timeout_s))
+    trainer = RaylmTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
+                           run_config=run_config,
+                           torch_config=RaylmTorchConfig(backend=backend, timeout_s=cfg.fault.collective_timeout_s))
+    if is_elastic(cfg.parallel):
+        trainer.elastic = ElasticGroup(tp=cfg.parallel.tp, replica_workers=replica_workers(cfg.parallel),
+                                       channel=channel)
+    return trainer
 
 
 def ray_storage(run_dir: Location) -> dict[str, Any]:
@@ -91,17 +108,22 @@ def ray_storage(run_dir: Location) -> dict[str, Any]:
 
 
 def scaling_for(cfg: Config, cluster: dict[str, float]):
-    """ScalingConfig and process-group backend: a GPU per worker when asked or available, else fractional CPUs."""
+    """ScalingConfig and process-group backend: a GPU per worker when asked or available, else fractional CPUs.
+    An elastic run (a parallel.dp range) gets Ray's elastic worker count, pp*tp*dp_min to pp*tp*dp_max."""
     from ray.train import ScalingConfig
 
-    workers = num_workers(cfg)
-    use_gpu = {"true": True, "false": False}.get(cfg.parallel.use_gpu, cluster.get("GPU", 0) >= workers)
-    if use_gpu and cluster.get("GPU", 0) < workers:
-        raise RaylmError(f"parallel.use_gpu=true needs {workers} GPUs (pp*tp*dp) but the cluster has "
+    fewest, workers = worker_range(cfg)
+    product = "pp*tp*dp_min" if is_elastic(cfg.parallel) else "pp*tp*dp"
+    use_gpu = {"true": True, "false": False}.get(cfg.parallel.use_gpu, cluster.get("GPU", 0) >= fewest)
+    if use_gpu and cluster.get("GPU", 0) < fewest:
+        raise RaylmError(f"parallel.use_gpu=true needs {fewest} GPUs ({product}) but the cluster has "
                          f"{cluster.get('GPU', 0):g}; add GPU nodes or lower the degrees")
     cpus = cfg.parallel.cpus_per_worker or _auto_cpus_per_worker(workers, cluster.get("CPU", 1), use_gpu)
     resources = {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus}
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_gpu else "gloo")
+    if is_elastic(cfg.parallel):
+        return ScalingConfig(num_workers=(fewest, workers), use_gpu=use_gpu, resources_per_worker=resources,
+                             elastic_resize_monitor_interval_s=cfg.fault.resize_check_s), backend
     return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources), backend
 
 

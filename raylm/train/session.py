@@ -80,7 +80,8 @@ class Session:
         tokens_per_s = global_batch * self.cfg.data.seq_len / result.step_s
         row = {
             "step": state.step - 1, "tokens": state.tokens, "samples": state.samples, "loss": result.loss,
-            "lr": lr, "batch_size": global_batch, "tokens_per_s": tokens_per_s, "step_s": result.step_s,
+            "lr": lr, "batch_size": global_batch, "dp": self.engine.topo.dp, "tokens_per_s": tokens_per_s,
+            "step_s": result.step_s,
             "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops),
             "data_wait_frac": min(1.0, result.data_wait_s / result.step_s),
             "pipe_wait_frac": min(1.0, result.pipe_wait_s / result.step_s), "time": time.time(),

@@ -1,5 +1,5 @@
-"""The TorchTrainer raylm runs: Ray Train's, with raylm's failure policy, its SIGINT/SIGTERM handling, and a short
-process-group shutdown wait.
+"""The TorchTrainer raylm runs: Ray Train's, with raylm's failure policy, its scaling policy for elastic runs, its
+SIGINT/SIGTERM handling, and a short process-group shutdown wait.
 
 The hooks are Ray Train internals of the pinned Ray version (`_initialize_and_run_controller`,
 `_register_sigint_handler`, `_TorchBackend.on_shutdown`); tests/unit/test_trainer_hooks.py fails if an upgrade
@@ -20,10 +20,22 @@ from raylm.train.failure_policy import UserErrorsAreFinal
 from raylm.train.interrupt import HANDLED_SIGNALS, install_abort_on_signal
 
 
+@dataclass(frozen=True)
+class ElasticGroup:
+    """What the scaling policy of an elastic run needs: the TP size, the workers of one DP replica (pp * tp) and
+    the name of the run's resize channel (raylm.train.elastic)."""
+
+    tp: int
+    replica_workers: int
+    channel: str
+
+
 class RaylmTrainer(TorchTrainer):
-    """fit() that never retries a user error, and turns the first SIGINT or SIGTERM into a graceful abort."""
+    """fit() that never retries a user error, sizes elastic groups in whole DP replicas, and turns the first SIGINT
+    or SIGTERM into a graceful abort."""
 
     interrupted_by: int | None = None  # the signal that aborted the run, once one has
+    elastic: ElasticGroup | None = None  # set for a run with a parallel.dp range
 
     def fit(self):
         """Ray Train's fit(), then the signal handlers from before it: the handler holds the run's controller
@@ -39,6 +51,11 @@ class RaylmTrainer(TorchTrainer):
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         controller_init_kwargs["failure_policy"] = UserErrorsAreFinal(self.run_config.failure_config)
+        if self.elastic is not None:
+            from raylm.train.scaling_policy import WholeReplicaScalingPolicy
+
+            controller_init_kwargs["scaling_policy"] = WholeReplicaScalingPolicy(
+                self.scaling_config, self.elastic.tp, self.elastic.replica_workers, self.elastic.channel)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     def _register_sigint_handler(self, controller) -> None:  # called by fit() on the main thread only

@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from raylm.config import Config, resolve
-from raylm.config.derived import micro_batches_for
+from raylm.config.derived import is_elastic, micro_batches_for
 from raylm.log import get_logger, quiet_worker_logs, setup_logging
 from raylm.storage.location import Location, as_location
 from raylm.train.checkpoint import checkpoint_due, report_with_checkpoint, save
+from raylm.train.elastic import ResizeChannel, ResizeHandshake, config_for_group
 from raylm.train.faults import FaultDrill
 from raylm.train.placement import record_placement
 from raylm.train.progress import Progress
@@ -26,8 +27,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train entrypoint: every rank runs this with the resolved config as a plain dict."""
     import ray.train
 
-    cfg = resolve(loop_config["config"])
     context = ray.train.get_context()
+    cfg = config_for_group(resolve(loop_config["config"]), context.get_world_size())
     rank = context.get_world_rank()
     setup_logging(rank, verbose=cfg.run.log_level == "debug")
     quiet_worker_logs()
@@ -38,7 +39,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     files = RunFiles(run, cfg.data.cache_dir)
     placement = record_placement(files.local, rank, session.engine.coords)
     files.push((placement.relative_to(files.local).as_posix(),))  # each rank its own file
-    run_loop(cfg, session, run, rank)
+    resize = ResizeHandshake(ResizeChannel(loop_config["resize_channel"]), rank) if is_elastic(cfg.parallel) else None
+    if resize and rank == 0:
+        get_logger().info("elastic run: this worker group trains with dp=%d (range %d..%d)", cfg.parallel.dp,
+                          cfg.parallel.dp_min, cfg.parallel.dp_max)
+    run_loop(cfg, session, run, rank, resize)
 
 
 def _pin_gpu() -> None:
@@ -68,12 +73,13 @@ def build_session(cfg: Config, backend: str, rank: int):
     return Session.build(cfg, backend, rank)
 
 
-def run_loop(cfg: Config, session, run_dir: Location, rank: int) -> None:
+def run_loop(cfg: Config, session, run_dir: Location, rank: int, resize: ResizeHandshake | None = None) -> None:
     """The training loop: schedules per step, train_batch, eval, metrics, checkpoints and reports to Ray.
 
     The last step always commits a checkpoint: it holds the final weights that generate and export read. Rank 0
     writes the metrics in a local folder (the run folder, or for a run on object storage this machine's folder
-    for its prefix, copied there at every report and at the end)."""
+    for its prefix, copied there at every report and at the end). In an elastic run a step after which Ray wants
+    to resize the group commits one too, and then waits for the resize (raylm.train.elastic)."""
     resumed = session.resume(run_dir, rank)
     state, protect = resumed.state, resumed.source  # keep the resume source until this attempt commits its own
     plateau = resumed.plateau or PlateauState()
@@ -109,9 +115,12 @@ def run_loop(cfg: Config, session, run_dir: Location, rank: int) -> None:
             break
         if progress:
             progress.record(row, force=last or "val_loss" in row)
-        if report(cfg, session, run_dir, state, row, rank, protect, drill, rung is not None or rolled_back, plateau,
-                  faults.trainer_state(), files):
+        resizing = bool(resize and not last and resize.requested())  # a collective on every rank
+        if report(cfg, session, run_dir, state, row, rank, protect, drill, rung is not None or rolled_back or resizing,
+                  plateau, faults.trainer_state(), files):
             protect = None
+        if resizing:
+            resize.wait_for_resize(step)
     if progress:
         progress.close()
         files.push()
@@ -164,8 +173,8 @@ DIVERGED_LOSS = float("inf")  # what Tune sees for a diverged trial: worse than 
 def report(cfg: Config, session, run_dir: Location, state: TrainState, row: dict, rank: int,
            protect: Location | None, drill: FaultDrill, commit_now: bool = False,
            plateau: PlateauState = PlateauState(), extra: dict | None = None, files: RunFiles | None = None) -> bool:
-    """Commit a checkpoint when one is due, at a sweep rung or after a rollback (returns whether it did), with
-    `extra` in its trainer state, then tell Ray. A report costs a controller round trip (~2 s by default): at
+    """Commit a checkpoint when one is due, or now (a sweep rung, a rollback, a resize): returns whether it did,
+    with `extra` in its trainer state; then tell Ray. A report costs a controller round trip (~2 s by default): at
     checkpoints, evaluations and every train.report_every steps (docs/ray-facts.md 2). Rank 0 copies the run's
     files to object storage before each report."""
     import ray.train

@@ -7,6 +7,8 @@ import inspect
 
 from ray.train import FailureConfig
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import _AutoscalingCoordinatorActor
+from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 from ray.train.torch.config import _TorchBackend
 from ray.train.v2.api.exceptions import WorkerGroupError
@@ -18,6 +20,11 @@ from raylm.train.trainer import PG_SHUTDOWN_WAIT_ENV, RaylmTorchConfig, _ShortSh
 
 def test_the_ray_train_hooks_raylm_overrides_still_exist():
     assert "failure_policy" in inspect.getsource(DataParallelTrainer.fit)  # passed to the method we override
+    assert "scaling_policy" in inspect.getsource(DataParallelTrainer.fit)
+    for name in ("_count_possible_workers", "_get_reserved_resources", "_get_resize_decision",
+                 "make_decision_for_running_worker_group", "make_decision_for_non_running_worker_group"):
+        assert callable(getattr(ElasticScalingPolicy, name)), name  # raylm.train.scaling_policy overrides or calls
+    assert "recompute" in inspect.signature(_AutoscalingCoordinatorActor.get_reserved_resources).parameters
     assert callable(DataParallelTrainer._initialize_and_run_controller)
     assert list(inspect.signature(DataParallelTrainer._register_sigint_handler).parameters) == ["self", "controller"]
     assert PG_SHUTDOWN_WAIT_ENV in inspect.getsource(_TorchBackend.on_shutdown)  # the wait raylm shortens
