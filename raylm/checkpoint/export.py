@@ -134,11 +134,13 @@ def tokenizer_config(model: ModelConfig, token_ids: dict) -> tuple[dict, dict]:
     return config, special
 
 
-def _write_hf_files(out: Path, model: ModelConfig, vocab_size: int, vocab_rows: int,
-                    tokenizer: Path | None) -> None:
-    """config.json and generation_config.json, plus the tokenizer files when the checkpoint has a tokenizer."""
+def write_hf_files(out: Path, model: ModelConfig, vocab_size: int, vocab_rows: int, tokenizer: Path | None,
+                   quantization: dict | None = None) -> None:
+    """config.json (with `quantization` as its quantization_config: raylm compress) and generation_config.json,
+    plus the tokenizer files when the checkpoint has a tokenizer."""
     token_ids = special_token_ids(tokenizer)
-    _write_json(out / HF_CONFIG_FILE, hf_config(model, vocab_rows, token_ids))
+    config = hf_config(model, vocab_rows, token_ids)
+    _write_json(out / HF_CONFIG_FILE, {**config, "quantization_config": quantization} if quantization else config)
     _write_json(out / GENERATION_CONFIG_FILE, generation_config(model, vocab_size, vocab_rows, token_ids))
     if tokenizer is not None:
         _copy(tokenizer, out / TOKENIZER_FILE)
@@ -160,7 +162,7 @@ def export(source: str | Path, out_dir: str | Path) -> dict:
     has_tokenizer = TOKENIZER_FILE in manifest["files"]
     if has_tokenizer:
         verify_checkpoint(folder, only=[TOKENIZER_FILE])
-    _write_hf_files(out, model, manifest["vocab_size"], vocab_rows, folder / TOKENIZER_FILE if has_tokenizer else None)
+    write_hf_files(out, model, manifest["vocab_size"], vocab_rows, folder / TOKENIZER_FILE if has_tokenizer else None)
     _copy(folder / CONFIG_FILE, out / RAYLM_CONFIG_FILE)
     return {"checkpoint": str(folder), "out_dir": str(out), "step": manifest["step"], "tensors": tensors,
             "weights_bytes": (out / WEIGHTS_FILE).stat().st_size, "tokenizer": has_tokenizer}
@@ -173,7 +175,7 @@ def open_export(folder: str | Path) -> tuple[dict, HFWeights]:
     carries data.vocab_size, the tokenizer's size below the padded embedding rows). Any Llama folder that
     raylm.model.hf_weights accepts opens here too.
     """
-    hf = open_folder(folder)
+    hf = open_folder(folder, quantized_ok=True)  # eval and generate read quantized folders, dequantized
     path = hf.path
     tree = yaml.safe_load((path / RAYLM_CONFIG_FILE).read_text()) if (path / RAYLM_CONFIG_FILE).is_file() else {}
     rows = hf.config["vocab_size"]
