@@ -261,6 +261,11 @@ def check_matches(folder: HFFolder, model: ModelConfig, shapes: dict[str, torch.
         key, hf_key, theirs, mine = differ[0]
         raise CheckpointError(f"{folder.label}: config.json has {hf_key}={theirs!r} but model.{key}={mine!r}; "
                               f"set model.{key}={theirs} to start from this folder")
+    odd_mask = next((k for k, m in folder.masks.items()
+                     if m.dtype != "BOOL" or k not in folder.tensors or m.shape != folder.tensors[k].shape), None)
+    if odd_mask:
+        raise CheckpointError(f"{folder.label}: {MASKS_FILE} holds {odd_mask}, which is not a bool tensor shaped like "
+                              f"the weight of that name; prune the unpruned export again with `raylm compress`")
     wanted = {hf_name(n) for n in shapes} | ({"lm_head.weight"} if model.tie_embeddings else set())
     extra = sorted(k for k in folder.tensors if k not in wanted and not k.endswith(IGNORED_SUFFIXES))
     if extra:
