@@ -3,8 +3,8 @@
 `open_folder` is the one place that decides whether a folder can be read at all (a Llama, float safetensors,
 not truncated; `_check_format` holds the format rules); it parses config.json and the safetensors headers only.
 A folder `raylm compress` quantized opens only where asked (`quantized_ok`: eval, generate): its matrices are
-dequantized as they are read (raylm.compress.format). Pruned folders carry masks, served by `read_mask`. `HFWeights` then
-checks every tensor a model config needs against those headers, naming the first mismatch, and serves
+dequantized as they are read (raylm.compress.format); a pruned folder's masks are served by `read_mask`.
+`HFWeights` then checks every tensor a model config needs against those headers, naming the first mismatch, and serves
 `read(name, shard)` from memory-mapped files: `get_slice` reads only a tensor-parallel rank's rows or columns,
 so a rank touches only the bytes it owns. wq/wk rows go back from HF's rotate-half order to raylm's
 interleaved pairs after slicing, which is exact because a TP slice holds whole heads.
@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from raylm.compress.format import MASKS_FILE, QUANT_DTYPES, QWEIGHT, SCALES, is_raylm_quantized, stored_names, weight_name
+from raylm.compress.format import (MASKS_FILE, QUANT_DTYPES, QWEIGHT, SCALES, is_raylm_quantized, stored_names,
+                                   weight_name)
 from raylm.config.schema import ModelConfig
 from raylm.errors import CheckpointError
 from raylm.model.gpt import param_shapes
