@@ -95,6 +95,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compress(args: argparse.Namespace) -> int:
+    from raylm.compress.run import CompressOptions, compress
+
+    options = CompressOptions(source=args.source, out_dir=args.out_dir, quantize=args.quantize,
+                              group_size=args.group_size, prune=args.prune, pattern=args.pattern, scope=args.scope,
+                              embeddings=args.embeddings, dequantize=args.dequantize, eval_data=args.eval_data)
+    print(json.dumps(compress(options)))
+    return 0
+
+
 def cmd_data_verify(args: argparse.Namespace) -> int:
     from raylm.data.shards import verify
 
@@ -177,6 +187,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--batches", type=int, default=None, help="global batches of train.global_batch samples "
                                                               "(default: the run's own evaluation, train.eval_samples)")
     ev.set_defaults(func=cmd_eval)
+
+    comp_help = "quantize (int8, int4) and/or prune the linear layers of a run, checkpoint or export"
+    comp = verbs.add_parser("compress", help=comp_help, description=comp_help + "; writes an export folder that "
+                            "eval and generate read and prints one JSON line (see docs/compression.md)")
+    comp.add_argument("source", help="run folder, checkpoint folder or export folder")
+    comp.add_argument("out_dir", help="folder for the compressed export (not SOURCE)")
+    comp.add_argument("--quantize", default=None, metavar="int8|int4",
+                      help="weight-only: int8 one scale per output row, int4 one scale per --group-size columns")
+    comp.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale (default 128)")
+    comp.add_argument("--prune", type=float, default=None, metavar="FRACTION",
+                      help="magnitude-prune this fraction of each linear layer's weights, in [0, 1)")
+    comp.add_argument("--pattern", default="unstructured", help="unstructured (default) or 2:4 (the 2 largest of "
+                                                                "every 4 input columns; --prune 0.5)")
+    comp.add_argument("--scope", default="layer", help="unstructured pruning: layer (each layer loses FRACTION; "
+                                                       "default) or global (one threshold over all layers)")
+    comp.add_argument("--embeddings", action="store_true",
+                      help="quantize the token embedding too (with tied embeddings, also the output head)")
+    comp.add_argument("--dequantize", action="store_true", help="write a quantized folder back as float weights "
+                                                                "(for model.init_from)")
+    comp.add_argument("--eval-data", default=None, metavar="DIR",
+                      help="prepared data folder: add val loss and perplexity before and after to the line")
+    comp.set_defaults(func=cmd_compress)
 
     data = verbs.add_parser("data", help="inspect prepared data").add_subparsers(dest="data_verb", required=True)
     verify = data.add_parser("verify", help="check every shard against manifest.json")

@@ -135,11 +135,13 @@ def tokenizer_config(model: ModelConfig, token_ids: dict) -> tuple[dict, dict]:
     return config, special
 
 
-def _write_hf_files(out: Path, model: ModelConfig, vocab_size: int, vocab_rows: int,
-                    tokenizer: Path | None) -> None:
-    """config.json and generation_config.json, plus the tokenizer files when the checkpoint has a tokenizer."""
+def write_hf_files(out: Path, model: ModelConfig, vocab_size: int, vocab_rows: int, tokenizer: Path | None,
+                   quantization: dict | None = None) -> None:
+    """config.json (with `quantization` as its quantization_config: raylm compress) and generation_config.json,
+    plus the tokenizer files when the checkpoint has a tokenizer."""
     token_ids = special_token_ids(tokenizer)
-    _write_json(out / HF_CONFIG_FILE, hf_config(model, vocab_rows, token_ids))
+    config = hf_config(model, vocab_rows, token_ids)
+    _write_json(out / HF_CONFIG_FILE, {**config, "quantization_config": quantization} if quantization else config)
     _write_json(out / GENERATION_CONFIG_FILE, generation_config(model, vocab_size, vocab_rows, token_ids))
     if tokenizer is not None:
         _copy(tokenizer, out / TOKENIZER_FILE)
@@ -167,8 +169,8 @@ def export(source: Location | str, out_dir: Location | str) -> dict:
     if has_tokenizer:
         verify_checkpoint(folder, only=[TOKENIZER_FILE])
     source_files = local_view(folder)  # verified above (tokenizer) and while streaming (model files, config)
-    _write_hf_files(out, model, manifest["vocab_size"], vocab_rows,
-                    source_files / TOKENIZER_FILE if has_tokenizer else None)
+    write_hf_files(out, model, manifest["vocab_size"], vocab_rows,
+                   source_files / TOKENIZER_FILE if has_tokenizer else None)
     _copy(source_files / CONFIG_FILE, out / RAYLM_CONFIG_FILE)
     if is_remote(target):
         upload_folder(out, target, last=(HF_CONFIG_FILE,))
@@ -192,7 +194,7 @@ def open_export(folder: str | Path) -> tuple[dict, HFWeights]:
     carries data.vocab_size, the tokenizer's size below the padded embedding rows). Any Llama folder that
     raylm.model.hf_weights accepts opens here too.
     """
-    hf = open_folder(folder)
+    hf = open_folder(folder, quantized_ok=True)  # eval and generate read quantized folders, dequantized
     path = hf.path
     tree = yaml.safe_load((path / RAYLM_CONFIG_FILE).read_text()) if (path / RAYLM_CONFIG_FILE).is_file() else {}
     rows = hf.config["vocab_size"]

@@ -77,6 +77,8 @@ class ParallelConfig:
     partition: str = opt("compute", "how layers are split into pipeline stages: compute (balance FLOPs) | parameters "
                                     "| uniform")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass")
+    grad_comm_dtype: str = opt("auto", "dtype DP gradient reductions travel in: auto (train.precision's) | fp32 | "
+                                       "bf16 (half fp32's bytes; each rank's gradient rounds to bf16)")
     backend: str = opt("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo")
     use_gpu: str = opt("auto", "auto (GPUs when the cluster has them) | true | false")
     cpus_per_worker: float = opt(0.0, "CPUs reserved per worker; 0 = auto (fractional on CPU nodes to leave CPUs for Ray Data)")

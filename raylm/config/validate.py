@@ -95,6 +95,7 @@ def _check_choices(cfg: Config) -> None:
         "parallel.use_gpu": (cfg.parallel.use_gpu, ("auto", "true", "false")),
         "data.decode_errors": (cfg.data.decode_errors, ("replace", "strict")),
         "parallel.zero_stage": (cfg.parallel.zero_stage, (0, 1, 2, 3)),
+        "parallel.grad_comm_dtype": (cfg.parallel.grad_comm_dtype, ("auto", "fp32", "bf16")),
     }
     for key, (value, allowed) in choices.items():
         if value not in allowed:

@@ -1,9 +1,10 @@
 """A Hugging Face Llama folder (config.json + safetensors) as a WeightSource: `model.init_from`, eval, generate.
 
 `open_folder` is the one place that decides whether a folder can be read at all (a Llama, float safetensors,
-not quantized, not truncated; `_check_format` holds the format rules, so a later quantized format is refused or
-taught there); it parses config.json and the safetensors headers only. `HFWeights` then
-checks every tensor a model config needs against those headers, naming the first mismatch, and serves
+not truncated; `_check_format` holds the format rules); it parses config.json and the safetensors headers only.
+A folder `raylm compress` quantized opens only where asked (`quantized_ok`: eval, generate): its matrices are
+dequantized as they are read (raylm.compress.format); a pruned folder's masks are served by `read_mask`.
+`HFWeights` then checks every tensor a model config needs against those headers, naming the first mismatch, and serves
 `read(name, shard)` from memory-mapped files: `get_slice` reads only a tensor-parallel rank's rows or columns,
 so a rank touches only the bytes it owns. wq/wk rows go back from HF's rotate-half order to raylm's
 interleaved pairs after slicing, which is exact because a TP slice holds whole heads.
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from raylm.compress.format import (MASKS_FILE, QUANT_DTYPES, QWEIGHT, SCALES, is_raylm_quantized, stored_names,
+                                   weight_name)
 from raylm.config.schema import ModelConfig
 from raylm.errors import CheckpointError
 from raylm.model.gpt import param_shapes
@@ -50,19 +53,24 @@ class HFFolder:
     path: Path
     label: str  # how messages name it, e.g. "model.init_from=/exports/t1"
     config: dict
-    tensors: dict[str, TensorInfo]
+    tensors: dict[str, TensorInfo]  # a quantized matrix appears under its float name with dtype Q8 or Q4
+    masks: dict[str, TensorInfo]  # pruning masks by the name of the matrix they belong to (empty: none)
 
 
-def open_folder(folder: str | Path, label: str | None = None) -> HFFolder:
-    """Check that `folder` is a float Llama safetensors folder and read its headers; CheckpointError if not."""
+def open_folder(folder: str | Path, label: str | None = None, quantized_ok: bool = False) -> HFFolder:
+    """Check that `folder` is a float Llama safetensors folder (or, with quantized_ok, one `raylm compress`
+    quantized) and read its headers; CheckpointError if not."""
     path = Path(folder).expanduser()
     label = label or str(path)
     if not path.is_dir():
         raise CheckpointError(f"{label}: no such folder; {FIX}")
     config = _read_config(path, label)
-    tensors = _read_headers(path, label)
-    _check_format(config, tensors, label)
-    return HFFolder(path, label, config, tensors)
+    tensors = _read_headers(_tensor_files(path, label), label)
+    _check_format(config, tensors, label, quantized_ok)
+    if is_raylm_quantized(config):
+        tensors = _dequantized_view(tensors, config["quantization_config"]["bits"])
+    masks = _read_headers([path / MASKS_FILE], label) if (path / MASKS_FILE).is_file() else {}
+    return HFFolder(path, label, config, tensors, masks)
 
 
 def _read_config(path: Path, label: str) -> dict:
@@ -101,7 +109,7 @@ def _tensor_files(path: Path, label: str) -> list[Path]:
             raise CheckpointError(f"{label}: {INDEX_FILE} names {bad[0]!r}, which is not a file in {path}; "
                                   f"copy the whole folder again")
         return [path / n for n in names]
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(p for p in path.glob("*.safetensors") if p.name != MASKS_FILE)
     if not files:
         others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
         found = f" (found {', '.join(others[:3])}: pickles are never read, loading one can run code)" if others else ""
@@ -109,10 +117,10 @@ def _tensor_files(path: Path, label: str) -> list[Path]:
     return files
 
 
-def _read_headers(path: Path, label: str) -> dict[str, TensorInfo]:
-    """Every tensor's dtype and shape from the safetensors headers (no tensor data is read)."""
+def _read_headers(files: list[Path], label: str) -> dict[str, TensorInfo]:
+    """Every tensor's dtype and shape from the safetensors headers of `files` (no tensor data is read)."""
     tensors: dict[str, TensorInfo] = {}
-    for file in _tensor_files(path, label):
+    for file in files:
         for name, entry in _header(file, label).items():
             if name != "__metadata__":
                 tensors[name] = TensorInfo(file, entry["dtype"], tuple(entry["shape"]))
@@ -139,19 +147,49 @@ def _header(file: Path, label: str) -> dict:
     return header
 
 
-def _check_format(config: dict, tensors: dict[str, TensorInfo], label: str) -> None:
-    """The format rules in one place: no quantized weights, only float dtypes, settings raylm's GPT can run."""
-    if config.get("quantization_config"):
+def _check_format(config: dict, tensors: dict[str, TensorInfo], label: str, quantized_ok: bool) -> None:
+    """The format rules in one place: float dtypes (raylm's own quantized matrices where quantized_ok), settings
+    raylm's GPT can run."""
+    raylm_quantized = is_raylm_quantized(config)
+    if raylm_quantized and not quantized_ok:
+        raise CheckpointError(f"{label}: a folder quantized by `raylm compress` cannot start training, which needs "
+                              f"float weights; dequantize it first (`raylm compress {config_folder(label)} OUT "
+                              f"--dequantize`) and start from OUT, or start from the unquantized export")
+    if config.get("quantization_config") and not raylm_quantized:
         method = config["quantization_config"].get("quant_method", "?")
         raise CheckpointError(f"{label}: a quantized folder (quantization_config {method!r}) cannot start or be "
                               f"read as float weights; point it at the unquantized export")
-    odd = next(((n, t.dtype) for n, t in tensors.items() if t.dtype not in FLOAT_DTYPES), None)
+    allowed = FLOAT_DTYPES + (QUANT_DTYPES if raylm_quantized else ())
+    odd = next(((n, t.dtype) for n, t in tensors.items() if t.dtype not in allowed), None)
     if odd:
         raise CheckpointError(f"{label}: tensor {odd[0]} is {odd[1]}, not one of {', '.join(FLOAT_DTYPES)} (a "
                               f"quantized folder?); point it at the unquantized export")
     bad = unsupported_settings(config)
     if bad:
         raise CheckpointError(f"{label}: raylm's GPT cannot run a Llama with {', '.join(bad)}; {FIX}")
+
+
+def config_folder(label: str) -> str:
+    """The folder a label names ("model.init_from=/x" -> "/x")."""
+    return label.split("=", 1)[-1]
+
+
+def _dequantized_view(tensors: dict[str, TensorInfo], bits: int) -> dict[str, TensorInfo]:
+    """The tensors as a float model sees them: each W.qweight + W.scales pair as W (dtype Q8/Q4, full shape)."""
+    view = {}
+    for name, info in tensors.items():
+        matrix = weight_name(name)
+        if matrix is not None:
+            rows, cols = info.shape
+            view[matrix] = TensorInfo(info.file, f"Q{bits}", (rows, cols * (8 // bits)))
+        elif not _is_scales_of_quantized(name, tensors):
+            view[name] = info
+    return view
+
+
+def _is_scales_of_quantized(name: str, tensors: dict[str, TensorInfo]) -> bool:
+    base = name.removesuffix(SCALES)
+    return base != name and base + QWEIGHT in tensors
 
 
 class HFWeights:
@@ -165,16 +203,26 @@ class HFWeights:
 
     def read(self, name: str, shard: Shard | None = None) -> torch.Tensor:
         """Parameter `name` (raylm's name and layout), or only `shard` of it, as fp32."""
+        return self._read(name, shard, self.folder.tensors).float()
+
+    def read_mask(self, name: str, shard: Shard | None = None) -> torch.Tensor | None:
+        """The pruning mask of parameter `name` (or `shard` of it; bool, True = kept), None if it has none."""
+        return self._read(name, shard, self.folder.masks) if hf_name(name) in self.folder.masks else None
+
+    def _read(self, name: str, shard: Shard | None, tensors: dict[str, TensorInfo]) -> torch.Tensor:
         heads = rotary_heads(name, self.model)
         if shard is not None and heads and shard.dim != 0:
-            return shard.of(self.read(name))  # not a split TP uses; exact, only slower
-        part = self._slice(hf_name(name), shard)
+            return shard.of(self._read(name, None, tensors))  # not a split TP uses; exact, only slower
+        part = self._slice(hf_name(name), shard, tensors)
         if heads:
             part = half_to_interleaved(part, heads // (shard.count if shard else 1))
-        return part.float()
+        return part
 
-    def _slice(self, key: str, shard: Shard | None) -> torch.Tensor:
-        info = self.folder.tensors[key]
+    def _slice(self, key: str, shard: Shard | None, tensors: dict[str, TensorInfo]) -> torch.Tensor:
+        info = tensors[key]
+        if info.dtype.startswith("Q"):  # a quantized matrix: dequantized whole (eval and generate read it whole)
+            full = self._dequantize(key, info)
+            return full if shard is None else shard.of(full)
         tensor = self._handle(info.file).get_slice(key)
         if shard is None:
             return tensor[:]
@@ -182,6 +230,13 @@ class HFWeights:
         index = [slice(None)] * len(info.shape)
         index[shard.dim] = slice(shard.index * size, (shard.index + 1) * size)
         return tensor[tuple(index)]
+
+    def _dequantize(self, key: str, info: TensorInfo) -> torch.Tensor:
+        from raylm.compress.quantize import dequantize
+
+        handle = self._handle(info.file)
+        qweight, scales = (handle.get_tensor(stored) for stored in stored_names(key))
+        return dequantize(qweight, scales, int(info.dtype[1:]))
 
     def _handle(self, file: Path):
         from safetensors import safe_open
@@ -207,6 +262,11 @@ def check_matches(folder: HFFolder, model: ModelConfig, shapes: dict[str, torch.
         key, hf_key, theirs, mine = differ[0]
         raise CheckpointError(f"{folder.label}: config.json has {hf_key}={theirs!r} but model.{key}={mine!r}; "
                               f"set model.{key}={theirs} to start from this folder")
+    odd_mask = next((k for k, m in folder.masks.items()
+                     if m.dtype != "BOOL" or k not in folder.tensors or m.shape != folder.tensors[k].shape), None)
+    if odd_mask:
+        raise CheckpointError(f"{folder.label}: {MASKS_FILE} holds {odd_mask}, which is not a bool tensor shaped like "
+                              f"the weight of that name; prune the unpruned export again with `raylm compress`")
     wanted = {hf_name(n) for n in shapes} | ({"lm_head.weight"} if model.tie_embeddings else set())
     extra = sorted(k for k in folder.tensors if k not in wanted and not k.endswith(IGNORED_SUFFIXES))
     if extra:

@@ -83,6 +83,8 @@ def build_ds_config(p: ParallelConfig, spec: TrainSpec, micro_batches: int | Non
         "steps_per_print": NEVER,
         "wall_clock_breakdown": False,
     }
+    if p.grad_comm_dtype != "auto":  # auto: DeepSpeed's default, the compute dtype (bf16 under bf16)
+        config["communication_data_type"] = p.grad_comm_dtype  # what DP gradient reductions send
     if p.pp > 1:
         config["pipeline"] = {
             # activations are replicated across TP; sending them whole keeps the p2p path simple

@@ -25,7 +25,7 @@ from deepspeed.runtime.pipe.topology import PipelineParallelGrid
 from raylm.checkpoint.names import model_layers
 from raylm.config.schema import Config, ModelConfig, OptimConfig, ParallelConfig
 from raylm.model.weights import InMemoryWeights, SeededInit, WeightSource
-from raylm.parallel import param_state
+from raylm.parallel import param_state, sparsity
 from raylm.parallel.ds_config import TrainSpec, build_ds_config, zero_stage_for
 from raylm.parallel.host_alloc import map_large_allocations
 from raylm.parallel.layers import compile_blocks
@@ -201,7 +201,8 @@ class Engine:
         param_state.ensure_adam_state(self.optimizer, self.ds.optimizer)
         for index, params in self.layers.by_layer(owned_only=True).items():
             weights = {name: owned_cpu(gather_full(param, self.tp)) for name, param in params.items()}
-            moments = {name: {key: owned_cpu(t) for key, t in gather_full(param, self.tp, self.optimizer).items()}
+            moments = {name: {**{key: owned_cpu(t) for key, t in gather_full(param, self.tp, self.optimizer).items()},
+                              **sparsity.full_mask_entry(param, self.tp)}  # pruning masks travel with the moments
                        for name, param in params.items()}
             if self.writes_layers:
                 write_layer(index, weights, moments)
@@ -223,6 +224,7 @@ class Engine:
                 if moments is not None:
                     shards = {key: shard_of(t, param, self.tp) for key, t in moments[name].items()}
                     param_state.set_adam_moments(self.optimizer, param, shards)
+                    sparsity.load_mask_entry(param, shards)
         param_state.sync_zero3_weights(self.ds.optimizer)
         if scalars is None:
             param_state.reset_adam_moments(self.optimizer)
@@ -315,8 +317,9 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     module, layers = build_module(cfg.model, cfg.parallel, spec, topo, tp)
     # each rank reads only its stage's parameters, and of those its TP slice; before initialize, so ZeRO
     # partitions (and copies into its masters) the right values
-    read_weights(layers.params, weights if weights is not None else SeededInit(cfg.model, spec.vocab_size,
-                                                                                cfg.run.seed), tp)
+    weights = weights if weights is not None else SeededInit(cfg.model, spec.vocab_size, cfg.run.seed)
+    read_weights(layers.params, weights, tp)
+    sparsity.read_masks(layers.params, weights, tp)  # a pruned start trains with its pruned weights held at 0
     tag_for_grad_norm(module, tp)
     if spec.compile_blocks:
         compile_blocks(module)

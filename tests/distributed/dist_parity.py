@@ -48,8 +48,10 @@ def micro_batches(global_batch: tuple[torch.Tensor, torch.Tensor], cfg, dp_rank:
     return [(inputs[i:i + mb], labels[i:i + mb]) for i in range(0, inputs.size(0), mb)]
 
 
-def reference_run(cfg, weights: dict, batches: list) -> tuple[list[float], dict, list[float]]:
-    """Plain GPT + torch AdamW on one process: per-step losses, final weights and pre-clip grad norms."""
+def reference_run(cfg, weights: dict, batches: list,
+                  grad_masks: dict | None = None) -> tuple[list[float], dict, list[float]]:
+    """Plain GPT + torch AdamW on one process: per-step losses, final weights and pre-clip grad norms;
+    `grad_masks` (name -> bool) zero those parameters' gradients where False (sparse fine-tuning)."""
     from raylm.model.gpt import GPT
 
     model = GPT(cfg.model, padded_vocab(cfg.data.vocab_size))
@@ -65,6 +67,8 @@ def reference_run(cfg, weights: dict, batches: list) -> tuple[list[float], dict,
         chunks = [mb for r in range(cfg.parallel.dp) for mb in micro_batches(batch, cfg, r)]
         loss = sum(model(x, y) for x, y in chunks) / len(chunks)
         loss.backward()
+        for name, mask in (grad_masks or {}).items():
+            model.get_parameter(name).grad.mul_(mask)
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)))
         opt.step()
         opt.zero_grad()

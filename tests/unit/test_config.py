@@ -86,6 +86,7 @@ def test_every_field_has_a_doc():
     (["train.precision=fp16"], "train.precision='fp16' is not one of fp32, bf16"),
     (["schedule.lr.kind=step"], "schedule.lr.kind='step' is not one of constant, linear, cosine, wsd"),
     (["checkpoint.resume=maybe"], "checkpoint.resume='maybe' is not one of auto, never, required"),
+    (["parallel.grad_comm_dtype=fp16"], "parallel.grad_comm_dtype='fp16' is not one of auto, fp32, bf16"),
     (["schedule.batch.start=6", "schedule.batch.increment=4", "schedule.batch.ramp_tokens=1000"],
      "schedule.batch.start=6 must be a positive multiple of micro_batch * dp = 4"),
 ])

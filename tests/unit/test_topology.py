@@ -88,6 +88,13 @@ def test_ds_config_keeps_the_zero_stage_and_drops_the_pipeline_at_pp1():
     assert zero["stage3_max_reuse_distance"] == 0 and zero["sub_group_size"] < 1e9
 
 
+def test_grad_comm_dtype_sets_the_reduction_dtype_only_when_asked():
+    """auto leaves DeepSpeed's default (the compute dtype); fp32 and bf16 are passed on as its key."""
+    for value, want in (("auto", None), ("bf16", "bf16"), ("fp32", "fp32")):
+        cfg = resolve({}, ["parallel.dp=2", f"parallel.grad_comm_dtype={value}"])
+        assert build_ds_config(cfg.parallel, TrainSpec.from_config(cfg)).get("communication_data_type") == want
+
+
 @pytest.mark.parametrize("layout", [("parallel.pp=2",), ("parallel.pp=1",), ("parallel.pp=1", "parallel.tp=2")])
 def test_fp32_over_one_dp_rank_runs_without_zero(layout):
     """ZeRO over a single DP rank partitions nothing and only adds DeepSpeed's flat copies: it runs ZeRO 0."""

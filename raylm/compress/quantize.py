@@ -1,0 +1,87 @@
+"""Symmetric weight-only quantization of one weight matrix: torchao computes it, plain torch stores and reverses it.
+
+int8: one scale per output row (per-channel). int4: one scale per `group_size` consecutive input columns of a row.
+torchao's `IntxWeightOnlyConfig` (symmetric, zero point 0) does the rounding, on CPU, with this torch; its
+`Int4WeightOnlyConfig` is not used because its packed layouts need CUDA kernels (on CPU it stops with
+"Requires mslk >= 1.0.0"). The stored form is raylm's own and needs no torchao to read (docs/compression.md):
+
+    qweight: int8 (out, in) for int8; uint8 (out, in / 2) for int4, two values per byte (even column low nibble)
+    scales:  fp32 (out, in / group_size), group_size = in for int8
+    weight = qweight (sign-extended to int) * scales repeated over each group's columns
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+BITS = {"int8": 8, "int4": 4}
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """One matrix in its stored form."""
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+
+
+def _torchao():
+    """torchao's quantize_ and configs; its import logs that CUDA-only kernels did not load, which is expected."""
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import IntxWeightOnlyConfig, quantize_
+        from torchao.quantization.granularity import PerAxis, PerGroup
+    except ImportError:
+        from raylm.errors import RaylmError
+
+        raise RaylmError("--quantize needs torchao: pip install 'raylm[compress]'") from None
+    finally:
+        for log, level in zip(quiet, levels):
+            log.setLevel(level)
+    return quantize_, IntxWeightOnlyConfig, PerAxis, PerGroup
+
+
+def quantize(weight: torch.Tensor, method: str, group_size: int) -> Quantized:
+    """`weight` (out, in) as int8 per output row, or int4 per group of `group_size` input columns."""
+    quantize_, config_class, per_axis, per_group = _torchao()
+    rows, cols = weight.shape
+    linear = torch.nn.Linear(cols, rows, bias=False)
+    linear.weight = torch.nn.Parameter(weight.detach().float().clone(), requires_grad=False)
+    granularity = per_axis(0) if method == "int8" else per_group(group_size)
+    dtype = torch.int8 if method == "int8" else torch.int4
+    quantize_(torch.nn.Sequential(linear), config_class(weight_dtype=dtype, granularity=granularity))
+    q = linear.weight
+    assert not q.zero_point.any(), "symmetric quantization has zero points of 0"
+    qdata, scales = q.qdata.to(torch.int8), q.scale.float().reshape(rows, -1).contiguous()
+    return Quantized(pack_int4(qdata) if method == "int4" else qdata.contiguous(), scales)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """int8 values in [-8, 7], shape (out, in) -> uint8 (out, in / 2): even columns in the low nibble."""
+    nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
+    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: int8 (out, 2 * packed columns) in [-8, 7]."""
+    low, high = (packed & 0xF).to(torch.int8), (packed >> 4).to(torch.int8)
+    values = torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
+    return torch.where(values >= 8, values - 16, values)
+
+
+def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 (out, in) from the stored form (no torchao needed)."""
+    q = unpack_int4(qweight) if bits == 4 else qweight.to(torch.int8)
+    group = q.shape[1] // scales.shape[1]
+    return q.float() * scales.float().repeat_interleave(group, dim=1)
+
+
+def in_features(qweight_shape: tuple[int, ...], bits: int) -> int:
+    """The input width of the matrix a stored qweight holds."""
+    return qweight_shape[1] * (8 // bits)
