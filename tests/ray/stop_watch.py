@@ -40,7 +40,8 @@ class StopWatch(threading.Thread):
 
     def run(self) -> None:
         try:
-            while not (self.done.is_set() and not self.pending):
+            while True:
+                finishing = self.done.is_set()  # read first: a stop written just before the end is still noted
                 self._note_new_stops()
                 self._note_live_actors()
                 for trial, stopped_at in list(self.pending.items()):
@@ -51,6 +52,8 @@ class StopWatch(threading.Thread):
                     elif time.time() - stopped_at > self.limit_s:
                         self.late[trial] = left
                         del self.pending[trial]
+                if finishing and not self.pending:
+                    return
                 time.sleep(0.5)
         except BaseException as exc:  # re-raised by finish() in the test's thread
             self.error = exc

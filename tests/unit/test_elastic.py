@@ -49,8 +49,8 @@ def test_a_dp_range_is_written_as_a_list_or_as_min_and_max():
      "schedule.batch.start=4 must be a positive multiple of 8 (micro_batch * dp for every dp of parallel.dp=[1, 2])"),
     (["parallel.dp=[1, 2]", "tune.trial_of=sweep"], "parallel.dp=[1, 2] (elastic) is for raylm train; a sweep trial "
      "runs a fixed layout"),
-    (["parallel.dp=[1, 2]", "fault.drill=step@2", "fault.drill_rank=1"], "fault.drill_rank=1 is not a rank of the 1 "
-     "workers"),
+    (["parallel.dp=[1, 2]", "fault.drill=step@2", "fault.drill_rank=1"], "fault.drill rank 1 (fault.drill_rank or :RANK) "
+     "is not a rank of the 1 workers"),
 ])
 def test_bad_dp_ranges_are_one_line_naming_the_fix(overrides, message):
     assert message in error_of(overrides)
