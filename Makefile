@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/raylm train $(CONFIG) run.name=demo --overwrite
 	$(BIN)/raylm generate runs/demo --prompt '$(PROMPT)' --max-new-tokens 80
 
-# The whole suite but the few tests marked slow (sweep faults, PBT, optuna: ~8 more minutes on 2 cores).
+# The whole suite but the tests marked slow (the longest fault, sweep and multi-node drills: README "Tests and benchmarks").
 test: install
 	$(BIN)/ruff check raylm jobs benchmarks
 	$(BIN)/python -m pytest -q -m "not slow" tests/unit tests/distributed tests/ray tests/gpu

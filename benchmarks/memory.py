@@ -13,10 +13,9 @@ worker's RSS is a clean baseline). Figures (one JSON object per line):
                         files' bytes with fsync in the same run
   ckpt_read_bw_frac     load_checkpoint bytes/s over the plain loop reading them back; the page cache of every file
                         is dropped (posix_fadvise DONTNEED) before each side reads
-No arguments: a ~154M-parameter model (d=1024, 12 layers, seq 128, micro-batch 1, fp32). 24 layers (~300M) would
-take ~17 GB at ZeRO-3 dp=2 (two ranks at ~29 bytes per model parameter each), too much for a shared 24 GB machine;
-`--layers 24` runs it where memory allows. The ratios fall a little with depth (fixed costs spread over more
-weights: from 4 to 8 layers by 0.1 to 0.7), so 12 layers slightly overstates them for 24.
+No arguments: a ~300M-parameter model (d=1024, 24 layers, seq 128, micro-batch 1, fp32), the size the figures
+are set for; it needs about 6 GB for the largest single rank. `--layers 12` halves it where memory is short (the
+ratios rise a little as depth falls: fixed costs weigh more).
 `--dry`: a tiny model and the (1,1,1,0) layout only, so the script is checked in seconds.
 """
 
@@ -39,7 +38,7 @@ import dist_harness  # noqa: E402
 LAYOUTS = [(1, 1, 1, 0), (2, 1, 1, 1), (4, 1, 1, 1), (1, 2, 1, 0), (1, 1, 2, 3)]  # (pp, tp, dp, zero_stage)
 BASE = {
     "data": {"vocab_size": 2048, "seq_len": 128},
-    "model": {"n_layer": 12, "n_head": 16, "d_model": 1024, "max_seq_len": 128},
+    "model": {"n_layer": 24, "n_head": 16, "d_model": 1024, "max_seq_len": 128},
     "parallel": {"micro_batch": 1},
     "train": {"precision": "fp32"},
 }
