@@ -28,6 +28,8 @@ def run_losses(cfg) -> list[tuple[float, str]]:
 
 def committed(cfg) -> list[str]:
     folder = Path(cfg.run.dir) / cfg.run.name / "checkpoints"
+    if not folder.exists():  # a run killed before its first commit
+        return []
     return sorted(p.name for p in folder.iterdir() if p.name.startswith("step-"))
 
 
