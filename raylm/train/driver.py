@@ -16,12 +16,12 @@ from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.storage.location import Location, is_remote
 from raylm.storage.uri import is_uri
-from raylm.train.metrics import plot_loss_curve, read_metrics
+from raylm.train.metrics import METRICS_FILE, plot_loss_curve, read_metrics
 from raylm.train.preflight import check_prepared_data, local_data_folders
 from raylm.train.ray_cluster import connect_ray
 from raylm.train.run_files import RunFiles
 from raylm.train.run_lock import hold_run_lock
-from raylm.train.rundir import METRICS_FILE, checkpoint_root, prepare_run_dir, run_path
+from raylm.train.rundir import checkpoint_root, prepare_run_dir, run_path
 
 DATA_CPU_RESERVE = 1.0  # CPUs left free on a CPU-only cluster so Ray Data tasks are never starved (hang 2)
 

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+METRICS_FILE = "metrics.jsonl"  # one JSON row per step in the run folder
+
 
 class MetricsWriter:
     """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
@@ -18,7 +20,7 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, start_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = Path(run_dir) / METRICS_FILE
         rerun = _drop_rows_from(self.path, start_step)
         self.file = self.path.open("a")
         self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
@@ -59,7 +61,7 @@ def _step_of(line: str) -> int | None:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """Every row of a run's metrics.jsonl."""
-    path = Path(run_dir) / "metrics.jsonl"
+    path = Path(run_dir) / METRICS_FILE
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

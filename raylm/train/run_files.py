@@ -8,8 +8,9 @@ import shutil
 from pathlib import Path
 
 from raylm.storage.location import Location, file_sizes, is_remote, local_view, put_file, read_bytes
+from raylm.train.metrics import METRICS_FILE
 
-SYNCED = ("metrics.jsonl", "loss.png", "tensorboard/")  # files, or folders ending in '/'
+SYNCED = (METRICS_FILE, "loss.png", "tensorboard/")  # files, or folders ending in '/'
 
 
 class RunFiles:
@@ -43,7 +44,7 @@ class RunFiles:
         for name in SYNCED:
             if name.endswith("/"):
                 shutil.rmtree(self.local / name, ignore_errors=True)
-        self.pull(SYNCED[0])
+        self.pull(METRICS_FILE)
 
     def push(self, names: tuple[str, ...] = SYNCED) -> list[str]:
         """Upload the named local files (a name ending in '/' is every file under that folder) that changed since

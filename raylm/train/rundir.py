@@ -17,9 +17,9 @@ from raylm.log import get_logger
 from raylm.storage.location import (Location, delete_files, file_sizes, is_remote, local_view, read_bytes,
                                     remove_empty_folders, write_text)
 from raylm.storage.uri import is_uri, parse_uri
+from raylm.train.metrics import METRICS_FILE
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's list of reported checkpoints
-METRICS_FILE = "metrics.jsonl"
 # Every object name raylm (or Ray Train, for raylm) writes under a run prefix: --overwrite deletes these and no other.
 RUN_OBJECTS = re.compile(r"^(metrics\.jsonl|config\.yaml|loss\.png|\.fault-drill-fired|\.validate_storage_marker|"
                          rf"{RAY_CHECKPOINT_SNAPSHOT.replace('.', '[.]')}|"
