@@ -251,15 +251,15 @@ def test_every_path_on_s3_prepare_train_pp2_export_matches_local(cluster, s3_rel
     assert losses(run) == reference(small_config, "one-node", "parallel.pp=2")
 
 
-@pytest.mark.slow
 def test_a_storage_outage_during_a_checkpoint_upload_never_resumes_a_partial_checkpoint(
         cluster, s3_relay, small_corpus, small_config, tmp_path):
-    """The relay cuts the server off for 5 s at the first upload of step 4: the commit fails with one line
-    (older checkpoints untouched); the prefix step-00000004/ has no manifest, so the rerun resumes from step 2
-    and ends with the losses of an uninterrupted run."""
+    """The relay cuts the server off for 5 s at the first upload of step 4 (the last): the commit fails with one
+    line (older checkpoints untouched); the prefix step-00000004/ has no manifest, so the rerun resumes from
+    step 2 and ends with the losses of an uninterrupted run (checkpoints change no loss: the pp=2 reference of the
+    other tests serves)."""
     prefix, run_uri = f"s3://{BUCKET}/outage", f"s3://{BUCKET}/outage/runs/cut"
-    steps = ("train.max_steps=6", "checkpoint.every_steps=2", "parallel.pp=2")
-    args = s3_overrides(prefix, small_corpus, tmp_path, "cut", *steps, *ONE_WORKER_PER_NODE)
+    args = s3_overrides(prefix, small_corpus, tmp_path, "cut", "checkpoint.every_steps=2", "parallel.pp=2",
+                        *ONE_WORKER_PER_NODE)
     prepare_on_s3(args)
     s3_relay.arm(b"/outage/runs/cut/checkpoints/step-00000004/", down_s=5.0)
     console = tmp_path / "cut.log"
@@ -276,4 +276,4 @@ def test_a_storage_outage_during_a_checkpoint_upload_never_resumes_a_partial_che
     run = fetched(run_uri, tmp_path, "metrics.jsonl")
     resumed = [(r["resumed_from"], r["resumed_from_checkpoint"]) for r in read_metrics(run) if "resumed_from" in r]
     assert resumed == [(2, f"{run_uri}/checkpoints/step-00000002")]
-    assert losses(run) == reference(small_config, "cut-ref", *steps)
+    assert losses(run) == reference(small_config, "one-node", "parallel.pp=2")
