@@ -1,0 +1,36 @@
+"""ZeRO-3: partition each layer over DP as soon as it is built, so no rank ever holds its whole stage.
+
+Left to itself, DeepSpeed partitions a ZeRO-3 model inside deepspeed.initialize, after every rank has built and
+filled the whole stage unpartitioned (4 bytes per parameter, more than a dp=2 rank's whole partitioned state
+holds of weights). Here `SingleStage` hands each layer, right after building it, to `deepspeed.zero.Init(module=...)`
+(the call DeepSpeed itself makes, over the same DP group and config), so at most one layer is ever whole. The
+partitions start empty: once DeepSpeed's optimizer exists, `Engine.read_weights` writes each rank's own partition
+of every fp32 master from the weight source, one parameter at a time, without communication
+(docs/parallelism.md, "Memory").
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import deepspeed
+import torch
+import torch.nn as nn
+from deepspeed.accelerator import get_accelerator
+
+LayerHook = Callable[[nn.Module], None]
+
+
+def layer_partitioner(ds_config: dict, mpu, dtype: torch.dtype) -> LayerHook:
+    """A hook that moves one freshly built layer to this rank's device, casts its parameters to `dtype` (what
+    deepspeed.initialize would do to the whole model) and partitions them over the DP group of `mpu`."""
+    device = torch.device(get_accelerator().current_device_name())
+
+    def partition(layer: nn.Module) -> None:
+        layer.to(device)  # its buffers too: DeepSpeed moves nothing of a model that arrives partitioned
+        for param in layer.parameters():
+            param.data = param.data.to(dtype)
+        deepspeed.zero.Init(module=layer, data_parallel_group=mpu.get_data_parallel_group(), dtype=dtype,
+                            config_dict_or_path=ds_config, mpu=mpu)
+
+    return partition
