@@ -11,6 +11,7 @@ of every fp32 master from the weight source, one parameter at a time, without co
 
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import deepspeed
@@ -24,7 +25,7 @@ LayerHook = Callable[[nn.Module], None]
 def layer_partitioner(ds_config: dict, mpu, dtype: torch.dtype) -> LayerHook:
     """A hook that moves one freshly built layer to this rank's device, casts its parameters to `dtype` (what
     deepspeed.initialize would do to the whole model) and partitions them over the DP group of `mpu`."""
-    device = torch.device(get_accelerator().current_device_name())
+    device = torch.device(get_accelerator().device_name(os.environ["LOCAL_RANK"]))  # where zero.Init puts them
 
     def partition(layer: nn.Module) -> None:
         layer.to(device)  # its buffers too: DeepSpeed moves nothing of a model that arrives partitioned
