@@ -36,7 +36,7 @@ from raylm.parallel.shards import (StageLayers, gather_full, named_params, owned
 from raylm.parallel.step_guard import StepGuard
 from raylm.parallel.tensor import TPGroup
 from raylm.parallel.topology import ProcessGroups, Topology, build_groups, check_layout
-from raylm.parallel.zero_init import LayerHook, layer_partitioner
+from raylm.parallel.zero_init import LayerHook, alias_fp32_masters, layer_partitioner
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), each LongTensor (micro_batch, seq_len)
 Tensors = dict[str, torch.Tensor]
@@ -345,6 +345,7 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     engine = engine_class(ds_engine, optimizer, topo, groups, tp, layers, cfg.model, spec.vocab_size,
                           cfg.parallel.micro_batch)
     if zero3:  # the layers were partitioned empty: each rank writes its partition of every master
+        alias_fp32_masters(ds_engine.optimizer)
         engine.read_weights(weights)
     engine.watch_losses(module.loss_fn)
     return engine

@@ -35,3 +35,22 @@ def layer_partitioner(ds_config: dict, mpu, dtype: torch.dtype) -> LayerHook:
                             config_dict_or_path=ds_config, mpu=mpu)
 
     return partition
+
+
+def alias_fp32_masters(ds_optimizer) -> int:
+    """fp32 training: make each of ZeRO-3's fp32 master partitions the working-weight partition itself, which holds
+    the same values; returns the bytes freed (0 where they already are one, under bf16, or without ZeRO-3).
+
+    DeepSpeed means to share them (its optimizer skips the copy "when dtype and device match") but compares the
+    partition's torch.device with a device-name string, never equal, so every rank kept a second fp32 copy of its
+    partition: 4 bytes per parameter / dp. The master tensor stays the same object (AdamW's state and DeepSpeed's
+    ids are keyed on it); after each step DeepSpeed copies it onto the working partition, now onto itself."""
+    freed = 0
+    for working, master in zip(getattr(ds_optimizer, "fp16_partitioned_groups_flat", []),
+                               getattr(ds_optimizer, "fp32_partitioned_groups_flat", [])):
+        if (working is None or master.data_ptr() == working.data_ptr() or master.dtype != working.dtype
+                or master.device != working.device or master.shape != working.shape):
+            continue
+        freed += master.numel() * master.element_size()
+        master.data = working.data
+    return freed
