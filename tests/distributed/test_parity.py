@@ -131,12 +131,14 @@ def test_batch_ramp_eval_and_reload(nth, layout):
 
 def test_zero3_stage_is_partitioned_layer_by_layer():
     """ZeRO-3 partitions each layer as it is built: when the next layer is built no earlier one is whole, and
-    afterwards every rank holds half of every parameter (rounded up) and nothing whole."""
+    afterwards every rank holds half of every parameter (rounded up) and nothing whole; the engine's fp32 masters
+    are its working partitions, not a second copy."""
     n_layer = tiny_cfg(1, 1, 2).model.n_layer
     for rank, out in enumerate(job_results(2, "zero3_build")):
         held = out["held_before_each_layer"]  # embedding, blocks, final norm (the tied head builds nothing)
         assert len(held) == n_layer + 2 and set(held) == {0}, (rank, held)
         assert all(whole == 0 and part == -(-full // 2) for whole, part, full in out["params"]), out["params"]
+        assert out["second_master_bytes"] == 0, rank
 
 
 def test_tp_layers_match_dense():
