@@ -1,12 +1,13 @@
-"""ZeRO-3: partition each layer over DP as soon as it is built, so no rank ever holds its whole stage.
+"""ZeRO-3 holds only its partitions: each layer is partitioned over DP as it is built, and fp32 masters are not copied.
 
 Left to itself, DeepSpeed partitions a ZeRO-3 model inside deepspeed.initialize, after every rank has built and
-filled the whole stage unpartitioned (4 bytes per parameter, more than a dp=2 rank's whole partitioned state
-holds of weights). Here `SingleStage` hands each layer, right after building it, to `deepspeed.zero.Init(module=...)`
-(the call DeepSpeed itself makes, over the same DP group and config), so at most one layer is ever whole. The
-partitions start empty: once DeepSpeed's optimizer exists, `Engine.read_weights` writes each rank's own partition
-of every fp32 master from the weight source, one parameter at a time, without communication
-(docs/parallelism.md, "Memory").
+filled its whole stage unpartitioned (4 bytes per parameter; from dp=4 on, as much as the rank's whole partitioned
+state). `layer_partitioner` is the hook `SingleStage` runs on each layer right after building it: it makes the call
+DeepSpeed itself makes, `deepspeed.zero.Init(module=...)`, over the same DP group and config, so at most one layer
+is ever whole. The partitions start empty: once DeepSpeed's optimizer exists, `Engine.read_weights` writes each
+rank's own partition of every fp32 master from the weight source, one parameter at a time, without communication.
+`alias_fp32_masters` then keeps DeepSpeed from holding a second fp32 copy of the weights (docs/parallelism.md,
+"Memory").
 """
 
 from __future__ import annotations
