@@ -36,6 +36,7 @@ from raylm.parallel.shards import (StageLayers, gather_full, named_params, owned
 from raylm.parallel.step_guard import StepGuard
 from raylm.parallel.tensor import TPGroup
 from raylm.parallel.topology import ProcessGroups, Topology, build_groups, check_layout
+from raylm.parallel.zero_init import LayerHook, alias_fp32_masters, layer_partitioner
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), each LongTensor (micro_batch, seq_len)
 Tensors = dict[str, torch.Tensor]
@@ -75,9 +76,10 @@ def build_optimizer(module: nn.Module, optim: OptimConfig, fused: bool = False) 
     """AdamW with decoupled weight decay on matrices only (norm gains are not decayed); `fused` runs torch's
     single-kernel AdamW (on GPUs: one launch per step instead of several per parameter)."""
     params = [p for p in module.parameters() if p.requires_grad]
+    matrices = [len(param_state.local_shape(p)) >= 2 for p in params]  # a ZeRO-3 partition is flat: ask its shape
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p, matrix in zip(params, matrices) if matrix], "weight_decay": optim.weight_decay},
+        {"params": [p for p, matrix in zip(params, matrices) if not matrix], "weight_decay": 0.0},
     ]
     groups = [g for g in groups if g["params"]]  # a stage may hold no norm (e.g. the embedding alone)
     return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused)
@@ -191,7 +193,13 @@ class Engine:
     def load_full_state_dict(self, full: Tensors) -> None:
         """Load full weights into this rank's shards and master copies (optimizer moments are kept); every rank
         calls."""
-        read_weights(self.layers.params, InMemoryWeights(full), self.tp)
+        self.read_weights(InMemoryWeights(full))
+
+    def read_weights(self, source: WeightSource) -> None:
+        """Read this rank's slice of every parameter it holds from `source` into its shards and master copies, one
+        parameter at a time (optimizer moments are kept); every rank calls (ZeRO-3 re-gathers its whole-kept
+        weights at the end)."""
+        read_weights(self.layers.params, source, self.tp)
         param_state.sync_zero3_weights(self.ds.optimizer)
 
     def save_state(self, write_layer: Callable[[int, Tensors, Moments], None]) -> dict:
@@ -293,12 +301,13 @@ class SingleStageEngine(Engine):
         return float(mean)
 
 
-def build_module(model: ModelConfig, parallel: ParallelConfig, spec: TrainSpec, topo: Topology,
-                 tp: TPGroup) -> tuple[nn.Module, StageLayers]:
-    """This rank's module (a pipeline stage, or the whole model when pp = 1) and its layers by full name."""
+def build_module(model: ModelConfig, parallel: ParallelConfig, spec: TrainSpec, topo: Topology, tp: TPGroup,
+                 on_built: LayerHook | None = None) -> tuple[nn.Module, StageLayers]:
+    """This rank's module (a pipeline stage, or the whole model when pp = 1) and its layers by full name;
+    `on_built` (pp = 1 only) runs on each layer as soon as it is built."""
     recompute = parallel.activation_checkpointing
     if topo.pp == 1:
-        module = SingleStage(model, spec.vocab_size, tp, recompute)
+        module = SingleStage(model, spec.vocab_size, tp, recompute, on_built)
         return module, StageLayers(named_params(module.stage_layers()), 0, lambda index: 0, model.n_layer)
     pipe = build_pipeline_module(model, spec.vocab_size, spec.seq_len, parallel.partition, recompute, topo, tp)
     return pipe, StageLayers(named_params(stage_layers(pipe)), pipe.stage_id, pipe.stage_owner, model.n_layer)
@@ -312,24 +321,31 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     check_layout(topo, cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
     groups = build_groups(topo)
     tp = TPGroup(groups.tp, topo.coords(dist.get_rank()).tp_rank, topo.tp)
-    if zero_stage_for(cfg.parallel, spec.precision) == 3 and not torch.cuda.is_available():
-        map_large_allocations()  # before the stage is built: its full weights are freed when ZeRO-3 partitions
-    module, layers = build_module(cfg.model, cfg.parallel, spec, topo, tp)
-    # each rank reads only its stage's parameters, and of those its TP slice; before initialize, so ZeRO
-    # partitions (and copies into its masters) the right values
+    ds_config = build_ds_config(cfg.parallel, spec)
+    # with pp = 1 DeepSpeed learns the TP and DP groups from a grid over the same topology the pipeline uses
+    mpu = PipelineParallelGrid(topology=ds_topology(topo)) if topo.pp == 1 else None
+    zero3 = zero_stage_for(cfg.parallel, spec.precision) == 3  # only with pp = 1 (check_layout)
+    if zero3 and not torch.cuda.is_available():
+        map_large_allocations()  # before the stage is built: ZeRO-3 gathers and frees every layer every step
+    dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
+    module, layers = build_module(cfg.model, cfg.parallel, spec, topo, tp,
+                                  layer_partitioner(ds_config, mpu, dtype) if zero3 else None)
+    # each rank reads only its stage's parameters, and of those its TP slice (its ZeRO-3 partitions, once they
+    # exist); masks first: a pruned start trains with its pruned weights held at 0
     weights = weights if weights is not None else SeededInit(cfg.model, spec.vocab_size, cfg.run.seed)
-    read_weights(layers.params, weights, tp)
-    sparsity.read_masks(layers.params, weights, tp)  # a pruned start trains with its pruned weights held at 0
+    sparsity.read_masks(layers.params, weights, tp)
+    if not zero3:  # into the whole parameters, before initialize copies them into DeepSpeed's masters
+        read_weights(layers.params, weights, tp)
     tag_for_grad_norm(module, tp)
     if spec.compile_blocks:
         compile_blocks(module)
     optimizer = build_optimizer(module, spec.optim, fused=torch.cuda.is_available())
-    # with pp = 1 DeepSpeed learns the TP and DP groups from a grid over the same topology the pipeline uses
-    mpu = PipelineParallelGrid(topology=ds_topology(topo)) if topo.pp == 1 else None
-    ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu,
-                                              config=build_ds_config(cfg.parallel, spec))
+    ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu, config=ds_config)
     engine_class = SingleStageEngine if topo.pp == 1 else PipelineStageEngine
     engine = engine_class(ds_engine, optimizer, topo, groups, tp, layers, cfg.model, spec.vocab_size,
                           cfg.parallel.micro_batch)
+    if zero3:  # the layers were partitioned empty: each rank writes its partition of every master
+        alias_fp32_masters(ds_engine.optimizer)
+        engine.read_weights(weights)
     engine.watch_losses(module.loss_fn)
     return engine

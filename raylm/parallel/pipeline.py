@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -120,7 +121,9 @@ class TiedHead(nn.Module):
 class SingleStage(nn.Module):
     """The whole layer list as one module (pp = 1), for DeepSpeed's plain engine: any ZeRO stage, no pipeline."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: TPGroup, recompute: bool):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: TPGroup, recompute: bool,
+                 on_built: Callable[[nn.Module], None] | None = None):
+        """`on_built(layer)` runs on each layer right after it is built, before the next (ZeRO-3 partitions it)."""
         super().__init__()
         built: dict[str, nn.Module] = {}
         layers = []
@@ -130,6 +133,8 @@ class SingleStage(nn.Module):
                 layers.append(TiedHead(built[tied_key]))
                 continue
             layers.append(spec.build(log=False))
+            if on_built is not None:
+                on_built(layers[-1])
             if tied_key is not None:
                 built[tied_key] = layers[-1]
         self.layers = nn.ModuleList(layers)

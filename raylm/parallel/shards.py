@@ -66,12 +66,14 @@ def full_shape(param: nn.Parameter, tp: TPGroup) -> tuple[int, ...]:
 
 
 def read_weights(params: dict[str, nn.Parameter], source: WeightSource, tp: TPGroup) -> None:
-    """Read each parameter's own TP slice from `source` into it and any optimizer master copy (no comms).
-    Nothing outside this rank's slices is ever materialized."""
+    """Read each parameter's own TP slice from `source` into it and any optimizer master copy (no comms); where
+    raylm.parallel.sparsity attached a pruning mask, the pruned entries are read as 0. Nothing outside this rank's
+    slices is ever materialized."""
     for name, param in params.items():
         shard = source.read(name, tp_shard(param, tp))
         assert tuple(shard.shape) == param_state.local_shape(param), (name, shard.shape)
-        param_state.set_master_value(param, shard)
+        mask = getattr(param, "prune_mask", None)
+        param_state.set_master_value(param, shard if mask is None else shard.masked_fill(~mask.to(shard.device), 0.0))
 
 
 def gather_tp(shard: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> torch.Tensor:

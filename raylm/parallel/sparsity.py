@@ -32,8 +32,8 @@ def attach_mask(param: nn.Parameter, mask: torch.Tensor) -> None:
 
 
 def read_masks(params: dict[str, nn.Parameter], source: WeightSource, tp: TPGroup) -> int:
-    """Attach the masks `source` has for these parameters (its TP slice of each) and zero the pruned weights
-    (before the optimizer copies them); returns how many masks this rank holds. No communication."""
+    """Attach the masks `source` has for these parameters (its TP slice of each); returns how many masks this rank
+    holds. No communication. Call before reading the weights: shards.read_weights zeroes the pruned entries."""
     read_mask = getattr(source, "read_mask", None)
     if read_mask is None:
         return 0
@@ -42,8 +42,6 @@ def read_masks(params: dict[str, nn.Parameter], source: WeightSource, tp: TPGrou
         mask = read_mask(name, tp_shard(param, tp))
         if mask is not None:
             attach_mask(param, mask)
-            with torch.no_grad():
-                param.mul_(param.prune_mask)
             count += 1
     return count
 

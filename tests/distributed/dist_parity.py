@@ -142,8 +142,40 @@ def ramp_eval_load(rank: int, world_size: int, layout: tuple) -> dict:
             "reload_loss": reload_loss, "reloaded": reloaded if keep else None}
 
 
+def zero3_stage_as_built(rank: int, world_size: int, layout: tuple) -> dict:
+    """Build a ZeRO-3 stage the way build_engine does (no initialize): the whole-tensor elements the earlier
+    layers still held when each layer was built, and per parameter (elements held whole, this rank's partition,
+    full elements) once all are built. Then build_engine's own: the bytes of fp32 masters it left unaliased."""
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
+    from raylm.parallel.ds_config import TrainSpec, build_ds_config
+    from raylm.parallel.engine import build_engine
+    from raylm.parallel.pipeline import SingleStage, ds_topology
+    from raylm.parallel.tensor import TPGroup
+    from raylm.parallel.topology import Topology
+    from raylm.parallel.zero_init import alias_fp32_masters, layer_partitioner
+
+    pp, tp, dp, overrides = layout
+    cfg = tiny_cfg(pp, tp, dp, *overrides)
+    spec = TrainSpec.from_config(cfg)
+    mpu = PipelineParallelGrid(topology=ds_topology(Topology.from_config(cfg.parallel, world_size)))
+    partition = layer_partitioner(build_ds_config(cfg.parallel, spec), mpu, torch.float32)
+    built, held = [], []
+
+    def on_built(layer):
+        held.append(sum(p.numel() for earlier in built for p in earlier.parameters()))
+        partition(layer)
+        built.append(layer)
+
+    stage = SingleStage(cfg.model, spec.vocab_size, TPGroup(None, 0, 1), False, on_built)
+    return {"held_before_each_layer": held,
+            "params": [(p.numel(), p.ds_tensor.numel(), p.ds_numel) for p in stage.parameters()],
+            "second_master_bytes": alias_fp32_masters(build_engine(cfg).ds.optimizer)}
+
+
 def run_jobs(rank: int, world_size: int, jobs: list[tuple]) -> list:
-    """Run several checks in one process group: ('train' | 'bf16', [layouts]) | ('ramp', layout) | ('tp',)."""
+    """Run several checks in one process group: ('train' | 'bf16', [layouts]) | ('ramp', layout) | ('tp',) |
+    ('zero3_build', layout)."""
     from dist_tp_checks import run_tp_checks
 
     out = []
@@ -152,6 +184,8 @@ def run_jobs(rank: int, world_size: int, jobs: list[tuple]) -> list:
             out.append(train_layouts(rank, world_size, *args))
         elif kind == "ramp":
             out.append(ramp_eval_load(rank, world_size, *args))
+        elif kind == "zero3_build":
+            out.append(zero3_stage_as_built(rank, world_size, *args))
         else:
             out.append(run_tp_checks())
     return out

@@ -40,7 +40,8 @@ JOBS = {
                    (2, 1, 1, (COMPILE,)), (1, 2, 1, (COMPILE,))]),
         ("ramp", (2, 1, 1, (ZERO1,))),
         ("ramp", (1, 1, 2, (ZERO3,))),
-        ("bf16", [(2, 1, 1, (ZERO1, BF16)), (1, 1, 2, (ZERO1, GRAD_BF16))])],
+        ("bf16", [(2, 1, 1, (ZERO1, BF16)), (1, 1, 2, (ZERO1, GRAD_BF16))]),
+        ("zero3_build", (1, 1, 2, (ZERO3,)))],
     4: [("train", [(2, 2, 1, ()), (2, 1, 2, (ZERO1,)), (1, 2, 2, (ZERO1, UNTIED)),
                    (4, 1, 1, ("parallel.partition=uniform",)), (1, 2, 2, (ZERO2, UNTIED)), (1, 2, 2, (ZERO3, CKPT))])],
     8: [("train", [(2, 2, 2, (ZERO1, CKPT))])],
@@ -126,6 +127,18 @@ def test_batch_ramp_eval_and_reload(nth, layout):
         assert out["reload_loss"] == pytest.approx(reference_eval(cfg, weights, ramp_batches(cfg)[1]), rel=RTOL)
     assert_weights_close(ranks[0]["trained"], ref_weights)
     assert_weights_close(ranks[0]["reloaded"], weights, rtol=1e-7)
+
+
+def test_zero3_stage_is_partitioned_layer_by_layer():
+    """ZeRO-3 partitions each layer as it is built: when the next layer is built no earlier one is whole, and
+    afterwards every rank holds half of every parameter (rounded up) and nothing whole; the engine's fp32 masters
+    are its working partitions, not a second copy."""
+    n_layer = tiny_cfg(1, 1, 2).model.n_layer
+    for rank, out in enumerate(job_results(2, "zero3_build")):
+        held = out["held_before_each_layer"]  # embedding, blocks, final norm (the tied head builds nothing)
+        assert len(held) == n_layer + 2 and set(held) == {0}, (rank, held)
+        assert all(whole == 0 and part == -(-full // 2) for whole, part, full in out["params"]), out["params"]
+        assert out["second_master_bytes"] == 0, rank
 
 
 def test_tp_layers_match_dense():
