@@ -155,8 +155,8 @@ def stopped_at(cfg: Config, rank: int, rung: int | None) -> bool:
 
 def report_resumed_rung(cfg: Config, session, state: TrainState) -> int | None:
     """A trial resumed from the checkpoint of a rung step reports that rung again (returned): the attempt that wrote
-    it may have been interrupted before Tune saw the report, and Tune judges a trial once per rung (a repeat is
-    ignored)."""
+    it may have been interrupted before ASHA decided, and ASHA judges a trial once per rung (a rung it decided
+    before goes on)."""
     import ray.train
 
     step_tokens = batch_size_at(state.tokens, cfg.train.global_batch, cfg.schedule.batch) * cfg.data.seq_len
