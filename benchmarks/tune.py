@@ -5,7 +5,8 @@ tokens per trial, about 8 minutes on 2 cores, mostly trial start-up); `--steps N
 rungs, at budget / 9 and budget / 3, move with it). At 144 steps the first rung falls 11 steps after warm-up, while
 every trial is still learning unigram statistics: there lr 1e-2 leads 3e-3 by 0.012 nats of val_loss, and trails it
 by 0.3 at the end, so ASHA stops the eventual winner (measured: asha_best_loss_gap 0.072). Prints one JSON object: asha_budget_frac (ASHA's tokens / the full grid's, target <= 0.45),
-asha_wall_frac (wall seconds, the same ratio), asha_best_loss_gap (relative final val_loss of ASHA's best against
+asha_wall_frac (wall seconds, the same ratio), asha_stop_overshoot_tokens (the most tokens a stopped trial
+trained past the report ASHA stopped it at), asha_best_loss_gap (relative final val_loss of ASHA's best against
 the full grid's best, target <= 0.01; asha_best_in_top2 says whether ASHA's best is among the full grid's top 2),
 asha_replay_agree (trials on which ASHA replayed offline on the full grid's curves, in the order ASHA judged them,
 reaches the same outcome; target >= 8/9).
@@ -84,6 +85,12 @@ def replay(full: list[dict], asha: list[dict], asha_decisions: list[dict], miles
     return sum(replayed.get(t["trial_id"]) == live.get(t["trial_id"]) for t in asha)
 
 
+def stop_overshoot(trials: list[dict], decisions: list[dict]) -> int:
+    """The most tokens a stopped trial trained past the report ASHA stopped it at (0: it ended at that report)."""
+    stop_tokens = {d["trial"]: d["tokens"] for d in decisions if d["action"] == "stop"}
+    return max((t["tokens"] - stop_tokens[t["trial_id"]] for t in trials if t["trial_id"] in stop_tokens), default=0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=432, help="steps of 8 x 32 tokens every trial trains")
@@ -110,6 +117,7 @@ def main() -> None:
          asha_best_loss_gap=round((asha_best["last"] - full_best) / full_best, 5),
          asha_best_in_top2=key(asha_best["params"]) in {key(t["params"]) for t in ranked[:2]},
          asha_stopped=sum(t["status"] == "stopped" for t in asha),
+         asha_stop_overshoot_tokens=stop_overshoot(asha, asha_decisions),
          full_top2=[{**t["params"], "val_loss": round(t["last"], 4)} for t in ranked[:2]],
          asha_best={**asha_best["params"], "val_loss": round(asha_best["last"], 4)},
          asha_replay_agree=f"{replay(full, asha, asha_decisions, milestones)}/{len(asha)}",

@@ -21,6 +21,7 @@ from raylm.train.run_files import RunFiles
 from raylm.train.schedule import PlateauState, batch_size_at, lr_at, milestone_crossed, plateau_after_eval
 from raylm.train.step import TimedIterator, TrainState, train_step
 from raylm.train.step_faults import StepFaults
+from raylm.tune.rung_decisions import stopped_at_rung, waits_for_decisions
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -91,9 +92,9 @@ def run_loop(cfg: Config, session, run_dir: Location, rank: int, resize: ResizeH
     batches = TimedIterator(session.train_batches(state.samples, stall)) if session.reads_data else None
     progress = Progress(cfg, files.local, start_step=state.step) if rank == 0 else None
     faults = StepFaults(cfg, session.engine, resumed.trainer)
-    if cfg.tune.trial_of and resumed.source:
-        report_resumed_rung(cfg, session, state)
-    for step in range(state.step, cfg.train.max_steps):
+    resumed_rung = report_resumed_rung(cfg, session, state) if cfg.tune.trial_of and resumed.source else None
+    stopped = stopped_at(cfg, rank, resumed_rung)  # ASHA may stop a trial at the rung it resumed from
+    for step in range(state.step, state.step if stopped else cfg.train.max_steps):
         global_batch = batch_size_at(state.tokens, cfg.train.global_batch, cfg.schedule.batch)
         lr = lr_at(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule.lr, plateau.scale) * drill.lr_factor(step)
         drill.poison(session.engine, step)
@@ -119,6 +120,8 @@ def run_loop(cfg: Config, session, run_dir: Location, rank: int, resize: ResizeH
         if report(cfg, session, run_dir, state, row, rank, protect, drill, rung is not None or rolled_back or resizing,
                   plateau, faults.trainer_state(), files):
             protect = None
+        if stopped_at(cfg, rank, rung):
+            break  # ASHA stopped this trial at this rung: it trains no step past it
         if resizing:
             resize.wait_for_resize(step)
     if progress:
@@ -144,9 +147,16 @@ def _evaluate(session, row: dict, step: int, rung: int | None, plateau: PlateauS
     return plateau_after_eval(plateau, row["val_loss"], step, session.cfg.schedule.lr)
 
 
-def report_resumed_rung(cfg: Config, session, state: TrainState) -> None:
-    """A trial resumed from the checkpoint of a rung step reports that rung again: the attempt that wrote it may
-    have been interrupted before Tune saw the report, and Tune judges a trial once per rung (a repeat is ignored)."""
+def stopped_at(cfg: Config, rank: int, rung: int | None) -> bool:
+    """After a rung report in an ASHA sweep: whether ASHA stopped this trial there (every rank waits for the
+    decision together, raylm.tune.rung_decisions)."""
+    return rung is not None and waits_for_decisions(cfg) and stopped_at_rung(cfg, rank, rung)
+
+
+def report_resumed_rung(cfg: Config, session, state: TrainState) -> int | None:
+    """A trial resumed from the checkpoint of a rung step reports that rung again (returned): the attempt that wrote
+    it may have been interrupted before ASHA decided, and ASHA judges a trial once per rung (a rung it decided
+    before goes on)."""
     import ray.train
 
     step_tokens = batch_size_at(state.tokens, cfg.train.global_batch, cfg.schedule.batch) * cfg.data.seq_len
@@ -154,6 +164,7 @@ def report_resumed_rung(cfg: Config, session, state: TrainState) -> None:
     if rung is not None:
         ray.train.report({"step": state.step - 1, "tokens": state.tokens, "samples": state.samples,
                           "val_loss": session.evaluate(), "rung_tokens": rung, "resumed_rung": True})
+    return rung
 
 
 def end_diverged(row: dict, progress) -> None:

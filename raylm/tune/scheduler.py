@@ -9,38 +9,54 @@ from pathlib import Path
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from raylm.log import get_logger
-from raylm.tune.asha import RungBook, read_decisions
+from raylm.tune.asha import Decision, RungBook, decided_rungs, read_decisions, rung_reports
 from raylm.tune.pbt import EXPLOIT_KEY, PbtBook, split_exploit
+from raylm.tune.rung_decisions import CONTINUE, publish
 
 
 class TokenRungScheduler(FIFOScheduler):
-    """ASHA (or, with book.stops=False, FIFO that still records each rung) on `tokens`, logging decisions.jsonl.
+    """ASHA (or, with book.stops=False, FIFO that still records each rung) on `tokens`, logging decisions.jsonl and
+    handing each rung decision to its trial (raylm.tune.rung_decisions), which waits for it at the rung.
 
-    The records are rebuilt from decisions.jsonl at the first result this driver sees, so a restored sweep
-    judges its resumed trials against the rungs its earlier trials reached."""
+    The records are rebuilt from the trials' own rung rows when this driver sees its first trial, before any trial
+    runs in it, so a restored sweep judges its resumed trials against the rungs its earlier trials reached."""
 
-    def __init__(self, book: RungBook, metric: str, decisions_path: str):
+    def __init__(self, book: RungBook, metric: str, decisions_path: str, trials_dir: str, sweep: str):
         super().__init__()
         self.book, self.metric_name, self.decisions_path = book, metric, Path(decisions_path)
+        self.trials_dir, self.sweep = Path(trials_dir), sweep
         self.loaded = False
 
-    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+    def on_trial_add(self, tune_controller, trial) -> None:
+        self._load()
+
+    def _load(self) -> None:
         if not self.loaded:
-            self.book.recorded.clear()
-            self.book.replay(read_decisions(self.decisions_path))
+            self.book.rebuild(rung_reports(self.trials_dir, self.metric_name),
+                              decided_rungs(read_decisions(self.decisions_path)))
             self.loaded = True
-        if "tokens" not in result or self.metric_name not in result:
-            return TrialScheduler.CONTINUE
-        decision = self.book.decide(trial.trial_id, int(result["tokens"]), float(result[self.metric_name]))
-        if decision is None:
-            return TrialScheduler.CONTINUE
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._load()
+        decision = None
+        if "tokens" in result and self.metric_name in result:
+            decision = self.book.decide(trial.trial_id, int(result["tokens"]), float(result[self.metric_name]))
+        if decision is not None:
+            self._write(trial, decision)
+        if self.book.stops and result.get("rung_tokens") is not None and not result.get("done"):
+            # the trial waits for this (`done` marks Tune's copy of an ended trial's last result); a repeated rung
+            # report, from a resumed trial, was decided before and goes on, unless a decision is already there
+            publish(self.sweep, trial.trial_id, result["rung_tokens"], decision.action if decision else CONTINUE,
+                    overwrite=decision is not None)
+        return TrialScheduler.STOP if decision is not None and decision.action == "stop" else TrialScheduler.CONTINUE
+
+    def _write(self, trial, decision: Decision) -> None:
         row = {"trial_name": str(trial), **asdict(decision)}
         with self.decisions_path.open("a") as out:
             out.write(json.dumps(row) + "\n")
         get_logger().info("rung %d (%d tokens): %s at %d tokens, %s=%s, cutoff %s: %s", decision.rung,
                           decision.milestone_tokens, trial, decision.tokens, self.metric_name, decision.value,
                           decision.cutoff, decision.action)
-        return TrialScheduler.STOP if decision.action == "stop" else TrialScheduler.CONTINUE
 
 
 class TokenPBTScheduler(FIFOScheduler):

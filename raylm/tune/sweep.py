@@ -27,6 +27,7 @@ from raylm.tune.report import plot_sweep, write_markdown
 from raylm.tune.resources import TRIAL_DRIVER_CPU, trial_share
 from raylm.tune.results import TRIAL_FILE, collect_trials, summarise, write_trials
 from raylm.tune.resume import SWEEP_FILE, check_resumable, expected_trials
+from raylm.tune.rung_decisions import clear as clear_decisions
 from raylm.tune.space import Space, load_space
 
 METRICS = ("val_loss", "loss")
@@ -51,6 +52,7 @@ def sweep(cfg: Config, space_path: str | Path, overwrite: bool = False, resume: 
     tuner = _restore_tuner(cfg, sweep_dir, plan) if resume else _new_tuner(cfg, space, plan, sweep_dir, concurrent)
     with reading(local_data_folders(cfg)):  # `raylm prepare` cannot replace the shards the trials read
         results = tuner.fit()
+    clear_decisions(cfg.tune.name)  # any a trial ended without reading
     return write_outputs(cfg, plan, sweep_dir, _errors(results))
 
 
@@ -135,7 +137,8 @@ def _scheduler(cfg: Config, plan: SweepPlan, sweep_dir: Path):
         book = PbtBook(plan.milestones_tokens, seed=cfg.run.seed, space=plan.space_raw)
         return TokenPBTScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"))
     book = RungBook(plan.milestones_tokens, cfg.tune.reduction_factor, stops=cfg.tune.scheduler == "asha")
-    return TokenRungScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"))
+    return TokenRungScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"), str(sweep_dir / "trials"),
+                              cfg.tune.name)
 
 
 def _search_alg(cfg: Config):

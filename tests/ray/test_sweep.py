@@ -59,14 +59,18 @@ def test_asha_sweep_at_equal_tokens(ray_cluster, small_config, tmp_path):
 
 
 def assert_rungs_at_equal_tokens(sweep_dir: Path, trials: list[dict]):
-    """Every decision lies in [M_k, M_k + one step of that trial]."""
+    """Every decision lies in [M_k, M_k + one step of that trial], and so do the final tokens of a stopped trial."""
     batch_of = {t["trial_id"]: t["params"]["train.global_batch"] for t in trials}
     decisions = read_jsonl(sweep_dir / "decisions.jsonl")
     assert decisions and {d["milestone_tokens"] for d in decisions} <= {2048, 6144}
     for d in decisions:
         assert d["milestone_tokens"] <= d["tokens"] < d["milestone_tokens"] + batch_of[d["trial"]] * SEQ, d
-    stopped = {d["trial"] for d in decisions if d["action"] == "stop"}
-    assert stopped == {t["trial_id"] for t in trials if t["status"] == "stopped"}
+    stops = {d["trial"]: d for d in decisions if d["action"] == "stop"}
+    assert set(stops) == {t["trial_id"] for t in trials if t["status"] == "stopped"}
+    for t in trials:  # a stopped trial waited at its rung for the decision: it trained no step past it
+        if t["trial_id"] in stops:
+            stop = stops[t["trial_id"]]
+            assert t["tokens"] <= stop["milestone_tokens"] + batch_of[t["trial_id"]] * SEQ, (t["tokens"], stop)
 
 
 def assert_same_validation_samples(trials: list[dict]):

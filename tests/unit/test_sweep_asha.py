@@ -1,8 +1,14 @@
-"""ASHA on tokens: the rung book's decisions from a table, its replay after a restore, divergence is never best."""
+"""ASHA on tokens: the rung book's decisions from a table, its records rebuilt from the trials' rung rows after a
+restore, divergence is never best."""
 
+import json
 import math
+from pathlib import Path
 
-from raylm.tune.asha import RungBook
+import numpy as np
+
+from raylm.train.metrics import METRICS_FILE
+from raylm.tune.asha import WORST_VALUE, RungBook, decided_rungs, rung_reports
 from raylm.tune.results import TrialRecord, finite, pick_best
 
 
@@ -27,13 +33,47 @@ def test_a_diverged_value_is_stopped_and_written_as_null():
     assert finite(math.nan) is None and finite(2.0) == 2.0
 
 
-def test_replay_rebuilds_the_records():
+def write_rows(trials_dir: Path, trial: str, rows: list[dict]) -> None:
+    (trials_dir / trial).mkdir(parents=True, exist_ok=True)
+    (trials_dir / trial / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def row(step: int, time: float, val_loss: float | None, rung: int | None = None) -> dict:
+    found = {"step": step, "tokens": (step + 1) * 50, "time": time, "loss": 9.0, "val_loss": val_loss}
+    return {**found, "rung_tokens": rung} if rung else found
+
+
+def test_rebuild_counts_a_rung_row_the_decisions_file_lacks(tmp_path):
+    """Trials a, b and c reached the rung at 100 tokens (step 1) in that order; the driver wrote the decisions of a
+    and b, then died before c's. Rebuilt from the rows, c's value still counts for d, and c, never decided, is
+    judged when it reports the rung again (against a and b, which came before it), while a is not judged twice."""
+    live = RungBook([100, 300], reduction_factor=3)
+    decisions = [vars(live.decide("a", 100, 3.0)), vars(live.decide("b", 100, 3.2))]
+    write_rows(tmp_path, "a", [row(0, 1.0, None), row(1, 2.0, 3.0, rung=100), row(2, 9.0, 2.9)])
+    write_rows(tmp_path, "b", [row(1, 3.0, 3.2, rung=100)])
+    write_rows(tmp_path, "c", [row(0, 1.5, None), row(1, 4.0, 4.0, rung=100)])
+    reports = rung_reports(tmp_path, "val_loss")
+    assert [(r.trial, r.tokens, r.value) for r in reports] == [("a", 100, 3.0), ("b", 100, 3.2), ("c", 100, 4.0)]
+
     book = RungBook([100, 300], reduction_factor=3)
-    rows = [vars(book.decide(t, 100, v)) for t, v in (("a", 3.0), ("b", 4.0), ("c", 5.0))]
-    again = RungBook([100, 300], reduction_factor=3)
-    again.replay(rows)
-    assert again.recorded == book.recorded
-    assert again.decide("d", 100, 4.5).action == book.decide("d", 100, 4.5).action == "stop"
+    book.rebuild(list(reversed(reports)), decided_rungs(decisions))  # time order, whatever the files' order
+    assert list(book.recorded[0].items()) == [("a", 3.0), ("b", 3.2), ("c", 4.0)]
+    assert book.decide("a", 100, 3.0) is None  # decided before the restore
+    d = book.decide("d", 100, 3.1)
+    assert d.cutoff == float(np.percentile([3.0, 3.2, 4.0], 100 / 3)) and d.action == "continue"
+    without_c = RungBook([100, 300], reduction_factor=3)  # the records decisions.jsonl alone gave: c is missing
+    without_c.rebuild([r for r in reports if r.trial != "c"], decided_rungs(decisions))
+    assert without_c.decide("d", 100, 3.1).action == "stop"
+    c = book.decide("c", 100, 4.0)
+    assert c.cutoff == float(np.percentile([3.0, 3.2], 100 / 3)) and c.action == "stop"
+    assert list(book.recorded[0]) == ["a", "b", "c", "d"]
+
+
+def test_rebuild_records_a_diverged_rung_row_as_worst(tmp_path):
+    write_rows(tmp_path, "a", [row(1, 1.0, None, rung=100)])
+    book = RungBook([100], reduction_factor=3)
+    book.rebuild(rung_reports(tmp_path, "val_loss"), set())
+    assert book.recorded == {0: {"a": WORST_VALUE}}
 
 
 def test_fifo_records_but_never_stops():
