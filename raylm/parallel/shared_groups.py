@@ -2,8 +2,8 @@
 
 With pp = tp = dp = 1, raylm's TP, DP and PP groups and DeepSpeed's model, data, pipe and slice groups are all
 the rank alone: seven `new_group([rank])` calls. Under gloo each group gets its own transport device, whose event
-loop thread wakes every 10 ms (a 100 Hz timer each, docs/ray-facts.md 4): on a CPU node those wake-ups preempt the
-lock-stepped intra-op threads of the training step. A group of one rank never communicates, so every request
+loop thread wakes every 10 ms (docs/ray-facts.md 8): on a CPU node those wake-ups preempt the lock-stepped
+intra-op threads of the training step. A group of one rank never communicates, so every request
 for the same single rank can share one group; in a world of one rank that is the default group itself.
 
 Only single-rank groups are shared: two groups of several ranks must keep their own sequence of collectives.
