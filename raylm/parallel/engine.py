@@ -31,6 +31,7 @@ from raylm.parallel.host_alloc import map_large_allocations
 from raylm.parallel.layers import compile_blocks
 from raylm.parallel.pipe_wait import PipeWaitClock
 from raylm.parallel.pipeline import SingleStage, build_pipeline_module, ds_topology, stage_layers
+from raylm.parallel.shared_groups import shared_single_rank_groups
 from raylm.parallel.shards import (StageLayers, gather_full, named_params, owned_cpu, read_weights,
                                    shard_of, tag_for_grad_norm)
 from raylm.parallel.step_guard import StepGuard
@@ -319,6 +320,11 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     spec = TrainSpec.from_config(cfg)
     topo = Topology.from_config(cfg.parallel, dist.get_world_size())
     check_layout(topo, cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
+    with shared_single_rank_groups():  # raylm's groups and DeepSpeed's: one per single rank (fewer gloo threads)
+        return _build_engine(cfg, spec, topo, weights)
+
+
+def _build_engine(cfg: Config, spec: TrainSpec, topo: Topology, weights: WeightSource | None) -> Engine:
     groups = build_groups(topo)
     tp = TPGroup(groups.tp, topo.coords(dist.get_rank()).tp_rank, topo.tp)
     ds_config = build_ds_config(cfg.parallel, spec)

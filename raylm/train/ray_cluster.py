@@ -14,13 +14,15 @@ LOCAL_HEALTH_CHECK_S = "0.5"
 LOCAL_DASHBOARD_HOST = "127.0.0.1"  # never a public interface
 
 
-def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S, dashboard: bool = False) -> None:
     """ray.init against RAY_ADDRESS, or a local single-node Ray (token authentication as default); the console
     then shows raylm's lines and real warnings unless run.log_level=debug (raylm/log.py).
 
-    A local Ray keeps its dashboard on 127.0.0.1: Ray Train's placement-group cleaner asks the state API behind
-    it whether a controller died, and without it the resources of a stopped run (an early-stopped Tune trial,
-    a killed driver) are never released."""
+    dashboard: start a local Ray with its dashboard, on 127.0.0.1 (`raylm sweep`): Ray Train's placement-group
+    cleaner asks the state API behind it whether a controller died, and without it the resources of a trial Tune
+    stopped early are never released. `raylm train` goes without: its local Ray ends with its driver, and the
+    dashboard's ten processes wake about 350 times a second, each wake-up stalling the training step's intra-op
+    threads on a small CPU node (docs/ray-facts.md 4)."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS", "").strip()
@@ -39,8 +41,8 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         log.info("starting a local Ray (no RAY_ADDRESS set)")
         # ray.train.report waits for the controller's next poll; a local cluster can afford to poll often.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_S)
-        ray.init(include_dashboard=True, dashboard_host=LOCAL_DASHBOARD_HOST, log_to_driver=True,
-                 logging_level=ray_log_level)
+        shown = {"dashboard_host": LOCAL_DASHBOARD_HOST} if dashboard else {}
+        ray.init(include_dashboard=dashboard, log_to_driver=True, logging_level=ray_log_level, **shown)
     filter_forwarded_logs()
 
 

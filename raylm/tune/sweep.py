@@ -47,7 +47,7 @@ def sweep(cfg: Config, space_path: str | Path, overwrite: bool = False, resume: 
     if not resume:
         _prepare_sweep_dir(cfg, overwrite)
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({"config": to_dict(cfg), "space": space.raw}, indent=1))
-    connect_ray()
+    connect_ray(dashboard=True)  # trials Tune stops early release their resources through it
     plan, concurrent = _with_share(cfg, space, plan)
     tuner = _restore_tuner(cfg, sweep_dir, plan) if resume else _new_tuner(cfg, space, plan, sweep_dir, concurrent)
     with reading(local_data_folders(cfg)):  # `raylm prepare` cannot replace the shards the trials read
