@@ -32,6 +32,7 @@ from pathlib import Path
 from common import TINY, emit, ensure_prepared, scratch_dir
 from raylm.config import load_config
 from raylm.train.metrics import read_metrics
+from raylm.train.ray_cluster import connect_ray
 
 LAYOUT = ["parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=1", "train.precision=fp32", "checkpoint.every_steps=10",
           "train.eval_every=50", "train.log_every=1", "fault.max_failures=1000"]
@@ -123,6 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     base = load_config(TINY, LAYOUT)
     ensure_prepared(base)
+    connect_ray(dashboard=True)  # the chaos thread finds running read tasks through the state API behind it
     run_dir = scratch_dir("raylm-soak-")
     calibration, _ = train_run("calibration", run_dir, CALIBRATION_STEPS)
     step_s = statistics.median(r["step_s"] for r in calibration[CALIBRATION_STEPS // 2:])
