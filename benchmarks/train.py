@@ -29,6 +29,9 @@ to back: raylm_vs_plain_in_ray_ratio 0.964 before skipping DeepSpeed's all-reduc
 after (raylm 3440 -> 3747 tokens/s; the plain loop in Ray 3567 and 3725); with one thread 0.964 and 0.925, raylm
 2277 and 2249 tokens/s, i.e. unchanged within this machine's noise. In one gloo process without Ray, one thread,
 raylm's train_batch runs at 0.985 of the plain loop after the change.
+The whole benchmark on an otherwise idle machine: raylm_vs_plain_in_ray_ratio 0.861 (one thread 0.991) before one
+process group per single rank and `raylm train` without the dashboard (docs/ray-facts.md 4 and 9), 0.970 after
+(raylm 3395 tokens/s, the plain loop in Ray 3500; one thread 1.018).
 """
 
 from __future__ import annotations
