@@ -26,7 +26,7 @@ from pathlib import Path
 from common import REPO_ROOT, TINY, emit, ensure_prepared, scratch_dir
 
 from raylm.config import load_config
-from raylm.tune.asha import RungBook, read_decisions
+from raylm.tune.asha import AT_CLOSE, AT_REPORT, RungBook, read_decisions
 
 SPACE = ("optim.lr: {grid: [3.0e-3, 1.0e-2, 3.0e-2]}\n"
          "schedule.lr.kind: {grid: [cosine, wsd, linear]}\n")
@@ -71,18 +71,22 @@ def key(params: dict) -> tuple:
 
 
 def replay(full: list[dict], asha: list[dict], asha_decisions: list[dict], milestones: list[int]) -> int:
-    """ASHA offline on the full grid's rung values, fed in the order the live ASHA judged its trials: the number
-    of trials whose outcome (stopped at rung k, or never stopped) matches the live run's."""
+    """ASHA offline on the full grid's rung values, fed the arrivals in the order the live ASHA judged them, and
+    closing its book where the live one closed: the number of trials whose outcome (stopped at rung k, or never
+    stopped) matches the live run's."""
     value_at = {(key(t["params"]), int(rung)): value for t in full for rung, value in t["rungs"].items()}
     params_of = {t["trial_id"]: key(t["params"]) for t in asha}
-    book, replayed = RungBook(milestones, reduction_factor=3), {}
+    book, replayed, from_close = RungBook(milestones, reduction_factor=3, total_trials=len(asha)), [], set()
     for d in asha_decisions:
-        params = params_of[d["trial"]]
-        decision = book.decide(d["trial"], d["milestone_tokens"], value_at[(params, d["milestone_tokens"])])
-        if decision and decision.action == "stop":
-            replayed[d["trial"]] = decision.rung
+        if d["event"] == AT_REPORT:
+            replayed += book.arrive(d["trial"], d["tokens"], value_at[(params_of[d["trial"]], d["milestone_tokens"])])
+        elif d["event"] == AT_CLOSE and (d["trial"], d["rung"], d["action"]) not in from_close:
+            closed = book.close()
+            from_close |= {(c.trial, c.rung, c.action) for c in closed}
+            replayed += closed
+    stopped_at = {d.trial: d.rung for d in replayed if d.action == "stop"}
     live = {d["trial"]: d["rung"] for d in asha_decisions if d["action"] == "stop"}
-    return sum(replayed.get(t["trial_id"]) == live.get(t["trial_id"]) for t in asha)
+    return sum(stopped_at.get(t["trial_id"]) == live.get(t["trial_id"]) for t in asha)
 
 
 def stop_overshoot(trials: list[dict], decisions: list[dict]) -> int:

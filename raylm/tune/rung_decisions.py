@@ -3,7 +3,9 @@ waits for its own at every rung report, so a stopped trial ends right there, at 
 
 Without the wait a stopped trial trains on until Tune's stop reaches its workers, which takes seconds: hundreds
 of steps of a small model, all past the rung that judged it (docs/ray-facts.md 8). One key per trial and rung,
-`rung-decision/<sweep>/<trial id>/<rung tokens>`, holding `continue` or `stop`; the trial deletes it once read."""
+`rung-decision/<sweep>/<trial id>/<rung tokens>`, holding `continue`, `pause` or `stop`; the trial deletes it once
+read. A paused trial waits where it is until Tune ends it (its workers stop; a promotion restarts it from the rung's
+checkpoint)."""
 
 from __future__ import annotations
 
@@ -12,8 +14,7 @@ import time
 from raylm.config import Config
 from raylm.log import get_logger
 from raylm.train.elastic import KV_NAMESPACE
-
-CONTINUE, STOP = "continue", "stop"
+from raylm.tune.asha import PAUSE, STOP
 WAIT_S = 120.0  # a decision comes within a Train controller poll and a Tune loop; this only guards a lost one
 POLL_S = 0.02
 PREFIX = "rung-decision"
@@ -71,6 +72,17 @@ def stopped_at_rung(cfg: Config, rank: int, rung_tokens: int, wait_s: float = WA
                                  rung_tokens, wait_s)
         elif choice[0] == STOP:
             get_logger().info("ASHA stopped this trial at its rung of %d tokens; it ends here", rung_tokens)
+        elif choice[0] == PAUSE:
+            wait_to_be_paused(rung_tokens, wait_s)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(choice, src=0)
     return choice[0] == STOP
+
+
+def wait_to_be_paused(rung_tokens: int, wait_s: float = WAIT_S) -> None:
+    """Rank 0 of a trial ASHA paused: Tune ends the trial's workers within seconds; the other ranks wait in the
+    broadcast meanwhile. A trial still alive after `wait_s` fails, and Tune restarts it from the rung."""
+    get_logger().info("ASHA paused this trial at its rung of %d tokens; it goes on from there if promoted", rung_tokens)
+    time.sleep(wait_s)
+    raise RuntimeError(f"ASHA paused this trial at its rung of {rung_tokens} tokens, but Tune did not end it "
+                       f"within {wait_s:.0f} s")

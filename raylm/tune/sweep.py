@@ -110,10 +110,11 @@ def _trainable(cfg: Config, plan: SweepPlan, sweep_dir: Path):
 def _new_tuner(cfg: Config, space: Space, plan: SweepPlan, sweep_dir: Path, concurrent: int):
     from ray import tune
 
+    scheduler = _scheduler(cfg, plan, sweep_dir, concurrent, _trial_count(cfg, space))
     return tune.Tuner(
         _trainable(cfg, plan, sweep_dir),
         param_space=space.param_space(),
-        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", scheduler=_scheduler(cfg, plan, sweep_dir),
+        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", scheduler=scheduler,
                                     search_alg=_search_alg(cfg), num_samples=cfg.tune.num_samples,
                                     max_concurrent_trials=concurrent),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(sweep_dir.parent), verbose=1,
@@ -130,15 +131,16 @@ def _restore_tuner(cfg: Config, sweep_dir: Path, plan: SweepPlan):
                               resume_errored=True)
 
 
-def _scheduler(cfg: Config, plan: SweepPlan, sweep_dir: Path):
+def _scheduler(cfg: Config, plan: SweepPlan, sweep_dir: Path, concurrent: int, trials: int):
     from raylm.tune.scheduler import TokenPBTScheduler, TokenRungScheduler
 
     if cfg.tune.scheduler == "pbt":
         book = PbtBook(plan.milestones_tokens, seed=cfg.run.seed, space=plan.space_raw)
         return TokenPBTScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"))
-    book = RungBook(plan.milestones_tokens, cfg.tune.reduction_factor, stops=cfg.tune.scheduler == "asha")
+    book = RungBook(plan.milestones_tokens, cfg.tune.reduction_factor, total_trials=trials,
+                    stops=cfg.tune.scheduler == "asha")
     return TokenRungScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"), str(sweep_dir / "trials"),
-                              cfg.tune.name)
+                              cfg.tune.name, concurrent)
 
 
 def _search_alg(cfg: Config):

@@ -50,6 +50,7 @@ def test_asha_sweep_at_equal_tokens(ray_cluster, small_config, tmp_path):
             batch_tokens = t["params"]["train.global_batch"] * SEQ
             assert BUDGET <= t["tokens"] < BUDGET + batch_tokens
     assert_rungs_at_equal_tokens(sweep_dir, trials)
+    assert_promoted_after_a_pause_resumed_at_the_rung(sweep_dir, trials)
     assert_same_validation_samples(trials)
     for name in ("decisions.jsonl", "best.yaml", "sweep.png", "sweep.md"):
         assert (sweep_dir / name).stat().st_size > 0
@@ -71,6 +72,19 @@ def assert_rungs_at_equal_tokens(sweep_dir: Path, trials: list[dict]):
         if t["trial_id"] in stops:
             stop = stops[t["trial_id"]]
             assert t["tokens"] <= stop["milestone_tokens"] + batch_of[t["trial_id"]] * SEQ, (t["tokens"], stop)
+
+
+def assert_promoted_after_a_pause_resumed_at_the_rung(sweep_dir: Path, trials: list[dict]):
+    """Rung 1 sees at most two trials, too few to promote on arrival: the first paused there, and some trial was
+    promoted later; each such trial restarted from the checkpoint it committed at that rung."""
+    by_id = {t["trial_id"]: t for t in trials}
+    later = [d for d in read_jsonl(sweep_dir / "decisions.jsonl") if d["action"] == "continue" and d["event"] != "report"]
+    assert later and any(d["rung"] == 1 for d in later), later
+    for d in later:
+        trial = by_id[d["trial"]]
+        rung_step = d["tokens"] // (trial["params"]["train.global_batch"] * SEQ)
+        assert rung_step in [r["resumed_from"] for r in read_metrics(Path(trial["folder"])) if "resumed_from" in r]
+        assert trial["status"] == "finished" or d["rung"] == 0, trial
 
 
 def assert_same_validation_samples(trials: list[dict]):
