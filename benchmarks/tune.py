@@ -1,15 +1,18 @@
 """Tune benchmark: a 9-trial grid (3 lrs x cosine/wsd/linear) run to the full budget (FIFO), then under ASHA.
 
 Run `python benchmarks/tune.py` (a 0.3M-parameter model on a dozen standard-library modules, 432 steps of 8 x 32
-tokens per trial, about 8 minutes on 2 cores, mostly trial start-up); `--steps N` sets the steps per trial (the
+tokens per trial, about 7 minutes on 2 cores, mostly trial start-up); `--steps N` sets the steps per trial (the
 rungs, at budget / 9 and budget / 3, move with it). At 144 steps the first rung falls 11 steps after warm-up, while
 every trial is still learning unigram statistics: there lr 1e-2 leads 3e-3 by 0.012 nats of val_loss, and trails it
-by 0.3 at the end, so ASHA stops the eventual winner (measured: asha_best_loss_gap 0.072). Prints one JSON object: asha_budget_frac (ASHA's tokens / the full grid's, target <= 0.45),
-asha_wall_frac (wall seconds, the same ratio), asha_stop_overshoot_tokens (the most tokens a stopped trial
-trained past the report ASHA stopped it at), asha_best_loss_gap (relative final val_loss of ASHA's best against
-the full grid's best, target <= 0.01; asha_best_in_top2 says whether ASHA's best is among the full grid's top 2),
-asha_replay_agree (trials on which ASHA replayed offline on the full grid's curves, in the order ASHA judged them,
-reaches the same outcome; target >= 8/9).
+by 0.3 at the end, so ASHA stopped the eventual winner (measured with the stopping rule raylm used before: gap 0.072).
+
+Prints one JSON object: asha_budget_frac (ASHA's tokens / the full grid's, target <= 0.45; successive halving of 9
+trials at rf 3 gives 21/81 = 0.259 whatever the arrival order), asha_wall_frac (wall seconds, the same ratio: each
+promotion of a paused trial restarts it, which costs a start-up), asha_stop_overshoot_tokens (the most tokens a
+stopped trial trained past the report ASHA stopped it at), asha_best_loss_gap (relative final val_loss of ASHA's
+best against the full grid's best, target <= 0.01; asha_best_in_top2 says whether ASHA's best is among the full
+grid's top 2), asha_replay_agree (trials on which ASHA replayed offline on the full grid's curves, fed the arrivals
+in the order ASHA judged them, reaches the same outcome; target >= 8/9).
 """
 
 from __future__ import annotations

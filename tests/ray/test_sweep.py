@@ -75,12 +75,12 @@ def assert_rungs_at_equal_tokens(sweep_dir: Path, trials: list[dict]):
 
 
 def assert_promoted_after_a_pause_resumed_at_the_rung(sweep_dir: Path, trials: list[dict]):
-    """Rung 1 sees at most two trials, too few to promote on arrival: the first paused there, and some trial was
-    promoted later; each such trial restarted from the checkpoint it committed at that rung."""
+    """Rung 1 sees at most two trials, and the first cannot be promoted on arrival: it paused. Each trial promoted
+    after it paused restarted from the checkpoint it committed at that rung."""
     by_id = {t["trial_id"]: t for t in trials}
-    later = [d for d in read_jsonl(sweep_dir / "decisions.jsonl") if d["action"] == "continue" and d["event"] != "report"]
-    assert later and any(d["rung"] == 1 for d in later), later
-    for d in later:
+    decisions = read_jsonl(sweep_dir / "decisions.jsonl")
+    assert any(d["rung"] == 1 and d["action"] == "pause" for d in decisions), decisions
+    for d in (d for d in decisions if d["action"] == "continue" and d["event"] != "report"):
         trial = by_id[d["trial"]]
         rung_step = d["tokens"] // (trial["params"]["train.global_batch"] * SEQ)
         assert rung_step in [r["resumed_from"] for r in read_metrics(Path(trial["folder"])) if "resumed_from" in r]
@@ -193,16 +193,21 @@ def test_pbt_exploits_a_donor_checkpoint(ray_cluster, small_config, tmp_path):
 
 
 @pytest.mark.slow
-def test_optuna_search(ray_cluster, small_config, tmp_path):
+def test_optuna_search_under_asha_one_trial_at_a_time(ray_cluster, small_config, tmp_path):
+    """Optuna behind Tune's ConcurrencyLimiter, one trial at a time: the first trial pauses at rung 0, and the sweep
+    goes on only because raylm raises the limit by its paused trials; one of three trials trains the budget."""
     pytest.importorskip("optuna")
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
-    cfg = small_config("unused", "tune.name=optuna", "tune.num_samples=2", "tune.budget_tokens=4608",
-                       "train.eval_batches=2", "tune.search=optuna", "tune.scheduler=fifo")
+    cfg = small_config("unused", "tune.name=optuna", "tune.num_samples=3", "tune.budget_tokens=4608",
+                       "train.eval_batches=2", "tune.search=optuna", "tune.scheduler=asha", "tune.max_concurrent=1")
     summary = sweep(cfg, space)
-    trials = read_jsonl(Path(summary["sweep_dir"]) / "trials.jsonl")
-    assert len(trials) == 2 and all(t["status"] == "finished" for t in trials)
+    sweep_dir = Path(summary["sweep_dir"])
+    trials = read_jsonl(sweep_dir / "trials.jsonl")
+    assert sorted(t["status"] for t in trials) == ["finished", "stopped", "stopped"], trials
     assert all(1e-3 <= t["params"]["optim.lr"] <= 1e-2 for t in trials)
+    first = read_jsonl(sweep_dir / "decisions.jsonl")[0]
+    assert (first["rung"], first["action"]) == (0, "pause"), first
 
 
 def test_plateau_lr_survives_a_resume(ray_cluster, small_config):
