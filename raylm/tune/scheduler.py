@@ -46,18 +46,22 @@ class TokenRungScheduler(FIFOScheduler):
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         self._load()
         self.to_unpause.discard(trial.trial_id)
+        own = None
         if "tokens" in result and self.metric_name in result:
             decisions = self.book.arrive(trial.trial_id, int(result["tokens"]), float(result[self.metric_name]))
             self._apply(tune_controller, decisions, reporting=trial)
-        if not self.book.stops or result.get("rung_tokens") is None or result.get("done"):
+            own = next((d.action for d in decisions if d.trial == trial.trial_id), None)
+        if not self.book.stops or result.get("done"):
             return TrialScheduler.CONTINUE  # `done` marks Tune's copy of an ended trial's last result
-        # the trial waits for this; a resumed trial reports its rung again and gets what the book decided then
-        action = self.book.action_of(trial.trial_id, self.book.rung_of(int(result["rung_tokens"])))
-        publish(self.sweep, trial.trial_id, result["rung_tokens"], action)
+        action = own or CONTINUE  # judged off a rung report: a trial resumed past a rung never decided
+        if result.get("rung_tokens") is not None:
+            # the trial waits for this; a resumed trial reports its rung again and gets what the book decided then
+            action = self.book.action_of(trial.trial_id, self.book.rung_of(int(result["rung_tokens"])))
+            publish(self.sweep, trial.trial_id, result["rung_tokens"], action)
         if action == STOP:
             return TrialScheduler.STOP
         if action == PAUSE:
-            tune_controller.pause_trial(trial, should_checkpoint=False)  # it resumes from its rung checkpoint
+            tune_controller.pause_trial(trial, should_checkpoint=False)  # promoted, it resumes from its folder
             return TrialScheduler.NOOP
         return TrialScheduler.CONTINUE
 
