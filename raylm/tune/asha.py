@@ -124,6 +124,10 @@ class RungBook:
         return ((trial, rung) in self.judged and (trial, rung) not in self.promoted and trial not in self.stopped
                 and trial not in self.ended)
 
+    def _waiting_at(self, rung: int) -> list[str]:
+        """The rung's paused trials, best first."""
+        return [trial for trial in self._ranked(rung) if self._waits(trial, rung)]
+
     def _promoted_at(self, rung: int) -> int:
         return sum(1 for _, k in self.promoted if k == rung)
 
@@ -162,7 +166,7 @@ class RungBook:
     def _close_if_full(self, rung: int) -> list[Decision]:
         """A rung no other trial can reach any more promotes at least one of its paused trials and stops the rest
         (a sweep of one trial never pauses)."""
-        waiting = [trial for trial in self._ranked(rung) if self._waits(trial, rung)]
+        waiting = self._waiting_at(rung)
         if not waiting or not self.total_trials or self._may_still_arrive(rung) > 0:
             return []
         decisions = self._promote(rung, max(1, self._quota(rung)), RUNG_FULL, within=len(self.recorded[rung]))
@@ -178,8 +182,7 @@ class RungBook:
         on_the_way = sum(1 for trial, k in self.promoted
                          if k == below and (trial, rung) not in self.judged and trial not in self.ended)
         promotions_left = max(0, self._most_promoted(below) - self._promoted_at(below))
-        waiting_below = sum(1 for trial in self.recorded.get(below, {}) if self._waits(trial, below))
-        return on_the_way + min(promotions_left, waiting_below + self._may_still_arrive(below))
+        return on_the_way + min(promotions_left, len(self._waiting_at(below)) + self._may_still_arrive(below))
 
     def _decision(self, trial: str, rung: int, action: str, event: str, quota: int | None = None) -> Decision:
         value = self.recorded[rung][trial]
