@@ -19,9 +19,10 @@ import yaml
 
 from raylm.data.shards import read_manifest
 from raylm.data.stream import RankStream, normalize_sources
-from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256
+from raylm.data.tokenizer import file_sha256
 from raylm.errors import DataError
 from raylm.log import get_logger
+from raylm.storage.file_names import TOKENIZER_FILE
 
 DEFAULT_SEQ_LEN = 128  # windows for a folder whose manifest predates recording data.seq_len
 
@@ -41,8 +42,8 @@ def open_source(source: str | Path) -> Source:
     the weights are read only by `read_state`, after the data has been checked."""
     from raylm.checkpoint.export import export_folder, open_export
     from raylm.checkpoint.manifest import read_manifest as read_checkpoint_manifest
-    from raylm.checkpoint.names import CONFIG_FILE
     from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_files, resolve_checkpoint
+    from raylm.storage.file_names import CONFIG_FILE
 
     path = export_folder(source)  # a prefix is fetched into this node's cache first
     if path is not None:

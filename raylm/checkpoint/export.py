@@ -12,17 +12,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import struct
-import uuid
 from pathlib import Path
 
 import torch
 import yaml
 
 from raylm.checkpoint.manifest import read_manifest, verify_checkpoint
-from raylm.checkpoint.names import CONFIG_FILE, TOKENIZER_FILE, model_file
+from raylm.checkpoint.names import model_file
 from raylm.checkpoint.reader import iter_model_layers, resolve_checkpoint
 from raylm.checkpoint.writer import model_config_of
 from raylm.config.derived import padded_vocab
@@ -31,16 +29,15 @@ from raylm.data.tokenizer import EOT, EOT_ID, SPECIAL_TOKENS, load_tokenizer_fil
 from raylm.errors import RaylmError
 from raylm.model.gpt import param_shapes
 from raylm.model.hf_llama import hf_config, hf_name, model_settings, to_hf_tensor
-from raylm.model.hf_weights import HF_CONFIG_FILE, HFWeights, open_folder
+from raylm.model.hf_weights import HFWeights, open_folder
+from raylm.storage.atomic import atomic_open, copy_atomic, write_json_atomic
+from raylm.storage.file_names import (CONFIG_FILE, GENERATION_CONFIG_FILE, HF_CONFIG_FILE, RAYLM_CONFIG_FILE,
+                                      SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
+                                      WEIGHTS_FILE)
 from raylm.storage.location import (Location, as_location, download_folder, is_remote, local_view, read_bytes,
                                     upload_folder)
 
-WEIGHTS_FILE = "model.safetensors"
-GENERATION_CONFIG_FILE = "generation_config.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_FILE = "special_tokens_map.json"
 PAD = SPECIAL_TOKENS[1]  # "<|pad|>"
-RAYLM_CONFIG_FILE = "raylm_config.yaml"  # the run config, so `raylm generate` knows the tokenizer's vocab size
 
 
 def _safetensors_header(specs: list[tuple[str, tuple[int, ...]]]) -> bytes:
@@ -54,10 +51,6 @@ def _safetensors_header(specs: list[tuple[str, tuple[int, ...]]]) -> bytes:
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # the format pads the header so tensor data starts 8-byte aligned
     return struct.pack("<Q", len(raw)) + raw
-
-
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
 
 
 def _stream_layers(f, folder: Path, model: ModelConfig, shapes: dict[str, torch.Size]) -> int:
@@ -77,31 +70,12 @@ def _stream_layers(f, folder: Path, model: ModelConfig, shapes: dict[str, torch.
 def _write_weights(folder: Path, model: ModelConfig, vocab_rows: int, out: Path) -> int:
     """model.safetensors with HF names and RoPE layout, written to a temporary name and renamed when complete."""
     shapes = param_shapes(model, vocab_rows)  # embedding, blocks, norm, head: the layer files' order
-    tmp = _tmp_name(out)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_safetensors_header([(hf_name(n), tuple(shape)) for n, shape in shapes.items()]))
-            written = _stream_layers(f, folder, model, shapes)
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_open(out) as f:
+        f.write(_safetensors_header([(hf_name(n), tuple(shape)) for n, shape in shapes.items()]))
+        written = _stream_layers(f, folder, model, shapes)
         if written != len(shapes):
             raise RaylmError(f"{folder} holds {written} of the model's {len(shapes)} tensors; re-save the checkpoint")
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return written
-
-
-def _copy(src: Path, dst: Path) -> None:
-    tmp = _tmp_name(dst)
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = _tmp_name(path)
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def special_token_ids(tokenizer_path: Path | None) -> dict[str, int | None]:
@@ -141,13 +115,15 @@ def write_hf_files(out: Path, model: ModelConfig, vocab_size: int, vocab_rows: i
     plus the tokenizer files when the checkpoint has a tokenizer."""
     token_ids = special_token_ids(tokenizer)
     config = hf_config(model, vocab_rows, token_ids)
-    _write_json(out / HF_CONFIG_FILE, {**config, "quantization_config": quantization} if quantization else config)
-    _write_json(out / GENERATION_CONFIG_FILE, generation_config(model, vocab_size, vocab_rows, token_ids))
+    hf_file = {**config, "quantization_config": quantization} if quantization else config
+    write_json_atomic(out / HF_CONFIG_FILE, hf_file, indent=2)
+    generation = generation_config(model, vocab_size, vocab_rows, token_ids)
+    write_json_atomic(out / GENERATION_CONFIG_FILE, generation, indent=2)
     if tokenizer is not None:
-        _copy(tokenizer, out / TOKENIZER_FILE)
+        copy_atomic(tokenizer, out / TOKENIZER_FILE)
         config, special = tokenizer_config(model, token_ids)
-        _write_json(out / TOKENIZER_CONFIG_FILE, config)
-        _write_json(out / SPECIAL_TOKENS_FILE, special)
+        write_json_atomic(out / TOKENIZER_CONFIG_FILE, config, indent=2)
+        write_json_atomic(out / SPECIAL_TOKENS_FILE, special, indent=2)
 
 
 def export(source: Location | str, out_dir: Location | str) -> dict:
@@ -171,7 +147,7 @@ def export(source: Location | str, out_dir: Location | str) -> dict:
     source_files = local_view(folder)  # verified above (tokenizer) and while streaming (model files, config)
     write_hf_files(out, model, manifest["vocab_size"], vocab_rows,
                    source_files / TOKENIZER_FILE if has_tokenizer else None)
-    _copy(source_files / CONFIG_FILE, out / RAYLM_CONFIG_FILE)
+    copy_atomic(source_files / CONFIG_FILE, out / RAYLM_CONFIG_FILE)
     if is_remote(target):
         upload_folder(out, target, last=(HF_CONFIG_FILE,))
     return {"checkpoint": str(folder), "out_dir": str(target), "step": manifest["step"], "tensors": tensors,

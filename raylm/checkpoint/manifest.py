@@ -14,10 +14,11 @@ from typing import Iterable
 from raylm.errors import CheckpointError
 from raylm.fsync import fsync_path
 from raylm.safe_paths import is_inside_name
+from raylm.storage.file_names import MANIFEST_FILE
 from raylm.storage.location import (Location, as_location, fetch_verified, is_remote, local_problem, local_view,
                                     read_bytes, sha256_of)
 
-MANIFEST = "manifest.json"
+MANIFEST = MANIFEST_FILE
 FORMAT = "raylm-checkpoint/1"
 
 

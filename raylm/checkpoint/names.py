@@ -20,14 +20,13 @@ import torch
 
 from raylm.config.schema import ModelConfig
 from raylm.model.gpt import param_shapes
+from raylm.storage.file_names import CONFIG_FILE, TOKENIZER_FILE  # noqa: F401 (re-exported)
 
 MODEL_DIR = "model"
 OPTIM_DIR = "optim"
 RANKS_DIR = "ranks"
-CONFIG_FILE = "config.yaml"
 TRAINER_STATE_FILE = "trainer_state.json"
 ENGINE_STATE_FILE = "engine.json"
-TOKENIZER_FILE = "tokenizer.json"
 
 
 def layer_name(param_name: str) -> str:

@@ -14,8 +14,9 @@ import yaml
 
 from raylm.checkpoint.commit import list_committed
 from raylm.checkpoint.manifest import MANIFEST, read_manifest, verify_checkpoint
-from raylm.checkpoint.names import CONFIG_FILE, MODEL_DIR
+from raylm.checkpoint.names import MODEL_DIR
 from raylm.errors import CheckpointError
+from raylm.storage.file_names import CONFIG_FILE
 from raylm.storage.location import Location, as_location, local_view, read_bytes
 
 CHECKPOINTS_DIR = "checkpoints"  # <run>/checkpoints

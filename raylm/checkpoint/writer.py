@@ -12,11 +12,12 @@ import yaml
 
 from raylm.checkpoint.commit import commit, new_tmp_dir, upload_own_files
 from raylm.checkpoint.manifest import file_record
-from raylm.checkpoint.names import (CONFIG_FILE, TOKENIZER_FILE, TRAINER_STATE_FILE, layer_file, model_file)
+from raylm.checkpoint.names import TRAINER_STATE_FILE, layer_file, model_file
 from raylm.config import Config, to_dict
 from raylm.config.derived import padded_vocab
 from raylm.config.schema import ModelConfig
 from raylm.fsync import fsync_path
+from raylm.storage.file_names import CONFIG_FILE, TOKENIZER_FILE
 from raylm.storage.location import Location
 
 Records = dict[str, dict]  # {path relative to the checkpoint folder: {"bytes", "sha256"}}

@@ -12,7 +12,6 @@ source and of the output on the same samples (raylm.evaluate).
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from raylm.compress.quantize import BITS, quantize
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
 from raylm.model.hf_llama import hf_name, to_hf_tensor
+from raylm.storage.atomic import atomic_path, copy_atomic, write_atomic
+from raylm.storage.file_names import HF_CONFIG_FILE, RAYLM_CONFIG_FILE, WEIGHTS_FILE
 from raylm.storage.uri import refuse_uri
 
 EMBEDDING = "tok_embeddings.weight"
@@ -69,8 +70,6 @@ def linear_names(state: dict[str, torch.Tensor], embeddings: bool) -> list[str]:
 
 def _check_source(options: CompressOptions) -> bool:
     """Refuse a source compress cannot work on; True when it is a raylm-quantized folder."""
-    from raylm.model.hf_weights import HF_CONFIG_FILE
-
     config_file = Path(options.source).expanduser() / HF_CONFIG_FILE
     try:
         quantized = config_file.is_file() and is_raylm_quantized(json.loads(config_file.read_text()))
@@ -119,7 +118,7 @@ def compress(options: CompressOptions) -> dict:
                if options.quantize else None)
     _write_folder(out, stored, masks, opened, cfg, qconfig)
     if masks is None and not options.prune and (Path(options.source) / MASKS_FILE).is_file():
-        _copy_file(Path(options.source) / MASKS_FILE, out / MASKS_FILE)  # a pruned export keeps its masks
+        copy_atomic(Path(options.source) / MASKS_FILE, out / MASKS_FILE)  # a pruned export keeps its masks
     summary = _summary(options, hf, stored, prunable, source_quantized)
     if options.eval_data is not None:
         before = evaluate(options.source, data=options.eval_data)
@@ -159,7 +158,7 @@ def _write_folder(out: Path, stored: dict[str, torch.Tensor], masks: dict[str, t
     into place when complete."""
     from safetensors.torch import save_file
 
-    from raylm.checkpoint.export import RAYLM_CONFIG_FILE, WEIGHTS_FILE, write_hf_files
+    from raylm.checkpoint.export import write_hf_files
 
     _save(save_file, stored, out / WEIGHTS_FILE)
     if masks is not None:
@@ -167,21 +166,12 @@ def _write_folder(out: Path, stored: dict[str, torch.Tensor], masks: dict[str, t
     write_hf_files(out, cfg.model, cfg.data.vocab_size, padded_vocab(cfg.data.vocab_size), opened.tokenizer,
                    quantization=qconfig)
     tree = {**opened.tree, "model": {**opened.tree.get("model", {}), "init_from": ""}}
-    tmp = out / f".{RAYLM_CONFIG_FILE}.tmp"
-    tmp.write_text(yaml.safe_dump(tree, sort_keys=False))
-    os.replace(tmp, out / RAYLM_CONFIG_FILE)
+    write_atomic(out / RAYLM_CONFIG_FILE, yaml.safe_dump(tree, sort_keys=False))
 
 
 def _save(save_file, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def _copy_file(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
 def _summary(options: CompressOptions, hf: dict[str, torch.Tensor], stored: dict[str, torch.Tensor],

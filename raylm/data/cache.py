@@ -16,23 +16,21 @@ import fcntl
 import hashlib
 import os
 import shutil
-import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from raylm.data.shards import (FIX, MANIFEST_FILE, SHARD_NAME, ShardDigest, check_shard_size,
-                               parse_manifest, read_manifest, write_json_atomic)
-from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256, tokenizer_object, tokenizer_path
+from raylm.data.shards import FIX, SHARD_NAME, ShardDigest, check_shard_size, parse_manifest, read_manifest
+from raylm.data.tokenizer import file_sha256, tokenizer_object, tokenizer_path
 from raylm.errors import DataError
-from raylm.fsync import fsync_path
 from raylm.log import get_logger
-from raylm.storage.location import mirror_folder
+from raylm.storage.atomic import write_atomic, write_json_atomic
+from raylm.storage.file_names import MANIFEST_FILE, TOKENIZER_FILE
+from raylm.storage.location import download, mirror_folder
 from raylm.storage.objects import COPY_BYTES, open_read, read_bytes
 from raylm.storage.uri import StorageUri, is_uri, parse_uri
 
 LOCKS = ".locks"
-PART_SUFFIX = ".part"
 CACHE_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -102,12 +100,7 @@ def _fetch_tokenizer(uri: StorageUri, folder: Path, sha256: str) -> None:
         return
     data = read_tokenizer(uri, sha256)
     with _cache_writes(folder, TOKENIZER_FILE):
-        part = _part(folder, TOKENIZER_FILE)
-        try:
-            part.write_bytes(data)
-            os.replace(part, target)
-        finally:
-            part.unlink(missing_ok=True)
+        write_atomic(target, data)
 
 
 def fetch_shard(uri_text: str, folder: Path, entry: dict, vocab_size: int) -> Path:
@@ -142,33 +135,15 @@ def _shard_lock(folder: Path, name: str) -> Iterator[None]:
 
 
 def _download(uri: StorageUri, folder: Path, entry: dict, vocab_size: int) -> None:
-    """Object -> .part (hashed as it arrives) -> checked -> fsynced -> renamed; nothing else is left behind."""
-    part = _part(folder, entry["file"])
+    """Object -> .part (hashed as it arrives) -> checked -> fsynced -> renamed (storage.location.download)."""
     digest = ShardDigest(entry["dtype"])
     _check_room(folder, entry)
     get_logger().info("cache: fetching %s (%d bytes) into %s", uri, entry["bytes"], folder)
-    try:
-        with _cache_writes(folder, entry["file"]), open(part, "wb") as out:
-            try:
-                with open_read(uri) as stream:
-                    while data := stream.read(COPY_BYTES):
-                        digest.update(data)
-                        out.write(data)
-            except FileNotFoundError:
-                raise DataError(f"shard {uri} named in the manifest is missing from storage; {FIX}") from None
-            digest.check(str(uri), entry, vocab_size)
-            out.flush()
-            os.fsync(out.fileno())
-        with _cache_writes(folder, entry["file"]):
-            os.replace(part, folder / entry["file"])
-            fsync_path(folder)
-    finally:
-        part.unlink(missing_ok=True)
-
-
-def _part(folder: Path, name: str) -> Path:
-    """A download's temporary name: hidden, never a shard name, unique to this process and thread."""
-    return folder / f".{name}.{os.getpid()}-{threading.get_ident()}{PART_SUFFIX}"
+    with _cache_writes(folder, entry["file"]):
+        problem = download(uri, folder / entry["file"], digest.update,
+                           lambda: digest.check(str(uri), entry, vocab_size))
+    if problem is not None:
+        raise DataError(f"shard {uri} named in the manifest is missing from storage; {FIX}")
 
 
 def _check_room(folder: Path, entry: dict) -> None:

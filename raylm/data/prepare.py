@@ -39,14 +39,15 @@ from raylm.config import Config
 from raylm.data.corpus import CorpusFile, ReadPolicy, list_files, read_documents, refuse_binary_files
 from raylm.data.on_ray import ERROR_COLUMN, errors_as_rows, ordered, probe_ray_address, raise_if_error, ray_session
 from raylm.data.readers_lock import writing
-from raylm.data.shards import (FORMAT, MANIFEST_FILE, SHARD_NAME, SPLITS, ShardWriter, check_shard, check_tokenizer,
-                               read_manifest, split_summary, token_dtype, write_json_atomic)
-from raylm.data.tokenizer import (EOT_ID, TOKENIZER_FILE, TOKENIZER_OBJECT, encode_documents, file_sha256,
-                                  load_tokenizer_file, tokenizer_object,
-                                  train_tokenizer)
+from raylm.data.shards import (FORMAT, SHARD_NAME, SPLITS, ShardWriter, check_shard, check_tokenizer,
+                               read_manifest, split_summary, token_dtype)
+from raylm.data.tokenizer import (EOT_ID, TOKENIZER_OBJECT, encode_documents, file_sha256,
+                                  load_tokenizer_file, tokenizer_object, train_tokenizer)
 from raylm.errors import DataError
 from raylm.fsync import fsync_path
 from raylm.log import get_logger
+from raylm.storage.atomic import write_json_atomic
+from raylm.storage.file_names import MANIFEST_FILE, TOKENIZER_FILE
 from raylm.storage.uri import is_uri
 
 PREPARE_VERSION = 1  # part of the input fingerprint: bump when prepare writes other bytes for the same input

@@ -27,14 +27,14 @@ from pathlib import Path
 from raylm.config import Config, with_overrides
 from raylm.data.cache import cache_folder
 from raylm.data.prepare import _summary, prepare, prepare_inputs
-from raylm.data.shards import MANIFEST_FILE, SHARD_NAME, check_shard_size, parse_manifest, read_manifest
-from raylm.data.tokenizer import TOKENIZER_FILE, TOKENIZER_OBJECT, tokenizer_object
+from raylm.data.shards import SHARD_NAME, check_shard_size, parse_manifest, read_manifest
+from raylm.data.tokenizer import TOKENIZER_OBJECT, tokenizer_object
 from raylm.errors import DataError
 from raylm.log import get_logger
+from raylm.storage.file_names import MANIFEST_FILE, TOKENIZER_FILE
 from raylm.storage.fs import filesystem
 from raylm.storage.objects import delete_object, object_sizes, read_bytes, upload_file
 from raylm.storage.uri import StorageUri, parse_uri
-
 
 
 def prepare_to_uri(cfg: Config, use_ray: bool = True) -> dict:

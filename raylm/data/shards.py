@@ -13,20 +13,18 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from raylm.data.tokenizer import TOKENIZER_FILE, file_sha256, tokenizer_object, tokenizer_path
+from raylm.data.tokenizer import file_sha256, tokenizer_object, tokenizer_path
 from raylm.errors import DataError
 from raylm.safe_paths import is_inside_name
+from raylm.storage.file_names import MANIFEST_FILE, TOKENIZER_FILE
 from raylm.storage.objects import read_bytes
 from raylm.storage.uri import is_uri, parse_uri
 
 FORMAT = "raylm-shards/1"
-MANIFEST_FILE = "manifest.json"
 SPLITS = ("train", "val")
 FIX = "run `raylm prepare CONFIG` to rebuild the folder"
 SHARD_NAME = re.compile(r"^(train|val)-[0-9a-f]{8}-\d{5}\.bin$")  # what ShardWriter names a shard
@@ -36,22 +34,6 @@ SCAN_TOKENS = 1 << 22  # verify reads shards in pieces of this many tokens: memo
 def token_dtype(vocab_size: int) -> np.dtype:
     """uint16 when every id fits, else uint32 (little-endian on disk whatever the machine)."""
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON to a temp file in the same folder, fsync, then rename over path: readers see old or new."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ShardWriter:

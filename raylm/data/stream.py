@@ -32,6 +32,7 @@ from raylm.data.on_ray import ERROR_COLUMN, ordered, raise_if_error, ray_is_up
 from raylm.data.order import Order
 from raylm.data.shards import check_shard, check_shard_size, read_manifest
 from raylm.errors import DataError
+from raylm.storage.file_names import TOKENIZER_FILE
 from raylm.storage.uri import is_uri
 
 DEFAULT_PREFETCH = 2  # chunks read ahead of the trainer
@@ -140,7 +141,7 @@ def open_readers(sources: Sequence[tuple[str, float]], split: str, seq_len: int,
         else:
             local, manifest, remote = folder, read_manifest(folder), ""
         if first is None:
-            first = (folder, manifest["tokenizer_sha256"], Path(local) / "tokenizer.json")  # a local copy
+            first = (folder, manifest["tokenizer_sha256"], Path(local) / TOKENIZER_FILE)  # a local copy
         elif manifest["tokenizer_sha256"] != first[1]:
             raise DataError(f"data source {folder} was prepared with another tokenizer (sha256 "
                             f"{manifest['tokenizer_sha256'][:16]}...) than {first[0]} ({first[1][:16]}...); prepare "

@@ -18,12 +18,12 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from raylm.errors import DataError
+from raylm.storage.file_names import MANIFEST_FILE, TOKENIZER_FILE
 
 EOT = "<|endoftext|>"
 SPECIAL_TOKENS = (EOT, "<|pad|>", "<|bos|>")  # ids 0, 1, 2; only EOT is written to shards, the rest are reserved
 EOT_ID = 0
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
-TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_OBJECT = re.compile(r"^tokenizer-[0-9a-f]{16}\.json$")
 
 
@@ -90,7 +90,7 @@ def load_tokenizer(out_dir: str | Path) -> Tokenizer:
     """The tokenizer that prepare saved beside the shards in out_dir (the one its manifest names)."""
     folder = Path(out_dir).expanduser()
     try:
-        sha256 = json.loads((folder / "manifest.json").read_text()).get("tokenizer_sha256", "")
+        sha256 = json.loads((folder / MANIFEST_FILE).read_text()).get("tokenizer_sha256", "")
     except (OSError, ValueError, AttributeError):
         sha256 = ""
     return load_tokenizer_file(tokenizer_path(folder, sha256))

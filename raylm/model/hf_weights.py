@@ -27,8 +27,8 @@ from raylm.model.gpt import param_shapes
 from raylm.model.hf_llama import (LLAMA_ARCH, LLAMA_TYPE, differing_settings, half_to_interleaved, hf_name,
                                   rotary_heads, unsupported_settings)
 from raylm.model.weights import Shard
+from raylm.storage.file_names import HF_CONFIG_FILE
 
-HF_CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"  # sharded folders map each tensor to its file here
 FLOAT_DTYPES = ("F32", "BF16", "F16")
 REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

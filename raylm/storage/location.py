@@ -12,17 +12,19 @@ import os
 import shutil
 import tempfile
 import threading
-import uuid
 from pathlib import Path
 from typing import Callable, Union
 
+from raylm.fsync import fsync_path
+from raylm.storage.atomic import put_atomic
 from raylm.storage.objects import (COPY_BYTES, delete_object, delete_prefix, object_sizes, open_read, read_bytes as read_object,
-                                   sub_prefixes, upload_bytes, upload_file)
+                                   sub_prefixes, upload_file)
 from raylm.storage.uri import StorageUri, is_uri, parse_uri
 
 Location = Union[Path, StorageUri]
 CACHE_NAME = "raylm-cache"
-PART_SUFFIX = ".part"
+PART_SUFFIX = ".part"  # a download in progress (part_name)
+MISSING = "is missing"
 
 
 def as_location(value: str | Path | StorageUri, key: str = "path") -> Location:
@@ -58,19 +60,9 @@ def read_bytes(loc: Location) -> bytes | None:
     return loc.read_bytes() if loc.is_file() else None
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a local text file so readers see the old content or the new, never half of it."""
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_text(loc: Location, text: str) -> None:
     """A small file written whole: atomically in a folder, in one request to a prefix."""
-    if is_remote(loc):
-        upload_bytes(text.encode(), loc)
-    else:
-        write_atomic(loc, text)
+    put_atomic(loc, text)
 
 
 def put_file(local: Path, loc: Location) -> None:
@@ -141,23 +133,41 @@ def fetch_verified(uri: StorageUri, target: Path, record: dict) -> str | None:
 
 
 def _fetch(uri: StorageUri, target: Path, check: Callable[[int, str], str | None]) -> str | None:
-    """Object -> `.part` beside target (hashed as it arrives) -> check(size, sha256) -> renamed to target when
-    the check returns None; returns the check's problem, or 'is missing'. Nothing else is left behind."""
+    """download() hashing the object with sha256 as it arrives; check(size, sha256) decides."""
+    digest, size = hashlib.sha256(), [0]
+
+    def feed(data: bytes) -> None:
+        digest.update(data)
+        size[0] += len(data)
+
+    return download(uri, target, feed, lambda: check(size[0], digest.hexdigest()))
+
+
+def part_name(target: Path) -> Path:
+    """A download's temporary name beside target: hidden, never a shard name, unique to process and thread."""
+    return target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}{PART_SUFFIX}")
+
+
+def download(uri: StorageUri, target: Path, feed: Callable[[bytes], None],
+             check: Callable[[], str | None]) -> str | None:
+    """Object -> `.part` beside target, each piece handed to feed() as it arrives -> check() -> fsynced and
+    renamed to target when the check returns None; returns the check's problem, or 'is missing' when there is
+    no object (check may also raise). Nothing else is left behind: a name in a mirror holds checked bytes."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    part = target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}{PART_SUFFIX}")
-    digest, size = hashlib.sha256(), 0
+    part = part_name(target)
     try:
         try:
             with open_read(uri) as stream, open(part, "wb") as out:
                 while data := stream.read(COPY_BYTES):
-                    digest.update(data)
-                    size += len(data)
+                    feed(data)
                     out.write(data)
         except FileNotFoundError:
-            return "is missing"
-        problem = check(size, digest.hexdigest())
+            return MISSING
+        problem = check()
         if problem is None:
+            fsync_path(part)
             os.replace(part, target)
+            fsync_path(target.parent)
         return problem
     finally:
         part.unlink(missing_ok=True)
@@ -165,7 +175,7 @@ def _fetch(uri: StorageUri, target: Path, check: Callable[[int, str], str | None
 
 def local_problem(path: Path, record: dict) -> str | None:
     """What is wrong with a local file against its record (missing, size, sha256), or None."""
-    return "is missing" if not path.is_file() else _local_problem(path, record)
+    return MISSING if not path.is_file() else _local_problem(path, record)
 
 
 def _local_problem(path: Path, record: dict) -> str | None:

@@ -13,10 +13,10 @@ from typing import Any
 import yaml
 
 from raylm.checkpoint.manifest import read_manifest
-from raylm.checkpoint.names import CONFIG_FILE, TOKENIZER_FILE
 from raylm.config import Config, to_dict
 from raylm.data.shards import read_manifest as read_data_manifest
 from raylm.errors import ConfigError, DataError
+from raylm.storage.file_names import CONFIG_FILE, TOKENIZER_FILE
 from raylm.storage.location import Location, local_view
 
 DRIFT_KEYS = ("run.seed", "data.seq_len", "data.vocab_size", "model.n_layer", "model.n_head", "model.n_kv_head",

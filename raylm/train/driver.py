@@ -14,9 +14,10 @@ from raylm.config.derived import is_elastic, replica_workers, worker_range
 from raylm.data.readers_lock import reading
 from raylm.errors import RaylmError
 from raylm.log import get_logger
+from raylm.storage.file_names import METRICS_FILE
 from raylm.storage.location import Location, is_remote
 from raylm.storage.uri import is_uri
-from raylm.train.metrics import METRICS_FILE, plot_loss_curve, read_metrics
+from raylm.train.metrics import plot_loss_curve, read_metrics
 from raylm.train.preflight import check_prepared_data, local_data_folders
 from raylm.train.ray_cluster import connect_ray
 from raylm.train.run_files import RunFiles

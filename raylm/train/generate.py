@@ -21,6 +21,7 @@ from raylm.data.tokenizer import EOT_ID
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.model.sampling import Sampler, decode_cached, slide_keep
+from raylm.storage.file_names import TOKENIZER_FILE
 
 
 class GenerateError(RaylmError):
@@ -108,9 +109,8 @@ def load_weights(source: str | Path) -> tuple[dict, dict[str, torch.Tensor], Pat
     checkpoint folder, or a run folder (its newest committed checkpoint); any of them may be an s3:// or gs://
     prefix, fetched into this node's cache first (checkpoint files verified against their manifest)."""
     from raylm.checkpoint.export import export_folder, load_export
-    from raylm.checkpoint.names import TOKENIZER_FILE
-    from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_files, resolve_checkpoint
     from raylm.checkpoint.manifest import read_manifest
+    from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_files, resolve_checkpoint
 
     export = export_folder(source)
     if export is not None:
@@ -133,7 +133,7 @@ def load_model(source: str | Path):
     cfg = resolve(tree, {"data.paths": [], "data.sources": [], "model.init_from": ""})
     model = GPT(cfg.model, padded_vocab(cfg.data.vocab_size))
     model.load_state_dict(state)
-    tokenizer_path = folder / "tokenizer.json"
+    tokenizer_path = folder / TOKENIZER_FILE
     if not tokenizer_path.exists():
         tokenizer_path = local_tokenizer(cfg.data.out_dir, cfg.data.cache_dir)
     if not tokenizer_path.exists():

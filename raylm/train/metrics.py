@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"  # one JSON row per step in the run folder
+from raylm.storage.atomic import write_atomic
+from raylm.storage.file_names import LOSS_PLOT_FILE, METRICS_FILE
 
 
 class MetricsWriter:
@@ -46,9 +46,7 @@ def _drop_rows_from(path: Path, start_step: int) -> bool:
         return False
     steps = [(line, _step_of(line)) for line in path.read_text().splitlines()]
     kept = [line for line, step in steps if step is not None and step < start_step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_atomic(path, "".join(line + "\n" for line in kept))
     return True
 
 
@@ -89,7 +87,7 @@ def plot_loss_curve(run_dir: Path, title: str | None = None) -> Path | None:
     ax.set_title(title or Path(run_dir).name)
     ax.grid(alpha=0.3)
     ax.legend()
-    out = Path(run_dir) / "loss.png"
+    out = Path(run_dir) / LOSS_PLOT_FILE
     fig.savefig(out, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return out

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from raylm.storage.location import write_atomic
+from raylm.storage.atomic import write_atomic
 
 PLACEMENT_DIR = "placement"
 

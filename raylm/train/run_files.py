@@ -7,10 +7,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from raylm.storage.file_names import LOSS_PLOT_FILE, METRICS_FILE
 from raylm.storage.location import Location, file_sizes, is_remote, local_view, put_file, read_bytes
-from raylm.train.metrics import METRICS_FILE
 
-SYNCED = (METRICS_FILE, "loss.png", "tensorboard/")  # files, or folders ending in '/'
+SYNCED = (METRICS_FILE, LOSS_PLOT_FILE, "tensorboard/")  # files, or folders ending in '/'
 
 
 class RunFiles:

@@ -14,10 +14,10 @@ import yaml
 from raylm.config import Config, to_dict
 from raylm.errors import RaylmError
 from raylm.log import get_logger
+from raylm.storage.file_names import CONFIG_FILE, METRICS_FILE
 from raylm.storage.location import (Location, delete_files, file_sizes, is_remote, local_view, read_bytes,
                                     remove_empty_folders, write_text)
 from raylm.storage.uri import is_uri, parse_uri
-from raylm.train.metrics import METRICS_FILE
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's list of reported checkpoints
 # Every object name raylm (or Ray Train, for raylm) writes under a run prefix: --overwrite deletes these and no other.
@@ -111,7 +111,7 @@ def prepare_run_dir(cfg: Config, overwrite: bool, allow_config_change: bool = Fa
 def _start(cfg: Config, path: Location) -> Location:
     _check_writable(cfg, path)
     _forget_ray_snapshot(path)
-    write_text(path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path / CONFIG_FILE, yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
 
 
@@ -119,7 +119,7 @@ def _same_config(cfg: Config, path: Location) -> bool:
     """Whether the folder's config.yaml is this run's config: a rerun of the same command (its metrics rows of
     the attempt that never committed are dropped when the new attempt starts; see raylm.train.metrics)."""
     try:
-        saved = yaml.safe_load(read_bytes(path / "config.yaml") or b"")
+        saved = yaml.safe_load(read_bytes(path / CONFIG_FILE) or b"")
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return False
     return saved == yaml.safe_load(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -138,7 +138,6 @@ def _check_drift(cfg: Config, path: Location) -> None:
     checkpoint whose config verifies (a damaged one is skipped here as resume=auto skips it)."""
     from raylm.checkpoint.commit import list_committed
     from raylm.checkpoint.manifest import verify_checkpoint
-    from raylm.checkpoint.names import CONFIG_FILE
     from raylm.errors import CheckpointError
     from raylm.train.drift import check_resume_drift
 

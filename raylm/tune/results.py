@@ -13,6 +13,7 @@ import yaml
 from raylm.config import Config, load_config, to_dict
 from raylm.errors import RaylmError
 from raylm.log import get_logger
+from raylm.storage.file_names import CONFIG_FILE
 from raylm.train.metrics import read_metrics
 from raylm.tune.asha import read_decisions
 from raylm.tune.plan import SweepPlan, best_config
@@ -89,7 +90,7 @@ def pick_best(records: list[TrialRecord]) -> TrialRecord | None:
 
 def write_best(best: TrialRecord, base: Config, sweep_dir: Path) -> Path:
     """best.yaml: the best trial's own resolved config (its derived max_steps kept) as a plain run config."""
-    trial_cfg = load_config(Path(best.folder) / "config.yaml")
+    trial_cfg = load_config(Path(best.folder) / CONFIG_FILE)
     out = sweep_dir / "best.yaml"
     out.write_text(yaml.safe_dump(to_dict(best_config(trial_cfg, base)), sort_keys=False))
     return out

@@ -15,6 +15,7 @@ from raylm.config import Config, resolve, to_dict, with_overrides
 from raylm.data.readers_lock import reading
 from raylm.errors import ConfigError, RaylmError
 from raylm.log import get_logger
+from raylm.storage.file_names import DECISIONS_FILE
 from raylm.storage.uri import refuse_uri
 from raylm.train.driver import build_trainer, with_absolute_paths
 from raylm.train.preflight import check_prepared_data, local_data_folders
@@ -136,11 +137,11 @@ def _scheduler(cfg: Config, plan: SweepPlan, sweep_dir: Path, concurrent: int, t
 
     if cfg.tune.scheduler == "pbt":
         book = PbtBook(plan.milestones_tokens, seed=cfg.run.seed, space=plan.space_raw)
-        return TokenPBTScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"))
+        return TokenPBTScheduler(book, cfg.tune.metric, str(sweep_dir / DECISIONS_FILE))
     book = RungBook(plan.milestones_tokens, cfg.tune.reduction_factor, total_trials=trials,
                     stops=cfg.tune.scheduler == "asha")
-    return TokenRungScheduler(book, cfg.tune.metric, str(sweep_dir / "decisions.jsonl"), str(sweep_dir / "trials"),
-                              cfg.tune.name, concurrent)
+    return TokenRungScheduler(book, cfg.tune.metric, str(sweep_dir / DECISIONS_FILE),
+                              str(sweep_dir / "trials"), cfg.tune.name, concurrent)
 
 
 def _search_alg(cfg: Config):
@@ -216,7 +217,7 @@ def _errors(results) -> dict[str, str]:
 
 
 def write_outputs(cfg: Config, plan: SweepPlan, sweep_dir: Path, errors: dict[str, str]) -> dict[str, Any]:
-    records = collect_trials(sweep_dir / "trials", sweep_dir / "decisions.jsonl", plan, errors)
+    records = collect_trials(sweep_dir / "trials", sweep_dir / DECISIONS_FILE, plan, errors)
     write_trials(records, sweep_dir / "trials.jsonl")
     write_markdown(records, plan, cfg.tune.metric, sweep_dir / "sweep.md")
     plot_sweep(records, plan, cfg.tune.metric, sweep_dir / "sweep.png")

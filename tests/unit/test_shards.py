@@ -7,9 +7,10 @@ import json
 import numpy as np
 import pytest
 
-from raylm.data.shards import ShardWriter, read_manifest, verify, write_json_atomic
+from raylm.data.shards import ShardWriter, read_manifest, verify
 from raylm.data.tokenizer import train_tokenizer
 from raylm.errors import DataError
+from raylm.storage.atomic import write_json_atomic
 from test_data_support import prepared
 
 pytestmark = pytest.mark.unit
