@@ -1,16 +1,26 @@
-"""The typed config tree: one frozen dataclass per section, each field with a one-line doc and a default."""
+"""The typed config tree: one frozen dataclass per section, each field with a one-line doc and a default.
+
+A field that takes one of a fixed set of values declares them beside its doc (`choices=`); the first is the
+example its error names. raylm.config.validate checks every such field from here (`field_choices`).
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
+
+from raylm.log import LOG_LEVELS
 
 
-def opt(default: Any, doc: str) -> Any:
-    """A dataclass field with a default and the doc line that `raylm config --help` prints."""
+def opt(default: Any, doc: str, choices: tuple = ()) -> Any:
+    """A dataclass field with a default and the doc line that `raylm config --help` prints; `choices`: the
+    only values it takes (checked by raylm.config.validate)."""
+    metadata = {"doc": doc, "choices": choices} if choices else {"doc": doc}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 def section(cls: type, doc: str) -> Any:
@@ -25,7 +35,7 @@ class RunConfig:
                            "shared filesystem)")
     seed: int = opt(1234, "seed for weight init, data order and sampling")
     log_level: str = opt("info", "console: info (raylm's progress, evaluations, warnings, summary) | debug (also "
-                                 "every Ray and DeepSpeed line; same as --verbose)")
+                                 "every Ray and DeepSpeed line; same as --verbose)", choices=LOG_LEVELS)
 
 
 @dataclass(frozen=True)
@@ -41,7 +51,8 @@ class DataConfig:
     seq_len: int = opt(128, "tokens per training sample (windows of seq_len + 1 tokens)")
     val_fraction: float = opt(0.02, "share of documents held out for validation, chosen by a stable hash of the doc id")
     text_field: str = opt("text", "field that holds the text in JSON Lines records and Parquet rows")
-    decode_errors: str = opt("replace", "undecodable bytes: replace (and count) | strict (fail naming the file)")
+    decode_errors: str = opt("replace", "undecodable bytes: replace (and count) | strict (fail naming the file)",
+                             choices=("replace", "strict"))
     shard_tokens: int = opt(1 << 20, "target tokens per shard file")
     max_doc_bytes: int = opt(1 << 22, "documents larger than this are read in pieces of this many bytes")
 
@@ -72,15 +83,19 @@ class ParallelConfig:
     dp_max: int = opt(0, "elastic runs: most data-parallel replicas; the worker group grows to pp * tp * dp_max "
                          "workers when the cluster has room (0 = not elastic)")
     num_workers: int = opt(0, "Ray Train workers; 0 = pp * tp * dp (set it to have the product checked)")
-    zero_stage: int = opt(0, "ZeRO stage over the DP group: 0 or 1 (2 and 3 only when pp = 1)")
+    zero_stage: int = opt(0, "ZeRO stage over the DP group: 0 or 1 (2 and 3 only when pp = 1)",
+                          choices=(0, 1, 2, 3))
     micro_batch: int = opt(4, "samples per micro-batch per DP rank")
     partition: str = opt("compute", "how layers are split into pipeline stages: compute (balance FLOPs) | parameters "
-                                    "| uniform")
+                                    "| uniform", choices=("compute", "parameters", "uniform"))
     activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass")
     grad_comm_dtype: str = opt("auto", "dtype DP gradient reductions travel in: auto (train.precision's) | fp32 | "
-                                       "bf16 (half fp32's bytes; each rank's gradient rounds to bf16)")
-    backend: str = opt("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo")
-    use_gpu: str = opt("auto", "auto (GPUs when the cluster has them) | true | false")
+                                       "bf16 (half fp32's bytes; each rank's gradient rounds to bf16)",
+                          choices=("auto", "fp32", "bf16"))
+    backend: str = opt("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo",
+                       choices=("auto", "nccl", "gloo"))
+    use_gpu: str = opt("auto", "auto (GPUs when the cluster has them) | true | false",
+                       choices=("auto", "true", "false"))
     cpus_per_worker: float = opt(0.0, "CPUs reserved per worker; 0 = auto (fractional on CPU nodes to leave CPUs for Ray Data)")
 
 
@@ -92,7 +107,7 @@ class TrainConfig:
     eval_batches: int = opt(4, "global batches of validation data per evaluation (when eval_samples is 0)")
     eval_samples: int = opt(0, "validation samples per evaluation, the same whatever the batch size or its ramp "
                                "(a multiple of micro_batch * dp); 0 = eval_batches * global_batch")
-    precision: str = opt("fp32", "fp32 | bf16 (bf16 compute, fp32 master weights)")
+    precision: str = opt("fp32", "fp32 | bf16 (bf16 compute, fp32 master weights)", choices=("fp32", "bf16"))
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     log_every: int = opt(1, "append a metrics.jsonl line every N steps")
     report_every: int = opt(25, "send metrics to Ray every N steps (each report costs a controller round trip)")
@@ -115,11 +130,12 @@ class OptimConfig:
 @dataclass(frozen=True)
 class LrScheduleConfig:
     kind: str = opt("cosine", "constant | linear | cosine | wsd (warmup-stable-decay) | plateau (cut on stalled "
-                              "val_loss)")
+                              "val_loss)", choices=("constant", "linear", "cosine", "wsd", "plateau"))
     warmup_steps: int = opt(10, "steps of linear warmup from 0 to optim.lr")
     min_lr_frac: float = opt(0.1, "floor of the decay, as a fraction of optim.lr")
     decay_frac: float = opt(0.2, "wsd: share of the steps spent decaying at the end")
-    decay_shape: str = opt("linear", "wsd: shape of the final decay: linear | cosine | sqrt")
+    decay_shape: str = opt("linear", "wsd: shape of the final decay: linear | cosine | sqrt",
+                           choices=("linear", "cosine", "sqrt"))
     factor: float = opt(0.5, "plateau: multiply the lr by this when val_loss stalls (0 < factor < 1)")
     patience: int = opt(2, "plateau: evaluations without improvement before the lr is cut")
     threshold: float = opt(0.01, "plateau: relative val_loss drop that counts as an improvement")
@@ -142,7 +158,8 @@ class ScheduleConfig:
 class CheckpointConfig:
     every_steps: int = opt(0, "save a checkpoint every N steps (0 = only at the end)")
     keep: int = opt(2, "newest committed checkpoints kept")
-    resume: str = opt("auto", "auto (newest committed checkpoint of this run) | never | required")
+    resume: str = opt("auto", "auto (newest committed checkpoint of this run) | never | required",
+                      choices=("auto", "never", "required"))
 
 
 @dataclass(frozen=True)
@@ -159,12 +176,12 @@ class FaultConfig:
     nonfinite: str = opt("skip", "a non-finite loss or gradient on any rank, found before the optimizer step: stop "
                                  "(exit 1 naming step and rank, weights unchanged) | skip (no update; the step's "
                                  "samples are logged as skipped) | rollback (reload the last checkpoint, skip its "
-                                 "samples since)")
+                                 "samples since)", choices=("stop", "skip", "rollback"))
     spike_sigma: float = opt(6.0, "a loss this many standard deviations above the mean of the last spike_window "
                                   "losses is a spike; 0 = off")
     spike_window: int = opt(50, "losses in the rolling mean and deviation spikes are measured against")
     spike: str = opt("warn", "a loss spike: warn (a `spike` metrics row and a warning) | rollback (also reload the "
-                             "last checkpoint and skip its samples since)")
+                             "last checkpoint and skip its samples since)", choices=("warn", "rollback"))
     collective_timeout_s: int = opt(1800, "seconds a collective may wait for a stalled rank before the worker group "
                                           "fails (and restarts under max_failures)")
     resize_check_s: float = opt(60.0, "elastic runs: seconds between checks whether the cluster fits another "
@@ -177,8 +194,10 @@ class TuneConfig:
     num_samples: int = opt(4, "trials to sample from the search space (each grid point this many times)")
     metric: str = opt("val_loss", "metric the sweep minimises")
     budget_tokens: int = opt(0, "tokens every trial trains; 0 = train.max_steps * global_batch * seq_len of the base")
-    search: str = opt("random", "random | grid (the space's grid and random keys, Tune's variant generator) | optuna")
-    scheduler: str = opt("asha", "asha (stop weak trials at equal tokens) | pbt | fifo (every trial to the budget)")
+    search: str = opt("random", "random | grid (the space's grid and random keys, Tune's variant generator) | optuna",
+                      choices=("random", "grid", "optuna"))
+    scheduler: str = opt("asha", "asha (stop weak trials at equal tokens) | pbt | fifo (every trial to the budget)",
+                         choices=("asha", "pbt", "fifo"))
     max_concurrent: int = opt(0, "trials run at once; 0 = as many as fit (GPUs / workers, or CPUs / workers)")
     max_failures: int = opt(0, "restarts of a failed trial (and of its worker group) before it counts as an error")
     grace_tokens: int = opt(0, "ASHA: tokens of the first rung, before which no trial is stopped; 0 = budget / 9")
@@ -202,3 +221,15 @@ class Config:
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoint cadence and resume policy")
     fault: FaultConfig = section(FaultConfig, "fault tolerance")
     tune: TuneConfig = section(TuneConfig, "Ray Tune sweeps")
+
+
+def field_choices(section: Any, prefix: str = "") -> Iterator[tuple[str, Any, tuple]]:
+    """(dotted key, value, choices) of every field of a config (or section) that declares its choices, in
+    schema order."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            yield from field_choices(value, f"{prefix}{f.name}.")
+        elif "choices" in f.metadata:
+            yield f"{prefix}{f.name}", value, f.metadata["choices"]

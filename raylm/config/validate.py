@@ -11,9 +11,8 @@ import re
 from raylm.config.derived import (batch_quantum, dp_sizes, is_elastic, kv_heads, padded_vocab,
                                   samples_per_micro_step, worker_range)
 from raylm.config.loader import short_repr
-from raylm.config.schema import Config
+from raylm.config.schema import Config, field_choices
 from raylm.errors import ConfigError, StorageError
-from raylm.log import LOG_LEVELS
 from raylm.storage.uri import NOT_YET, SUPPORTED, is_uri, parse_uri, refuse_uri
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -80,24 +79,7 @@ def _check_positive(cfg: Config) -> None:
 
 
 def _check_choices(cfg: Config) -> None:
-    choices = {
-        "train.precision": (cfg.train.precision, ("fp32", "bf16")),
-        "run.log_level": (cfg.run.log_level, LOG_LEVELS),
-        "schedule.lr.kind": (cfg.schedule.lr.kind, ("constant", "linear", "cosine", "wsd", "plateau")),
-        "tune.search": (cfg.tune.search, ("random", "grid", "optuna")),
-        "fault.nonfinite": (cfg.fault.nonfinite, ("stop", "skip", "rollback")),
-        "fault.spike": (cfg.fault.spike, ("warn", "rollback")),
-        "tune.scheduler": (cfg.tune.scheduler, ("asha", "pbt", "fifo")),
-        "schedule.lr.decay_shape": (cfg.schedule.lr.decay_shape, ("linear", "cosine", "sqrt")),
-        "checkpoint.resume": (cfg.checkpoint.resume, ("auto", "never", "required")),
-        "parallel.partition": (cfg.parallel.partition, ("compute", "parameters", "uniform")),
-        "parallel.backend": (cfg.parallel.backend, ("auto", "nccl", "gloo")),
-        "parallel.use_gpu": (cfg.parallel.use_gpu, ("auto", "true", "false")),
-        "data.decode_errors": (cfg.data.decode_errors, ("replace", "strict")),
-        "parallel.zero_stage": (cfg.parallel.zero_stage, (0, 1, 2, 3)),
-        "parallel.grad_comm_dtype": (cfg.parallel.grad_comm_dtype, ("auto", "fp32", "bf16")),
-    }
-    for key, (value, allowed) in choices.items():
+    for key, value, allowed in field_choices(cfg):
         if value not in allowed:
             _fail(f"{key}={value!r} is not one of {', '.join(map(str, allowed))}; pick one, e.g. {key}={allowed[0]}")
 

@@ -7,6 +7,7 @@ import pytest
 
 from raylm.config import load_config, resolve, to_dict, with_overrides
 from raylm.config.loader import describe_fields, parse_override
+from raylm.config.schema import Config, field_choices
 from raylm.errors import ConfigError
 from tests.conftest import TINY_CONFIG
 
@@ -47,6 +48,15 @@ def test_every_field_has_a_doc():
                 "schedule.batch.start", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.resume",
                 "fault.max_failures"):
         assert key in names
+
+
+def test_choices_are_declared_once_and_named_in_the_doc():
+    """The schema declares each enum-like field's choices (validate checks from there); its doc names them all."""
+    docs = {name: doc for name, doc, _ in describe_fields()}
+    declared = {key: choices for key, _, choices in field_choices(Config())}
+    assert len(declared) == 15
+    for key, choices in declared.items():
+        assert all(str(choice) in docs[key] for choice in choices), (key, choices, docs[key])
 
 
 @pytest.mark.parametrize("overrides, message", [
