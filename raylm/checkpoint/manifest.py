@@ -16,7 +16,8 @@ from raylm.fsync import fsync_path
 from raylm.safe_paths import is_inside_name
 from raylm.storage.file_names import MANIFEST_FILE
 from raylm.storage.location import (Location, as_location, fetch_verified, is_remote, local_problem, local_view,
-                                    read_bytes, sha256_of)
+                                    sha256_of)
+from raylm.storage.manifests import ManifestProblem, load_manifest
 
 MANIFEST = MANIFEST_FILE
 FORMAT = "raylm-checkpoint/1"
@@ -42,20 +43,20 @@ def read_manifest(folder: Location | str) -> dict:
     folder = as_location(folder)
     path = folder / MANIFEST
     try:
-        data = read_bytes(path)
+        manifest = load_manifest(path, FORMAT)
     except OSError as exc:
         raise CheckpointError(f"{path} is unreadable ({exc}); delete {folder} so that an older checkpoint "
                               f"is used") from None
-    if data is None:
-        raise CheckpointError(f"{path} is missing: {folder} is not a committed checkpoint (an interrupted save, or "
-                              f"not a checkpoint folder); pass a step-XXXXXXXX folder that holds a manifest.json")
-    try:
-        manifest = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc}); delete {folder} so that an older checkpoint "
-                              f"is used") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not isinstance(
-            manifest.get("files"), dict):
+    except ManifestProblem as problem:
+        if problem.kind == "missing":
+            raise CheckpointError(f"{path} is missing: {folder} is not a committed checkpoint (an interrupted "
+                                  f"save, or not a checkpoint folder); pass a step-XXXXXXXX folder that holds "
+                                  f"a manifest.json") from None
+        if problem.kind == "json":
+            raise CheckpointError(f"{path} is unreadable ({problem.detail}); delete {folder} so that an "
+                                  f"older checkpoint is used") from None
+        manifest = None
+    if manifest is None or not isinstance(manifest.get("files"), dict):
         raise CheckpointError(f"{path} is not a {FORMAT} manifest; delete {folder} so that an older checkpoint "
                               f"is used")
     unsafe = next((key for key in manifest["files"] if not is_inside_name(key)), None)

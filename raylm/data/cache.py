@@ -20,7 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from raylm.data.shards import FIX, SHARD_NAME, ShardDigest, check_shard_size, parse_manifest, read_manifest
+from raylm.data.shards import (FIX, SHARD_NAME, ShardDigest, check_shard_size, manifest_data, parse_manifest,
+                               read_manifest)
 from raylm.data.tokenizer import file_sha256, tokenizer_object, tokenizer_path
 from raylm.errors import DataError
 from raylm.log import get_logger
@@ -44,11 +45,8 @@ def open_cached(uri_text: str, cache_dir: str, refresh: bool = True) -> tuple[Pa
     folder = cache_folder(uri, cache_dir)
     local = folder / MANIFEST_FILE
     if refresh or not local.is_file():
-        data = read_bytes(uri.join(MANIFEST_FILE))
-        if data is None:
-            raise DataError(f"no prepared data in {uri} ({MANIFEST_FILE} missing); run `raylm prepare` on a config "
-                            f"with data.out_dir={uri}")
-        manifest = parse_manifest(data, str(uri.join(MANIFEST_FILE)), str(uri))
+        data, where, _ = manifest_data(uri)
+        manifest = parse_manifest(data, where, str(uri))
         with _cache_writes(folder, MANIFEST_FILE):
             folder.mkdir(parents=True, exist_ok=True)
             if not local.is_file() or local.read_bytes() != data:
@@ -169,11 +167,7 @@ def _cache_writes(folder: Path, name: str) -> Iterator[None]:
 def verify_remote(uri_text: str) -> dict:
     """`raylm data verify` on a prefix: the tokenizer and every shard object read once and checked; the manifest."""
     uri = parse_uri(uri_text, "data folder")
-    data = read_bytes(uri.join(MANIFEST_FILE))
-    if data is None:
-        raise DataError(f"no prepared data in {uri} ({MANIFEST_FILE} missing); run `raylm prepare` on a config "
-                        f"with data.out_dir={uri}")
-    manifest = parse_manifest(data, str(uri.join(MANIFEST_FILE)), str(uri))
+    manifest = parse_manifest(*manifest_data(uri))
     read_tokenizer(uri, manifest["tokenizer_sha256"])
     for entry in manifest["shards"]:
         digest = ShardDigest(entry["dtype"])

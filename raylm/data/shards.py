@@ -10,7 +10,6 @@ A prepared folder may also be an s3:// or gs:// prefix holding the same objects 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from pathlib import Path
@@ -21,8 +20,8 @@ from raylm.data.tokenizer import file_sha256, tokenizer_object, tokenizer_path
 from raylm.errors import DataError
 from raylm.safe_paths import is_inside_name
 from raylm.storage.file_names import MANIFEST_FILE, TOKENIZER_FILE
-from raylm.storage.objects import read_bytes
-from raylm.storage.uri import is_uri, parse_uri
+from raylm.storage.manifests import ManifestProblem, manifest_bytes, parse_manifest_bytes
+from raylm.storage.uri import StorageUri, is_uri, parse_uri
 
 FORMAT = "raylm-shards/1"
 SPLITS = ("train", "val")
@@ -84,28 +83,31 @@ class ShardWriter:
 
 def read_manifest(out_dir: str | Path) -> dict:
     """manifest.json of a prepared folder (or s3://, gs:// prefix), checked for its format; DataError otherwise."""
-    if is_uri(out_dir):
-        uri = parse_uri(str(out_dir), "data folder")
-        data, where, folder = read_bytes(uri.join(MANIFEST_FILE)), f"{uri.join(MANIFEST_FILE)}", str(uri)
+    return parse_manifest(*manifest_data(out_dir))
+
+
+def manifest_data(out_dir: str | Path | StorageUri) -> tuple[bytes, str, str]:
+    """(bytes, where they were read, folder) of a prepared folder's or prefix's manifest.json; DataError
+    naming the fix when there is none."""
+    if isinstance(out_dir, StorageUri) or is_uri(out_dir):
+        folder = out_dir if isinstance(out_dir, StorageUri) else parse_uri(str(out_dir), "data folder")
     else:
-        path = Path(out_dir).expanduser() / MANIFEST_FILE
-        data = path.read_bytes() if path.is_file() else None
-        where, folder = str(path), str(path.parent)
-    if data is None:
+        folder = Path(out_dir).expanduser()
+    try:
+        return manifest_bytes(folder / MANIFEST_FILE), str(folder / MANIFEST_FILE), str(folder)
+    except ManifestProblem:
         raise DataError(f"no prepared data in {folder} ({MANIFEST_FILE} missing); run `raylm prepare` "
-                        f"on a config with data.out_dir={folder}")
-    return parse_manifest(data, where, folder)
+                        f"on a config with data.out_dir={folder}") from None
 
 
 def parse_manifest(data: bytes, where: str, folder: str) -> dict:
     """The manifest in `data` (read from `where`), checked for its format and for shard names inside folder."""
     try:
-        manifest = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DataError(f"{where} is not valid JSON ({exc}); {FIX}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise DataError(f"{where} is not a {FORMAT} manifest (format={found!r}); {FIX}")
+        manifest = parse_manifest_bytes(data, FORMAT)
+    except ManifestProblem as problem:
+        if problem.kind == "json":
+            raise DataError(f"{where} is not valid JSON ({problem.detail}); {FIX}") from None
+        raise DataError(f"{where} is not a {FORMAT} manifest (format={problem.detail!r}); {FIX}") from None
     shards = manifest.get("shards")
     if not isinstance(shards, list) or not all(isinstance(e, dict) and is_inside_name(e.get("file"))
                                                and "/" not in e["file"] for e in shards):
