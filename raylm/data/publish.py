@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from raylm.data.shards import SHARD_NAME, check_shard_size, parse_manifest, read
 from raylm.data.tokenizer import TOKENIZER_OBJECT, tokenizer_object
 from raylm.errors import DataError
 from raylm.log import get_logger
+from raylm.storage.atomic import put_atomic
 from raylm.storage.file_names import MANIFEST_FILE, TOKENIZER_FILE
 from raylm.storage.fs import filesystem
 from raylm.storage.objects import delete_object, object_sizes, read_bytes, upload_file
@@ -48,7 +48,7 @@ def prepare_to_uri(cfg: Config, use_ray: bool = True) -> dict:
         get_logger().info("prepare: %s is up to date with its input files; nothing to do", uri)
         if current.get("seq_len") != cfg.data.seq_len:  # only peek's default window length
             current = {**current, "seq_len": cfg.data.seq_len}
-            _upload_json(current, uri.join(MANIFEST_FILE))
+            put_atomic(uri.join(MANIFEST_FILE), json.dumps(current, indent=1) + "\n")
         return {**_summary(current, str(uri), skipped=True, seconds=time.monotonic() - started), "uploaded": 0}
     mirror = cache_folder(uri, cfg.data.cache_dir)
     summary = prepare(with_overrides(cfg, {"data.out_dir": str(mirror)}), use_ray)
@@ -96,10 +96,3 @@ def upload_prepared(folder: Path, uri: StorageUri) -> int:
             delete_object(uri.join(name))
     get_logger().info("prepare: %s holds %d shards, tokenizer.json and manifest.json", uri, len(names))
     return len(missing)
-
-
-def _upload_json(obj: dict, target: StorageUri) -> None:
-    with tempfile.TemporaryDirectory(prefix="raylm-manifest-") as folder:
-        path = Path(folder) / MANIFEST_FILE
-        path.write_text(json.dumps(obj, indent=1) + "\n")
-        upload_file(path, target)
