@@ -1,5 +1,6 @@
-"""Ground floor: the one reader of RAY_ADDRESS; connect to the cluster it names (failing fast when it does not
-answer) or start a local one."""
+"""Connect to the Ray cluster in RAY_ADDRESS (failing fast when it does not answer) or start a local one.
+
+The ground floor's one reader of RAY_ADDRESS: `raylm train`, `raylm sweep` and prepare all go through it."""
 
 from __future__ import annotations
 

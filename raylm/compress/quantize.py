@@ -1,5 +1,6 @@
-"""Symmetric weight-only quantization of one weight matrix: torchao computes it, plain torch stores it
-(raylm.model.quantized reads it back).
+"""Symmetric weight-only quantization of one weight matrix: torchao computes it, plain torch stores it.
+
+raylm.model.quantized reads the stored form back.
 
 int8: one scale per output row (per-channel). int4: one scale per `group_size` consecutive input columns of a row.
 torchao's `IntxWeightOnlyConfig` (symmetric, zero point 0) does the rounding, on CPU, with this torch; its

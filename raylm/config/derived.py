@@ -1,5 +1,6 @@
-"""Values derived from the config in exactly one place: FFN width, padded vocab, kv heads, micro-batch counts
-(the layout's arithmetic is raylm.config.layout's)."""
+"""Values derived from the config in exactly one place: FFN width, padded vocab, kv heads, micro-batch counts.
+
+The layout's arithmetic is raylm.config.layout's."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""fault.drill's grammar, 'PHASE@STEP[:RANK],...': the pattern validate checks and the one parser that the
-training, prepare and checkpoint drills read it with."""
+"""fault.drill's grammar, 'PHASE@STEP[:RANK],...': the pattern validate checks and the one parser of it.
+
+The training, prepare and checkpoint drills all read fault.drill with parse_drills."""
 
 from __future__ import annotations
 

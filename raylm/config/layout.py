@@ -1,6 +1,8 @@
-"""The parallel layout's arithmetic in one place: degrees, world size, replica size, the DP sizes an elastic
-run may take, and the checks on them, each with the fix (shaped like torchtitan's ParallelDims). Rank
-coordinates and process groups are raylm.parallel.topology's."""
+"""The parallel layout's arithmetic and its checks in one place: the Layout dataclass, read from the config.
+
+Like torchtitan's ParallelDims it owns the degrees, the world size, the replica size, the DP sizes an elastic
+run may take and the checks on them, each with the fix. Rank coordinates and process groups are
+raylm.parallel.topology's."""
 
 from __future__ import annotations
 

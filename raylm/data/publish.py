@@ -1,5 +1,6 @@
-"""`raylm prepare` into an s3:// or gs:// data.out_dir: prepare locally (raylm.data.prepare), then upload
-here, manifest.json last.
+"""`raylm prepare` into an s3:// or gs:// data.out_dir: upload a folder prepared locally, manifest last.
+
+raylm.data.prepare prepares the folder and calls this module to check and upload it.
 
 1. Probe the bucket (a missing bucket or a silent endpoint fails before any tokenizing).
 2. When the prefix's manifest records these inputs and every object it names is there with its size (and

@@ -1,5 +1,4 @@
-"""Facts the other floors number and weigh the model by: its pipeline layers' names and order, and the
-training FLOPs per token of the whole model and of each layer.
+"""Facts the other floors number and weigh the model by: layer names and order, training FLOPs per token.
 
 Layer order: [embedding, block 0 .. block L-1, final norm, head]; raylm.parallel.pipeline builds the layers in
 this order and checkpoints file each layer's parameters under its index.

@@ -1,5 +1,6 @@
-"""raylm's compressed folder and how to read it: a Hugging Face Llama export whose linear weights may be
-quantized, plus masks (`raylm compress` writes it; raylm.model.hf_weights reads it).
+"""raylm's compressed folder and how to read it back (`raylm compress` writes it, hf_weights reads it).
+
+The folder is a Hugging Face Llama export whose linear weights may be quantized, plus masks.
 
 The full description is docs/compression.md. In short, next to config.json, tokenizer and raylm_config.yaml:
 

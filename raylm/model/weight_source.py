@@ -1,5 +1,7 @@
-"""What the parallel engine reads starting weights through: a WeightSource, one parameter or one
-tensor-parallel Shard of it at a time (raylm.model.weights and raylm.model.hf_weights implement it)."""
+"""WeightSource, what the parallel engine reads starting weights through, and the TP Shard it asks for.
+
+One parameter, or one tensor-parallel Shard of it, at a time; raylm.model.weights and raylm.model.hf_weights
+implement it."""
 
 from __future__ import annotations
 

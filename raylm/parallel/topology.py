@@ -1,5 +1,6 @@
-"""The (pp, tp, dp) layout on the ranks: rank coordinates, process groups and data-reading ranks (the degrees'
-arithmetic and checks are raylm.config.layout.Layout's).
+"""The (pp, tp, dp) layout on the ranks: rank coordinates, process groups and data-reading ranks.
+
+The degrees' arithmetic and checks are raylm.config.layout.Layout's; Topology adds where each rank sits.
 
 Rank order matches DeepSpeed's PipeModelDataParallelTopology (axes pipe, data, model with model fastest):
 

@@ -1,5 +1,7 @@
-"""Small state shared by a run's processes (the Tune driver, a Train controller, rank 0 of a worker group): a
-key/value map held by one named Ray actor, and the step where rank 0 reads it and every rank gets the answer.
+"""Small state shared by a run's processes, in one named Ray actor, and rank 0's read of it for every rank.
+
+The processes are the Tune driver, a Train controller and rank 0 of a worker group; the state is a key/value
+map of short strings, and rank0_decides the step where rank 0 reads it and every rank gets the answer.
 
 The actor is detached and found by name, so it outlives whichever process touched it first (a worker group
 that Ray stops and restarts, a trial that ends) and is never owned by a process that may die mid-run. The

@@ -1,6 +1,8 @@
-"""The trial side of ASHA's rung decisions: at every rung report rank 0 of a trial waits for the decision the
-sweep's scheduler published for it (raylm.tune.rung_decisions) and every rank gets it, so a stopped trial ends
-right there, at most one step past the rung.
+"""The trial side of ASHA's rung decisions: a trial waits at each rung for the scheduler's decision.
+
+At every rung report rank 0 of a trial waits for the decision the sweep's scheduler published for it
+(raylm.tune.rung_decisions) and every rank gets it, so a stopped trial ends right there, at most one step
+past the rung.
 
 Without the wait a stopped trial trains on until Tune's stop reaches its workers, which takes seconds:
 hundreds of steps of a small model, all past the rung that judged it (docs/ray-facts.md 8). One key per trial

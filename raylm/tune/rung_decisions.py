@@ -1,5 +1,7 @@
-"""The scheduler's side of ASHA's rung decisions: each decision is published under its trial's and rung's key
-in raylm's key-value actor, where the trial waits for it (raylm.train.rungs, which describes the exchange)."""
+"""The scheduler's side of ASHA's rung decisions: publish each one where its trial waits for it.
+
+Each decision goes under its trial's and rung's key in raylm's key-value actor (raylm.train.kv);
+raylm.train.rungs, the trial's side, describes the exchange."""
 
 from __future__ import annotations
 
