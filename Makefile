@@ -30,15 +30,18 @@ demo: install
 # The whole suite but the tests marked slow (the longest fault, sweep and multi-node drills: README "Tests and benchmarks").
 test: install
 	$(BIN)/ruff check raylm jobs benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -m "not slow" tests/unit tests/distributed tests/ray tests/gpu
 
 test-all: install
 	$(BIN)/ruff check raylm jobs benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests/unit tests/distributed tests/ray tests/gpu
 
 # The edit loop: lint, the unit tier and the distributed (gloo) tier; no Ray cluster (a few minutes).
 test-fast: install
 	$(BIN)/ruff check raylm jobs benchmarks
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests/unit tests/distributed
 
 bench: install

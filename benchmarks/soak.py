@@ -32,7 +32,7 @@ from pathlib import Path
 from common import TINY, emit, ensure_prepared, scratch_dir
 from raylm.config import load_config
 from raylm.train.metrics import read_metrics
-from raylm.train.ray_cluster import connect_ray
+from raylm.ray_connect import connect_ray
 
 LAYOUT = ["parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=1", "train.precision=fp32", "checkpoint.every_steps=10",
           "train.eval_every=50", "train.log_every=1", "fault.max_failures=1000"]

@@ -49,8 +49,8 @@ import torch
 from common import TINY, emit, ensure_prepared, scratch_dir, steady
 from raylm.config import Config, load_config
 from raylm.config.derived import micro_batches_for, padded_vocab
-from raylm.model.gpt import GPT, flops_per_token, init_full_weights
-from raylm.parallel.pipeline import layer_costs
+from raylm.model.facts import flops_per_token, layer_costs
+from raylm.model.gpt import GPT, init_full_weights
 from raylm.train.metrics import read_metrics
 from raylm.train.peaks import measure_matmul_peak
 

@@ -31,6 +31,10 @@ def _load(args: argparse.Namespace):
 
     verbose = ["run.log_level=debug"] if getattr(args, "verbose", False) else []
     cfg = load_config(args.config, [*args.overrides, *verbose])
+    if cfg.model.init_from:  # its headers are read with torch: only when a folder is named
+        from raylm.model.weights import check_init_from
+
+        check_init_from(cfg)
     setup_logging(rank=0, verbose=cfg.run.log_level == "debug")
     return cfg
 
@@ -106,7 +110,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_data_verify(args: argparse.Namespace) -> int:
-    from raylm.data.shards import verify
+    from raylm.data.cache import verify
 
     print(json.dumps(verify(args.dir)))
     return 0

@@ -17,12 +17,18 @@ from typing import Callable
 import torch
 import yaml
 
+from raylm.checkpoint.export import export_folder, open_export
+from raylm.checkpoint.manifest import read_manifest as read_checkpoint_manifest
+from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_files, resolve_checkpoint
+from raylm.config import resolve
+from raylm.config.derived import eval_samples, padded_vocab
 from raylm.data.shards import read_manifest
 from raylm.data.stream import RankStream, normalize_sources
 from raylm.data.tokenizer import file_sha256
 from raylm.errors import DataError
 from raylm.log import get_logger
-from raylm.storage.file_names import TOKENIZER_FILE
+from raylm.model.gpt import GPT
+from raylm.storage.file_names import CONFIG_FILE, TOKENIZER_FILE
 
 DEFAULT_SEQ_LEN = 128  # windows for a folder whose manifest predates recording data.seq_len
 
@@ -40,11 +46,6 @@ class Source:
 def open_source(source: str | Path) -> Source:
     """An export folder (config.json), a checkpoint folder, or a run folder (its newest committed checkpoint);
     the weights are read only by `read_state`, after the data has been checked."""
-    from raylm.checkpoint.export import export_folder, open_export
-    from raylm.checkpoint.manifest import read_manifest as read_checkpoint_manifest
-    from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_files, resolve_checkpoint
-    from raylm.storage.file_names import CONFIG_FILE
-
     path = export_folder(source)  # a prefix is fetched into this node's cache first
     if path is not None:
         tree, weights = open_export(path)
@@ -99,10 +100,6 @@ def mean_loss(model, stream: RankStream, micro_batches: int) -> float:
 def evaluate(source: str | Path, data: str | Path | None = None, split: str = "val",
              batches: int | None = None) -> dict:
     """Loss and perplexity of `source` on `split` of `data` (default: the run's own data); a JSON-able dict."""
-    from raylm.config import resolve
-    from raylm.config.derived import eval_samples, padded_vocab
-    from raylm.model.gpt import GPT
-
     if batches is not None and batches < 1:
         raise DataError(f"--batches {batches} must be at least 1 (global batches of train.global_batch samples)")
     opened = open_source(source)

@@ -10,37 +10,19 @@
       optim/003-layers.2.pt         {full parameter name: {"exp_avg": ..., "exp_avg_sq": ...}}, full tensors
       ranks/rank-00005.pt           the caller's per-rank state (RNG), restored only under the same layout
 
-Layer indices follow raylm.parallel.pipeline.layer_specs: embedding 0, blocks 1..n_layer, final norm
-n_layer + 1, untied head n_layer + 2. Pure functions here, so export never imports DeepSpeed.
+Layer indices are raylm.model.facts.layer_index's: embedding 0, blocks 1..n_layer, final norm n_layer + 1,
+untied head n_layer + 2. Pure functions here, so export never imports DeepSpeed.
 """
 
 from __future__ import annotations
 
-import torch
-
-from raylm.config.schema import ModelConfig
-from raylm.model.gpt import param_shapes
-from raylm.storage.file_names import CONFIG_FILE, TOKENIZER_FILE  # noqa: F401 (re-exported)
+from raylm.model.facts import layer_index, layer_name
 
 MODEL_DIR = "model"
 OPTIM_DIR = "optim"
 RANKS_DIR = "ranks"
 TRAINER_STATE_FILE = "trainer_state.json"
 ENGINE_STATE_FILE = "engine.json"
-
-
-def layer_name(param_name: str) -> str:
-    """The pipeline layer a full parameter name belongs to: 'tok_embeddings', 'layers.3', 'norm' or 'output'."""
-    parts = param_name.split(".")
-    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
-
-
-def layer_index(param_name: str, n_layer: int) -> int:
-    """Position in raylm.parallel.pipeline.layer_specs of the layer owning a parameter (tied: the embedding, 0)."""
-    name = layer_name(param_name)
-    if name.startswith("layers."):
-        return 1 + int(name.split(".")[1])
-    return {"tok_embeddings": 0, "norm": n_layer + 1, "output": n_layer + 2}[name]
 
 
 def layer_file(param_name: str, n_layer: int) -> str:
@@ -58,11 +40,3 @@ def optim_file(param_name: str, n_layer: int) -> str:
 
 def rank_file(rank: int) -> str:
     return f"{RANKS_DIR}/rank-{rank:05d}.pt"
-
-
-def model_layers(model: ModelConfig, vocab_size: int) -> dict[int, dict[str, torch.Size]]:
-    """Every layer of the whole model: {layer index: {full name: full shape}}, in layer order."""
-    layers: dict[int, dict[str, torch.Size]] = {}
-    for name, shape in param_shapes(model, vocab_size).items():
-        layers.setdefault(layer_index(name, model.n_layer), {})[name] = shape
-    return dict(sorted(layers.items()))

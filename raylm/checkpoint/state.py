@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING, Callable
 import torch
 import torch.distributed as dist
 
-from raylm.checkpoint.commit import commit, new_tmp_dir, upload_own_files
+from raylm.checkpoint.commit import commit, list_committed, new_tmp_dir, upload_own_files
 from raylm.checkpoint.finite import first_non_finite
 from raylm.checkpoint.manifest import read_manifest, verify_checkpoint
-from raylm.checkpoint.names import (ENGINE_STATE_FILE, TRAINER_STATE_FILE, model_file, model_layers, optim_file,
-                                    rank_file)
+from raylm.checkpoint.names import ENGINE_STATE_FILE, TRAINER_STATE_FILE, model_file, optim_file, rank_file
 from raylm.checkpoint.writer import Records, manifest_extra, model_config_of, save_json, save_run_files, save_torch
 from raylm.config import Config
 from raylm.config.derived import padded_vocab
 from raylm.errors import CheckpointError, RaylmError
 from raylm.log import get_logger
+from raylm.model.facts import model_layers
 from raylm.model.gpt import param_shapes
 from raylm.storage.location import Location, as_location, is_remote, local_view
 
@@ -94,8 +94,6 @@ def _reason(exc: BaseException) -> str:
 
 def _space_hint(checkpoints_dir: str | Path) -> str:
     """What a failed save needs: about the newest committed checkpoint's bytes, against what the disk has free."""
-    from raylm.checkpoint.commit import list_committed
-
     if is_remote(as_location(checkpoints_dir)):
         return "older checkpoints are untouched; fix the storage problem named above, then rerun to resume"
     committed = list_committed(checkpoints_dir)

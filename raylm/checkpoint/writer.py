@@ -16,6 +16,7 @@ from raylm.checkpoint.names import TRAINER_STATE_FILE, layer_file, model_file
 from raylm.config import Config, to_dict
 from raylm.config.derived import padded_vocab
 from raylm.config.schema import ModelConfig
+from raylm.data.cache import local_tokenizer
 from raylm.fsync import fsync_path
 from raylm.storage.file_names import CONFIG_FILE, TOKENIZER_FILE
 from raylm.storage.location import Location
@@ -50,8 +51,6 @@ def save_json(folder: Path, rel_path: str, obj: dict) -> Records:
 def tokenizer_source(cfg: Config) -> Path | None:
     """The run's tokenizer.json (in data.out_dir, or this node's cached copy of an object-storage prefix; else
     data.tokenizer), if there is one to copy."""
-    from raylm.data.cache import local_tokenizer
-
     candidates = [local_tokenizer(cfg.data.out_dir, cfg.data.cache_dir)]
     if cfg.data.tokenizer:
         candidates.append(Path(cfg.data.tokenizer).expanduser())

@@ -1,1 +1,1 @@
-"""Model compression: weight-only quantization, magnitude pruning, the compressed folder format, `raylm compress`."""
+"""Model compression, an application: weight-only quantization, magnitude pruning, `raylm compress`."""

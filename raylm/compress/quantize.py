@@ -1,4 +1,6 @@
-"""Symmetric weight-only quantization of one weight matrix: torchao computes it, plain torch stores and reverses it.
+"""Symmetric weight-only quantization of one weight matrix: torchao computes it, plain torch stores it.
+
+raylm.model.quantized reads the stored form back.
 
 int8: one scale per output row (per-channel). int4: one scale per `group_size` consecutive input columns of a row.
 torchao's `IntxWeightOnlyConfig` (symmetric, zero point 0) does the rounding, on CPU, with this torch; its
@@ -16,6 +18,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
+from raylm.errors import RaylmError
 
 BITS = {"int8": 8, "int4": 4}
 
@@ -38,8 +42,6 @@ def _torchao():
         from torchao.quantization import IntxWeightOnlyConfig, quantize_
         from torchao.quantization.granularity import PerAxis, PerGroup
     except ImportError:
-        from raylm.errors import RaylmError
-
         raise RaylmError("--quantize needs torchao: pip install 'raylm[compress]'") from None
     finally:
         for log, level in zip(quiet, levels):
@@ -66,22 +68,3 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """int8 values in [-8, 7], shape (out, in) -> uint8 (out, in / 2): even columns in the low nibble."""
     nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
     return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of pack_int4: int8 (out, 2 * packed columns) in [-8, 7]."""
-    low, high = (packed & 0xF).to(torch.int8), (packed >> 4).to(torch.int8)
-    values = torch.stack([low, high], dim=-1).reshape(packed.shape[0], -1)
-    return torch.where(values >= 8, values - 16, values)
-
-
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    """fp32 (out, in) from the stored form (no torchao needed)."""
-    q = unpack_int4(qweight) if bits == 4 else qweight.to(torch.int8)
-    group = q.shape[1] // scales.shape[1]
-    return q.float() * scales.float().repeat_interleave(group, dim=1)
-
-
-def in_features(qweight_shape: tuple[int, ...], bits: int) -> int:
-    """The input width of the matrix a stored qweight holds."""
-    return qweight_shape[1] * (8 // bits)

@@ -2,7 +2,7 @@
 
     summary = compress(CompressOptions(source="runs/t1", out_dir="exports/t1-int8", quantize="int8"))
 
-The output is an export folder (raylm.compress.format) that `raylm eval`, `raylm generate` and, when it is not
+The output is an export folder (raylm.model.quantized) that `raylm eval`, `raylm generate` and, when it is not
 quantized, `model.init_from` read. Linear layers are every 2-D weight except the token embedding; the embedding
 (with tied embeddings also the output head) and the norms stay fp32 unless `embeddings` is set. The summary is
 one JSON-able dict: parameters, bytes before and after, sparsity, and with `eval_data` loss and perplexity of the
@@ -18,12 +18,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from raylm.compress.format import MASKS_FILE, is_raylm_quantized, quantization_config, stored_names
+from raylm.checkpoint.export import write_hf_files
 from raylm.compress.prune import CompressError, check_prune_options, prune_masks
 from raylm.compress.quantize import BITS, quantize
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
+from raylm.evaluate import evaluate, open_source
 from raylm.model.hf_llama import hf_name, to_hf_tensor
+from raylm.model.quantized import MASKS_FILE, is_raylm_quantized, quantization_config, stored_names
 from raylm.storage.atomic import atomic_path, copy_atomic, write_atomic
 from raylm.storage.file_names import HF_CONFIG_FILE, RAYLM_CONFIG_FILE, WEIGHTS_FILE
 from raylm.storage.uri import refuse_uri
@@ -96,8 +98,6 @@ def _check_group_size(hf: dict[str, torch.Tensor], names: list[str], group_size:
 
 def compress(options: CompressOptions) -> dict:
     """Write the compressed folder and return the summary (see the module docstring)."""
-    from raylm.evaluate import evaluate, open_source
-
     options.check()
     refuse_uri("compress OUT", options.out_dir, "compressed folders are written to a local folder only; write "
                                                 "locally, then copy the folder")
@@ -157,8 +157,6 @@ def _write_folder(out: Path, stored: dict[str, torch.Tensor], masks: dict[str, t
     """model.safetensors, masks.safetensors, config.json and the tokenizer and run-config files, each renamed
     into place when complete."""
     from safetensors.torch import save_file
-
-    from raylm.checkpoint.export import write_hf_files
 
     _save(save_file, stored, out / WEIGHTS_FILE)
     if masks is not None:

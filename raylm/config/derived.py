@@ -1,11 +1,10 @@
-"""Values derived from the config in exactly one place: FFN width, padded vocab, kv heads, micro-batch counts,
-the DP sizes an elastic run may take."""
+"""Values derived from the config in exactly one place: FFN width, padded vocab, kv heads, micro-batch counts.
+
+The layout's arithmetic is raylm.config.layout's."""
 
 from __future__ import annotations
 
-import math
-
-from raylm.config.schema import Config, ModelConfig, ParallelConfig
+from raylm.config.schema import Config, ModelConfig
 
 VOCAB_PAD_MULTIPLE = 128  # layout-independent, so every (pp, tp, dp) builds the same full model
 
@@ -25,39 +24,6 @@ def kv_heads(model: ModelConfig) -> int:
 def padded_vocab(vocab_size: int) -> int:
     """Embedding rows: the tokenizer's vocab rounded up to a multiple of 128 (rows past vocab_size are never targets)."""
     return -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
-
-
-def num_workers(cfg: Config) -> int:
-    """Ray Train workers: one per (pp, tp, dp) rank (the product is Topology's)."""
-    from raylm.parallel.topology import Topology  # it imports this module
-
-    return Topology.from_config(cfg.parallel).world_size
-
-
-def is_elastic(parallel: ParallelConfig) -> bool:
-    """True when the DP size may change during the run (parallel.dp: [min, max] with min < max)."""
-    return 0 < parallel.dp_min < parallel.dp_max
-
-
-def dp_sizes(parallel: ParallelConfig) -> range:
-    """Every DP size the run may train with: dp_min..dp_max when elastic, else dp alone."""
-    return range(parallel.dp_min, parallel.dp_max + 1) if is_elastic(parallel) else range(parallel.dp, parallel.dp + 1)
-
-
-def replica_workers(parallel: ParallelConfig) -> int:
-    """Workers of one DP replica (pp * tp): an elastic worker group grows and shrinks by whole multiples of it."""
-    return parallel.pp * parallel.tp
-
-
-def worker_range(cfg: Config) -> tuple[int, int]:
-    """(fewest, most) Ray Train workers: pp * tp * dp_min and pp * tp * dp_max, or num_workers twice when fixed."""
-    sizes = dp_sizes(cfg.parallel)
-    return replica_workers(cfg.parallel) * sizes[0], replica_workers(cfg.parallel) * sizes[-1]
-
-
-def batch_quantum(parallel: ParallelConfig) -> int:
-    """What every global batch must be a multiple of: micro_batch * dp for each dp the run may take."""
-    return parallel.micro_batch * math.lcm(*dp_sizes(parallel))
 
 
 def samples_per_micro_step(cfg: Config) -> int:

@@ -8,8 +8,9 @@ import math
 import os
 import re
 
-from raylm.config.derived import (batch_quantum, dp_sizes, is_elastic, kv_heads, padded_vocab,
-                                  samples_per_micro_step, worker_range)
+from raylm.config.derived import kv_heads, samples_per_micro_step
+from raylm.config.drills import DRILL, PHASES, parse_drills
+from raylm.config.layout import Layout, batch_quantum, dp_sizes, is_elastic, worker_range
 from raylm.config.loader import short_repr
 from raylm.config.schema import Config, field_choices
 from raylm.errors import ConfigError, StorageError
@@ -24,8 +25,7 @@ def validate(cfg: Config) -> Config:
     """Raise ConfigError naming the first impossible setting; return the config unchanged when it can run."""
     for check in (_check_run, _check_positive, _check_choices, _check_model, _check_dp_range, _check_layout,
                   _check_batch,
-                  _check_schedule, _check_plateau, _check_tune, _check_storage, _check_data, _check_drill,
-                  _check_init_from):
+                  _check_schedule, _check_plateau, _check_tune, _check_storage, _check_data, _check_drill):
         check(cfg)
     return cfg
 
@@ -127,16 +127,10 @@ def _check_dp_range(cfg: Config) -> None:
 
 
 def _check_layout(cfg: Config) -> None:
-    """The (pp, tp, dp) rules, from the one place build_engine checks them too."""
-    from raylm.parallel.topology import Topology, check_layout  # raylm.parallel.topology imports this package
-
-    p = cfg.parallel
-    topo = Topology.from_config(p)
-    world = topo.world_size
-    if p.num_workers and p.num_workers != world:
-        _fail(f"parallel.pp * tp * dp = {p.pp} * {p.tp} * {p.dp} = {world} does not match "
-              f"parallel.num_workers={p.num_workers}; change the degrees or set parallel.num_workers={world}")
-    check_layout(topo, cfg.model, cfg.data.vocab_size, p.zero_stage)
+    """The (pp, tp, dp) rules, from the one place (Layout) build_engine checks them too."""
+    layout = Layout.of(cfg.parallel)
+    layout.check_num_workers(cfg.parallel.num_workers)
+    layout.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
 
 
 def _check_batch(cfg: Config) -> None:
@@ -260,35 +254,13 @@ def _check_data(cfg: Config) -> None:
             _fail(f"data.sources weight {short_repr(weight)} for {source['path']} must be a positive finite number")
 
 
-_DRILL_ONE = (r"(before-files|mid-files|before-commit|after-commit|step|nonfinite|spike|read|prepare|commit)"
-              r"@[0-9]+(:[0-9]+)?")
-DRILL = re.compile(rf"^{_DRILL_ONE}(,{_DRILL_ONE})*$")
-
-
 def _check_drill(cfg: Config) -> None:
-    from raylm.train.faults import parse_drills
-
     drill = cfg.fault.drill
     if drill and not DRILL.match(drill):
-        _fail(f"fault.drill={drill!r} is not PHASE@STEP[:RANK][,...] with PHASE one of before-files, mid-files, "
-              f"before-commit, after-commit, step, nonfinite, spike, read, prepare, commit; e.g. "
-              f"fault.drill=mid-files@4 or step@3:1,after-commit@6:2, or '' for no drill")
+        _fail(f"fault.drill={drill!r} is not PHASE@STEP[:RANK][,...] with PHASE one of {', '.join(PHASES)}; "
+              f"e.g. fault.drill=mid-files@4 or step@3:1,after-commit@6:2, or '' for no drill")
     world = worker_range(cfg)[0]  # an elastic group may shrink to its fewest workers
     for _, _, rank in parse_drills(drill, cfg.fault.drill_rank):
         if not 0 <= rank < world:
             _fail(f"fault.drill rank {rank} (fault.drill_rank or :RANK) is not a rank of the {world} workers; "
                   f"set it below {world}")
-
-
-def _check_init_from(cfg: Config) -> None:
-    """model.init_from must be a Llama folder whose tensors fit this model (headers only: no weights are read)."""
-    if not cfg.model.init_from:
-        return
-    from raylm.errors import RaylmError
-    from raylm.model.hf_weights import open_hf_weights  # torch and safetensors: only when a folder is named
-    from raylm.model.weights import init_from_label
-
-    try:
-        open_hf_weights(cfg.model.init_from, cfg.model, padded_vocab(cfg.data.vocab_size), init_from_label(cfg.model))
-    except RaylmError as exc:
-        _fail(str(exc))

@@ -20,8 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from raylm.data.shards import (FIX, SHARD_NAME, ShardDigest, check_shard_size, manifest_data, parse_manifest,
-                               read_manifest)
+from raylm.data.shards import (FIX, SHARD_NAME, ShardDigest, check_shard, check_shard_size, check_tokenizer,
+                               manifest_data, parse_manifest, read_manifest, split_summary)
 from raylm.data.tokenizer import file_sha256, tokenizer_object, tokenizer_path
 from raylm.errors import DataError
 from raylm.log import get_logger
@@ -179,3 +179,20 @@ def verify_remote(uri_text: str) -> dict:
             raise DataError(f"shard {uri.join(entry['file'])} named in the manifest is missing; {FIX}") from None
         digest.check(str(uri.join(entry["file"])), entry, manifest["vocab_size"])
     return manifest
+
+
+def verify(out_dir: str | Path) -> dict:
+    """Check the tokenizer and every shard against manifest.json; a summary dict, or DataError naming the
+    shard. An s3:// or gs:// prefix is checked by reading each object once (nothing is written to the
+    cache)."""
+    if is_uri(out_dir):
+        folder, manifest = str(out_dir), verify_remote(str(out_dir))
+    else:
+        folder = str(Path(out_dir).expanduser())
+        manifest = read_manifest(folder)
+        check_tokenizer(Path(folder), manifest)
+        for entry in manifest["shards"]:
+            check_shard(Path(folder), entry, manifest["vocab_size"])
+    return {"ok": True, "dir": folder, "shards": len(manifest["shards"]), "tokens": manifest["tokens"],
+            "vocab_size": manifest["vocab_size"], "tokenizer_sha256": manifest["tokenizer_sha256"],
+            "splits": split_summary(manifest)}

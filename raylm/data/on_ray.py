@@ -7,6 +7,7 @@ from typing import Callable, Iterator
 
 from raylm.errors import DataError
 from raylm.log import console_is_verbose, quiet_ray_driver_loggers
+from raylm.ray_connect import check_ray_address
 
 ERROR_COLUMN = "error"  # a task reports a DataError as a row, so the driver raises one line, not a task traceback
 
@@ -30,13 +31,8 @@ def ray_session() -> Iterator[None]:
 def probe_ray_address() -> None:
     """Fail in seconds, as `raylm train` does, when RAY_ADDRESS names a cluster that does not answer (ray.init
     would retry for minutes); nothing to check when Ray is up already or starts locally."""
-    import os
-
-    from raylm.train.ray_cluster import CONNECT_TIMEOUT_S, probe_address
-
-    address = os.environ.get("RAY_ADDRESS", "").strip()
-    if address not in ("", "local", "auto") and not ray_is_up():
-        probe_address(address, CONNECT_TIMEOUT_S)
+    if not ray_is_up():
+        check_ray_address()
 
 
 def ray_is_up() -> bool:

@@ -35,9 +35,12 @@ from typing import Iterator
 
 import numpy as np
 
-from raylm.config import Config
+from raylm.config import Config, with_overrides
+from raylm.config.drills import parse_drills
+from raylm.data.cache import cache_folder
 from raylm.data.corpus import CorpusFile, ReadPolicy, list_files, read_documents, refuse_binary_files
 from raylm.data.on_ray import ERROR_COLUMN, errors_as_rows, ordered, probe_ray_address, raise_if_error, ray_session
+from raylm.data.publish import remote_current, upload_prepared
 from raylm.data.readers_lock import writing
 from raylm.data.shards import (FORMAT, SHARD_NAME, SPLITS, ShardWriter, check_shard, check_tokenizer,
                                read_manifest, split_summary, token_dtype)
@@ -46,9 +49,10 @@ from raylm.data.tokenizer import (EOT_ID, TOKENIZER_OBJECT, encode_documents, fi
 from raylm.errors import DataError
 from raylm.fsync import fsync_path
 from raylm.log import get_logger
-from raylm.storage.atomic import write_json_atomic
+from raylm.storage.atomic import put_atomic, write_json_atomic
 from raylm.storage.file_names import MANIFEST_FILE, TOKENIZER_FILE
-from raylm.storage.uri import is_uri
+from raylm.storage.fs import filesystem
+from raylm.storage.uri import is_uri, parse_uri
 
 PREPARE_VERSION = 1  # part of the input fingerprint: bump when prepare writes other bytes for the same input
 TOKENIZER_SAMPLE_BYTES = 16 << 20  # BPE training reads at most this much text: memory stays flat as corpora grow
@@ -81,9 +85,7 @@ class Totals:
 def prepare(cfg: Config, use_ray: bool = True) -> dict:
     """Tokenize data.paths into data.out_dir; returns a summary (`skipped` when the folder was already current)."""
     if is_uri(cfg.data.out_dir):
-        from raylm.data.publish import prepare_to_uri
-
-        return prepare_to_uri(cfg, use_ray)
+        return _prepare_to_uri(cfg, use_ray)
     started, data = time.monotonic(), cfg.data
     out_dir = Path(data.out_dir).expanduser()
     files, given, input_sha = prepare_inputs(data)
@@ -105,6 +107,27 @@ def prepare(cfg: Config, use_ray: bool = True) -> dict:
     get_logger().info("prepare: %d docs -> %d tokens in %d shards at %s", summary["docs"], summary["tokens"],
                       summary["shards"], out_dir)
     return {**summary, **timings}
+
+
+def _prepare_to_uri(cfg: Config, use_ray: bool = True) -> dict:
+    """Tokenize data.paths into the data.out_dir prefix; the summary names the URI (`skipped`: current)."""
+    started = time.monotonic()
+    uri = parse_uri(cfg.data.out_dir, "data.out_dir")
+    filesystem(uri)
+    _, _, input_sha = prepare_inputs(cfg.data)
+    current = remote_current(uri, input_sha)
+    if current is not None:
+        get_logger().info("prepare: %s is up to date with its input files; nothing to do", uri)
+        if current.get("seq_len") != cfg.data.seq_len:  # only peek's default window length
+            current = {**current, "seq_len": cfg.data.seq_len}
+            put_atomic(uri.join(MANIFEST_FILE), json.dumps(current, indent=1) + "\n")
+        summary = _summary(current, str(uri), skipped=True, seconds=time.monotonic() - started)
+        return {**summary, "uploaded": 0}
+    mirror = cache_folder(uri, cfg.data.cache_dir)
+    summary = prepare(with_overrides(cfg, {"data.out_dir": str(mirror)}), use_ray)
+    uploaded = upload_prepared(mirror, uri)
+    return {**summary, "out_dir": str(uri), "skipped": False, "uploaded": uploaded,
+            "seconds": time.monotonic() - started}
 
 
 def _build(files: list[CorpusFile], data, given: Path | None, input_sha: str, out_dir: Path,
@@ -431,7 +454,7 @@ class PrepareDrill:
     'commit@K' right after the K-th rename of the commit (0: before the first). For tests only."""
 
     def __init__(self, drill: str):
-        self.points = {(phase, int(at)) for phase, _, at in (d.partition("@") for d in drill.split(",") if d)}
+        self.points = {(phase, at) for phase, at, _ in parse_drills(drill, default_rank=0)}
 
     def at(self, phase: str, value: int) -> None:
         if any(p == phase and (value == at if phase == "commit" else value >= at) for p, at in self.points):

@@ -1,4 +1,6 @@
-"""`raylm prepare` into an s3:// or gs:// data.out_dir: prepare locally, then upload with manifest.json last.
+"""`raylm prepare` into an s3:// or gs:// data.out_dir: upload a folder prepared locally, manifest last.
+
+raylm.data.prepare prepares the folder and calls this module to check and upload it.
 
 1. Probe the bucket (a missing bucket or a silent endpoint fails before any tokenizing).
 2. When the prefix's manifest records these inputs and every object it names is there with its size (and
@@ -19,45 +21,19 @@ Two prepares of one prefix from different machines are not kept apart (there is 
 from __future__ import annotations
 
 import hashlib
-import json
-import time
 from pathlib import Path
 
-from raylm.config import Config, with_overrides
-from raylm.data.cache import cache_folder
-from raylm.data.prepare import _summary, prepare, prepare_inputs
 from raylm.data.shards import SHARD_NAME, check_shard_size, parse_manifest, read_manifest
 from raylm.data.tokenizer import TOKENIZER_OBJECT, tokenizer_object
 from raylm.errors import DataError
 from raylm.log import get_logger
-from raylm.storage.atomic import put_atomic
 from raylm.storage.file_names import MANIFEST_FILE, TOKENIZER_FILE
-from raylm.storage.fs import filesystem
 from raylm.storage.objects import delete_object, object_sizes, read_bytes, upload_file
-from raylm.storage.uri import StorageUri, parse_uri
+from raylm.storage.uri import StorageUri
 
 
-def prepare_to_uri(cfg: Config, use_ray: bool = True) -> dict:
-    """Tokenize data.paths into the data.out_dir prefix; the summary names the URI (`skipped` when current)."""
-    started = time.monotonic()
-    uri = parse_uri(cfg.data.out_dir, "data.out_dir")
-    filesystem(uri)
-    _, _, input_sha = prepare_inputs(cfg.data)
-    current = _remote_current(uri, input_sha)
-    if current is not None:
-        get_logger().info("prepare: %s is up to date with its input files; nothing to do", uri)
-        if current.get("seq_len") != cfg.data.seq_len:  # only peek's default window length
-            current = {**current, "seq_len": cfg.data.seq_len}
-            put_atomic(uri.join(MANIFEST_FILE), json.dumps(current, indent=1) + "\n")
-        return {**_summary(current, str(uri), skipped=True, seconds=time.monotonic() - started), "uploaded": 0}
-    mirror = cache_folder(uri, cfg.data.cache_dir)
-    summary = prepare(with_overrides(cfg, {"data.out_dir": str(mirror)}), use_ray)
-    uploaded = upload_prepared(mirror, uri)
-    return {**summary, "out_dir": str(uri), "skipped": False, "uploaded": uploaded,
-            "seconds": time.monotonic() - started}
 
-
-def _remote_current(uri: StorageUri, input_sha: str) -> dict | None:
+def remote_current(uri: StorageUri, input_sha: str) -> dict | None:
     """The prefix's manifest when it was built from these inputs and every object it names is in place."""
     data = read_bytes(uri.join(MANIFEST_FILE))
     if data is None:

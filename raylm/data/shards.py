@@ -193,21 +193,3 @@ def split_summary(manifest: dict) -> dict[str, dict]:
         row["docs"] += entry["docs"]
         row["shards"] += 1
     return splits
-
-
-def verify(out_dir: str | Path) -> dict:
-    """Check the tokenizer and every shard against manifest.json; a summary dict, or DataError naming the shard.
-    An s3:// or gs:// prefix is checked by reading each object once (nothing is written to the cache)."""
-    if is_uri(out_dir):
-        from raylm.data.cache import verify_remote
-
-        folder, manifest = str(out_dir), verify_remote(str(out_dir))
-    else:
-        folder = str(Path(out_dir).expanduser())
-        manifest = read_manifest(folder)
-        check_tokenizer(Path(folder), manifest)
-        for entry in manifest["shards"]:
-            check_shard(Path(folder), entry, manifest["vocab_size"])
-    return {"ok": True, "dir": folder, "shards": len(manifest["shards"]), "tokens": manifest["tokens"],
-            "vocab_size": manifest["vocab_size"], "tokenizer_sha256": manifest["tokenizer_sha256"],
-            "splits": split_summary(manifest)}

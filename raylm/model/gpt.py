@@ -3,7 +3,7 @@
 Architecture: token embedding -> n_layer x [RMSNorm -> causal GQA attention with RoPE -> residual,
 RMSNorm -> SwiGLU MLP -> residual] -> RMSNorm -> LM head (optionally tied to the embedding). No biases.
 
-Parameter names follow Meta's Llama checkpoints, so export is a rename (see `HF_LLAMA_NAMES`):
+Parameter names follow Meta's Llama checkpoints, so export is a rename (raylm.model.hf_llama.HF_LLAMA_NAMES):
 
     tok_embeddings.weight                    model.embed_tokens.weight
     layers.{i}.attention_norm.weight         model.layers.{i}.input_layernorm.weight
@@ -28,22 +28,6 @@ import torch.nn.functional as F
 
 from raylm.config.derived import ffn_hidden, kv_heads
 from raylm.config.schema import ModelConfig
-
-HF_LLAMA_NAMES = {
-    "tok_embeddings": "model.embed_tokens",
-    "attention_norm": "input_layernorm",
-    "attention.wq": "self_attn.q_proj",
-    "attention.wk": "self_attn.k_proj",
-    "attention.wv": "self_attn.v_proj",
-    "attention.wo": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "feed_forward.w1": "mlp.gate_proj",
-    "feed_forward.w3": "mlp.up_proj",
-    "feed_forward.w2": "mlp.down_proj",
-    "norm": "model.norm",
-    "output": "lm_head",
-}
-
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain (no bias, no mean subtraction)."""
@@ -262,12 +246,3 @@ def init_full_weights(cfg: ModelConfig, vocab_size: int, seed: int) -> dict[str,
 def param_count(cfg: ModelConfig, vocab_size: int) -> int:
     """Trainable parameters, counting a tied embedding once."""
     return sum(math.prod(shape) for shape in param_shapes(cfg, vocab_size).values())
-
-
-def flops_per_token(cfg: ModelConfig, vocab_size: int, seq_len: int) -> int:
-    """Training FLOPs per token, 6N + 12·L·d·T (PaLM appendix B): weights fwd+bwd plus attention scores.
-
-    N counts the weights that take part in a matmul: an untied input embedding is a lookup and is left out
-    (a tied one is counted once, as the LM head)."""
-    lookup = 0 if cfg.tie_embeddings else vocab_size * cfg.d_model
-    return 6 * (param_count(cfg, vocab_size) - lookup) + 12 * cfg.n_layer * cfg.d_model * seq_len

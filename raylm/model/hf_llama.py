@@ -12,7 +12,21 @@ import torch
 
 from raylm.config.derived import ffn_hidden, kv_heads
 from raylm.config.schema import ModelConfig
-from raylm.model.gpt import HF_LLAMA_NAMES
+
+HF_LLAMA_NAMES = {
+    "tok_embeddings": "model.embed_tokens",
+    "attention_norm": "input_layernorm",
+    "attention.wq": "self_attn.q_proj",
+    "attention.wk": "self_attn.k_proj",
+    "attention.wv": "self_attn.v_proj",
+    "attention.wo": "self_attn.o_proj",
+    "ffn_norm": "post_attention_layernorm",
+    "feed_forward.w1": "mlp.gate_proj",
+    "feed_forward.w3": "mlp.up_proj",
+    "feed_forward.w2": "mlp.down_proj",
+    "norm": "model.norm",
+    "output": "lm_head",
+}
 
 ROTARY = ("attention.wq.weight", "attention.wk.weight")
 LLAMA_TYPE, LLAMA_ARCH = "llama", "LlamaForCausalLM"

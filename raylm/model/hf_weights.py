@@ -3,7 +3,7 @@
 `open_folder` is the one place that decides whether a folder can be read at all (a Llama, float safetensors,
 not truncated; `_check_format` holds the format rules); it parses config.json and the safetensors headers only.
 A folder `raylm compress` quantized opens only where asked (`quantized_ok`: eval, generate): its matrices are
-dequantized as they are read (raylm.compress.format); a pruned folder's masks are served by `read_mask`.
+dequantized as they are read (raylm.model.quantized); a pruned folder's masks are served by `read_mask`.
 `HFWeights` then checks every tensor a model config needs against those headers, naming the first mismatch, and serves
 `read(name, shard)` from memory-mapped files: `get_slice` reads only a tensor-parallel rank's rows or columns,
 so a rank touches only the bytes it owns. wq/wk rows go back from HF's rotate-half order to raylm's
@@ -19,14 +19,14 @@ from pathlib import Path
 
 import torch
 
-from raylm.compress.format import (MASKS_FILE, QUANT_DTYPES, QWEIGHT, SCALES, is_raylm_quantized, stored_names,
-                                   weight_name)
 from raylm.config.schema import ModelConfig
 from raylm.errors import CheckpointError
 from raylm.model.gpt import param_shapes
 from raylm.model.hf_llama import (LLAMA_ARCH, LLAMA_TYPE, differing_settings, half_to_interleaved, hf_name,
                                   rotary_heads, unsupported_settings)
-from raylm.model.weights import Shard
+from raylm.model.quantized import (MASKS_FILE, QUANT_DTYPES, QWEIGHT, SCALES, dequantize, is_raylm_quantized,
+                                   stored_names, weight_name)
+from raylm.model.weight_source import Shard
 from raylm.storage.file_names import HF_CONFIG_FILE
 
 INDEX_FILE = "model.safetensors.index.json"  # sharded folders map each tensor to its file here
@@ -232,8 +232,6 @@ class HFWeights:
         return tensor[tuple(index)]
 
     def _dequantize(self, key: str, info: TensorInfo) -> torch.Tensor:
-        from raylm.compress.quantize import dequantize
-
         handle = self._handle(info.file)
         qweight, scales = (handle.get_tensor(stored) for stored in stored_names(key))
         return dequantize(qweight, scales, int(info.dtype[1:]))

@@ -9,35 +9,16 @@ own TP slice, so no rank ever materializes the whole model:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Mapping
 
 import torch
 
 from raylm.config.derived import padded_vocab
 from raylm.config.schema import Config, ModelConfig
+from raylm.errors import ConfigError, RaylmError
 from raylm.model.gpt import init_param, param_shapes
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Slice `index` of `count` equal chunks along `dim`: the part of a full tensor one TP rank holds."""
-
-    dim: int
-    index: int
-    count: int
-
-    def of(self, full: torch.Tensor) -> torch.Tensor:
-        """This shard of `full`, as a tensor with its own storage (a view would keep the full tensor alive)."""
-        return full.chunk(self.count, dim=self.dim)[self.index].clone()
-
-
-class WeightSource(Protocol):
-    """Full-model fp32 weights under raylm's parameter names, read one parameter (or slice) at a time."""
-
-    def read(self, name: str, shard: Shard | None = None) -> torch.Tensor:
-        """The fp32 tensor of parameter `name`, or only `shard` of it."""
-        ...
+from raylm.model.hf_weights import open_hf_weights
+from raylm.model.weight_source import Shard, WeightSource
 
 
 class SeededInit:
@@ -69,8 +50,6 @@ def starting_weights(cfg: Config) -> WeightSource:
     the model config), else drawn from (model config, run.seed)."""
     vocab_rows = padded_vocab(cfg.data.vocab_size)
     if cfg.model.init_from:
-        from raylm.model.hf_weights import open_hf_weights
-
         return open_hf_weights(cfg.model.init_from, cfg.model, vocab_rows, label=init_from_label(cfg.model))
     return SeededInit(cfg.model, vocab_rows, cfg.run.seed)
 
@@ -78,3 +57,16 @@ def starting_weights(cfg: Config) -> WeightSource:
 def init_from_label(model: ModelConfig) -> str:
     """How errors about model.init_from name it."""
     return f"model.init_from={model.init_from}"
+
+
+def check_init_from(cfg: Config) -> Config:
+    """model.init_from must be a Llama folder whose tensors fit this model (headers only: no weights are
+    read); ConfigError otherwise. `raylm` commands and raylm.train.driver.train call it once the config is
+    built."""
+    if cfg.model.init_from:
+        try:
+            open_hf_weights(cfg.model.init_from, cfg.model, padded_vocab(cfg.data.vocab_size),
+                            init_from_label(cfg.model))
+        except RaylmError as exc:
+            raise ConfigError(str(exc)) from None
+    return cfg

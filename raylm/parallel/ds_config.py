@@ -75,7 +75,7 @@ def build_ds_config(p: ParallelConfig, spec: TrainSpec, micro_batches: int | Non
         "gradient_clipping": spec.grad_clip,
         # bf16 compute with fp32 master weights and fp32 gradient accumulation
         "bf16": {"enabled": spec.precision == "bf16"},
-        # stage 2, 3 only at pp = 1 (check_layout). Gradients are reduced in buckets of REDUCE_BUCKET elements:
+        # stage 2, 3 only at pp = 1 (check_model). Gradients are reduced in buckets of REDUCE_BUCKET elements:
         # DeepSpeed's default (5e8) holds a model of up to 500M parameters' gradients a second time, whole
         "zero_optimization": zero_optimization(zero_stage_for(p, spec.precision)),
         # our torch.optim.AdamW is passed in; DeepSpeed would otherwise refuse it under ZeRO

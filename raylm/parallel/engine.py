@@ -22,9 +22,10 @@ import torch.distributed as dist
 import torch.nn as nn
 from deepspeed.runtime.pipe.topology import PipelineParallelGrid
 
-from raylm.checkpoint.names import model_layers
 from raylm.config.schema import Config, ModelConfig, OptimConfig, ParallelConfig
-from raylm.model.weights import InMemoryWeights, SeededInit, WeightSource
+from raylm.model.facts import model_layers
+from raylm.model.weight_source import WeightSource
+from raylm.model.weights import InMemoryWeights, SeededInit
 from raylm.parallel import param_state, sparsity
 from raylm.parallel.ds_config import TrainSpec, build_ds_config, zero_stage_for
 from raylm.parallel.host_alloc import map_large_allocations
@@ -36,7 +37,7 @@ from raylm.parallel.shards import (StageLayers, gather_full, named_params, owned
                                    shard_of, tag_for_grad_norm)
 from raylm.parallel.step_guard import StepGuard
 from raylm.parallel.tensor import TPGroup
-from raylm.parallel.topology import ProcessGroups, Topology, build_groups, check_layout
+from raylm.parallel.topology import ProcessGroups, Topology, build_groups
 from raylm.parallel.zero_init import LayerHook, alias_fp32_masters, layer_partitioner
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), each LongTensor (micro_batch, seq_len)
@@ -319,7 +320,7 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     and parallel sections, and from the rest only a TrainSpec; `weights` defaults to the run's seeded init."""
     spec = TrainSpec.from_config(cfg)
     topo = Topology.from_config(cfg.parallel, dist.get_world_size())
-    check_layout(topo, cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
+    topo.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
     with shared_single_rank_groups():  # raylm's groups and DeepSpeed's: one per single rank (fewer gloo threads)
         return _build_engine(cfg, spec, topo, weights)
 
@@ -330,7 +331,7 @@ def _build_engine(cfg: Config, spec: TrainSpec, topo: Topology, weights: WeightS
     ds_config = build_ds_config(cfg.parallel, spec)
     # with pp = 1 DeepSpeed learns the TP and DP groups from a grid over the same topology the pipeline uses
     mpu = PipelineParallelGrid(topology=ds_topology(topo)) if topo.pp == 1 else None
-    zero3 = zero_stage_for(cfg.parallel, spec.precision) == 3  # only with pp = 1 (check_layout)
+    zero3 = zero_stage_for(cfg.parallel, spec.precision) == 3  # only with pp = 1 (Layout.check_model)
     if zero3 and not torch.cuda.is_available():
         map_large_allocations()  # before the stage is built: ZeRO-3 gathers and frees every layer every step
     dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32

@@ -1,6 +1,6 @@
 """The GPT's pipeline layer list, as a DeepSpeed PipelineModule over (pp, tp, dp) or, for pp = 1, as one module.
 
-Layer order: [embedding, block 0 .. block L-1, final norm, head] (raylm.checkpoint.names.layer_index numbers it).
+Layer order: [embedding, block 0 .. block L-1, final norm, head] (raylm.model.facts.layer_index numbers it).
 With tied embeddings the first and last entries are TiedLayerSpecs of one key, so DeepSpeed all-reduces the shared
 weight's gradient between the first and last stages; with pp = 1 both uses hit one module and autograd adds them.
 """
@@ -8,7 +8,6 @@ weight's gradient between the first and last stages; with pp = 1 both uses hit o
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable
 
 import torch
@@ -19,7 +18,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from deepspeed.runtime.zero import register_external_parameter
 
 from raylm.config.schema import ModelConfig
-from raylm.model.gpt import param_shapes
+from raylm.model.facts import layer_costs
 from raylm.parallel.layers import (BlockPipe, EmbeddingPipe, FinalNormPipe, HeadPipe, VocabParallelLoss,
                                    tied_head_forward)
 from raylm.parallel.tensor import TPGroup
@@ -38,18 +37,6 @@ def layer_specs(cfg: ModelConfig, vocab_size: int, tp: TPGroup) -> list[LayerSpe
         last = LayerSpec(HeadPipe, cfg, vocab_size, tp)
     blocks = [LayerSpec(BlockPipe, cfg, i, tp) for i in range(cfg.n_layer)]
     return [first, *blocks, LayerSpec(FinalNormPipe, cfg), last]
-
-
-def layer_costs(cfg: ModelConfig, vocab_size: int, seq_len: int) -> list[int]:
-    """Training FLOPs per token of each entry of layer_specs: what `parallel.partition=compute` balances.
-
-    A block costs 6 x its weights plus its attention scores; the head 6·V·d; the embedding (a lookup) and the
-    final norm nothing. Parameter counts would weigh the embedding like the head and leave the last stage
-    the slowest, and the slowest stage sets the pipeline's pace."""
-    shapes = param_shapes(cfg, vocab_size)
-    block_weights = sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("layers.0."))
-    block = 6 * block_weights + 12 * cfg.d_model * seq_len
-    return [0, *[block] * cfg.n_layer, 0, 6 * vocab_size * cfg.d_model]
 
 
 class ComputeBalancedPipeline(PipelineModule):

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from raylm.checkpoint.names import layer_index
-from raylm.model.weights import Shard, WeightSource
+from raylm.model.facts import layer_index
+from raylm.model.weight_source import Shard, WeightSource
 from raylm.parallel import param_state
 from raylm.parallel.tensor import TPGroup
 

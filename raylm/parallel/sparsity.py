@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from raylm.model.weights import WeightSource
+from raylm.model.weight_source import WeightSource
 from raylm.parallel.param_state import local_shape
 from raylm.parallel.shards import gather_tp, tp_shard
 from raylm.parallel.tensor import TPGroup

@@ -87,7 +87,7 @@ def gather_from_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
 
 def _split_param(shape: tuple[int, ...], tp: TPGroup, dim: int) -> nn.Parameter:
     """An uninitialised parameter holding 1/tp of `shape` along `dim`, tagged as a TP shard for DeepSpeed."""
-    assert shape[dim] % tp.size == 0, (shape, dim, tp.size)  # checked with a fix-it message in check_layout
+    assert shape[dim] % tp.size == 0, (shape, dim, tp.size)  # Layout.check_model says it with the fix
     local = list(shape)
     local[dim] //= tp.size
     param = nn.Parameter(torch.empty(local))

@@ -1,4 +1,6 @@
-"""The (pp, tp, dp) layout: rank coordinates, process groups, data-reading ranks and every divisibility check.
+"""The (pp, tp, dp) layout on the ranks: rank coordinates, process groups and data-reading ranks.
+
+The degrees' arithmetic and checks are raylm.config.layout.Layout's; Topology adds where each rank sits.
 
 Rank order matches DeepSpeed's PipeModelDataParallelTopology (axes pipe, data, model with model fastest):
 
@@ -15,9 +17,8 @@ from typing import NamedTuple
 
 import torch.distributed as dist
 
-from raylm.config.derived import ffn_hidden, kv_heads, padded_vocab
-from raylm.config.schema import ModelConfig, ParallelConfig
-from raylm.errors import ConfigError
+from raylm.config.layout import Layout
+from raylm.config.schema import ParallelConfig
 
 
 class Coord(NamedTuple):
@@ -29,27 +30,15 @@ class Coord(NamedTuple):
 
 
 @dataclass(frozen=True)
-class Topology:
-    """Parallel degrees and the pure arithmetic on them; no process group is touched here."""
-
-    pp: int
-    tp: int
-    dp: int
+class Topology(Layout):
+    """A Layout's rank coordinates and groups: pure arithmetic, no process group is touched here."""
 
     @classmethod
     def from_config(cls, parallel: ParallelConfig, world_size: int | None = None) -> "Topology":
         """The layout of `parallel`, checked against the number of ranks actually started."""
         topo = cls(parallel.pp, parallel.tp, parallel.dp)
-        if world_size is not None and world_size != topo.world_size:
-            raise ConfigError(
-                f"parallel.pp * tp * dp = {topo.pp} * {topo.tp} * {topo.dp} = {topo.world_size} ranks, but "
-                f"{world_size} were started; start {topo.world_size} workers or change the degrees so their "
-                f"product is {world_size}")
+        topo.check_started(world_size)
         return topo
-
-    @property
-    def world_size(self) -> int:
-        return self.pp * self.tp * self.dp
 
     def coords(self, rank: int) -> Coord:
         """(pp_stage, dp_rank, tp_rank) of a global rank."""
@@ -96,28 +85,6 @@ class Topology:
             if group not in groups:
                 groups.append(group)
         return groups
-
-
-def check_layout(topo: Topology, model: ModelConfig, vocab_size: int, zero_stage: int) -> None:
-    """Raise ConfigError, with the arithmetic and the fix, when the model cannot be split over `topo`.
-
-    The one home of the layout rules: `raylm config` (validate) and build_engine both call it. `vocab_size` is
-    data.vocab_size, before padding."""
-    vocab = padded_vocab(vocab_size)
-    if model.n_layer < topo.pp:
-        raise ConfigError(f"model.n_layer={model.n_layer} < parallel.pp={topo.pp}: every pipeline stage needs at "
-                          f"least one block; lower parallel.pp or add layers")
-    splits = ((f"model.n_head={model.n_head}", model.n_head, "pick tp dividing n_head"),
-              (f"model.n_kv_head={kv_heads(model)}", kv_heads(model), "pick tp dividing n_kv_head"),
-              (f"FFN width {ffn_hidden(model)} (model.ffn_hidden)", ffn_hidden(model),
-               f"set model.ffn_hidden to a multiple of {topo.tp}"),
-              (f"vocab {vocab_size}, padded to {vocab},", vocab, f"pick tp dividing {vocab}"))
-    for what, size, fix in splits:
-        if size % topo.tp:
-            raise ConfigError(f"{what} is not divisible by parallel.tp={topo.tp}; {fix}")
-    if topo.pp > 1 and zero_stage > 1:
-        raise ConfigError(f"parallel.zero_stage={zero_stage} with parallel.pp={topo.pp}: DeepSpeed's pipeline "
-                          f"engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1 (or parallel.pp=1)")
 
 
 @dataclass

@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from raylm.checkpoint.commit import every_checkpoint_damaged, prune, resume_candidates
+from raylm.checkpoint.rng import capture_rng, restore_rng
+from raylm.checkpoint.state import UnverifiedFile, load_checkpoint, save_checkpoint, verify_for_load
 from raylm.config import Config
 from raylm.errors import RaylmError
 from raylm.log import get_logger
@@ -41,8 +44,6 @@ def resume_candidates_of(cfg: Config, run_dir: Location, rank: int) -> list[Loca
     has already refused a run folder that the policy does not allow resuming."""
     import torch.distributed as dist
 
-    from raylm.checkpoint.commit import resume_candidates
-
     choice: list[Any] = [None]
     if rank == 0:
         policy = "required" if cfg.checkpoint.resume == "required" else "auto"
@@ -64,9 +65,6 @@ def resume(cfg: Config, engine: Engine, run_dir: Location, rank: int) -> ResumeI
 
     Each rank hashes only the files it reads. Under checkpoint.resume=auto a checkpoint that fails is skipped with
     a warning naming the file and the next older one is tried; under required it is an error."""
-    from raylm.checkpoint.commit import every_checkpoint_damaged
-    from raylm.checkpoint.state import UnverifiedFile, verify_for_load
-
     candidates = resume_candidates_of(cfg, run_dir, rank)
     for path in candidates:
         try:
@@ -84,9 +82,6 @@ def resume(cfg: Config, engine: Engine, run_dir: Location, rank: int) -> ResumeI
 
 def restore(cfg: Config, engine: Engine, path: Location, manifest: dict | None = None) -> ResumeInfo:
     """Load model and optimizer state (resharded to this layout if it changed) and, same layout, this rank's RNG."""
-    from raylm.checkpoint.rng import restore_rng
-    from raylm.checkpoint.state import load_checkpoint
-
     resumed = load_checkpoint(engine, cfg, path, manifest)
     if resumed.rank_state is not None:
         restore_rng(resumed.rank_state["rng"])
@@ -106,10 +101,6 @@ def save(cfg: Config, engine: Engine, run_dir: Location, state: TrainState, rank
          on_phase=None, plateau: PlateauState | None = None, extra: dict | None = None) -> Location:
     """Commit a checkpoint (a collective over every rank), then prune old ones on rank 0; `extra` adds JSON-able
     keys to the trainer state."""
-    from raylm.checkpoint.commit import prune
-    from raylm.checkpoint.rng import capture_rng
-    from raylm.checkpoint.state import save_checkpoint
-
     trainer = {"step": state.step, "tokens": state.tokens, "samples": state.samples, "layout": engine.layout,
                "plateau": asdict(plateau or PlateauState()), **(extra or {})}
     path = save_checkpoint(engine, cfg, checkpoint_root(run_dir), state.step, trainer,

@@ -10,16 +10,18 @@ from pathlib import Path
 from typing import Any
 
 from raylm.config import Config, to_dict, with_overrides
-from raylm.config.derived import is_elastic, replica_workers, worker_range
+from raylm.config.layout import is_elastic, replica_workers, worker_range
 from raylm.data.readers_lock import reading
 from raylm.errors import RaylmError
 from raylm.log import get_logger
+from raylm.model.weights import check_init_from
+from raylm.ray_connect import connect_ray
 from raylm.storage.file_names import METRICS_FILE
 from raylm.storage.location import Location, is_remote
 from raylm.storage.uri import is_uri
+from raylm.train.kv import open_kv
 from raylm.train.metrics import plot_loss_curve, read_metrics
 from raylm.train.preflight import check_prepared_data, local_data_folders
-from raylm.train.ray_cluster import connect_ray
 from raylm.train.run_files import RunFiles
 from raylm.train.run_lock import hold_run_lock
 from raylm.train.rundir import checkpoint_root, prepare_run_dir, run_path
@@ -32,12 +34,13 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
 
     allow_config_change: resume even when the seed, data, tokenizer or model shape differ from the checkpoint's."""
     start = time.perf_counter()
-    cfg = with_absolute_paths(cfg)
+    cfg = check_init_from(with_absolute_paths(cfg))
     # the lock comes before anything reads, replaces or writes the run; reading() keeps prepare off its shards
     with hold_run_lock(run_path(cfg), cfg.data.cache_dir), reading(local_data_folders(cfg)):
         check_prepared_data(cfg)
         run_dir = prepare_run_dir(cfg, overwrite=overwrite, allow_config_change=allow_config_change)
         connect_ray()
+        open_kv()  # on this node: the elastic resize handshake goes through it
         trainer = build_trainer(cfg, run_dir)
         get_logger().info("training %s on %s; run folder %s", cfg.run.name, _layout_text(cfg), run_dir)
         if is_elastic(cfg.parallel) and not cfg.fault.max_failures:

@@ -3,7 +3,8 @@
 Ray Train resizes an elastic worker group by stopping it and starting one of the new size, and the new group
 resumes from the newest committed checkpoint. So that growing (or shrinking) a healthy group loses and repeats
 no step, raylm's scaling policy (raylm.train.scaling_policy) does not resize a running group at once. It asks
-first, over Ray's internal key-value store (one channel per run, keys `<channel>/request|ready|release`):
+first, over raylm's key-value actor (raylm.train.kv): one channel per run, keys
+`<channel>/request|ready|release`.
 
 1. The policy sees room for another number of whole DP replicas and writes request=N (N counts up).
 2. After each step rank 0 reads `request` and broadcasts it to every rank (one 8-byte collective per step, in
@@ -22,51 +23,39 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import torch
-
 from raylm.config import Config
-from raylm.config.derived import dp_sizes, is_elastic, replica_workers
-from raylm.errors import ConfigError
+from raylm.config.layout import Layout
 from raylm.log import get_logger
+from raylm.train.kv import kv_delete_prefix, kv_get, kv_put, rank0_decides
 
-KV_NAMESPACE = "raylm"
 WAIT_FOR_RESIZE_S = 120.0  # the policy answers within a controller poll (2 s by default); this only guards a lost one
 POLL_S = 0.1
 
 
 def config_for_group(cfg: Config, world_size: int) -> Config:
     """The run's config with parallel.dp set to the DP replicas this worker group holds (elastic runs only)."""
-    if not is_elastic(cfg.parallel):
+    layout = Layout.of(cfg.parallel)
+    if not layout.elastic:
         return cfg
-    dp, extra = divmod(world_size, replica_workers(cfg.parallel))
-    if extra or dp not in dp_sizes(cfg.parallel):  # the scaling policy proposes only whole replicas in the range
-        raise ConfigError(f"a worker group of {world_size} workers is not a whole number of DP replicas of "
-                          f"pp * tp = {replica_workers(cfg.parallel)} workers within parallel.dp=[{cfg.parallel.dp_min}, "
-                          f"{cfg.parallel.dp_max}]")
+    dp = layout.dp_of_group(world_size)
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=dp))
 
 
 class ResizeChannel:
-    """The three counters of one run's resize handshake in Ray's internal KV store (0 when unset)."""
+    """The three counters of one run's resize handshake in raylm's key-value actor (0 when unset)."""
 
     def __init__(self, name: str):
         self.name = name
 
     def read(self, field: str) -> int:
-        from ray.experimental.internal_kv import _internal_kv_get
-
-        value = _internal_kv_get(f"{self.name}/{field}", namespace=KV_NAMESPACE)
+        value = kv_get(f"{self.name}/{field}")
         return int(value) if value else 0
 
     def write(self, field: str, number: int) -> None:
-        from ray.experimental.internal_kv import _internal_kv_put
-
-        _internal_kv_put(f"{self.name}/{field}", str(number), namespace=KV_NAMESPACE)
+        kv_put(f"{self.name}/{field}", str(number))
 
     def clear(self) -> None:
-        from ray.experimental.internal_kv import _internal_kv_del
-
-        _internal_kv_del(f"{self.name}/", del_by_prefix=True, namespace=KV_NAMESPACE)
+        kv_delete_prefix(f"{self.name}/")
 
 
 class ResizeHandshake:
@@ -78,12 +67,7 @@ class ResizeHandshake:
 
     def requested(self) -> bool:
         """True on every rank when the policy asked for a checkpoint this group has not yet answered (a collective)."""
-        import torch.distributed as dist
-
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        request = torch.tensor([self.channel.read("request") if self.rank == 0 else 0], device=device)
-        dist.broadcast(request, src=0)
-        number = int(request.item())
+        number = rank0_decides(self.rank, lambda: self.channel.read("request"), default=0)
         if number <= self.handled:
             return False
         self.handled = number

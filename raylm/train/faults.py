@@ -9,22 +9,13 @@ import signal
 from pathlib import Path
 
 from raylm.config import Config
+from raylm.config.drills import parse_drills
 from raylm.errors import ConfigError
 from raylm.log import get_logger
 
 FIRED_MARKER = ".fault-drill-fired"  # in the run folder, a line per fired drill: a restarted group skips them
 SPIKE_LR_FACTOR = 1000.0
 READ_STALL_S = 6.0
-
-
-def parse_drills(text: str, default_rank: int) -> list[tuple[str, int, int]]:
-    """'PHASE@STEP[:RANK],...' -> [(phase, step, rank), ...]; a drill without :RANK names fault.drill_rank."""
-    drills = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        point, _, rank = item.partition(":")
-        phase, _, step = point.partition("@")
-        drills.append((phase, int(step or 0), int(rank) if rank else default_rank))
-    return drills
 
 
 class FaultDrill:

@@ -15,11 +15,16 @@ from pathlib import Path
 
 import torch
 
+from raylm.checkpoint.export import export_folder, load_export
+from raylm.checkpoint.manifest import read_manifest
+from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_files, resolve_checkpoint
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
-from raylm.data.tokenizer import EOT_ID
+from raylm.data.cache import local_tokenizer
+from raylm.data.tokenizer import EOT_ID, load_tokenizer_file
 from raylm.errors import RaylmError
 from raylm.log import get_logger
+from raylm.model.gpt import GPT
 from raylm.model.sampling import Sampler, decode_cached, slide_keep
 from raylm.storage.file_names import TOKENIZER_FILE
 
@@ -108,10 +113,6 @@ def load_weights(source: str | Path) -> tuple[dict, dict[str, torch.Tensor], Pat
     """(raw config tree, full state dict, local folder holding tokenizer.json) from an export folder, a
     checkpoint folder, or a run folder (its newest committed checkpoint); any of them may be an s3:// or gs://
     prefix, fetched into this node's cache first (checkpoint files verified against their manifest)."""
-    from raylm.checkpoint.export import export_folder, load_export
-    from raylm.checkpoint.manifest import read_manifest
-    from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_files, resolve_checkpoint
-
     export = export_folder(source)
     if export is not None:
         tree, state = load_export(export)
@@ -124,10 +125,6 @@ def load_weights(source: str | Path) -> tuple[dict, dict[str, torch.Tensor], Pat
 
 def load_model(source: str | Path):
     """(model in eval mode, tokenizer, config) from an export, checkpoint or run folder."""
-    from raylm.data.cache import local_tokenizer
-    from raylm.data.tokenizer import load_tokenizer_file
-    from raylm.model.gpt import GPT
-
     tree, state, folder = load_weights(source)
     # neither the corpus nor the folder the run started from need exist where we generate
     cfg = resolve(tree, {"data.paths": [], "data.sources": [], "model.init_from": ""})

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import yaml
 
+from raylm.checkpoint.commit import list_committed
+from raylm.checkpoint.manifest import verify_checkpoint
 from raylm.config import Config, to_dict
-from raylm.errors import RaylmError
+from raylm.errors import CheckpointError, RaylmError
 from raylm.log import get_logger
 from raylm.storage.file_names import CONFIG_FILE, METRICS_FILE
 from raylm.storage.location import (Location, delete_files, file_sizes, is_remote, local_view, read_bytes,
                                     remove_empty_folders, write_text)
 from raylm.storage.uri import is_uri, parse_uri
+from raylm.train.drift import check_resume_drift
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's list of reported checkpoints
 # Every object name raylm (or Ray Train, for raylm) writes under a run prefix: --overwrite deletes these and no other.
@@ -136,11 +139,6 @@ def _forget_ray_snapshot(path: Location) -> None:
 def _check_drift(cfg: Config, path: Location) -> None:
     """Refuse to resume with settings that change the data or the model, compared with the newest committed
     checkpoint whose config verifies (a damaged one is skipped here as resume=auto skips it)."""
-    from raylm.checkpoint.commit import list_committed
-    from raylm.checkpoint.manifest import verify_checkpoint
-    from raylm.errors import CheckpointError
-    from raylm.train.drift import check_resume_drift
-
     for folder in list_committed(checkpoint_root(path)):
         try:
             verify_checkpoint(folder, only=[CONFIG_FILE], cache_dir=cfg.data.cache_dir)
@@ -151,8 +149,6 @@ def _check_drift(cfg: Config, path: Location) -> None:
 
 
 def _has_committed(path: Location) -> bool:
-    from raylm.checkpoint.commit import list_committed
-
     return bool(list_committed(checkpoint_root(path)))
 
 

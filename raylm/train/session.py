@@ -35,7 +35,7 @@ class Session:
     @classmethod
     def build(cls, cfg: Config, backend: str, rank: int) -> "Session":
         from raylm.data.stream import run_order
-        from raylm.model.gpt import flops_per_token
+        from raylm.model.facts import flops_per_token
         from raylm.model.weights import starting_weights
         from raylm.parallel.engine import build_engine, init_distributed, set_collective_timeout
 

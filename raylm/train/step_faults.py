@@ -11,6 +11,7 @@ from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.storage.location import Location
 from raylm.train.anomaly import NonFinite, RollingLoss
+from raylm.train.checkpoint import resume
 from raylm.train.step import TrainState
 
 
@@ -66,8 +67,6 @@ class StepFaults:
         """Reload the newest committed checkpoint on every rank; the samples from its cursor to this step's end are
         never trained on (the data cursor stays where it is). False when there is no checkpoint yet: a
         non-finite step is then skipped, a spike only reported."""
-        from raylm.train.checkpoint import resume
-
         restored = resume(self.cfg, self.engine, run_dir, rank)
         if restored.source is None:
             get_logger().warning("step %d: no committed checkpoint to roll back to; going on without rollback",

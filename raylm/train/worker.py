@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from raylm.config import Config, resolve
-from raylm.config.derived import is_elastic, micro_batches_for
+from raylm.config.derived import micro_batches_for
+from raylm.config.layout import is_elastic
 from raylm.log import get_logger, quiet_worker_logs, setup_logging
 from raylm.storage.location import Location, as_location
 from raylm.train.checkpoint import checkpoint_due, report_with_checkpoint, save
@@ -21,7 +22,7 @@ from raylm.train.run_files import RunFiles
 from raylm.train.schedule import PlateauState, batch_size_at, lr_at, milestone_crossed, plateau_after_eval
 from raylm.train.step import TimedIterator, TrainState, train_step
 from raylm.train.step_faults import StepFaults
-from raylm.tune.rung_decisions import stopped_at_rung, waits_for_decisions
+from raylm.train.rungs import stopped_at_rung, waits_for_decisions
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:

@@ -7,8 +7,11 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from raylm.train.metrics import read_metrics
+from raylm.train.rungs import CONTINUE, PAUSE, STOP
+
 WORST_VALUE = 1e30  # a diverged trial's recorded value: worse than any loss
-CONTINUE, PAUSE, STOP, RECORD = "continue", "pause", "stop", "record"
+RECORD = "record"  # besides the trial-facing CONTINUE, PAUSE and STOP (raylm.train.rungs)
 # when a decision was taken: at the trial's own rung report, on another trial's report, or when the sweep had
 # nothing left to run (RungBook.close)
 AT_REPORT, ON_LATER_REPORT, AT_CLOSE = "report", "later report", "rung closed"
@@ -223,8 +226,6 @@ class RungReport:
 
 def rung_reports(trials_dir: Path, metric: str) -> list[RungReport]:
     """Every trial's rows that carry `rung_tokens` (a trial's folder is named by its trial id)."""
-    from raylm.train.metrics import read_metrics
-
     return [RungReport(trial=folder.name, time=row["time"], tokens=row["tokens"], value=row.get(metric))
             for folder in sorted(p for p in trials_dir.glob("*") if p.is_dir())
             for row in read_metrics(folder) if "rung_tokens" in row]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raylm.config import Config
-from raylm.config.derived import num_workers
+from raylm.config.layout import num_workers
 from raylm.errors import ConfigError
 from raylm.train.driver import DATA_CPU_RESERVE
 

@@ -11,18 +11,22 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from raylm.checkpoint.commit import list_committed
+from raylm.checkpoint.names import TRAINER_STATE_FILE
 from raylm.config import Config, resolve, to_dict, with_overrides
 from raylm.data.readers_lock import reading
 from raylm.errors import ConfigError, RaylmError
 from raylm.log import get_logger
+from raylm.ray_connect import connect_ray
 from raylm.storage.file_names import DECISIONS_FILE
 from raylm.storage.uri import refuse_uri
 from raylm.train.driver import build_trainer, with_absolute_paths
+from raylm.train.kv import open_kv
+from raylm.train.metrics import read_metrics
 from raylm.train.preflight import check_prepared_data, local_data_folders
-from raylm.train.ray_cluster import connect_ray
-from raylm.train.rundir import checkpoint_root, prepare_run_dir, remove_folder
-from raylm.tune.asha import RungBook
-from raylm.tune.pbt import PbtBook, split_exploit
+from raylm.train.rundir import checkpoint_root, prepare_run_dir, remove_folder, run_path
+from raylm.tune.asha import RungBook, read_decisions
+from raylm.tune.pbt import PbtBook, lr_path, split_exploit
 from raylm.tune.plan import SweepPlan, check_combinations, plan_sweep, trial_config, trial_overrides
 from raylm.tune.report import plot_sweep, write_markdown
 from raylm.tune.resources import TRIAL_DRIVER_CPU, trial_share
@@ -49,6 +53,7 @@ def sweep(cfg: Config, space_path: str | Path, overwrite: bool = False, resume: 
         _prepare_sweep_dir(cfg, overwrite)
         (sweep_dir / SWEEP_FILE).write_text(json.dumps({"config": to_dict(cfg), "space": space.raw}, indent=1))
     connect_ray(dashboard=True)  # trials Tune stops early release their resources through it
+    open_kv()  # on this node: rung decisions go through it
     plan, concurrent = _with_share(cfg, space, plan)
     tuner = _restore_tuner(cfg, sweep_dir, plan) if resume else _new_tuner(cfg, space, plan, sweep_dir, concurrent)
     with reading(local_data_folders(cfg)):  # `raylm prepare` cannot replace the shards the trials read
@@ -191,17 +196,12 @@ def take_donor_checkpoint(run_dir: Path, exploit: dict, trial_id: str) -> str:
 
 def checkpoint_position(folder: Path) -> tuple[int, int]:
     """(steps, tokens) of the one checkpoint copied into a PBT start_from folder."""
-    from raylm.checkpoint.names import TRAINER_STATE_FILE
-
     (state_file,) = folder.glob(f"*/{TRAINER_STATE_FILE}")
     state = json.loads(state_file.read_text())
     return int(state["step"]), int(state["tokens"])
 
 
 def _has_checkpoint(cfg: Config) -> bool:
-    from raylm.checkpoint.commit import list_committed
-    from raylm.train.rundir import run_path
-
     return bool(list_committed(checkpoint_root(run_path(cfg))))
 
 
@@ -235,10 +235,6 @@ def write_outputs(cfg: Config, plan: SweepPlan, sweep_dir: Path, errors: dict[st
 
 def write_lr_path(records, best_id: str, sweep_dir: Path) -> Path:
     """best_lr_path.jsonl: the lr-vs-tokens schedule the best trial's weights followed across its exploits."""
-    from raylm.train.metrics import read_metrics
-    from raylm.tune.asha import read_decisions
-    from raylm.tune.pbt import lr_path
-
     rows_of = {r.trial_id: read_metrics(Path(r.folder)) for r in records}
     exploits = [d for d in read_decisions(sweep_dir / "decisions.jsonl") if d["action"] == "exploit"]
     out = sweep_dir / "best_lr_path.jsonl"

@@ -9,7 +9,8 @@ import pytest
 from raylm.config import resolve
 from raylm.config.loader import read_yaml
 from raylm.data.prepare import prepare
-from raylm.data.shards import read_manifest, verify
+from raylm.data.cache import verify
+from raylm.data.shards import read_manifest
 from raylm.data.stream import RankStream
 from raylm.storage.objects import object_sizes
 from raylm.storage.uri import parse_uri

@@ -10,7 +10,8 @@ import pytest
 
 from raylm.config import resolve
 from raylm.data.prepare import prepare
-from raylm.data.shards import read_manifest, verify
+from raylm.data.cache import verify
+from raylm.data.shards import read_manifest
 from raylm.data.stream import RankStream
 from raylm.data.tokenizer import load_tokenizer
 from raylm.errors import DataError

@@ -12,11 +12,12 @@ from raylm.checkpoint import (capture_rng, list_checkpoints, list_committed, loa
                               prune, restore_rng, resolve_checkpoint, resume_candidates, step_dir_name,
                               verify_checkpoint)
 from raylm.checkpoint.commit import new_tmp_dir
-from raylm.checkpoint.names import layer_file, layer_index
+from raylm.checkpoint.names import layer_file
 from raylm.checkpoint.writer import save_full_weights
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
 from raylm.errors import CheckpointError, RaylmError
+from raylm.model.facts import layer_index
 from raylm.model.gpt import init_full_weights, param_shapes
 
 

@@ -15,7 +15,8 @@ from raylm.checkpoint.export import export, load_export, open_export
 from raylm.checkpoint.writer import save_full_weights
 from raylm.cli import main
 from raylm.compress.prune import CompressError, prune_masks, two_four_mask
-from raylm.compress.quantize import _torchao, dequantize, pack_int4, quantize, unpack_int4
+from raylm.compress.quantize import _torchao, pack_int4, quantize
+from raylm.model.quantized import dequantize, unpack_int4
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
 from raylm.errors import CheckpointError, ConfigError

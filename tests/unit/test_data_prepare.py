@@ -7,7 +7,8 @@ import os
 import pytest
 
 from raylm.data.prepare import prepare
-from raylm.data.shards import read_manifest, verify
+from raylm.data.cache import verify
+from raylm.data.shards import read_manifest
 from raylm.errors import DataError
 from test_data_support import small_config, write_corpus
 

@@ -7,7 +7,7 @@ import pytest
 from raylm.config import resolve
 from raylm.errors import RaylmError
 from raylm.train.driver import scaling_for
-from raylm.train.ray_cluster import connect_ray
+from raylm.ray_connect import connect_ray
 from raylm.train.rundir import prepare_run_dir
 
 

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from raylm.config import resolve, to_dict
-from raylm.config.derived import dp_sizes, worker_range
+from raylm.config.layout import dp_sizes, worker_range
 from raylm.errors import ConfigError
 from raylm.train.driver import scaling_for
 from raylm.train.elastic import config_for_group

@@ -18,13 +18,16 @@ from raylm.config.derived import padded_vocab
 from raylm.errors import CheckpointError, ConfigError
 from raylm.model.gpt import init_full_weights
 from raylm.model.hf_weights import HFWeights, open_folder, open_hf_weights
-from raylm.model.weights import Shard, starting_weights
+from raylm.model.weight_source import Shard
+from raylm.model.weights import check_init_from, starting_weights
 
 MODEL = {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "max_seq_len": 16, "tie_embeddings": False}
 
 
 def config(*overrides: str):
-    return resolve({"data": {"vocab_size": 300, "seq_len": 16}, "model": MODEL}, list(overrides))
+    """The config as `raylm` commands build it: resolved, then model.init_from's headers checked."""
+    tree = {"data": {"vocab_size": 300, "seq_len": 16}, "model": MODEL}
+    return check_init_from(resolve(tree, list(overrides)))
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 
 from raylm.config import resolve
 from raylm.errors import ConfigError
-from raylm.train.faults import parse_drills
+from raylm.config.drills import parse_drills
 from raylm.train.metrics import MetricsWriter, read_metrics
 
 

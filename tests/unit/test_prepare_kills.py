@@ -19,7 +19,8 @@ from tokenizers import Tokenizer
 from raylm.config import resolve
 from raylm.data.prepare import STAGING_PREFIX, prepare
 from raylm.data.readers_lock import reading, writing
-from raylm.data.shards import read_manifest, verify
+from raylm.data.cache import verify
+from raylm.data.shards import read_manifest
 from raylm.data.tokenizer import file_sha256, load_tokenizer
 from raylm.errors import DataError
 from tests.conftest import REPO_ROOT

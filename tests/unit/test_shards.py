@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from raylm.data.shards import ShardWriter, read_manifest, verify
+from raylm.data.cache import verify
+from raylm.data.shards import ShardWriter, read_manifest
 from raylm.data.tokenizer import train_tokenizer
 from raylm.errors import DataError
 from raylm.storage.atomic import write_json_atomic

@@ -19,7 +19,8 @@ import pytest
 
 from raylm.data.cache import cache_folder, fetch_shard, open_cached
 from raylm.data.prepare import prepare
-from raylm.data.shards import read_manifest, verify
+from raylm.data.cache import verify
+from raylm.data.shards import read_manifest
 from raylm.data.stream import RankStream
 from raylm.errors import DataError, StorageError
 from raylm.storage.objects import object_sizes

@@ -10,7 +10,7 @@ from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from raylm.config import resolve
 from raylm.errors import ConfigError
 from raylm.parallel.ds_config import TrainSpec, build_ds_config
-from raylm.parallel.topology import Topology, check_layout
+from raylm.parallel.topology import Topology
 from tests.conftest import REPO_ROOT
 
 LAYOUTS = [(1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (2, 1, 2), (1, 2, 2), (2, 2, 2), (4, 2, 3)]
@@ -52,9 +52,9 @@ def test_world_size_mismatch_names_the_fix():
 def test_check_layout_rejects_indivisible_heads():
     cfg = resolve({}, ["model.n_head=4"])
     with pytest.raises(ConfigError, match=r"n_head=4 is not divisible by parallel.tp=3"):
-        check_layout(Topology(pp=1, tp=3, dp=1), cfg.model, cfg.data.vocab_size, zero_stage=0)
+        Topology(pp=1, tp=3, dp=1).check_model(cfg.model, cfg.data.vocab_size, zero_stage=0)
     with pytest.raises(ConfigError, match="lower parallel.pp or add layers"):
-        check_layout(Topology(pp=5, tp=1, dp=1), cfg.model, cfg.data.vocab_size, zero_stage=0)
+        Topology(pp=5, tp=1, dp=1).check_model(cfg.model, cfg.data.vocab_size, zero_stage=0)
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -105,7 +105,7 @@ def test_fp32_over_one_dp_rank_runs_without_zero(layout):
 
 
 def test_world_size_is_one_product():
-    from raylm.config.derived import num_workers
+    from raylm.config.layout import num_workers
 
     cfg = resolve({}, ["parallel.pp=2", "parallel.tp=2", "parallel.dp=3", "model.n_kv_head=2",
                        "train.global_batch=24"])
@@ -116,7 +116,7 @@ def test_compute_partition_keeps_the_head_off_the_busiest_stage():
     """Balancing FLOPs gives the stage with the head one block fewer: the embedding lookup costs nothing."""
     from deepspeed.runtime.utils import partition_balanced
 
-    from raylm.parallel.pipeline import layer_costs
+    from raylm.model.facts import layer_costs
 
     cfg = resolve({"model": {"d_model": 256, "n_layer": 7, "n_head": 8, "max_seq_len": 256},
                    "data": {"seq_len": 256, "vocab_size": 2048}})

@@ -1,4 +1,6 @@
-"""Connect to the Ray cluster in RAY_ADDRESS (failing fast when it does not answer) or start a local one."""
+"""Connect to the Ray cluster in RAY_ADDRESS (failing fast when it does not answer) or start a local one.
+
+The ground floor's one reader of RAY_ADDRESS: `raylm train`, `raylm sweep` and prepare all go through it."""
 
 from __future__ import annotations
 
@@ -25,10 +27,9 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S, dashboard: bool = 
     threads on a small CPU node (docs/ray-facts.md 4)."""
     import ray
 
-    address = os.environ.get("RAY_ADDRESS", "").strip()
-    remote = address not in ("", "local")
-    if remote and address != "auto":
-        probe_address(address, connect_timeout_s)  # a bad address is the user's error even when Ray is already up
+    address = ray_address()
+    remote = is_remote(address)
+    check_ray_address(connect_timeout_s)  # a bad address is the user's error even when Ray is already up
     if ray.is_initialized():
         return
     log = get_logger()
@@ -44,6 +45,25 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S, dashboard: bool = 
         shown = {"dashboard_host": LOCAL_DASHBOARD_HOST} if dashboard else {}
         ray.init(include_dashboard=dashboard, log_to_driver=True, logging_level=ray_log_level, **shown)
     filter_forwarded_logs()
+
+
+def ray_address() -> str:
+    """RAY_ADDRESS as raylm reads it: '' or 'local' start a local Ray, 'auto' finds a running one, else
+    host:port."""
+    return os.environ.get("RAY_ADDRESS", "").strip()
+
+
+def is_remote(address: str) -> bool:
+    """True when `address` names a cluster to join rather than a local Ray to start."""
+    return address not in ("", "local")
+
+
+def check_ray_address(timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds when RAY_ADDRESS names a cluster that does not answer (ray.init would retry for
+    minutes); nothing to check when it is unset, 'local' or 'auto'."""
+    address = ray_address()
+    if is_remote(address) and address != "auto":
+        probe_address(address, timeout_s)
 
 
 def probe_address(address: str, timeout_s: float) -> None:
