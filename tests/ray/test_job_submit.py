@@ -14,8 +14,7 @@ import time
 from pathlib import Path
 
 from raylm.train.metrics import read_metrics
-from tests.conftest import REPO_ROOT
-from tests.ray.conftest import SMALL_MODEL
+from tests.conftest import REPO_ROOT, SMALL_MODEL
 
 RAY = str(Path(sys.executable).with_name("ray"))
 

@@ -35,8 +35,7 @@ from raylm.train.driver import train
 from raylm.train.metrics import read_metrics
 from raylm.train.placement import read_placement
 from raylm.train.run_files import RunFiles
-from tests.conftest import REPO_ROOT, TINY_CONFIG
-from tests.ray.conftest import SMALL_MODEL
+from tests.conftest import REPO_ROOT, SMALL_MODEL, TINY_CONFIG
 from tests.s3_server import BUCKET, OutageRelay, create_bucket, s3_server, use_endpoint
 
 CLUSTER_SCRIPT = Path(__file__).with_name("multinode_cluster.py")
