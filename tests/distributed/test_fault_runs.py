@@ -27,6 +27,7 @@ from raylm.train.metrics import read_metrics  # noqa: E402
 from raylm.train.schedule import lr_at  # noqa: E402
 from tests.conftest import small_configs  # noqa: E402
 
+pytestmark = pytest.mark.runs
 BATCH = 8  # train.global_batch of the small config
 
 
