@@ -38,11 +38,11 @@ test-all: install
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests/unit tests/distributed tests/ray tests/gpu
 
-# The edit loop: lint, the unit tier and the distributed (gloo) tier; no Ray cluster (a few minutes).
+# The edit loop: lint, the unit tier and the distributed (gloo) tier but its whole training runs; no Ray.
 test-fast: install
 	$(BIN)/ruff check raylm jobs benchmarks
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q tests/unit tests/distributed
+	$(BIN)/python -m pytest -q -m "not runs" tests/unit tests/distributed
 
 bench: install
 	$(BIN)/python benchmarks/data.py

@@ -1,8 +1,8 @@
-"""Training-side checkpoints: when to save, the trainer state that goes in, resuming a rank, reporting to Ray."""
+"""Training-side checkpoints: when to save, resuming a rank, committing one, the manager the loop holds."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from raylm.checkpoint.commit import every_checkpoint_damaged, prune, resume_candidates
@@ -11,7 +11,7 @@ from raylm.checkpoint.state import UnverifiedFile, load_checkpoint, save_checkpo
 from raylm.config import Config
 from raylm.errors import RaylmError
 from raylm.log import get_logger
-from raylm.storage.location import Location, as_location, is_remote
+from raylm.storage.location import Location, as_location
 from raylm.train.rundir import checkpoint_root
 from raylm.train.schedule import PlateauState
 from raylm.train.step import TrainState
@@ -86,7 +86,7 @@ def restore(cfg: Config, engine: Engine, path: Location, manifest: dict | None =
     if resumed.rank_state is not None:
         restore_rng(resumed.rank_state["rng"])
     saved = resumed.trainer_state
-    state = TrainState(step=saved["step"], tokens=saved["tokens"], samples=saved["samples"])
+    state = TrainState.from_state_dict(saved)
     layout = saved.get("layout")
     if layout and layout != engine.layout:
         get_logger().info("checkpoint %s was written with %s; resharding model and optimizer state to %s",
@@ -97,32 +97,48 @@ def restore(cfg: Config, engine: Engine, path: Location, manifest: dict | None =
     return ResumeInfo(state=state, source=path, plateau=plateau, trainer=saved)
 
 
-def save(cfg: Config, engine: Engine, run_dir: Location, state: TrainState, rank: int, protect: Location | None,
-         on_phase=None, plateau: PlateauState | None = None, extra: dict | None = None) -> Location:
-    """Commit a checkpoint (a collective over every rank), then prune old ones on rank 0; `extra` adds JSON-able
-    keys to the trainer state."""
-    trainer = {"step": state.step, "tokens": state.tokens, "samples": state.samples, "layout": engine.layout,
-               "plateau": asdict(plateau or PlateauState()), **(extra or {})}
-    path = save_checkpoint(engine, cfg, checkpoint_root(run_dir), state.step, trainer,
+def commit(cfg: Config, engine: Engine, run_dir: Location, trainer: dict[str, Any], rank: int,
+           protect: Location | None, on_phase=None) -> Location:
+    """Commit the engine's state, this rank's RNG and the JSON-able `trainer` state (its `step` names the
+    folder); then rank 0 prunes all but checkpoint.keep, never `protect`."""
+    path = save_checkpoint(engine, cfg, checkpoint_root(run_dir), trainer["step"], trainer,
                            rank_state={"rng": capture_rng()}, on_phase=on_phase)
     if rank == 0:
         prune(checkpoint_root(run_dir), cfg.checkpoint.keep, protect=protect)
     return path
 
 
-def report_with_checkpoint(row: dict[str, Any], path: Location | None) -> None:
-    """ray.train.report with the committed folder, which already sits in the run folder (or prefix, on Ray
-    Train's own storage filesystem): nothing is copied."""
-    import ray.train
-    from ray.train import CheckpointUploadMode
+class CheckpointManager:
+    """One rank's checkpoints of a run, over parts that expose state_dict() / load_state_dict(saved): the
+    engine (model, optimizer; this rank's RNG beside it) and the parts whose JSON-able states make up
+    trainer_state.json (the loop's position and schedules, fault handling's history), merged in the order
+    given."""
 
-    checkpoint = None
-    if path is not None and is_remote(path):
-        storage = ray.train.get_context().get_storage()  # the filesystem RunConfig was given
-        checkpoint = ray.train.Checkpoint(path=path.path, filesystem=storage.storage_filesystem)
-    elif path is not None:
-        checkpoint = ray.train.Checkpoint.from_directory(str(path))
-    ray.train.report(row, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
+    def __init__(self, cfg: Config, engine: Engine, run_dir: Location, rank: int, parts: list | None = None):
+        self.cfg, self.engine, self.run_dir, self.rank = cfg, engine, run_dir, rank
+        self.parts = list(parts or [])
+        self.protect: Location | None = None  # the resume source: kept until this attempt commits its own
+
+    def due(self, step: int) -> bool:
+        return checkpoint_due(self.cfg, step)
+
+    def load(self) -> ResumeInfo:
+        """Load the newest committed checkpoint that verifies, if any (all ranks together), into the engine
+        and into every part; the run's position either way."""
+        resumed = resume(self.cfg, self.engine, self.run_dir, self.rank)
+        self.protect = resumed.source
+        for part in self.parts:
+            part.load_state_dict(resumed.trainer or {})
+        return resumed
+
+    def save(self, on_phase=None) -> Location:
+        """Commit a checkpoint of every part now (a collective over every rank)."""
+        trainer: dict[str, Any] = {}
+        for part in self.parts:
+            trainer.update(part.state_dict())
+        path = commit(self.cfg, self.engine, self.run_dir, trainer, self.rank, self.protect, on_phase)
+        self.protect = None
+        return path
 
 
 def _layout_text(layout: dict) -> str:

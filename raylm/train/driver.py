@@ -6,8 +6,9 @@ import os
 import re
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from raylm.config import Config, to_dict, with_overrides
 from raylm.config.layout import is_elastic, replica_workers, worker_range
@@ -35,10 +36,7 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
     allow_config_change: resume even when the seed, data, tokenizer or model shape differ from the checkpoint's."""
     start = time.perf_counter()
     cfg = check_init_from(with_absolute_paths(cfg))
-    # the lock comes before anything reads, replaces or writes the run; reading() keeps prepare off its shards
-    with hold_run_lock(run_path(cfg), cfg.data.cache_dir), reading(local_data_folders(cfg)):
-        check_prepared_data(cfg)
-        run_dir = prepare_run_dir(cfg, overwrite=overwrite, allow_config_change=allow_config_change)
+    with prepared_run(cfg, overwrite, allow_config_change) as run_dir:
         connect_ray()
         open_kv()  # on this node: the elastic resize handshake goes through it
         trainer = build_trainer(cfg, run_dir)
@@ -48,6 +46,17 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
                                  "set fault.max_failures to the node losses it should survive")
         result = _fit(trainer, run_dir)
         return summarise(run_dir, result, time.perf_counter() - start, cfg.data.cache_dir)
+
+
+@contextmanager
+def prepared_run(cfg: Config, overwrite: bool = False,
+                 allow_config_change: bool = False) -> Iterator[Location]:
+    """The run folder, checked and ready for its workers, held for the body (whatever runs the ranks: Ray
+    Train, or plain processes). The lock comes before anything reads, replaces or writes the run; reading() keeps
+    prepare off its shards. `cfg` has absolute paths (with_absolute_paths)."""
+    with hold_run_lock(run_path(cfg), cfg.data.cache_dir), reading(local_data_folders(cfg)):
+        check_prepared_data(cfg)
+        yield prepare_run_dir(cfg, overwrite=overwrite, allow_config_change=allow_config_change)
 
 
 def _layout_text(cfg: Config) -> str:

@@ -33,7 +33,7 @@ class Session:
     peak_flops: float | None  # all workers together; None = unknown (mfu is then null)
 
     @classmethod
-    def build(cls, cfg: Config, backend: str, rank: int) -> "Session":
+    def build(cls, cfg: Config, backend: str, rank: int, workers_per_node: int = 1) -> "Session":
         from raylm.data.stream import run_order
         from raylm.model.facts import flops_per_token
         from raylm.model.weights import starting_weights
@@ -48,13 +48,7 @@ class Session:
         return cls(cfg=cfg, engine=engine, reads_data=reads, open_stream=opener,
                    flops_per_token=flops_per_token(cfg.model, vocab, cfg.data.seq_len),
                    sample_order=run_order(cfg) if rank == 0 else None,
-                   peak_flops=_peak_flops(cfg, rank, engine.topo.world_size))
-
-    def resume(self, run_dir, rank: int):
-        """Load the newest committed checkpoint that verifies, if any; the run's position either way (ResumeInfo)."""
-        from raylm.train.checkpoint import resume
-
-        return resume(self.cfg, self.engine, run_dir, rank)
+                   peak_flops=_peak_flops(cfg, rank, engine.topo.world_size, workers_per_node))
 
     def train_batches(self, start_sample: int, first_read_stall_s: float = 0.0) -> Iterator:
         """This DP rank's micro-batches of the training split from global sample `start_sample` on
@@ -103,7 +97,7 @@ def _stream_opener(cfg: Config, dp_rank: int, dp_size: int) -> Callable[..., Ite
     return open_stream
 
 
-def _peak_flops(cfg: Config, rank: int, world_size: int) -> float | None:
+def _peak_flops(cfg: Config, rank: int, world_size: int, workers_per_node: int) -> float | None:
     """Hardware peak of all workers for MFU: train.peak_tflops per worker when set, else the GPU's dense peak
     for the run's precision from the table (None and a warning for a GPU it lacks), else on CPU a matmul
     measured now on the node's cores. Only rank 0 logs metrics, so only rank 0 measures or warns."""
@@ -125,10 +119,4 @@ def _peak_flops(cfg: Config, rank: int, world_size: int) -> float | None:
         peak = measure_matmul_peak(dtype, seconds=0.3)
     finally:
         torch.set_num_threads(threads)
-    return peak * max(1, world_size // _workers_per_node())
-
-
-def _workers_per_node() -> int:
-    import ray.train
-
-    return ray.train.get_context().get_local_world_size()
+    return peak * max(1, world_size // workers_per_node)

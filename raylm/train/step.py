@@ -19,6 +19,13 @@ class TrainState:
         return replace(self, step=self.step + 1, tokens=self.tokens + global_batch * seq_len,
                        samples=self.samples + global_batch)
 
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step, "tokens": self.tokens, "samples": self.samples}
+
+    @classmethod
+    def from_state_dict(cls, saved: dict) -> "TrainState":
+        return cls(step=saved["step"], tokens=saved["tokens"], samples=saved["samples"])
+
 
 @dataclass(frozen=True)
 class StepResult:

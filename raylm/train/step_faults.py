@@ -18,10 +18,14 @@ from raylm.train.step import TrainState
 class StepFaults:
     """Judges each step's row; keeps the spike window and the rollbacks so far (both go into checkpoints)."""
 
-    def __init__(self, cfg: Config, engine, saved: dict[str, Any] | None):
-        saved = saved or {}
+    def __init__(self, cfg: Config, engine, saved: dict[str, Any] | None = None):
         self.cfg, self.engine = cfg, engine
-        self.rolling = RollingLoss(cfg.fault.spike_window, cfg.fault.spike_sigma, saved.get("loss_window", ()))
+        self.load_state_dict(saved or {})
+
+    def load_state_dict(self, saved: dict[str, Any]) -> None:
+        """The spike window and the rollbacks of a checkpoint's trainer state (none: a fresh run)."""
+        self.rolling = RollingLoss(self.cfg.fault.spike_window, self.cfg.fault.spike_sigma,
+                                   saved.get("loss_window", ()))
         self.rolled_back: list[dict[str, Any]] = list(saved.get("rolled_back", []))
 
     def judge(self, row: dict[str, Any], before: TrainState, after: TrainState) -> bool:
@@ -45,7 +49,7 @@ class StepFaults:
 
     def _nonfinite(self, bad: NonFinite, row: dict[str, Any], samples: list[int]) -> bool:
         policy = self.cfg.fault.nonfinite
-        if self.cfg.tune.trial_of:  # a sweep trial ends as diverged (worker.end_diverged), whatever the policy
+        if self.cfg.tune.trial_of:  # a sweep trial ends as diverged (TrialHooks), whatever the policy
             row["loss"] = float("nan")
             return False
         if policy == "stop":
@@ -82,6 +86,6 @@ class StepFaults:
                              restored.source.name, window["samples"][0], window["samples"][1] - 1)
         return True
 
-    def trainer_state(self) -> dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """What a checkpoint keeps, so a resumed run judges and accounts exactly as this one would."""
         return {"loss_window": self.rolling.history(), "rolled_back": self.rolled_back}

@@ -43,32 +43,63 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, fn, args, re
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_world(world_size: int, fn, *args, backend: str = "gloo") -> list:
-    """fn(rank, world_size, *args) on every rank; returns the results in rank order or raises a rank's error."""
+def spawn_ranks(world_size: int, target, *args) -> tuple[list, object]:
+    """Start target(rank, world_size, port, *args, results) in one spawned process per rank; (processes, the
+    queue they put their results on)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world_size, port, backend, fn, args, results), daemon=True)
+    procs = [ctx.Process(target=target, args=(r, world_size, port, *args, results), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
+    return procs, results
+
+
+def run_world(world_size: int, fn, *args, backend: str = "gloo") -> list:
+    """fn(rank, world_size, *args) on every rank; returns the results in rank order or raises a rank's error."""
+    procs, results = spawn_ranks(world_size, _rank_main, backend, fn, args)
+    return collect(procs, results, TIMEOUT_S)
+
+
+class LostRank(RuntimeError):
+    """A rank's process died by a signal (a SIGKILL) without reporting."""
+
+
+LOST_RANK_GRACE_S = 5.0  # after a rank's error: time to see a peer that died (its death shows in others first)
+
+
+def collect(procs: list, results, timeout_s: float) -> list:
+    """Each rank's result in rank order; LostRank when a process died by a signal, RuntimeError with the
+    rank's traceback when one failed. The processes are gone on return."""
+    def died() -> list[int]:
+        return [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+
     out = {}
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     try:
-        while len(out) < world_size:
+        while len(out) < len(procs):
             try:
-                rank, status, value = results.get(timeout=1.0)
+                rank, status, value = results.get(timeout=0.5)
             except queue.Empty:
-                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
-                if dead or time.monotonic() > deadline:
-                    raise RuntimeError(f"ranks died (exit codes {dead}) or exceeded {TIMEOUT_S} s") from None
+                if any(code < 0 for code in died()):
+                    raise LostRank(f"ranks died (exit codes {died()})") from None
+                if died() or time.monotonic() > deadline:
+                    raise RuntimeError(f"ranks died (exit codes {died()}) or exceeded {timeout_s} s") \
+                        from None
                 continue
             if status == "error":
+                grace = time.monotonic() + LOST_RANK_GRACE_S
+                while time.monotonic() < grace and not died():
+                    time.sleep(0.1)
+                if any(code < 0 for code in died()):
+                    raise LostRank(f"ranks died (exit codes {died()})")
                 raise RuntimeError(f"rank {rank} failed:\n{value}")
             out[rank] = torch.load(io.BytesIO(value), weights_only=True)
     finally:
         for p in procs:
-            p.join(timeout=10)
             if p.is_alive():
-                p.terminate()
-    return [out[r] for r in range(world_size)]
+                p.kill()
+        for p in procs:
+            p.join(timeout=10)
+    return [out[r] for r in range(len(procs))]

@@ -66,7 +66,7 @@ class MetricsWatcher:
 
 @pytest.mark.slow  # four worker-group starts, a node's death and a node's start: ~4-5 minutes on 2 shared cores
 def test_elastic_run_shrinks_on_a_lost_node_and_grows_back_with_the_same_samples(
-        elastic_cluster, prepared, small_corpus, small_config, tmp_path):
+        elastic_cluster, prepared, small_corpus, ray_references, tmp_path):
     run, console = tmp_path / "elastic", tmp_path / "elastic.log"
     proc = start_run(elastic_cluster, overrides(prepared, small_corpus, tmp_path, "elastic", *LAYOUT, *STEPS,
                                                 *ELASTIC), console)
@@ -91,17 +91,10 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back_with_the_same_samples
     assert not [(step, dp) for step, dp in watcher.seen if step > last_small and dp == 1], \
         "a step trained at dp=1 after the resize checkpoint: growing lost or repeated a step"
 
-    expected = read_metrics(_reference_run(small_config))
+    # the same run at a fixed dp=2, uninterrupted, on the session's one-node Ray
+    expected = ray_references.rows(*THREADS, *LAYOUT, *STEPS, "parallel.dp=2")
     assert [r["samples_sha"] for r in rows] == [r["samples_sha"] for r in expected]
     assert rows[-1]["tokens"] == expected[-1]["tokens"]
     for got, want in zip(rows, expected):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (got["step"], got["dp"])
 
-
-def _reference_run(small_config) -> Path:
-    """The same run at a fixed dp=2, uninterrupted, on the session's one-node Ray."""
-    from raylm.train.driver import train
-
-    cfg = small_config("fixed", *THREADS, *LAYOUT, *STEPS, "parallel.dp=2")
-    train(cfg)
-    return Path(cfg.run.dir) / cfg.run.name

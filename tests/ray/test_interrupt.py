@@ -19,6 +19,8 @@ from raylm.train.driver import train
 from raylm.train.metrics import read_metrics
 from tests.conftest import REPO_ROOT
 
+# each test's `raylm train` starts its own local Ray, as a user's shell would: two cluster starts, so `slow`
+pytestmark = pytest.mark.slow
 LONG = ("train.max_steps=40", "checkpoint.every_steps=2", "parallel.pp=2")
 
 
@@ -51,9 +53,8 @@ def last_line(err: str) -> str:
     return [line for line in err.splitlines() if line.strip()][-1]
 
 
-def test_sigterm_stops_cleanly_and_the_rerun_matches_an_uninterrupted_run(ray_cluster, small_config, tmp_path):
-    reference = small_config("uninterrupted", *LONG)
-    train(reference)
+def test_sigterm_stops_cleanly_and_the_rerun_matches_an_uninterrupted_run(ray_cluster, small_config, tmp_path,
+                                                                           ray_references):
     cfg = small_config("stopped", *LONG)
     code, err, took = interrupt_after_first_commit(start_cli_run(cfg, tmp_path), Path(cfg.run.dir) / "stopped",
                                                    signal.SIGTERM)
@@ -62,7 +63,7 @@ def test_sigterm_stops_cleanly_and_the_rerun_matches_an_uninterrupted_run(ray_cl
     assert "/checkpoints/step-" in last_line(err) and "run the same command to resume" in last_line(err)
     train(cfg)  # the same command again: resumes
     rows = read_metrics(Path(cfg.run.dir) / "stopped")
-    expected = read_metrics(Path(reference.run.dir) / "uninterrupted")
+    expected = ray_references.rows(*LONG)
     assert [(r["step"], r["loss"], r["samples_sha"]) for r in rows] == \
         [(r["step"], r["loss"], r["samples_sha"]) for r in expected]  # bit-identical, each step once
     assert any("resumed_from" in r for r in rows)

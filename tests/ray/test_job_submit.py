@@ -13,11 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from raylm.train.metrics import read_metrics
-from tests.conftest import REPO_ROOT
-from tests.ray.conftest import SMALL_MODEL
+from tests.conftest import REPO_ROOT, SMALL_MODEL
 
 RAY = str(Path(sys.executable).with_name("ray"))
+pytestmark = pytest.mark.slow  # its own `ray start --head`: a cluster start besides the session's
 
 
 def free_port() -> int:

@@ -31,12 +31,10 @@ from raylm.data.prepare import prepare
 from raylm.data.shards import read_manifest as read_data_manifest
 from raylm.storage.objects import object_sizes
 from raylm.storage.uri import parse_uri
-from raylm.train.driver import train
 from raylm.train.metrics import read_metrics
 from raylm.train.placement import read_placement
 from raylm.train.run_files import RunFiles
-from tests.conftest import REPO_ROOT, TINY_CONFIG
-from tests.ray.conftest import SMALL_MODEL
+from tests.conftest import REPO_ROOT, SMALL_MODEL, TINY_CONFIG
 from tests.s3_server import BUCKET, OutageRelay, create_bucket, s3_server, use_endpoint
 
 CLUSTER_SCRIPT = Path(__file__).with_name("multinode_cluster.py")
@@ -132,16 +130,9 @@ def losses(run: Path) -> list[tuple[float, str]]:
     return [(r["loss"], r["samples_sha"]) for r in rows]
 
 
-_REFERENCES: dict[tuple[str, ...], list[tuple[float, str]]] = {}
-
-
-def reference(small_config, name: str, *extra: str) -> list[tuple[float, str]]:
-    """The same run on the session's one-node Ray, in local folders (run once per module for the same settings)."""
-    if extra not in _REFERENCES:
-        cfg = small_config(name, *THREADS, *extra)
-        train(cfg)
-        _REFERENCES[extra] = losses(Path(cfg.run.dir) / cfg.run.name)
-    return _REFERENCES[extra]
+def reference(ray_references, *extra: str) -> list[tuple[float, str]]:
+    """The same run on the session's one-node Ray, in local folders (once per session for the same settings)."""
+    return ray_references.losses(*THREADS, *extra)
 
 
 def nodes_by_stage(run: Path) -> dict[int, set[str]]:
@@ -151,14 +142,14 @@ def nodes_by_stage(run: Path) -> dict[int, set[str]]:
     return stages
 
 
-def test_pipeline_stages_on_two_nodes_match_one_node(cluster, ray_cluster, prepared, small_corpus, small_config,
+def test_pipeline_stages_on_two_nodes_match_one_node(cluster, ray_cluster, prepared, small_corpus, ray_references,
                                                      tmp_path):
     console = tmp_path / "spread.log"
     finish(start_run(cluster, overrides(prepared, small_corpus, tmp_path, "spread", "parallel.pp=2",
                                         *ONE_WORKER_PER_NODE), console), console)
     stages = nodes_by_stage(tmp_path / "spread")
     assert stages[0] != stages[1] and stages[0] | stages[1] == set(cluster.nodes.values())
-    expected = reference(small_config, "one-node", "parallel.pp=2")
+    expected = reference(ray_references, "parallel.pp=2")
     got = losses(tmp_path / "spread")
     assert len(got) == 4 and got == expected  # bitwise: fp32, the same samples in the same order
 
@@ -176,7 +167,8 @@ def test_tensor_parallel_groups_stay_on_one_node(cluster, prepared, small_corpus
     assert tp_groups[(0, 0)] != tp_groups[(1, 0)], placement  # 2 CPUs per node: one stage per node
 
 
-def test_losing_a_node_recovers_by_itself_bit_identical(cluster, prepared, small_corpus, small_config, tmp_path):
+def test_losing_a_node_recovers_by_itself_bit_identical(cluster, prepared, small_corpus, ray_references,
+                                                        tmp_path):
     steps = ("train.max_steps=12", "checkpoint.every_steps=2", "checkpoint.keep=2", "parallel.pp=2")
     run, console = tmp_path / "lost", tmp_path / "lost.log"
     proc = start_run(cluster, overrides(prepared, small_corpus, tmp_path, "lost", *steps, *ONE_WORKER_PER_NODE,
@@ -192,7 +184,7 @@ def test_losing_a_node_recovers_by_itself_bit_identical(cluster, prepared, small
     assert rows_at_loss < 12, "the node was lost mid-run"
     assert lost not in {e["node_id"] for e in read_placement(run)}  # the restarted group runs on node_c
     assert [r["resumed_from"] for r in read_metrics(run) if "resumed_from" in r]
-    assert losses(run) == reference(small_config, "lost-ref", *steps)
+    assert losses(run) == reference(ray_references, *steps)
 
 
 def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout_s: float = 180) -> int:
@@ -226,7 +218,7 @@ def fetched(run_uri: str, tmp_path: Path, *names: str) -> Path:
 
 
 def test_every_path_on_s3_prepare_train_pp2_export_matches_local(cluster, s3_relay, prepared, small_corpus,
-                                                                 small_config, tmp_path):
+                                                                 ray_references, tmp_path):
     prefix, run_uri = f"s3://{BUCKET}/e2e", f"s3://{BUCKET}/e2e/runs/s3run"
     args = s3_overrides(prefix, small_corpus, tmp_path, "s3run", "parallel.pp=2", "checkpoint.every_steps=2",
                         *ONE_WORKER_PER_NODE)
@@ -248,11 +240,11 @@ def test_every_path_on_s3_prepare_train_pp2_export_matches_local(cluster, s3_rel
     assert not (REPO_ROOT / "s3:").exists()
     run = fetched(run_uri, tmp_path, "metrics.jsonl", "placement/rank-00000.json", "placement/rank-00001.json")
     assert len({e["node_id"] for e in read_placement(run)}) == 2  # one stage per node, each uploading its files
-    assert losses(run) == reference(small_config, "one-node", "parallel.pp=2")
+    assert losses(run) == reference(ray_references, "parallel.pp=2")
 
 
 def test_a_storage_outage_during_a_checkpoint_upload_never_resumes_a_partial_checkpoint(
-        cluster, s3_relay, small_corpus, small_config, tmp_path):
+        cluster, s3_relay, small_corpus, ray_references, tmp_path):
     """The relay cuts the server off for 5 s at the first upload of step 4 (the last): the commit fails with one
     line (older checkpoints untouched); the prefix step-00000004/ has no manifest, so the rerun resumes from
     step 2 and ends with the losses of an uninterrupted run (checkpoints change no loss: the pp=2 reference of the
@@ -276,4 +268,4 @@ def test_a_storage_outage_during_a_checkpoint_upload_never_resumes_a_partial_che
     run = fetched(run_uri, tmp_path, "metrics.jsonl")
     resumed = [(r["resumed_from"], r["resumed_from_checkpoint"]) for r in read_metrics(run) if "resumed_from" in r]
     assert resumed == [(2, f"{run_uri}/checkpoints/step-00000002")]
-    assert losses(run) == reference(small_config, "one-node", "parallel.pp=2")
+    assert losses(run) == reference(ray_references, "parallel.pp=2")

@@ -14,8 +14,7 @@ from raylm.data.shards import read_manifest
 from raylm.data.stream import RankStream
 from raylm.storage.objects import object_sizes
 from raylm.storage.uri import parse_uri
-from tests.conftest import TINY_CONFIG
-from tests.ray.conftest import SMALL_MODEL
+from tests.conftest import SMALL_MODEL, TINY_CONFIG
 from tests.s3_server import BUCKET, create_bucket, s3_server, use_endpoint
 
 

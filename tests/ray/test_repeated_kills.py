@@ -44,19 +44,6 @@ def kill_plan(seed: int, kills: int, steps: int, every: int) -> list[tuple[str, 
             return plan
 
 
-@pytest.fixture(scope="module")
-def unkilled(request):
-    return {}
-
-
-def unkilled_run(small_config, unkilled, steps: int) -> list[tuple[float, str]]:
-    if steps not in unkilled:
-        cfg = small_config(f"unkilled-{steps}", *LAYOUT, f"train.max_steps={steps}")
-        train(cfg)
-        unkilled[steps] = run_losses(cfg)
-    return unkilled[steps]
-
-
 def assert_exact_run(cfg, expected, resumed_from: list[int]) -> None:
     """Bit-identical losses and samples, each step logged once, exact tokens, one resumed_from row per restart."""
     run = Path(cfg.run.dir) / cfg.run.name
@@ -148,7 +135,7 @@ def assert_read_task_ran_again(killed_pid: int | None) -> None:
     assert any(max(numbers) > 0 for numbers in attempts.values()), (killed_pid, attempts)  # Ray ran it again
 
 
-def run_with_kills(small_config, unkilled, name: str, plan: list[tuple[str, int, int]], steps: int,
+def run_with_kills(small_config, references, name: str, plan: list[tuple[str, int, int]], steps: int,
                    kill_a_read_task: bool = False) -> None:
     """Train with the planned worker SIGKILLs (and a read task SIGKILLed after the first restart); exactly
     len(plan) restarts are allowed, so a read-task kill that restarted the group would fail the run."""
@@ -162,7 +149,7 @@ def run_with_kills(small_config, unkilled, name: str, plan: list[tuple[str, int,
         train(cfg)
     fired = marker.read_text().split()
     assert fired == [f"{phase}@{step}" for phase, step, _ in plan]  # every kill happened, in order
-    assert_exact_run(cfg, unkilled_run(small_config, unkilled, steps), resumes)
+    assert_exact_run(cfg, references.losses(*LAYOUT, f"train.max_steps={steps}"), resumes)
     if kill_a_read_task:
         assert killer.killed_pid is not None, "no read task was caught running"
     if kill_a_read_task and len(plan) == 1:
@@ -172,25 +159,28 @@ def run_with_kills(small_config, unkilled, name: str, plan: list[tuple[str, int,
         assert_read_task_ran_again(killer.killed_pid)
 
 
-def test_a_rank_killed_mid_save_and_a_read_task_killed_recover_exactly(ray_cluster, small_config, unkilled):
+def test_a_rank_killed_mid_save_and_a_read_task_killed_recover_exactly(ray_cluster, small_config,
+                                                                      ray_references):
     # rank 3 (pipeline stage 1, DP rank 1) dies while it writes the step-4 checkpoint; the group resumes from step 2
-    run_with_kills(small_config, unkilled, "mid-save", [("mid-files", 4, 3)], steps=8, kill_a_read_task=True)
+    run_with_kills(small_config, ray_references, "mid-save", [("mid-files", 4, 3)], steps=8,
+                   kill_a_read_task=True)
 
 
 @pytest.mark.slow
-def test_two_kills_and_a_read_task_kill_recover_exactly(ray_cluster, small_config, unkilled):
-    run_with_kills(small_config, unkilled, "two-kills", kill_plan(3, 2, 12, every=2), steps=12, kill_a_read_task=True)
+def test_two_kills_and_a_read_task_kill_recover_exactly(ray_cluster, small_config, ray_references):
+    run_with_kills(small_config, ray_references, "two-kills", kill_plan(3, 2, 12, every=2), steps=12,
+                   kill_a_read_task=True)
 
 
 @pytest.mark.slow
-def test_five_kills_over_forty_steps_recover_exactly(ray_cluster, small_config, unkilled):
-    run_with_kills(small_config, unkilled, "five-kills", kill_plan(12, 5, 40, every=2), steps=40)
+def test_five_kills_over_forty_steps_recover_exactly(ray_cluster, small_config, ray_references):
+    run_with_kills(small_config, ray_references, "five-kills", kill_plan(12, 5, 40, every=2), steps=40)
 
 
 @pytest.mark.slow
-def test_killed_read_task_is_retried_without_a_restart(ray_cluster, small_config, unkilled):
+def test_killed_read_task_is_retried_without_a_restart(ray_cluster, small_config, ray_references):
     cfg = small_config("read-task-killed", *LAYOUT, "train.max_steps=8", "fault.max_failures=0", "fault.drill=read@0")
     with ReadTaskKiller() as killer:
         train(cfg)  # max_failures=0: a worker-group restart would fail the run
     assert_read_task_ran_again(killer.killed_pid)
-    assert_exact_run(cfg, unkilled_run(small_config, unkilled, 8), resumed_from=[])
+    assert_exact_run(cfg, ray_references.losses(*LAYOUT, "train.max_steps=8"), resumed_from=[])

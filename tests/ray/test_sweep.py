@@ -210,22 +210,6 @@ def test_optuna_search_under_asha_one_trial_at_a_time(ray_cluster, small_config,
     assert (first["rung"], first["action"]) == (0, "pause"), first
 
 
-def test_plateau_lr_survives_a_resume(ray_cluster, small_config):
-    """The plateau schedule's state rides in the checkpoint: 4 steps, then a resume to 8, gives the lr sequence of
-    one uninterrupted 8-step run (a patience of 1 and a huge threshold cut the lr at every evaluation)."""
-    from raylm.train.driver import train
-
-    plateau = ["schedule.lr.kind=plateau", "schedule.lr.patience=1", "schedule.lr.threshold=0.9",
-               "schedule.lr.factor=0.5", "schedule.lr.min_lr_frac=0.01", "train.eval_every=1", "train.max_steps=8"]
-    whole = small_config("plateau-whole", *plateau)
-    train(whole)
-    first = small_config("plateau-resumed", *plateau, "train.max_steps=4")
-    train(first)
-    train(small_config("plateau-resumed", *plateau))
-    lrs = [[r["lr"] for r in read_metrics(Path(c.run.dir) / c.run.name)] for c in (whole, first)]
-    assert lrs[0] == lrs[1] and len(lrs[0]) == 8 and lrs[0][-1] < lrs[0][2] / 8, lrs
-
-
 def test_a_diverged_trial_ends_at_once_and_is_never_best(ray_cluster, small_config, tmp_path):
     """lr 1e30 overflows the weights after one step: that trial ends as `diverged`, with no NaN in any JSON."""
     space = tmp_path / "space.yaml"

@@ -85,7 +85,7 @@ def test_spike_rows_and_the_window_travels_in_checkpoints():
     row = {"step": 7, "loss": 30.0}
     assert faults.judge(row, TrainState(7, 0, 56), TrainState(8, 0, 64))
     assert row["spike"]["samples"] == [56, 64] and row["spike"]["action"] == "rollback"
-    assert faults.trainer_state() == {"loss_window": [3.0, 3.1, 2.9], "rolled_back": []}
+    assert faults.state_dict() == {"loss_window": [3.0, 3.1, 2.9], "rolled_back": []}
     warn = StepFaults(resolve({}, ["fault.spike_window=3"]), FlagsOnly(None), {"loss_window": [3.0, 3.1, 2.9]})
     assert not warn.judge({"step": 7, "loss": 30.0}, TrainState(), TrainState(1, 0, 8))
 

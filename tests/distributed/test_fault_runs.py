@@ -1,0 +1,208 @@
+"""Faults and resumes of whole training runs without Ray: raylm's Trainer on gloo ranks in plain processes
+(dist_runs.py). A rank killed during a save, a NaN loss on one rank under each fault.nonfinite policy, a
+loss spike, a damaged newest checkpoint, the resume policies, a resume across layout changes and the
+plateau lr schedule across a resume, each checked against an uninterrupted run (exact losses and sample ids,
+samples_sha, where the layout stays). What needs Ray itself
+(workers killed from outside, read tasks, placement, Tune, several nodes) stays in tests/ray.
+
+The three NaN runs share one process group (module-scoped), as test_parity.py batches layouts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the helpers by module name
+
+from dist_runs import DP2, PP2, STEPS, committed, run_losses, train_many, train_plain, world_of  # noqa: E402
+
+from raylm.errors import RaylmError  # noqa: E402
+from raylm.train.faults import SPIKE_LR_FACTOR  # noqa: E402
+from raylm.train.metrics import read_metrics  # noqa: E402
+from raylm.train.schedule import lr_at  # noqa: E402
+from tests.conftest import small_configs  # noqa: E402
+
+pytestmark = pytest.mark.runs
+BATCH = 8  # train.global_batch of the small config
+
+
+def train(cfg) -> None:
+    train_plain(cfg, world_of(cfg))
+
+
+def rows_of(cfg) -> list[dict]:
+    rows = read_metrics(Path(cfg.run.dir) / cfg.run.name)
+    assert [r["step"] for r in rows] == list(range(len(rows))), "each step logged once, in order"
+    return rows
+
+
+def checkpoint_dir(cfg, name: str) -> Path:
+    return Path(cfg.run.dir) / cfg.run.name / "checkpoints" / name
+
+
+def trainer_state(cfg, name: str) -> dict:
+    return json.loads((checkpoint_dir(cfg, name) / "trainer_state.json").read_text())
+
+
+def assert_model_files_finite(cfg) -> None:
+    for name in committed(cfg):
+        for path in sorted((checkpoint_dir(cfg, name) / "model").glob("*.pt")):
+            for key, tensor in torch.load(path, weights_only=True).items():
+                assert torch.isfinite(tensor).all(), f"{path} {key}"
+
+
+@pytest.mark.parametrize("phase, rank, resumes_at", [("before-files", 0, 2), ("mid-files", 1, 2),
+                                                     ("before-commit", 0, 2), ("after-commit", 0, 4)])
+def test_kill_during_save_resumes_from_the_newest_complete_checkpoint(small_config, plain_references,
+                                                                      phase, rank, resumes_at):
+    expected = plain_references.losses(*PP2)
+    cfg = small_config(f"drill-{phase}", *PP2, "fault.max_failures=1", f"fault.drill={phase}@4",
+                       f"fault.drill_rank={rank}")
+    train(cfg)
+    run = Path(cfg.run.dir) / cfg.run.name
+    assert (run / ".fault-drill-fired").read_text().strip() == f"{phase}@4"
+    assert [r["resumed_from"] for r in read_metrics(run) if "resumed_from" in r] == [resumes_at]
+    assert run_losses(cfg) == expected
+    assert not [p for p in (run / "checkpoints").iterdir() if p.name.startswith("tmp-")]
+
+
+NAN = ("fault.drill=nonfinite@3", "fault.drill_rank=1")
+
+
+@pytest.fixture(scope="module")
+def nan_runs(prepared, small_corpus, tmp_path_factory):
+    """The skip, stop and rollback runs, one after another in one two-rank group: {name: (cfg, error)}."""
+    build = small_configs(prepared, small_corpus, tmp_path_factory.mktemp("nan-runs"))
+    cfgs = [build("nan-skip", *DP2, *NAN),
+            build("nan-stop", *DP2, *NAN, "fault.nonfinite=stop", "fault.max_failures=1"),
+            build("nan-rollback", *DP2, "checkpoint.every_steps=4", "checkpoint.keep=3",
+                  "fault.drill=nonfinite@5", "fault.drill_rank=1", "fault.nonfinite=rollback")]
+    errors = train_many(cfgs, world_size=2)
+    return {cfg.run.name: (cfg, error) for cfg, error in zip(cfgs, errors)}
+
+
+def test_nonfinite_skip_advances_the_cursor_and_logs_the_samples(nan_runs, plain_references):
+    expected = plain_references.losses(*DP2)
+    cfg, error = nan_runs["nan-skip"]
+    assert error is None and cfg.fault.nonfinite == "skip"  # the default
+    rows = rows_of(cfg)
+    assert len(rows) == cfg.train.max_steps
+    assert [r["samples_sha"] for r in rows] == [sha for _, sha in expected]  # the same samples, step by step
+    assert [r["loss"] for r in rows[:3]] == [loss for loss, _ in expected[:3]]
+    assert rows[3]["loss"] is None
+    assert rows[3]["skipped"] == {"reason": "nonfinite", "samples": [3 * BATCH, 4 * BATCH], "loss_ranks": [1],
+                                  "grad_ranks": [0, 1]}
+    assert all("skipped" not in r and r["loss"] is not None for r in rows[4:])
+    assert rows[4]["loss"] != expected[4][0]  # trained on without step 3's update
+    last = json.loads((checkpoint_dir(cfg, committed(cfg)[-1]) / "engine.json").read_text())
+    assert (last["adam_step"], last["skipped_steps"]) == (cfg.train.max_steps - 1, 1)
+    assert_model_files_finite(cfg)
+
+
+def test_nonfinite_stop_names_step_and_rank_and_commits_nothing_from_it(nan_runs):
+    cfg, error = nan_runs["nan-stop"]
+    assert isinstance(error, RaylmError)
+    stop = r"step 3: the loss is not finite on rank 1.*fault.nonfinite=stop"
+    with pytest.raises(RaylmError, match=stop) as info:
+        raise error
+    assert info.value.exit_code == 1 and "\n" not in str(info.value)
+    assert committed(cfg) == ["step-00000002"]  # none at or after the bad step
+    rows = rows_of(cfg)
+    assert len(rows) == 3 and not any("resumed_from" in r for r in rows)  # a user error: not retried
+
+
+def test_nonfinite_rollback_skips_the_window_and_records_it(nan_runs, plain_references):
+    expected = plain_references.losses(*DP2)
+    cfg, error = nan_runs["nan-rollback"]
+    assert error is None
+    rows = rows_of(cfg)
+    assert [r["samples_sha"] for r in rows] == [sha for _, sha in expected]
+    assert [r["loss"] for r in rows[:5]] == [loss for loss, _ in expected[:5]]
+    # steps 4 and 5 are never trained on
+    window = {"step": 5, "to_step": 4, "samples": [4 * BATCH, 6 * BATCH]}
+    assert rows[5]["rollback"] == window and rows[5]["nonfinite"]["loss_ranks"] == [1]
+    # committed at once (step 6 is no checkpoint.every_steps step), so a restart resumes past the window too
+    assert committed(cfg) == ["step-00000004", "step-00000006", "step-00000008"]
+    state = trainer_state(cfg, "step-00000006")
+    assert state["samples"] == 6 * BATCH and state["rolled_back"] == [window]
+    assert_model_files_finite(cfg)
+
+
+def test_spike_warns_then_rolls_back(small_config, plain_references):
+    expected = plain_references.losses(*DP2)
+    spike = ("fault.drill=spike@5", "fault.spike_window=4", "fault.spike_sigma=3", "checkpoint.every_steps=4")
+    warned = small_config("spike-warn", *DP2, *spike)
+    rolled = small_config("spike-rollback", *DP2, *spike, "fault.spike=rollback")
+    assert train_many([warned, rolled], world_size=2) == [None, None]
+    rows = rows_of(warned)
+    c = warned
+    assert rows[5]["lr"] == lr_at(5, c.optim.lr, c.train.max_steps, c.schedule.lr, 1.0) * SPIKE_LR_FACTOR
+    # step 5's update shows in step 6's loss; the loss stays far above the window, which keeps spikes out
+    assert [r["step"] for r in rows if "spike" in r] == [6, 7]
+    assert rows[6]["spike"]["samples"] == [6 * BATCH, 7 * BATCH] and rows[6]["spike"]["action"] == "warn"
+    assert [r["samples_sha"] for r in rows] == [sha for _, sha in expected]
+    rows = rows_of(rolled)
+    assert rows[6]["rollback"] == {"step": 6, "to_step": 4, "samples": [4 * BATCH, 7 * BATCH]}
+    assert rows[7]["loss"] < rows[6]["loss"] / 2  # back on the checkpoint's weights
+    assert [r["samples_sha"] for r in rows] == [sha for _, sha in expected]
+
+
+def test_damaged_newest_checkpoint_falls_back_or_fails(small_config):
+    cfg = small_config("damaged", *STEPS, "train.max_steps=4")
+    train(cfg)
+    newest = Path(cfg.run.dir) / cfg.run.name / "checkpoints" / committed(cfg)[-1]
+    victim = next(p for p in sorted(newest.rglob("*.pt")))
+    victim.write_bytes(victim.read_bytes()[:-7])
+    with pytest.raises(RaylmError, match=victim.name):
+        train(small_config("damaged", *STEPS, "train.max_steps=4", "checkpoint.resume=required"))
+    train(small_config("damaged", *STEPS, "train.max_steps=6"))  # auto: falls back to step 2 with a warning
+    rows = read_metrics(Path(cfg.run.dir) / cfg.run.name)
+    assert [r["step"] for r in rows] == list(range(6))
+    folders = committed(cfg)
+    for name in folders:  # same sizes, other bytes: only the ranks' sha256 checks can tell
+        victim = next(p for p in sorted(checkpoint_dir(cfg, name).rglob("*.pt")))
+        blob = bytearray(victim.read_bytes())
+        blob[-3] ^= 0xFF
+        victim.write_bytes(bytes(blob))
+    with pytest.raises(RaylmError, match="every checkpoint in .* is damaged .*nothing was deleted") as failed:
+        train(small_config("damaged", *STEPS, "train.max_steps=8"))
+    assert failed.value.exit_code == 4 and committed(cfg) == folders  # not a silent restart from step 0
+
+
+def test_resume_policy_never_and_required(small_config):
+    with pytest.raises(RaylmError, match="checkpoint.resume=required"):
+        train(small_config("nothing-yet", "checkpoint.resume=required"))
+    cfg = small_config("used", "checkpoint.resume=never")
+    train(cfg)
+    with pytest.raises(RaylmError, match="already holds a run"):
+        train(cfg)
+
+
+def test_resume_across_layout_changes(small_config, plain_references):
+    # a constant lr makes the schedule independent of max_steps, so one run can stop at 4 and 6 and go on
+    constant = ("schedule.lr.kind=constant",)
+    expected = plain_references.losses(*STEPS, *constant)
+    layouts = [("parallel.pp=2", "parallel.tp=2"), ("parallel.dp=2",), ("parallel.pp=2",)]
+    for max_steps, layout in zip((4, 6, 8), layouts):
+        train(small_config("moves", *STEPS, *constant, f"train.max_steps={max_steps}", *layout))
+    got = run_losses(small_config("moves", *STEPS, *constant))
+    assert [loss for loss, _ in got] == pytest.approx([loss for loss, _ in expected], rel=1e-5)
+    assert [sha for _, sha in got] == [sha for _, sha in expected]  # the same samples despite three layouts
+
+
+def test_plateau_lr_survives_a_resume(small_config):
+    """The plateau schedule's state rides in the checkpoint: 4 steps, then a resume to 8, gives the lr sequence
+    of one uninterrupted 8-step run (a patience of 1 and a huge threshold cut the lr at every evaluation)."""
+    plateau = ["schedule.lr.kind=plateau", "schedule.lr.patience=1", "schedule.lr.threshold=0.9",
+               "schedule.lr.factor=0.5", "schedule.lr.min_lr_frac=0.01", "train.eval_every=1", "train.max_steps=8"]
+    whole = small_config("plateau-whole", *plateau)
+    first = small_config("plateau-resumed", *plateau, "train.max_steps=4")
+    assert train_many([whole, first], world_size=1) == [None, None]
+    train(small_config("plateau-resumed", *plateau))
+    lrs = [[r["lr"] for r in read_metrics(Path(c.run.dir) / c.run.name)] for c in (whole, first)]
+    assert lrs[0] == lrs[1] and len(lrs[0]) == 8 and lrs[0][-1] < lrs[0][2] / 8, lrs
