@@ -15,7 +15,7 @@ from ray.train.v2.api.exceptions import WorkerGroupError
 
 from raylm.errors import DataError
 from raylm.train.failure_policy import UserErrorsAreFinal, user_error_in
-from raylm.train.trainer import PG_SHUTDOWN_WAIT_ENV, RaylmTorchConfig, _ShortShutdownBackend
+from raylm.train.ray_cluster import PG_SHUTDOWN_WAIT_ENV
 
 
 def test_the_ray_train_hooks_raylm_overrides_still_exist():
@@ -28,7 +28,6 @@ def test_the_ray_train_hooks_raylm_overrides_still_exist():
     assert callable(DataParallelTrainer._initialize_and_run_controller)
     assert list(inspect.signature(DataParallelTrainer._register_sigint_handler).parameters) == ["self", "controller"]
     assert PG_SHUTDOWN_WAIT_ENV in inspect.getsource(_TorchBackend.on_shutdown)  # the wait raylm shortens
-    assert RaylmTorchConfig(backend="gloo", timeout_s=30).backend_cls is _ShortShutdownBackend
 
 
 class WrappedByRay(Exception):
