@@ -114,7 +114,10 @@ def filter_forwarded_logs() -> None:
 
 
 def _swap_ray_log_printer() -> None:
-    """Swap Ray's driver-side printer of worker lines for one that prints only what keep_on_console keeps."""
+    """Swap Ray's driver-side printer of worker lines for one that prints only what keep_on_console keeps.
+
+    A Ray internal (`ray._private.worker`): Ray has no public filter of forwarded lines on the driver alone
+    (docs/private-apis.md); tests/unit/test_private_api_canary.py fails if an upgrade moves it."""
     try:
         from ray._private import worker as ray_worker
 

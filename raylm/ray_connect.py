@@ -14,11 +14,31 @@ from raylm.log import console_is_verbose, filter_forwarded_logs, get_logger, qui
 CONNECT_TIMEOUT_S = 10.0
 LOCAL_HEALTH_CHECK_S = "0.5"
 LOCAL_DASHBOARD_HOST = "127.0.0.1"  # never a public interface
+# Ray waits 30 s by default; a healthy rank destroys its process group in well under 1 s
+PG_SHUTDOWN_WAIT_S = "5"
+PG_SHUTDOWN_WAIT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"  # read by Ray's torch backend at a shutdown
+
+
+def job_env_vars() -> dict[str, str]:
+    """The environment raylm adds to its Ray job (ray.init's runtime_env), which every actor inherits: Ray
+    Train's controller then waits PG_SHUTDOWN_WAIT_S for the workers to leave their process group before a
+    restart (a stalled, SIGSTOPped rank never answers, and each second of that wait delays the restart).
+
+    A value already in the driver's environment is left alone: a local Ray inherits the driver's environment,
+    and a submitted job's runtime_env already carries it (Ray refuses a variable set twice)."""
+    return {} if PG_SHUTDOWN_WAIT_ENV in os.environ else {PG_SHUTDOWN_WAIT_ENV: PG_SHUTDOWN_WAIT_S}
+
+
+def job_runtime_env() -> dict | None:
+    """ray.init's runtime_env for raylm's job: job_env_vars, or None when there are none to add."""
+    env_vars = job_env_vars()
+    return {"env_vars": env_vars} if env_vars else None
 
 
 def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S, dashboard: bool = False) -> None:
-    """ray.init against RAY_ADDRESS, or a local single-node Ray (token authentication as default); the console
-    then shows raylm's lines and real warnings unless run.log_level=debug (raylm/log.py).
+    """ray.init against RAY_ADDRESS, or a local single-node Ray (token authentication as default), with
+    raylm's job environment (job_env_vars); the console then shows raylm's lines and real warnings unless
+    run.log_level=debug (raylm/log.py).
 
     dashboard: start a local Ray with its dashboard, on 127.0.0.1 (`raylm sweep`): Ray Train's placement-group
     cleaner asks the state API behind it whether a controller died, and without it the resources of a trial Tune
@@ -37,13 +57,15 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S, dashboard: bool = 
     ray_log_level = logging.INFO if console_is_verbose() else logging.WARNING  # Ray's own driver lines
     if remote:
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True, logging_level=ray_log_level)
+        ray.init(address=address, log_to_driver=True, logging_level=ray_log_level,
+                 runtime_env=job_runtime_env())
     else:
         log.info("starting a local Ray (no RAY_ADDRESS set)")
         # ray.train.report waits for the controller's next poll; a local cluster can afford to poll often.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_S)
         shown = {"dashboard_host": LOCAL_DASHBOARD_HOST} if dashboard else {}
-        ray.init(include_dashboard=dashboard, log_to_driver=True, logging_level=ray_log_level, **shown)
+        ray.init(include_dashboard=dashboard, log_to_driver=True, logging_level=ray_log_level,
+                 runtime_env=job_runtime_env(), **shown)
     filter_forwarded_logs()
 
 

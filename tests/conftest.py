@@ -40,10 +40,13 @@ def ray_cluster():
     cleaner) shared by every ray-tier test."""
     import ray
 
+    from raylm.ray_connect import job_env_vars
+
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    if not ray.is_initialized():
+    if not ray.is_initialized():  # the job environment raylm's connect_ray gives its jobs, and a faster poll
+        env_vars = {**job_env_vars(), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
         ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}})
+                 runtime_env={"env_vars": env_vars})
     yield ray
     ray.shutdown()
 

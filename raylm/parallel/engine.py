@@ -14,6 +14,7 @@ also the only code that touches either engine's internals (checkpoints use save_
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from typing import Callable, Iterator
 
 import deepspeed
@@ -52,26 +53,17 @@ def resolve_backend(backend: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str = "auto") -> None:
+def init_distributed(backend: str = "auto", timeout_s: float | None = None) -> None:
     """Join (or adopt) the default process group the DeepSpeed way; needed before build_engine.
 
     Expects the usual env (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), as torchrun and Ray Train set.
+    timeout_s: the collective timeout of a default group created here (None: DeepSpeed's default); a group that
+    already exists keeps its own (Ray Train creates it with TorchConfig.timeout_s = fault.collective_timeout_s).
     """
     # PipelineModule reads LOCAL_RANK to pick its device; a one-device-per-process worker is local rank 0
     os.environ.setdefault("LOCAL_RANK", "0")
-    deepspeed.init_distributed(dist_backend=resolve_backend(backend))
-
-
-def set_collective_timeout(seconds: float) -> None:
-    """Apply one timeout to every process group this rank is in (the default group and those DeepSpeed and raylm
-    created, which torch gives its 30-minute default): a rank that stops answering fails its peers' collectives
-    after `seconds` instead of hanging them."""
-    from datetime import timedelta
-
-    from torch.distributed import distributed_c10d
-
-    for group in list(distributed_c10d._world.pg_map):
-        distributed_c10d._set_pg_timeout(timedelta(seconds=seconds), group)
+    timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+    deepspeed.init_distributed(dist_backend=resolve_backend(backend), **timeout)
 
 
 def build_optimizer(module: nn.Module, optim: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
@@ -321,7 +313,8 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     spec = TrainSpec.from_config(cfg)
     topo = Topology.from_config(cfg.parallel, dist.get_world_size())
     topo.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
-    with shared_single_rank_groups():  # raylm's groups and DeepSpeed's: one per single rank (fewer gloo threads)
+    # raylm's groups and DeepSpeed's: one per single rank (fewer gloo threads), each with the collective timeout
+    with shared_single_rank_groups(timedelta(seconds=cfg.fault.collective_timeout_s)):
         return _build_engine(cfg, spec, topo, weights)
 
 

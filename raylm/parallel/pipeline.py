@@ -87,7 +87,10 @@ def stage_layers(pipe: PipelineModule) -> list[nn.Module]:
     layers: list[nn.Module] = []
     for idx in range(parts[stage], parts[stage + 1]):
         # tied layers live in pipe.tied_modules; the others are registered under their layer index
-        module = pipe.tied_modules[TIED_KEY] if str(idx) not in pipe._modules else pipe.get_submodule(str(idx))
+        try:
+            module = pipe.get_submodule(str(idx))
+        except AttributeError:
+            module = pipe.tied_modules[TIED_KEY]
         if all(module is not seen for seen in layers):
             layers.append(module)
     return layers

@@ -9,20 +9,26 @@ for the same single rank can share one group; in a world of one rank that is the
 Only single-rank groups are shared: two groups of several ranks must keep their own sequence of collectives.
 Every rank makes the same choices (they depend only on the requested rank lists), so the collective
 `new_group` calls stay matched across ranks.
+
+The same interception gives every group created in the block the run's collective timeout (`timeout=` of
+`new_group`; torch would give each its 30-minute default): a rank that stops answering then fails its peers'
+collectives after that time instead of hanging them.
 """
 
 from __future__ import annotations
 
 import contextlib
+from datetime import timedelta
 from typing import Iterator
 
 import torch.distributed as dist
 
 
 @contextlib.contextmanager
-def shared_single_rank_groups() -> Iterator[None]:
+def shared_single_rank_groups(timeout: timedelta | None = None) -> Iterator[None]:
     """Within the block, `torch.distributed.new_group(ranks=[r])` returns one group per r (DeepSpeed's calls
-    included: they go through torch.distributed.new_group too)."""
+    included: they go through torch.distributed.new_group too), and a group created without a timeout gets
+    `timeout` (None: torch's default)."""
     create = dist.new_group
     groups: dict[int, object] = {}
     if dist.get_world_size() == 1:
@@ -30,10 +36,13 @@ def shared_single_rank_groups() -> Iterator[None]:
 
     def new_group(ranks=None, *args, **kwargs):
         members = list(ranks) if ranks is not None else None
-        if args or kwargs or members is None or len(members) != 1:
+        shared = not args and not kwargs and members is not None and len(members) == 1
+        if timeout is not None and not args:  # a positional second argument is the caller's own timeout
+            kwargs.setdefault("timeout", timeout)
+        if not shared:
             return create(ranks, *args, **kwargs)
         if members[0] not in groups:
-            groups[members[0]] = create(members)
+            groups[members[0]] = create(members, **kwargs)
         return groups[members[0]]
 
     dist.new_group = new_group

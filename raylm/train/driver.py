@@ -87,7 +87,9 @@ def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None)
     """The TorchTrainer for a run: workers and resources from the layout, storage in run.dir, retries from fault."""
     import ray.train
 
-    from raylm.train.trainer import ElasticGroup, RaylmTorchConfig, RaylmTrainer
+    from ray.train.torch import TorchConfig
+
+    from raylm.train.trainer import ElasticGroup, RaylmTrainer
     from raylm.train.worker import train_loop_per_worker
 
     scaling, backend = scaling_for(cfg, _cluster_resources())
@@ -103,7 +105,8 @@ def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None)
     # read data (middle pipeline stages) would leave the split coordinator waiting forever (hang 1).
     trainer = RaylmTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
                            run_config=run_config,
-                           torch_config=RaylmTorchConfig(backend=backend, timeout_s=cfg.fault.collective_timeout_s))
+                           torch_config=TorchConfig(backend=backend,
+                                                    timeout_s=cfg.fault.collective_timeout_s))
     if is_elastic(cfg.parallel):
         trainer.elastic = ElasticGroup(tp=cfg.parallel.tp, replica_workers=replica_workers(cfg.parallel),
                                        channel=channel)

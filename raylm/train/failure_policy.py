@@ -4,6 +4,10 @@ A corrupt shard, a damaged checkpoint under resume=required or a config the work
 on every attempt: retrying them only burns `fault.max_failures` (and minutes) before the same error. So a
 worker group failure any of whose workers raised a RaylmError is raised at once, and `max_failures` stays for
 what a restart can fix: a killed worker, a lost node, a collective that timed out.
+
+Ray Train v2 has no public failure-policy API: UserErrorsAreFinal subclasses an internal of the pinned Ray
+version (`DefaultFailurePolicy`, docs/private-apis.md); tests/unit/test_private_api_canary.py fails if an
+upgrade moves it.
 """
 
 from __future__ import annotations

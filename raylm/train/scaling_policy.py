@@ -7,8 +7,10 @@ replicas, and no rank is left outside one. It asks the cluster afresh (the autos
 refreshes its view every 20 s, which would keep a dead node in the count: docs/ray-facts.md 7), and it resizes
 a healthy group only after the group committed a checkpoint for it (the handshake in raylm.train.elastic).
 
-A Ray Train v2 internal of the pinned Ray version (`ElasticScalingPolicy`); tests/unit/test_trainer_hooks.py
-fails if an upgrade moves the methods overridden here.
+Ray Train v2 has no public scaling-policy API: this subclasses an internal of the pinned Ray version
+(`ElasticScalingPolicy`), overrides its `_count_possible_workers` and `_get_reserved_resources` and reads only
+the attributes a call to the coordinator needs (docs/private-apis.md); tests/unit/test_private_api_canary.py
+fails if an upgrade moves any of them.
 """
 
 from __future__ import annotations
@@ -16,12 +18,9 @@ from __future__ import annotations
 import time
 
 import ray
-from ray.train.v2._internal.execution.scaling_policy import NoopDecision, ResizeDecision, ScalingDecision
-from ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client import (
-    AUTOSCALING_REQUESTS_GET_TIMEOUT_S,
-)
+from ray.train.v2._internal.execution.scaling_policy import (AUTOSCALING_REQUESTS_GET_TIMEOUT_S, NoopDecision,
+                                                             ResizeDecision, ScalingDecision)
 from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
-from ray.train.v2._internal.util import time_monotonic
 
 from raylm.log import get_logger
 from raylm.train.elastic import ResizeChannel
@@ -62,6 +61,8 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
         self.requests = 0
         self.group_workers = 0  # the size of the newest group started (0 before the first)
         self.failed_at: float | None = None  # when the newest group was found not running (None while it runs)
+        self.reserved = None  # the coordinator's latest answer (None: none yet, or it failed)
+        self.reserved_at = float("-inf")  # when it was asked
 
     def _count_possible_workers(self, reserved_resources) -> int:
         per_worker = {k: v for k, v in self.scaling_config._resources_per_worker_not_none.items() if v > 0}
@@ -74,18 +75,17 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
     def _get_reserved_resources(self):
         """The coordinator's reservation recomputed against the live nodes (a node known dead no longer counts),
         at most once per GET_RESERVED_RESOURCES_INTERVAL_S as in Ray's policy."""
-        now = time_monotonic()
-        if now - self._latest_reserved_resources_query_time < self.GET_RESERVED_RESOURCES_INTERVAL_S:
-            return self._latest_reserved_resources
+        if time.monotonic() - self.reserved_at < self.GET_RESERVED_RESOURCES_INTERVAL_S:
+            return self.reserved
         try:
-            self._latest_reserved_resources = ray.get(
+            self.reserved = ray.get(
                 self._autoscaling_coordinator.get_reserved_resources.remote(self._requester_id, recompute=True),
                 timeout=AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
         except Exception as exc:  # as Ray's policy: no answer means no resize now
             get_logger().warning("could not read the cluster's resources for a resize decision: %s", exc)
-            self._latest_reserved_resources = None
-        self._latest_reserved_resources_query_time = time_monotonic()
-        return self._latest_reserved_resources
+            self.reserved = None
+        self.reserved_at = time.monotonic()
+        return self.reserved
 
     def make_decision_for_non_running_worker_group(self) -> ScalingDecision:
         """Start (or restart) the group at the most whole replicas that fit. After a failure, a count as large as
@@ -94,7 +94,7 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
         self.asked = 0
         self.channel.clear()  # a group that starts now owes no answer to an earlier request
         if self.group_workers and self.failed_at is None:
-            self.failed_at = time_monotonic()
+            self.failed_at = time.monotonic()
         reserved = self._get_reserved_resources()
         if reserved is not None and self._settling(self._count_possible_workers(reserved)):
             self._maybe_send_resource_request()
@@ -108,7 +108,7 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
         return decision
 
     def _settling(self, possible: int) -> bool:
-        since = None if self.failed_at is None else time_monotonic() - self.failed_at
+        since = None if self.failed_at is None else time.monotonic() - self.failed_at
         return may_still_lose_a_node(possible, self.group_workers, since, node_death_s())
 
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status) -> ScalingDecision:

@@ -37,12 +37,12 @@ class Session:
         from raylm.data.stream import run_order
         from raylm.model.facts import flops_per_token
         from raylm.model.weights import starting_weights
-        from raylm.parallel.engine import build_engine, init_distributed, set_collective_timeout
+        from raylm.parallel.engine import build_engine, init_distributed
 
-        init_distributed(backend)  # DeepSpeed needs its backend set before a PipelineModule is built
+        # DeepSpeed needs its backend set before a PipelineModule is built; build_engine gives its groups the timeout
+        init_distributed(backend, cfg.fault.collective_timeout_s)
         vocab = padded_vocab(cfg.data.vocab_size)
         engine = build_engine(cfg, starting_weights(cfg))
-        set_collective_timeout(cfg.fault.collective_timeout_s)  # every group exists now, DeepSpeed's included
         reads = engine.reads_data
         opener = _stream_opener(cfg, engine.coords.dp_rank, engine.topo.dp) if reads else None
         return cls(cfg=cfg, engine=engine, reads_data=reads, open_stream=opener,

@@ -1,20 +1,20 @@
-"""The TorchTrainer raylm runs: Ray Train's, with raylm's failure policy, its scaling policy for elastic runs, its
-SIGINT/SIGTERM handling, and a short process-group shutdown wait.
+"""The TorchTrainer raylm runs: Ray Train's, with raylm's failure policy, scaling policy and signal handling.
+
+The failure policy, the scaling policy for elastic runs and the SIGINT/SIGTERM handling are set here; the
+short process-group shutdown wait is in the job's environment (raylm.ray_connect).
 
 The hooks are Ray Train internals of the pinned Ray version (`_initialize_and_run_controller`,
-`_register_sigint_handler`, `_TorchBackend.on_shutdown`); tests/unit/test_trainer_hooks.py fails if an upgrade
+`_register_sigint_handler`): docs/private-apis.md; tests/unit/test_private_api_canary.py fails if an upgrade
 moves them.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 from dataclasses import dataclass
 
-from ray.train.torch import TorchConfig, TorchTrainer
-from ray.train.torch.config import _TorchBackend
+from ray.train.torch import TorchTrainer
 
 from raylm.train.failure_policy import UserErrorsAreFinal
 from raylm.train.interrupt import HANDLED_SIGNALS, install_abort_on_signal
@@ -63,25 +63,3 @@ class RaylmTrainer(TorchTrainer):
             self.interrupted_by = signum
 
         install_abort_on_signal(controller, remember)
-
-
-PG_SHUTDOWN_WAIT_S = "5"  # Ray waits 30 s by default; a healthy rank destroys its process group in well under 1 s
-PG_SHUTDOWN_WAIT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"  # read by Ray's torch backend at each shutdown
-
-
-class _ShortShutdownBackend(_TorchBackend):
-    """Ray's torch backend, waiting PG_SHUTDOWN_WAIT_S for the workers to leave their process group before a
-    restart: a stalled (SIGSTOPped) rank never answers, and each second of that wait delays the restart."""
-
-    def on_shutdown(self, worker_group, backend_config) -> None:
-        os.environ.setdefault(PG_SHUTDOWN_WAIT_ENV, PG_SHUTDOWN_WAIT_S)  # in the controller; a user's value wins
-        super().on_shutdown(worker_group, backend_config)
-
-
-@dataclass
-class RaylmTorchConfig(TorchConfig):
-    """TorchConfig (backend, timeout_s of the default process group) with the short shutdown wait."""
-
-    @property
-    def backend_cls(self):
-        return _ShortShutdownBackend

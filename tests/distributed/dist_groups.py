@@ -20,16 +20,28 @@ def gloo_loop_threads() -> int:
     return names.count("gloo_tcp_loop")
 
 
-def engine_groups(rank: int, world_size: int, layouts: list[tuple]) -> list[dict]:
-    """For each (pp, tp, dp): build the engine, train one step, report its groups' identities and the loop
-    threads before the build and after the step."""
+def group_timeouts_s() -> dict[str, float]:
+    """The collective timeout of every process group this rank is in, keyed "world" or by the group's ranks."""
+    import torch
+    import torch.distributed as dist
+
+    timeouts = {}
+    for group in dist.distributed_c10d._world.pg_map:  # torch has no public list of a rank's groups
+        name = "world" if group is dist.group.WORLD else str(dist.get_process_group_ranks(group))
+        timeouts[name] = group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+    return timeouts
+
+
+def engine_groups(rank: int, world_size: int, layouts: list[tuple], overrides: tuple = ()) -> list[dict]:
+    """For each (pp, tp, dp): build the engine, train one step, report its groups' identities, every group's
+    collective timeout after the step and the loop threads before the build and after the step."""
     import torch.distributed as dist
 
     from raylm.parallel.engine import build_engine
 
     out = []
     for pp, tp, dp in layouts:
-        cfg = tiny_cfg(pp, tp, dp)
+        cfg = tiny_cfg(pp, tp, dp, *overrides)
         dist.barrier()  # the default group's own loop thread runs from here on
         before = gloo_loop_threads()
         engine = build_engine(cfg)
@@ -38,7 +50,7 @@ def engine_groups(rank: int, world_size: int, layouts: list[tuple]) -> list[dict
         loss = engine.train_batch(data)
         groups = {"tp": engine.groups.tp, "dp": engine.groups.dp, "pp": engine.groups.pp,
                   "ds_slice": engine.ds.mpu.get_slice_parallel_group() if engine.ds.mpu else None}
-        out.append({"loss": loss, "loop_threads": (before, gloo_loop_threads()),
+        out.append({"loss": loss, "loop_threads": (before, gloo_loop_threads()), "timeouts_s": group_timeouts_s(),
                     "sizes": {name: dist.get_world_size(g) for name, g in groups.items() if g is not None},
                     "same": {name: [other for other, h in groups.items() if h is g] for name, g in groups.items()},
                     "world": {name: g is dist.group.WORLD for name, g in groups.items()}})

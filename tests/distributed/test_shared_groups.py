@@ -1,6 +1,6 @@
 """An engine holds one process group per single rank (raylm's and DeepSpeed's alike), so a gloo rank runs one event
 loop thread for all of them instead of one per group (each wakes every 10 ms), and groups of several ranks stay
-their own."""
+their own; every group the engine creates has fault.collective_timeout_s."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def test_one_rank_world_trains_on_the_default_group_alone():
 
 
 def test_single_rank_groups_are_shared_and_larger_groups_kept():
-    per_rank = run_world(2, engine_groups, [(2, 1, 1), (1, 2, 1)])
+    per_rank = run_world(2, engine_groups, [(2, 1, 1), (1, 2, 1)], ("fault.collective_timeout_s=77",))
     for rank_out in per_rank:
         pipeline, tensor = rank_out
         assert pipeline["sizes"] == {"tp": 1, "dp": 1, "pp": 2, "ds_slice": 1}
@@ -32,3 +32,7 @@ def test_single_rank_groups_are_shared_and_larger_groups_kept():
         assert tensor["same"]["dp"] == ["dp", "pp"]
         assert tensor["same"]["tp"] == ["tp"]
         assert pipeline["loss"] == per_rank[0][0]["loss"] and tensor["loss"] == per_rank[0][1]["loss"]
+        for built in rank_out:  # the harness made the default group with DeepSpeed's timeout; the engine its own
+            timeouts = dict(built["timeouts_s"])
+            assert timeouts.pop("world") == 600.0  # deepspeed.init_distributed's default
+            assert len(timeouts) >= 2 and set(timeouts.values()) == {77.0}, built["timeouts_s"]

@@ -68,3 +68,26 @@ def test_malformed_ray_address_names_the_fix(monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "headnode")
     with pytest.raises(RaylmError, match="is not host:port"):
         connect_ray()
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_raylm_jobs_shorten_ray_trains_process_group_shutdown_wait(monkeypatch, remote):
+    import ray
+
+    from raylm import ray_connect as ray_cluster
+
+    inits = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: inits.append(kwargs))
+    monkeypatch.setattr(ray_cluster, "quiet_ray_driver_loggers", lambda: None)
+    monkeypatch.setattr(ray_cluster, "filter_forwarded_logs", lambda: None)
+    monkeypatch.setenv("RAY_ADDRESS", "auto" if remote else "")  # "auto": no probe
+    monkeypatch.delenv("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", raising=False)
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")  # connect_ray sets it when absent
+    connect_ray()
+    # a value the driver already has reaches the actors without raylm (a local Ray inherits it, a submitted
+    # job carries it), and Ray refuses a job whose runtime_env sets a variable the submission set
+    monkeypatch.setenv("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "12")
+    connect_ray()
+    short_wait = {"env_vars": {"TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"}}
+    assert [init["runtime_env"] for init in inits] == [short_wait, None]

@@ -4,6 +4,7 @@ window, what each policy does to a step's row, the finite check on save, the dri
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 
 import pytest
 import torch
@@ -124,3 +125,16 @@ def test_defaults():
     fault = resolve({}).fault
     assert (fault.nonfinite, fault.spike, fault.spike_sigma, fault.spike_window) == ("skip", "warn", 6.0, 50)
     assert resolve({}, ["fault.drill=nonfinite@3"]).fault.drill == "nonfinite@3"
+
+
+def test_a_default_group_created_by_raylm_gets_the_collective_timeout(monkeypatch):
+    import deepspeed
+
+    from raylm.parallel.engine import init_distributed
+
+    calls = []
+    monkeypatch.setattr(deepspeed, "init_distributed", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    init_distributed("gloo", 77)
+    init_distributed("gloo")
+    assert calls == [{"dist_backend": "gloo", "timeout": timedelta(seconds=77)}, {"dist_backend": "gloo"}]
