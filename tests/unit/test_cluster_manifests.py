@@ -198,8 +198,8 @@ def test_runs_and_data_default_to_object_storage_and_no_pod_needs_a_volume_claim
     """Prepared data and run folders on s3 (issue 14): the RayJob's entrypoint, the README's variables and
     gpt2-small.yaml name s3:// URIs, and no manifest requires a ReadWriteMany claim (a shared volume is optional)."""
     entrypoint = load(CLUSTER / "kuberay-rayjob.yaml")["spec"]["entrypoint"]
-    assert entrypoint.count("data.out_dir=s3://") == 2 and entrypoint.count("run.dir=s3://") == 1
-    assert "$" not in entrypoint, "KubeRay's submitter shell would expand a variable to nothing"
+    assert entrypoint.count("data.out_dir=s3://") == 1 and entrypoint.count("run.dir=s3://") == 1
+    assert entrypoint.count("data.paths=s3://") == 1, "a real job names its corpus on object storage"
     readme = (CLUSTER / "README.md").read_text()
     assert re.search(r"export RAYLM_DATA=s3://", readme) and re.search(r"export RAYLM_RUNS=s3://", readme)
     from raylm.config import load_config
@@ -225,3 +225,68 @@ def test_docs_give_the_client_token_commands():
     for path in (REPO_ROOT / "README.md", CLUSTER / "README.md"):
         text = path.read_text()
         assert "export RAY_AUTH_MODE=token" in text and "ray get-auth-token" in text, path.name
+
+
+# Words KubeRay's submitter shell passes through unchanged: anything else (&&, ;, |, $, backticks, <, >, quotes,
+# globs, braces) is read by `/bin/bash -ce` itself, since BuildJobSubmitCommand puts the entrypoint there unquoted.
+SHELL_INERT_WORD = re.compile(r"[\w@%+=:,./-]+")
+
+
+def test_rayjob_entrypoint_is_one_command_the_submitter_shell_leaves_alone():
+    """KubeRay runs `... ray job submit --no-wait ... -- <entrypoint> ; fi ; ray job logs ...` under /bin/bash -ce:
+    `a && b` would submit only `a` and run `b` in the 1-CPU submitter pod. One command, shell-inert words only."""
+    entrypoint = load(CLUSTER / "kuberay-rayjob.yaml")["spec"]["entrypoint"]
+    bad = [word for word in entrypoint.split() if not SHELL_INERT_WORD.fullmatch(word)]
+    assert not bad, f"entrypoint words the submitter's shell would interpret: {bad}; use jobs/pretrain.py"
+    words = entrypoint.split()
+    assert words[:2] == ["python", "/home/ray/raylm/jobs/pretrain.py"], words[:2]
+    assert any(w.startswith("run.name=") for w in words), "a fixed run.name: a retried RayJob resumes that run"
+
+
+@pytest.mark.parametrize("bad", ["a && b", "a; b", "a | b", "a $HOME", "a `b`", "a > log", "a 2>&1", "'a b'"])
+def test_shell_inert_words_reject_shell_operators(bad):
+    assert not all(SHELL_INERT_WORD.fullmatch(word) for word in bad.split())
+
+
+def test_rayjob_retries_on_a_new_cluster_and_removes_it_when_done():
+    spec = load(CLUSTER / "kuberay-rayjob.yaml")["spec"]
+    assert spec.get("backoffLimit", 0) >= 1, "a preempted RayJob is retried (each retry resumes the run)"
+    assert spec.get("shutdownAfterJobFinishes") is True
+
+
+@pytest.mark.parametrize("name,spec", kuberay_cluster_specs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_kuberay_pod_gets_storage_credentials_both_ways(name, spec):
+    """Every rank uploads its own checkpoint files: the head and every worker pod run as the ServiceAccount (IRSA,
+    Pod Identity, Workload Identity) and load the storage Secret (endpoint and keys) into the Ray container."""
+    account = yaml.safe_load((CLUSTER / "kuberay-serviceaccount.yaml").read_text())
+    assert account["kind"] == "ServiceAccount"
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert pod.get("serviceAccountName") == account["metadata"]["name"], name
+        secrets = [src["secretRef"]["name"] for src in pod["containers"][0].get("envFrom", []) if "secretRef" in src]
+        assert secrets == ["raylm-storage"], f"{name}: the Ray container loads the storage Secret by envFrom"
+    text = (CLUSTER / "kuberay-serviceaccount.yaml").read_text()
+    assert "eks.amazonaws.com/role-arn" in text and "iam.gke.io/gcp-service-account" in text
+    readme = (CLUSTER / "README.md").read_text()
+    assert "kubectl create secret generic raylm-storage" in readme and "kuberay-serviceaccount.yaml" in readme
+
+
+def test_launcher_workers_have_credentials_a_pinned_ami_a_registry_login_and_a_region():
+    config = load(LAUNCHER)
+    assert config["provider"].get("region")
+    for name, node_type in config["available_node_types"].items():
+        assert re.fullmatch(r"ami-[0-9a-f]{8,17}", node_type["node_config"].get("ImageId", "")), \
+            f"{name}: pin ImageId (the launcher's built-in default AMI is too old for H100s)"
+        if name != config["head_node_type"]:  # the launcher gives its default profile to the head only
+            assert "Arn" in node_type["node_config"].get("IamInstanceProfile", {}) or \
+                "Name" in node_type["node_config"].get("IamInstanceProfile", {}), f"{name}: no storage credentials"
+    assert "get-parameter" in LAUNCHER.read_text(), "say how to look up the region's current AMI id"
+    registry = config["docker"]["image"].split("/")[0]
+    logins = [c for c in config.get("initialization_commands", []) if "docker login" in c]
+    assert logins and all(c.rstrip().endswith(registry) and "--password-stdin" in c for c in logins), \
+        "log in to the image's registry before `docker pull`, the password on stdin (never in the file)"
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context():
+    ignored = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".git", ".venv", "data", "runs"} <= ignored
