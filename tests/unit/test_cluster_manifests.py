@@ -227,20 +227,22 @@ def test_docs_give_the_client_token_commands():
         assert "export RAY_AUTH_MODE=token" in text and "ray get-auth-token" in text, path.name
 
 
-# Words KubeRay's submitter shell passes through unchanged: anything else (&&, ;, |, $, backticks, <, >, quotes,
-# globs, braces) is read by `/bin/bash -ce` itself, since BuildJobSubmitCommand puts the entrypoint there unquoted.
+# Words KubeRay's submitter shell passes through unchanged: anything else (&&, ;, |, $, backticks, <, >,
+# quotes, globs, braces) is read by `/bin/bash -ce` itself: BuildJobSubmitCommand puts the entrypoint there
+# unquoted.
 SHELL_INERT_WORD = re.compile(r"[\w@%+=:,./-]+")
 
 
 def test_rayjob_entrypoint_is_one_command_the_submitter_shell_leaves_alone():
-    """KubeRay runs `... ray job submit --no-wait ... -- <entrypoint> ; fi ; ray job logs ...` under /bin/bash -ce:
-    `a && b` would submit only `a` and run `b` in the 1-CPU submitter pod. One command, shell-inert words only."""
+    """KubeRay runs `... ray job submit --no-wait ... -- <entrypoint> ; fi ; ray job logs ...` under
+    /bin/bash -ce: `a && b` would submit only `a` and run `b` in the 1-CPU submitter pod. One command,
+    shell-inert words only."""
     entrypoint = load(CLUSTER / "kuberay-rayjob.yaml")["spec"]["entrypoint"]
     bad = [word for word in entrypoint.split() if not SHELL_INERT_WORD.fullmatch(word)]
     assert not bad, f"entrypoint words the submitter's shell would interpret: {bad}; use jobs/pretrain.py"
     words = entrypoint.split()
     assert words[:2] == ["python", "/home/ray/raylm/jobs/pretrain.py"], words[:2]
-    assert any(w.startswith("run.name=") for w in words), "a fixed run.name: a retried RayJob resumes that run"
+    assert any(w.startswith("run.name=") for w in words), "a fixed run.name: a retried RayJob resumes it"
 
 
 @pytest.mark.parametrize("bad", ["a && b", "a; b", "a | b", "a $HOME", "a `b`", "a > log", "a 2>&1", "'a b'"])
@@ -256,14 +258,16 @@ def test_rayjob_retries_on_a_new_cluster_and_removes_it_when_done():
 
 @pytest.mark.parametrize("name,spec", kuberay_cluster_specs(), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_kuberay_pod_gets_storage_credentials_both_ways(name, spec):
-    """Every rank uploads its own checkpoint files: the head and every worker pod run as the ServiceAccount (IRSA,
-    Pod Identity, Workload Identity) and load the storage Secret (endpoint and keys) into the Ray container."""
+    """Every rank uploads its own checkpoint files: the head and every worker pod run as the ServiceAccount
+    (IRSA, Pod Identity, Workload Identity) and load the storage Secret (endpoint and keys) into the Ray
+    container."""
     account = yaml.safe_load((CLUSTER / "kuberay-serviceaccount.yaml").read_text())
     assert account["kind"] == "ServiceAccount"
     for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
         pod = group["template"]["spec"]
         assert pod.get("serviceAccountName") == account["metadata"]["name"], name
-        secrets = [src["secretRef"]["name"] for src in pod["containers"][0].get("envFrom", []) if "secretRef" in src]
+        sources = pod["containers"][0].get("envFrom", [])
+        secrets = [src["secretRef"]["name"] for src in sources if "secretRef" in src]
         assert secrets == ["raylm-storage"], f"{name}: the Ray container loads the storage Secret by envFrom"
     text = (CLUSTER / "kuberay-serviceaccount.yaml").read_text()
     assert "eks.amazonaws.com/role-arn" in text and "iam.gke.io/gcp-service-account" in text
@@ -278,8 +282,8 @@ def test_launcher_workers_have_credentials_a_pinned_ami_a_registry_login_and_a_r
         assert re.fullmatch(r"ami-[0-9a-f]{8,17}", node_type["node_config"].get("ImageId", "")), \
             f"{name}: pin ImageId (the launcher's built-in default AMI is too old for H100s)"
         if name != config["head_node_type"]:  # the launcher gives its default profile to the head only
-            assert "Arn" in node_type["node_config"].get("IamInstanceProfile", {}) or \
-                "Name" in node_type["node_config"].get("IamInstanceProfile", {}), f"{name}: no storage credentials"
+            profile = node_type["node_config"].get("IamInstanceProfile", {})
+            assert "Arn" in profile or "Name" in profile, f"{name}: no storage credentials"
     assert "get-parameter" in LAUNCHER.read_text(), "say how to look up the region's current AMI id"
     registry = config["docker"]["image"].split("/")[0]
     logins = [c for c in config.get("initialization_commands", []) if "docker login" in c]
