@@ -316,7 +316,8 @@ class RehearsalCluster:
                 worker = self.pod(group, False, f"{group['groupName']}-{index}")
                 self.pods.append(worker)
                 worker.start()
-        self.wait_nodes(len(self.pods), timeout_s)
+                # one raylet registering at a time: this machine's 2 cores are shared by every pod
+                self.wait_nodes(len(self.pods), timeout_s)
         return self
 
     def wait_gcs(self, head: Pod, timeout_s: float) -> None:
@@ -343,7 +344,7 @@ class RehearsalCluster:
         except json.JSONDecodeError:
             return []  # nodes still registering: asked again
 
-    def wait_nodes(self, count: int, timeout_s: float, restarts: int = 3) -> None:
+    def wait_nodes(self, count: int, timeout_s: float) -> None:
         """Until `count` nodes are alive. A worker pod whose Ray container exits is restarted, as the kubelet
         restarts it (restartPolicy Always): on a loaded machine `ray start` can give up on its raylet's
         registration (a fixed 30 s in Ray 2.60) before the raylet is through."""
@@ -353,14 +354,12 @@ class RehearsalCluster:
             assert head.process.poll() is None, f"the head pod exited: {head.output()[-3000:]}"
             for pod in self.pods[1:]:
                 if pod.process.poll() is not None:
-                    assert restarts > 0, f"pod {pod.name} exited: {pod.output()[-3000:]}"
-                    restarts -= 1
                     kill_pod_tree([pod])  # every process of the container goes with it
                     pod.start()
             if len(self.nodes()) == count:
                 return
             time.sleep(2)
-        raise AssertionError(f"{count} Ray nodes not up in {timeout_s} s")
+        raise AssertionError(f"{count} Ray nodes not up in {timeout_s} s: {self.pods[-1].output()[-3000:]}")
 
     def stop(self) -> None:
         stop_pods(self.pods)

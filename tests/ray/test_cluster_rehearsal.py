@@ -35,8 +35,9 @@ import yaml
 
 from tests.conftest import REPO_ROOT
 from tests.ray.conftest import SMALL_MODEL
-from tests.ray.kuberay_rehearsal import (Pod, RehearsalCluster, image_env, job_submit_command, kill_pod_tree,
-                                         new_root, new_token, stop_pods, submitter_env)
+from tests.ray.kuberay_rehearsal import (Pod, RehearsalCluster, container_env, image_env, job_submit_command,
+                                         kill_pod_tree, new_root, new_token, ray_container, stop_pods,
+                                         submitter_env)
 from tests.s3_server import DUMMY_KEYS, client, keys, s3_server
 
 RAYJOB = REPO_ROOT / "cluster" / "kuberay-rayjob.yaml"
@@ -230,11 +231,10 @@ def last_step_trained(root: Path) -> int:
 
 @pytest.mark.slow
 def test_whole_cluster_loss_then_resubmission_resumes_bitwise(stage, rehearsed):
-    """Every process of a rehearsal cluster (head, workers, submitter) SIGKILLed right after the first
+    """Every process of a rehearsal cluster (head, workers, submitter) SIGKILLed two steps after the first
     checkpoint is committed; a fresh cluster and the same RayJob again (KubeRay's backoffLimit retry, or a
     re-apply): the run resumes from that checkpoint on object storage, and every step's samples_sha and loss
-    equal the uninterrupted
-    run's bit for bit (the uninterrupted run: the module's RayJob, same config, another run name)."""
+    equal the uninterrupted run's bit for bit (that run: the module's RayJob, same config, other run name)."""
     reference = {r["step"]: r for r in stage.metrics()}
     run_name = "gpt2-small-preempted"
     prefix = stage.run_prefix_of(run_name)
@@ -245,6 +245,9 @@ def test_whole_cluster_loss_then_resubmission_resumes_bitwise(stage, rehearsed):
         submitter = stage.submitter(doomed, "submitter-lost", run_name)
         submitter.start()
         wait_for_object(stage, first_checkpoint, [*doomed.pods, submitter])
+        deadline = time.time() + 300  # mid-interval: steps after the checkpoint are lost and trained again
+        while last_step_trained(doomed.root) < CHECKPOINT_EVERY + 1 and time.time() < deadline:
+            time.sleep(0.2)
         kill_pod_tree([*doomed.pods, submitter])  # the whole cluster at once, head included
         lost_at = last_step_trained(doomed.root)
     finally:
@@ -261,11 +264,46 @@ def test_whole_cluster_loss_then_resubmission_resumes_bitwise(stage, rehearsed):
     finally:
         stop_pods([*fresh.pods])
     assert status == 0 and "succeeded" in console, console[-6000:]
+    assert f"checkpoints/step-{CHECKPOINT_EVERY:08d} at step {CHECKPOINT_EVERY}" in console, console[-6000:]
     rows = stage.metrics(prefix)
-    assert [r["step"] for r in rows] == list(range(STEPS)), "one row per step, none lost, none twice"
+    steps = [r["step"] for r in rows]
     sha_mismatches = sum(r["samples_sha"] != reference[r["step"]]["samples_sha"] for r in rows)
     loss_mismatches = sum(r["loss"] != reference[r["step"]]["loss"] for r in rows)
     print(f"whole-cluster loss: killed after step {lost_at} was logged, resumed at step {CHECKPOINT_EVERY}: "
-          f"{lost_at + 1 - CHECKPOINT_EVERY} steps repeated; samples_sha mismatches {sha_mismatches}, "
-          f"loss mismatches {loss_mismatches}")
+          f"{lost_at + 1 - CHECKPOINT_EVERY} steps repeated; rows on S3 for steps {steps}; samples_sha "
+          f"mismatches {sha_mismatches}, loss mismatches {loss_mismatches} (of {len(rows)} rows)")
+    assert steps[-(STEPS - CHECKPOINT_EVERY):] == list(range(CHECKPOINT_EVERY, STEPS)) and len(set(steps)) == \
+        len(steps), "every step from the checkpoint on, once"
     assert sha_mismatches == 0 and loss_mismatches == 0
+    assert steps == list(range(STEPS)), "the rows before the checkpoint are kept on object storage"
+
+
+def test_pods_get_storage_keys_only_from_the_manifests_env_from(stage):
+    """The rehearsal can fail: without the manifest's envFrom a pod has no storage keys, and the submitter
+    never has any (KubeRay gives it none)."""
+    cluster = stage.cluster("env-check")
+    spec = copy.deepcopy(cluster.spec)
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        assert "AWS_SECRET_ACCESS_KEY" in container_env(ray_container(group), stage.secret_data)
+        ray_container(group).pop("envFrom")
+        assert not [k for k in container_env(ray_container(group), stage.secret_data) if k.startswith("AWS_")]
+    submitter = stage.submitter(cluster, "env-check-submitter")
+    assert not [k for k in submitter.env if k.startswith("AWS_")]
+
+
+def test_the_submitter_shell_splits_an_entrypoint_with_operators(tmp_path):
+    """What the old entrypoint did under BuildJobSubmitCommand, with stub `ray` and `python` commands: the
+    submitter's shell runs the part after `&&` itself, outside the Ray job."""
+    calls = tmp_path / "calls"
+    for name in ("ray", "python"):
+        stub = tmp_path / name
+        stub.write_text(f'#!/bin/bash\necho "{name} $*" >> {calls}\n[ "$2" != status ]\n')
+        stub.chmod(0o755)
+    rayjob = {"spec": {"entrypoint": "python jobs/prepare.py c.yaml && python jobs/train.py c.yaml"}}
+    command = job_submit_command(rayjob, "http://127.0.0.1:1", "id-1").replace("python -c", "true")
+    subprocess.run(["/bin/bash", "-ce", "--", command], env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, check=True,
+                   timeout=60)
+    lines = calls.read_text().splitlines()
+    submits = [line for line in lines if line.startswith("ray job submit")]
+    assert len(submits) == 1 and submits[0].endswith("-- python jobs/prepare.py c.yaml"), lines
+    assert "python jobs/train.py c.yaml" in lines, "train ran in the submitter, not in the Ray job"
