@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import shlex
@@ -76,16 +77,21 @@ def copied_into_image() -> dict[str, str]:
     return copies
 
 
-def test_install_step_makes_raylm_importable(tmp_path):
-    """Replay the image's COPY lines and its pip install line (no dependencies: the venv has them) into a folder,
-    then import raylm from there in a fresh interpreter started outside the repository."""
-    image_root = tmp_path / "image"
+def replay_copies(image_root: Path) -> None:
+    """The image's COPY lines, into a folder standing for the image's root."""
     for source, dest in copied_into_image().items():
         target = image_root / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         copy = shutil.copytree if (REPO_ROOT / source).is_dir() else shutil.copy2
         copy(REPO_ROOT / source, target, **({"ignore": shutil.ignore_patterns("__pycache__")}
                                             if copy is shutil.copytree else {}))
+
+
+def test_install_step_makes_raylm_importable(tmp_path):
+    """Replay the image's COPY lines and its pip install line (no dependencies: the venv has them) into a folder,
+    then import raylm from there in a fresh interpreter started outside the repository."""
+    image_root = tmp_path / "image"
+    replay_copies(image_root)
     args = shlex.split(install_line())[2:]  # after "pip install"
     targets = [a for a in args if not a.startswith("-")]
     assert targets and all(t.startswith("/") for t in targets), f"install an image path: {install_line()}"
@@ -294,3 +300,22 @@ def test_launcher_workers_have_credentials_a_pinned_ami_a_registry_login_and_a_r
 def test_dockerignore_keeps_local_state_out_of_the_build_context():
     ignored = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", ".venv", "data", "runs"} <= ignored
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1900)
+def test_dockerfile_install_line_installs_raylm_with_its_dependencies_in_a_fresh_venv(tmp_path):
+    """Where no image can be built here: the Dockerfile's RUN line itself (its pip install with every
+    dependency, then its import check) in a fresh virtualenv, over the files its COPY lines put in the image.
+    A broken install line, a missing dependency or a package the COPY lines leave out fails this test."""
+    image_root = tmp_path / "image"
+    replay_copies(image_root)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    run_line = next(args for op, args in dockerfile_instructions() if op == "RUN" and "pip install" in args)
+    script = run_line.replace("/home/ray/", f"{image_root}/home/ray/")
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    env |= {k: v for k, v in os.environ.items() if k.startswith("PIP_")}  # this machine's package index
+    done = subprocess.run(["/bin/bash", "-ec", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
