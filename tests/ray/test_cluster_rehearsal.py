@@ -172,6 +172,7 @@ def job_status(stage: Stage, cluster: RehearsalCluster) -> str:
     return out.stdout + out.stderr
 
 
+@pytest.mark.timeout(1800)  # its setup starts the cluster and runs the job: about 3-6 minutes on 2 cores
 def test_rayjob_trains_on_the_worker_pods_with_the_manifests_credentials(stage, rehearsed):
     status, console = rehearsed["first"]
     assert status == 0, console[-6000:]
@@ -189,6 +190,7 @@ def test_rayjob_trains_on_the_worker_pods_with_the_manifests_credentials(stage, 
     assert {p["node_id"] for p in placement} <= workers, "ranks on worker pods only, never the head"
 
 
+@pytest.mark.timeout(1800)
 def test_the_run_exports_from_object_storage_to_object_storage(stage, rehearsed):
     export = rehearsed["export"]
     assert export.returncode == 0, export.stdout[-3000:] + export.stderr[-3000:]
@@ -198,6 +200,7 @@ def test_the_run_exports_from_object_storage_to_object_storage(stage, rehearsed)
     print(f"rehearsal wall {rehearsed['wall_s']:.0f} s")
 
 
+@pytest.mark.timeout(1800)
 def test_a_retried_submitter_submits_nothing_twice(stage, rehearsed):
     status, console = rehearsed["second"]
     assert status == 0, console[-6000:]
@@ -230,6 +233,7 @@ def last_step_trained(root: Path) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3000)  # the module's run (when first), two more cluster starts, a resumed run
 def test_whole_cluster_loss_then_resubmission_resumes_bitwise(stage, rehearsed):
     """Every process of a rehearsal cluster (head, workers, submitter) SIGKILLed two steps after the first
     checkpoint is committed; a fresh cluster and the same RayJob again (KubeRay's backoffLimit retry, or a
@@ -272,8 +276,9 @@ def test_whole_cluster_loss_then_resubmission_resumes_bitwise(stage, rehearsed):
     print(f"whole-cluster loss: killed after step {lost_at} was logged, resumed at step {CHECKPOINT_EVERY}: "
           f"{lost_at + 1 - CHECKPOINT_EVERY} steps repeated; rows on S3 for steps {steps}; samples_sha "
           f"mismatches {sha_mismatches}, loss mismatches {loss_mismatches} (of {len(rows)} rows)")
-    assert steps[-(STEPS - CHECKPOINT_EVERY):] == list(range(CHECKPOINT_EVERY, STEPS)) and len(set(steps)) == \
-        len(steps), "every step from the checkpoint on, once"
+    resumed_steps = steps[-(STEPS - CHECKPOINT_EVERY):]
+    assert resumed_steps == list(range(CHECKPOINT_EVERY, STEPS)), "every step from the checkpoint on"
+    assert len(set(steps)) == len(steps), "no step twice"
     assert sha_mismatches == 0 and loss_mismatches == 0
     assert steps == list(range(STEPS)), "the rows before the checkpoint are kept on object storage"
 
