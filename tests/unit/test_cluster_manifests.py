@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import shlex
@@ -76,16 +77,21 @@ def copied_into_image() -> dict[str, str]:
     return copies
 
 
-def test_install_step_makes_raylm_importable(tmp_path):
-    """Replay the image's COPY lines and its pip install line (no dependencies: the venv has them) into a folder,
-    then import raylm from there in a fresh interpreter started outside the repository."""
-    image_root = tmp_path / "image"
+def replay_copies(image_root: Path) -> None:
+    """The image's COPY lines, into a folder standing for the image's root."""
     for source, dest in copied_into_image().items():
         target = image_root / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         copy = shutil.copytree if (REPO_ROOT / source).is_dir() else shutil.copy2
         copy(REPO_ROOT / source, target, **({"ignore": shutil.ignore_patterns("__pycache__")}
                                             if copy is shutil.copytree else {}))
+
+
+def test_install_step_makes_raylm_importable(tmp_path):
+    """Replay the image's COPY lines and its pip install line (no dependencies: the venv has them) into a folder,
+    then import raylm from there in a fresh interpreter started outside the repository."""
+    image_root = tmp_path / "image"
+    replay_copies(image_root)
     args = shlex.split(install_line())[2:]  # after "pip install"
     targets = [a for a in args if not a.startswith("-")]
     assert targets and all(t.startswith("/") for t in targets), f"install an image path: {install_line()}"
@@ -198,8 +204,8 @@ def test_runs_and_data_default_to_object_storage_and_no_pod_needs_a_volume_claim
     """Prepared data and run folders on s3 (issue 14): the RayJob's entrypoint, the README's variables and
     gpt2-small.yaml name s3:// URIs, and no manifest requires a ReadWriteMany claim (a shared volume is optional)."""
     entrypoint = load(CLUSTER / "kuberay-rayjob.yaml")["spec"]["entrypoint"]
-    assert entrypoint.count("data.out_dir=s3://") == 2 and entrypoint.count("run.dir=s3://") == 1
-    assert "$" not in entrypoint, "KubeRay's submitter shell would expand a variable to nothing"
+    assert entrypoint.count("data.out_dir=s3://") == 1 and entrypoint.count("run.dir=s3://") == 1
+    assert entrypoint.count("data.paths=s3://") == 1, "a real job names its corpus on object storage"
     readme = (CLUSTER / "README.md").read_text()
     assert re.search(r"export RAYLM_DATA=s3://", readme) and re.search(r"export RAYLM_RUNS=s3://", readme)
     from raylm.config import load_config
@@ -225,3 +231,91 @@ def test_docs_give_the_client_token_commands():
     for path in (REPO_ROOT / "README.md", CLUSTER / "README.md"):
         text = path.read_text()
         assert "export RAY_AUTH_MODE=token" in text and "ray get-auth-token" in text, path.name
+
+
+# Words KubeRay's submitter shell passes through unchanged: anything else (&&, ;, |, $, backticks, <, >,
+# quotes, globs, braces) is read by `/bin/bash -ce` itself: BuildJobSubmitCommand puts the entrypoint there
+# unquoted.
+SHELL_INERT_WORD = re.compile(r"[\w@%+=:,./-]+")
+
+
+def test_rayjob_entrypoint_is_one_command_the_submitter_shell_leaves_alone():
+    """KubeRay runs `... ray job submit --no-wait ... -- <entrypoint> ; fi ; ray job logs ...` under
+    /bin/bash -ce: `a && b` would submit only `a` and run `b` in the 1-CPU submitter pod. One command,
+    shell-inert words only."""
+    entrypoint = load(CLUSTER / "kuberay-rayjob.yaml")["spec"]["entrypoint"]
+    bad = [word for word in entrypoint.split() if not SHELL_INERT_WORD.fullmatch(word)]
+    assert not bad, f"entrypoint words the submitter's shell would interpret: {bad}; use jobs/pretrain.py"
+    words = entrypoint.split()
+    assert words[:2] == ["python", "/home/ray/raylm/jobs/pretrain.py"], words[:2]
+    assert any(w.startswith("run.name=") for w in words), "a fixed run.name: a retried RayJob resumes it"
+
+
+@pytest.mark.parametrize("bad", ["a && b", "a; b", "a | b", "a $HOME", "a `b`", "a > log", "a 2>&1", "'a b'"])
+def test_shell_inert_words_reject_shell_operators(bad):
+    assert not all(SHELL_INERT_WORD.fullmatch(word) for word in bad.split())
+
+
+def test_rayjob_retries_on_a_new_cluster_and_removes_it_when_done():
+    spec = load(CLUSTER / "kuberay-rayjob.yaml")["spec"]
+    assert spec.get("backoffLimit", 0) >= 1, "a preempted RayJob is retried (each retry resumes the run)"
+    assert spec.get("shutdownAfterJobFinishes") is True
+
+
+@pytest.mark.parametrize("name,spec", kuberay_cluster_specs(), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_kuberay_pod_gets_storage_credentials_both_ways(name, spec):
+    """Every rank uploads its own checkpoint files: the head and every worker pod run as the ServiceAccount
+    (IRSA, Pod Identity, Workload Identity) and load the storage Secret (endpoint and keys) into the Ray
+    container."""
+    account = yaml.safe_load((CLUSTER / "kuberay-serviceaccount.yaml").read_text())
+    assert account["kind"] == "ServiceAccount"
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        pod = group["template"]["spec"]
+        assert pod.get("serviceAccountName") == account["metadata"]["name"], name
+        sources = pod["containers"][0].get("envFrom", [])
+        secrets = [src["secretRef"]["name"] for src in sources if "secretRef" in src]
+        assert secrets == ["raylm-storage"], f"{name}: the Ray container loads the storage Secret by envFrom"
+    text = (CLUSTER / "kuberay-serviceaccount.yaml").read_text()
+    assert "eks.amazonaws.com/role-arn" in text and "iam.gke.io/gcp-service-account" in text
+    readme = (CLUSTER / "README.md").read_text()
+    assert "kubectl create secret generic raylm-storage" in readme and "kuberay-serviceaccount.yaml" in readme
+
+
+def test_launcher_workers_have_credentials_a_pinned_ami_a_registry_login_and_a_region():
+    config = load(LAUNCHER)
+    assert config["provider"].get("region")
+    for name, node_type in config["available_node_types"].items():
+        assert re.fullmatch(r"ami-[0-9a-f]{8,17}", node_type["node_config"].get("ImageId", "")), \
+            f"{name}: pin ImageId (the launcher's built-in default AMI is too old for H100s)"
+        if name != config["head_node_type"]:  # the launcher gives its default profile to the head only
+            profile = node_type["node_config"].get("IamInstanceProfile", {})
+            assert "Arn" in profile or "Name" in profile, f"{name}: no storage credentials"
+    assert "get-parameter" in LAUNCHER.read_text(), "say how to look up the region's current AMI id"
+    registry = config["docker"]["image"].split("/")[0]
+    logins = [c for c in config.get("initialization_commands", []) if "docker login" in c]
+    assert logins and all(c.rstrip().endswith(registry) and "--password-stdin" in c for c in logins), \
+        "log in to the image's registry before `docker pull`, the password on stdin (never in the file)"
+
+
+def test_dockerignore_keeps_local_state_out_of_the_build_context():
+    ignored = {line.strip() for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".git", ".venv", "data", "runs"} <= ignored
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1900)
+def test_dockerfile_install_line_installs_raylm_with_its_dependencies_in_a_fresh_venv(tmp_path):
+    """Where no image can be built here: the Dockerfile's RUN line itself (its pip install with every
+    dependency, then its import check) in a fresh virtualenv, over the files its COPY lines put in the image.
+    A broken install line, a missing dependency or a package the COPY lines leave out fails this test."""
+    image_root = tmp_path / "image"
+    replay_copies(image_root)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    run_line = next(args for op, args in dockerfile_instructions() if op == "RUN" and "pip install" in args)
+    script = run_line.replace("/home/ray/", f"{image_root}/home/ray/")
+    env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+    env |= {k: v for k, v in os.environ.items() if k.startswith("PIP_")}  # this machine's package index
+    done = subprocess.run(["/bin/bash", "-ec", script], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=1800)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
