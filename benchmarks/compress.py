@@ -26,7 +26,7 @@ import torch
 
 from common import TINY, emit, ensure_prepared, scratch_dir
 from raylm.checkpoint.export import export
-from raylm.compress.run import CompressOptions, compress
+from raylm.compress.apply import CompressOptions, compress
 from raylm.config import load_config
 from raylm.evaluate import evaluate
 from train import raylm_run

@@ -100,7 +100,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from raylm.compress.run import CompressOptions, compress
+    from raylm.compress.apply import CompressOptions, compress
 
     options = CompressOptions(source=args.source, out_dir=args.out_dir, quantize=args.quantize,
                               group_size=args.group_size, prune=args.prune, pattern=args.pattern, scope=args.scope,

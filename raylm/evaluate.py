@@ -18,11 +18,11 @@ import torch
 import yaml
 
 from raylm.checkpoint.export import export_folder, open_export
-from raylm.checkpoint.manifest import read_manifest as read_checkpoint_manifest
+from raylm.checkpoint.manifest import read_checkpoint_manifest
 from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_files, resolve_checkpoint
 from raylm.config import resolve
 from raylm.config.derived import eval_samples, padded_vocab
-from raylm.data.shards import read_manifest
+from raylm.data.shards import read_data_manifest
 from raylm.data.stream import RankStream, normalize_sources
 from raylm.data.tokenizer import file_sha256
 from raylm.errors import DataError
@@ -69,7 +69,7 @@ def check_same_tokenizer(source: str, tokenizer: Path | None, sources: tuple[tup
         return
     model_sha = file_sha256(tokenizer)
     for folder, _ in sources:
-        data_sha = read_manifest(folder)["tokenizer_sha256"]
+        data_sha = read_data_manifest(folder)["tokenizer_sha256"]
         if data_sha != model_sha:
             data_tokenizer = Path(folder) / TOKENIZER_FILE
             raise DataError(f"{folder} was prepared with tokenizer sha256 {data_sha[:16]}... ({data_tokenizer}) "
@@ -82,7 +82,7 @@ def _overrides(tree: dict, data: str | Path | None) -> dict:
     config (a bare Hugging Face folder) reads windows of the data's own seq_len, within the model's positions."""
     overrides: dict = {"data.paths": [], "data.sources": [], "model.init_from": ""}
     if data is not None and "seq_len" not in tree.get("data", {}):
-        prepared_seq_len = read_manifest(normalize_sources(data)[0][0]).get("seq_len") or DEFAULT_SEQ_LEN
+        prepared_seq_len = read_data_manifest(normalize_sources(data)[0][0]).get("seq_len") or DEFAULT_SEQ_LEN
         overrides["data.seq_len"] = min(prepared_seq_len, tree["model"]["max_seq_len"])
     return overrides
 
@@ -127,7 +127,7 @@ def evaluate(source: str | Path, data: str | Path | None = None, split: str = "v
 
 def _check_vocab(sources: tuple[tuple[str, float], ...], vocab_size: int, source: str) -> None:
     for folder, _ in sources:
-        data_vocab = read_manifest(folder)["vocab_size"]
+        data_vocab = read_data_manifest(folder)["vocab_size"]
         if data_vocab > vocab_size:
             raise DataError(f"{folder} was prepared with data.vocab_size={data_vocab} but {source} has only "
                             f"{vocab_size} tokens; evaluate on data prepared with the model's tokenizer")

@@ -17,7 +17,7 @@ import shutil
 import uuid
 from pathlib import Path
 
-from raylm.checkpoint.manifest import MANIFEST, bad_file, read_manifest, write_manifest
+from raylm.checkpoint.manifest import MANIFEST, bad_file, read_checkpoint_manifest, write_manifest
 from raylm.errors import CheckpointError, ConfigError
 from raylm.fsync import fsync_path
 from raylm.log import get_logger
@@ -109,7 +109,7 @@ def list_checkpoints(checkpoints_dir: Location | str, uploads: bool = False) -> 
 def is_committed(folder: Location) -> bool:
     """A step folder whose manifest.json exists and parses (file hashes are checked by verify_checkpoint)."""
     try:
-        read_manifest(folder)
+        read_checkpoint_manifest(folder)
     except CheckpointError:
         return False
     return True
@@ -123,7 +123,7 @@ def list_committed(checkpoints_dir: Location | str) -> list[Location]:
 def check_sizes(folder: Location) -> dict:
     """The manifest, once every file it lists exists with its listed size: the cheap check (one listing), no file
     is read. The sha256 of each file is checked at load by the ranks that read it (raylm.checkpoint.state)."""
-    manifest = read_manifest(folder)
+    manifest = read_checkpoint_manifest(folder)
     sizes = file_sizes(folder)
     for rel_path, record in manifest["files"].items():
         if rel_path not in sizes:

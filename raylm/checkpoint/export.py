@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from raylm.checkpoint.manifest import read_manifest, verify_checkpoint
+from raylm.checkpoint.manifest import read_checkpoint_manifest, verify_checkpoint
 from raylm.checkpoint.names import model_file
 from raylm.checkpoint.reader import iter_model_layers, resolve_checkpoint
 from raylm.checkpoint.writer import model_config_of
@@ -133,7 +133,7 @@ def export(source: Location | str, out_dir: Location | str) -> dict:
     or gs:// out_dir is written in this node's mirror of it, then uploaded with config.json last."""
     target = as_location(out_dir, "export OUT_DIR")
     folder = resolve_checkpoint(source)
-    manifest = read_manifest(folder)  # the model files and config are verified as they are streamed
+    manifest = read_checkpoint_manifest(folder)  # the model files and config are verified as they are streamed
     model = model_config_of(manifest)
     vocab_rows = manifest["padded_vocab"]
     out = local_view(target)

@@ -38,7 +38,7 @@ def write_manifest(folder: Path, step: int, files: dict[str, dict], extra: dict)
     return path
 
 
-def read_manifest(folder: Location | str) -> dict:
+def read_checkpoint_manifest(folder: Location | str) -> dict:
     """The parsed manifest of a checkpoint folder or prefix; CheckpointError if it is missing or unreadable."""
     folder = as_location(folder)
     path = folder / MANIFEST
@@ -90,7 +90,7 @@ def verify_checkpoint(path: Location | str, only: Iterable[str] | None = None, c
     For a prefix the checked files are then in local_view(path, cache_dir). Returns the manifest.
     """
     folder = as_location(path)
-    manifest = read_manifest(folder)
+    manifest = read_checkpoint_manifest(folder)
     files = manifest["files"]
     wanted = list(files) if only is None else list(only)
     for rel_path in wanted:

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from raylm.checkpoint.commit import list_committed
-from raylm.checkpoint.manifest import MANIFEST, read_manifest, verify_checkpoint
+from raylm.checkpoint.manifest import MANIFEST, read_checkpoint_manifest, verify_checkpoint
 from raylm.checkpoint.names import MODEL_DIR
 from raylm.errors import CheckpointError
 from raylm.storage.file_names import CONFIG_FILE
@@ -43,7 +43,7 @@ def model_files(manifest: dict) -> list[str]:
 
 def iter_model_layers(folder: Location) -> Iterator[tuple[str, dict[str, torch.Tensor]]]:
     """(file, {full name: fp32 tensor}) per layer; all model files and the config are verified before the first load."""
-    manifest = verify_checkpoint(folder, only=[*model_files(read_manifest(folder)), CONFIG_FILE])
+    manifest = verify_checkpoint(folder, only=[*model_files(read_checkpoint_manifest(folder)), CONFIG_FILE])
     local = local_view(folder)
     for rel_path in model_files(manifest):
         yield rel_path, torch.load(local / rel_path, map_location="cpu", weights_only=True)

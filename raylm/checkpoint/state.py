@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from raylm.checkpoint.commit import commit, list_committed, new_tmp_dir, upload_own_files
 from raylm.checkpoint.finite import first_non_finite
-from raylm.checkpoint.manifest import read_manifest, verify_checkpoint
+from raylm.checkpoint.manifest import read_checkpoint_manifest, verify_checkpoint
 from raylm.checkpoint.names import ENGINE_STATE_FILE, TRAINER_STATE_FILE, model_file, optim_file, rank_file
 from raylm.checkpoint.writer import Records, manifest_extra, model_config_of, save_json, save_run_files, save_torch
 from raylm.config import Config
@@ -100,7 +100,7 @@ def _space_hint(checkpoints_dir: str | Path) -> str:
     free = shutil.disk_usage(checkpoints_dir).free
     if not committed:
         return f"{free} bytes are free there; free space or point run.dir at a larger disk"
-    need = sum(record["bytes"] for record in read_manifest(committed[0])["files"].values())
+    need = sum(record["bytes"] for record in read_checkpoint_manifest(committed[0])["files"].values())
     return (f"a checkpoint needs about {need} bytes (the size of {committed[0].name}, which is untouched) and "
             f"{free} are free there; free space or point run.dir at a larger disk, then rerun to resume")
 
@@ -231,7 +231,7 @@ def verify_for_load(engine: Engine, cfg: Config, path: Location | str) -> dict:
     folder = as_location(path)
     error, manifest = None, None
     try:
-        manifest = read_manifest(folder)
+        manifest = read_checkpoint_manifest(folder)
         _check_model(manifest, cfg, folder)
     except CheckpointError as exc:
         error = str(exc)

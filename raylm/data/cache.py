@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 from raylm.data.shards import (FIX, SHARD_NAME, ShardDigest, check_shard, check_shard_size, check_tokenizer,
-                               manifest_data, parse_manifest, read_manifest, split_summary)
+                               manifest_data, parse_manifest, read_data_manifest, split_summary)
 from raylm.data.tokenizer import file_sha256, tokenizer_object, tokenizer_path
 from raylm.errors import DataError
 from raylm.log import get_logger
@@ -73,7 +73,7 @@ def local_tokenizer(out_dir: str, cache_dir: str) -> Path:
     if not is_uri(out_dir):
         folder = Path(out_dir).expanduser()
         try:
-            return tokenizer_path(folder, read_manifest(folder)["tokenizer_sha256"])
+            return tokenizer_path(folder, read_data_manifest(folder)["tokenizer_sha256"])
         except DataError:  # no usable manifest: the plain name, which the caller checks
             return folder / TOKENIZER_FILE
     return open_cached(out_dir, cache_dir, refresh=False)[0] / TOKENIZER_FILE
@@ -189,7 +189,7 @@ def verify(out_dir: str | Path) -> dict:
         folder, manifest = str(out_dir), verify_remote(str(out_dir))
     else:
         folder = str(Path(out_dir).expanduser())
-        manifest = read_manifest(folder)
+        manifest = read_data_manifest(folder)
         check_tokenizer(Path(folder), manifest)
         for entry in manifest["shards"]:
             check_shard(Path(folder), entry, manifest["vocab_size"])

@@ -39,11 +39,11 @@ from raylm.config import Config, with_overrides
 from raylm.config.drills import parse_drills
 from raylm.data.cache import cache_folder
 from raylm.data.corpus import CorpusFile, ReadPolicy, list_files, read_documents, refuse_binary_files
-from raylm.data.on_ray import ERROR_COLUMN, errors_as_rows, ordered, probe_ray_address, raise_if_error, ray_session
+from raylm.data.ray_datasets import ERROR_COLUMN, errors_as_rows, ordered, probe_ray_address, raise_if_error, ray_session
 from raylm.data.publish import remote_current, upload_prepared
 from raylm.data.readers_lock import writing
 from raylm.data.shards import (FORMAT, SHARD_NAME, SPLITS, ShardWriter, check_shard, check_tokenizer,
-                               read_manifest, split_summary, token_dtype)
+                               read_data_manifest, split_summary, token_dtype)
 from raylm.data.tokenizer import (EOT_ID, TOKENIZER_OBJECT, encode_documents, file_sha256,
                                   load_tokenizer_file, tokenizer_object, train_tokenizer)
 from raylm.errors import DataError
@@ -186,7 +186,7 @@ def _up_to_date(out_dir: Path, input_sha: str) -> dict | None:
     if not (out_dir / MANIFEST_FILE).is_file():
         return None
     try:
-        manifest = read_manifest(out_dir)
+        manifest = read_data_manifest(out_dir)
         if manifest.get("input_sha256") != input_sha:
             return None
         check_tokenizer(out_dir, manifest)

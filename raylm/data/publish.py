@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from raylm.data.shards import SHARD_NAME, check_shard_size, parse_manifest, read_manifest
+from raylm.data.shards import SHARD_NAME, check_shard_size, parse_manifest, read_data_manifest
 from raylm.data.tokenizer import TOKENIZER_OBJECT, tokenizer_object
 from raylm.errors import DataError
 from raylm.log import get_logger
@@ -56,7 +56,7 @@ def remote_current(uri: StorageUri, input_sha: str) -> dict | None:
 
 def upload_prepared(folder: Path, uri: StorageUri) -> int:
     """Upload a prepared local folder to the prefix, manifest.json last; the number of shards uploaded."""
-    manifest = read_manifest(folder)
+    manifest = read_data_manifest(folder)
     sizes = object_sizes(uri)
     names = {e["file"] for e in manifest["shards"]}
     missing = [e for e in manifest["shards"] if sizes.get(e["file"]) != e["bytes"]]

@@ -81,7 +81,7 @@ class ShardWriter:
                              "sha256": self._hash.hexdigest()})
 
 
-def read_manifest(out_dir: str | Path) -> dict:
+def read_data_manifest(out_dir: str | Path) -> dict:
     """manifest.json of a prepared folder (or s3://, gs:// prefix), checked for its format; DataError otherwise."""
     return parse_manifest(*manifest_data(out_dir))
 

@@ -28,9 +28,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from raylm.data.cache import fetch_shard, open_cached
-from raylm.data.on_ray import ERROR_COLUMN, ordered, raise_if_error, ray_is_up
+from raylm.data.ray_datasets import ERROR_COLUMN, ordered, raise_if_error, ray_is_up
 from raylm.data.order import Order
-from raylm.data.shards import check_shard, check_shard_size, read_manifest
+from raylm.data.shards import check_shard, check_shard_size, read_data_manifest
 from raylm.errors import DataError
 from raylm.storage.file_names import TOKENIZER_FILE
 from raylm.storage.uri import is_uri
@@ -139,7 +139,7 @@ def open_readers(sources: Sequence[tuple[str, float]], split: str, seq_len: int,
         if is_uri(folder):
             (local, manifest), remote = open_cached(folder, cache_dir, refresh), folder
         else:
-            local, manifest, remote = folder, read_manifest(folder), ""
+            local, manifest, remote = folder, read_data_manifest(folder), ""
         if first is None:
             first = (folder, manifest["tokenizer_sha256"], Path(local) / TOKENIZER_FILE)  # a local copy
         elif manifest["tokenizer_sha256"] != first[1]:
@@ -304,7 +304,7 @@ def peek(out_dir: Any, dp_rank: int = 0, dp_size: int = 1, start: int = 0, count
     from raylm.data.tokenizer import load_tokenizer
 
     sources = normalize_sources(out_dir)
-    seq_len = seq_len or read_manifest(sources[0][0]).get("seq_len") or 128
+    seq_len = seq_len or read_data_manifest(sources[0][0]).get("seq_len") or 128
     _check_args(seq_len, dp_rank, dp_size, 1, 0)
     plan = StreamPlan(sources, split, seq_len, seed, dp_rank, dp_size, 0, 1, cache_dir)
     reader = ChunkReader(plan)

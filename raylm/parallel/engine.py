@@ -34,7 +34,7 @@ from raylm.parallel.layers import compile_blocks
 from raylm.parallel.pipe_wait import PipeWaitClock
 from raylm.parallel.pipeline import SingleStage, build_pipeline_module, ds_topology, stage_layers
 from raylm.parallel.shared_groups import shared_single_rank_groups
-from raylm.parallel.shards import (StageLayers, gather_full, named_params, owned_cpu, read_weights,
+from raylm.parallel.full_tensors import (StageLayers, gather_full, named_params, owned_cpu, read_weights,
                                    shard_of, tag_for_grad_norm)
 from raylm.parallel.step_guard import StepGuard
 from raylm.parallel.tensor import TPGroup

@@ -5,7 +5,7 @@ mask per pruned matrix (True = kept). With the gradient zeroed where the mask is
 optimizer step leaves those entries exactly 0: AdamW's moments there stay 0, so its update is 0/(0 + eps) = 0, and
 decoupled weight decay scales 0 to 0. This holds under any ZeRO stage, bf16 masters and gradient clipping (the
 global norm counts only kept entries), because it acts on the gradient before DeepSpeed sees it. Masks are
-sliced like their weights (raylm.parallel.shards) and saved beside the AdamW moments of their parameter in the
+sliced like their weights (raylm.parallel.full_tensors) and saved beside the AdamW moments of their parameter in the
 checkpoint's optimizer files under MASK_KEY, so a resume, in any layout, masks the same entries.
 """
 
@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from raylm.model.weight_source import WeightSource
 from raylm.parallel.param_state import local_shape
-from raylm.parallel.shards import gather_tp, tp_shard
+from raylm.parallel.full_tensors import gather_tp, tp_shard
 from raylm.parallel.tensor import TPGroup
 
 MASK_KEY = "mask"

@@ -12,9 +12,9 @@ from typing import Any
 
 import yaml
 
-from raylm.checkpoint.manifest import read_manifest
+from raylm.checkpoint.manifest import read_checkpoint_manifest
 from raylm.config import Config, to_dict
-from raylm.data.shards import read_manifest as read_data_manifest
+from raylm.data.shards import read_data_manifest
 from raylm.errors import ConfigError, DataError
 from raylm.storage.file_names import CONFIG_FILE, TOKENIZER_FILE
 from raylm.storage.location import Location, local_view
@@ -47,7 +47,7 @@ def data_sources(tree: dict) -> list[tuple[str, float]]:
 
 
 def _check_tokenizer(cfg: Config, checkpoint: Location) -> None:
-    files = read_manifest(checkpoint)["files"]
+    files = read_checkpoint_manifest(checkpoint)["files"]
     if TOKENIZER_FILE not in files:
         return  # written before tokenizers were saved with checkpoints: nothing to compare
     folder = data_sources(to_dict(cfg))[0][0]  # a folder or a prefix

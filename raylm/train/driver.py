@@ -23,9 +23,9 @@ from raylm.storage.uri import is_uri
 from raylm.train.kv import open_kv
 from raylm.train.metrics import plot_loss_curve, read_metrics
 from raylm.train.preflight import check_prepared_data, local_data_folders
-from raylm.train.run_files import RunFiles
+from raylm.train.run_records import RunFiles
 from raylm.train.run_lock import hold_run_lock
-from raylm.train.rundir import checkpoint_root, prepare_run_dir, run_path
+from raylm.train.run_folder import checkpoint_root, prepare_run_dir, run_path
 
 DATA_CPU_RESERVE = 1.0  # CPUs left free on a CPU-only cluster so Ray Data tasks are never starved (hang 2)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from raylm.checkpoint.export import export_folder, load_export
-from raylm.checkpoint.manifest import read_manifest
+from raylm.checkpoint.manifest import read_checkpoint_manifest
 from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_files, resolve_checkpoint
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
@@ -119,7 +119,7 @@ def load_weights(source: str | Path) -> tuple[dict, dict[str, torch.Tensor], Pat
         return tree, state, export
     folder = resolve_checkpoint(source)
     tree, state = load_checkpoint_weights(folder)
-    tokenizer = [TOKENIZER_FILE] if TOKENIZER_FILE in read_manifest(folder)["files"] else []
+    tokenizer = [TOKENIZER_FILE] if TOKENIZER_FILE in read_checkpoint_manifest(folder)["files"] else []
     return tree, state, local_checkpoint_files(folder, tokenizer)
 
 

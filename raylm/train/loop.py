@@ -15,11 +15,11 @@ from raylm.config import Config
 from raylm.config.derived import micro_batches_for
 from raylm.log import get_logger
 from raylm.storage.location import Location
-from raylm.train.checkpoint import CheckpointManager, ResumeInfo, checkpoint_due
+from raylm.train.checkpointing import CheckpointManager, ResumeInfo, checkpoint_due
 from raylm.train.faults import FaultDrill
 from raylm.train.progress import Progress
 from raylm.train.reporter import Reporter
-from raylm.train.run_files import RunFiles
+from raylm.train.run_records import RunFiles
 from raylm.train.schedule import PlateauState, batch_size_at, lr_at, milestone_crossed, plateau_after_eval
 from raylm.train.step import TimedIterator, TrainState, train_step
 from raylm.train.step_faults import StepFaults

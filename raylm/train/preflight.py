@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from raylm.config import Config
-from raylm.data.shards import read_manifest
+from raylm.data.shards import read_data_manifest
 from raylm.errors import DataError
 from raylm.storage.uri import is_uri
 
@@ -25,7 +25,7 @@ def check_prepared_data(cfg: Config) -> None:
     """Fail with the fix when a data folder is missing or was prepared for another tokenizer or vocab size; a
     prefix on object storage is read here too, so a missing bucket or a silent endpoint fails before workers start."""
     for folder in data_folders(cfg):
-        manifest = read_manifest(folder)
+        manifest = read_data_manifest(folder)
         vocab = manifest.get("vocab_size")
         if vocab != cfg.data.vocab_size:
             raise DataError(f"{folder} was prepared with vocab_size={vocab} but data.vocab_size="

@@ -11,7 +11,7 @@ from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.storage.location import Location
 from raylm.train.anomaly import NonFinite, RollingLoss
-from raylm.train.checkpoint import resume
+from raylm.train.checkpointing import resume
 from raylm.train.step import TrainState
 
 

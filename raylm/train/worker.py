@@ -15,7 +15,7 @@ from raylm.train.elastic import ResizeChannel, ResizeHandshake, config_for_group
 from raylm.train.loop import Trainer
 from raylm.train.placement import record_placement
 from raylm.train.reporter import RayTrainReporter, Reporter
-from raylm.train.run_files import RunFiles
+from raylm.train.run_records import RunFiles
 from raylm.train.session import Session
 
 

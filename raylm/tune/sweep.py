@@ -24,7 +24,7 @@ from raylm.train.driver import build_trainer, with_absolute_paths
 from raylm.train.kv import open_kv
 from raylm.train.metrics import read_metrics
 from raylm.train.preflight import check_prepared_data, local_data_folders
-from raylm.train.rundir import checkpoint_root, prepare_run_dir, remove_folder, run_path
+from raylm.train.run_folder import checkpoint_root, prepare_run_dir, remove_folder, run_path
 from raylm.tune.asha import RungBook, read_decisions
 from raylm.tune.pbt import PbtBook, lr_path, split_exploit
 from raylm.tune.plan import SweepPlan, check_combinations, plan_sweep, trial_config, trial_overrides

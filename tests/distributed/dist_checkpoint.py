@@ -195,7 +195,7 @@ def resume_falls_back(engine, root: Path, older: Path, newer: Path) -> dict:
     """A run folder whose newest checkpoint has one altered byte (same size: only its sha256 can tell): auto
     resumes from the older one, required names the file. Only the loading ranks hash anything."""
     from raylm.errors import CheckpointError
-    from raylm.train.checkpoint import resume
+    from raylm.train.checkpointing import resume
 
     run_dir = root / "RUN"
     if dist.get_rank() == 0:

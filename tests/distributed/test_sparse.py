@@ -19,7 +19,7 @@ from dist_sparse import STEPS, sparse_world_2, train_pruned  # noqa: E402
 
 from raylm.checkpoint.export import export, load_export, open_export  # noqa: E402
 from raylm.checkpoint.writer import save_full_weights  # noqa: E402
-from raylm.compress.run import CompressOptions, compress  # noqa: E402
+from raylm.compress.apply import CompressOptions, compress  # noqa: E402
 from raylm.config.derived import padded_vocab  # noqa: E402
 from raylm.model.gpt import init_full_weights  # noqa: E402
 

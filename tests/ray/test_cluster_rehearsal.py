@@ -34,7 +34,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
-from tests.ray.conftest import SMALL_MODEL
+from tests.conftest import SMALL_MODEL
 from tests.ray.kuberay_rehearsal import (Pod, RehearsalCluster, container_env, image_env, job_submit_command,
                                          kill_pod_tree, new_root, new_token, ray_container, stop_pods,
                                          submitter_env)

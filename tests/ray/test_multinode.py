@@ -28,12 +28,12 @@ from raylm.checkpoint.export import export
 from raylm.config import resolve
 from raylm.config.loader import read_yaml
 from raylm.data.prepare import prepare
-from raylm.data.shards import read_manifest as read_data_manifest
+from raylm.data.shards import read_data_manifest
 from raylm.storage.objects import object_sizes
 from raylm.storage.uri import parse_uri
 from raylm.train.metrics import read_metrics
 from raylm.train.placement import read_placement
-from raylm.train.run_files import RunFiles
+from raylm.train.run_records import RunFiles
 from tests.conftest import REPO_ROOT, SMALL_MODEL, TINY_CONFIG
 from tests.s3_server import BUCKET, OutageRelay, create_bucket, s3_server, use_endpoint
 

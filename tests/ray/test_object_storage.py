@@ -10,7 +10,7 @@ from raylm.config import resolve
 from raylm.config.loader import read_yaml
 from raylm.data.prepare import prepare
 from raylm.data.cache import verify
-from raylm.data.shards import read_manifest
+from raylm.data.shards import read_data_manifest
 from raylm.data.stream import RankStream
 from raylm.storage.objects import object_sizes
 from raylm.storage.uri import parse_uri
@@ -42,8 +42,8 @@ def test_prepare_on_ray_into_s3_streams_like_local(ray_cluster, prepared, small_
                                                          f"data.cache_dir={tmp_path / 'cache'}"])
     summary = prepare(cfg)
     assert summary["out_dir"] == prefix and summary["uploaded"] == summary["shards"]
-    local = read_manifest(prepared)
-    assert [e["sha256"] for e in read_manifest(prefix)["shards"]] == [e["sha256"] for e in local["shards"]]
+    local = read_data_manifest(prepared)
+    assert [e["sha256"] for e in read_data_manifest(prefix)["shards"]] == [e["sha256"] for e in local["shards"]]
     assert {"manifest.json", "tokenizer.json"} <= set(object_sizes(parse_uri(prefix)))
     assert verify(prefix)["ok"]
     fresh_node = tmp_path / "node-cache"

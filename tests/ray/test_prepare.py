@@ -11,7 +11,7 @@ import pytest
 from raylm.config import resolve
 from raylm.data.prepare import prepare
 from raylm.data.cache import verify
-from raylm.data.shards import read_manifest
+from raylm.data.shards import read_data_manifest
 from raylm.data.stream import RankStream
 from raylm.data.tokenizer import load_tokenizer
 from raylm.errors import DataError
@@ -34,7 +34,7 @@ def config(corpus, out_dir, *overrides):
 
 
 def shard_hashes(out_dir):
-    manifest = read_manifest(out_dir)
+    manifest = read_data_manifest(out_dir)
     return manifest["tokenizer_sha256"], [(e["split"], e["sha256"]) for e in manifest["shards"]]
 
 
@@ -62,7 +62,7 @@ def test_stdlib_slice_round_trip(ray_cluster, tmp_path):
     json_pkg = Path(sysconfig.get_paths()["stdlib"]) / "json"
     cfg = config(json_pkg, tmp_path / "out", "data.vocab_size=512", "data.val_fraction=0")
     prepare(cfg)
-    tokenizer, manifest = load_tokenizer(cfg.data.out_dir), read_manifest(cfg.data.out_dir)
+    tokenizer, manifest = load_tokenizer(cfg.data.out_dir), read_data_manifest(cfg.data.out_dir)
     tokens = np.concatenate([np.fromfile(Path(cfg.data.out_dir) / e["file"], dtype=e["dtype"])
                              for e in manifest["shards"]])
     docs = [tokenizer.decode(d.tolist()) for d in np.split(tokens, np.flatnonzero(tokens == 0) + 1)[:-1]]

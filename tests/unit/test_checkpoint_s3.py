@@ -23,7 +23,7 @@ from raylm.model.gpt import init_full_weights
 from raylm.storage.location import local_view
 from raylm.storage.uri import parse_uri
 from raylm.train.run_lock import hold_run_lock
-from raylm.train.rundir import prepare_run_dir, run_path
+from raylm.train.run_folder import prepare_run_dir, run_path
 from tests.s3_server import BUCKET, DUMMY_KEYS, keys, put_object, s3_endpoint, use_endpoint
 
 pytestmark = pytest.mark.unit

@@ -8,7 +8,7 @@ import pytest
 
 from raylm.data.prepare import prepare
 from raylm.data.cache import verify
-from raylm.data.shards import read_manifest
+from raylm.data.shards import read_data_manifest
 from raylm.errors import DataError
 from test_data_support import small_config, write_corpus
 
@@ -19,7 +19,7 @@ def test_prepare_then_noop_then_rebuild(tmp_path):
     corpus = write_corpus(tmp_path)
     cfg = small_config(tmp_path, corpus)
     first = prepare(cfg, use_ray=False)
-    manifest = read_manifest(cfg.data.out_dir)
+    manifest = read_data_manifest(cfg.data.out_dir)
     assert not first["skipped"] and first["docs"] == 40 and first["tokens"] == manifest["tokens"]
     splits = {e["split"] for e in manifest["shards"]}
     assert splits == {"train", "val"}
@@ -27,7 +27,7 @@ def test_prepare_then_noop_then_rebuild(tmp_path):
     (corpus / "doc000.txt").write_text("changed text " * 50)
     again = prepare(cfg, use_ray=False)
     assert not again["skipped"]
-    names = {e["file"] for e in read_manifest(cfg.data.out_dir)["shards"]}
+    names = {e["file"] for e in read_data_manifest(cfg.data.out_dir)["shards"]}
     on_disk = {p for p in os.listdir(cfg.data.out_dir) if p.endswith(".bin")}
     assert names == on_disk  # stale shards of the first run are gone
     assert not prepare(small_config(tmp_path, corpus, "data.vocab_size=300"), use_ray=False)["skipped"]
@@ -37,7 +37,7 @@ def test_interrupted_prepare_leaves_old_folder_valid(tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path)
     cfg = small_config(tmp_path, corpus)
     prepare(cfg, use_ray=False)
-    before = read_manifest(cfg.data.out_dir)
+    before = read_data_manifest(cfg.data.out_dir)
     (corpus / "doc001.txt").write_text("new text " * 80)
 
     def crash(*args, **kwargs):
@@ -46,7 +46,7 @@ def test_interrupted_prepare_leaves_old_folder_valid(tmp_path, monkeypatch):
     monkeypatch.setattr("raylm.data.prepare._commit", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare(cfg, use_ray=False)
-    assert read_manifest(cfg.data.out_dir) == before and verify(cfg.data.out_dir)["ok"]
+    assert read_data_manifest(cfg.data.out_dir) == before and verify(cfg.data.out_dir)["ok"]
 
 
 def test_existing_tokenizer_is_used(tmp_path):
@@ -56,7 +56,7 @@ def test_existing_tokenizer_is_used(tmp_path):
     tok.write_bytes((tmp_path / "out" / "tokenizer.json").read_bytes())
     cfg = small_config(tmp_path / "b", corpus, f"data.tokenizer={tok}")
     prepare(cfg, use_ray=False)
-    assert read_manifest(tmp_path / "out")["tokenizer_sha256"] == read_manifest(cfg.data.out_dir)["tokenizer_sha256"]
+    assert read_data_manifest(tmp_path / "out")["tokenizer_sha256"] == read_data_manifest(cfg.data.out_dir)["tokenizer_sha256"]
     with pytest.raises(DataError, match="set data.vocab_size="):
         prepare(small_config(tmp_path / "c", corpus, f"data.tokenizer={tok}", "data.vocab_size=260"), use_ray=False)
 
@@ -82,7 +82,7 @@ def test_a_shard_damaged_in_place_is_detected_and_rebuilt(tmp_path, caplog):
     """Same size, other bytes: prepare compares sha256, not sizes, so it rebuilds instead of 'nothing to do'."""
     cfg = small_config(tmp_path, write_corpus(tmp_path))
     prepare(cfg, use_ray=False)
-    entry = read_manifest(cfg.data.out_dir)["shards"][0]
+    entry = read_data_manifest(cfg.data.out_dir)["shards"][0]
     shard = os.path.join(cfg.data.out_dir, entry["file"])
     blob = bytearray(open(shard, "rb").read())
     blob[0] ^= 0x01

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
-from raylm.checkpoint.manifest import read_manifest
+from raylm.checkpoint.manifest import read_checkpoint_manifest
 from raylm.config import resolve
-from raylm.data.shards import read_manifest as read_shard_manifest
+from raylm.data.shards import read_data_manifest
 from raylm.errors import CheckpointError, ConfigError, DataError, RaylmError
 from raylm.safe_paths import is_inside_name
-from raylm.train.rundir import prepare_run_dir
+from raylm.train.run_folder import prepare_run_dir
 from raylm.tune.sweep import _prepare_sweep_dir
 
 
@@ -78,11 +78,11 @@ def test_checkpoint_manifest_with_an_outside_key_is_refused_before_reading(tmp_p
     manifest = {"format": "raylm-checkpoint/1", "step": 1, "files": {"../secret.pt": {"bytes": 9, "sha256": "0"}}}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"lists '../secret.pt', a path outside the checkpoint folder"):
-        read_manifest(folder)
+        read_checkpoint_manifest(folder)
 
 
 def test_shard_manifest_with_an_outside_file_is_refused(tmp_path):
     manifest = {"format": "raylm-shards/1", "shards": [{"file": "/etc/passwd", "bytes": 1}]}
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match="lists a shard file outside"):
-        read_shard_manifest(tmp_path)
+        read_data_manifest(tmp_path)

@@ -8,7 +8,7 @@ from raylm.config import resolve
 from raylm.errors import RaylmError
 from raylm.train.driver import scaling_for
 from raylm.ray_connect import connect_ray
-from raylm.train.rundir import prepare_run_dir
+from raylm.train.run_folder import prepare_run_dir
 
 
 def test_cpu_cluster_gets_fractional_cpus_that_leave_one_for_ray_data():

@@ -20,7 +20,7 @@ from raylm.config import resolve
 from raylm.data.prepare import STAGING_PREFIX, prepare
 from raylm.data.readers_lock import reading, writing
 from raylm.data.cache import verify
-from raylm.data.shards import read_manifest
+from raylm.data.shards import read_data_manifest
 from raylm.data.tokenizer import file_sha256, load_tokenizer
 from raylm.errors import DataError
 from tests.conftest import REPO_ROOT
@@ -55,7 +55,7 @@ def killed_prepare(corpus: Path, out_dir: Path, drill: str) -> int:
 def assert_consistent(out_dir: Path) -> dict:
     """The folder verifies (shards and the manifest's tokenizer) and loads that very tokenizer."""
     assert verify(out_dir)["ok"]
-    manifest = read_manifest(out_dir)
+    manifest = read_data_manifest(out_dir)
     named = out_dir / f"tokenizer-{manifest['tokenizer_sha256'][:16]}.json"
     source = named if named.exists() else out_dir / "tokenizer.json"
     assert file_sha256(source) == manifest["tokenizer_sha256"]
@@ -69,8 +69,8 @@ def test_prepare_killed_anywhere_leaves_a_folder_that_verifies(tmp_path):
     prepare(resolve({}, overrides(old_corpus, before)), use_ray=False)
     reference = tmp_path / "reference"
     prepare(resolve({}, overrides(new_corpus, reference)), use_ray=False)
-    expected = read_manifest(reference)
-    old = read_manifest(before)
+    expected = read_data_manifest(reference)
+    old = read_data_manifest(before)
     assert old["tokenizer_sha256"] != expected["tokenizer_sha256"]  # the commit replaces the tokenizer too
     shards = len(expected["shards"])
     assert shards >= 3
@@ -85,7 +85,7 @@ def test_prepare_killed_anywhere_leaves_a_folder_that_verifies(tmp_path):
         summary = prepare(resolve({}, overrides(new_corpus, folder)), use_ray=False)  # the rerun
         assert not summary["skipped"] or drill == f"commit@{shards + 3}", drill
         assert_consistent(folder)
-        assert read_manifest(folder)["shards"] == expected["shards"], drill
+        assert read_data_manifest(folder)["shards"] == expected["shards"], drill
         assert not list(folder.glob(STAGING_PREFIX + "*")), drill
         assert sorted(p.name for p in folder.glob("tokenizer-*.json")) == \
             [f"tokenizer-{expected['tokenizer_sha256'][:16]}.json"]  # old copies go with the old shards

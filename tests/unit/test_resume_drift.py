@@ -12,7 +12,7 @@ from raylm.config import resolve
 from raylm.config.derived import padded_vocab
 from raylm.errors import ConfigError
 from raylm.model.gpt import init_full_weights
-from raylm.train.rundir import checkpoint_root, prepare_run_dir
+from raylm.train.run_folder import checkpoint_root, prepare_run_dir
 
 SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "data.vocab_size=300", "data.seq_len=16",
          "model.max_seq_len=16", "data.paths=[]"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from raylm.data.cache import verify
-from raylm.data.shards import ShardWriter, read_manifest
+from raylm.data.shards import ShardWriter, read_data_manifest
 from raylm.data.tokenizer import train_tokenizer
 from raylm.errors import DataError
 from raylm.storage.atomic import write_json_atomic
@@ -35,7 +35,7 @@ def test_verify_ok(tmp_path):
 
 
 def first_shard(out):
-    return out / read_manifest(out)["shards"][0]["file"]
+    return out / read_data_manifest(out)["shards"][0]["file"]
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -60,7 +60,7 @@ def test_verify_names_the_bad_shard(tmp_path, damage, message):
 
 def test_verify_token_beyond_vocab(tmp_path):
     out = prepared(tmp_path)
-    manifest = read_manifest(out)
+    manifest = read_data_manifest(out)
     manifest["vocab_size"] = 100  # as if the shards came from a bigger tokenizer than the one recorded
     write_json_atomic(out / "manifest.json", manifest)
     with pytest.raises(DataError, match=r"token id \d+ >= vocab size 100"):

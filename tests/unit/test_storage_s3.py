@@ -20,7 +20,7 @@ import pytest
 from raylm.data.cache import cache_folder, fetch_shard, open_cached
 from raylm.data.prepare import prepare
 from raylm.data.cache import verify
-from raylm.data.shards import read_manifest
+from raylm.data.shards import read_data_manifest
 from raylm.data.stream import RankStream
 from raylm.errors import DataError, StorageError
 from raylm.storage.objects import object_sizes
@@ -71,11 +71,11 @@ def _batches(source, cache_dir, count=12):
 def test_prepare_to_s3_then_stream_matches_local(on_s3, tmp_path, caplog):
     local, remote, prefix, summary = on_s3
     assert summary["out_dir"] == prefix and not summary["skipped"] and summary["uploaded"] == summary["shards"]
-    manifest = read_manifest(local.data.out_dir)
+    manifest = read_data_manifest(local.data.out_dir)
     objects = object_sizes(parse_uri(prefix))
     assert {e["file"]: e["bytes"] for e in manifest["shards"]}.items() <= objects.items()
     assert {"manifest.json", "tokenizer.json"} <= set(objects)
-    assert read_manifest(prefix) == manifest  # the same bytes whichever way they were written
+    assert read_data_manifest(prefix) == manifest  # the same bytes whichever way they were written
     assert prepare(remote, use_ray=False)["skipped"]  # unchanged input: a no-op, nothing uploaded
     assert not (tmp_path / "s3:").exists()
 
@@ -87,13 +87,13 @@ def test_prepare_to_s3_then_stream_matches_local(on_s3, tmp_path, caplog):
     assert fetched and fetched <= {e["file"] for e in manifest["shards"]}
     assert not list(folder.glob(".*.part"))
     assert verify(prefix)["ok"] and verify(prefix)["shards"] == len(manifest["shards"])
-    written = json.dumps(read_manifest(prefix)) + caplog.text
+    written = json.dumps(read_data_manifest(prefix)) + caplog.text
     assert not any(value in written for value in DUMMY_KEYS.values() if len(value) > 9)
 
 
 def test_interrupted_upload_leaves_the_previous_prefix_valid(on_s3, tmp_path, monkeypatch):
     _, remote, prefix, _ = on_s3
-    before = read_manifest(prefix)
+    before = read_data_manifest(prefix)
     (tmp_path / "corpus" / "doc003.txt").write_text("other words " * 200)
     import raylm.data.publish as publish
 
@@ -107,16 +107,16 @@ def test_interrupted_upload_leaves_the_previous_prefix_valid(on_s3, tmp_path, mo
     monkeypatch.setattr(publish, "upload_file", crash_at_manifest)
     with pytest.raises(KeyboardInterrupt):
         prepare(remote, use_ray=False)
-    assert read_manifest(prefix) == before and verify(prefix)["ok"]  # new shards uploaded, old manifest in charge
+    assert read_data_manifest(prefix) == before and verify(prefix)["ok"]  # new shards uploaded, old manifest in charge
     monkeypatch.setattr(publish, "upload_file", real)
     assert prepare(remote, use_ray=False)["uploaded"] == 0  # the shards are there: only tokenizer and manifest
-    names = {e["file"] for e in read_manifest(prefix)["shards"]}
-    assert read_manifest(prefix) != before and {n for n in object_sizes(parse_uri(prefix)) if n.endswith(".bin")} == names
+    names = {e["file"] for e in read_data_manifest(prefix)["shards"]}
+    assert read_data_manifest(prefix) != before and {n for n in object_sizes(parse_uri(prefix)) if n.endswith(".bin")} == names
 
 
 def test_corrupted_object_is_detected_and_never_cached(on_s3, s3, tmp_path):
     _, _, prefix, _ = on_s3
-    manifest = read_manifest(prefix)
+    manifest = read_data_manifest(prefix)
     entry = manifest["shards"][0]
     key = parse_uri(prefix).join(entry["file"]).key
     put_object(s3, key, b"\x01" * entry["bytes"])  # same size, other bytes
@@ -130,7 +130,7 @@ def test_corrupted_object_is_detected_and_never_cached(on_s3, s3, tmp_path):
 
 def test_full_cache_is_named_and_holds_no_partial_shard(on_s3, tmp_path, monkeypatch):
     _, _, prefix, _ = on_s3
-    manifest = read_manifest(prefix)
+    manifest = read_data_manifest(prefix)
     entry = manifest["shards"][0]
     folder, _ = open_cached(prefix, str(tmp_path / "cache"))
 
@@ -152,7 +152,7 @@ def test_full_cache_is_named_and_holds_no_partial_shard(on_s3, tmp_path, monkeyp
 
 def test_two_fetches_on_one_node_download_once(on_s3, tmp_path, monkeypatch):
     _, _, prefix, _ = on_s3
-    manifest = read_manifest(prefix)
+    manifest = read_data_manifest(prefix)
     entry = manifest["shards"][0]
     folder, _ = open_cached(prefix, str(tmp_path / "cache"))
     calls = []
@@ -175,7 +175,7 @@ def test_missing_bucket_is_named(s3, tmp_path):
                                            "not exist .*from AWS_ENDPOINT_URL"):
         prepare(cfg, use_ray=False)
     with pytest.raises(DataError, match="no prepared data in s3://raylm-test/nothing-here"):
-        read_manifest("s3://raylm-test/nothing-here")
+        read_data_manifest("s3://raylm-test/nothing-here")
 
 
 @pytest.mark.parametrize("silent", [False, True], ids=["refused", "silent"])
@@ -192,7 +192,7 @@ def test_endpoint_down_fails_fast_naming_the_variable(monkeypatch, silent):
     started = time.monotonic()
     try:
         with pytest.raises(StorageError, match=rf"endpoint .*127\.0\.0\.1:{port} from AWS_ENDPOINT_URL"):
-            read_manifest(f"s3://raylm-down-{port}/data")
+            read_data_manifest(f"s3://raylm-down-{port}/data")
     finally:
         listener.close()
     assert time.monotonic() - started < 15
@@ -206,7 +206,7 @@ def test_corpus_on_s3_gives_the_same_shards(s3, tmp_path):
     remote = small_config(tmp_path / "b", corpus, f"data.paths=['s3://{BUCKET}/corpus/{tmp_path.name}']")
     prepare(local, use_ray=False)
     prepare(remote, use_ray=False)
-    shas = [[e["sha256"] for e in read_manifest(c.data.out_dir)["shards"]] for c in (local, remote)]
+    shas = [[e["sha256"] for e in read_data_manifest(c.data.out_dir)["shards"]] for c in (local, remote)]
     assert shas[0] == shas[1]
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from raylm.data.order import Mixture, permute
-from raylm.data.shards import read_manifest
+from raylm.data.shards import read_data_manifest
 from raylm.data.stream import RankStream, peek
 from raylm.errors import DataError
 from test_data_support import prepared
@@ -116,7 +116,7 @@ def test_mixture_stream(tmp_path):
 
 def test_corruption_stops_the_stream(tmp_path):
     out = prepared(tmp_path)
-    shard = out / read_manifest(out)["shards"][0]["file"]
+    shard = out / read_data_manifest(out)["shards"][0]["file"]
     data = bytearray(shard.read_bytes())
     data[0] ^= 1
     shard.write_bytes(bytes(data))

@@ -12,7 +12,7 @@ from raylm.config import Config
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.storage.location import Location, as_location
-from raylm.train.rundir import checkpoint_root
+from raylm.train.run_folder import checkpoint_root
 from raylm.train.schedule import PlateauState
 from raylm.train.step import TrainState
 
