@@ -130,10 +130,14 @@ class Trainer:
         Returns whether it committed."""
         step = self.state.step
         if self.checkpointer.due(step) or commit_now:
+            if self.rank == 0:
+                # the rows this checkpoint covers reach the run's storage before it commits: a run resumed from
+                # it after losing every node finds them there
+                self.files.push()
             # a collective: every rank saves
             committed = self.checkpointer.save(on_phase=lambda phase: drill.at(phase, step))
             if self.rank == 0:
-                self.files.push()
+                self.files.push()  # whatever the save added; a no-op when nothing changed
             self.reporter.report_checkpoint(row, committed if self.rank == 0 else None)
             return True
         if "val_loss" in row or step % self.cfg.train.report_every == 0:
