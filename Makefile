@@ -31,17 +31,20 @@ demo: install
 test: install
 	$(BIN)/ruff check raylm jobs benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not slow" tests/unit tests/distributed tests/ray tests/gpu
 
 test-all: install
 	$(BIN)/ruff check raylm jobs benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests/unit tests/distributed tests/ray tests/gpu
 
 # The edit loop: lint, the unit tier and the distributed (gloo) tier but its whole training runs; no Ray.
 test-fast: install
 	$(BIN)/ruff check raylm jobs benchmarks
 	$(BIN)/lint-imports
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -m "not runs" tests/unit tests/distributed
 
 bench: install

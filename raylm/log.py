@@ -54,7 +54,7 @@ def setup_logging(rank: int | None = None, verbose: bool = False) -> logging.Log
     level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
     logger.setLevel(level)
     if not any(getattr(h, "_raylm", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
         handler._raylm = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
     for handler in logger.handlers:

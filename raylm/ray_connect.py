@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Any
 
 from raylm.errors import RaylmError
 from raylm.log import console_is_verbose, filter_forwarded_logs, get_logger, quiet_ray_driver_loggers
@@ -63,7 +64,7 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S, dashboard: bool = 
         log.info("starting a local Ray (no RAY_ADDRESS set)")
         # ray.train.report waits for the controller's next poll; a local cluster can afford to poll often.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_S)
-        shown = {"dashboard_host": LOCAL_DASHBOARD_HOST} if dashboard else {}
+        shown: dict[str, Any] = {"dashboard_host": LOCAL_DASHBOARD_HOST} if dashboard else {}
         ray.init(include_dashboard=dashboard, log_to_driver=True, logging_level=ray_log_level,
                  runtime_env=job_runtime_env(), **shown)
     filter_forwarded_logs()

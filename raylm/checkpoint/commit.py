@@ -80,7 +80,7 @@ def commit(tmp: Path, step: int, files: dict[str, dict], extra: dict,
     manifest = write_manifest(tmp, step, files, extra)
     root = as_location(checkpoints_dir) if checkpoints_dir is not None else tmp.parent
     if is_remote(root):
-        final = root / step_dir_name(step)
+        final: Location = root / step_dir_name(step)
         put_file(manifest, final / MANIFEST)  # the commit point
         shutil.rmtree(tmp, ignore_errors=True)
         return final
@@ -103,7 +103,7 @@ def list_checkpoints(checkpoints_dir: Location | str, uploads: bool = False) -> 
     steps = [root / name for name in folders(root) if step_of(name) is not None]
     if is_remote(root) and not uploads:
         steps = [p for p in steps if read_bytes(p / MANIFEST) is not None]
-    return sorted(steps, key=step_of, reverse=True)
+    return sorted(steps, key=lambda p: step_of(p) or 0, reverse=True)  # every listed name has a step
 
 
 def is_committed(folder: Location) -> bool:

@@ -53,7 +53,7 @@ def _safetensors_header(specs: list[tuple[str, tuple[int, ...]]]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _stream_layers(f, folder: Path, model: ModelConfig, shapes: dict[str, torch.Size]) -> int:
+def _stream_layers(f, folder: Location, model: ModelConfig, shapes: dict[str, torch.Size]) -> int:
     """Append each layer's tensors, in `shapes` order, as its model file is read; returns how many were written."""
     written = 0
     for rel_path, tensors in iter_model_layers(folder):
@@ -67,7 +67,7 @@ def _stream_layers(f, folder: Path, model: ModelConfig, shapes: dict[str, torch.
     return written
 
 
-def _write_weights(folder: Path, model: ModelConfig, vocab_rows: int, out: Path) -> int:
+def _write_weights(folder: Location, model: ModelConfig, vocab_rows: int, out: Path) -> int:
     """model.safetensors with HF names and RoPE layout, written to a temporary name and renamed when complete."""
     shapes = param_shapes(model, vocab_rows)  # embedding, blocks, norm, head: the layer files' order
     with atomic_open(out) as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import cast
 
 import numpy as np
 import torch
@@ -10,7 +11,9 @@ import torch
 
 def capture_rng() -> dict:
     """torch (CPU and every CUDA device), Python and NumPy global RNG states."""
-    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    # numpy's stubs type the no-argument call (legacy=True) as returning a dict; it returns the legacy tuple.
+    legacy = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = legacy
     state = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),

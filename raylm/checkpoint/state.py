@@ -18,7 +18,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from raylm.parallel.engine import Engine
 
 SAVE_PHASES = ("before-files", "mid-files", "before-commit", "after-commit")
+T = TypeVar("T")
 
 
 @dataclass
@@ -92,12 +93,13 @@ def _reason(exc: BaseException) -> str:
     return exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
 
 
-def _space_hint(checkpoints_dir: str | Path) -> str:
+def _space_hint(checkpoints_dir: Location | str) -> str:
     """What a failed save needs: about the newest committed checkpoint's bytes, against what the disk has free."""
-    if is_remote(as_location(checkpoints_dir)):
+    root = as_location(checkpoints_dir)
+    if is_remote(root):
         return "older checkpoints are untouched; fix the storage problem named above, then rerun to resume"
     committed = list_committed(checkpoints_dir)
-    free = shutil.disk_usage(checkpoints_dir).free
+    free = shutil.disk_usage(root).free
     if not committed:
         return f"{free} bytes are free there; free space or point run.dir at a larger disk"
     need = sum(record["bytes"] for record in read_checkpoint_manifest(committed[0])["files"].values())
@@ -105,7 +107,7 @@ def _space_hint(checkpoints_dir: str | Path) -> str:
             f"{free} are free there; free space or point run.dir at a larger disk, then rerun to resume")
 
 
-def _on_rank0(fn: Callable[[], object]) -> object:
+def _on_rank0(fn: Callable[[], T]) -> T:
     """Run fn on rank 0 and hand its result to every rank; its failure becomes a CheckpointError everywhere."""
     box: list = [None]
     if dist.get_rank() == 0:
@@ -188,7 +190,7 @@ def _save_into(tmp: Path, engine: Engine, cfg: Config, checkpoints_dir: Location
     return committed
 
 
-def _check_model(manifest: dict, cfg: Config, folder: Path) -> None:
+def _check_model(manifest: dict, cfg: Config, folder: Location) -> None:
     """CheckpointError when the checkpoint's model has other parameters (names or shapes) than this run's."""
     saved, mine = manifest["model"], asdict(cfg.model)
     saved_model = model_config_of(manifest)
@@ -236,6 +238,7 @@ def verify_for_load(engine: Engine, cfg: Config, path: Location | str) -> dict:
     except CheckpointError as exc:
         error = str(exc)
     _all_or_none(error)
+    assert manifest is not None  # _all_or_none raised if reading it failed
     try:
         verify_checkpoint(folder, only=_files_read(engine, cfg, manifest), cache_dir=cfg.data.cache_dir)
     except CheckpointError as exc:

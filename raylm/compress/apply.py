@@ -141,6 +141,7 @@ def _prune(hf: dict[str, torch.Tensor], names: list[str], options: CompressOptio
 
 def _quantize(hf: dict[str, torch.Tensor], names: list[str], options: CompressOptions) -> dict[str, torch.Tensor]:
     """The tensors to store: each named matrix as its qweight and scales, the rest as they are."""
+    assert options.quantize is not None  # called only with --quantize
     stored = {}
     for name, tensor in hf.items():
         if name in names:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -56,9 +57,10 @@ def quantize(weight: torch.Tensor, method: str, group_size: int) -> Quantized:
     linear = torch.nn.Linear(cols, rows, bias=False)
     linear.weight = torch.nn.Parameter(weight.detach().float().clone(), requires_grad=False)
     granularity = per_axis(0) if method == "int8" else per_group(group_size)
-    dtype = torch.int8 if method == "int8" else torch.int4
+    # torch.int4 exists at run time (torch >= 2.3) but not in torch's stubs (hence the ignore).
+    dtype = torch.int8 if method == "int8" else torch.int4  # type: ignore[attr-defined]
     quantize_(torch.nn.Sequential(linear), config_class(weight_dtype=dtype, granularity=granularity))
-    q = linear.weight
+    q: Any = linear.weight  # torchao swapped in its quantized tensor subclass (qdata, scale, zero_point)
     assert not q.zero_point.any(), "symmetric quantization has zero points of 0"
     qdata, scales = q.qdata.to(torch.int8), q.scale.float().reshape(rows, -1).contiguous()
     return Quantized(pack_int4(qdata) if method == "int4" else qdata.contiguous(), scales)

@@ -7,7 +7,7 @@ import difflib
 import math
 import typing
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, cast
 
 import yaml
 
@@ -134,7 +134,9 @@ def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str
         if dataclasses.is_dataclass(hints[f.name]):
             rows.extend(describe_fields(hints[f.name], prefix=f"{name}."))
         else:
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            # typeshed keeps default_factory's MISSING in the union: `is not MISSING` does not narrow it.
+            factory = cast(Callable[[], Any], f.default_factory)
+            default = f.default if f.default is not dataclasses.MISSING else factory()
             rows.append((name, f.metadata.get("doc", ""), default))
     return rows
 
@@ -160,7 +162,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             continue
         kind = hints[f.name]
         dotted = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(kind):
+        if isinstance(kind, type) and dataclasses.is_dataclass(kind):
             values[f.name] = _build(kind, raw[f.name], prefix=f"{dotted}.")
         else:
             values[f.name] = _coerce(dotted, raw[f.name], kind)

@@ -265,7 +265,8 @@ def encode_unit(files: list[CorpusFile], spec: EncodeSpec, tokenizer) -> Iterato
 def _encode(docs: list[tuple[str, str, int]], tokenizer, dtype: np.dtype) -> dict:
     """One row per split present: the split's documents' tokens back to back, in document order."""
     arrays = encode_documents(tokenizer, [text for _, text, _ in docs], dtype)
-    columns = {"split": [], "tokens": [], "docs": [], "text_bytes": [], "replaced_bytes": [], ERROR_COLUMN: []}
+    columns: dict[str, list] = {"split": [], "tokens": [], "docs": [], "text_bytes": [], "replaced_bytes": [],
+                                ERROR_COLUMN: []}
     for split in SPLITS:
         chosen = [i for i, (s, _, _) in enumerate(docs) if s == split]
         if chosen:
@@ -341,7 +342,10 @@ def _run_on_ray(files, spec: EncodeSpec, staging: Path, shard_tokens: int, tag: 
     units = plan_units(files, ray.cluster_resources().get("CPU", 1))
     rows = [{"files": json.dumps([asdict(f) for f in unit])} for unit in units]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
-    dataset = ordered(dataset.map_batches(_encode_task, batch_size=1, fn_kwargs={"spec": spec}), progress=True)
+    # Ray types map_batches' function as taking the batch alone; fn_kwargs passes the rest (hence the ignore).
+    encoded = dataset.map_batches(_encode_task,  # type: ignore[arg-type]
+                                  batch_size=1, fn_kwargs={"spec": spec})
+    dataset = ordered(encoded, progress=True)
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         sink.add(table.to_pydict())
     return sink.close()
@@ -469,7 +473,7 @@ def _warn_small_val(manifest: dict, data) -> None:
                              "will fail: raise data.val_fraction or add documents", val_tokens, data.seq_len + 1)
 
 
-def _summary(manifest: dict, out_dir: Path, skipped: bool, seconds: float) -> dict:
+def _summary(manifest: dict, out_dir: Path | str, skipped: bool, seconds: float) -> dict:
     return {"out_dir": str(out_dir), "skipped": skipped, "files": manifest["files"], "docs": manifest["docs"],
             "tokens": manifest["tokens"], "text_bytes": manifest["text_bytes"],
             "replaced_bytes": manifest["replaced_bytes"], "shards": len(manifest["shards"]),

@@ -13,6 +13,7 @@ import hashlib
 import os
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -42,13 +43,14 @@ class ShardWriter:
         self.out_dir, self.split, self.dtype = Path(out_dir), split, np.dtype(dtype)
         self.shard_tokens, self.eot, self.tag = shard_tokens, eot, tag
         self.entries: list[dict] = []
-        self._file = None
+        self._file: BinaryIO | None = None
 
     def add(self, tokens: np.ndarray) -> None:
         tokens = np.asarray(tokens).astype(self.dtype, copy=False)
         while len(tokens):
             if self._file is None:
                 self._open()
+            assert self._file is not None  # _open set it
             room = self.shard_tokens - self._tokens
             part, tokens = tokens[:room], tokens[room:]
             data = part.tobytes()
@@ -72,6 +74,7 @@ class ShardWriter:
         self._hash, self._tokens, self._docs = hashlib.sha256(), 0, 0
 
     def _finish(self) -> None:
+        assert self._file is not None  # only called with a shard open
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -89,6 +92,7 @@ def read_data_manifest(out_dir: str | Path) -> dict:
 def manifest_data(out_dir: str | Path | StorageUri) -> tuple[bytes, str, str]:
     """(bytes, where they were read, folder) of a prepared folder's or prefix's manifest.json; DataError
     naming the fix when there is none."""
+    folder: Path | StorageUri
     if isinstance(out_dir, StorageUri) or is_uri(out_dir):
         folder = out_dir if isinstance(out_dir, StorageUri) else parse_uri(str(out_dir), "data folder")
     else:
@@ -186,7 +190,7 @@ def check_tokenizer(folder: Path, manifest: dict) -> None:
 
 def split_summary(manifest: dict) -> dict[str, dict]:
     """Tokens, docs and shard count per split."""
-    splits = {}
+    splits: dict[str, dict] = {}
     for entry in manifest["shards"]:
         row = splits.setdefault(entry["split"], {"tokens": 0, "docs": 0, "shards": 0})
         row["tokens"] += entry["tokens"]

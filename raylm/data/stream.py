@@ -23,7 +23,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Generator, Iterator, Sequence
 
 import numpy as np
 
@@ -78,7 +78,7 @@ def normalize_sources(paths_or_sources: Any) -> tuple[tuple[str, float], ...]:
 class SplitReader:
     """One prepared folder's split as one token sequence, read through lazily opened, verified memory maps."""
 
-    def __init__(self, folder: str, manifest: dict, split: str, seq_len: int, source: str = ""):
+    def __init__(self, folder: str | Path, manifest: dict, split: str, seq_len: int, source: str = ""):
         self.folder, self.split, self.seq_len = Path(folder), split, seq_len
         self.source = source  # an s3:// or gs:// prefix whose shards are fetched into folder on first use
         self.vocab_size = manifest["vocab_size"]
@@ -135,6 +135,7 @@ def open_readers(sources: Sequence[tuple[str, float]], split: str, seq_len: int,
     """A reader per source; every source must come from the same tokenizer. A URI source reads from its cache
     folder (its manifest fetched again when refresh, else the one this node already holds)."""
     readers, first = [], None
+    local: str | Path
     for folder, _ in sources:
         if is_uri(folder):
             (local, manifest), remote = open_cached(folder, cache_dir, refresh), folder
@@ -226,7 +227,7 @@ class RankStream:
         # np.array copies: the chunk may be a read-only Ray buffer, and the trainer may write into its batch.
         return torch.from_numpy(np.array(windows[:, :-1])), torch.from_numpy(np.array(windows[:, 1:]))  # (B, T)
 
-    def _local_chunks(self) -> Iterator[np.ndarray]:
+    def _local_chunks(self) -> Generator[np.ndarray, None, None]:
         index = 0
         while True:
             yield self.reader.chunk(index)
@@ -260,7 +261,7 @@ def _read_task(batch: dict, plan: StreamPlan) -> dict:
         return {"windows": np.array([b""], dtype=object), ERROR_COLUMN: np.array([str(exc)], dtype=object)}
 
 
-def _ray_chunks(plan: StreamPlan, prefetch: int) -> Iterator[np.ndarray]:
+def _ray_chunks(plan: StreamPlan, prefetch: int) -> Generator[np.ndarray, None, None]:
     """The rank's chunks through Ray Data, CHUNKS_PER_DATASET per (finite) dataset, in order."""
     import ray
 
@@ -270,8 +271,11 @@ def _ray_chunks(plan: StreamPlan, prefetch: int) -> Iterator[np.ndarray]:
         items = [{"chunk": c} for c in range(first, first + CHUNKS_PER_DATASET)]
         dataset = ray.data.from_items(items, override_num_blocks=CHUNKS_PER_DATASET)
         readers = ray.data.TaskPoolStrategy(size=max(1, prefetch))
-        dataset = ordered(dataset.map_batches(_read_task, batch_size=1, fn_kwargs={"plan": plan},
-                                              num_cpus=READ_TASK_CPUS, compute=readers, label_selector=here))
+        # Ray types map_batches' function as taking the batch alone; fn_kwargs passes the rest (ignored).
+        read = dataset.map_batches(_read_task,  # type: ignore[arg-type]
+                                   batch_size=1, fn_kwargs={"plan": plan}, num_cpus=READ_TASK_CPUS,
+                                   compute=readers, label_selector=here)
+        dataset = ordered(read)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch):
             raise_if_error(batch[ERROR_COLUMN])
             for data in batch["windows"]:

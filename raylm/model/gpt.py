@@ -173,6 +173,9 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """The whole decoder on one device; `vocab_size` is the padded vocabulary (embedding rows)."""
 
+    rope_cos: torch.Tensor  # buffers (register_buffer), declared for the type checker
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig, vocab_size: int):
         super().__init__()
         self.cfg = cfg

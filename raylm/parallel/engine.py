@@ -268,6 +268,7 @@ class SingleStageEngine(Engine):
 
     def train_batch(self, data_iter: Iterator[Batch] | None) -> float:
         data_iter = self._data(data_iter)
+        assert data_iter is not None  # pp = 1: every rank reads data (_data says so when it has none)
         losses, micro_batches = [], self.micro_batches
         for i in range(micro_batches):
             # the boundary is set, not counted: DeepSpeed's micro-step count would drift when a ramp changes m
@@ -281,6 +282,7 @@ class SingleStageEngine(Engine):
 
     def eval_batch(self, data_iter: Iterator[Batch] | None, num_micro_batches: int) -> float:
         data_iter = self._data(data_iter)
+        assert data_iter is not None  # pp = 1: every rank reads data (_data says so when it has none)
         with torch.no_grad(), self.guard.not_training():
             losses = [self.ds(inputs.to(self.ds.device), labels.to(self.ds.device))
                       for inputs, labels in (next(data_iter) for _ in range(num_micro_batches))]

@@ -8,7 +8,7 @@ a TP all-gather); `read_weights` and `shard_of` go the other way without any com
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable, cast, overload
 
 import torch
 import torch.distributed as dist
@@ -22,7 +22,9 @@ from raylm.parallel.tensor import TPGroup
 
 def named_params(layers: list[nn.Module]) -> dict[str, nn.Parameter]:
     """Parameters of the given layers keyed by their full-model names (values are TP shards where split)."""
-    return {layer.name_prefix + local: param for layer in layers for local, param in layer.named_parameters()}
+    # name_prefix is a plain str attribute; nn.Module.__getattr__ is typed for submodules and tensors only.
+    return {cast(str, layer.name_prefix) + local: param
+            for layer in layers for local, param in layer.named_parameters()}
 
 
 @dataclass
@@ -91,6 +93,14 @@ def owned_cpu(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", torch.float32, copy=True)
 
 
+@overload
+def gather_full(param: nn.Parameter, tp: TPGroup, optimizer: None = None) -> torch.Tensor: ...
+
+
+@overload
+def gather_full(param: nn.Parameter, tp: TPGroup, optimizer: Any) -> dict[str, torch.Tensor]: ...
+
+
 def gather_full(param: nn.Parameter, tp: TPGroup, optimizer=None) -> torch.Tensor | dict[str, torch.Tensor]:
     """The full fp32 master of `param` on every rank of its stage, on the parameter's device (DP then TP
     collectives), or with `optimizer` its full AdamW moments {exp_avg, exp_avg_sq}. Every rank of the stage must
@@ -111,4 +121,6 @@ def tag_for_grad_norm(module: nn.Module, tp: TPGroup) -> None:
     for param in module.parameters():
         replicated_copy = getattr(param, "ds_pipe_replicated", False)
         is_shard = hasattr(param, "tp_split_dim")
-        param.model_parallel = not replicated_copy and (is_shard or tp.rank == 0)
+        # DeepSpeed reads this attribute; torch does not declare it (hence the ignore).
+        counted = not replicated_copy and (is_shard or tp.rank == 0)
+        param.model_parallel = counted  # type: ignore[attr-defined]

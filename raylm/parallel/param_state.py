@@ -29,7 +29,8 @@ def is_zero3(param: nn.Parameter) -> bool:
 
 def local_shape(param: nn.Parameter) -> tuple[int, ...]:
     """This rank's (TP-shard) shape of a parameter, also under ZeRO-3, where `param.shape` is empty."""
-    return tuple(param.ds_shape if is_zero3(param) else param.shape)
+    # ds_shape is set by DeepSpeed on a ZeRO-3 parameter; torch's stubs do not know it (hence the ignore).
+    return tuple(param.ds_shape if is_zero3(param) else param.shape)  # type: ignore[attr-defined]
 
 
 def _zero_adam_state(param: torch.Tensor, group: dict) -> dict:

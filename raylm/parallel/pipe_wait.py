@@ -24,7 +24,7 @@ class PipeWaitClock:
     stream reaches the second event only after the transfer it waits on is done, so the pair measures the device
     time the stage spent on it, and no device-wide synchronize is ever added to the step."""
 
-    def __init__(self, pipeline_engine):
+    def __init__(self, pipeline_engine) -> None:
         self.wait_s = 0.0
         self.event_pairs: list[tuple] = []
         self.on_gpu = torch.cuda.is_available()

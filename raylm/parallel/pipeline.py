@@ -8,7 +8,7 @@ weight's gradient between the first and last stages; with pp = 1 both uses hit o
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, cast
 
 import torch
 import torch.nn as nn
@@ -99,6 +99,8 @@ def stage_layers(pipe: PipelineModule) -> list[nn.Module]:
 class TiedHead(nn.Module):
     """The tied LM head when pp = 1: the embedding's own weight, which stays registered once (as layer 0's)."""
 
+    embedding: EmbeddingPipe  # set with object.__setattr__ below, declared for the type checker
+
     def __init__(self, embedding: EmbeddingPipe):
         super().__init__()
         object.__setattr__(self, "embedding", embedding)  # not a submodule: its weight must not appear twice
@@ -120,7 +122,7 @@ class SingleStage(nn.Module):
         for spec in layer_specs(cfg, vocab_size, tp):
             tied_key = getattr(spec, "key", None)
             if tied_key in built:
-                layers.append(TiedHead(built[tied_key]))
+                layers.append(TiedHead(cast(EmbeddingPipe, built[tied_key])))  # only the embedding is tied
                 continue
             layers.append(spec.build(log=False))
             if on_built is not None:

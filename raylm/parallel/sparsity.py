@@ -26,7 +26,8 @@ def attach_mask(param: nn.Parameter, mask: torch.Tensor) -> None:
     """Make `param` train sparse under `mask` (this rank's slice): its gradient is masked from now on."""
     assert tuple(mask.shape) == local_shape(param), (mask.shape, local_shape(param))
     first = getattr(param, "prune_mask", None) is None
-    param.prune_mask = mask.to(device=param.device, dtype=torch.bool)
+    # An attribute torch does not declare (hence the ignore); the gradient hook below reads it.
+    param.prune_mask = mask.to(device=param.device, dtype=torch.bool)  # type: ignore[attr-defined]
     if first:
         param.register_hook(lambda grad, p=param: grad.masked_fill(~p.prune_mask, 0))
 

@@ -91,7 +91,8 @@ def _split_param(shape: tuple[int, ...], tp: TPGroup, dim: int) -> nn.Parameter:
     local = list(shape)
     local[dim] //= tp.size
     param = nn.Parameter(torch.empty(local))
-    param.tp_split_dim = dim  # read by the full-state gather/scatter
+    # An attribute torch does not declare (hence the ignore), read by the full-state gather/scatter.
+    param.tp_split_dim = dim  # type: ignore[attr-defined]
     return param
 
 

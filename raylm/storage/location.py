@@ -13,13 +13,16 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
-from typing import Callable, Union
+from typing import TYPE_CHECKING, Callable, Union
 
 from raylm.fsync import fsync_path
 from raylm.storage.atomic import put_atomic
 from raylm.storage.objects import (COPY_BYTES, delete_object, delete_prefix, object_sizes, open_read, read_bytes as read_object,
                                    sub_prefixes, upload_file)
 from raylm.storage.uri import StorageUri, is_uri, parse_uri
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
 
 Location = Union[Path, StorageUri]
 CACHE_NAME = "raylm-cache"
@@ -34,7 +37,7 @@ def as_location(value: str | Path | StorageUri, key: str = "path") -> Location:
     return parse_uri(value, key) if is_uri(value) else Path(value).expanduser()
 
 
-def is_remote(loc: Location) -> bool:
+def is_remote(loc: Location) -> TypeIs[StorageUri]:
     return isinstance(loc, StorageUri)
 
 

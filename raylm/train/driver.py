@@ -138,7 +138,10 @@ def scaling_for(cfg: Config, cluster: dict[str, float]):
     resources = {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus}
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_gpu else "gloo")
     if is_elastic(cfg.parallel):
-        return ScalingConfig(num_workers=(fewest, workers), use_gpu=use_gpu, resources_per_worker=resources,
+        # ray.train.ScalingConfig is Train v2's at run time (elastic (min, max) workers, a monitor interval);
+        # its annotations name v1's class, which has neither (hence the ignore).
+        return ScalingConfig(num_workers=(fewest, workers),  # type: ignore[call-arg, arg-type]
+                             use_gpu=use_gpu, resources_per_worker=resources,
                              elastic_resize_monitor_interval_s=cfg.fault.resize_check_s), backend
     return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources), backend
 
@@ -189,7 +192,8 @@ def _root_cause(exc: BaseException, run_dir: Location | None = None) -> str:
     error of Ray Train's own writes to a run on object storage is described as raylm's are, scrubbed)."""
     seen = exc
     while seen.__cause__ is not None or getattr(seen, "cause", None) is not None:
-        seen = seen.__cause__ or seen.cause
+        # Ray's wrapped errors carry `cause` (checked by the getattr above); BaseException has none.
+        seen = seen.__cause__ or seen.cause  # type: ignore[attr-defined]
     if run_dir is not None and is_remote(run_dir) and not isinstance(seen, RaylmError):
         from raylm.storage.fs import DENIED, NO_BUCKET, UNREACHABLE, describe
 
@@ -213,7 +217,7 @@ def summarise(run_dir: Location, result, wall_s: float, cache_dir: str = "") -> 
     files = RunFiles(run_dir, cache_dir)
     files.pull(METRICS_FILE)
     rows = read_metrics(files.local)
-    plot = plot_loss_curve(files.local, title=run_dir.name)
+    plot: Location | None = plot_loss_curve(files.local, title=run_dir.name)
     if plot is not None and files.push((plot.name,)):
         plot = run_dir / plot.name
     last = rows[-1] if rows else {}

@@ -11,7 +11,7 @@ clears it (raylm.train.elastic, raylm.tune.rung_decisions)."""
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from typing import Callable, TypeVar, cast
 
 ACTOR_NAME = "raylm-kv"
 NAMESPACE = "raylm"
@@ -21,7 +21,7 @@ T = TypeVar("T")
 class KVStore:
     """The map itself, in its actor: string keys and values, no persistence (a run's keys live seconds)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.items: dict[str, str] = {}
 
     def get(self, key: str) -> str | None:
@@ -110,7 +110,7 @@ def rank0_decides(rank: int, decide: Callable[[], T], default: T) -> T:
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         number = torch.tensor([value], device=device)
         dist.broadcast(number, src=0)
-        return int(number.item())
+        return cast(T, int(number.item()))  # T is int here: `default` is one
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]

@@ -8,6 +8,7 @@ import re
 import shutil
 import uuid
 from pathlib import Path
+from typing import overload
 
 import yaml
 
@@ -19,7 +20,7 @@ from raylm.log import get_logger
 from raylm.storage.file_names import CONFIG_FILE, METRICS_FILE
 from raylm.storage.location import (Location, delete_files, file_sizes, is_remote, local_view, read_bytes,
                                     remove_empty_folders, write_text)
-from raylm.storage.uri import is_uri, parse_uri
+from raylm.storage.uri import StorageUri, is_uri, parse_uri
 from raylm.train.drift import check_resume_drift
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's list of reported checkpoints
@@ -76,6 +77,18 @@ def has_run_outputs(path: Location) -> bool:
         names = file_sizes(path)
         return METRICS_FILE in names or any(n.startswith("checkpoints/") for n in names)
     return (path / METRICS_FILE).exists() or checkpoint_root(path).exists()
+
+
+@overload
+def checkpoint_root(run_dir: Path) -> Path: ...
+
+
+@overload
+def checkpoint_root(run_dir: StorageUri) -> StorageUri: ...
+
+
+@overload
+def checkpoint_root(run_dir: Location) -> Location: ...
 
 
 def checkpoint_root(run_dir: Location) -> Location:

@@ -17,6 +17,7 @@ from raylm.train.peaks import gpu_peak_flops, measure_matmul_peak, mfu
 from raylm.train.step import StepResult, TrainState, evaluate
 
 if TYPE_CHECKING:
+    from raylm.data.stream import RankStream
     from raylm.parallel.engine import Engine
 
 
@@ -27,7 +28,7 @@ class Session:
     cfg: Config
     engine: Engine
     reads_data: bool
-    open_stream: Callable[..., Iterator] | None
+    open_stream: Callable[..., RankStream] | None
     flops_per_token: float
     sample_order: Any  # the training split's global order (rank 0, which logs metrics); None elsewhere
     peak_flops: float | None  # all workers together; None = unknown (mfu is then null)
@@ -53,17 +54,21 @@ class Session:
     def train_batches(self, start_sample: int, first_read_stall_s: float = 0.0) -> Iterator:
         """This DP rank's micro-batches of the training split from global sample `start_sample` on
         (first_read_stall_s: the read@STEP fault drill, raylm.train.faults)."""
-        return self.open_stream("train", start_sample, first_read_stall_s)
+        return self._opener()("train", start_sample, first_read_stall_s)
 
     def evaluate(self) -> float:
         """Validation loss on a fresh stream from the split's start: every evaluation sees the same samples, and
         the training stream does not move."""
-        stream = self.open_stream("val", 0) if self.reads_data else None
+        stream = self._opener()("val", 0) if self.reads_data else None
         try:
             return evaluate(self.engine, stream, self.eval_micro_batches)
         finally:
             if stream is not None:
                 stream.close()
+
+    def _opener(self) -> Callable[..., RankStream]:
+        assert self.open_stream is not None, "a rank that reads no data opens no stream"
+        return self.open_stream
 
     @property
     def eval_micro_batches(self) -> int:
@@ -72,7 +77,7 @@ class Session:
     def metrics_row(self, state: TrainState, result: StepResult, lr: float, global_batch: int) -> dict[str, Any]:
         """One metrics.jsonl row (keys listed in README.md "Where results land"); `step` is the 0-based step just finished."""
         tokens_per_s = global_batch * self.cfg.data.seq_len / result.step_s
-        row = {
+        row: dict[str, Any] = {
             "step": state.step - 1, "tokens": state.tokens, "samples": state.samples, "loss": result.loss,
             "lr": lr, "batch_size": global_batch, "dp": self.engine.topo.dp, "tokens_per_s": tokens_per_s,
             "step_s": result.step_s,
@@ -87,10 +92,10 @@ class Session:
         return row
 
 
-def _stream_opener(cfg: Config, dp_rank: int, dp_size: int) -> Callable[..., Iterator]:
+def _stream_opener(cfg: Config, dp_rank: int, dp_size: int) -> Callable[..., RankStream]:
     from raylm.data.stream import build_rank_stream
 
-    def open_stream(split: str, start_sample: int, first_read_stall_s: float = 0.0) -> Iterator:
+    def open_stream(split: str, start_sample: int, first_read_stall_s: float = 0.0) -> RankStream:
         return build_rank_stream(cfg, split, dp_rank=dp_rank, dp_size=dp_size, start_sample=start_sample,
                                  first_read_stall_s=first_read_stall_s)
 

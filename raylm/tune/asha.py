@@ -89,7 +89,7 @@ class RungBook:
         own = [replace(d, event=AT_REPORT) for d in decisions if d.trial == trial]
         return own + [d for d in decisions if d.trial != trial]
 
-    def action_of(self, trial: str, rung: int) -> str:
+    def action_of(self, trial: str, rung: int | None) -> str:
         """What a trial that reports rung `rung` (again, after a restart) does now."""
         if (trial, rung) in self.promoted or (trial, rung) not in self.judged:
             return CONTINUE

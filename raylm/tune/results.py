@@ -6,7 +6,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -85,7 +85,7 @@ def write_trials(records: list[TrialRecord], path: Path) -> None:
 def pick_best(records: list[TrialRecord]) -> TrialRecord | None:
     """The lowest final metric among trials that trained the whole budget (never a diverged or stopped one)."""
     done = [r for r in records if r.status == "finished" and r.last is not None]
-    return min(done, key=lambda r: r.last) if done else None
+    return min(done, key=lambda r: cast(float, r.last)) if done else None  # `done` has every last set
 
 
 def write_best(best: TrialRecord, base: Config, sweep_dir: Path) -> Path:

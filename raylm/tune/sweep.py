@@ -141,8 +141,8 @@ def _scheduler(cfg: Config, plan: SweepPlan, sweep_dir: Path, concurrent: int, t
     from raylm.tune.scheduler import TokenPBTScheduler, TokenRungScheduler
 
     if cfg.tune.scheduler == "pbt":
-        book = PbtBook(plan.milestones_tokens, seed=cfg.run.seed, space=plan.space_raw)
-        return TokenPBTScheduler(book, cfg.tune.metric, str(sweep_dir / DECISIONS_FILE))
+        pbt_book = PbtBook(plan.milestones_tokens, seed=cfg.run.seed, space=plan.space_raw)
+        return TokenPBTScheduler(pbt_book, cfg.tune.metric, str(sweep_dir / DECISIONS_FILE))
     book = RungBook(plan.milestones_tokens, cfg.tune.reduction_factor, total_trials=trials,
                     stops=cfg.tune.scheduler == "asha")
     return TokenRungScheduler(book, cfg.tune.metric, str(sweep_dir / DECISIONS_FILE),
@@ -169,8 +169,10 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], plan: SweepPlan, tri
     base_cfg = resolve(base)
     cfg = trial_config(base_cfg, params, plan, trials_dir, context.get_trial_id())
     run_dir = prepare_run_dir(cfg, overwrite=not _has_checkpoint(cfg))
+    assert isinstance(run_dir, Path), SWEEP_ON_URI  # sweep() refused a run.dir on object storage
     info_path = run_dir / TRIAL_FILE
-    info = json.loads(info_path.read_text()) if info_path.exists() else {"exploit_n": 0, "start_from": ""}
+    info: dict[str, Any] = (json.loads(info_path.read_text()) if info_path.exists()
+                            else {"exploit_n": 0, "start_from": ""})
     if exploit and exploit["n"] > info["exploit_n"]:
         info.update(exploit_n=exploit["n"], start_from=take_donor_checkpoint(run_dir, exploit, context.get_trial_id()))
     if info["start_from"]:  # the budget counts the donor's steps and tokens, then this config's batch schedule
