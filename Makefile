@@ -7,8 +7,9 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 CONFIG ?= jobs/configs/tiny.yaml
 PROMPT ?= def main(
+LINTED := raylm jobs benchmarks tests
 
-.PHONY: demo test test-all test-fast install bench clean
+.PHONY: demo test test-all test-fast check install bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,23 +30,25 @@ demo: install
 
 # The whole suite but the tests marked slow (the longest fault, sweep and multi-node drills: README "Tests and benchmarks").
 test: install
-	$(BIN)/ruff check raylm jobs benchmarks
-	$(BIN)/lint-imports
-	$(BIN)/mypy
+	$(MAKE) --no-print-directory check
 	$(BIN)/python -m pytest -q -m "not slow" tests/unit tests/distributed tests/ray tests/gpu
 
 test-all: install
-	$(BIN)/ruff check raylm jobs benchmarks
-	$(BIN)/lint-imports
-	$(BIN)/mypy
+	$(MAKE) --no-print-directory check
 	$(BIN)/python -m pytest -q tests/unit tests/distributed tests/ray tests/gpu
 
 # The edit loop: lint, the unit tier and the distributed (gloo) tier but its whole training runs; no Ray.
 test-fast: install
-	$(BIN)/ruff check raylm jobs benchmarks
+	$(MAKE) --no-print-directory check
+	$(BIN)/python -m pytest -q -m "not runs" tests/unit tests/distributed
+
+# Lint (ruff: security, pyflakes, pycodestyle, isort, bugbear, pyupgrade, simplify), format, import floors, types;
+# the same checks as .pre-commit-config.yaml.
+check: install
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
 	$(BIN)/lint-imports
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -q -m "not runs" tests/unit tests/distributed
 
 bench: install
 	$(BIN)/python benchmarks/data.py

@@ -23,13 +23,13 @@ import statistics
 from pathlib import Path
 
 import torch
-
 from common import TINY, emit, ensure_prepared, scratch_dir
+from train import raylm_run
+
 from raylm.checkpoint.export import export
 from raylm.compress.apply import CompressOptions, compress
 from raylm.config import load_config
 from raylm.evaluate import evaluate
-from train import raylm_run
 
 QUIET = ["train.log_every=10", "train.report_every=50"]
 REDUCING = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "reduce")
@@ -37,8 +37,17 @@ REDUCING = ("all_reduce", "reduce_scatter_tensor", "reduce_scatter", "reduce")
 
 def sparse_finetune(pruned: Path, name: str, steps: int, work: Path, base: list[str], data: str) -> float:
     """Perplexity after `steps` steps of `raylm train model.init_from=pruned` (pruned entries held at 0)."""
-    raylm_run(name, base + [f"model.init_from={pruned}", f"train.max_steps={steps}", "schedule.lr.warmup_steps=10",
-                            "optim.lr=1e-3"], work)
+    raylm_run(
+        name,
+        base
+        + [
+            f"model.init_from={pruned}",
+            f"train.max_steps={steps}",
+            "schedule.lr.warmup_steps=10",
+            "optim.lr=1e-3",
+        ],
+        work,
+    )
     export(work / name, work / f"{name}-export")
     return evaluate(work / f"{name}-export", data=data)["ppl"]
 
@@ -54,8 +63,13 @@ def comm_rank(rank: int, world_size: int, port: int, dense: str, data: str, step
 
     import torch.distributed as dist
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      LOCAL_RANK="0")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        LOCAL_RANK="0",
+    )
     torch.set_num_threads(1)
     counted = {"bytes": 0}
 
@@ -64,6 +78,7 @@ def comm_rank(rank: int, world_size: int, port: int, dense: str, data: str, step
             tensor = args[0] if args else next(iter(kwargs.values()))
             counted["bytes"] += tensor.numel() * tensor.element_size() if torch.is_tensor(tensor) else 0
             return op(*args, **kwargs)
+
         return wrapper
 
     for name in REDUCING:  # before DeepSpeed starts: its backend keeps references to these functions
@@ -75,11 +90,27 @@ def comm_rank(rank: int, world_size: int, port: int, dense: str, data: str, step
     init_distributed("gloo")
     out = {}
     for dtype in ("fp32", "bf16"):
-        cfg = load_config(TINY, ["parallel.pp=1", "parallel.dp=2", f"parallel.grad_comm_dtype={dtype}",
-                                 f"model.init_from={dense}", f"data.out_dir={data}"])
+        cfg = load_config(
+            TINY,
+            [
+                "parallel.pp=1",
+                "parallel.dp=2",
+                f"parallel.grad_comm_dtype={dtype}",
+                f"model.init_from={dense}",
+                f"data.out_dir={data}",
+            ],
+        )
         engine = build_engine(cfg, starting_weights(cfg))
-        stream = RankStream(data, "train", cfg.data.seq_len, cfg.run.seed, engine.coords.dp_rank, 2,
-                            cfg.parallel.micro_batch, prefetch=0)
+        stream = RankStream(
+            data,
+            "train",
+            cfg.data.seq_len,
+            cfg.run.seed,
+            engine.coords.dp_rank,
+            2,
+            cfg.parallel.micro_batch,
+            prefetch=0,
+        )
         losses, per_step = [], []
         for _ in range(steps):
             counted["bytes"] = 0
@@ -100,26 +131,35 @@ def grad_comm_figures(dense: Path, data: str, steps: int) -> dict:
     with socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    procs = [ctx.Process(target=comm_rank, args=(r, 2, port, str(dense), data, steps, results)) for r in range(2)]
+    procs = [
+        ctx.Process(target=comm_rank, args=(r, 2, port, str(dense), data, steps, results)) for r in range(2)
+    ]
     for p in procs:
         p.start()
     outs = dict(results.get(timeout=1800) for _ in procs)
     for p in procs:
         p.join()
     fp32, bf16 = (json.loads(outs[0])[k] for k in ("fp32", "bf16"))
-    return {"grad_bf16_loss_diff": max(abs(a - b) for a, b in zip(fp32["losses"], bf16["losses"])),
-            "grad_comm_steps": steps, "dp_reduce_bytes_per_step_fp32": fp32["bytes_per_step"],
-            "dp_reduce_bytes_per_step_bf16": bf16["bytes_per_step"],
-            "dp_reduce_bytes_ratio": bf16["bytes_per_step"] / fp32["bytes_per_step"]}
+    return {
+        "grad_bf16_loss_diff": max(abs(a - b) for a, b in zip(fp32["losses"], bf16["losses"], strict=False)),
+        "grad_comm_steps": steps,
+        "dp_reduce_bytes_per_step_fp32": fp32["bytes_per_step"],
+        "dp_reduce_bytes_per_step_bf16": bf16["bytes_per_step"],
+        "dp_reduce_bytes_ratio": bf16["bytes_per_step"] / fp32["bytes_per_step"],
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=300, help="training steps of the dense model")
-    parser.add_argument("--finetune-steps", type=int, default=100, help="sparse fine-tuning steps after pruning")
+    parser.add_argument(
+        "--finetune-steps", type=int, default=100, help="sparse fine-tuning steps after pruning"
+    )
     parser.add_argument("--comm-steps", type=int, default=50, help="steps of each grad_comm_dtype run")
     parser.add_argument("--group-size", type=int, default=64, help="int4 group size")
-    parser.add_argument("--data", default=None, help="a prepared tiny data folder (default: tiny.yaml's data.out_dir)")
+    parser.add_argument(
+        "--data", default=None, help="a prepared tiny data folder (default: tiny.yaml's data.out_dir)"
+    )
     args = parser.parse_args()
     work = scratch_dir("raylm-compress-bench-")
     base = QUIET + ["parallel.pp=1"] + ([f"data.out_dir={args.data}"] if args.data else [])
@@ -131,7 +171,9 @@ def main() -> None:
     dense = work / "dense-export"
     export(work / "dense", dense)
     int8 = compressed_ppl(dense, work / "int8", data, quantize="int8", embeddings=True)
-    int8_linear = compress(CompressOptions(source=str(dense), out_dir=str(work / "int8-linear"), quantize="int8"))
+    int8_linear = compress(
+        CompressOptions(source=str(dense), out_dir=str(work / "int8-linear"), quantize="int8")
+    )
     int4 = compressed_ppl(dense, work / "int4", data, quantize="int4", group_size=args.group_size)
     p50 = compressed_ppl(dense, work / "p50", data, prune=0.5)
     p24 = compressed_ppl(dense, work / "p24", data, prune=0.5, pattern="2:4")
@@ -139,16 +181,29 @@ def main() -> None:
     p50_after = sparse_finetune(work / "p50", "p50-ft", args.finetune_steps, work, base, data)
     p24_after = sparse_finetune(work / "p24", "p24-ft", args.finetune_steps, work, base, data)
     comm = grad_comm_figures(dense, data, args.comm_steps)
-    emit(dense_steps=args.steps, dense_val_loss=round(int8["loss_before"], 4), dense_ppl=round(dense_ppl, 3),
-         int8_ppl_ratio=round(int8["ppl_ratio"], 4), int8_size_ratio=round(int8["size_ratio"], 4),
-         int8_size_ratio_linear_only=round(int8_linear["size_ratio"], 4),
-         int4_ppl_ratio=round(int4["ppl_ratio"], 4), int4_size_ratio=round(int4["size_ratio"], 4),
-         int4_group_size=args.group_size,
-         prune50_ppl_ratio_before=round(p50["ppl_ratio"], 4), prune50_ppl_ratio_after=round(p50_after / dense_ppl, 4),
-         prune24_ppl_ratio_before=round(p24["ppl_ratio"], 4), prune24_ppl_ratio_after=round(p24_after / dense_ppl, 4),
-         finetune_steps=args.finetune_steps, **{k: round(v, 5) if isinstance(v, float) else v for k, v in comm.items()},
-         targets={"int8_ppl_ratio": 1.01, "int8_size_ratio": 0.30, "int4_ppl_ratio": 1.10,
-                  "prune50_ppl_ratio_after": 1.05})
+    emit(
+        dense_steps=args.steps,
+        dense_val_loss=round(int8["loss_before"], 4),
+        dense_ppl=round(dense_ppl, 3),
+        int8_ppl_ratio=round(int8["ppl_ratio"], 4),
+        int8_size_ratio=round(int8["size_ratio"], 4),
+        int8_size_ratio_linear_only=round(int8_linear["size_ratio"], 4),
+        int4_ppl_ratio=round(int4["ppl_ratio"], 4),
+        int4_size_ratio=round(int4["size_ratio"], 4),
+        int4_group_size=args.group_size,
+        prune50_ppl_ratio_before=round(p50["ppl_ratio"], 4),
+        prune50_ppl_ratio_after=round(p50_after / dense_ppl, 4),
+        prune24_ppl_ratio_before=round(p24["ppl_ratio"], 4),
+        prune24_ppl_ratio_after=round(p24_after / dense_ppl, 4),
+        finetune_steps=args.finetune_steps,
+        **{k: round(v, 5) if isinstance(v, float) else v for k, v in comm.items()},
+        targets={
+            "int8_ppl_ratio": 1.01,
+            "int8_size_ratio": 0.30,
+            "int4_ppl_ratio": 1.10,
+            "prune50_ppl_ratio_after": 1.05,
+        },
+    )
 
 
 if __name__ == "__main__":

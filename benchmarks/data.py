@@ -6,6 +6,7 @@ JSON object per line: tokenize_ratio (target >= 0.8), stream_headroom (>= 10), p
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -59,9 +60,16 @@ def bench_tokenize(scratch: Path) -> Path:
     raw_s, raw_bytes = raw_encode_s(list_files(cfg.data.paths), load_tokenizer(out_dir))
     ray.shutdown()
     prepare_mb_s, raw_mb_s = summary["text_bytes"] / 1e6 / summary["pipeline_s"], raw_bytes / 1e6 / raw_s
-    emit(figure="tokenize_ratio", tokenize_ratio=round(prepare_mb_s / raw_mb_s, 3), prepare_mb_s=round(prepare_mb_s, 2),
-         raw_encode_batch_mb_s=round(raw_mb_s, 2), corpus_mb=round(raw_bytes / 1e6, 1), cores=os.cpu_count(),
-         prepare_total_s=round(summary["seconds"], 1), target=">= 0.8")
+    emit(
+        figure="tokenize_ratio",
+        tokenize_ratio=round(prepare_mb_s / raw_mb_s, 3),
+        prepare_mb_s=round(prepare_mb_s, 2),
+        raw_encode_batch_mb_s=round(raw_mb_s, 2),
+        corpus_mb=round(raw_bytes / 1e6, 1),
+        cores=os.cpu_count(),
+        prepare_total_s=round(summary["seconds"], 1),
+        target=">= 0.8",
+    )
     return out_dir
 
 
@@ -101,9 +109,15 @@ def bench_stream(out_dir: Path) -> None:
         tokens += inputs.numel()
     stream_tps = tokens / (time.monotonic() - start)
     stream.close()
-    emit(figure="stream_headroom", stream_headroom=round(stream_tps / consumer, 1),
-         stream_tokens_per_s=round(stream_tps), consumer_tokens_per_s=round(consumer), consumer=how,
-         headroom_vs_20k=round(stream_tps / ASSUMED_CONSUMER_TOKENS_PER_S, 1), target=">= 10")
+    emit(
+        figure="stream_headroom",
+        stream_headroom=round(stream_tps / consumer, 1),
+        stream_tokens_per_s=round(stream_tps),
+        consumer_tokens_per_s=round(consumer),
+        consumer=how,
+        headroom_vs_20k=round(stream_tps / ASSUMED_CONSUMER_TOKENS_PER_S, 1),
+        target=">= 10",
+    )
 
 
 PREPARE_CHILD = """
@@ -118,17 +132,17 @@ def peak_tree_rss_mb(command: list[str]) -> tuple[float, dict]:
     """Run a command; sample the summed RSS of it and every descendant (Ray's raylet and workers) until it ends."""
     import psutil
 
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=REPO_ROOT
+    )
     root, peak = psutil.Process(proc.pid), 0
     while proc.poll() is None:
         try:
             procs = [root] + root.children(recursive=True)
             total = 0
             for p in procs:
-                try:
+                with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
-                except psutil.Error:
-                    pass
             peak = max(peak, total)
         except psutil.Error:
             pass
@@ -151,11 +165,21 @@ def bench_memory(scratch: Path) -> None:
         copies.append(str(link / "**" / "*.py"))
     base = [sys.executable, "-c", PREPARE_CHILD, "data.vocab_size=2048"]
     one_mb, one = peak_tree_rss_mb(base + [f"data.out_dir={scratch / 'mem1'}"])
-    four_mb, four = peak_tree_rss_mb(base + [f"data.out_dir={scratch / 'mem4'}", f"data.paths={json.dumps(copies)}"])
-    emit(figure="prepare_mem_ratio", prepare_mem_ratio=round(four_mb / one_mb, 3), peak_rss_mb_1x=round(one_mb),
-         peak_rss_mb_4x=round(four_mb), tokens_1x=one["tokens"], tokens_4x=four["tokens"],
-         seconds_1x=round(one["seconds"], 1), seconds_4x=round(four["seconds"], 1),
-         measured="summed RSS of the prepare process and its Ray processes", target="<= 1.5")
+    four_mb, four = peak_tree_rss_mb(
+        base + [f"data.out_dir={scratch / 'mem4'}", f"data.paths={json.dumps(copies)}"]
+    )
+    emit(
+        figure="prepare_mem_ratio",
+        prepare_mem_ratio=round(four_mb / one_mb, 3),
+        peak_rss_mb_1x=round(one_mb),
+        peak_rss_mb_4x=round(four_mb),
+        tokens_1x=one["tokens"],
+        tokens_4x=four["tokens"],
+        seconds_1x=round(one["seconds"], 1),
+        seconds_4x=round(four["seconds"], 1),
+        measured="summed RSS of the prepare process and its Ray processes",
+        target="<= 1.5",
+    )
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ import statistics
 import time
 
 import torch
-
 from common import TINY, emit
+
 from raylm.config import load_config
 from raylm.config.derived import padded_vocab
 from raylm.model.gpt import GPT, init_full_weights
@@ -41,7 +41,9 @@ def tiny_model() -> tuple[GPT, int]:
     return model.eval(), cfg.data.vocab_size
 
 
-def timed_decode(decode, model: GPT, prompt: torch.Tensor, vocab_size: int, new_tokens: int) -> tuple[float, list]:
+def timed_decode(
+    decode, model: GPT, prompt: torch.Tensor, vocab_size: int, new_tokens: int
+) -> tuple[float, list]:
     """(tokens/s, token ids) for `new_tokens` greedy tokens, the prefill included in the time."""
     start = time.perf_counter()
     tokens = [int(t) for t in itertools.islice(decode(model, prompt, vocab_size, GREEDY), new_tokens)]
@@ -66,14 +68,27 @@ def main() -> None:
             rate, tokens[name] = timed_decode(decode, model, prompt, vocab_size, args.new_tokens)
             rates[name].append(rate)
     for name, values in rates.items():
-        emit(figure="decode", path=name, tokens_per_s=round(statistics.median(values), 1),
-             repeats=[round(v, 1) for v in values])
-    window_new = model.cfg.max_seq_len - args.prompt_tokens  # the paths agree up to the window, then slide apart
+        emit(
+            figure="decode",
+            path=name,
+            tokens_per_s=round(statistics.median(values), 1),
+            repeats=[round(v, 1) for v in values],
+        )
+    window_new = (
+        model.cfg.max_seq_len - args.prompt_tokens
+    )  # the paths agree up to the window, then slide apart
     same = tokens["kv_cache"][:window_new] == tokens["full_window"][:window_new]
     speedup = statistics.median(rates["kv_cache"]) / statistics.median(rates["full_window"])
-    emit(figure="kv_speedup", kv_speedup=round(speedup, 2), new_tokens=args.new_tokens,
-         prompt_tokens=args.prompt_tokens, max_seq_len=model.cfg.max_seq_len, threads=args.threads,
-         same_greedy_tokens_within_window=same, target=">= 5")
+    emit(
+        figure="kv_speedup",
+        kv_speedup=round(speedup, 2),
+        new_tokens=args.new_tokens,
+        prompt_tokens=args.prompt_tokens,
+        max_seq_len=model.cfg.max_seq_len,
+        threads=args.threads,
+        same_greedy_tokens_within_window=same,
+        target=">= 5",
+    )
 
 
 if __name__ == "__main__":

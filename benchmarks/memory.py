@@ -44,8 +44,15 @@ BASE = {
     "train": {"precision": "fp32"},
 }
 DRY_MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4"]
-RATIOS = [("rss_pp4_vs_pp1", (4, 1, 1, 1), 0.35), ("rss_zero3_dp2_vs_dp1", (1, 1, 2, 3), 0.6)]  # each over (1,1,1,0)
-BYTES_PER_ELEMENT = {"weights": 4, "grads": 4, "adam": 8}  # fp32 weights, fp32 grads, AdamW's two fp32 moments
+RATIOS = [
+    ("rss_pp4_vs_pp1", (4, 1, 1, 1), 0.35),
+    ("rss_zero3_dp2_vs_dp1", (1, 1, 2, 3), 0.6),
+]  # each over (1,1,1,0)
+BYTES_PER_ELEMENT = {
+    "weights": 4,
+    "grads": 4,
+    "adam": 8,
+}  # fp32 weights, fp32 grads, AdamW's two fp32 moments
 CHUNK = 64 << 20  # the plain loop's write and read size
 
 
@@ -53,8 +60,9 @@ def parse_layout(text: str) -> tuple[int, int, int, int]:
     """'1,1,2,3' -> (1, 1, 2, 3), one of LAYOUTS."""
     layout = tuple(int(x) for x in text.split(",")) if text.replace(",", "").isdigit() else None
     if layout not in LAYOUTS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of the layouts: "
-                                         f"{' '.join(','.join(map(str, x)) for x in LAYOUTS)}")
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not one of the layouts: {' '.join(','.join(map(str, x)) for x in LAYOUTS)}"
+        )
     return layout
 
 
@@ -63,9 +71,18 @@ def layout_config(layout: tuple[int, int, int, int], model: list[str], data_dir:
     from raylm.config import resolve
 
     pp, tp, dp, zero = layout
-    return resolve(BASE, [f"parallel.pp={pp}", f"parallel.tp={tp}", f"parallel.dp={dp}",
-                          f"parallel.zero_stage={zero}", f"train.global_batch={dp}", f"data.out_dir={data_dir}",
-                          *model])
+    return resolve(
+        BASE,
+        [
+            f"parallel.pp={pp}",
+            f"parallel.tp={tp}",
+            f"parallel.dp={dp}",
+            f"parallel.zero_stage={zero}",
+            f"train.global_batch={dp}",
+            f"data.out_dir={data_dir}",
+            *model,
+        ],
+    )
 
 
 def peak_rss_bytes() -> int:
@@ -90,7 +107,9 @@ def ideal_bytes(engine, zero: int) -> int:
     elements = sum(math.prod(local_shape(p)) for p in params)
     dp = engine.topo.dp
     partitioned = {"weights": zero >= 3, "grads": zero >= 2, "adam": zero >= 1}
-    return sum(elements * size // (dp if partitioned[kind] else 1) for kind, size in BYTES_PER_ELEMENT.items())
+    return sum(
+        elements * size // (dp if partitioned[kind] else 1) for kind, size in BYTES_PER_ELEMENT.items()
+    )
 
 
 def one_step(engine, cfg) -> float:
@@ -98,8 +117,12 @@ def one_step(engine, cfg) -> float:
 
     gen = torch.Generator().manual_seed(engine.coords.dp_rank)
     shape = (cfg.parallel.micro_batch, cfg.data.seq_len + 1)
-    batches = [(t[:, :-1], t[:, 1:]) for t in (torch.randint(0, cfg.data.vocab_size, shape, generator=gen)
-                                               for _ in range(engine.micro_batches))]
+    batches = [
+        (t[:, :-1], t[:, 1:])
+        for t in (
+            torch.randint(0, cfg.data.vocab_size, shape, generator=gen) for _ in range(engine.micro_batches)
+        )
+    ]
     return engine.train_batch(iter(batches) if engine.reads_data else None)
 
 
@@ -146,10 +169,10 @@ def plain_write_read_s(sizes: list[int], folder: Path) -> tuple[float, float]:
     block = os.urandom(CHUNK)
     paths = [folder / f"{i:04d}.bin" for i in range(len(sizes))]
     start = time.perf_counter()
-    for path, size in zip(paths, sizes):
+    for path, size in zip(paths, sizes, strict=False):
         with open(path, "wb") as f:
             for offset in range(0, size, CHUNK):
-                f.write(block[:min(CHUNK, size - offset)])
+                f.write(block[: min(CHUNK, size - offset)])
             f.flush()
             os.fsync(f.fileno())
     write_s = time.perf_counter() - start
@@ -176,9 +199,17 @@ def emit_layout(layout, ranks: list[dict], idle: int) -> float:
     """One rss_vs_ideal line for a layout; returns its worst rank's ratio."""
     ratios = [(r["peak_rss"] - idle) / r["ideal"] for r in ranks]
     pp, tp, dp, zero = layout
-    emit(rss_vs_ideal=round(max(ratios), 3), pp=pp, tp=tp, dp=dp, zero=zero,
-         per_rank=[round(x, 3) for x in ratios], net_rss_mb=[round(net_mb(r, idle)) for r in ranks],
-         ideal_mb=[round(r["ideal"] / 2**20) for r in ranks], target=1.5)
+    emit(
+        rss_vs_ideal=round(max(ratios), 3),
+        pp=pp,
+        tp=tp,
+        dp=dp,
+        zero=zero,
+        per_rank=[round(x, 3) for x in ratios],
+        net_rss_mb=[round(net_mb(r, idle)) for r in ranks],
+        ideal_mb=[round(r["ideal"] / 2**20) for r in ranks],
+        target=1.5,
+    )
     return max(ratios)
 
 
@@ -186,18 +217,36 @@ def emit_checkpoint(rank0: dict, work: Path) -> None:
     sizes = rank0["file_sizes"]
     total = sum(sizes)
     write_s, read_s = plain_write_read_s(sizes, work / "plain")
-    emit(ckpt_write_bw_frac=round(write_s / rank0["save_s"], 3), raylm_mb_per_s=round(total / 2**20 / rank0["save_s"]),
-         plain_mb_per_s=round(total / 2**20 / write_s), ckpt_mb=round(total / 2**20), files=len(sizes), target=0.5)
-    emit(ckpt_read_bw_frac=round(read_s / rank0["load_s"], 3), raylm_mb_per_s=round(total / 2**20 / rank0["load_s"]),
-         plain_mb_per_s=round(total / 2**20 / read_s), ckpt_mb=round(total / 2**20), files=len(sizes), target=0.5)
+    emit(
+        ckpt_write_bw_frac=round(write_s / rank0["save_s"], 3),
+        raylm_mb_per_s=round(total / 2**20 / rank0["save_s"]),
+        plain_mb_per_s=round(total / 2**20 / write_s),
+        ckpt_mb=round(total / 2**20),
+        files=len(sizes),
+        target=0.5,
+    )
+    emit(
+        ckpt_read_bw_frac=round(read_s / rank0["load_s"], 3),
+        raylm_mb_per_s=round(total / 2**20 / rank0["load_s"]),
+        plain_mb_per_s=round(total / 2**20 / read_s),
+        ckpt_mb=round(total / 2**20),
+        files=len(sizes),
+        target=0.5,
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry", action="store_true", help="tiny model, the (1,1,1,0) layout only")
     parser.add_argument("--layers", type=int, default=BASE["model"]["n_layer"], help="transformer blocks")
-    parser.add_argument("--layouts", nargs="+", type=parse_layout, default=LAYOUTS, metavar="PP,TP,DP,ZERO",
-                        help="the layouts to run (default: all five)")
+    parser.add_argument(
+        "--layouts",
+        nargs="+",
+        type=parse_layout,
+        default=LAYOUTS,
+        metavar="PP,TP,DP,ZERO",
+        help="the layouts to run (default: all five)",
+    )
     args = parser.parse_args()
     model = DRY_MODEL if args.dry else [f"model.n_layer={args.layers}"]
     layouts = LAYOUTS[:1] if args.dry else args.layouts

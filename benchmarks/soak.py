@@ -13,8 +13,9 @@ One JSON line:
 Targets: every fault survived, tokens exact, 0 mismatches, diff 0.
 
 max_steps is sized from a short calibration run so that the chaos run's steps take about --minutes (restarts add
-to that); the first fault comes 1-3 minutes after the first step. A read task is killed only when Ray's state API shows one running (a stream reads ahead, so that
-is not always the case); after 30 s without one the chaos thread kills a training worker instead.
+to that); the first fault comes 1-3 minutes after the first step. A read task is killed only when Ray's state
+API shows one running (a stream reads ahead, so that is not always the case); after 30 s without one the chaos
+thread kills a training worker instead.
 `--minutes N` (default 20), `--seed S`, `--min-gap-s` / `--max-gap-s` (default 60 / 180).
 """
 
@@ -30,20 +31,32 @@ import time
 from pathlib import Path
 
 from common import TINY, emit, ensure_prepared, scratch_dir
-from raylm.config import load_config
-from raylm.train.metrics import read_metrics
-from raylm.ray_connect import connect_ray
 
-LAYOUT = ["parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=1", "train.precision=fp32", "checkpoint.every_steps=10",
-          "train.eval_every=50", "train.log_every=1", "fault.max_failures=1000"]
+from raylm.config import load_config
+from raylm.ray_connect import connect_ray
+from raylm.train.metrics import read_metrics
+
+LAYOUT = [
+    "parallel.pp=2",
+    "parallel.dp=2",
+    "parallel.zero_stage=1",
+    "train.precision=fp32",
+    "checkpoint.every_steps=10",
+    "train.eval_every=50",
+    "train.log_every=1",
+    "fault.max_failures=1000",
+]
 CALIBRATION_STEPS = 12
 
 
 def training_workers() -> list[int]:
     import psutil
 
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])]
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])
+    ]
 
 
 def running_read_task() -> int | None:
@@ -80,8 +93,14 @@ class Chaos(threading.Thread):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 continue
-            self.kills.append({"kind": kind, "pid": pid, "rows": len(read_metrics(self.metrics.parent)),
-                               "time": time.time()})
+            self.kills.append(
+                {
+                    "kind": kind,
+                    "pid": pid,
+                    "rows": len(read_metrics(self.metrics.parent)),
+                    "time": time.time(),
+                }
+            )
             print(f"soak: killed {kind} pid {pid}", flush=True)
 
     def _read_task_within(self, seconds: float) -> int | None:
@@ -97,7 +116,9 @@ class Chaos(threading.Thread):
 def train_run(name: str, run_dir: Path, steps: int, extra: list[str] = ()) -> tuple[list[dict], float]:
     from raylm.train.driver import train
 
-    cfg = load_config(TINY, [*LAYOUT, f"run.dir={run_dir}", f"run.name={name}", f"train.max_steps={steps}", *extra])
+    cfg = load_config(
+        TINY, [*LAYOUT, f"run.dir={run_dir}", f"run.name={name}", f"train.max_steps={steps}", *extra]
+    )
     started = time.monotonic()
     train(cfg, overwrite=True)
     return read_metrics(run_dir / name), time.monotonic() - started
@@ -127,7 +148,7 @@ def main() -> None:
     connect_ray(dashboard=True)  # the chaos thread finds running read tasks through the state API behind it
     run_dir = scratch_dir("raylm-soak-")
     calibration, _ = train_run("calibration", run_dir, CALIBRATION_STEPS)
-    step_s = statistics.median(r["step_s"] for r in calibration[CALIBRATION_STEPS // 2:])
+    step_s = statistics.median(r["step_s"] for r in calibration[CALIBRATION_STEPS // 2 :])
     steps = max(20, int(args.minutes * 60 / step_s))
     chaos = Chaos(args.seed, args.min_gap_s, args.max_gap_s, run_dir / "chaos" / "metrics.jsonl")
     try:
@@ -141,14 +162,22 @@ def main() -> None:
     reference, _ = train_run("reference", run_dir, steps)
     last = chaos_rows[-1] if chaos_rows else {}
     injected = len(chaos.kills)
-    emit(benchmark="soak", minutes=args.minutes, steps=steps, chaos_wall_s=round(chaos_s, 1),
-         faults_injected=injected, faults_survived=injected if failed is None else 0,
-         worker_kills=sum(k["kind"] == "worker" for k in chaos.kills),
-         read_task_kills=sum(k["kind"] == "read_task" for k in chaos.kills),
-         resumed_from_rows=sum("resumed_from" in r for r in chaos_rows),
-         tokens_planned=steps * base.train.global_batch * base.data.seq_len, tokens_trained=last.get("tokens", 0),
-         **compare(chaos_rows, reference),
-         final_loss_diff=abs(last["loss"] - reference[-1]["loss"]) if last else None, failed=failed)
+    emit(
+        benchmark="soak",
+        minutes=args.minutes,
+        steps=steps,
+        chaos_wall_s=round(chaos_s, 1),
+        faults_injected=injected,
+        faults_survived=injected if failed is None else 0,
+        worker_kills=sum(k["kind"] == "worker" for k in chaos.kills),
+        read_task_kills=sum(k["kind"] == "read_task" for k in chaos.kills),
+        resumed_from_rows=sum("resumed_from" in r for r in chaos_rows),
+        tokens_planned=steps * base.train.global_batch * base.data.seq_len,
+        tokens_trained=last.get("tokens", 0),
+        **compare(chaos_rows, reference),
+        final_loss_diff=abs(last["loss"] - reference[-1]["loss"]) if last else None,
+        failed=failed,
+    )
 
 
 if __name__ == "__main__":

@@ -43,10 +43,11 @@ import statistics
 import subprocess
 import sys
 import time
+from itertools import pairwise
 
 import torch
-
 from common import TINY, emit, ensure_prepared, scratch_dir, steady
+
 from raylm.config import Config, load_config
 from raylm.config.derived import micro_batches_for, padded_vocab
 from raylm.model.facts import flops_per_token, layer_costs
@@ -56,15 +57,36 @@ from raylm.train.peaks import measure_matmul_peak
 
 # The plain-loop yardstick of docs/ray-facts.md 3 (d=256, 6 layers, T=256, batch 8) with tiny.yaml's 2k vocabulary:
 # 5.3M parameters, so the blocks, not the cross-entropy, dominate.
-MODEL = ["model.d_model=256", "model.n_layer=6", "model.n_head=8", "data.seq_len=256", "model.max_seq_len=256",
-         "train.global_batch=8", "parallel.micro_batch=8", "train.precision=fp32"]
-QUIET = ["train.eval_every=0", "train.eval_batches=1", "train.report_every=1000", "checkpoint.every_steps=0",
-         "schedule.lr.kind=constant", "schedule.lr.warmup_steps=0", "parallel.zero_stage=0"]
+MODEL = [
+    "model.d_model=256",
+    "model.n_layer=6",
+    "model.n_head=8",
+    "data.seq_len=256",
+    "model.max_seq_len=256",
+    "train.global_batch=8",
+    "parallel.micro_batch=8",
+    "train.precision=fp32",
+]
+QUIET = [
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.report_every=1000",
+    "checkpoint.every_steps=0",
+    "schedule.lr.kind=constant",
+    "schedule.lr.warmup_steps=0",
+    "parallel.zero_stage=0",
+]
 
 # The bubble formula assumes equal stages. With d=128 the LM head costs about one block (6·V·d against
 # 6·(block weights) + 12·d·T FLOPs per token), so 7 blocks split [embedding, 4 blocks] | [3 blocks, head].
-PIPELINE = ["model.d_model=128", "model.n_head=4", "model.n_layer=7", "train.global_batch=16",
-            "parallel.micro_batch=2", "train.torch_threads=1"]
+PIPELINE = [
+    "model.d_model=128",
+    "model.n_head=4",
+    "model.n_layer=7",
+    "train.global_batch=16",
+    "parallel.micro_batch=2",
+    "train.torch_threads=1",
+]
 
 
 def plain_step_rates(cfg: Config, steps: int, threads: int) -> list[float]:
@@ -74,7 +96,9 @@ def plain_step_rates(cfg: Config, steps: int, threads: int) -> list[float]:
     vocab = padded_vocab(cfg.data.vocab_size)
     model = GPT(cfg.model, vocab)
     model.load_state_dict(init_full_weights(cfg.model, vocab, cfg.run.seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2)
+    )
     gen = torch.Generator().manual_seed(0)
     batch, seq_len = cfg.train.global_batch, cfg.data.seq_len
     rates = []
@@ -88,14 +112,23 @@ def plain_step_rates(cfg: Config, steps: int, threads: int) -> list[float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         rates.append(batch * seq_len / (time.perf_counter() - start))
-    return rates[steps // 3:]
+    return rates[steps // 3 :]
 
 
 def raylm_run(name: str, overrides: list[str], work) -> tuple[list[dict], float]:
     """`raylm train` as a user runs it (a fresh process and a fresh local Ray); returns rows and launch time."""
     launched = time.time()
-    cmd = [sys.executable, "-m", "raylm.cli", "train", str(TINY), *overrides, f"run.dir={work}", f"run.name={name}",
-           "--overwrite"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "raylm.cli",
+        "train",
+        str(TINY),
+        *overrides,
+        f"run.dir={work}",
+        f"run.name={name}",
+        "--overwrite",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     return read_metrics(work / name), launched
@@ -126,17 +159,31 @@ def ratio_figures(cfg: Config, base: list[str], steps: int, skip: int, work, cor
     ours = steady(rows, "tokens_per_s", skip)
     model_flops = flops_per_token(cfg.model, padded_vocab(cfg.data.vocab_size), cfg.data.seq_len)
     first = rows[0]
-    emit(raylm_vs_plain_ratio=round(ours / plain, 3), raylm_tokens_per_s=round(ours), plain_tokens_per_s=round(plain),
-         plain_before_after=[round(statistics.median(plain_before)), round(statistics.median(plain_after))],
-         target=0.90)
-    emit(matmul_peak_frac=round(ours * model_flops / peak, 3), achieved_gflops=round(ours * model_flops / 1e9, 1),
-         plain_loop_peak_frac=round(plain * model_flops / peak, 3), matmul_peak_gflops=round(peak / 1e9, 1),
-         peak_before_after=[round(peak_before / 1e9, 1), round(peak_after / 1e9, 1)], target=0.75)
+    emit(
+        raylm_vs_plain_ratio=round(ours / plain, 3),
+        raylm_tokens_per_s=round(ours),
+        plain_tokens_per_s=round(plain),
+        plain_before_after=[round(statistics.median(plain_before)), round(statistics.median(plain_after))],
+        target=0.90,
+    )
+    emit(
+        matmul_peak_frac=round(ours * model_flops / peak, 3),
+        achieved_gflops=round(ours * model_flops / 1e9, 1),
+        plain_loop_peak_frac=round(plain * model_flops / peak, 3),
+        matmul_peak_gflops=round(peak / 1e9, 1),
+        peak_before_after=[round(peak_before / 1e9, 1), round(peak_after / 1e9, 1)],
+        target=0.75,
+    )
     emit(startup_s=round(first["time"] - first["step_s"] - launched, 2), target=20.0)
     in_ray = statistics.median(plain_in_ray_rates(cfg, steps, cores, work))
-    emit(raylm_vs_plain_in_ray_ratio=round(ours / in_ray, 3), raylm_tokens_per_s=round(ours),
-         plain_in_ray_tokens_per_s=round(in_ray), plain_in_ray_vs_plain=round(in_ray / plain, 3), threads=cores,
-         target=0.97)
+    emit(
+        raylm_vs_plain_in_ray_ratio=round(ours / in_ray, 3),
+        raylm_tokens_per_s=round(ours),
+        plain_in_ray_tokens_per_s=round(in_ray),
+        plain_in_ray_vs_plain=round(in_ray / plain, 3),
+        threads=cores,
+        target=0.97,
+    )
     return plain
 
 
@@ -153,13 +200,19 @@ def plain_in_ray_rates(cfg: Config, steps: int, threads: int, work) -> list[floa
     # workers import this file by module name unless it runs as __main__ (then Ray ships the function by value)
     here = os.path.dirname(os.path.abspath(__file__))
     pythonpath = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-    ray.init(include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
+    ray.init(
+        include_dashboard=False, logging_level="ERROR", runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}
+    )
     try:
         scaling, _ = scaling_for(cfg, dict(ray.cluster_resources()))
         out = os.path.join(str(work), "plain-in-ray-rates.json")
         loop_config = {"config": to_dict(cfg), "steps": steps, "threads": threads, "out": out}
-        TorchTrainer(plain_worker, scaling_config=scaling, train_loop_config=loop_config,
-                     run_config=RunConfig(storage_path=str(work), name="plain-in-ray")).fit()
+        TorchTrainer(
+            plain_worker,
+            scaling_config=scaling,
+            train_loop_config=loop_config,
+            run_config=RunConfig(storage_path=str(work), name="plain-in-ray"),
+        ).fit()
         with open(out) as f:
             return json.load(f)
     finally:
@@ -184,11 +237,18 @@ def one_thread_ratio(cfg: Config, base: list[str], steps: int, skip: int, work) 
     rows, _ = raylm_run("ratio-one-thread", base + ["parallel.pp=1", "train.torch_threads=1"], work)
     plain = statistics.median(before + plain_step_rates(cfg, steps, 1))
     ours = steady(rows, "tokens_per_s", skip)
-    emit(raylm_vs_plain_ratio_one_thread=round(ours / plain, 3), raylm_tokens_per_s=round(ours),
-         plain_tokens_per_s=round(plain))
+    emit(
+        raylm_vs_plain_ratio_one_thread=round(ours / plain, 3),
+        raylm_tokens_per_s=round(ours),
+        plain_tokens_per_s=round(plain),
+    )
     in_ray = statistics.median(plain_in_ray_rates(cfg, steps, 1, work))
-    emit(raylm_vs_plain_in_ray_ratio_one_thread=round(ours / in_ray, 3), raylm_tokens_per_s=round(ours),
-         plain_in_ray_tokens_per_s=round(in_ray), threads=1)
+    emit(
+        raylm_vs_plain_in_ray_ratio_one_thread=round(ours / in_ray, 3),
+        raylm_tokens_per_s=round(ours),
+        plain_in_ray_tokens_per_s=round(in_ray),
+        threads=1,
+    )
     return plain
 
 
@@ -203,12 +263,22 @@ def bubble_figures(base: list[str], skip: int, work, per_core_all_busy: float) -
     waited = steady(two_stage, "pipe_wait_frac", skip)
     measured = 1 - (t1 / p) / t2
     formula = (p - 1) / (m + p - 1)
-    emit(bubble_gap_pts=round(100 * (measured - formula), 2), bubble_measured=round(measured, 4),
-         bubble_formula=round(formula, 4), step_s_pp1=round(t1, 4), step_s_pp2=round(t2, 4),
-         stage_flops_share=[round(c / sum(stages), 3) for c in stages], target=5.0)
-    emit(bubble_wait_gap_pts=round(100 * (waited - formula), 2), stage0_wait_frac=round(waited, 4),
-         stage_compute_vs_pp1=round(t2 * (1 - waited) / (t1 / p), 3),
-         per_core_speed_all_busy=round(per_core_all_busy, 3), target=5.0)
+    emit(
+        bubble_gap_pts=round(100 * (measured - formula), 2),
+        bubble_measured=round(measured, 4),
+        bubble_formula=round(formula, 4),
+        step_s_pp1=round(t1, 4),
+        step_s_pp2=round(t2, 4),
+        stage_flops_share=[round(c / sum(stages), 3) for c in stages],
+        target=5.0,
+    )
+    emit(
+        bubble_wait_gap_pts=round(100 * (waited - formula), 2),
+        stage0_wait_frac=round(waited, 4),
+        stage_compute_vs_pp1=round(t2 * (1 - waited) / (t1 / p), 3),
+        per_core_speed_all_busy=round(per_core_all_busy, 3),
+        target=5.0,
+    )
 
 
 def stage_costs(cfg: Config) -> list[int]:
@@ -217,7 +287,7 @@ def stage_costs(cfg: Config) -> list[int]:
 
     costs = layer_costs(cfg.model, padded_vocab(cfg.data.vocab_size), cfg.data.seq_len)
     bounds = [int(b) for b in partition_balanced(costs, cfg.parallel.pp)]
-    return [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+    return [sum(costs[a:b]) for a, b in pairwise(bounds)]
 
 
 if __name__ == "__main__":

@@ -31,17 +31,42 @@ from common import REPO_ROOT, TINY, emit, ensure_prepared, scratch_dir
 from raylm.config import load_config
 from raylm.tune.asha import AT_CLOSE, AT_REPORT, RungBook, read_decisions
 
-SPACE = ("optim.lr: {grid: [3.0e-3, 1.0e-2, 3.0e-2]}\n"
-         "schedule.lr.kind: {grid: [cosine, wsd, linear]}\n")
-MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.max_seq_len=64", "data.vocab_size=512",
-         "data.seq_len=32", "parallel.pp=1", "parallel.zero_stage=0", "parallel.micro_batch=4",
-         "train.global_batch=8", "train.eval_every=0", "schedule.lr.warmup_steps=5", "checkpoint.every_steps=0",
-         # Validation: 10% of the corpus in 4 KB pieces (whole modules would hold out one 1.5k-token file), and
-         # 256 samples (8192 tokens) of it at every rung, the same for every trial.
-         "data.val_fraction=0.1", "data.max_doc_bytes=4096", "train.eval_samples=256"]
+SPACE = "optim.lr: {grid: [3.0e-3, 1.0e-2, 3.0e-2]}\nschedule.lr.kind: {grid: [cosine, wsd, linear]}\n"
+MODEL = [
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "model.max_seq_len=64",
+    "data.vocab_size=512",
+    "data.seq_len=32",
+    "parallel.pp=1",
+    "parallel.zero_stage=0",
+    "parallel.micro_batch=4",
+    "train.global_batch=8",
+    "train.eval_every=0",
+    "schedule.lr.warmup_steps=5",
+    "checkpoint.every_steps=0",
+    # Validation: 10% of the corpus in 4 KB pieces (whole modules would hold out one 1.5k-token file), and
+    # 256 samples (8192 tokens) of it at every rung, the same for every trial.
+    "data.val_fraction=0.1",
+    "data.max_doc_bytes=4096",
+    "train.eval_samples=256",
+]
 STEP_TOKENS = 8 * 32  # train.global_batch x data.seq_len below
-STDLIB_FILES = ("argparse.py", "dataclasses.py", "functools.py", "json/decoder.py", "json/encoder.py", "pathlib.py",
-                "string.py", "textwrap.py", "typing.py", "heapq.py", "bisect.py", "random.py")
+STDLIB_FILES = (
+    "argparse.py",
+    "dataclasses.py",
+    "functools.py",
+    "json/decoder.py",
+    "json/encoder.py",
+    "pathlib.py",
+    "string.py",
+    "textwrap.py",
+    "typing.py",
+    "heapq.py",
+    "bisect.py",
+    "random.py",
+)
 
 
 def small_corpus(folder: Path) -> Path:
@@ -57,9 +82,19 @@ def run_sweep(work: Path, scheduler: str, budget: int) -> tuple[list[dict], list
     """(trials.jsonl rows, decisions.jsonl rows, wall seconds) of one sweep over SPACE."""
     from raylm.tune.sweep import sweep
 
-    cfg = load_config(TINY, MODEL + [f"data.paths=['{work / 'corpus'}']", f"data.out_dir={work / 'data'}",
-                                     f"run.dir={work / 'runs'}", f"tune.name={scheduler}", "tune.num_samples=1",
-                                     f"tune.budget_tokens={budget}", f"tune.scheduler={scheduler}"])
+    cfg = load_config(
+        TINY,
+        MODEL
+        + [
+            f"data.paths=['{work / 'corpus'}']",
+            f"data.out_dir={work / 'data'}",
+            f"run.dir={work / 'runs'}",
+            f"tune.name={scheduler}",
+            "tune.num_samples=1",
+            f"tune.budget_tokens={budget}",
+            f"tune.scheduler={scheduler}",
+        ],
+    )
     ensure_prepared(cfg)
     start = time.time()
     summary = sweep(cfg, work / "space.yaml", overwrite=True)
@@ -82,7 +117,9 @@ def replay(full: list[dict], asha: list[dict], asha_decisions: list[dict], miles
     book, replayed, from_close = RungBook(milestones, reduction_factor=3, total_trials=len(asha)), [], set()
     for d in asha_decisions:
         if d["event"] == AT_REPORT:
-            replayed += book.arrive(d["trial"], d["tokens"], value_at[(params_of[d["trial"]], d["milestone_tokens"])])
+            replayed += book.arrive(
+                d["trial"], d["tokens"], value_at[(params_of[d["trial"]], d["milestone_tokens"])]
+            )
         elif d["event"] == AT_CLOSE and (d["trial"], d["rung"], d["action"]) not in from_close:
             closed = book.close()
             from_close |= {(c.trial, c.rung, c.action) for c in closed}
@@ -95,7 +132,9 @@ def replay(full: list[dict], asha: list[dict], asha_decisions: list[dict], miles
 def stop_overshoot(trials: list[dict], decisions: list[dict]) -> int:
     """The most tokens a stopped trial trained past the report ASHA stopped it at (0: it ended at that report)."""
     stop_tokens = {d["trial"]: d["tokens"] for d in decisions if d["action"] == "stop"}
-    return max((t["tokens"] - stop_tokens[t["trial_id"]] for t in trials if t["trial_id"] in stop_tokens), default=0)
+    return max(
+        (t["tokens"] - stop_tokens[t["trial_id"]] for t in trials if t["trial_id"] in stop_tokens), default=0
+    )
 
 
 def main() -> None:
@@ -117,18 +156,25 @@ def main() -> None:
     ranked = sorted((t for t in full if t["last"] is not None), key=lambda t: t["last"])
     asha_best = min((t for t in asha if t["status"] == "finished"), key=lambda t: t["last"])
     full_best = ranked[0]["last"]
-    emit(benchmark="tune", trials=len(full), budget_tokens=budget, milestones_tokens=milestones,
-         asha_budget_frac=round(sum(t["tokens"] for t in asha) / sum(t["tokens"] for t in full), 4),
-         asha_wall_frac=round(asha_wall_s / full_wall_s, 4), full_wall_s=round(full_wall_s, 1),
-         asha_wall_s=round(asha_wall_s, 1),
-         asha_best_loss_gap=round((asha_best["last"] - full_best) / full_best, 5),
-         asha_best_in_top2=key(asha_best["params"]) in {key(t["params"]) for t in ranked[:2]},
-         asha_stopped=sum(t["status"] == "stopped" for t in asha),
-         asha_stop_overshoot_tokens=stop_overshoot(asha, asha_decisions),
-         full_top2=[{**t["params"], "val_loss": round(t["last"], 4)} for t in ranked[:2]],
-         asha_best={**asha_best["params"], "val_loss": round(asha_best["last"], 4)},
-         asha_replay_agree=f"{replay(full, asha, asha_decisions, milestones)}/{len(asha)}",
-         work_dir=str(work), repo=str(REPO_ROOT))
+    emit(
+        benchmark="tune",
+        trials=len(full),
+        budget_tokens=budget,
+        milestones_tokens=milestones,
+        asha_budget_frac=round(sum(t["tokens"] for t in asha) / sum(t["tokens"] for t in full), 4),
+        asha_wall_frac=round(asha_wall_s / full_wall_s, 4),
+        full_wall_s=round(full_wall_s, 1),
+        asha_wall_s=round(asha_wall_s, 1),
+        asha_best_loss_gap=round((asha_best["last"] - full_best) / full_best, 5),
+        asha_best_in_top2=key(asha_best["params"]) in {key(t["params"]) for t in ranked[:2]},
+        asha_stopped=sum(t["status"] == "stopped" for t in asha),
+        asha_stop_overshoot_tokens=stop_overshoot(asha, asha_decisions),
+        full_top2=[{**t["params"], "val_loss": round(t["last"], 4)} for t in ranked[:2]],
+        asha_best={**asha_best["params"], "val_loss": round(asha_best["last"], 4)},
+        asha_replay_agree=f"{replay(full, asha, asha_decisions, milestones)}/{len(asha)}",
+        work_dir=str(work),
+        repo=str(REPO_ROOT),
+    )
 
 
 if __name__ == "__main__":

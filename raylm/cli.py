@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from raylm.errors import RaylmError
 
 CONFIG_HELP = "run config YAML (e.g. jobs/configs/tiny.yaml)"
 VERBOSE_HELP = "show every Ray, Ray Train and DeepSpeed line on the console (run.log_level=debug)"
-OVERRIDES_HELP = "dotted overrides section.key=value, values parsed as YAML (e.g. parallel.pp=2 optim.lr=3e-4)"
+OVERRIDES_HELP = (
+    "dotted overrides section.key=value, values parsed as YAML (e.g. parallel.pp=2 optim.lr=3e-4)"
+)
 
 
 def _config_epilog() -> str:
@@ -76,8 +78,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from raylm.train.generate import GenerateOptions, generate, read_prompt_file
 
-    options = GenerateOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    options = GenerateOptions(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
     prompts = [args.prompt] if args.prompt_file is None else read_prompt_file(args.prompt_file)
     completions = generate(args.source, prompts, options)
     for completion in completions:  # one prompt: its text; a prompt file: one JSON object per prompt
@@ -102,9 +110,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     from raylm.compress.apply import CompressOptions, compress
 
-    options = CompressOptions(source=args.source, out_dir=args.out_dir, quantize=args.quantize,
-                              group_size=args.group_size, prune=args.prune, pattern=args.pattern, scope=args.scope,
-                              embeddings=args.embeddings, dequantize=args.dequantize, eval_data=args.eval_data)
+    options = CompressOptions(
+        source=args.source,
+        out_dir=args.out_dir,
+        quantize=args.quantize,
+        group_size=args.group_size,
+        prune=args.prune,
+        pattern=args.pattern,
+        scope=args.scope,
+        embeddings=args.embeddings,
+        dequantize=args.dequantize,
+        eval_data=args.eval_data,
+    )
     print(json.dumps(compress(options)))
     return 0
 
@@ -119,8 +136,15 @@ def cmd_data_verify(args: argparse.Namespace) -> int:
 def cmd_data_peek(args: argparse.Namespace) -> int:
     from raylm.data.stream import peek
 
-    for row in peek(args.dir, dp_rank=args.dp_rank, dp_size=args.dp_size, start=args.start, count=args.count,
-                    seed=args.seed, seq_len=args.seq_len):
+    for row in peek(
+        args.dir,
+        dp_rank=args.dp_rank,
+        dp_size=args.dp_size,
+        start=args.start,
+        count=args.count,
+        seed=args.seed,
+        seq_len=args.seq_len,
+    ):
         print(json.dumps(row))
     return 0
 
@@ -137,84 +161,170 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
-    with_config("config", cmd_config, "print the fully resolved config as YAML",
-                epilog=_config_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    with_config(
+        "config",
+        cmd_config,
+        "print the fully resolved config as YAML",
+        epilog=_config_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     with_config("prepare", cmd_prepare, "tokenize the corpus into verified shards with Ray Data")
     train = with_config("train", cmd_train, "train on the Ray cluster in RAY_ADDRESS, or on a local Ray")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing run folder of the same name")
-    train.add_argument("--allow-config-change", action="store_true",
-                       help="resume even though run.seed, the data, the tokenizer or the model shape changed")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace an existing run folder of the same name"
+    )
+    train.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="resume even though run.seed, the data, the tokenizer or the model shape changed",
+    )
 
     sweep_help = "search a tune_spaces YAML with Ray Tune, each trial a training run, ASHA early stopping"
     sweep = verbs.add_parser("sweep", help=sweep_help, description=sweep_help)
     sweep.add_argument("config", help=CONFIG_HELP)
-    sweep.add_argument("space", help="search space YAML: dotted config key -> distribution (see tune_spaces/)")
+    sweep.add_argument(
+        "space", help="search space YAML: dotted config key -> distribution (see tune_spaces/)"
+    )
     sweep.add_argument("overrides", nargs="*", help=OVERRIDES_HELP)
-    sweep.add_argument("--overwrite", action="store_true", help="replace an existing sweep folder of the same name")
+    sweep.add_argument(
+        "--overwrite", action="store_true", help="replace an existing sweep folder of the same name"
+    )
     sweep.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-    sweep.add_argument("--resume", action="store_true", help="continue an interrupted sweep (same config and space): "
-                                                              "finished and stopped trials stay, the rest resume")
+    sweep.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted sweep (same config and space): "
+        "finished and stopped trials stay, the rest resume",
+    )
     sweep.set_defaults(func=cmd_sweep)
 
     gen_help = "continue prompts with a trained run, checkpoint or export (KV-cache decoding)"
-    gen = verbs.add_parser("generate", help=gen_help, description=gen_help + ". Stops at the end-of-text token, a "
-                           "--stop string or --max-new-tokens. One --prompt prints its text; --prompt-file prints "
-                           "one JSON object per prompt (prompt, completion, new_tokens, stop_reason).")
-    gen.add_argument("source", help="run folder, checkpoint folder or export folder (or an s3://, gs:// prefix)")
+    gen = verbs.add_parser(
+        "generate",
+        help=gen_help,
+        description=gen_help + ". Stops at the end-of-text token, a "
+        "--stop string or --max-new-tokens. One --prompt prints its text; --prompt-file prints "
+        "one JSON object per prompt (prompt, completion, new_tokens, stop_reason).",
+    )
+    gen.add_argument(
+        "source", help="run folder, checkpoint folder or export folder (or an s3://, gs:// prefix)"
+    )
     prompt = gen.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="text to continue")
-    prompt.add_argument("--prompt-file", help="text file, one prompt per line (a JSON string line may hold \\n)")
+    prompt.add_argument(
+        "--prompt-file", help="text file, one prompt per line (a JSON string line may hold \\n)"
+    )
     gen.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to add to each prompt")
     gen.add_argument("--temperature", type=float, default=0.8, help="softmax temperature (0 = greedy)")
     gen.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
-    gen.add_argument("--top-p", type=float, default=1.0,
-                     help="sample among the most likely tokens whose probability reaches p, in (0, 1] (1 = all)")
-    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                     help="stop when the new text contains TEXT, cut before it (repeatable)")
+    gen.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        help="sample among the most likely tokens whose probability reaches p, in (0, 1] (1 = all)",
+    )
+    gen.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when the new text contains TEXT, cut before it (repeatable)",
+    )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt starts from it)")
     gen.set_defaults(func=cmd_generate)
 
     exp = verbs.add_parser("export", help="write a checkpoint as a Hugging Face Llama folder (safetensors)")
-    exp.add_argument("source", help="checkpoint folder (<run>/checkpoints/step-XXXXXXXX) or run folder (its newest "
-                                    "committed checkpoint), or such an s3://, gs:// prefix")
-    exp.add_argument("out_dir", help="folder (or s3://, gs:// prefix) for model.safetensors, config.json and "
-                                     "tokenizer.json")
+    exp.add_argument(
+        "source",
+        help="checkpoint folder (<run>/checkpoints/step-XXXXXXXX) or run folder (its newest "
+        "committed checkpoint), or such an s3://, gs:// prefix",
+    )
+    exp.add_argument(
+        "out_dir",
+        help="folder (or s3://, gs:// prefix) for model.safetensors, config.json and tokenizer.json",
+    )
     exp.set_defaults(func=cmd_export)
 
     ev_help = "loss and perplexity of a run, checkpoint or export on a prepared split, as one JSON line"
     ev = verbs.add_parser("eval", help=ev_help, description=ev_help)
-    ev.add_argument("source", help="run folder (its newest committed checkpoint), checkpoint folder or export folder "
-                                   "(or an s3://, gs:// prefix)")
-    ev.add_argument("--data", default=None, help="prepared data folder (default: the run's data.sources or "
-                                                 "data.out_dir); must use the model's tokenizer")
+    ev.add_argument(
+        "source",
+        help="run folder (its newest committed checkpoint), checkpoint folder or export folder "
+        "(or an s3://, gs:// prefix)",
+    )
+    ev.add_argument(
+        "--data",
+        default=None,
+        help="prepared data folder (default: the run's data.sources or "
+        "data.out_dir); must use the model's tokenizer",
+    )
     ev.add_argument("--split", default="val", choices=("val", "train"), help="which split to score")
-    ev.add_argument("--batches", type=int, default=None, help="global batches of train.global_batch samples "
-                                                              "(default: the run's own evaluation, train.eval_samples)")
+    ev.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="global batches of train.global_batch samples "
+        "(default: the run's own evaluation, train.eval_samples)",
+    )
     ev.set_defaults(func=cmd_eval)
 
     comp_help = "quantize (int8, int4) and/or prune the linear layers of a run, checkpoint or export"
-    comp = verbs.add_parser("compress", help=comp_help, description=comp_help + "; writes an export folder that "
-                            "eval and generate read and prints one JSON line (see docs/compression.md)")
+    comp = verbs.add_parser(
+        "compress",
+        help=comp_help,
+        description=comp_help + "; writes an export folder that "
+        "eval and generate read and prints one JSON line (see docs/compression.md)",
+    )
     comp.add_argument("source", help="run folder, checkpoint folder or export folder")
     comp.add_argument("out_dir", help="folder for the compressed export (not SOURCE)")
-    comp.add_argument("--quantize", default=None, metavar="int8|int4",
-                      help="weight-only: int8 one scale per output row, int4 one scale per --group-size columns")
-    comp.add_argument("--group-size", type=int, default=128, help="int4: input columns per scale (default 128)")
-    comp.add_argument("--prune", type=float, default=None, metavar="FRACTION",
-                      help="magnitude-prune this fraction of each linear layer's weights, in [0, 1)")
-    comp.add_argument("--pattern", default="unstructured", help="unstructured (default) or 2:4 (the 2 largest of "
-                                                                "every 4 input columns; --prune 0.5)")
-    comp.add_argument("--scope", default="layer", help="unstructured pruning: layer (each layer loses FRACTION; "
-                                                       "default) or global (one threshold over all layers)")
-    comp.add_argument("--embeddings", action="store_true",
-                      help="quantize the token embedding too (with tied embeddings, also the output head)")
-    comp.add_argument("--dequantize", action="store_true", help="write a quantized folder back as float weights "
-                                                                "(for model.init_from)")
-    comp.add_argument("--eval-data", default=None, metavar="DIR",
-                      help="prepared data folder: add val loss and perplexity before and after to the line")
+    comp.add_argument(
+        "--quantize",
+        default=None,
+        metavar="int8|int4",
+        help="weight-only: int8 one scale per output row, int4 one scale per --group-size columns",
+    )
+    comp.add_argument(
+        "--group-size", type=int, default=128, help="int4: input columns per scale (default 128)"
+    )
+    comp.add_argument(
+        "--prune",
+        type=float,
+        default=None,
+        metavar="FRACTION",
+        help="magnitude-prune this fraction of each linear layer's weights, in [0, 1)",
+    )
+    comp.add_argument(
+        "--pattern",
+        default="unstructured",
+        help="unstructured (default) or 2:4 (the 2 largest of every 4 input columns; --prune 0.5)",
+    )
+    comp.add_argument(
+        "--scope",
+        default="layer",
+        help="unstructured pruning: layer (each layer loses FRACTION; "
+        "default) or global (one threshold over all layers)",
+    )
+    comp.add_argument(
+        "--embeddings",
+        action="store_true",
+        help="quantize the token embedding too (with tied embeddings, also the output head)",
+    )
+    comp.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="write a quantized folder back as float weights (for model.init_from)",
+    )
+    comp.add_argument(
+        "--eval-data",
+        default=None,
+        metavar="DIR",
+        help="prepared data folder: add val loss and perplexity before and after to the line",
+    )
     comp.set_defaults(func=cmd_compress)
 
-    data = verbs.add_parser("data", help="inspect prepared data").add_subparsers(dest="data_verb", required=True)
+    data = verbs.add_parser("data", help="inspect prepared data").add_subparsers(
+        dest="data_verb", required=True
+    )
     verify = data.add_parser("verify", help="check every shard against manifest.json")
     verify.add_argument("dir", help="prepared data folder (data.out_dir)")
     verify.set_defaults(func=cmd_data_verify)

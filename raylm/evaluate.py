@@ -10,9 +10,9 @@ the sha256 of the source's tokenizer.json is compared with the data manifest's b
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import yaml
@@ -50,31 +50,44 @@ def open_source(source: str | Path) -> Source:
     if path is not None:
         tree, weights = open_export(path)
         tokenizer = path / TOKENIZER_FILE
-        return Source(tree, tokenizer if tokenizer.is_file() else None, None,
-                      lambda: {name: weights.read(name) for name in weights.shapes})
+        return Source(
+            tree,
+            tokenizer if tokenizer.is_file() else None,
+            None,
+            lambda: {name: weights.read(name) for name in weights.shapes},
+        )
     folder = resolve_checkpoint(source)
     manifest = read_checkpoint_manifest(folder)
     has_tokenizer = TOKENIZER_FILE in manifest["files"]
     local = local_checkpoint_files(folder, [CONFIG_FILE, *([TOKENIZER_FILE] if has_tokenizer else [])])
     tree = yaml.safe_load((local / CONFIG_FILE).read_text())
-    return Source(tree, local / TOKENIZER_FILE if has_tokenizer else None, manifest.get("step"),
-                  lambda: load_checkpoint_weights(folder)[1])
+    return Source(
+        tree,
+        local / TOKENIZER_FILE if has_tokenizer else None,
+        manifest.get("step"),
+        lambda: load_checkpoint_weights(folder)[1],
+    )
 
 
 def check_same_tokenizer(source: str, tokenizer: Path | None, sources: tuple[tuple[str, float], ...]) -> None:
     """DataError when a data folder was prepared with another tokenizer than the model's (both named)."""
     if tokenizer is None:
-        get_logger().warning("%s carries no tokenizer.json: cannot check that the data was prepared with the "
-                             "model's tokenizer", source)
+        get_logger().warning(
+            "%s carries no tokenizer.json: cannot check that the data was prepared with the "
+            "model's tokenizer",
+            source,
+        )
         return
     model_sha = file_sha256(tokenizer)
     for folder, _ in sources:
         data_sha = read_data_manifest(folder)["tokenizer_sha256"]
         if data_sha != model_sha:
             data_tokenizer = Path(folder) / TOKENIZER_FILE
-            raise DataError(f"{folder} was prepared with tokenizer sha256 {data_sha[:16]}... ({data_tokenizer}) "
-                            f"but {source} uses {model_sha[:16]}... ({tokenizer}); prepare the data with "
-                            f"data.tokenizer={tokenizer}, or pass --data a folder prepared with it")
+            raise DataError(
+                f"{folder} was prepared with tokenizer sha256 {data_sha[:16]}... ({data_tokenizer}) "
+                f"but {source} uses {model_sha[:16]}... ({tokenizer}); prepare the data with "
+                f"data.tokenizer={tokenizer}, or pass --data a folder prepared with it"
+            )
 
 
 def _overrides(tree: dict, data: str | Path | None) -> dict:
@@ -97,11 +110,14 @@ def mean_loss(model, stream: RankStream, micro_batches: int) -> float:
     return total / micro_batches
 
 
-def evaluate(source: str | Path, data: str | Path | None = None, split: str = "val",
-             batches: int | None = None) -> dict:
+def evaluate(
+    source: str | Path, data: str | Path | None = None, split: str = "val", batches: int | None = None
+) -> dict:
     """Loss and perplexity of `source` on `split` of `data` (default: the run's own data); a JSON-able dict."""
     if batches is not None and batches < 1:
-        raise DataError(f"--batches {batches} must be at least 1 (global batches of train.global_batch samples)")
+        raise DataError(
+            f"--batches {batches} must be at least 1 (global batches of train.global_batch samples)"
+        )
     opened = open_source(source)
     cfg = resolve(opened.tree, _overrides(opened.tree, data))
     spec = data if data is not None else (list(cfg.data.sources) or cfg.data.out_dir)
@@ -114,20 +130,31 @@ def evaluate(source: str | Path, data: str | Path | None = None, split: str = "v
     wanted = batches * cfg.train.global_batch if batches is not None else eval_samples(cfg)
     micro_batch = cfg.parallel.micro_batch
     micro_batches = max(1, wanted // micro_batch)
-    stream = RankStream(spec, split, cfg.data.seq_len, cfg.run.seed, dp_rank=0, dp_size=1,
-                        micro_batch=micro_batch, prefetch=0)
+    stream = RankStream(
+        spec, split, cfg.data.seq_len, cfg.run.seed, dp_rank=0, dp_size=1, micro_batch=micro_batch, prefetch=0
+    )
     try:
         loss = mean_loss(model, stream, micro_batches)
     finally:
         stream.close()
     samples = micro_batches * micro_batch
-    return {"source": str(source), "step": opened.step, "data": [folder for folder, _ in sources], "split": split,
-            "samples": samples, "tokens": samples * cfg.data.seq_len, "loss": loss, "ppl": math.exp(min(loss, 700.0))}
+    return {
+        "source": str(source),
+        "step": opened.step,
+        "data": [folder for folder, _ in sources],
+        "split": split,
+        "samples": samples,
+        "tokens": samples * cfg.data.seq_len,
+        "loss": loss,
+        "ppl": math.exp(min(loss, 700.0)),
+    }
 
 
 def _check_vocab(sources: tuple[tuple[str, float], ...], vocab_size: int, source: str) -> None:
     for folder, _ in sources:
         data_vocab = read_data_manifest(folder)["vocab_size"]
         if data_vocab > vocab_size:
-            raise DataError(f"{folder} was prepared with data.vocab_size={data_vocab} but {source} has only "
-                            f"{vocab_size} tokens; evaluate on data prepared with the model's tokenizer")
+            raise DataError(
+                f"{folder} was prepared with data.vocab_size={data_vocab} but {source} has only "
+                f"{vocab_size} tokens; evaluate on data prepared with the model's tokenizer"
+            )

@@ -12,7 +12,8 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 LOGGER_NAME = "raylm"
 LOG_LEVELS = ("info", "debug")  # run.log_level: info = raylm's lines and real warnings; debug = every line
@@ -23,8 +24,10 @@ _console = {"verbose": False}
 RAYLM_LINE = re.compile(r"\[raylm r\d+\] ")
 # Python logging and warnings (WARNING, UserWarning:, ...), DeepSpeed's "[WARNING]", and Ray's C++ log lines at
 # warning, error or fatal level ("[2026-01-01 00:00:00,000 E 123 456] file.cc:10: ...").
-WARNING_LINE = re.compile(r"\b(WARNING|ERROR|CRITICAL|FATAL)\b|\b\w*(Warning|Error|Exception):|^Traceback"
-                          r"|^\[[\d-]+ [\d:,.]+ [WEF] \d+ \d+\]")
+WARNING_LINE = re.compile(
+    r"\b(WARNING|ERROR|CRITICAL|FATAL)\b|\b\w*(Warning|Error|Exception):|^Traceback"
+    r"|^\[[\d-]+ [\d:,.]+ [WEF] \d+ \d+\]"
+)
 # Warnings that are not news to a raylm user, each with the reason it is safe to hide. Still written to disk.
 KNOWN_NOISE = (
     # Ray Train v2 starts this actor of its own; Ray's core worker logs a restart caveat about it at error level.

@@ -58,15 +58,21 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S, dashboard: bool = 
     ray_log_level = logging.INFO if console_is_verbose() else logging.WARNING  # Ray's own driver lines
     if remote:
         log.info("connecting to the Ray cluster at %s", address)
-        ray.init(address=address, log_to_driver=True, logging_level=ray_log_level,
-                 runtime_env=job_runtime_env())
+        ray.init(
+            address=address, log_to_driver=True, logging_level=ray_log_level, runtime_env=job_runtime_env()
+        )
     else:
         log.info("starting a local Ray (no RAY_ADDRESS set)")
         # ray.train.report waits for the controller's next poll; a local cluster can afford to poll often.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_S)
         shown: dict[str, Any] = {"dashboard_host": LOCAL_DASHBOARD_HOST} if dashboard else {}
-        ray.init(include_dashboard=dashboard, log_to_driver=True, logging_level=ray_log_level,
-                 runtime_env=job_runtime_env(), **shown)
+        ray.init(
+            include_dashboard=dashboard,
+            log_to_driver=True,
+            logging_level=ray_log_level,
+            runtime_env=job_runtime_env(),
+            **shown,
+        )
     filter_forwarded_logs()
 
 
@@ -94,10 +100,14 @@ def probe_address(address: str, timeout_s: float) -> None:
     host_port = address.split("://", 1)[-1].rstrip("/")
     host, _, port = host_port.rpartition(":")
     if not host or not port.isdigit():
-        raise RaylmError(f"RAY_ADDRESS={address!r} is not host:port (e.g. 10.0.0.1:6379 or ray://head:10001); "
-                         f"fix it or unset RAY_ADDRESS to start a local Ray")
+        raise RaylmError(
+            f"RAY_ADDRESS={address!r} is not host:port (e.g. 10.0.0.1:6379 or ray://head:10001); "
+            f"fix it or unset RAY_ADDRESS to start a local Ray"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise RaylmError(f"no Ray cluster answers at RAY_ADDRESS={address} ({exc.strerror or exc}); start one with "
-                         f"`ray start --head` or unset RAY_ADDRESS to run on a local Ray") from None
+        raise RaylmError(
+            f"no Ray cluster answers at RAY_ADDRESS={address} ({exc.strerror or exc}); start one with "
+            f"`ray start --head` or unset RAY_ADDRESS to run on a local Ray"
+        ) from None

@@ -14,11 +14,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO_ROOT / "jobs" / "configs" / "tiny.yaml"
 RAY_NUM_CPUS = 4  # fixed, so tests behave the same on any machine; workers take fractional CPUs
 # Small enough to train in seconds, big enough that every rank of a (2, 2, 2) layout has real work.
-SMALL_MODEL = ["model.n_layer=2", "model.d_model=64", "model.n_head=4", "model.max_seq_len=64",
-               "data.vocab_size=512", "data.seq_len=32", "parallel.micro_batch=2", "train.global_batch=8",
-               "train.max_steps=4", "train.eval_every=0", "train.eval_batches=1", "train.report_every=2",
-               "schedule.lr.warmup_steps=1", "parallel.zero_stage=0", "parallel.pp=1",
-               "checkpoint.every_steps=0", "data.val_fraction=0.1"]
+SMALL_MODEL = [
+    "model.n_layer=2",
+    "model.d_model=64",
+    "model.n_head=4",
+    "model.max_seq_len=64",
+    "data.vocab_size=512",
+    "data.seq_len=32",
+    "parallel.micro_batch=2",
+    "train.global_batch=8",
+    "train.max_steps=4",
+    "train.eval_every=0",
+    "train.eval_batches=1",
+    "train.report_every=2",
+    "schedule.lr.warmup_steps=1",
+    "parallel.zero_stage=0",
+    "parallel.pp=1",
+    "checkpoint.every_steps=0",
+    "data.val_fraction=0.1",
+]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,8 +59,13 @@ def ray_cluster():
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     if not ray.is_initialized():  # the job environment raylm's connect_ray gives its jobs, and a faster poll
         env_vars = {**job_env_vars(), "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-        ray.init(num_cpus=RAY_NUM_CPUS, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 runtime_env={"env_vars": env_vars})
+        ray.init(
+            num_cpus=RAY_NUM_CPUS,
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+            runtime_env={"env_vars": env_vars},
+        )
     yield ray
     ray.shutdown()
 
@@ -87,8 +106,20 @@ def small_corpus(tmp_path_factory) -> Path:
     """A few real standard-library modules copied into a folder: real text, stable across runs."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     folder = tmp_path_factory.mktemp("corpus")
-    for name in ("argparse.py", "dataclasses.py", "functools.py", "json/decoder.py", "json/encoder.py",
-                 "pathlib.py", "string.py", "textwrap.py", "typing.py", "heapq.py", "bisect.py", "random.py"):
+    for name in (
+        "argparse.py",
+        "dataclasses.py",
+        "functools.py",
+        "json/decoder.py",
+        "json/encoder.py",
+        "pathlib.py",
+        "string.py",
+        "textwrap.py",
+        "typing.py",
+        "heapq.py",
+        "bisect.py",
+        "random.py",
+    ):
         source = stdlib / name
         if source.exists():
             (folder / name.replace("/", "_")).write_text(source.read_text(encoding="utf-8"), encoding="utf-8")
@@ -104,8 +135,13 @@ def prepared(small_corpus, tmp_path_factory) -> Path:
     from raylm.data.prepare import prepare
 
     out_dir = tmp_path_factory.mktemp("data")
-    prepare(resolve(read_yaml(TINY_CONFIG), SMALL_MODEL + [f"data.paths=['{small_corpus}']",
-                                                            f"data.out_dir={out_dir}"]), use_ray=False)
+    prepare(
+        resolve(
+            read_yaml(TINY_CONFIG),
+            SMALL_MODEL + [f"data.paths=['{small_corpus}']", f"data.out_dir={out_dir}"],
+        ),
+        use_ray=False,
+    )
     return out_dir
 
 
@@ -115,9 +151,17 @@ def small_configs(prepared: Path, small_corpus: Path, runs: Path):
     from raylm.config.loader import read_yaml
 
     def build(name: str, *overrides: str):
-        return resolve(read_yaml(TINY_CONFIG), SMALL_MODEL + [
-            f"data.paths=['{small_corpus}']", f"data.out_dir={prepared}", f"run.dir={runs}",
-            f"run.name={name}", *overrides])
+        return resolve(
+            read_yaml(TINY_CONFIG),
+            SMALL_MODEL
+            + [
+                f"data.paths=['{small_corpus}']",
+                f"data.out_dir={prepared}",
+                f"run.dir={runs}",
+                f"run.name={name}",
+                *overrides,
+            ],
+        )
 
     return build
 
@@ -146,7 +190,7 @@ class ReferenceRuns:
             keys = [key for key in keys if key not in self._rows]
             cfgs = [self.build(f"ref-{len(self._rows) + i}", *key) for i, key in enumerate(keys)]
             self.train_batch(cfgs)
-            for key, cfg in zip(keys, cfgs):
+            for key, cfg in zip(keys, cfgs, strict=False):
                 rows = read_metrics(Path(cfg.run.dir) / cfg.run.name)
                 assert [r["step"] for r in rows] == list(range(cfg.train.max_steps)), "each step logged once"
                 self._rows[key] = rows

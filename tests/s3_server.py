@@ -6,14 +6,17 @@ import logging
 import socket
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 
 import pytest
 
 BUCKET = "raylm-test"
-DUMMY_KEYS = {"AWS_ACCESS_KEY_ID": "testing-key-id", "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
-              "AWS_REGION": "us-east-1"}
+DUMMY_KEYS = {
+    "AWS_ACCESS_KEY_ID": "testing-key-id",
+    "AWS_SECRET_ACCESS_KEY": "testing-secret-value",
+    "AWS_REGION": "us-east-1",
+}
 
 
 @contextmanager
@@ -62,8 +65,13 @@ def client(endpoint: str):
     """A boto3 client on the server, for test set-up and inspection only (raylm itself goes through pyarrow)."""
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=DUMMY_KEYS["AWS_ACCESS_KEY_ID"],
-                        aws_secret_access_key=DUMMY_KEYS["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=DUMMY_KEYS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=DUMMY_KEYS["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
 
 
 def put_object(endpoint: str, key: str, data: bytes, bucket: str = BUCKET) -> None:
@@ -166,8 +174,6 @@ class OutageRelay:
 
 
 def _close(sock: socket.socket) -> None:
-    try:
+    with suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
     sock.close()

@@ -21,8 +21,17 @@ from raylm.checkpoint.manifest import MANIFEST, bad_file, read_checkpoint_manife
 from raylm.errors import CheckpointError, ConfigError
 from raylm.fsync import fsync_path
 from raylm.log import get_logger
-from raylm.storage.location import (Location, as_location, file_sizes, folders, is_remote, local_view, put_file,
-                                    read_bytes, remove_tree)
+from raylm.storage.location import (
+    Location,
+    as_location,
+    file_sizes,
+    folders,
+    is_remote,
+    local_view,
+    put_file,
+    read_bytes,
+    remove_tree,
+)
 
 STEP_DIR = re.compile(r"^step-(\d{8,})$")
 TMP_PREFIX = "tmp-"
@@ -68,8 +77,9 @@ def upload_own_files(tmp: Path, checkpoints_dir: Location | str, step: int, file
         (tmp / rel_path).unlink()
 
 
-def commit(tmp: Path, step: int, files: dict[str, dict], extra: dict,
-           checkpoints_dir: Location | str | None = None) -> Location:
+def commit(
+    tmp: Path, step: int, files: dict[str, dict], extra: dict, checkpoints_dir: Location | str | None = None
+) -> Location:
     """Write the manifest (after every file is complete) and make the save a checkpoint: rename `tmp` to
     step-XXXXXXXX, or on object storage (checkpoints_dir a prefix) upload manifest.json last.
 
@@ -129,8 +139,12 @@ def check_sizes(folder: Location) -> dict:
         if rel_path not in sizes:
             raise bad_file(folder, rel_path, "is missing")
         if sizes[rel_path] != record["bytes"]:
-            raise bad_file(folder, rel_path, f"has {sizes[rel_path]} bytes but the manifest lists "
-                                             f"{record['bytes']} (truncated or overwritten)")
+            raise bad_file(
+                folder,
+                rel_path,
+                f"has {sizes[rel_path]} bytes but the manifest lists "
+                f"{record['bytes']} (truncated or overwritten)",
+            )
     return manifest
 
 
@@ -146,15 +160,19 @@ def resume_candidates(checkpoints_dir: Location | str, policy: str) -> list[Loca
     never: [].
     """
     if policy not in RESUME_POLICIES:
-        raise ConfigError(f"checkpoint.resume={policy!r} is not one of {'|'.join(RESUME_POLICIES)}; "
-                          f"set checkpoint.resume=auto")
+        raise ConfigError(
+            f"checkpoint.resume={policy!r} is not one of {'|'.join(RESUME_POLICIES)}; "
+            f"set checkpoint.resume=auto"
+        )
     if policy == "never":
         return []
     candidates = list_checkpoints(checkpoints_dir)
     if policy == "required":
         if not candidates:
-            raise CheckpointError(f"checkpoint.resume=required but {checkpoints_dir} holds no committed checkpoint; "
-                                  f"point run.dir/run.name at the run to resume, or set checkpoint.resume=auto")
+            raise CheckpointError(
+                f"checkpoint.resume=required but {checkpoints_dir} holds no committed checkpoint; "
+                f"point run.dir/run.name at the run to resume, or set checkpoint.resume=auto"
+            )
         check_sizes(candidates[0])
         return candidates[:1]
     usable = []
@@ -172,9 +190,11 @@ def resume_candidates(checkpoints_dir: Location | str, policy: str) -> list[Loca
 def every_checkpoint_damaged(checkpoints_dir: Location | str, damaged: list[Location]) -> CheckpointError:
     """The error for a run whose checkpoints all fail their checks: nothing is deleted, the user decides."""
     names = ", ".join(folder.name for folder in damaged)
-    return CheckpointError(f"every checkpoint in {checkpoints_dir} is damaged ({names}; the warnings above name "
-                           f"each bad file) and nothing was deleted: restore them from a copy, or start over with "
-                           f"--overwrite or another run.name")
+    return CheckpointError(
+        f"every checkpoint in {checkpoints_dir} is damaged ({names}; the warnings above name "
+        f"each bad file) and nothing was deleted: restore them from a copy, or start over with "
+        f"--overwrite or another run.name"
+    )
 
 
 def pick_resume(checkpoints_dir: Location | str, policy: str) -> Location | None:
@@ -183,7 +203,9 @@ def pick_resume(checkpoints_dir: Location | str, policy: str) -> Location | None
     return candidates[0] if candidates else None
 
 
-def prune(checkpoints_dir: Location | str, keep: int, protect: Location | str | None = None) -> list[Location]:
+def prune(
+    checkpoints_dir: Location | str, keep: int, protect: Location | str | None = None
+) -> list[Location]:
     """Delete committed checkpoints beyond the newest `keep`, and every stale tmp-* folder (on object storage:
     every step prefix without a manifest, an interrupted upload); returns what went.
 

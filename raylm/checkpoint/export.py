@@ -31,11 +31,25 @@ from raylm.model.gpt import param_shapes
 from raylm.model.hf_llama import hf_config, hf_name, model_settings, to_hf_tensor
 from raylm.model.hf_weights import HFWeights, open_folder
 from raylm.storage.atomic import atomic_open, copy_atomic, write_json_atomic
-from raylm.storage.file_names import (CONFIG_FILE, GENERATION_CONFIG_FILE, HF_CONFIG_FILE, RAYLM_CONFIG_FILE,
-                                      SPECIAL_TOKENS_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE,
-                                      WEIGHTS_FILE)
-from raylm.storage.location import (Location, as_location, download_folder, is_remote, local_view, read_bytes,
-                                    upload_folder)
+from raylm.storage.file_names import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    HF_CONFIG_FILE,
+    RAYLM_CONFIG_FILE,
+    SPECIAL_TOKENS_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+)
+from raylm.storage.location import (
+    Location,
+    as_location,
+    download_folder,
+    is_remote,
+    local_view,
+    read_bytes,
+    upload_folder,
+)
 
 PAD = SPECIAL_TOKENS[1]  # "<|pad|>"
 
@@ -60,8 +74,10 @@ def _stream_layers(f, folder: Location, model: ModelConfig, shapes: dict[str, to
         for name in (n for n in shapes if model_file(n, model.n_layer) == rel_path):
             t = tensors.get(name)
             if t is None or t.shape != shapes[name]:
-                raise RaylmError(f"{folder / rel_path} lacks {name} or holds another shape than "
-                                 f"{tuple(shapes[name])}; the checkpoint does not match its own manifest's model")
+                raise RaylmError(
+                    f"{folder / rel_path} lacks {name} or holds another shape than "
+                    f"{tuple(shapes[name])}; the checkpoint does not match its own manifest's model"
+                )
             f.write(to_hf_tensor(name, t.float(), model).contiguous().numpy().tobytes())
             written += 1
     return written
@@ -74,7 +90,9 @@ def _write_weights(folder: Location, model: ModelConfig, vocab_rows: int, out: P
         f.write(_safetensors_header([(hf_name(n), tuple(shape)) for n, shape in shapes.items()]))
         written = _stream_layers(f, folder, model, shapes)
         if written != len(shapes):
-            raise RaylmError(f"{folder} holds {written} of the model's {len(shapes)} tensors; re-save the checkpoint")
+            raise RaylmError(
+                f"{folder} holds {written} of the model's {len(shapes)} tensors; re-save the checkpoint"
+            )
     return written
 
 
@@ -90,8 +108,14 @@ def special_token_ids(tokenizer_path: Path | None) -> dict[str, int | None]:
 def generation_config(model: ModelConfig, vocab_size: int, vocab_rows: int, token_ids: dict) -> dict:
     """generation_config.json: `raylm generate`'s defaults; the padding rows past the tokenizer's vocabulary are
     suppressed, as raylm generate never picks them."""
-    return {**token_ids, "do_sample": True, "temperature": 0.8, "top_k": 50, "max_length": model.max_seq_len,
-            "suppress_tokens": list(range(vocab_size, vocab_rows)) or None}
+    return {
+        **token_ids,
+        "do_sample": True,
+        "temperature": 0.8,
+        "top_k": 50,
+        "max_length": model.max_seq_len,
+        "suppress_tokens": list(range(vocab_size, vocab_rows)) or None,
+    }
 
 
 def tokenizer_config(model: ModelConfig, token_ids: dict) -> tuple[dict, dict]:
@@ -103,14 +127,27 @@ def tokenizer_config(model: ModelConfig, token_ids: dict) -> tuple[dict, dict]:
     special = {"bos_token": EOT, "eos_token": EOT}
     if token_ids["pad_token_id"] is not None:
         special["pad_token"] = PAD
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": model.max_seq_len,
-              "clean_up_tokenization_spaces": False, "split_special_tokens": True, "add_bos_token": False,
-              "add_eos_token": False, "model_input_names": ["input_ids", "attention_mask"]}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **special,
+        "model_max_length": model.max_seq_len,
+        "clean_up_tokenization_spaces": False,
+        "split_special_tokens": True,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "model_input_names": ["input_ids", "attention_mask"],
+    }
     return config, special
 
 
-def write_hf_files(out: Path, model: ModelConfig, vocab_size: int, vocab_rows: int, tokenizer: Path | None,
-                   quantization: dict | None = None) -> None:
+def write_hf_files(
+    out: Path,
+    model: ModelConfig,
+    vocab_size: int,
+    vocab_rows: int,
+    tokenizer: Path | None,
+    quantization: dict | None = None,
+) -> None:
     """config.json (with `quantization` as its quantization_config: raylm compress) and generation_config.json,
     plus the tokenizer files when the checkpoint has a tokenizer."""
     token_ids = special_token_ids(tokenizer)
@@ -133,7 +170,9 @@ def export(source: Location | str, out_dir: Location | str) -> dict:
     or gs:// out_dir is written in this node's mirror of it, then uploaded with config.json last."""
     target = as_location(out_dir, "export OUT_DIR")
     folder = resolve_checkpoint(source)
-    manifest = read_checkpoint_manifest(folder)  # the model files and config are verified as they are streamed
+    manifest = read_checkpoint_manifest(
+        folder
+    )  # the model files and config are verified as they are streamed
     model = model_config_of(manifest)
     vocab_rows = manifest["padded_vocab"]
     out = local_view(target)
@@ -145,13 +184,24 @@ def export(source: Location | str, out_dir: Location | str) -> dict:
     if has_tokenizer:
         verify_checkpoint(folder, only=[TOKENIZER_FILE])
     source_files = local_view(folder)  # verified above (tokenizer) and while streaming (model files, config)
-    write_hf_files(out, model, manifest["vocab_size"], vocab_rows,
-                   source_files / TOKENIZER_FILE if has_tokenizer else None)
+    write_hf_files(
+        out,
+        model,
+        manifest["vocab_size"],
+        vocab_rows,
+        source_files / TOKENIZER_FILE if has_tokenizer else None,
+    )
     copy_atomic(source_files / CONFIG_FILE, out / RAYLM_CONFIG_FILE)
     if is_remote(target):
         upload_folder(out, target, last=(HF_CONFIG_FILE,))
-    return {"checkpoint": str(folder), "out_dir": str(target), "step": manifest["step"], "tensors": tensors,
-            "weights_bytes": (out / WEIGHTS_FILE).stat().st_size, "tokenizer": has_tokenizer}
+    return {
+        "checkpoint": str(folder),
+        "out_dir": str(target),
+        "step": manifest["step"],
+        "tensors": tensors,
+        "weights_bytes": (out / WEIGHTS_FILE).stat().st_size,
+        "tokenizer": has_tokenizer,
+    }
 
 
 def export_folder(source: Location | str) -> Path | None:
@@ -172,13 +222,21 @@ def open_export(folder: str | Path) -> tuple[dict, HFWeights]:
     """
     hf = open_folder(folder, quantized_ok=True)  # eval and generate read quantized folders, dequantized
     path = hf.path
-    tree = yaml.safe_load((path / RAYLM_CONFIG_FILE).read_text()) if (path / RAYLM_CONFIG_FILE).is_file() else {}
+    tree = (
+        yaml.safe_load((path / RAYLM_CONFIG_FILE).read_text()) if (path / RAYLM_CONFIG_FILE).is_file() else {}
+    )
     rows = hf.config["vocab_size"]
-    tree["model"] = {**tree.get("model", {}), **model_settings(hf.config), "init_from": ""}  # weights: this folder
+    tree["model"] = {
+        **tree.get("model", {}),
+        **model_settings(hf.config),
+        "init_from": "",
+    }  # weights: this folder
     tree.setdefault("data", {}).setdefault("vocab_size", rows)
     if padded_vocab(tree["data"]["vocab_size"]) != rows:
-        raise RaylmError(f"{path / HF_CONFIG_FILE}: vocab_size={rows} is not data.vocab_size="
-                         f"{tree['data']['vocab_size']} padded to a multiple of 128; raylm cannot load it")
+        raise RaylmError(
+            f"{path / HF_CONFIG_FILE}: vocab_size={rows} is not data.vocab_size="
+            f"{tree['data']['vocab_size']} padded to a multiple of 128; raylm cannot load it"
+        )
     return tree, HFWeights(hf, ModelConfig(**tree["model"]), rows)
 
 

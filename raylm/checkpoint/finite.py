@@ -6,7 +6,8 @@ import torch
 
 
 def first_non_finite(tensors: dict[str, torch.Tensor]) -> str | None:
-    """'NAME (N of M values are nan/inf)' for the first tensor holding a NaN or an infinity; None when all are finite."""
+    """'NAME (N of M values are nan/inf)' for the first tensor holding a NaN or an infinity; None when all
+    are finite."""
     for name, tensor in tensors.items():
         finite = torch.isfinite(tensor)
         if not bool(finite.all()):

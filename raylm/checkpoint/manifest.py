@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from raylm.errors import CheckpointError
 from raylm.fsync import fsync_path
 from raylm.safe_paths import is_inside_name
 from raylm.storage.file_names import MANIFEST_FILE
-from raylm.storage.location import (Location, as_location, fetch_verified, is_remote, local_problem, local_view,
-                                    sha256_of)
+from raylm.storage.location import (
+    Location,
+    as_location,
+    fetch_verified,
+    is_remote,
+    local_problem,
+    local_view,
+    sha256_of,
+)
 from raylm.storage.manifests import ManifestProblem, load_manifest
 
 MANIFEST = MANIFEST_FILE
@@ -30,8 +37,13 @@ def file_record(path: Path) -> dict:
 
 def write_manifest(folder: Path, step: int, files: dict[str, dict], extra: dict) -> Path:
     """Write manifest.json (the last file of a save) listing `files` ({relative path: record})."""
-    manifest = {"format": FORMAT, "step": step, "created_unix_s": round(time.time(), 3), **extra,
-                "files": dict(sorted(files.items()))}
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "created_unix_s": round(time.time(), 3),
+        **extra,
+        "files": dict(sorted(files.items())),
+    }
     path = folder / MANIFEST
     path.write_text(json.dumps(manifest, indent=1) + "\n")
     fsync_path(path)
@@ -45,31 +57,40 @@ def read_checkpoint_manifest(folder: Location | str) -> dict:
     try:
         manifest = load_manifest(path, FORMAT)
     except OSError as exc:
-        raise CheckpointError(f"{path} is unreadable ({exc}); delete {folder} so that an older checkpoint "
-                              f"is used") from None
+        raise CheckpointError(
+            f"{path} is unreadable ({exc}); delete {folder} so that an older checkpoint is used"
+        ) from None
     except ManifestProblem as problem:
         if problem.kind == "missing":
-            raise CheckpointError(f"{path} is missing: {folder} is not a committed checkpoint (an interrupted "
-                                  f"save, or not a checkpoint folder); pass a step-XXXXXXXX folder that holds "
-                                  f"a manifest.json") from None
+            raise CheckpointError(
+                f"{path} is missing: {folder} is not a committed checkpoint (an interrupted "
+                f"save, or not a checkpoint folder); pass a step-XXXXXXXX folder that holds "
+                f"a manifest.json"
+            ) from None
         if problem.kind == "json":
-            raise CheckpointError(f"{path} is unreadable ({problem.detail}); delete {folder} so that an "
-                                  f"older checkpoint is used") from None
+            raise CheckpointError(
+                f"{path} is unreadable ({problem.detail}); delete {folder} so that an "
+                f"older checkpoint is used"
+            ) from None
         manifest = None
     if manifest is None or not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{path} is not a {FORMAT} manifest; delete {folder} so that an older checkpoint "
-                              f"is used")
+        raise CheckpointError(
+            f"{path} is not a {FORMAT} manifest; delete {folder} so that an older checkpoint is used"
+        )
     unsafe = next((key for key in manifest["files"] if not is_inside_name(key)), None)
     if unsafe is not None:
-        raise CheckpointError(f"{path} lists {unsafe!r}, a path outside the checkpoint folder; refusing to read it "
-                              f"(the manifest was edited): delete {folder} so that an older checkpoint is used")
+        raise CheckpointError(
+            f"{path} lists {unsafe!r}, a path outside the checkpoint folder; refusing to read it "
+            f"(the manifest was edited): delete {folder} so that an older checkpoint is used"
+        )
     return manifest
 
 
 def bad_file(folder: Location, rel_path: str, problem: str) -> CheckpointError:
     """The error for one checkpoint file that fails its manifest check: it names the file and the way out."""
-    return CheckpointError(f"checkpoint file {folder / rel_path} {problem}; delete {folder} so that an older "
-                           f"checkpoint is used")
+    return CheckpointError(
+        f"checkpoint file {folder / rel_path} {problem}; delete {folder} so that an older checkpoint is used"
+    )
 
 
 def check_file(folder: Location, rel_path: str, record: dict, cache_dir: str = "") -> None:
@@ -95,7 +116,9 @@ def verify_checkpoint(path: Location | str, only: Iterable[str] | None = None, c
     wanted = list(files) if only is None else list(only)
     for rel_path in wanted:
         if rel_path not in files:
-            raise CheckpointError(f"{folder / MANIFEST} does not list {rel_path}; the checkpoint is incomplete, "
-                                  f"delete {folder} so that an older checkpoint is used")
+            raise CheckpointError(
+                f"{folder / MANIFEST} does not list {rel_path}; the checkpoint is incomplete, "
+                f"delete {folder} so that an older checkpoint is used"
+            )
         check_file(folder, rel_path, files[rel_path], cache_dir)
     return manifest

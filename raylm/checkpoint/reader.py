@@ -6,8 +6,8 @@ A checkpoint on object storage is read the same way: each file is fetched into t
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import yaml
@@ -32,8 +32,10 @@ def resolve_checkpoint(source: Location | str) -> Location:
         committed = list_committed(root)
         if committed:
             return committed[0]
-    raise CheckpointError(f"no committed checkpoint at {path}; pass a checkpoint folder "
-                          f"(<run>/{CHECKPOINTS_DIR}/step-XXXXXXXX) or a run folder that has saved one")
+    raise CheckpointError(
+        f"no committed checkpoint at {path}; pass a checkpoint folder "
+        f"(<run>/{CHECKPOINTS_DIR}/step-XXXXXXXX) or a run folder that has saved one"
+    )
 
 
 def model_files(manifest: dict) -> list[str]:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,14 @@ from raylm.checkpoint.commit import commit, list_committed, new_tmp_dir, upload_
 from raylm.checkpoint.finite import first_non_finite
 from raylm.checkpoint.manifest import read_checkpoint_manifest, verify_checkpoint
 from raylm.checkpoint.names import ENGINE_STATE_FILE, TRAINER_STATE_FILE, model_file, optim_file, rank_file
-from raylm.checkpoint.writer import Records, manifest_extra, model_config_of, save_json, save_run_files, save_torch
+from raylm.checkpoint.writer import (
+    Records,
+    manifest_extra,
+    model_config_of,
+    save_json,
+    save_run_files,
+    save_torch,
+)
 from raylm.config import Config
 from raylm.config.derived import padded_vocab
 from raylm.errors import CheckpointError, RaylmError
@@ -50,15 +58,19 @@ class Resumed:
     path: Location
     step: int
     trainer_state: dict  # the dict save_checkpoint was given (rank 0's)
-    rank_state: dict | None  # this rank's per-rank dict; None when the checkpoint's layout differs (or it had none)
+    rank_state: (
+        dict | None
+    )  # this rank's per-rank dict; None when the checkpoint's layout differs (or it had none)
 
 
 def _layer_files(cfg: Config) -> dict[int, tuple[str, str]]:
     """{layer index: (model file, optimizer file)} of the whole model."""
     layers = model_layers(cfg.model, padded_vocab(cfg.data.vocab_size))
     n_layer = cfg.model.n_layer
-    return {index: (model_file(next(iter(names)), n_layer), optim_file(next(iter(names)), n_layer))
-            for index, names in layers.items()}
+    return {
+        index: (model_file(next(iter(names)), n_layer), optim_file(next(iter(names)), n_layer))
+        for index, names in layers.items()
+    }
 
 
 NON_FINITE = "refusing to commit a checkpoint with a non-finite weight"
@@ -103,8 +115,10 @@ def _space_hint(checkpoints_dir: Location | str) -> str:
     if not committed:
         return f"{free} bytes are free there; free space or point run.dir at a larger disk"
     need = sum(record["bytes"] for record in read_checkpoint_manifest(committed[0])["files"].values())
-    return (f"a checkpoint needs about {need} bytes (the size of {committed[0].name}, which is untouched) and "
-            f"{free} are free there; free space or point run.dir at a larger disk, then rerun to resume")
+    return (
+        f"a checkpoint needs about {need} bytes (the size of {committed[0].name}, which is untouched) and "
+        f"{free} are free there; free space or point run.dir at a larger disk, then rerun to resume"
+    )
 
 
 def _on_rank0(fn: Callable[[], T]) -> T:
@@ -131,8 +145,15 @@ def _all_or_none(error: str | None, kind: type[CheckpointError] = CheckpointErro
         raise kind(first)
 
 
-def save_checkpoint(engine: Engine, cfg: Config, checkpoints_dir: Location | str, step: int, trainer_state: dict,
-                    rank_state: dict | None = None, on_phase: Callable[[str], None] | None = None) -> Location:
+def save_checkpoint(
+    engine: Engine,
+    cfg: Config,
+    checkpoints_dir: Location | str,
+    step: int,
+    trainer_state: dict,
+    rank_state: dict | None = None,
+    on_phase: Callable[[str], None] | None = None,
+) -> Location:
     """Write and commit <checkpoints_dir>/step-XXXXXXXX/ (all ranks call together); returns its path.
 
     checkpoints_dir may be an object-storage prefix: each rank then writes its files into this node's mirror
@@ -151,8 +172,16 @@ def save_checkpoint(engine: Engine, cfg: Config, checkpoints_dir: Location | str
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save_into(tmp: Path, engine: Engine, cfg: Config, checkpoints_dir: Location | str, step: int,
-               trainer_state: dict, rank_state: dict | None, phase: Callable[[str], None]) -> Location:
+def _save_into(
+    tmp: Path,
+    engine: Engine,
+    cfg: Config,
+    checkpoints_dir: Location | str,
+    step: int,
+    trainer_state: dict,
+    rank_state: dict | None,
+    phase: Callable[[str], None],
+) -> Location:
     phase("before-files")
     writer = _LayerWriter(tmp, cfg, engine.rank)
     scalars = engine.save_state(writer)
@@ -200,12 +229,17 @@ def _check_model(manifest: dict, cfg: Config, folder: Location) -> None:
         diffs = [f"model.{k}={saved[k]!r} (this run: {mine[k]!r})" for k in differ]
         if manifest["padded_vocab"] != vocab:
             diffs.append(f"data.vocab_size={manifest['vocab_size']} (this run: {cfg.data.vocab_size})")
-        raise CheckpointError(f"checkpoint {folder} holds another model: {', '.join(diffs)}; resume with the "
-                              f"checkpoint's model settings, or start fresh (checkpoint.resume=never or another "
-                              f"run.name)")
+        raise CheckpointError(
+            f"checkpoint {folder} holds another model: {', '.join(diffs)}; resume with the "
+            f"checkpoint's model settings, or start fresh (checkpoint.resume=never or another "
+            f"run.name)"
+        )
     if differ:
-        get_logger().warning("checkpoint %s was written with other model settings (%s); loading it anyway",
-                             folder.name, ", ".join(f"model.{k}={saved[k]!r}" for k in differ))
+        get_logger().warning(
+            "checkpoint %s was written with other model settings (%s); loading it anyway",
+            folder.name,
+            ", ".join(f"model.{k}={saved[k]!r}" for k in differ),
+        )
 
 
 def _files_read(engine: Engine, cfg: Config, manifest: dict) -> list[str]:
@@ -251,7 +285,9 @@ def _load_tensors(folder: Path, rel_path: str):
     return torch.load(folder / rel_path, map_location="cpu", weights_only=True)
 
 
-def _layer_reader(cfg: Config, folder: Location, with_optimizer: bool) -> Callable[[int], tuple[dict, dict | None]]:
+def _layer_reader(
+    cfg: Config, folder: Location, with_optimizer: bool
+) -> Callable[[int], tuple[dict, dict | None]]:
     """read_layer for Engine.load_state: one layer's full weights (shapes checked) and moments from its files
     (verified copies in this node's mirror when the checkpoint is on object storage)."""
     files_of, shapes = _layer_files(cfg), model_layers(cfg.model, padded_vocab(cfg.data.vocab_size))
@@ -264,14 +300,18 @@ def _layer_reader(cfg: Config, folder: Location, with_optimizer: bool) -> Callab
             full = weights.get(name)
             if full is None or full.shape != shape:
                 found = "nothing" if full is None else f"shape {tuple(full.shape)}"
-                raise CheckpointError(f"{folder / rel_model} holds {found} for {name}, this model needs "
-                                      f"{tuple(shape)}; load it into the model it was saved from")
+                raise CheckpointError(
+                    f"{folder / rel_model} holds {found} for {name}, this model needs "
+                    f"{tuple(shape)}; load it into the model it was saved from"
+                )
         return weights, _load_tensors(local, rel_optim) if with_optimizer else None
 
     return read_layer
 
 
-def load_checkpoint(engine: Engine, cfg: Config, path: Location | str, manifest: dict | None = None) -> Resumed:
+def load_checkpoint(
+    engine: Engine, cfg: Config, path: Location | str, manifest: dict | None = None
+) -> Resumed:
     """Load a committed checkpoint, written under any layout, into this engine (all ranks call together).
 
     Weights, fp32 masters and AdamW moments and step come back exactly; a weights-only checkpoint starts AdamW
@@ -288,4 +328,6 @@ def load_checkpoint(engine: Engine, cfg: Config, path: Location | str, manifest:
     if manifest.get("layout") == engine.layout and rank_file(engine.rank) in manifest["files"]:
         rank_state = _load_tensors(local, rank_file(engine.rank))
     trainer_state = json.loads((local / TRAINER_STATE_FILE).read_text())
-    return Resumed(path=folder, step=int(manifest["step"]), trainer_state=trainer_state, rank_state=rank_state)
+    return Resumed(
+        path=folder, step=int(manifest["step"]), trainer_state=trainer_state, rank_state=rank_state
+    )

@@ -31,7 +31,9 @@ def save_torch(folder: Path, rel_path: str, obj) -> Records:
     try:
         torch.save(obj, path)
     except RuntimeError:  # torch's zip writer reports a refused write only as an internal position mismatch
-        raise OSError("the file system refused the write (a full disk, a quota or a file-size limit)") from None
+        raise OSError(
+            "the file system refused the write (a full disk, a quota or a file-size limit)"
+        ) from None
     fsync_path(path)
     return {rel_path: file_record(path)}
 
@@ -71,9 +73,14 @@ def save_run_files(folder: Path, cfg: Config, trainer_state: dict) -> Records:
 
 def manifest_extra(cfg: Config, layout: dict | None, optimizer: bool) -> dict:
     """What a reader needs before opening any tensor file: the layout, the model's shape and whether AdamW is in."""
-    return {"layout": layout, "precision": cfg.train.precision, "optimizer": optimizer,
-            "model": dataclasses.asdict(cfg.model), "vocab_size": cfg.data.vocab_size,
-            "padded_vocab": padded_vocab(cfg.data.vocab_size)}
+    return {
+        "layout": layout,
+        "precision": cfg.train.precision,
+        "optimizer": optimizer,
+        "model": dataclasses.asdict(cfg.model),
+        "vocab_size": cfg.data.vocab_size,
+        "padded_vocab": padded_vocab(cfg.data.vocab_size),
+    }
 
 
 def model_config_of(manifest: dict) -> ModelConfig:
@@ -82,8 +89,13 @@ def model_config_of(manifest: dict) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in manifest["model"].items() if k in known})
 
 
-def save_full_weights(cfg: Config, full_state: dict[str, torch.Tensor], checkpoints_dir: Location | str, step: int,
-                      trainer_state: dict | None = None) -> Location:
+def save_full_weights(
+    cfg: Config,
+    full_state: dict[str, torch.Tensor],
+    checkpoints_dir: Location | str,
+    step: int,
+    trainer_state: dict | None = None,
+) -> Location:
     """A committed weights-only checkpoint from full tensors on one process (no optimizer state, no layout), in
     a folder or an object-storage prefix.
 
@@ -93,7 +105,8 @@ def save_full_weights(cfg: Config, full_state: dict[str, torch.Tensor], checkpoi
     by_file: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensor in full_state.items():
         by_file.setdefault(layer_file(name, cfg.model.n_layer), {})[name] = tensor.detach().to(
-            "cpu", torch.float32, copy=True)
+            "cpu", torch.float32, copy=True
+        )
     files: Records = {}
     for name_in_layer in by_file.values():
         files.update(save_torch(tmp, model_file(next(iter(name_in_layer)), cfg.model.n_layer), name_in_layer))

@@ -52,13 +52,18 @@ class CompressOptions:
         if self.quantize is None and self.prune is None and not self.dequantize:
             raise CompressError("nothing to do: pass --quantize int8|int4, --prune FRACTION or --dequantize")
         if self.quantize is not None and self.quantize not in BITS:
-            raise CompressError(f"--quantize {self.quantize!r} is not a quantization method; use int8 or int4")
+            raise CompressError(
+                f"--quantize {self.quantize!r} is not a quantization method; use int8 or int4"
+            )
         if self.dequantize and (self.quantize or self.prune is not None):
-            raise CompressError("--dequantize writes float weights and cannot be combined with --quantize or "
-                                "--prune; dequantize first, then compress the result")
+            raise CompressError(
+                "--dequantize writes float weights and cannot be combined with --quantize or "
+                "--prune; dequantize first, then compress the result"
+            )
         if self.group_size < 1:
-            raise CompressError(f"--group-size {self.group_size} must be a positive number of input columns, "
-                                f"e.g. 128")
+            raise CompressError(
+                f"--group-size {self.group_size} must be a positive number of input columns, e.g. 128"
+            )
         if self.prune is not None or self.pattern != "unstructured" or self.scope != "layer":
             check_prune_options(0.5 if self.prune is None else self.prune, self.pattern, self.scope)
         if Path(self.out_dir).expanduser().resolve() == Path(self.source).expanduser().resolve():
@@ -78,11 +83,15 @@ def _check_source(options: CompressOptions) -> bool:
     except (ValueError, AttributeError):
         quantized = False  # open_source names what is wrong with the folder
     if quantized and (options.quantize or options.prune is not None):
-        raise CompressError(f"{options.source} is already quantized; compress the unquantized export, or "
-                            f"dequantize it first (raylm compress {options.source} OUT --dequantize)")
+        raise CompressError(
+            f"{options.source} is already quantized; compress the unquantized export, or "
+            f"dequantize it first (raylm compress {options.source} OUT --dequantize)"
+        )
     if options.dequantize and not quantized:
-        raise CompressError(f"--dequantize: {options.source} is not a folder raylm compress quantized; "
-                            f"there is nothing to dequantize")
+        raise CompressError(
+            f"--dequantize: {options.source} is not a folder raylm compress quantized; "
+            f"there is nothing to dequantize"
+        )
     return quantized
 
 
@@ -91,16 +100,21 @@ def _check_group_size(hf: dict[str, torch.Tensor], names: list[str], group_size:
         cols = hf[name].shape[1]
         if cols % group_size:
             divisors = [g for g in (256, 128, 64, 32, 16) if cols % g == 0]
-            raise CompressError(f"--group-size {group_size} does not divide the input width {cols} of layer "
-                                f"{name}; pass a --group-size that divides every linear layer's width "
-                                f"(e.g. {divisors[0] if divisors else 'a divisor of ' + str(cols)})")
+            raise CompressError(
+                f"--group-size {group_size} does not divide the input width {cols} of layer "
+                f"{name}; pass a --group-size that divides every linear layer's width "
+                f"(e.g. {divisors[0] if divisors else 'a divisor of ' + str(cols)})"
+            )
 
 
 def compress(options: CompressOptions) -> dict:
     """Write the compressed folder and return the summary (see the module docstring)."""
     options.check()
-    refuse_uri("compress OUT", options.out_dir, "compressed folders are written to a local folder only; write "
-                                                "locally, then copy the folder")
+    refuse_uri(
+        "compress OUT",
+        options.out_dir,
+        "compressed folders are written to a local folder only; write locally, then copy the folder",
+    )
     source_quantized = _check_source(options)
     opened = open_source(options.source)
     cfg = resolve(opened.tree, {"data.paths": [], "data.sources": [], "model.init_from": ""})
@@ -114,8 +128,13 @@ def compress(options: CompressOptions) -> dict:
     stored = _quantize(hf, linear, options) if options.quantize else hf
     out = Path(options.out_dir).expanduser()
     out.mkdir(parents=True, exist_ok=True)
-    qconfig = (quantization_config(BITS[options.quantize], options.group_size if options.quantize == "int4" else None)
-               if options.quantize else None)
+    qconfig = (
+        quantization_config(
+            BITS[options.quantize], options.group_size if options.quantize == "int4" else None
+        )
+        if options.quantize
+        else None
+    )
     _write_folder(out, stored, masks, opened, cfg, qconfig)
     if masks is None and not options.prune and (Path(options.source) / MASKS_FILE).is_file():
         copy_atomic(Path(options.source) / MASKS_FILE, out / MASKS_FILE)  # a pruned export keeps its masks
@@ -123,13 +142,22 @@ def compress(options: CompressOptions) -> dict:
     if options.eval_data is not None:
         before = evaluate(options.source, data=options.eval_data)
         after = evaluate(out, data=options.eval_data)
-        summary.update({"eval_samples": after["samples"], "loss_before": before["loss"], "ppl_before": before["ppl"],
-                        "loss_after": after["loss"], "ppl_after": after["ppl"],
-                        "ppl_ratio": after["ppl"] / before["ppl"]})
+        summary.update(
+            {
+                "eval_samples": after["samples"],
+                "loss_before": before["loss"],
+                "ppl_before": before["ppl"],
+                "loss_after": after["loss"],
+                "ppl_after": after["ppl"],
+                "ppl_ratio": after["ppl"] / before["ppl"],
+            }
+        )
     return summary
 
 
-def _prune(hf: dict[str, torch.Tensor], names: list[str], options: CompressOptions) -> dict[str, torch.Tensor] | None:
+def _prune(
+    hf: dict[str, torch.Tensor], names: list[str], options: CompressOptions
+) -> dict[str, torch.Tensor] | None:
     """Zero the pruned weights of `hf` in place; the masks (None when not pruning)."""
     if options.prune is None:
         return None
@@ -139,7 +167,9 @@ def _prune(hf: dict[str, torch.Tensor], names: list[str], options: CompressOptio
     return masks
 
 
-def _quantize(hf: dict[str, torch.Tensor], names: list[str], options: CompressOptions) -> dict[str, torch.Tensor]:
+def _quantize(
+    hf: dict[str, torch.Tensor], names: list[str], options: CompressOptions
+) -> dict[str, torch.Tensor]:
     """The tensors to store: each named matrix as its qweight and scales, the rest as they are."""
     assert options.quantize is not None  # called only with --quantize
     stored = {}
@@ -153,8 +183,14 @@ def _quantize(hf: dict[str, torch.Tensor], names: list[str], options: CompressOp
     return stored
 
 
-def _write_folder(out: Path, stored: dict[str, torch.Tensor], masks: dict[str, torch.Tensor] | None, opened,
-                  cfg, qconfig: dict | None) -> None:
+def _write_folder(
+    out: Path,
+    stored: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor] | None,
+    opened,
+    cfg,
+    qconfig: dict | None,
+) -> None:
     """model.safetensors, masks.safetensors, config.json and the tokenizer and run-config files, each renamed
     into place when complete."""
     from safetensors.torch import save_file
@@ -162,8 +198,14 @@ def _write_folder(out: Path, stored: dict[str, torch.Tensor], masks: dict[str, t
     _save(save_file, stored, out / WEIGHTS_FILE)
     if masks is not None:
         _save(save_file, {n: m.contiguous() for n, m in masks.items()}, out / MASKS_FILE)
-    write_hf_files(out, cfg.model, cfg.data.vocab_size, padded_vocab(cfg.data.vocab_size), opened.tokenizer,
-                   quantization=qconfig)
+    write_hf_files(
+        out,
+        cfg.model,
+        cfg.data.vocab_size,
+        padded_vocab(cfg.data.vocab_size),
+        opened.tokenizer,
+        quantization=qconfig,
+    )
     tree = {**opened.tree, "model": {**opened.tree.get("model", {}), "init_from": ""}}
     write_atomic(out / RAYLM_CONFIG_FILE, yaml.safe_dump(tree, sort_keys=False))
 
@@ -173,20 +215,37 @@ def _save(save_file, tensors: dict[str, torch.Tensor], path: Path) -> None:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
-def _summary(options: CompressOptions, hf: dict[str, torch.Tensor], stored: dict[str, torch.Tensor],
-             linear: list[str], source_quantized: bool) -> dict:
+def _summary(
+    options: CompressOptions,
+    hf: dict[str, torch.Tensor],
+    stored: dict[str, torch.Tensor],
+    linear: list[str],
+    source_quantized: bool,
+) -> dict:
     """Parameters, fp32 bytes before, stored bytes after, and the zeros among the linear weights (the embedding
     is never pruned, so it is left out)."""
     parameters = sum(t.numel() for t in hf.values())
     zeros = sum(int((hf[n] == 0).sum()) for n in linear)
     linear_params = sum(hf[n].numel() for n in linear)
     bytes_before, bytes_after = 4 * parameters, sum(t.numel() * t.element_size() for t in stored.values())
-    method = ("dequantize" if options.dequantize else
-              "+".join(([f"prune{options.prune}:{options.pattern}:{options.scope}"] if options.prune is not None
-                        else []) + ([options.quantize] if options.quantize else [])))
-    return {"source": options.source, "out_dir": options.out_dir, "method": method,
-            "group_size": options.group_size if options.quantize == "int4" else None,
-            "parameters": parameters, "linear_parameters": linear_params, "bytes_before": bytes_before,
-            "bytes_after": bytes_after, "size_ratio": bytes_after / bytes_before,
-            "sparsity": zeros / linear_params if linear_params else 0.0,
-            "source_quantized": source_quantized}
+    method = (
+        "dequantize"
+        if options.dequantize
+        else "+".join(
+            ([f"prune{options.prune}:{options.pattern}:{options.scope}"] if options.prune is not None else [])
+            + ([options.quantize] if options.quantize else [])
+        )
+    )
+    return {
+        "source": options.source,
+        "out_dir": options.out_dir,
+        "method": method,
+        "group_size": options.group_size if options.quantize == "int4" else None,
+        "parameters": parameters,
+        "linear_parameters": linear_params,
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "size_ratio": bytes_after / bytes_before,
+        "sparsity": zeros / linear_params if linear_params else 0.0,
+        "source_quantized": source_quantized,
+    }

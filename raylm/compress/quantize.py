@@ -45,7 +45,7 @@ def _torchao():
     except ImportError:
         raise RaylmError("--quantize needs torchao: pip install 'raylm[compress]'") from None
     finally:
-        for log, level in zip(quiet, levels):
+        for log, level in zip(quiet, levels, strict=True):
             log.setLevel(level)
     return quantize_, IntxWeightOnlyConfig, PerAxis, PerGroup
 

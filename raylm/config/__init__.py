@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from raylm.config.loader import apply_overrides, build_config, parse_override, read_yaml, to_dict
 from raylm.config.schema import Config

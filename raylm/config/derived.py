@@ -22,7 +22,8 @@ def kv_heads(model: ModelConfig) -> int:
 
 
 def padded_vocab(vocab_size: int) -> int:
-    """Embedding rows: the tokenizer's vocab rounded up to a multiple of 128 (rows past vocab_size are never targets)."""
+    """Embedding rows: the tokenizer's vocab rounded up to a multiple of 128 (rows past vocab_size are never
+    targets)."""
     return -(-vocab_size // VOCAB_PAD_MULTIPLE) * VOCAB_PAD_MULTIPLE
 
 

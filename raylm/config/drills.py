@@ -6,8 +6,18 @@ from __future__ import annotations
 
 import re
 
-PHASES = ("before-files", "mid-files", "before-commit", "after-commit", "step", "nonfinite", "spike", "read",
-          "prepare", "commit")
+PHASES = (
+    "before-files",
+    "mid-files",
+    "before-commit",
+    "after-commit",
+    "step",
+    "nonfinite",
+    "spike",
+    "read",
+    "prepare",
+    "commit",
+)
 _DRILL_ONE = rf"({'|'.join(PHASES)})@[0-9]+(:[0-9]+)?"
 DRILL = re.compile(rf"^{_DRILL_ONE}(,{_DRILL_ONE})*$")
 

@@ -25,7 +25,7 @@ class Layout:
     dp_max: int = 0
 
     @classmethod
-    def of(cls, parallel: ParallelConfig) -> "Layout":
+    def of(cls, parallel: ParallelConfig) -> Layout:
         return cls(parallel.pp, parallel.tp, parallel.dp, parallel.dp_min, parallel.dp_max)
 
     @property
@@ -62,23 +62,28 @@ class Layout:
             raise ConfigError(
                 f"parallel.pp * tp * dp = {self.pp} * {self.tp} * {self.dp} = {self.world_size} ranks, but "
                 f"{world_size} were started; start {self.world_size} workers or change the degrees so their "
-                f"product is {world_size}")
+                f"product is {world_size}"
+            )
 
     def check_num_workers(self, num_workers: int) -> None:
         """parallel.num_workers (0: derived) must be the degrees' product."""
         world = self.world_size
         if num_workers and num_workers != world:
-            raise ConfigError(f"parallel.pp * tp * dp = {self.pp} * {self.tp} * {self.dp} = {world} does not "
-                              f"match parallel.num_workers={num_workers}; change the degrees or set "
-                              f"parallel.num_workers={world}")
+            raise ConfigError(
+                f"parallel.pp * tp * dp = {self.pp} * {self.tp} * {self.dp} = {world} does not "
+                f"match parallel.num_workers={num_workers}; change the degrees or set "
+                f"parallel.num_workers={world}"
+            )
 
     def dp_of_group(self, world_size: int) -> int:
         """The DP replicas an elastic worker group of `world_size` workers holds."""
         dp, extra = divmod(world_size, self.replica_size)
         if extra or dp not in self.dp_sizes():  # the scaling policy proposes only whole replicas in the range
-            raise ConfigError(f"a worker group of {world_size} workers is not a whole number of DP replicas "
-                              f"of pp * tp = {self.replica_size} workers within parallel.dp=[{self.dp_min}, "
-                              f"{self.dp_max}]")
+            raise ConfigError(
+                f"a worker group of {world_size} workers is not a whole number of DP replicas "
+                f"of pp * tp = {self.replica_size} workers within parallel.dp=[{self.dp_min}, "
+                f"{self.dp_max}]"
+            )
         return dp
 
     def check_model(self, model: ModelConfig, vocab_size: int, zero_stage: int) -> None:
@@ -88,20 +93,29 @@ class Layout:
         `vocab_size` is data.vocab_size, before padding."""
         vocab = padded_vocab(vocab_size)
         if model.n_layer < self.pp:
-            raise ConfigError(f"model.n_layer={model.n_layer} < parallel.pp={self.pp}: every pipeline stage "
-                              f"needs at least one block; lower parallel.pp or add layers")
-        splits = ((f"model.n_head={model.n_head}", model.n_head, "pick tp dividing n_head"),
-                  (f"model.n_kv_head={kv_heads(model)}", kv_heads(model), "pick tp dividing n_kv_head"),
-                  (f"FFN width {ffn_hidden(model)} (model.ffn_hidden)", ffn_hidden(model),
-                   f"set model.ffn_hidden to a multiple of {self.tp}"),
-                  (f"vocab {vocab_size}, padded to {vocab},", vocab, f"pick tp dividing {vocab}"))
+            raise ConfigError(
+                f"model.n_layer={model.n_layer} < parallel.pp={self.pp}: every pipeline stage "
+                f"needs at least one block; lower parallel.pp or add layers"
+            )
+        splits = (
+            (f"model.n_head={model.n_head}", model.n_head, "pick tp dividing n_head"),
+            (f"model.n_kv_head={kv_heads(model)}", kv_heads(model), "pick tp dividing n_kv_head"),
+            (
+                f"FFN width {ffn_hidden(model)} (model.ffn_hidden)",
+                ffn_hidden(model),
+                f"set model.ffn_hidden to a multiple of {self.tp}",
+            ),
+            (f"vocab {vocab_size}, padded to {vocab},", vocab, f"pick tp dividing {vocab}"),
+        )
         for what, size, fix in splits:
             if size % self.tp:
                 raise ConfigError(f"{what} is not divisible by parallel.tp={self.tp}; {fix}")
         if self.pp > 1 and zero_stage > 1:
-            raise ConfigError(f"parallel.zero_stage={zero_stage} with parallel.pp={self.pp}: DeepSpeed's "
-                              f"pipeline engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1 (or "
-                              f"parallel.pp=1)")
+            raise ConfigError(
+                f"parallel.zero_stage={zero_stage} with parallel.pp={self.pp}: DeepSpeed's "
+                f"pipeline engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1 (or "
+                f"parallel.pp=1)"
+            )
 
 
 def num_workers(cfg: Config) -> int:

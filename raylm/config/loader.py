@@ -6,8 +6,9 @@ import dataclasses
 import difflib
 import math
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, cast
+from typing import Any, cast
 
 import yaml
 
@@ -25,8 +26,10 @@ def read_yaml(path: str | Path) -> dict:
     except OSError as exc:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}; pass an existing YAML file") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
-                          f"save it as UTF-8") from None
+        raise ConfigError(
+            f"{path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start}); "
+            f"save it as UTF-8"
+        ) from None
     try:
         data = _safe_load(text)
     except yaml.YAMLError as exc:
@@ -35,7 +38,9 @@ def read_yaml(path: str | Path) -> dict:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError(f"{path}: invalid YAML{where}: {problem}; fix the syntax there") from None
     except RecursionError:
-        raise ConfigError(f"{path}: YAML nested too deeply for a run config; a config is sections of keys") from None
+        raise ConfigError(
+            f"{path}: YAML nested too deeply for a run config; a config is sections of keys"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -53,8 +58,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     except RecursionError:
-        raise ConfigError(f"override {key.strip()}: value nested too deeply; pass a plain value or a flat list") \
-            from None
+        raise ConfigError(
+            f"override {key.strip()}: value nested too deeply; pass a plain value or a flat list"
+        ) from None
     return key.strip(), value
 
 
@@ -110,10 +116,14 @@ def _expand_dp_range(tree: Mapping[str, Any]) -> Mapping[str, Any]:
     dp = parallel.get("dp")
     if isinstance(dp, list):
         if len(dp) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in dp):
-            raise ConfigError(f"parallel.dp={short_repr(dp)} must be an integer or a range [min, max] of two "
-                              f"integers; e.g. parallel.dp=[2, 8]")
+            raise ConfigError(
+                f"parallel.dp={short_repr(dp)} must be an integer or a range [min, max] of two "
+                f"integers; e.g. parallel.dp=[2, 8]"
+            )
         if "dp_min" in parallel or "dp_max" in parallel:
-            raise ConfigError("parallel.dp=[min, max] and parallel.dp_min/dp_max both give a DP range; keep one")
+            raise ConfigError(
+                "parallel.dp=[min, max] and parallel.dp_min/dp_max both give a DP range; keep one"
+            )
         parallel["dp_min"], parallel["dp_max"] = parallel.pop("dp")
     if "dp" not in parallel and isinstance(parallel.get("dp_max"), int) and parallel["dp_max"] > 0:
         parallel["dp"] = parallel["dp_max"]
@@ -154,7 +164,11 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             raise ConfigError(f"{prefix}{key} is now {MOVED_KEYS[prefix + key]}; rename the key")
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(sorted(known))}"
+            hint = (
+                f"; did you mean {prefix}{close[0]}?"
+                if close
+                else f"; known keys: {', '.join(sorted(known))}"
+            )
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
     values = {}
     for f in dataclasses.fields(cls):
@@ -182,8 +196,10 @@ def _coerce(dotted: str, value: Any, kind: type) -> Any:
         if number is not None and math.isfinite(number):
             return number
         if number is not None:
-            raise ConfigError(f"{dotted}={short_repr(value)} is not a finite number; set a real value, e.g. "
-                              f"{dotted}={_example(kind)}")
+            raise ConfigError(
+                f"{dotted}={short_repr(value)} is not a finite number; set a real value, e.g. "
+                f"{dotted}={_example(kind)}"
+            )
     elif kind is str:
         if isinstance(value, (str, bool)) and not (isinstance(value, bool) and dotted != "parallel.use_gpu"):
             return str(value).lower() if isinstance(value, bool) else value
@@ -194,14 +210,16 @@ def _coerce(dotted: str, value: Any, kind: type) -> Any:
             return value
     else:  # pragma: no cover - the schema only uses the kinds above
         raise AssertionError(f"unsupported field type {kind} for {dotted}")
-    raise ConfigError(f"{dotted} must be {_kind_name(kind)}, got {short_repr(value)} ({type(value).__name__}); "
-                      f"set e.g. {dotted}={_example(kind)}")
+    raise ConfigError(
+        f"{dotted} must be {_kind_name(kind)}, got {short_repr(value)} ({type(value).__name__}); "
+        f"set e.g. {dotted}={_example(kind)}"
+    )
 
 
 def short_repr(value: Any, limit: int = 60) -> str:
     """repr(value), cut to `limit` characters, so an absurd value still gives a one-line error."""
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 5]}...{text[-2:]}"
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 def _as_float(value: Any) -> float | None:
@@ -217,7 +235,9 @@ def _as_float(value: Any) -> float | None:
 
 
 def _kind_name(kind: type) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}[kind]
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}[
+        kind
+    ]
 
 
 def _example(kind: type) -> str:

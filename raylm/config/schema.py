@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from raylm.log import LOG_LEVELS
 
@@ -30,29 +31,52 @@ def section(cls: type, doc: str) -> Any:
 
 @dataclass(frozen=True)
 class RunConfig:
-    name: str = opt("tiny", "run name; the run folder is <run.dir>/<run.name> (letters, digits, '.', '_', '-')")
-    dir: str = opt("runs", "folder or s3://, gs:// prefix that holds run folders (on a cluster: object storage or a "
-                           "shared filesystem)")
+    name: str = opt(
+        "tiny", "run name; the run folder is <run.dir>/<run.name> (letters, digits, '.', '_', '-')"
+    )
+    dir: str = opt(
+        "runs",
+        "folder or s3://, gs:// prefix that holds run folders (on a cluster: object storage or a "
+        "shared filesystem)",
+    )
     seed: int = opt(1234, "seed for weight init, data order and sampling")
-    log_level: str = opt("info", "console: info (raylm's progress, evaluations, warnings, summary) | debug (also "
-                                 "every Ray and DeepSpeed line; same as --verbose)", choices=LOG_LEVELS)
+    log_level: str = opt(
+        "info",
+        "console: info (raylm's progress, evaluations, warnings, summary) | debug (also "
+        "every Ray and DeepSpeed line; same as --verbose)",
+        choices=LOG_LEVELS,
+    )
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    paths: list = opt([], "text files, folders or globs to prepare; empty = this Python's standard-library sources")
-    sources: list = opt([], "weighted mixture of prepared folders: [{path: DIR, weight: W}, ...]; empty = out_dir alone")
-    out_dir: str = opt("data/tiny", "folder or s3://, gs:// prefix where `raylm prepare` writes the tokenizer, shards "
-                                    "and manifest.json")
-    cache_dir: str = opt("", "node-local folder for shards fetched from s3:// or gs:// data; '' = "
-                             "<system temp folder>/raylm-cache")
+    paths: list = opt(
+        [], "text files, folders or globs to prepare; empty = this Python's standard-library sources"
+    )
+    sources: list = opt(
+        [], "weighted mixture of prepared folders: [{path: DIR, weight: W}, ...]; empty = out_dir alone"
+    )
+    out_dir: str = opt(
+        "data/tiny",
+        "folder or s3://, gs:// prefix where `raylm prepare` writes the tokenizer, shards and manifest.json",
+    )
+    cache_dir: str = opt(
+        "",
+        "node-local folder for shards fetched from s3:// or gs:// data; '' = "
+        "<system temp folder>/raylm-cache",
+    )
     tokenizer: str = opt("", "an existing tokenizer.json to use instead of training one")
     vocab_size: int = opt(2048, "tokenizer vocabulary size (byte-level BPE, >= 259)")
     seq_len: int = opt(128, "tokens per training sample (windows of seq_len + 1 tokens)")
-    val_fraction: float = opt(0.02, "share of documents held out for validation, chosen by a stable hash of the doc id")
+    val_fraction: float = opt(
+        0.02, "share of documents held out for validation, chosen by a stable hash of the doc id"
+    )
     text_field: str = opt("text", "field that holds the text in JSON Lines records and Parquet rows")
-    decode_errors: str = opt("replace", "undecodable bytes: replace (and count) | strict (fail naming the file)",
-                             choices=("replace", "strict"))
+    decode_errors: str = opt(
+        "replace",
+        "undecodable bytes: replace (and count) | strict (fail naming the file)",
+        choices=("replace", "strict"),
+    )
     shard_tokens: int = opt(1 << 20, "target tokens per shard file")
     max_doc_bytes: int = opt(1 << 22, "documents larger than this are read in pieces of this many bytes")
 
@@ -68,35 +92,59 @@ class ModelConfig:
     rope_theta: float = opt(10000.0, "RoPE base frequency")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = opt(True, "share the token embedding with the LM head")
-    init_std: float = opt(0.02, "std of the normal weight init (output projections scaled by 1/sqrt(2 n_layer))")
-    init_from: str = opt("", "start from this Hugging Face Llama folder (config.json + safetensors, e.g. a `raylm "
-                             "export`) instead of seeded weights; its shapes must match this section; '' = fresh")
+    init_std: float = opt(
+        0.02, "std of the normal weight init (output projections scaled by 1/sqrt(2 n_layer))"
+    )
+    init_from: str = opt(
+        "",
+        "start from this Hugging Face Llama folder (config.json + safetensors, e.g. a `raylm "
+        "export`) instead of seeded weights; its shapes must match this section; '' = fresh",
+    )
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
     pp: int = opt(1, "pipeline-parallel stages")
     tp: int = opt(1, "tensor-parallel ranks per stage (Megatron column/row split)")
-    dp: int = opt(1, "data-parallel replicas (ZeRO over this group); `dp: [min, max]` makes the run elastic (sets "
-                     "dp_min and dp_max; dp is then the replicas the current worker group holds)")
+    dp: int = opt(
+        1,
+        "data-parallel replicas (ZeRO over this group); `dp: [min, max]` makes the run elastic (sets "
+        "dp_min and dp_max; dp is then the replicas the current worker group holds)",
+    )
     dp_min: int = opt(0, "elastic runs: fewest data-parallel replicas the run trains with (0 = not elastic)")
-    dp_max: int = opt(0, "elastic runs: most data-parallel replicas; the worker group grows to pp * tp * dp_max "
-                         "workers when the cluster has room (0 = not elastic)")
+    dp_max: int = opt(
+        0,
+        "elastic runs: most data-parallel replicas; the worker group grows to pp * tp * dp_max "
+        "workers when the cluster has room (0 = not elastic)",
+    )
     num_workers: int = opt(0, "Ray Train workers; 0 = pp * tp * dp (set it to have the product checked)")
-    zero_stage: int = opt(0, "ZeRO stage over the DP group: 0 or 1 (2 and 3 only when pp = 1)",
-                          choices=(0, 1, 2, 3))
+    zero_stage: int = opt(
+        0, "ZeRO stage over the DP group: 0 or 1 (2 and 3 only when pp = 1)", choices=(0, 1, 2, 3)
+    )
     micro_batch: int = opt(4, "samples per micro-batch per DP rank")
-    partition: str = opt("compute", "how layers are split into pipeline stages: compute (balance FLOPs) | parameters "
-                                    "| uniform", choices=("compute", "parameters", "uniform"))
+    partition: str = opt(
+        "compute",
+        "how layers are split into pipeline stages: compute (balance FLOPs) | parameters | uniform",
+        choices=("compute", "parameters", "uniform"),
+    )
     activation_checkpointing: bool = opt(False, "recompute each block's activations in the backward pass")
-    grad_comm_dtype: str = opt("auto", "dtype DP gradient reductions travel in: auto (train.precision's) | fp32 | "
-                                       "bf16 (half fp32's bytes; each rank's gradient rounds to bf16)",
-                          choices=("auto", "fp32", "bf16"))
-    backend: str = opt("auto", "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo",
-                       choices=("auto", "nccl", "gloo"))
-    use_gpu: str = opt("auto", "auto (GPUs when the cluster has them) | true | false",
-                       choices=("auto", "true", "false"))
-    cpus_per_worker: float = opt(0.0, "CPUs reserved per worker; 0 = auto (fractional on CPU nodes to leave CPUs for Ray Data)")
+    grad_comm_dtype: str = opt(
+        "auto",
+        "dtype DP gradient reductions travel in: auto (train.precision's) | fp32 | "
+        "bf16 (half fp32's bytes; each rank's gradient rounds to bf16)",
+        choices=("auto", "fp32", "bf16"),
+    )
+    backend: str = opt(
+        "auto",
+        "torch.distributed backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo",
+        choices=("auto", "nccl", "gloo"),
+    )
+    use_gpu: str = opt(
+        "auto", "auto (GPUs when the cluster has them) | true | false", choices=("auto", "true", "false")
+    )
+    cpus_per_worker: float = opt(
+        0.0, "CPUs reserved per worker; 0 = auto (fractional on CPU nodes to leave CPUs for Ray Data)"
+    )
 
 
 @dataclass(frozen=True)
@@ -105,17 +153,28 @@ class TrainConfig:
     global_batch: int = opt(16, "samples per optimizer step across all DP ranks (the ramp's end size)")
     eval_every: int = opt(50, "evaluate on the validation split every N steps (0 = only at the end)")
     eval_batches: int = opt(4, "global batches of validation data per evaluation (when eval_samples is 0)")
-    eval_samples: int = opt(0, "validation samples per evaluation, the same whatever the batch size or its ramp "
-                               "(a multiple of micro_batch * dp); 0 = eval_batches * global_batch")
+    eval_samples: int = opt(
+        0,
+        "validation samples per evaluation, the same whatever the batch size or its ramp "
+        "(a multiple of micro_batch * dp); 0 = eval_batches * global_batch",
+    )
     precision: str = opt("fp32", "fp32 | bf16 (bf16 compute, fp32 master weights)", choices=("fp32", "bf16"))
     grad_clip: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
     log_every: int = opt(1, "append a metrics.jsonl line every N steps")
-    report_every: int = opt(25, "send metrics to Ray every N steps (each report costs a controller round trip)")
+    report_every: int = opt(
+        25, "send metrics to Ray every N steps (each report costs a controller round trip)"
+    )
     torch_threads: int = opt(0, "torch CPU threads per worker; 0 = node cores / workers on the node")
-    compile: bool = opt(False, "torch.compile each transformer block (fuses norms, RoPE and SwiGLU); compiling "
-                               "takes seconds to minutes at start")
-    peak_tflops: float = opt(0.0, "MFU denominator per worker in TFLOP/s; 0 = the GPU's dense peak from raylm's "
-                                  "table (bf16, or TF32 for fp32 runs), or a matmul measured on CPU")
+    compile: bool = opt(
+        False,
+        "torch.compile each transformer block (fuses norms, RoPE and SwiGLU); compiling "
+        "takes seconds to minutes at start",
+    )
+    peak_tflops: float = opt(
+        0.0,
+        "MFU denominator per worker in TFLOP/s; 0 = the GPU's dense peak from raylm's "
+        "table (bf16, or TF32 for fp32 runs), or a matmul measured on CPU",
+    )
 
 
 @dataclass(frozen=True)
@@ -129,13 +188,19 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class LrScheduleConfig:
-    kind: str = opt("cosine", "constant | linear | cosine | wsd (warmup-stable-decay) | plateau (cut on stalled "
-                              "val_loss)", choices=("constant", "linear", "cosine", "wsd", "plateau"))
+    kind: str = opt(
+        "cosine",
+        "constant | linear | cosine | wsd (warmup-stable-decay) | plateau (cut on stalled val_loss)",
+        choices=("constant", "linear", "cosine", "wsd", "plateau"),
+    )
     warmup_steps: int = opt(10, "steps of linear warmup from 0 to optim.lr")
     min_lr_frac: float = opt(0.1, "floor of the decay, as a fraction of optim.lr")
     decay_frac: float = opt(0.2, "wsd: share of the steps spent decaying at the end")
-    decay_shape: str = opt("linear", "wsd: shape of the final decay: linear | cosine | sqrt",
-                           choices=("linear", "cosine", "sqrt"))
+    decay_shape: str = opt(
+        "linear",
+        "wsd: shape of the final decay: linear | cosine | sqrt",
+        choices=("linear", "cosine", "sqrt"),
+    )
     factor: float = opt(0.5, "plateau: multiply the lr by this when val_loss stalls (0 < factor < 1)")
     patience: int = opt(2, "plateau: evaluations without improvement before the lr is cut")
     threshold: float = opt(0.01, "plateau: relative val_loss drop that counts as an improvement")
@@ -158,34 +223,57 @@ class ScheduleConfig:
 class CheckpointConfig:
     every_steps: int = opt(0, "save a checkpoint every N steps (0 = only at the end)")
     keep: int = opt(2, "newest committed checkpoints kept")
-    resume: str = opt("auto", "auto (newest committed checkpoint of this run) | never | required",
-                      choices=("auto", "never", "required"))
+    resume: str = opt(
+        "auto",
+        "auto (newest committed checkpoint of this run) | never | required",
+        choices=("auto", "never", "required"),
+    )
 
 
 @dataclass(frozen=True)
 class FaultConfig:
     max_failures: int = opt(0, "worker-group restarts Ray Train allows before the run fails")
-    drill: str = opt("", "fault drills, each once per run (tests only): 'PHASE@STEP[:RANK]' SIGKILLs rank RANK "
-                         "(default fault.drill_rank) at checkpoint-save phase PHASE (before-files|mid-files|"
-                         "before-commit|after-commit) of step STEP, 'step@STEP' right after that step; "
-                         "'nonfinite@STEP' makes one micro-batch's loss NaN on that rank in step STEP; 'spike@STEP' "
-                         "multiplies step STEP's lr by 1000; 'read@STEP' holds the first Ray Data read task of the "
-                         "training stream opened at STEP (for a test to kill it); comma-separated for several; "
-                         "'' = off")
+    drill: str = opt(
+        "",
+        "fault drills, each once per run (tests only): 'PHASE@STEP[:RANK]' SIGKILLs rank RANK "
+        "(default fault.drill_rank) at checkpoint-save phase PHASE (before-files|mid-files|"
+        "before-commit|after-commit) of step STEP, 'step@STEP' right after that step; "
+        "'nonfinite@STEP' makes one micro-batch's loss NaN on that rank in step STEP; 'spike@STEP' "
+        "multiplies step STEP's lr by 1000; 'read@STEP' holds the first Ray Data read task of the "
+        "training stream opened at STEP (for a test to kill it); comma-separated for several; "
+        "'' = off",
+    )
     drill_rank: int = opt(0, "the rank the fault drill kills or poisons")
-    nonfinite: str = opt("skip", "a non-finite loss or gradient on any rank, found before the optimizer step: stop "
-                                 "(exit 1 naming step and rank, weights unchanged) | skip (no update; the step's "
-                                 "samples are logged as skipped) | rollback (reload the last checkpoint, skip its "
-                                 "samples since)", choices=("stop", "skip", "rollback"))
-    spike_sigma: float = opt(6.0, "a loss this many standard deviations above the mean of the last spike_window "
-                                  "losses is a spike; 0 = off")
+    nonfinite: str = opt(
+        "skip",
+        "a non-finite loss or gradient on any rank, found before the optimizer step: stop "
+        "(exit 1 naming step and rank, weights unchanged) | skip (no update; the step's "
+        "samples are logged as skipped) | rollback (reload the last checkpoint, skip its "
+        "samples since)",
+        choices=("stop", "skip", "rollback"),
+    )
+    spike_sigma: float = opt(
+        6.0,
+        "a loss this many standard deviations above the mean of the last spike_window "
+        "losses is a spike; 0 = off",
+    )
     spike_window: int = opt(50, "losses in the rolling mean and deviation spikes are measured against")
-    spike: str = opt("warn", "a loss spike: warn (a `spike` metrics row and a warning) | rollback (also reload the "
-                             "last checkpoint and skip its samples since)", choices=("warn", "rollback"))
-    collective_timeout_s: int = opt(1800, "seconds a collective may wait for a stalled rank before the worker group "
-                                          "fails (and restarts under max_failures)")
-    resize_check_s: float = opt(60.0, "elastic runs: seconds between checks whether the cluster fits another "
-                                      "number of DP replicas (Ray Train's elastic_resize_monitor_interval_s)")
+    spike: str = opt(
+        "warn",
+        "a loss spike: warn (a `spike` metrics row and a warning) | rollback (also reload the "
+        "last checkpoint and skip its samples since)",
+        choices=("warn", "rollback"),
+    )
+    collective_timeout_s: int = opt(
+        1800,
+        "seconds a collective may wait for a stalled rank before the worker group "
+        "fails (and restarts under max_failures)",
+    )
+    resize_check_s: float = opt(
+        60.0,
+        "elastic runs: seconds between checks whether the cluster fits another "
+        "number of DP replicas (Ray Train's elastic_resize_monitor_interval_s)",
+    )
 
 
 @dataclass(frozen=True)
@@ -193,20 +281,42 @@ class TuneConfig:
     name: str = opt("sweep", "sweep name; results go to <run.dir>/<tune.name>")
     num_samples: int = opt(4, "trials to sample from the search space (each grid point this many times)")
     metric: str = opt("val_loss", "metric the sweep minimises")
-    budget_tokens: int = opt(0, "tokens every trial trains; 0 = train.max_steps * global_batch * seq_len of the base")
-    search: str = opt("random", "random | grid (the space's grid and random keys, Tune's variant generator) | optuna",
-                      choices=("random", "grid", "optuna"))
-    scheduler: str = opt("asha", "asha (stop weak trials at equal tokens) | pbt | fifo (every trial to the budget)",
-                         choices=("asha", "pbt", "fifo"))
+    budget_tokens: int = opt(
+        0, "tokens every trial trains; 0 = train.max_steps * global_batch * seq_len of the base"
+    )
+    search: str = opt(
+        "random",
+        "random | grid (the space's grid and random keys, Tune's variant generator) | optuna",
+        choices=("random", "grid", "optuna"),
+    )
+    scheduler: str = opt(
+        "asha",
+        "asha (stop weak trials at equal tokens) | pbt | fifo (every trial to the budget)",
+        choices=("asha", "pbt", "fifo"),
+    )
     max_concurrent: int = opt(0, "trials run at once; 0 = as many as fit (GPUs / workers, or CPUs / workers)")
-    max_failures: int = opt(0, "restarts of a failed trial (and of its worker group) before it counts as an error")
-    grace_tokens: int = opt(0, "ASHA: tokens of the first rung, before which no trial is stopped; 0 = budget / 9")
-    reduction_factor: int = opt(3, "ASHA: rungs lie at grace * factor^k tokens; a rung keeps the best 1/factor")
-    trial_of: str = opt("", "set by raylm sweep in a trial's config: the sweep it belongs to ('' = a plain run)")
-    rung_tokens: list = opt([], "set by raylm sweep: evaluate, report and checkpoint at the first step whose tokens "
-                                "reach each of these")
-    start_from: str = opt("", "set by PBT: a folder holding the donor's committed checkpoint, used when the run "
-                              "folder has none of its own")
+    max_failures: int = opt(
+        0, "restarts of a failed trial (and of its worker group) before it counts as an error"
+    )
+    grace_tokens: int = opt(
+        0, "ASHA: tokens of the first rung, before which no trial is stopped; 0 = budget / 9"
+    )
+    reduction_factor: int = opt(
+        3, "ASHA: rungs lie at grace * factor^k tokens; a rung keeps the best 1/factor"
+    )
+    trial_of: str = opt(
+        "", "set by raylm sweep in a trial's config: the sweep it belongs to ('' = a plain run)"
+    )
+    rung_tokens: list = opt(
+        [],
+        "set by raylm sweep: evaluate, report and checkpoint at the first step whose tokens "
+        "reach each of these",
+    )
+    start_from: str = opt(
+        "",
+        "set by PBT: a folder holding the donor's committed checkpoint, used when the run "
+        "folder has none of its own",
+    )
 
 
 @dataclass(frozen=True)

@@ -16,12 +16,22 @@ import fcntl
 import hashlib
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
-from raylm.data.shards import (FIX, SHARD_NAME, ShardDigest, check_shard, check_shard_size, check_tokenizer,
-                               manifest_data, parse_manifest, read_data_manifest, split_summary)
+from raylm.data.shards import (
+    FIX,
+    SHARD_NAME,
+    ShardDigest,
+    check_shard,
+    check_shard_size,
+    check_tokenizer,
+    manifest_data,
+    parse_manifest,
+    read_data_manifest,
+    split_summary,
+)
 from raylm.data.tokenizer import file_sha256, tokenizer_object, tokenizer_path
 from raylm.errors import DataError
 from raylm.log import get_logger
@@ -87,8 +97,10 @@ def read_tokenizer(uri: StorageUri, sha256: str) -> bytes:
     if data is None:
         raise DataError(f"{uri.join(TOKENIZER_FILE)} is missing; {FIX}")
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise DataError(f"{where} is another tokenizer than the one that wrote the shards (sha256 differs from "
-                        f"{MANIFEST_FILE}); {FIX}")
+        raise DataError(
+            f"{where} is another tokenizer than the one that wrote the shards (sha256 differs from "
+            f"{MANIFEST_FILE}); {FIX}"
+        )
     return data
 
 
@@ -126,7 +138,7 @@ def _shard_lock(folder: Path, name: str) -> Iterator[None]:
     locks = folder / LOCKS
     with _cache_writes(folder, name):
         locks.mkdir(parents=True, exist_ok=True)
-        lock = open(locks / f"{name}.lock", "w")
+        lock = open(locks / f"{name}.lock", "w")  # noqa: SIM115 (held past this block: closed by the with below)
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also when this process dies
         yield
@@ -138,8 +150,9 @@ def _download(uri: StorageUri, folder: Path, entry: dict, vocab_size: int) -> No
     _check_room(folder, entry)
     get_logger().info("cache: fetching %s (%d bytes) into %s", uri, entry["bytes"], folder)
     with _cache_writes(folder, entry["file"]):
-        problem = download(uri, folder / entry["file"], digest.update,
-                           lambda: digest.check(str(uri), entry, vocab_size))
+        problem = download(
+            uri, folder / entry["file"], digest.update, lambda: digest.check(str(uri), entry, vocab_size)
+        )
     if problem is not None:
         raise DataError(f"shard {uri} named in the manifest is missing from storage; {FIX}")
 
@@ -147,9 +160,11 @@ def _download(uri: StorageUri, folder: Path, entry: dict, vocab_size: int) -> No
 def _check_room(folder: Path, entry: dict) -> None:
     free = shutil.disk_usage(folder).free
     if free < entry["bytes"]:
-        raise DataError(f"data.cache_dir {folder.parent} has {free} bytes free, too few for shard {entry['file']} "
-                        f"({entry['bytes']} bytes); free space there or set data.cache_dir to a node-local folder "
-                        f"with room for the data")
+        raise DataError(
+            f"data.cache_dir {folder.parent} has {free} bytes free, too few for shard {entry['file']} "
+            f"({entry['bytes']} bytes); free space there or set data.cache_dir to a node-local folder "
+            f"with room for the data"
+        )
 
 
 @contextmanager
@@ -160,8 +175,10 @@ def _cache_writes(folder: Path, name: str) -> Iterator[None]:
     except OSError as exc:
         if exc.errno not in CACHE_FULL:
             raise
-        raise DataError(f"cannot write {name} into data.cache_dir {folder.parent} ({os.strerror(exc.errno)}); "
-                        f"free space there or set data.cache_dir to a writable node-local folder") from None
+        raise DataError(
+            f"cannot write {name} into data.cache_dir {folder.parent} ({os.strerror(exc.errno)}); "
+            f"free space there or set data.cache_dir to a writable node-local folder"
+        ) from None
 
 
 def verify_remote(uri_text: str) -> dict:
@@ -176,7 +193,9 @@ def verify_remote(uri_text: str) -> dict:
                 while data := stream.read(COPY_BYTES):
                     digest.update(data)
         except FileNotFoundError:
-            raise DataError(f"shard {uri.join(entry['file'])} named in the manifest is missing; {FIX}") from None
+            raise DataError(
+                f"shard {uri.join(entry['file'])} named in the manifest is missing; {FIX}"
+            ) from None
         digest.check(str(uri.join(entry["file"])), entry, manifest["vocab_size"])
     return manifest
 
@@ -193,6 +212,12 @@ def verify(out_dir: str | Path) -> dict:
         check_tokenizer(Path(folder), manifest)
         for entry in manifest["shards"]:
             check_shard(Path(folder), entry, manifest["vocab_size"])
-    return {"ok": True, "dir": folder, "shards": len(manifest["shards"]), "tokens": manifest["tokens"],
-            "vocab_size": manifest["vocab_size"], "tokenizer_sha256": manifest["tokenizer_sha256"],
-            "splits": split_summary(manifest)}
+    return {
+        "ok": True,
+        "dir": folder,
+        "shards": len(manifest["shards"]),
+        "tokens": manifest["tokens"],
+        "vocab_size": manifest["vocab_size"],
+        "tokenizer_sha256": manifest["tokenizer_sha256"],
+        "splits": split_summary(manifest),
+    }

@@ -11,7 +11,8 @@ every rank agrees without talking, and a run resumes at any global offset withou
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -117,21 +118,24 @@ def _apportion(weights: list[float], total: int, names: list[str]) -> np.ndarray
         raise DataError(f"data source weights {weights} must all be positive numbers; fix data.sources")
     shares = np.array(weights, dtype=np.float64) / sum(weights) * total
     counts = np.floor(shares).astype(np.int64)
-    counts[np.argsort(-(shares - counts), kind="stable")[:total - counts.sum()]] += 1
-    for name, count, weight in zip(names, counts, weights):
+    counts[np.argsort(-(shares - counts), kind="stable")[: total - counts.sum()]] += 1
+    for name, count, weight in zip(names, counts, weights, strict=True):
         if count == 0:
-            raise DataError(f"data source {name} has weight {weight}, less than one sample in {total}; raise its "
-                            f"weight in data.sources to at least {sum(weights) / total:.3g}")
+            raise DataError(
+                f"data source {name} has weight {weight}, less than one sample in {total}; raise its "
+                f"weight in data.sources to at least {sum(weights) / total:.3g}"
+            )
     return counts
 
 
 class Order:
     """The sample order of one split over one or more sources (each with its window count)."""
 
-    def __init__(self, windows: Sequence[int], weights: Sequence[float], seed: int,
-                 names: Sequence[str] | None = None):
+    def __init__(
+        self, windows: Sequence[int], weights: Sequence[float], seed: int, names: Sequence[str] | None = None
+    ):
         names = list(names) if names else [str(i) for i in range(len(windows))]
-        self.sources = [SourceWindows(name, int(count)) for name, count in zip(names, windows)]
+        self.sources = [SourceWindows(name, int(count)) for name, count in zip(names, windows, strict=True)]
         self.seed = seed
         self.mixture = Mixture(weights, seed, [s.name for s in self.sources])
 
@@ -152,7 +156,7 @@ class Order:
         return source, epoch, window
 
     def locate(self, samples: np.ndarray) -> list[Sample]:
-        return [Sample(*row) for row in zip(*(a.tolist() for a in self.locate_arrays(samples)))]
+        return [Sample(*row) for row in zip(*(a.tolist() for a in self.locate_arrays(samples)), strict=True)]
 
 
 def epoch_key(seed: int, source: int, epoch: int) -> int:

@@ -28,10 +28,10 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -39,13 +39,36 @@ from raylm.config import Config, with_overrides
 from raylm.config.drills import parse_drills
 from raylm.data.cache import cache_folder
 from raylm.data.corpus import CorpusFile, ReadPolicy, list_files, read_documents, refuse_binary_files
-from raylm.data.ray_datasets import ERROR_COLUMN, errors_as_rows, ordered, probe_ray_address, raise_if_error, ray_session
 from raylm.data.publish import remote_current, upload_prepared
+from raylm.data.ray_datasets import (
+    ERROR_COLUMN,
+    errors_as_rows,
+    ordered,
+    probe_ray_address,
+    raise_if_error,
+    ray_session,
+)
 from raylm.data.readers_lock import writing
-from raylm.data.shards import (FORMAT, SHARD_NAME, SPLITS, ShardWriter, check_shard, check_tokenizer,
-                               read_data_manifest, split_summary, token_dtype)
-from raylm.data.tokenizer import (EOT_ID, TOKENIZER_OBJECT, encode_documents, file_sha256,
-                                  load_tokenizer_file, tokenizer_object, train_tokenizer)
+from raylm.data.shards import (
+    FORMAT,
+    SHARD_NAME,
+    SPLITS,
+    ShardWriter,
+    check_shard,
+    check_tokenizer,
+    read_data_manifest,
+    split_summary,
+    token_dtype,
+)
+from raylm.data.tokenizer import (
+    EOT_ID,
+    TOKENIZER_OBJECT,
+    encode_documents,
+    file_sha256,
+    load_tokenizer_file,
+    tokenizer_object,
+    train_tokenizer,
+)
 from raylm.errors import DataError
 from raylm.fsync import fsync_path
 from raylm.log import get_logger
@@ -55,7 +78,9 @@ from raylm.storage.fs import filesystem
 from raylm.storage.uri import is_uri, parse_uri
 
 PREPARE_VERSION = 1  # part of the input fingerprint: bump when prepare writes other bytes for the same input
-TOKENIZER_SAMPLE_BYTES = 16 << 20  # BPE training reads at most this much text: memory stays flat as corpora grow
+TOKENIZER_SAMPLE_BYTES = (
+    16 << 20
+)  # BPE training reads at most this much text: memory stays flat as corpora grow
 FLUSH_TEXT_BYTES = 4 << 20  # text per encode_batch call inside a task: bounds a task's memory
 UNITS_PER_CPU = 4  # enough tasks to keep every CPU busy to the end, few enough to amortize task start-up
 UNIT_BYTES_RANGE = (256 << 10, 64 << 20)
@@ -91,8 +116,12 @@ def prepare(cfg: Config, use_ray: bool = True) -> dict:
     files, given, input_sha = prepare_inputs(data)
     current = _up_to_date(out_dir, input_sha)
     if current is not None:
-        get_logger().info("prepare: %s is up to date with its %d input files; nothing to do", out_dir, len(files))
-        if current.get("seq_len") != data.seq_len:  # only peek's default window length; the shards do not change
+        get_logger().info(
+            "prepare: %s is up to date with its %d input files; nothing to do", out_dir, len(files)
+        )
+        if (
+            current.get("seq_len") != data.seq_len
+        ):  # only peek's default window length; the shards do not change
             current = {**current, "seq_len": data.seq_len}
             write_json_atomic(out_dir / MANIFEST_FILE, current)
         _tidy(out_dir, current)
@@ -101,11 +130,18 @@ def prepare(cfg: Config, use_ray: bool = True) -> dict:
         probe_ray_address()  # a dead RAY_ADDRESS fails in seconds, before any tokenizing
     out_dir.mkdir(parents=True, exist_ok=True)
     with writing(out_dir):
-        manifest, timings = _build(files, data, given, input_sha, out_dir, use_ray, PrepareDrill(cfg.fault.drill))
+        manifest, timings = _build(
+            files, data, given, input_sha, out_dir, use_ray, PrepareDrill(cfg.fault.drill)
+        )
     _warn_small_val(manifest, data)
     summary = _summary(manifest, out_dir, skipped=False, seconds=time.monotonic() - started)
-    get_logger().info("prepare: %d docs -> %d tokens in %d shards at %s", summary["docs"], summary["tokens"],
-                      summary["shards"], out_dir)
+    get_logger().info(
+        "prepare: %d docs -> %d tokens in %d shards at %s",
+        summary["docs"],
+        summary["tokens"],
+        summary["shards"],
+        out_dir,
+    )
     return {**summary, **timings}
 
 
@@ -126,20 +162,39 @@ def _prepare_to_uri(cfg: Config, use_ray: bool = True) -> dict:
     mirror = cache_folder(uri, cfg.data.cache_dir)
     summary = prepare(with_overrides(cfg, {"data.out_dir": str(mirror)}), use_ray)
     uploaded = upload_prepared(mirror, uri)
-    return {**summary, "out_dir": str(uri), "skipped": False, "uploaded": uploaded,
-            "seconds": time.monotonic() - started}
+    return {
+        **summary,
+        "out_dir": str(uri),
+        "skipped": False,
+        "uploaded": uploaded,
+        "seconds": time.monotonic() - started,
+    }
 
 
-def _build(files: list[CorpusFile], data, given: Path | None, input_sha: str, out_dir: Path,
-           use_ray: bool, drill: "PrepareDrill") -> tuple[dict, dict]:
+def _build(
+    files: list[CorpusFile],
+    data,
+    given: Path | None,
+    input_sha: str,
+    out_dir: Path,
+    use_ray: bool,
+    drill: PrepareDrill,
+) -> tuple[dict, dict]:
     """Tokenizer, shards and manifest into a staging folder, then commit; (manifest, timings)."""
     refuse_binary_files(files)  # cheap checks first: bad input fails before any Ray worker starts
     staging = _fresh_staging(out_dir, input_sha[:8])
     try:
         tokenizer_started = time.monotonic()
-        tokenizer_json = _tokenizer_into(staging, data, files, given)  # reads the sample: most bad files fail here
-        spec = EncodeSpec(tokenizer_json, ReadPolicy.from_config(data), data.val_fraction,
-                          token_dtype(data.vocab_size).str, _anchor(files).path)
+        tokenizer_json = _tokenizer_into(
+            staging, data, files, given
+        )  # reads the sample: most bad files fail here
+        spec = EncodeSpec(
+            tokenizer_json,
+            ReadPolicy.from_config(data),
+            data.val_fraction,
+            token_dtype(data.vocab_size).str,
+            _anchor(files).path,
+        )
         tokenizer_s = time.monotonic() - tokenizer_started
         with ray_session() if use_ray else nullcontext():
             pipeline_started = time.monotonic()  # Ray start-up is not pipeline time
@@ -172,11 +227,25 @@ def _given_tokenizer(data) -> Path | None:
 
 def _fingerprint(files: list[CorpusFile], data, tokenizer_sha: str) -> str:
     """sha256 over everything the shards depend on (like make: file size and mtime, not contents)."""
-    settings = {k: getattr(data, k) for k in ("vocab_size", "val_fraction", "text_field", "decode_errors",
-                                              "shard_tokens", "max_doc_bytes")}
-    blob = {"version": PREPARE_VERSION, "format": FORMAT, "settings": settings, "tokenizer_sha256": tokenizer_sha,
-            "sample_bytes": TOKENIZER_SAMPLE_BYTES, "files": [[f.path, f.doc_id, f.size_bytes, f.mtime_ns]
-                                                              for f in files]}
+    settings = {
+        k: getattr(data, k)
+        for k in (
+            "vocab_size",
+            "val_fraction",
+            "text_field",
+            "decode_errors",
+            "shard_tokens",
+            "max_doc_bytes",
+        )
+    }
+    blob = {
+        "version": PREPARE_VERSION,
+        "format": FORMAT,
+        "settings": settings,
+        "tokenizer_sha256": tokenizer_sha,
+        "sample_bytes": TOKENIZER_SAMPLE_BYTES,
+        "files": [[f.path, f.doc_id, f.size_bytes, f.mtime_ns] for f in files],
+    }
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()
 
 
@@ -224,7 +293,7 @@ def _tokenizer_into(staging: Path, data, files: list[CorpusFile], given: Path | 
 
 def _doc_hash(doc_id: str) -> float:
     """A stable number in [0, 1) for a document id (the same on every machine and Python)."""
-    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") / 2.0 ** 64
+    return int.from_bytes(hashlib.sha256(doc_id.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
 
 def _anchor(files: list[CorpusFile]) -> CorpusFile:
@@ -265,8 +334,14 @@ def encode_unit(files: list[CorpusFile], spec: EncodeSpec, tokenizer) -> Iterato
 def _encode(docs: list[tuple[str, str, int]], tokenizer, dtype: np.dtype) -> dict:
     """One row per split present: the split's documents' tokens back to back, in document order."""
     arrays = encode_documents(tokenizer, [text for _, text, _ in docs], dtype)
-    columns: dict[str, list] = {"split": [], "tokens": [], "docs": [], "text_bytes": [], "replaced_bytes": [],
-                                ERROR_COLUMN: []}
+    columns: dict[str, list] = {
+        "split": [],
+        "tokens": [],
+        "docs": [],
+        "text_bytes": [],
+        "replaced_bytes": [],
+        ERROR_COLUMN: [],
+    }
     for split in SPLITS:
         chosen = [i for i, (s, _, _) in enumerate(docs) if s == split]
         if chosen:
@@ -280,8 +355,14 @@ def _encode(docs: list[tuple[str, str, int]], tokenizer, dtype: np.dtype) -> dic
 
 
 def _error_columns(message: str) -> dict:
-    return {"split": [""], "tokens": [b""], "docs": [0], "text_bytes": [0], "replaced_bytes": [0],
-            ERROR_COLUMN: [message]}
+    return {
+        "split": [""],
+        "tokens": [b""],
+        "docs": [0],
+        "text_bytes": [0],
+        "replaced_bytes": [0],
+        ERROR_COLUMN: [message],
+    }
 
 
 def plan_units(files: list[CorpusFile], cpus: float) -> list[list[CorpusFile]]:
@@ -302,7 +383,9 @@ def plan_units(files: list[CorpusFile], cpus: float) -> list[list[CorpusFile]]:
 class _Sink:
     """The driver's side: appends each row's tokens to its split's writer and adds up the counts."""
 
-    def __init__(self, staging: Path, dtype: np.dtype, shard_tokens: int, tag: str, files, drill: "PrepareDrill"):
+    def __init__(
+        self, staging: Path, dtype: np.dtype, shard_tokens: int, tag: str, files, drill: PrepareDrill
+    ):
         self.dtype = dtype
         self.writers = {s: ShardWriter(staging, s, dtype, shard_tokens, eot=EOT_ID, tag=tag) for s in SPLITS}
         self.totals = Totals(files=len(files))
@@ -310,8 +393,14 @@ class _Sink:
 
     def add(self, columns: dict) -> None:
         raise_if_error(columns[ERROR_COLUMN])
-        for split, tokens, docs, text_bytes, replaced in zip(columns["split"], columns["tokens"], columns["docs"],
-                                                            columns["text_bytes"], columns["replaced_bytes"]):
+        for split, tokens, docs, text_bytes, replaced in zip(
+            columns["split"],
+            columns["tokens"],
+            columns["docs"],
+            columns["text_bytes"],
+            columns["replaced_bytes"],
+            strict=True,
+        ):
             self.writers[split].add(np.frombuffer(tokens, dtype=self.dtype))
             self.totals.docs += int(docs)
             self.totals.text_bytes += int(text_bytes)
@@ -323,7 +412,9 @@ class _Sink:
         return self.totals
 
 
-def _run_local(files, spec: EncodeSpec, staging: Path, shard_tokens: int, tag: str, drill: "PrepareDrill") -> Totals:
+def _run_local(
+    files, spec: EncodeSpec, staging: Path, shard_tokens: int, tag: str, drill: PrepareDrill
+) -> Totals:
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(spec.tokenizer_json)
@@ -335,7 +426,9 @@ def _run_local(files, spec: EncodeSpec, staging: Path, shard_tokens: int, tag: s
     return sink.close()
 
 
-def _run_on_ray(files, spec: EncodeSpec, staging: Path, shard_tokens: int, tag: str, drill: "PrepareDrill") -> Totals:
+def _run_on_ray(
+    files, spec: EncodeSpec, staging: Path, shard_tokens: int, tag: str, drill: PrepareDrill
+) -> Totals:
     import ray
 
     sink = _Sink(staging, np.dtype(spec.dtype), shard_tokens, tag, files, drill)
@@ -343,8 +436,11 @@ def _run_on_ray(files, spec: EncodeSpec, staging: Path, shard_tokens: int, tag: 
     rows = [{"files": json.dumps([asdict(f) for f in unit])} for unit in units]
     dataset = ray.data.from_items(rows, override_num_blocks=len(rows))
     # Ray types map_batches' function as taking the batch alone; fn_kwargs passes the rest (hence the ignore).
-    encoded = dataset.map_batches(_encode_task,  # type: ignore[arg-type]
-                                  batch_size=1, fn_kwargs={"spec": spec})
+    encoded = dataset.map_batches(
+        _encode_task,  # type: ignore[arg-type]
+        batch_size=1,
+        fn_kwargs={"spec": spec},
+    )
     dataset = ordered(encoded, progress=True)
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         sink.add(table.to_pydict())
@@ -382,32 +478,51 @@ def _encode_task(batch: dict, spec: EncodeSpec) -> Iterator:
 def _typed(columns: dict) -> dict:
     import pyarrow as pa
 
-    return {"split": pa.array(columns["split"], pa.string()), "tokens": pa.array(columns["tokens"], pa.binary()),
-            "docs": pa.array(columns["docs"], pa.int64()), "text_bytes": pa.array(columns["text_bytes"], pa.int64()),
-            "replaced_bytes": pa.array(columns["replaced_bytes"], pa.int64()),
-            ERROR_COLUMN: pa.array(columns[ERROR_COLUMN], pa.string())}
+    return {
+        "split": pa.array(columns["split"], pa.string()),
+        "tokens": pa.array(columns["tokens"], pa.binary()),
+        "docs": pa.array(columns["docs"], pa.int64()),
+        "text_bytes": pa.array(columns["text_bytes"], pa.int64()),
+        "replaced_bytes": pa.array(columns["replaced_bytes"], pa.int64()),
+        ERROR_COLUMN: pa.array(columns[ERROR_COLUMN], pa.string()),
+    }
 
 
 def _check_enough(totals: Totals, data) -> None:
     window = data.seq_len + 1
     if totals.docs == 0:
-        raise DataError(f"data.paths {list(data.paths) or 'default'} holds no text ({totals.files} files, all "
-                        f"empty); add documents or fix data.paths")
+        raise DataError(
+            f"data.paths {list(data.paths) or 'default'} holds no text ({totals.files} files, all "
+            f"empty); add documents or fix data.paths"
+        )
     train_tokens = sum(e["tokens"] for e in totals.entries if e["split"] == "train")
     if train_tokens < window:
-        raise DataError(f"the corpus gives {train_tokens} training tokens, fewer than one window of data.seq_len + 1 "
-                        f"= {window}; add documents, lower data.seq_len or lower data.val_fraction")
+        raise DataError(
+            f"the corpus gives {train_tokens} training tokens, fewer than one window of data.seq_len + 1 "
+            f"= {window}; add documents, lower data.seq_len or lower data.val_fraction"
+        )
 
 
 def _manifest(totals: Totals, data, input_sha: str, tokenizer_sha: str) -> dict:
-    return {"format": FORMAT, "input_sha256": input_sha, "tokenizer_sha256": tokenizer_sha,
-            "vocab_size": data.vocab_size, "dtype": token_dtype(data.vocab_size).str, "eot_id": EOT_ID,
-            "seq_len": data.seq_len, "val_fraction": data.val_fraction, "files": totals.files, "docs": totals.docs,
-            "text_bytes": totals.text_bytes, "replaced_bytes": totals.replaced_bytes,
-            "tokens": sum(e["tokens"] for e in totals.entries), "shards": totals.entries}
+    return {
+        "format": FORMAT,
+        "input_sha256": input_sha,
+        "tokenizer_sha256": tokenizer_sha,
+        "vocab_size": data.vocab_size,
+        "dtype": token_dtype(data.vocab_size).str,
+        "eot_id": EOT_ID,
+        "seq_len": data.seq_len,
+        "val_fraction": data.val_fraction,
+        "files": totals.files,
+        "docs": totals.docs,
+        "text_bytes": totals.text_bytes,
+        "replaced_bytes": totals.replaced_bytes,
+        "tokens": sum(e["tokens"] for e in totals.entries),
+        "shards": totals.entries,
+    }
 
 
-def _commit(staging: Path, out_dir: Path, drill: "PrepareDrill") -> None:
+def _commit(staging: Path, out_dir: Path, drill: PrepareDrill) -> None:
     """Move the new shards in (new names) and the tokenizer under its sha256 name, then manifest.json (the commit
     point), then tokenizer.json; then remove the shards and tokenizer copies the new manifest no longer names.
     After any rename the folder verifies: the old manifest with its old files, or the new one with its new."""
@@ -429,8 +544,12 @@ def _commit(staging: Path, out_dir: Path, drill: "PrepareDrill") -> None:
 def _leftovers(out_dir: Path, manifest: dict) -> list[Path]:
     """Shards and sha256-named tokenizer copies the manifest does not name, and staging folders of killed runs."""
     names = {e["file"] for e in manifest["shards"]} | {tokenizer_object(manifest["tokenizer_sha256"])}
-    return [path for path in out_dir.iterdir() if path.name.startswith(STAGING_PREFIX) or (
-        (SHARD_NAME.match(path.name) or TOKENIZER_OBJECT.match(path.name)) and path.name not in names)]
+    return [
+        path
+        for path in out_dir.iterdir()
+        if path.name.startswith(STAGING_PREFIX)
+        or ((SHARD_NAME.match(path.name) or TOKENIZER_OBJECT.match(path.name)) and path.name not in names)
+    ]
 
 
 def _remove(paths: list[Path]) -> None:
@@ -450,7 +569,9 @@ def _tidy(out_dir: Path, manifest: dict) -> None:
         with writing(out_dir):
             _remove(_leftovers(out_dir, manifest))
     except DataError as exc:
-        get_logger().warning("prepare: kept %d leftover files of an interrupted prepare: %s", len(leftovers), exc)
+        get_logger().warning(
+            "prepare: kept %d leftover files of an interrupted prepare: %s", len(leftovers), exc
+        )
 
 
 class PrepareDrill:
@@ -469,13 +590,26 @@ class PrepareDrill:
 def _warn_small_val(manifest: dict, data) -> None:
     val_tokens = split_summary(manifest).get("val", {}).get("tokens", 0)
     if data.val_fraction > 0 and val_tokens < data.seq_len + 1:
-        get_logger().warning("prepare: the validation split has %d tokens, fewer than one window of %d; evaluation "
-                             "will fail: raise data.val_fraction or add documents", val_tokens, data.seq_len + 1)
+        get_logger().warning(
+            "prepare: the validation split has %d tokens, fewer than one window of %d; evaluation "
+            "will fail: raise data.val_fraction or add documents",
+            val_tokens,
+            data.seq_len + 1,
+        )
 
 
 def _summary(manifest: dict, out_dir: Path | str, skipped: bool, seconds: float) -> dict:
-    return {"out_dir": str(out_dir), "skipped": skipped, "files": manifest["files"], "docs": manifest["docs"],
-            "tokens": manifest["tokens"], "text_bytes": manifest["text_bytes"],
-            "replaced_bytes": manifest["replaced_bytes"], "shards": len(manifest["shards"]),
-            "splits": split_summary(manifest), "vocab_size": manifest["vocab_size"],
-            "tokenizer_sha256": manifest["tokenizer_sha256"], "seconds": seconds}
+    return {
+        "out_dir": str(out_dir),
+        "skipped": skipped,
+        "files": manifest["files"],
+        "docs": manifest["docs"],
+        "tokens": manifest["tokens"],
+        "text_bytes": manifest["text_bytes"],
+        "replaced_bytes": manifest["replaced_bytes"],
+        "shards": len(manifest["shards"]),
+        "splits": split_summary(manifest),
+        "vocab_size": manifest["vocab_size"],
+        "tokenizer_sha256": manifest["tokenizer_sha256"],
+        "seconds": seconds,
+    }

@@ -32,7 +32,6 @@ from raylm.storage.objects import delete_object, object_sizes, read_bytes, uploa
 from raylm.storage.uri import StorageUri
 
 
-
 def remote_current(uri: StorageUri, input_sha: str) -> dict | None:
     """The prefix's manifest when it was built from these inputs and every object it names is in place."""
     data = read_bytes(uri.join(MANIFEST_FILE))
@@ -62,13 +61,17 @@ def upload_prepared(folder: Path, uri: StorageUri) -> int:
     missing = [e for e in manifest["shards"] if sizes.get(e["file"]) != e["bytes"]]
     for index, entry in enumerate(missing, 1):
         upload_file(check_shard_size(folder, entry), uri.join(entry["file"]))
-        get_logger().info("prepare: uploaded %s (%d of %d shards)", uri.join(entry["file"]), index, len(missing))
+        get_logger().info(
+            "prepare: uploaded %s (%d of %d shards)", uri.join(entry["file"]), index, len(missing)
+        )
     tokenizer = tokenizer_object(manifest["tokenizer_sha256"])
     upload_file(folder / TOKENIZER_FILE, uri.join(tokenizer))
     upload_file(folder / MANIFEST_FILE, uri.join(MANIFEST_FILE))  # the commit point
     upload_file(folder / TOKENIZER_FILE, uri.join(TOKENIZER_FILE))  # the plain name, as in a local folder
     for name in sorted(sizes):
-        if (SHARD_NAME.match(name) and name not in names) or (TOKENIZER_OBJECT.match(name) and name != tokenizer):
+        if (SHARD_NAME.match(name) and name not in names) or (
+            TOKENIZER_OBJECT.match(name) and name != tokenizer
+        ):
             delete_object(uri.join(name))
     get_logger().info("prepare: %s holds %d shards, tokenizer.json and manifest.json", uri, len(names))
     return len(missing)

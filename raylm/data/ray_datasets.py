@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator
 
 from raylm.errors import DataError
 from raylm.log import console_is_verbose, quiet_ray_driver_loggers
 from raylm.ray_connect import check_ray_address
 
-ERROR_COLUMN = "error"  # a task reports a DataError as a row, so the driver raises one line, not a task traceback
+ERROR_COLUMN = (
+    "error"  # a task reports a DataError as a row, so the driver raises one line, not a task traceback
+)
 
 
 @contextmanager
@@ -56,6 +58,7 @@ def ordered(dataset, progress: bool = False):
 
 def errors_as_rows(make_tables: Callable[..., Iterator], error_table: Callable[[str], object]) -> Callable:
     """Wrap a generator UDF: a DataError it raises becomes one final row made by error_table(message)."""
+
     def run(*args, **kwargs):
         try:
             yield from make_tables(*args, **kwargs)

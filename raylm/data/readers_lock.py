@@ -16,8 +16,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from raylm.errors import DataError
 from raylm.log import get_logger
@@ -38,7 +38,9 @@ def reading(folders: Iterable[str | Path]) -> Iterator[None]:
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise DataError(f"`raylm prepare` is rewriting {folder}; wait for it to finish, then train") from None
+                raise DataError(
+                    f"`raylm prepare` is rewriting {folder}; wait for it to finish, then train"
+                ) from None
         yield
     finally:
         for fd in fds:
@@ -54,9 +56,11 @@ def writing(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DataError(f"{folder} is in use: a running `raylm train` reads it or another `raylm prepare` writes "
-                            f"it; prepare would replace its shards, so wait for that run to end or set another "
-                            f"data.out_dir") from None
+            raise DataError(
+                f"{folder} is in use: a running `raylm train` reads it or another `raylm prepare` writes "
+                f"it; prepare would replace its shards, so wait for that run to end or set another "
+                f"data.out_dir"
+            ) from None
         yield
     finally:
         os.close(fd)

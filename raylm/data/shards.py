@@ -39,7 +39,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 class ShardWriter:
     """Appends token arrays of one split to shard files cut at exactly shard_tokens tokens."""
 
-    def __init__(self, out_dir: str | Path, split: str, dtype: np.dtype, shard_tokens: int, eot: int, tag: str = ""):
+    def __init__(
+        self, out_dir: str | Path, split: str, dtype: np.dtype, shard_tokens: int, eot: int, tag: str = ""
+    ):
         self.out_dir, self.split, self.dtype = Path(out_dir), split, np.dtype(dtype)
         self.shard_tokens, self.eot, self.tag = shard_tokens, eot, tag
         self.entries: list[dict] = []
@@ -70,7 +72,7 @@ class ShardWriter:
     def _open(self) -> None:
         tag = f"-{self.tag}" if self.tag else ""
         self._name = f"{self.split}{tag}-{len(self.entries):05d}.bin"
-        self._file = open(self.out_dir / self._name, "wb")
+        self._file = open(self.out_dir / self._name, "wb")  # noqa: SIM115 (open across writes; close() shuts it)
         self._hash, self._tokens, self._docs = hashlib.sha256(), 0, 0
 
     def _finish(self) -> None:
@@ -79,9 +81,17 @@ class ShardWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
-        self.entries.append({"file": self._name, "split": self.split, "tokens": self._tokens, "docs": self._docs,
-                             "dtype": self.dtype.str, "bytes": self._tokens * self.dtype.itemsize,
-                             "sha256": self._hash.hexdigest()})
+        self.entries.append(
+            {
+                "file": self._name,
+                "split": self.split,
+                "tokens": self._tokens,
+                "docs": self._docs,
+                "dtype": self.dtype.str,
+                "bytes": self._tokens * self.dtype.itemsize,
+                "sha256": self._hash.hexdigest(),
+            }
+        )
 
 
 def read_data_manifest(out_dir: str | Path) -> dict:
@@ -100,8 +110,10 @@ def manifest_data(out_dir: str | Path | StorageUri) -> tuple[bytes, str, str]:
     try:
         return manifest_bytes(folder / MANIFEST_FILE), str(folder / MANIFEST_FILE), str(folder)
     except ManifestProblem:
-        raise DataError(f"no prepared data in {folder} ({MANIFEST_FILE} missing); run `raylm prepare` "
-                        f"on a config with data.out_dir={folder}") from None
+        raise DataError(
+            f"no prepared data in {folder} ({MANIFEST_FILE} missing); run `raylm prepare` "
+            f"on a config with data.out_dir={folder}"
+        ) from None
 
 
 def parse_manifest(data: bytes, where: str, folder: str) -> dict:
@@ -113,10 +125,13 @@ def parse_manifest(data: bytes, where: str, folder: str) -> dict:
             raise DataError(f"{where} is not valid JSON ({problem.detail}); {FIX}") from None
         raise DataError(f"{where} is not a {FORMAT} manifest (format={problem.detail!r}); {FIX}") from None
     shards = manifest.get("shards")
-    if not isinstance(shards, list) or not all(isinstance(e, dict) and is_inside_name(e.get("file"))
-                                               and "/" not in e["file"] for e in shards):
-        raise DataError(f"{where} lists a shard file outside {folder} (or no shard list); refusing to read "
-                        f"it (the manifest was edited); {FIX}")
+    if not isinstance(shards, list) or not all(
+        isinstance(e, dict) and is_inside_name(e.get("file")) and "/" not in e["file"] for e in shards
+    ):
+        raise DataError(
+            f"{where} lists a shard file outside {folder} (or no shard list); refusing to read "
+            f"it (the manifest was edited); {FIX}"
+        )
     return manifest
 
 
@@ -127,8 +142,10 @@ def check_shard_size(folder: Path, entry: dict) -> Path:
         raise DataError(f"shard {entry['file']} named in the manifest is missing from {folder}; {FIX}")
     size = path.stat().st_size
     if size != entry["bytes"]:
-        raise DataError(f"shard {path} has {size} bytes but the manifest says {entry['bytes']} (truncated or "
-                        f"overwritten); {FIX}")
+        raise DataError(
+            f"shard {path} has {size} bytes but the manifest says {entry['bytes']} (truncated or "
+            f"overwritten); {FIX}"
+        )
     return path
 
 
@@ -151,23 +168,31 @@ class ShardDigest:
     def check(self, where: str, entry: dict, vocab_size: int) -> None:
         """DataError naming `where` unless size, sha256 and token ids match the manifest entry."""
         if self.bytes != entry["bytes"]:
-            raise DataError(f"shard {where} has {self.bytes} bytes but the manifest says {entry['bytes']} "
-                            f"(truncated or overwritten); {FIX}")
+            raise DataError(
+                f"shard {where} has {self.bytes} bytes but the manifest says {entry['bytes']} "
+                f"(truncated or overwritten); {FIX}"
+            )
         if self.hash.hexdigest() != entry["sha256"]:
-            raise DataError(f"shard {where} has sha256 {self.hash.hexdigest()[:16]}... but the manifest says "
-                            f"{entry['sha256'][:16]}... (edited or corrupted); {FIX}")
+            raise DataError(
+                f"shard {where} has sha256 {self.hash.hexdigest()[:16]}... but the manifest says "
+                f"{entry['sha256'][:16]}... (edited or corrupted); {FIX}"
+            )
         if self.top >= vocab_size:
-            raise DataError(f"shard {where} holds token id {self.top} >= vocab size {vocab_size} recorded in the "
-                            f"manifest (shards from another tokenizer?); {FIX}")
+            raise DataError(
+                f"shard {where} holds token id {self.top} >= vocab size {vocab_size} recorded in the "
+                f"manifest (shards from another tokenizer?); {FIX}"
+            )
 
 
 def check_shard(folder: Path, entry: dict, vocab_size: int) -> None:
     """Full check of one shard: size, sha256 and every token id below vocab_size."""
     path = check_shard_size(folder, entry)
     digest = ShardDigest(entry["dtype"])
-    tokens = np.memmap(path, dtype=entry["dtype"], mode="r") if entry["bytes"] else np.zeros(0, entry["dtype"])
+    tokens = (
+        np.memmap(path, dtype=entry["dtype"], mode="r") if entry["bytes"] else np.zeros(0, entry["dtype"])
+    )
     for start in range(0, len(tokens), SCAN_TOKENS):
-        digest.update(tokens[start:start + SCAN_TOKENS].tobytes())
+        digest.update(tokens[start : start + SCAN_TOKENS].tobytes())
     del tokens
     digest.check(str(path), entry, vocab_size)
 
@@ -184,8 +209,10 @@ def check_tokenizer(folder: Path, manifest: dict) -> None:
     for candidate in (path, plain) if path != plain and plain.is_file() else (path,):
         found = file_sha256(candidate)
         if found != sha and not (candidate == plain and (folder / tokenizer_object(found)).is_file()):
-            raise DataError(f"{candidate} is another tokenizer than the one that wrote the shards (sha256 "
-                            f"{found[:16]}... vs {sha[:16]}... in {MANIFEST_FILE}); {FIX}")
+            raise DataError(
+                f"{candidate} is another tokenizer than the one that wrote the shards (sha256 "
+                f"{found[:16]}... vs {sha[:16]}... in {MANIFEST_FILE}); {FIX}"
+            )
 
 
 def split_summary(manifest: dict) -> dict[str, dict]:

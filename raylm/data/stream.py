@@ -21,15 +21,16 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Generator, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from raylm.data.cache import fetch_shard, open_cached
-from raylm.data.ray_datasets import ERROR_COLUMN, ordered, raise_if_error, ray_is_up
 from raylm.data.order import Order
+from raylm.data.ray_datasets import ERROR_COLUMN, ordered, raise_if_error, ray_is_up
 from raylm.data.shards import check_shard, check_shard_size, read_data_manifest
 from raylm.errors import DataError
 from raylm.storage.file_names import TOKENIZER_FILE
@@ -38,7 +39,9 @@ from raylm.storage.uri import is_uri
 DEFAULT_PREFETCH = 2  # chunks read ahead of the trainer
 CHUNK_SAMPLES = 256  # windows per read: one vectorized locate, one Ray Data block
 CHUNKS_PER_DATASET = 256  # the Ray path restarts its (finite) dataset after this many chunks
-READ_TASK_CPUS = 0  # window reads are copies from the page cache; tasks that need no CPU cannot starve (hang 2)
+READ_TASK_CPUS = (
+    0  # window reads are copies from the page cache; tasks that need no CPU cannot starve (hang 2)
+)
 OPEN_SHARDS = 64  # memory maps kept open per split (each holds a file descriptor)
 
 _VERIFIED: set[tuple] = set()  # shards this process has checked, by (path, size, mtime, sha256)
@@ -57,7 +60,9 @@ class StreamPlan:
     start_sample: int
     chunk_samples: int
     cache_dir: str = ""  # data.cache_dir: where shards of s3:// or gs:// sources are fetched on this node
-    first_read_stall_s: float = 0.0  # a fault drill (read@STEP): the task reading chunk 0 waits this long first
+    first_read_stall_s: float = (
+        0.0  # a fault drill (read@STEP): the task reading chunk 0 waits this long first
+    )
 
     def global_samples(self, local: np.ndarray) -> np.ndarray:
         return self.start_sample + self.dp_rank + local * self.dp_size
@@ -90,22 +95,24 @@ class SplitReader:
         self.windows = max(0, (tokens - 1) // seq_len)
         if self.windows == 0:
             more = ", raise data.val_fraction" if split == "val" else ""
-            raise DataError(f"the {split} split of {folder} has {tokens} tokens, fewer than one window of "
-                            f"data.seq_len + 1 = {seq_len + 1}; lower data.seq_len{more} or add documents, then "
-                            f"run `raylm prepare`")
+            raise DataError(
+                f"the {split} split of {folder} has {tokens} tokens, fewer than one window of "
+                f"data.seq_len + 1 = {seq_len + 1}; lower data.seq_len{more} or add documents, then "
+                f"run `raylm prepare`"
+            )
         self._open: OrderedDict[int, np.memmap] = OrderedDict()
 
     def read(self, windows: np.ndarray, out: np.ndarray) -> None:
         """Fill out[i] (seq_len + 1 tokens, int64) with window windows[i]."""
         starts = windows * self.seq_len
         shard_of = np.searchsorted(self.starts, starts, side="right") - 1
-        for row, (start, shard) in enumerate(zip(starts.tolist(), shard_of.tolist())):
+        for row, (start, shard) in enumerate(zip(starts.tolist(), shard_of.tolist(), strict=True)):
             filled, end = 0, start + self.seq_len + 1
             while start < end:  # a window may run across a shard edge
                 tokens = self._tokens(shard)
                 offset = start - int(self.starts[shard])
-                piece = tokens[offset:offset + end - start]
-                out[row, filled:filled + len(piece)] = piece
+                piece = tokens[offset : offset + end - start]
+                out[row, filled : filled + len(piece)] = piece
                 filled, start, shard = filled + len(piece), start + len(piece), shard + 1
 
     def _tokens(self, shard: int) -> np.memmap:
@@ -130,8 +137,9 @@ class SplitReader:
         self._open.clear()
 
 
-def open_readers(sources: Sequence[tuple[str, float]], split: str, seq_len: int, cache_dir: str = "",
-                 refresh: bool = True) -> list[SplitReader]:
+def open_readers(
+    sources: Sequence[tuple[str, float]], split: str, seq_len: int, cache_dir: str = "", refresh: bool = True
+) -> list[SplitReader]:
     """A reader per source; every source must come from the same tokenizer. A URI source reads from its cache
     folder (its manifest fetched again when refresh, else the one this node already holds)."""
     readers, first = [], None
@@ -144,16 +152,20 @@ def open_readers(sources: Sequence[tuple[str, float]], split: str, seq_len: int,
         if first is None:
             first = (folder, manifest["tokenizer_sha256"], Path(local) / TOKENIZER_FILE)  # a local copy
         elif manifest["tokenizer_sha256"] != first[1]:
-            raise DataError(f"data source {folder} was prepared with another tokenizer (sha256 "
-                            f"{manifest['tokenizer_sha256'][:16]}...) than {first[0]} ({first[1][:16]}...); prepare "
-                            f"every source with data.tokenizer={first[2]}")
+            raise DataError(
+                f"data source {folder} was prepared with another tokenizer (sha256 "
+                f"{manifest['tokenizer_sha256'][:16]}...) than {first[0]} ({first[1][:16]}...); prepare "
+                f"every source with data.tokenizer={first[2]}"
+            )
         readers.append(SplitReader(local, manifest, split, seq_len, source=remote))
     return readers
 
 
 def order_of(readers: Sequence[SplitReader], sources: Sequence[tuple[str, float]], seed: int) -> Order:
     """The global sample order over the sources' windows, as every rank of a run computes it."""
-    return Order([r.windows for r in readers], [w for _, w in sources], seed, [folder for folder, _ in sources])
+    return Order(
+        [r.windows for r in readers], [w for _, w in sources], seed, [folder for folder, _ in sources]
+    )
 
 
 class ChunkReader:
@@ -185,26 +197,50 @@ class ChunkReader:
 
 def _check_args(seq_len: int, dp_rank: int, dp_size: int, micro_batch: int, start_sample: int) -> None:
     if seq_len < 1 or micro_batch < 1 or dp_size < 1:
-        raise DataError(f"seq_len={seq_len}, micro_batch={micro_batch} and dp_size={dp_size} must all be >= 1")
+        raise DataError(
+            f"seq_len={seq_len}, micro_batch={micro_batch} and dp_size={dp_size} must all be >= 1"
+        )
     if not 0 <= dp_rank < dp_size:
         raise DataError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
     if start_sample < 0 or start_sample % dp_size:
-        raise DataError(f"start_sample={start_sample} is not a multiple of dp_size={dp_size}: steps consume whole "
-                        f"global batches, so every DP rank resumes at the same multiple of dp_size; resume from "
-                        f"the sample count a checkpoint recorded")
+        raise DataError(
+            f"start_sample={start_sample} is not a multiple of dp_size={dp_size}: steps consume whole "
+            f"global batches, so every DP rank resumes at the same multiple of dp_size; resume from "
+            f"the sample count a checkpoint recorded"
+        )
 
 
 class RankStream:
     """Infinite iterator of (inputs, targets) int64 tensors of shape (micro_batch, seq_len) for one DP rank."""
 
-    def __init__(self, paths_or_sources: Any, split: str, seq_len: int, seed: int, dp_rank: int, dp_size: int,
-                 micro_batch: int, start_sample: int = 0, prefetch: int = DEFAULT_PREFETCH, cache_dir: str = "",
-                 first_read_stall_s: float = 0.0):
+    def __init__(
+        self,
+        paths_or_sources: Any,
+        split: str,
+        seq_len: int,
+        seed: int,
+        dp_rank: int,
+        dp_size: int,
+        micro_batch: int,
+        start_sample: int = 0,
+        prefetch: int = DEFAULT_PREFETCH,
+        cache_dir: str = "",
+        first_read_stall_s: float = 0.0,
+    ):
         _check_args(seq_len, dp_rank, dp_size, micro_batch, start_sample)
         self.micro_batch, self.dp_size, self.prefetch = micro_batch, dp_size, prefetch
-        self.plan = StreamPlan(normalize_sources(paths_or_sources), split, seq_len, seed, dp_rank, dp_size,
-                               start_sample, micro_batch * max(1, CHUNK_SAMPLES // micro_batch), cache_dir,
-                               first_read_stall_s)
+        self.plan = StreamPlan(
+            normalize_sources(paths_or_sources),
+            split,
+            seq_len,
+            seed,
+            dp_rank,
+            dp_size,
+            start_sample,
+            micro_batch * max(1, CHUNK_SAMPLES // micro_batch),
+            cache_dir,
+            first_read_stall_s,
+        )
         self.reader = ChunkReader(self.plan)  # opens and checks the manifests here, in the caller's process
         self.order = self.reader.order
         self.global_offset = start_sample
@@ -213,7 +249,7 @@ class RankStream:
         self._chunk: np.ndarray | None = None
         self._row = 0
 
-    def __iter__(self) -> "RankStream":
+    def __iter__(self) -> RankStream:
         return self
 
     def __next__(self):
@@ -221,11 +257,13 @@ class RankStream:
 
         if self._chunk is None or self._row >= len(self._chunk):
             self._chunk, self._row = next(self._chunks), 0
-        windows = self._chunk[self._row:self._row + self.micro_batch]  # (B, T + 1)
+        windows = self._chunk[self._row : self._row + self.micro_batch]  # (B, T + 1)
         self._row += self.micro_batch
         self.global_offset += self.micro_batch * self.dp_size
         # np.array copies: the chunk may be a read-only Ray buffer, and the trainer may write into its batch.
-        return torch.from_numpy(np.array(windows[:, :-1])), torch.from_numpy(np.array(windows[:, 1:]))  # (B, T)
+        return torch.from_numpy(np.array(windows[:, :-1])), torch.from_numpy(
+            np.array(windows[:, 1:])
+        )  # (B, T)
 
     def _local_chunks(self) -> Generator[np.ndarray, None, None]:
         index = 0
@@ -235,8 +273,13 @@ class RankStream:
 
     def state_dict(self) -> dict:
         """Where the stream is: the global sample offset every DP rank has reached, and what fixes the order."""
-        return {"global_offset": self.global_offset, "split": self.plan.split, "seed": self.plan.seed,
-                "seq_len": self.plan.seq_len, "dp_size": self.dp_size}
+        return {
+            "global_offset": self.global_offset,
+            "split": self.plan.split,
+            "seed": self.plan.seed,
+            "seq_len": self.plan.seq_len,
+            "dp_size": self.dp_size,
+        }
 
     def close(self) -> None:
         """Stop reading ahead (and the Ray Data pipeline) and drop the memory maps."""
@@ -256,7 +299,10 @@ def _read_task(batch: dict, plan: StreamPlan) -> dict:
             _CHUNK_READERS.clear()
             _CHUNK_READERS[plan] = ChunkReader(plan, refresh=False)  # the rank fetched the manifests just now
         data = [_CHUNK_READERS[plan].chunk(int(c)).tobytes() for c in batch["chunk"]]
-        return {"windows": np.array(data, dtype=object), ERROR_COLUMN: np.array([""] * len(data), dtype=object)}
+        return {
+            "windows": np.array(data, dtype=object),
+            ERROR_COLUMN: np.array([""] * len(data), dtype=object),
+        }
     except DataError as exc:
         return {"windows": np.array([b""], dtype=object), ERROR_COLUMN: np.array([str(exc)], dtype=object)}
 
@@ -272,9 +318,14 @@ def _ray_chunks(plan: StreamPlan, prefetch: int) -> Generator[np.ndarray, None, 
         dataset = ray.data.from_items(items, override_num_blocks=CHUNKS_PER_DATASET)
         readers = ray.data.TaskPoolStrategy(size=max(1, prefetch))
         # Ray types map_batches' function as taking the batch alone; fn_kwargs passes the rest (ignored).
-        read = dataset.map_batches(_read_task,  # type: ignore[arg-type]
-                                   batch_size=1, fn_kwargs={"plan": plan}, num_cpus=READ_TASK_CPUS,
-                                   compute=readers, label_selector=here)
+        read = dataset.map_batches(
+            _read_task,  # type: ignore[arg-type]
+            batch_size=1,
+            fn_kwargs={"plan": plan},
+            num_cpus=READ_TASK_CPUS,
+            compute=readers,
+            label_selector=here,
+        )
         dataset = ordered(read)
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch):
             raise_if_error(batch[ERROR_COLUMN])
@@ -283,12 +334,23 @@ def _ray_chunks(plan: StreamPlan, prefetch: int) -> Generator[np.ndarray, None, 
         first += CHUNKS_PER_DATASET
 
 
-def build_rank_stream(cfg, split: str, dp_rank: int, dp_size: int, start_sample: int = 0,
-                      first_read_stall_s: float = 0.0) -> RankStream:
+def build_rank_stream(
+    cfg, split: str, dp_rank: int, dp_size: int, start_sample: int = 0, first_read_stall_s: float = 0.0
+) -> RankStream:
     """The stream a training rank reads: data.sources (or data.out_dir), data.seq_len, run.seed, micro_batch."""
     sources = list(cfg.data.sources) or cfg.data.out_dir
-    return RankStream(sources, split, cfg.data.seq_len, cfg.run.seed, dp_rank, dp_size, cfg.parallel.micro_batch,
-                      start_sample=start_sample, cache_dir=cfg.data.cache_dir, first_read_stall_s=first_read_stall_s)
+    return RankStream(
+        sources,
+        split,
+        cfg.data.seq_len,
+        cfg.run.seed,
+        dp_rank,
+        dp_size,
+        cfg.parallel.micro_batch,
+        start_sample=start_sample,
+        cache_dir=cfg.data.cache_dir,
+        first_read_stall_s=first_read_stall_s,
+    )
 
 
 def run_order(cfg, split: str = "train") -> Order:
@@ -302,8 +364,17 @@ def run_order(cfg, split: str = "train") -> Order:
             reader.close()
 
 
-def peek(out_dir: Any, dp_rank: int = 0, dp_size: int = 1, start: int = 0, count: int = 4, seed: int = 0,
-         seq_len: int | None = None, split: str = "train", cache_dir: str = "") -> Iterator[dict]:
+def peek(
+    out_dir: Any,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    start: int = 0,
+    count: int = 4,
+    seed: int = 0,
+    seq_len: int | None = None,
+    split: str = "train",
+    cache_dir: str = "",
+) -> Iterator[dict]:
     """The samples DP rank `dp_rank` of `dp_size` trains on, from its `start`-th on: JSON-able dicts with text."""
     from raylm.data.tokenizer import load_tokenizer
 
@@ -317,10 +388,16 @@ def peek(out_dir: Any, dp_rank: int = 0, dp_size: int = 1, start: int = 0, count
     samples = plan.global_samples(np.arange(start, start + count))
     located = reader.order.locate(samples)
     try:
-        for g, where, window in zip(samples.tolist(), located, reader.windows(samples)):
+        for g, where, window in zip(samples.tolist(), located, reader.windows(samples), strict=True):
             inputs = window[:-1].tolist()
             text = tokenizer.decode(inputs, skip_special_tokens=False)  # EOT shows where documents meet
-            yield {"sample_id": g, "source": plan.sources[where.source][0], "epoch": where.epoch,
-                   "window": where.window, "tokens": inputs, "text": text}
+            yield {
+                "sample_id": g,
+                "source": plan.sources[where.source][0],
+                "epoch": where.epoch,
+                "window": where.window,
+                "tokens": inputs,
+                "text": text,
+            }
     finally:
         reader.close()

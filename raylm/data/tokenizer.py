@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -21,7 +21,11 @@ from raylm.errors import DataError
 from raylm.storage.file_names import MANIFEST_FILE, TOKENIZER_FILE
 
 EOT = "<|endoftext|>"
-SPECIAL_TOKENS = (EOT, "<|pad|>", "<|bos|>")  # ids 0, 1, 2; only EOT is written to shards, the rest are reserved
+SPECIAL_TOKENS = (
+    EOT,
+    "<|pad|>",
+    "<|bos|>",
+)  # ids 0, 1, 2; only EOT is written to shards, the rest are reserved
 EOT_ID = 0
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS)  # every byte plus the special tokens
 TOKENIZER_OBJECT = re.compile(r"^tokenizer-[0-9a-f]{16}\.json$")
@@ -29,8 +33,10 @@ TOKENIZER_OBJECT = re.compile(r"^tokenizer-[0-9a-f]{16}\.json$")
 
 def check_vocab_size(vocab_size: int) -> None:
     if vocab_size < MIN_VOCAB:
-        raise DataError(f"data.vocab_size={vocab_size} is too small for the byte alphabet (256) plus "
-                        f"{len(SPECIAL_TOKENS)} special tokens; set data.vocab_size >= {MIN_VOCAB}")
+        raise DataError(
+            f"data.vocab_size={vocab_size} is too small for the byte alphabet (256) plus "
+            f"{len(SPECIAL_TOKENS)} special tokens; set data.vocab_size >= {MIN_VOCAB}"
+        )
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -39,8 +45,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return _configured(tokenizer)
 
@@ -55,21 +66,29 @@ def load_tokenizer_file(path: str | Path, max_vocab: int | None = None) -> Token
     """Load a tokenizer.json; it must have EOT at id 0 and, when max_vocab is given, at most max_vocab tokens."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"tokenizer file {path} does not exist; fix data.tokenizer (or leave it empty to train one) "
-                        f"or run `raylm prepare CONFIG`")
+        raise DataError(
+            f"tokenizer file {path} does not exist; fix data.tokenizer (or leave it empty to train one) "
+            f"or run `raylm prepare CONFIG`"
+        )
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as exc:  # the Rust side raises plain Exception with a multi-line message
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DataError(f"{path} is not a Hugging Face tokenizer.json ({reason}); point data.tokenizer at one "
-                        f"(for example the tokenizer.json that `raylm prepare` wrote)") from None
+        raise DataError(
+            f"{path} is not a Hugging Face tokenizer.json ({reason}); point data.tokenizer at one "
+            f"(for example the tokenizer.json that `raylm prepare` wrote)"
+        ) from None
     if tokenizer.token_to_id(EOT) != EOT_ID:
-        raise DataError(f"{path} has no {EOT} token at id {EOT_ID}, raylm's end-of-document token; "
-                        f"use a tokenizer.json written by `raylm prepare`")
+        raise DataError(
+            f"{path} has no {EOT} token at id {EOT_ID}, raylm's end-of-document token; "
+            f"use a tokenizer.json written by `raylm prepare`"
+        )
     vocab = tokenizer.get_vocab_size()
     if max_vocab is not None and vocab > max_vocab:
-        raise DataError(f"{path} has {vocab} tokens but data.vocab_size={max_vocab} leaves room for only "
-                        f"{max_vocab}; set data.vocab_size={vocab}")
+        raise DataError(
+            f"{path} has {vocab} tokens but data.vocab_size={max_vocab} leaves room for only "
+            f"{max_vocab}; set data.vocab_size={vocab}"
+        )
     return _configured(tokenizer)
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from raylm.config.derived import ffn_hidden, kv_heads
 from raylm.config.schema import ModelConfig
 
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain (no bias, no mean subtraction)."""
 
@@ -75,8 +76,9 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.d_model, kv_heads(cfg) * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
@@ -87,8 +89,9 @@ class Attention(nn.Module):
             k, v = cache.append(k, v)  # (B, Hkv, S, hd): every key so far, S = cache.start + T
         # enable_gqa lets each group of Hq / Hkv query heads read its kv head in place (no repeat_interleave copy)
         mask = causal_mask(T, k.size(2), q.device)  # (T, S) or None
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=k.size(2) == T,
-                                           enable_gqa=True)  # (B, Hq, T, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=k.size(2) == T, enable_gqa=True
+        )  # (B, Hq, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq * hd)
         return self.wo(y)  # (B, T, C)
 
@@ -113,8 +116,8 @@ class LayerCache:
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the chunk's keys and values (B, Hkv, T, hd) after the cached ones; return all of them."""
         end = self.start + k.size(2)
-        self.k[:, :, self.start:end] = k
-        self.v[:, :, self.start:end] = v
+        self.k[:, :, self.start : end] = k
+        self.v[:, :, self.start : end] = v
         return self.k[:, :, :end], self.v[:, :, :end]  # (B, Hkv, end, hd) views, no copy
 
 
@@ -164,8 +167,9 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+    ) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin, cache)  # (B, T, C)
         return x + self.feed_forward(self.ffn_norm(x))  # (B, T, C)
 
@@ -200,7 +204,7 @@ class GPT(nn.Module):
         T = idx.size(1)
         start = 0 if cache is None else cache.pos
         assert start + T <= self.cfg.max_seq_len, f"{start} + {T} positions exceed the RoPE tables"
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, hd/2)
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hd/2)
         x = self.tok_embeddings(idx)  # (B, T, C)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if cache is None else cache.layer(i))  # (B, T, C)

@@ -72,13 +72,27 @@ def hf_config(model: ModelConfig, vocab_rows: int, token_ids: dict[str, int | No
     """config.json for LlamaForCausalLM; vocab_size is the embedding's (padded) row count, since HF sizes the
     embedding from it; token_ids holds bos/eos/pad_token_id (None where the tokenizer has no such token)."""
     return {
-        "architectures": [LLAMA_ARCH], "model_type": LLAMA_TYPE, "torch_dtype": "float32",
-        "vocab_size": vocab_rows, "hidden_size": model.d_model, "intermediate_size": ffn_hidden(model),
-        "num_hidden_layers": model.n_layer, "num_attention_heads": model.n_head,
-        "num_key_value_heads": kv_heads(model), "head_dim": model.d_model // model.n_head, "hidden_act": "silu",
-        "max_position_embeddings": model.max_seq_len, "rms_norm_eps": model.norm_eps, "rope_theta": model.rope_theta,
-        "rope_scaling": None, "attention_bias": False, "attention_dropout": 0.0, "mlp_bias": False,
-        "tie_word_embeddings": model.tie_embeddings, "initializer_range": model.init_std, "use_cache": True,
+        "architectures": [LLAMA_ARCH],
+        "model_type": LLAMA_TYPE,
+        "torch_dtype": "float32",
+        "vocab_size": vocab_rows,
+        "hidden_size": model.d_model,
+        "intermediate_size": ffn_hidden(model),
+        "num_hidden_layers": model.n_layer,
+        "num_attention_heads": model.n_head,
+        "num_key_value_heads": kv_heads(model),
+        "head_dim": model.d_model // model.n_head,
+        "hidden_act": "silu",
+        "max_position_embeddings": model.max_seq_len,
+        "rms_norm_eps": model.norm_eps,
+        "rope_theta": model.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "tie_word_embeddings": model.tie_embeddings,
+        "initializer_range": model.init_std,
+        "use_cache": True,
         **token_ids,
     }
 
@@ -86,33 +100,56 @@ def hf_config(model: ModelConfig, vocab_rows: int, token_ids: dict[str, int | No
 def unsupported_settings(config: dict) -> list[str]:
     """The config.json settings raylm's GPT cannot represent, as 'key=value' (empty: it can load this model)."""
     heads, width = config.get("num_attention_heads", 1), config.get("hidden_size", 0)
-    bad = {"rope_scaling": config.get("rope_scaling") is not None,
-           "hidden_act": config.get("hidden_act", "silu") != "silu",
-           "attention_bias": bool(config.get("attention_bias")), "mlp_bias": bool(config.get("mlp_bias")),
-           "head_dim": config.get("head_dim") not in (None, width // heads)}
+    bad = {
+        "rope_scaling": config.get("rope_scaling") is not None,
+        "hidden_act": config.get("hidden_act", "silu") != "silu",
+        "attention_bias": bool(config.get("attention_bias")),
+        "mlp_bias": bool(config.get("mlp_bias")),
+        "head_dim": config.get("head_dim") not in (None, width // heads),
+    }
     return [f"{key}={config.get(key)!r}" for key, is_bad in bad.items() if is_bad]
 
 
 def model_settings(config: dict) -> dict:
     """raylm `model` section values from a Llama config.json (call unsupported_settings first)."""
-    return {"n_layer": config["num_hidden_layers"], "n_head": config["num_attention_heads"],
-            "n_kv_head": config.get("num_key_value_heads", config["num_attention_heads"]),
-            "d_model": config["hidden_size"], "ffn_hidden": config["intermediate_size"],
-            "max_seq_len": config["max_position_embeddings"], "rope_theta": config.get("rope_theta", 10000.0),
-            "norm_eps": config["rms_norm_eps"], "tie_embeddings": config.get("tie_word_embeddings", False),
-            "init_std": config.get("initializer_range", 0.02)}
+    return {
+        "n_layer": config["num_hidden_layers"],
+        "n_head": config["num_attention_heads"],
+        "n_kv_head": config.get("num_key_value_heads", config["num_attention_heads"]),
+        "d_model": config["hidden_size"],
+        "ffn_hidden": config["intermediate_size"],
+        "max_seq_len": config["max_position_embeddings"],
+        "rope_theta": config.get("rope_theta", 10000.0),
+        "norm_eps": config["rms_norm_eps"],
+        "tie_embeddings": config.get("tie_word_embeddings", False),
+        "init_std": config.get("initializer_range", 0.02),
+    }
 
 
 # the model settings a folder must agree on, with HF's key; max_seq_len is free (RoPE is computed per position)
-HF_KEYS = {"n_layer": "num_hidden_layers", "d_model": "hidden_size", "ffn_hidden": "intermediate_size",
-           "n_head": "num_attention_heads", "n_kv_head": "num_key_value_heads", "rope_theta": "rope_theta",
-           "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
+HF_KEYS = {
+    "n_layer": "num_hidden_layers",
+    "d_model": "hidden_size",
+    "ffn_hidden": "intermediate_size",
+    "n_head": "num_attention_heads",
+    "n_kv_head": "num_key_value_heads",
+    "rope_theta": "rope_theta",
+    "norm_eps": "rms_norm_eps",
+    "tie_embeddings": "tie_word_embeddings",
+}
 
 
 def differing_settings(config: dict, model: ModelConfig) -> list[tuple[str, str, object, object]]:
     """(raylm key, HF key, folder value, this model's value) for every setting on which they differ."""
     folder = model_settings(config)
-    mine = {"n_layer": model.n_layer, "n_head": model.n_head, "n_kv_head": kv_heads(model),
-            "d_model": model.d_model, "ffn_hidden": ffn_hidden(model), "rope_theta": model.rope_theta,
-            "norm_eps": model.norm_eps, "tie_embeddings": model.tie_embeddings}
+    mine = {
+        "n_layer": model.n_layer,
+        "n_head": model.n_head,
+        "n_kv_head": kv_heads(model),
+        "d_model": model.d_model,
+        "ffn_hidden": ffn_hidden(model),
+        "rope_theta": model.rope_theta,
+        "norm_eps": model.norm_eps,
+        "tie_embeddings": model.tie_embeddings,
+    }
     return [(key, HF_KEYS[key], folder[key], value) for key, value in mine.items() if folder[key] != value]

@@ -22,17 +22,39 @@ import torch
 from raylm.config.schema import ModelConfig
 from raylm.errors import CheckpointError
 from raylm.model.gpt import param_shapes
-from raylm.model.hf_llama import (LLAMA_ARCH, LLAMA_TYPE, differing_settings, half_to_interleaved, hf_name,
-                                  rotary_heads, unsupported_settings)
-from raylm.model.quantized import (MASKS_FILE, QUANT_DTYPES, QWEIGHT, SCALES, dequantize, is_raylm_quantized,
-                                   stored_names, weight_name)
+from raylm.model.hf_llama import (
+    LLAMA_ARCH,
+    LLAMA_TYPE,
+    differing_settings,
+    half_to_interleaved,
+    hf_name,
+    rotary_heads,
+    unsupported_settings,
+)
+from raylm.model.quantized import (
+    MASKS_FILE,
+    QUANT_DTYPES,
+    QWEIGHT,
+    SCALES,
+    dequantize,
+    is_raylm_quantized,
+    stored_names,
+    weight_name,
+)
 from raylm.model.weight_source import Shard
 from raylm.storage.file_names import HF_CONFIG_FILE
 
 INDEX_FILE = "model.safetensors.index.json"  # sharded folders map each tensor to its file here
 FLOAT_DTYPES = ("F32", "BF16", "F16")
-REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "max_position_embeddings", "rms_norm_eps")
+REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "rms_norm_eps",
+)
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older HF writers saved; recomputed by every reader
 FIX = "point it at a Hugging Face Llama folder of float safetensors, such as one `raylm export` wrote"
 
@@ -80,12 +102,16 @@ def _read_config(path: Path, label: str) -> dict:
     config = _json(file, label)
     missing = [key for key in REQUIRED_KEYS if not isinstance(config.get(key), (int, float))]
     if missing:
-        raise CheckpointError(f"{label}: {file} has no numeric {missing[0]}, which a Llama config.json has; {FIX}")
+        raise CheckpointError(
+            f"{label}: {file} has no numeric {missing[0]}, which a Llama config.json has; {FIX}"
+        )
     architectures = config.get("architectures") or [LLAMA_ARCH]
     if config.get("model_type") != LLAMA_TYPE or LLAMA_ARCH not in architectures:
-        raise CheckpointError(f"{label}: {file} describes model_type={config.get('model_type')!r} architectures="
-                              f"{architectures}, not a Llama ({LLAMA_ARCH}); raylm trains Llama-family models only, "
-                              f"so {FIX}")
+        raise CheckpointError(
+            f"{label}: {file} describes model_type={config.get('model_type')!r} architectures="
+            f"{architectures}, not a Llama ({LLAMA_ARCH}); raylm trains Llama-family models only, "
+            f"so {FIX}"
+        )
     return config
 
 
@@ -106,13 +132,19 @@ def _tensor_files(path: Path, label: str) -> list[Path]:
         names = sorted(set(_json(path / INDEX_FILE, label).get("weight_map", {}).values()))
         bad = [n for n in names if "/" in n or n.startswith(".") or not (path / n).is_file()]
         if bad:
-            raise CheckpointError(f"{label}: {INDEX_FILE} names {bad[0]!r}, which is not a file in {path}; "
-                                  f"copy the whole folder again")
+            raise CheckpointError(
+                f"{label}: {INDEX_FILE} names {bad[0]!r}, which is not a file in {path}; "
+                f"copy the whole folder again"
+            )
         return [path / n for n in names]
     files = sorted(p for p in path.glob("*.safetensors") if p.name != MASKS_FILE)
     if not files:
         others = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt"))
-        found = f" (found {', '.join(others[:3])}: pickles are never read, loading one can run code)" if others else ""
+        found = (
+            f" (found {', '.join(others[:3])}: pickles are never read, loading one can run code)"
+            if others
+            else ""
+        )
         raise CheckpointError(f"{label}: no *.safetensors file in {path}{found}; {FIX}")
     return files
 
@@ -134,16 +166,24 @@ def _header(file: Path, label: str) -> dict:
         raw_len = f.read(8)
         header_len = struct.unpack("<Q", raw_len)[0] if len(raw_len) == 8 else size
         if header_len > size - 8:
-            raise CheckpointError(f"{label}: {file} is not a safetensors file (or is truncated); copy it again")
+            raise CheckpointError(
+                f"{label}: {file} is not a safetensors file (or is truncated); copy it again"
+            )
         try:
             header = json.loads(f.read(header_len))
             entries = [e for k, e in header.items() if k != "__metadata__"]
-            data_end = max((e["data_offsets"][1] for e in entries if e["dtype"] and e["shape"] is not None), default=0)
+            data_end = max(
+                (e["data_offsets"][1] for e in entries if e["dtype"] and e["shape"] is not None), default=0
+            )
         except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            raise CheckpointError(f"{label}: {file} has a malformed safetensors header; copy it again") from None
+            raise CheckpointError(
+                f"{label}: {file} has a malformed safetensors header; copy it again"
+            ) from None
     if 8 + header_len + data_end > size:
-        raise CheckpointError(f"{label}: {file} has {size} bytes but its header needs {8 + header_len + data_end} "
-                              f"(truncated); copy it again")
+        raise CheckpointError(
+            f"{label}: {file} has {size} bytes but its header needs {8 + header_len + data_end} "
+            f"(truncated); copy it again"
+        )
     return header
 
 
@@ -152,18 +192,24 @@ def _check_format(config: dict, tensors: dict[str, TensorInfo], label: str, quan
     raylm's GPT can run."""
     raylm_quantized = is_raylm_quantized(config)
     if raylm_quantized and not quantized_ok:
-        raise CheckpointError(f"{label}: a folder quantized by `raylm compress` cannot start training, which needs "
-                              f"float weights; dequantize it first (`raylm compress {config_folder(label)} OUT "
-                              f"--dequantize`) and start from OUT, or start from the unquantized export")
+        raise CheckpointError(
+            f"{label}: a folder quantized by `raylm compress` cannot start training, which needs "
+            f"float weights; dequantize it first (`raylm compress {config_folder(label)} OUT "
+            f"--dequantize`) and start from OUT, or start from the unquantized export"
+        )
     if config.get("quantization_config") and not raylm_quantized:
         method = config["quantization_config"].get("quant_method", "?")
-        raise CheckpointError(f"{label}: a quantized folder (quantization_config {method!r}) cannot start or be "
-                              f"read as float weights; point it at the unquantized export")
+        raise CheckpointError(
+            f"{label}: a quantized folder (quantization_config {method!r}) cannot start or be "
+            f"read as float weights; point it at the unquantized export"
+        )
     allowed = FLOAT_DTYPES + (QUANT_DTYPES if raylm_quantized else ())
     odd = next(((n, t.dtype) for n, t in tensors.items() if t.dtype not in allowed), None)
     if odd:
-        raise CheckpointError(f"{label}: tensor {odd[0]} is {odd[1]}, not one of {', '.join(FLOAT_DTYPES)} (a "
-                              f"quantized folder?); point it at the unquantized export")
+        raise CheckpointError(
+            f"{label}: tensor {odd[0]} is {odd[1]}, not one of {', '.join(FLOAT_DTYPES)} (a "
+            f"quantized folder?); point it at the unquantized export"
+        )
     bad = unsupported_settings(config)
     if bad:
         raise CheckpointError(f"{label}: raylm's GPT cannot run a Llama with {', '.join(bad)}; {FIX}")
@@ -220,7 +266,9 @@ class HFWeights:
 
     def _slice(self, key: str, shard: Shard | None, tensors: dict[str, TensorInfo]) -> torch.Tensor:
         info = tensors[key]
-        if info.dtype.startswith("Q"):  # a quantized matrix: dequantized whole (eval and generate read it whole)
+        if info.dtype.startswith(
+            "Q"
+        ):  # a quantized matrix: dequantized whole (eval and generate read it whole)
             full = self._dequantize(key, info)
             return full if shard is None else shard.of(full)
         tensor = self._handle(info.file).get_slice(key)
@@ -253,23 +301,37 @@ def check_matches(folder: HFFolder, model: ModelConfig, shapes: dict[str, torch.
         have = folder.tensors.get(key)
         if have is None or have.shape != tuple(shape):
             found = "is missing" if have is None else f"has shape {have.shape}"
-            raise CheckpointError(f"{folder.label}: {key} {found} but the model config needs {tuple(shape)}; "
-                                  f"{_fix_for(folder, model)}")
+            raise CheckpointError(
+                f"{folder.label}: {key} {found} but the model config needs {tuple(shape)}; "
+                f"{_fix_for(folder, model)}"
+            )
     differ = differing_settings(folder.config, model)  # the shapes agree, yet the models differ
     if differ:
         key, hf_key, theirs, mine = differ[0]
-        raise CheckpointError(f"{folder.label}: config.json has {hf_key}={theirs!r} but model.{key}={mine!r}; "
-                              f"set model.{key}={theirs} to start from this folder")
-    odd_mask = next((k for k, m in folder.masks.items()
-                     if m.dtype != "BOOL" or k not in folder.tensors or m.shape != folder.tensors[k].shape), None)
+        raise CheckpointError(
+            f"{folder.label}: config.json has {hf_key}={theirs!r} but model.{key}={mine!r}; "
+            f"set model.{key}={theirs} to start from this folder"
+        )
+    odd_mask = next(
+        (
+            k
+            for k, m in folder.masks.items()
+            if m.dtype != "BOOL" or k not in folder.tensors or m.shape != folder.tensors[k].shape
+        ),
+        None,
+    )
     if odd_mask:
-        raise CheckpointError(f"{folder.label}: {MASKS_FILE} holds {odd_mask}, which is not a bool tensor shaped like "
-                              f"the weight of that name; prune the unpruned export again with `raylm compress`")
+        raise CheckpointError(
+            f"{folder.label}: {MASKS_FILE} holds {odd_mask}, which is not a bool tensor shaped like "
+            f"the weight of that name; prune the unpruned export again with `raylm compress`"
+        )
     wanted = {hf_name(n) for n in shapes} | ({"lm_head.weight"} if model.tie_embeddings else set())
     extra = sorted(k for k in folder.tensors if k not in wanted and not k.endswith(IGNORED_SUFFIXES))
     if extra:
-        raise CheckpointError(f"{folder.label}: holds {extra[0]}, which raylm's Llama has no place for "
-                              f"({len(extra)} such tensors); {FIX}")
+        raise CheckpointError(
+            f"{folder.label}: holds {extra[0]}, which raylm's Llama has no place for "
+            f"({len(extra)} such tensors); {FIX}"
+        )
 
 
 def _fix_for(folder: HFFolder, model: ModelConfig) -> str:
@@ -282,6 +344,8 @@ def _fix_for(folder: HFFolder, model: ModelConfig) -> str:
     return f"the model settings agree with its config.json, so the vocabulary differs: it needs {vocab}"
 
 
-def open_hf_weights(folder: str | Path, model: ModelConfig, vocab_rows: int, label: str | None = None) -> HFWeights:
+def open_hf_weights(
+    folder: str | Path, model: ModelConfig, vocab_rows: int, label: str | None = None
+) -> HFWeights:
     """Open and check a folder for `model` with `vocab_rows` embedding rows: the reader every caller uses."""
     return HFWeights(open_folder(folder, label), model, vocab_rows)

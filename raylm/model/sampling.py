@@ -11,8 +11,8 @@ that the greedy test and benchmarks/generate.py compare against.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 
@@ -25,7 +25,9 @@ class Sampler:
 
     temperature: float = 0.8
     top_k: int = 0  # keep the k most likely tokens (0 = all)
-    top_p: float = 1.0  # keep the smallest set of most likely tokens whose probability reaches top_p (1 = all)
+    top_p: float = (
+        1.0  # keep the smallest set of most likely tokens whose probability reaches top_p (1 = all)
+    )
 
     def __call__(self, logits: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return next_token(logits, self, generator)
@@ -48,7 +50,9 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def next_token(logits: torch.Tensor, sampler: Sampler, generator: torch.Generator | None = None) -> torch.Tensor:
+def next_token(
+    logits: torch.Tensor, sampler: Sampler, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """The next token id of each row (B, 1) from its logits (B, V): argmax at temperature 0, else a draw from
     the temperature-scaled distribution filtered by top-k then top-p."""
     if sampler.temperature <= 0:
@@ -64,8 +68,9 @@ def slide_keep(max_seq_len: int) -> int:
 
 
 @torch.inference_mode()
-def decode_cached(model: GPT, idx: torch.Tensor, vocab_size: int, sampler: Sampler,
-                  generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+def decode_cached(
+    model: GPT, idx: torch.Tensor, vocab_size: int, sampler: Sampler, generator: torch.Generator | None = None
+) -> Iterator[torch.Tensor]:
     """Yield the next token (B, 1) after idx (B, T), forever, with a KV cache: prefill, then one token a step.
 
     RoPE positions end at max_seq_len, so the cache holds one window. A prompt longer than that keeps its newest
@@ -85,12 +90,13 @@ def decode_cached(model: GPT, idx: torch.Tensor, vocab_size: int, sampler: Sampl
             logits = model(next_id, cache=cache)[:, -1, :vocab_size]  # (B, V): one token against the cache
         else:
             cache.clear()
-            logits = model(context[:, -slide_keep(window):], cache=cache)[:, -1, :vocab_size]  # (B, V)
+            logits = model(context[:, -slide_keep(window) :], cache=cache)[:, -1, :vocab_size]  # (B, V)
 
 
 @torch.inference_mode()
-def decode_full_window(model: GPT, idx: torch.Tensor, vocab_size: int, sampler: Sampler,
-                       generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+def decode_full_window(
+    model: GPT, idx: torch.Tensor, vocab_size: int, sampler: Sampler, generator: torch.Generator | None = None
+) -> Iterator[torch.Tensor]:
     """Yield the next token (B, 1) after idx (B, T), forever, re-running the newest max_seq_len tokens for each:
     no cache, the reference decode_cached must match for greedy decoding up to the window."""
     window = model.cfg.max_seq_len

@@ -9,7 +9,7 @@ own TP slice, so no rank ever materializes the whole model:
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -65,8 +65,9 @@ def check_init_from(cfg: Config) -> Config:
     built."""
     if cfg.model.init_from:
         try:
-            open_hf_weights(cfg.model.init_from, cfg.model, padded_vocab(cfg.data.vocab_size),
-                            init_from_label(cfg.model))
+            open_hf_weights(
+                cfg.model.init_from, cfg.model, padded_vocab(cfg.data.vocab_size), init_from_label(cfg.model)
+            )
         except RaylmError as exc:
             raise ConfigError(str(exc)) from None
     return cfg

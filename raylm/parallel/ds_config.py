@@ -33,10 +33,16 @@ class TrainSpec:
     compile_blocks: bool  # train.compile
 
     @classmethod
-    def from_config(cls, cfg: Config) -> "TrainSpec":
-        return cls(vocab_size=padded_vocab(cfg.data.vocab_size), seq_len=cfg.data.seq_len,
-                   micro_batches=micro_batches_for(cfg.train.global_batch, cfg), precision=cfg.train.precision,
-                   grad_clip=cfg.train.grad_clip, optim=cfg.optim, compile_blocks=cfg.train.compile)
+    def from_config(cls, cfg: Config) -> TrainSpec:
+        return cls(
+            vocab_size=padded_vocab(cfg.data.vocab_size),
+            seq_len=cfg.data.seq_len,
+            micro_batches=micro_batches_for(cfg.train.global_batch, cfg),
+            precision=cfg.train.precision,
+            grad_clip=cfg.train.grad_clip,
+            optim=cfg.optim,
+            compile_blocks=cfg.train.compile,
+        )
 
 
 def zero_stage_for(p: ParallelConfig, precision: str) -> int:
@@ -60,9 +66,14 @@ def zero_optimization(stage: int) -> dict:
     """The zero_optimization section for a ZeRO stage (the ZERO3_* settings above for stage 3)."""
     if stage < 3:
         return {"stage": stage, "reduce_bucket_size": REDUCE_BUCKET}
-    return {"stage": 3, "reduce_bucket_size": ZERO3_REDUCE_BUCKET, "sub_group_size": ZERO3_SUB_GROUP,
-            "stage3_max_reuse_distance": 0, "stage3_max_live_parameters": ZERO3_REDUCE_BUCKET,
-            "stage3_prefetch_bucket_size": ZERO3_PREFETCH_BUCKET}
+    return {
+        "stage": 3,
+        "reduce_bucket_size": ZERO3_REDUCE_BUCKET,
+        "sub_group_size": ZERO3_SUB_GROUP,
+        "stage3_max_reuse_distance": 0,
+        "stage3_max_live_parameters": ZERO3_REDUCE_BUCKET,
+        "stage3_prefetch_bucket_size": ZERO3_PREFETCH_BUCKET,
+    }
 
 
 def build_ds_config(p: ParallelConfig, spec: TrainSpec, micro_batches: int | None = None) -> dict:

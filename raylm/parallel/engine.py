@@ -14,8 +14,8 @@ also the only code that touches either engine's internals (checkpoints use save_
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from datetime import timedelta
-from typing import Callable, Iterator
 
 import deepspeed
 import torch
@@ -29,13 +29,20 @@ from raylm.model.weight_source import WeightSource
 from raylm.model.weights import InMemoryWeights, SeededInit
 from raylm.parallel import param_state, sparsity
 from raylm.parallel.ds_config import TrainSpec, build_ds_config, zero_stage_for
+from raylm.parallel.full_tensors import (
+    StageLayers,
+    gather_full,
+    named_params,
+    owned_cpu,
+    read_weights,
+    shard_of,
+    tag_for_grad_norm,
+)
 from raylm.parallel.host_alloc import map_large_allocations
 from raylm.parallel.layers import compile_blocks
 from raylm.parallel.pipe_wait import PipeWaitClock
 from raylm.parallel.pipeline import SingleStage, build_pipeline_module, ds_topology, stage_layers
 from raylm.parallel.shared_groups import shared_single_rank_groups
-from raylm.parallel.full_tensors import (StageLayers, gather_full, named_params, owned_cpu, read_weights,
-                                   shard_of, tag_for_grad_norm)
 from raylm.parallel.step_guard import StepGuard
 from raylm.parallel.tensor import TPGroup
 from raylm.parallel.topology import ProcessGroups, Topology, build_groups
@@ -70,20 +77,40 @@ def build_optimizer(module: nn.Module, optim: OptimConfig, fused: bool = False) 
     """AdamW with decoupled weight decay on matrices only (norm gains are not decayed); `fused` runs torch's
     single-kernel AdamW (on GPUs: one launch per step instead of several per parameter)."""
     params = [p for p in module.parameters() if p.requires_grad]
-    matrices = [len(param_state.local_shape(p)) >= 2 for p in params]  # a ZeRO-3 partition is flat: ask its shape
+    matrices = [
+        len(param_state.local_shape(p)) >= 2 for p in params
+    ]  # a ZeRO-3 partition is flat: ask its shape
     groups = [
-        {"params": [p for p, matrix in zip(params, matrices) if matrix], "weight_decay": optim.weight_decay},
-        {"params": [p for p, matrix in zip(params, matrices) if not matrix], "weight_decay": 0.0},
+        {
+            "params": [p for p, matrix in zip(params, matrices, strict=True) if matrix],
+            "weight_decay": optim.weight_decay,
+        },
+        {
+            "params": [p for p, matrix in zip(params, matrices, strict=True) if not matrix],
+            "weight_decay": 0.0,
+        },
     ]
     groups = [g for g in groups if g["params"]]  # a stage may hold no norm (e.g. the embedding alone)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused)
+    return torch.optim.AdamW(
+        groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps, fused=fused
+    )
 
 
 class Engine:
     """One rank of a DeepSpeed engine plus raylm's layout and full-state I/O; the same calls on every rank."""
 
-    def __init__(self, ds_engine, optimizer: torch.optim.Optimizer, topo: Topology, groups: ProcessGroups,
-                 tp: TPGroup, layers: StageLayers, model: ModelConfig, vocab_size: int, micro_batch: int):
+    def __init__(
+        self,
+        ds_engine,
+        optimizer: torch.optim.Optimizer,
+        topo: Topology,
+        groups: ProcessGroups,
+        tp: TPGroup,
+        layers: StageLayers,
+        model: ModelConfig,
+        vocab_size: int,
+        micro_batch: int,
+    ):
         self.ds = ds_engine
         self.optimizer = optimizer
         self.topo = topo
@@ -133,8 +160,10 @@ class Engine:
 
     def _data(self, data_iter: Iterator[Batch] | None) -> Iterator[Batch] | None:
         if self.reads_data and data_iter is None:
-            raise ValueError(f"rank {self.rank} {self.coords} is on the first or last pipeline stage and "
-                             f"needs a data iterator of (inputs, labels) micro-batches")
+            raise ValueError(
+                f"rank {self.rank} {self.coords} is on the first or last pipeline stage and "
+                f"needs a data iterator of (inputs, labels) micro-batches"
+            )
         return data_iter if self.reads_data else None
 
     def train_batch(self, data_iter: Iterator[Batch] | None) -> float:
@@ -179,7 +208,9 @@ class Engine:
         for index, shapes in model_layers(self.model, self.vocab_size).items():
             owner, mine = self.layers.stage_of(index), owned.get(index)
             for name, shape in shapes.items():
-                value = gather_full(mine[name], self.tp) if mine else torch.empty(shape, device=self.ds.device)
+                value = (
+                    gather_full(mine[name], self.tp) if mine else torch.empty(shape, device=self.ds.device)
+                )
                 dist.broadcast(value, src=self.topo.rank_of(owner, 0, 0))
                 full[name] = owned_cpu(value)
         return full
@@ -203,17 +234,27 @@ class Engine:
         param_state.ensure_adam_state(self.optimizer, self.ds.optimizer)
         for index, params in self.layers.by_layer(owned_only=True).items():
             weights = {name: owned_cpu(gather_full(param, self.tp)) for name, param in params.items()}
-            moments = {name: {**{key: owned_cpu(t) for key, t in gather_full(param, self.tp, self.optimizer).items()},
-                              **sparsity.full_mask_entry(param, self.tp)}  # pruning masks travel with the moments
-                       for name, param in params.items()}
+            moments = {
+                name: {
+                    **{key: owned_cpu(t) for key, t in gather_full(param, self.tp, self.optimizer).items()},
+                    **sparsity.full_mask_entry(param, self.tp),
+                }  # pruning masks travel with the moments
+                for name, param in params.items()
+            }
             if self.writes_layers:
                 write_layer(index, weights, moments)
         ds = self.ds
-        return {"adam_step": param_state.adam_step(self.optimizer), "lr": self.optimizer.param_groups[0]["lr"],
-                "global_steps": ds.global_steps, "global_samples": ds.global_samples,
-                "skipped_steps": ds.skipped_steps}
+        return {
+            "adam_step": param_state.adam_step(self.optimizer),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "global_steps": ds.global_steps,
+            "global_samples": ds.global_samples,
+            "skipped_steps": ds.skipped_steps,
+        }
 
-    def load_state(self, read_layer: Callable[[int], tuple[Tensors, Moments | None]], scalars: dict | None) -> None:
+    def load_state(
+        self, read_layer: Callable[[int], tuple[Tensors, Moments | None]], scalars: dict | None
+    ) -> None:
         """Load every layer this rank holds from read_layer(index) -> (full weights, full moments or None), keeping
         this rank's TP slice and ZeRO partition (every rank calls: ZeRO-3 re-gathers its whole-kept weights at the
         end). `scalars` are save_state's; None starts AdamW
@@ -284,8 +325,10 @@ class SingleStageEngine(Engine):
         data_iter = self._data(data_iter)
         assert data_iter is not None  # pp = 1: every rank reads data (_data says so when it has none)
         with torch.no_grad(), self.guard.not_training():
-            losses = [self.ds(inputs.to(self.ds.device), labels.to(self.ds.device))
-                      for inputs, labels in (next(data_iter) for _ in range(num_micro_batches))]
+            losses = [
+                self.ds(inputs.to(self.ds.device), labels.to(self.ds.device))
+                for inputs, labels in (next(data_iter) for _ in range(num_micro_batches))
+            ]
         return self._dp_mean(losses)
 
     def _dp_mean(self, losses: list[torch.Tensor]) -> float:
@@ -297,15 +340,23 @@ class SingleStageEngine(Engine):
         return float(mean)
 
 
-def build_module(model: ModelConfig, parallel: ParallelConfig, spec: TrainSpec, topo: Topology, tp: TPGroup,
-                 on_built: LayerHook | None = None) -> tuple[nn.Module, StageLayers]:
+def build_module(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    spec: TrainSpec,
+    topo: Topology,
+    tp: TPGroup,
+    on_built: LayerHook | None = None,
+) -> tuple[nn.Module, StageLayers]:
     """This rank's module (a pipeline stage, or the whole model when pp = 1) and its layers by full name;
     `on_built` (pp = 1 only) runs on each layer as soon as it is built."""
     recompute = parallel.activation_checkpointing
     if topo.pp == 1:
         module = SingleStage(model, spec.vocab_size, tp, recompute, on_built)
         return module, StageLayers(named_params(module.stage_layers()), 0, lambda index: 0, model.n_layer)
-    pipe = build_pipeline_module(model, spec.vocab_size, spec.seq_len, parallel.partition, recompute, topo, tp)
+    pipe = build_pipeline_module(
+        model, spec.vocab_size, spec.seq_len, parallel.partition, recompute, topo, tp
+    )
     return pipe, StageLayers(named_params(stage_layers(pipe)), pipe.stage_id, pipe.stage_owner, model.n_layer)
 
 
@@ -330,8 +381,9 @@ def _build_engine(cfg: Config, spec: TrainSpec, topo: Topology, weights: WeightS
     if zero3 and not torch.cuda.is_available():
         map_large_allocations()  # before the stage is built: ZeRO-3 gathers and frees every layer every step
     dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
-    module, layers = build_module(cfg.model, cfg.parallel, spec, topo, tp,
-                                  layer_partitioner(ds_config, mpu, dtype) if zero3 else None)
+    module, layers = build_module(
+        cfg.model, cfg.parallel, spec, topo, tp, layer_partitioner(ds_config, mpu, dtype) if zero3 else None
+    )
     # each rank reads only its stage's parameters, and of those its TP slice (its ZeRO-3 partitions, once they
     # exist); masks first: a pruned start trains with its pruned weights held at 0
     weights = weights if weights is not None else SeededInit(cfg.model, spec.vocab_size, cfg.run.seed)
@@ -344,8 +396,9 @@ def _build_engine(cfg: Config, spec: TrainSpec, topo: Topology, weights: WeightS
     optimizer = build_optimizer(module, spec.optim, fused=torch.cuda.is_available())
     ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu, config=ds_config)
     engine_class = SingleStageEngine if topo.pp == 1 else PipelineStageEngine
-    engine = engine_class(ds_engine, optimizer, topo, groups, tp, layers, cfg.model, spec.vocab_size,
-                          cfg.parallel.micro_batch)
+    engine = engine_class(
+        ds_engine, optimizer, topo, groups, tp, layers, cfg.model, spec.vocab_size, cfg.parallel.micro_batch
+    )
     if zero3:  # the layers were partitioned empty: each rank writes its partition of every master
         alias_fp32_masters(ds_engine.optimizer)
         engine.read_weights(weights)

@@ -7,8 +7,9 @@ a TP all-gather); `read_weights` and `shard_of` go the other way without any com
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, cast, overload
+from typing import Any, cast, overload
 
 import torch
 import torch.distributed as dist
@@ -23,8 +24,11 @@ from raylm.parallel.tensor import TPGroup
 def named_params(layers: list[nn.Module]) -> dict[str, nn.Parameter]:
     """Parameters of the given layers keyed by their full-model names (values are TP shards where split)."""
     # name_prefix is a plain str attribute; nn.Module.__getattr__ is typed for submodules and tensors only.
-    return {cast(str, layer.name_prefix) + local: param
-            for layer in layers for local, param in layer.named_parameters()}
+    return {
+        cast(str, layer.name_prefix) + local: param
+        for layer in layers
+        for local, param in layer.named_parameters()
+    }
 
 
 @dataclass
@@ -75,7 +79,9 @@ def read_weights(params: dict[str, nn.Parameter], source: WeightSource, tp: TPGr
         shard = source.read(name, tp_shard(param, tp))
         assert tuple(shard.shape) == param_state.local_shape(param), (name, shard.shape)
         mask = getattr(param, "prune_mask", None)
-        param_state.set_master_value(param, shard if mask is None else shard.masked_fill(~mask.to(shard.device), 0.0))
+        param_state.set_master_value(
+            param, shard if mask is None else shard.masked_fill(~mask.to(shard.device), 0.0)
+        )
 
 
 def gather_tp(shard: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> torch.Tensor:

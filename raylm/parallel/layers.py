@@ -6,7 +6,7 @@ name of its parameters (`name_prefix` + local name), which is how full weights a
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -14,8 +14,14 @@ import torch.nn.functional as F
 
 from raylm.config.schema import ModelConfig
 from raylm.model.gpt import Block, RMSNorm, rope_tables
-from raylm.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, TPGroup, VocabParallelEmbedding,
-                                   copy_to_tp_region, vocab_parallel_cross_entropy)
+from raylm.parallel.tensor import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TPGroup,
+    VocabParallelEmbedding,
+    copy_to_tp_region,
+    vocab_parallel_cross_entropy,
+)
 
 # Which of a Block's linears are split by output rows (column) or input columns (row). Column then row keeps
 # one all-reduce per sub-layer in each direction: heads and the SwiGLU width are what get split.

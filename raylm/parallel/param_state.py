@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state, safe_set_full_fp32_param,
-                             safe_set_full_optimizer_state)
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
@@ -38,9 +42,14 @@ def _zero_adam_state(param: torch.Tensor, group: dict) -> dict:
     if group.get("capturable") or group.get("fused"):
         step = torch.zeros((), dtype=torch.float32, device=param.device)
     else:
-        step = torch.tensor(0.0, dtype=torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32)
-    return {"step": step, "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format)}
+        step = torch.tensor(
+            0.0, dtype=torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        )
+    return {
+        "step": step,
+        "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+        "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+    }
 
 
 def _stepped_tensors(optimizer: torch.optim.Optimizer, ds_optimizer) -> list[tuple[torch.Tensor, dict]]:
@@ -48,8 +57,10 @@ def _stepped_tensors(optimizer: torch.optim.Optimizer, ds_optimizer) -> list[tup
     while it steps them, so between steps they are found on the ZeRO-3 optimizer."""
     if hasattr(ds_optimizer, "fp32_partitioned_groups_flat"):
         groups = ds_optimizer.sub_group_to_group_id
-        return [(flat, optimizer.param_groups[groups[i]])
-                for i, flat in enumerate(ds_optimizer.fp32_partitioned_groups_flat)]
+        return [
+            (flat, optimizer.param_groups[groups[i]])
+            for i, flat in enumerate(ds_optimizer.fp32_partitioned_groups_flat)
+        ]
     return [(param, group) for group in optimizer.param_groups for param in group["params"]]
 
 
@@ -107,7 +118,9 @@ def set_master_value(param: nn.Parameter, value: torch.Tensor) -> None:
     value = value.to(device=param.device, dtype=torch.float32)
     if not is_zero3(param):
         with torch.no_grad():
-            param.copy_(value)  # bf16 parameters round to nearest, as DeepSpeed's own master -> model copy does
+            param.copy_(
+                value
+            )  # bf16 parameters round to nearest, as DeepSpeed's own master -> model copy does
     safe_set_full_fp32_param(param, value)
 
 
@@ -133,11 +146,17 @@ def adam_moments(optimizer: torch.optim.Optimizer, param: nn.Parameter) -> dict[
     return {key: state[key].detach().float() for key in ADAM_KEYS}
 
 
-def set_adam_moments(optimizer: torch.optim.Optimizer, param: nn.Parameter, moments: dict[str, torch.Tensor]) -> None:
+def set_adam_moments(
+    optimizer: torch.optim.Optimizer, param: nn.Parameter, moments: dict[str, torch.Tensor]
+) -> None:
     """Write this rank's parameter's moments (its DP partition under ZeRO/bf16; no communication)."""
     for key in ADAM_KEYS:
         value = moments[key]
-        assert tuple(value.shape) == local_shape(param), (key, value.shape, local_shape(param))  # checked before
+        assert tuple(value.shape) == local_shape(param), (
+            key,
+            value.shape,
+            local_shape(param),
+        )  # checked before
         if _is_partitioned(param):
             safe_set_full_optimizer_state(param, value.to(device=param.device, dtype=torch.float32), key)
         else:

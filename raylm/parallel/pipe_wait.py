@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from deepspeed.runtime.pipe import schedule
 
 # The instructions in which a stage computes nothing: point-to-point transfers, which block until the other
 # stage arrives, and the all-reduce of tied weights between the first and last stage at the end of a step.
-WAIT_INSTRUCTIONS = (schedule.SendActivation, schedule.RecvActivation, schedule.SendGrad, schedule.RecvGrad,
-                     schedule.ReduceTiedGrads)
+WAIT_INSTRUCTIONS = (
+    schedule.SendActivation,
+    schedule.RecvActivation,
+    schedule.SendGrad,
+    schedule.RecvGrad,
+    schedule.ReduceTiedGrads,
+)
 
 
 class PipeWaitClock:

@@ -8,7 +8,8 @@ weight's gradient between the first and last stages; with pp = 1 both uses hit o
 from __future__ import annotations
 
 import functools
-from typing import Callable, cast
+from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn as nn
@@ -19,8 +20,14 @@ from deepspeed.runtime.zero import register_external_parameter
 
 from raylm.config.schema import ModelConfig
 from raylm.model.facts import layer_costs
-from raylm.parallel.layers import (BlockPipe, EmbeddingPipe, FinalNormPipe, HeadPipe, VocabParallelLoss,
-                                   tied_head_forward)
+from raylm.parallel.layers import (
+    BlockPipe,
+    EmbeddingPipe,
+    FinalNormPipe,
+    HeadPipe,
+    VocabParallelLoss,
+    tied_head_forward,
+)
 from raylm.parallel.tensor import TPGroup
 from raylm.parallel.topology import Topology
 
@@ -58,12 +65,21 @@ def ds_topology(topo: Topology) -> PipeModelDataParallelTopology:
     return PipeModelDataParallelTopology(num_pp=topo.pp, num_mp=topo.tp, num_dp=topo.dp)
 
 
-def build_pipeline_module(cfg: ModelConfig, vocab_size: int, seq_len: int, partition: str, recompute: bool,
-                          topo: Topology, tp: TPGroup) -> PipelineModule:
+def build_pipeline_module(
+    cfg: ModelConfig,
+    vocab_size: int,
+    seq_len: int,
+    partition: str,
+    recompute: bool,
+    topo: Topology,
+    tp: TPGroup,
+) -> PipelineModule:
     """A PipelineModule over DeepSpeed's topology, split into stages by `partition` (compute, parameters or
     uniform); `recompute` checkpoints each block's activations."""
     if partition == "compute":
-        pipeline_class = functools.partial(ComputeBalancedPipeline, costs=layer_costs(cfg, vocab_size, seq_len))
+        pipeline_class = functools.partial(
+            ComputeBalancedPipeline, costs=layer_costs(cfg, vocab_size, seq_len)
+        )
     else:
         pipeline_class = functools.partial(PipelineModule, partition_method=partition)
     # no_grad: building it broadcasts the tied embedding between the first and last stage in place; under grad
@@ -104,7 +120,9 @@ class TiedHead(nn.Module):
     def __init__(self, embedding: EmbeddingPipe):
         super().__init__()
         object.__setattr__(self, "embedding", embedding)  # not a submodule: its weight must not appear twice
-        register_external_parameter(self, embedding.weight)  # ZeRO-3 gathers it around this forward; else a no-op
+        register_external_parameter(
+            self, embedding.weight
+        )  # ZeRO-3 gathers it around this forward; else a no-op
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return tied_head_forward(self.embedding, x)  # (B, T, vocab / tp)
@@ -113,8 +131,14 @@ class TiedHead(nn.Module):
 class SingleStage(nn.Module):
     """The whole layer list as one module (pp = 1), for DeepSpeed's plain engine: any ZeRO stage, no pipeline."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: TPGroup, recompute: bool,
-                 on_built: Callable[[nn.Module], None] | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        vocab_size: int,
+        tp: TPGroup,
+        recompute: bool,
+        on_built: Callable[[nn.Module], None] | None = None,
+    ):
         """`on_built(layer)` runs on each layer right after it is built, before the next (ZeRO-3 partitions it)."""
         super().__init__()
         built: dict[str, nn.Module] = {}

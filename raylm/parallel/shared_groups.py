@@ -18,8 +18,8 @@ collectives after that time instead of hanging them.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from datetime import timedelta
-from typing import Iterator
 
 import torch.distributed as dist
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from raylm.model.weight_source import WeightSource
-from raylm.parallel.param_state import local_shape
 from raylm.parallel.full_tensors import gather_tp, tp_shard
+from raylm.parallel.param_state import local_shape
 from raylm.parallel.tensor import TPGroup
 
 MASK_KEY = "mask"

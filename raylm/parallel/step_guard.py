@@ -15,7 +15,7 @@ each step stay consistent: no update, no AdamW step counted, gradients cleared.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -30,7 +30,9 @@ class StepGuard:
     def __init__(self, ds_engine, params: list[nn.Parameter]):
         self.ds = ds_engine
         self.params = params
-        self.loss_bad: torch.Tensor | bool = False  # a tensor once a loss was seen: no host sync per micro-batch
+        self.loss_bad: torch.Tensor | bool = (
+            False  # a tensor once a loss was seen: no host sync per micro-batch
+        )
         self.poison_next = False  # fault drill: the next micro-batch loss on this rank becomes NaN
         self.flags: list[int] | None = None  # the last checked step's flags, one per rank
         optimizer = ds_engine.optimizer
@@ -93,7 +95,9 @@ def _grads_finite(params: list[nn.Parameter], optimizer, device) -> torch.Tensor
 
 
 def _is_deepspeed_wrapper(optimizer) -> bool:
-    return not isinstance(optimizer, torch.optim.Optimizer) or hasattr(optimizer, "fp32_groups_gradients_flat")
+    return not isinstance(optimizer, torch.optim.Optimizer) or hasattr(
+        optimizer, "fp32_groups_gradients_flat"
+    )
 
 
 @contextlib.contextmanager
@@ -101,17 +105,23 @@ def _forced_overflow(optimizer) -> Iterator[bool]:
     """Make this step an overflow in the optimizer's own terms; yields whether its step() must still run (to take
     its overflow branch, which clears its gradient partitions)."""
     if hasattr(optimizer, "check_grad_overflow"):  # ZeRO-1/2: step() checks overflow first when asked to
-        with _instance_override(optimizer, check_grad_overflow=True,
-                                check_overflow=lambda partition_gradients=True: setattr(optimizer, "overflow", True)):
+        with _instance_override(
+            optimizer,
+            check_grad_overflow=True,
+            check_overflow=lambda partition_gradients=True: setattr(optimizer, "overflow", True),
+        ):
             yield True
     elif hasattr(optimizer, "_overflow_check_and_loss_scale_update"):  # ZeRO-3
+
         def overflowed(update_scale: bool = True) -> bool:
             optimizer.overflow = True
             return optimizer._loss_scale_update_and_overflow_cleanup() if update_scale else True
 
         with _instance_override(optimizer, _overflow_check_and_loss_scale_update=overflowed):
             yield True
-    elif hasattr(optimizer, "clear_hp_grads"):  # bf16 optimizer: its overflow branch, without the norm collective
+    elif hasattr(
+        optimizer, "clear_hp_grads"
+    ):  # bf16 optimizer: its overflow branch, without the norm collective
         optimizer.overflow = True
         optimizer.clear_hp_grads()
         optimizer.clear_lp_grads()

@@ -172,8 +172,9 @@ class _VocabParallelCE(torch.autograd.Function):
         return grad.to(ctx.in_dtype), None, None, None, None
 
 
-def vocab_parallel_cross_entropy(logits_shard: torch.Tensor, target: torch.Tensor, tp: TPGroup,
-                                 ignore_index: int = -100) -> torch.Tensor:
+def vocab_parallel_cross_entropy(
+    logits_shard: torch.Tensor, target: torch.Tensor, tp: TPGroup, ignore_index: int = -100
+) -> torch.Tensor:
     """Mean cross-entropy over targets != ignore_index, from logits split over the vocab (..., V/tp).
 
     Equals F.cross_entropy(full_logits, target, ignore_index=ignore_index) on every TP rank; a batch with no

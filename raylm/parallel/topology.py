@@ -34,7 +34,7 @@ class Topology(Layout):
     """A Layout's rank coordinates and groups: pure arithmetic, no process group is touched here."""
 
     @classmethod
-    def from_config(cls, parallel: ParallelConfig, world_size: int | None = None) -> "Topology":
+    def from_config(cls, parallel: ParallelConfig, world_size: int | None = None) -> Topology:
         """The layout of `parallel`, checked against the number of ranks actually started."""
         topo = cls(parallel.pp, parallel.tp, parallel.dp)
         topo.check_started(world_size)

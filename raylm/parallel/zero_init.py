@@ -13,7 +13,7 @@ rank's own partition of every fp32 master from the weight source, one parameter 
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import deepspeed
 import torch
@@ -26,14 +26,21 @@ LayerHook = Callable[[nn.Module], None]
 def layer_partitioner(ds_config: dict, mpu, dtype: torch.dtype) -> LayerHook:
     """A hook that moves one freshly built layer to this rank's device, casts its parameters to `dtype` (what
     deepspeed.initialize would do to the whole model) and partitions them over the DP group of `mpu`."""
-    device = torch.device(get_accelerator().device_name(os.environ["LOCAL_RANK"]))  # where zero.Init puts them
+    device = torch.device(
+        get_accelerator().device_name(os.environ["LOCAL_RANK"])
+    )  # where zero.Init puts them
 
     def partition(layer: nn.Module) -> None:
         layer.to(device)  # its buffers too: DeepSpeed moves nothing of a model that arrives partitioned
         for param in layer.parameters():
             param.data = param.data.to(dtype)
-        deepspeed.zero.Init(module=layer, data_parallel_group=mpu.get_data_parallel_group(), dtype=dtype,
-                            config_dict_or_path=ds_config, mpu=mpu)
+        deepspeed.zero.Init(
+            module=layer,
+            data_parallel_group=mpu.get_data_parallel_group(),
+            dtype=dtype,
+            config_dict_or_path=ds_config,
+            mpu=mpu,
+        )
 
     return partition
 
@@ -47,10 +54,18 @@ def alias_fp32_masters(ds_optimizer) -> int:
     partition: 4 bytes per parameter / dp. The master tensor stays the same object (AdamW's state and DeepSpeed's
     ids are keyed on it); after each step DeepSpeed copies it onto the working partition, now onto itself."""
     freed = 0
-    for working, master in zip(getattr(ds_optimizer, "fp16_partitioned_groups_flat", []),
-                               getattr(ds_optimizer, "fp32_partitioned_groups_flat", [])):
-        if (working is None or master.data_ptr() == working.data_ptr() or master.dtype != working.dtype
-                or master.device != working.device or master.shape != working.shape):
+    for working, master in zip(
+        getattr(ds_optimizer, "fp16_partitioned_groups_flat", []),
+        getattr(ds_optimizer, "fp32_partitioned_groups_flat", []),
+        strict=True,
+    ):
+        if (
+            working is None
+            or master.data_ptr() == working.data_ptr()
+            or master.dtype != working.dtype
+            or master.device != working.device
+            or master.shape != working.shape
+        ):
             continue
         freed += master.numel() * master.element_size()
         master.data = working.data

@@ -10,15 +10,18 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any, Iterator
+from typing import IO, Any
 
 from raylm.fsync import fsync_path
 from raylm.storage.objects import upload_bytes
 from raylm.storage.uri import StorageUri
 
-TMP_MARK = ".tmp-"  # a temp file is `.<name>.tmp-<nonce>`: hidden, never a shard, checkpoint or tmp-* folder name
+TMP_MARK = (
+    ".tmp-"  # a temp file is `.<name>.tmp-<nonce>`: hidden, never a shard, checkpoint or tmp-* folder name
+)
 
 
 def temp_name(path: Path) -> Path:

@@ -15,7 +15,9 @@ WEIGHTS_FILE = "model.safetensors"
 GENERATION_CONFIG_FILE = "generation_config.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_FILE = "special_tokens_map.json"
-RAYLM_CONFIG_FILE = "raylm_config.yaml"  # the run config, so `raylm generate` knows the tokenizer's vocab size
+RAYLM_CONFIG_FILE = (
+    "raylm_config.yaml"  # the run config, so `raylm generate` knows the tokenizer's vocab size
+)
 
 # A sweep folder
 DECISIONS_FILE = "decisions.jsonl"  # every rung and PBT decision, one JSON row each

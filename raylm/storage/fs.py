@@ -14,21 +14,40 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, TypeVar
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from raylm.errors import StorageError
 from raylm.storage.uri import StorageUri
 
 PROBE_TIMEOUT_S = 15.0  # the first contact with a bucket fails within this, naming the endpoint variable
-CONNECT_TIMEOUT_S = 4.0  # also the request timeout: on Linux curl's low-speed limit, so a stalled read fails too
+CONNECT_TIMEOUT_S = (
+    4.0  # also the request timeout: on Linux curl's low-speed limit, so a stalled read fails too
+)
 MAX_ATTEMPTS = 3  # the SDK's retries on a failed request (with backoff)
 ENDPOINT_VARS = {"s3": ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"), "gs": ("STORAGE_EMULATOR_HOST",)}
 SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-UNREACHABLE = ("NETWORK_CONNECTION", "curlCode", "Could not connect", "Couldn't connect", "timed out", "Timeout")
-DENIED = ("ACCESS_DENIED", "AccessDenied", "INVALID_ACCESS_KEY_ID", "InvalidAccessKeyId", "SIGNATURE_DOES_NOT_MATCH",
-          "SignatureDoesNotMatch", "403", "Forbidden", "PERMISSION_DENIED")
+UNREACHABLE = (
+    "NETWORK_CONNECTION",
+    "curlCode",
+    "Could not connect",
+    "Couldn't connect",
+    "timed out",
+    "Timeout",
+)
+DENIED = (
+    "ACCESS_DENIED",
+    "AccessDenied",
+    "INVALID_ACCESS_KEY_ID",
+    "InvalidAccessKeyId",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "SignatureDoesNotMatch",
+    "403",
+    "Forbidden",
+    "PERMISSION_DENIED",
+)
 NO_BUCKET = ("NO_SUCH_BUCKET", "NoSuchBucket", "bucket does not exist")
 
 T = TypeVar("T")
@@ -58,14 +77,27 @@ def _build(scheme: str):
 
     name, value = endpoint(scheme)
     parts = urlsplit(value if "://" in value else f"//{value}") if value else None
-    where = {"endpoint_override": parts.netloc.rpartition("@")[2], "scheme": parts.scheme or None} if parts else {}
+    where = (
+        {"endpoint_override": parts.netloc.rpartition("@")[2], "scheme": parts.scheme or None}
+        if parts
+        else {}
+    )
     if scheme == "gs":
         from datetime import timedelta
 
         return pafs.GcsFileSystem(retry_time_limit=timedelta(seconds=PROBE_TIMEOUT_S), **where)
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or ("us-east-1" if name else None)
-    return pafs.S3FileSystem(region=region, connect_timeout=CONNECT_TIMEOUT_S, request_timeout=CONNECT_TIMEOUT_S,
-                             retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS), **where)
+    region = (
+        os.environ.get("AWS_REGION")
+        or os.environ.get("AWS_DEFAULT_REGION")
+        or ("us-east-1" if name else None)
+    )
+    return pafs.S3FileSystem(
+        region=region,
+        connect_timeout=CONNECT_TIMEOUT_S,
+        request_timeout=CONNECT_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+        **where,
+    )
 
 
 def _probe(fs, uri: StorageUri) -> None:
@@ -74,8 +106,9 @@ def _probe(fs, uri: StorageUri) -> None:
 
     info = with_deadline(lambda: fs.get_file_info(uri.bucket), uri, "reach the bucket of")
     if info.type == pafs.FileType.NotFound:
-        raise StorageError(f"bucket {uri.bucket} of {uri} does not exist{_at_endpoint(uri.scheme)}; create it or "
-                           f"fix the URI")
+        raise StorageError(
+            f"bucket {uri.bucket} of {uri} does not exist{_at_endpoint(uri.scheme)}; create it or fix the URI"
+        )
 
 
 def with_deadline(call: Callable[[], T], uri: StorageUri, what: str, timeout_s: float | None = None) -> T:
@@ -94,8 +127,10 @@ def with_deadline(call: Callable[[], T], uri: StorageUri, what: str, timeout_s: 
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-        raise StorageError(f"the storage endpoint for {uri} did not answer within {timeout_s:.0f} s"
-                           f"{_at_endpoint(uri.scheme)}; {_endpoint_fix(uri.scheme)}")
+        raise StorageError(
+            f"the storage endpoint for {uri} did not answer within {timeout_s:.0f} s"
+            f"{_at_endpoint(uri.scheme)}; {_endpoint_fix(uri.scheme)}"
+        )
     if "error" in box:
         with storage_errors(uri, what):
             raise box["error"]
@@ -117,14 +152,20 @@ def describe(exc: BaseException, uri: StorageUri, what: str) -> str:
     """One line for a storage error, scrubbed of credential values."""
     text = scrub(str(exc))
     if any(mark in text for mark in UNREACHABLE):
-        return (f"cannot {what} {uri}: the storage endpoint does not answer{_at_endpoint(uri.scheme)}; "
-                f"{_endpoint_fix(uri.scheme)}")
+        return (
+            f"cannot {what} {uri}: the storage endpoint does not answer{_at_endpoint(uri.scheme)}; "
+            f"{_endpoint_fix(uri.scheme)}"
+        )
     if any(mark in text for mark in NO_BUCKET):
-        return (f"cannot {what} {uri}: bucket {uri.bucket} does not exist{_at_endpoint(uri.scheme)}; create it or "
-                f"fix the URI")
+        return (
+            f"cannot {what} {uri}: bucket {uri.bucket} does not exist{_at_endpoint(uri.scheme)}; create it or "
+            f"fix the URI"
+        )
     if any(mark in text for mark in DENIED):
-        return (f"cannot {what} {uri}: access to bucket {uri.bucket} is denied; check that the credentials in the "
-                f"environment ({_credential_vars(uri.scheme)}) may use it")
+        return (
+            f"cannot {what} {uri}: access to bucket {uri.bucket} is denied; check that the credentials in the "
+            f"environment ({_credential_vars(uri.scheme)}) may use it"
+        )
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
     return f"cannot {what} {uri}: {first}"
 
@@ -143,7 +184,9 @@ def _at_endpoint(scheme: str) -> str:
     if not name:
         return ""
     parts = urlsplit(value if "://" in value else f"//{value}")
-    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().lstrip("/")  # never user:password@
+    shown = (
+        parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl().lstrip("/")
+    )  # never user:password@
     return f" (endpoint {shown} from {name})"
 
 

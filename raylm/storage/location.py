@@ -7,24 +7,34 @@ there too, each file verified against its size and sha256 before it takes its fi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Union
+from typing import TYPE_CHECKING
 
 from raylm.fsync import fsync_path
 from raylm.storage.atomic import put_atomic
-from raylm.storage.objects import (COPY_BYTES, delete_object, delete_prefix, object_sizes, open_read, read_bytes as read_object,
-                                   sub_prefixes, upload_file)
+from raylm.storage.objects import (
+    COPY_BYTES,
+    delete_object,
+    delete_prefix,
+    object_sizes,
+    open_read,
+    sub_prefixes,
+    upload_file,
+)
+from raylm.storage.objects import read_bytes as read_object
 from raylm.storage.uri import StorageUri, is_uri, parse_uri
 
 if TYPE_CHECKING:
     from typing_extensions import TypeIs  # typing.TypeIs is Python 3.13+
 
-Location = Union[Path, StorageUri]
+Location = Path | StorageUri
 CACHE_NAME = "raylm-cache"
 PART_SUFFIX = ".part"  # a download in progress (part_name)
 MISSING = "is missing"
@@ -97,10 +107,8 @@ def delete_files(loc: Location, names: list[str]) -> None:
     """Delete these files (relative names) under the location, in the order given; a missing one is no error."""
     for name in names:
         if is_remote(loc):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 delete_object(loc / name)
-            except FileNotFoundError:
-                pass
         else:
             (loc / name).unlink(missing_ok=True)
 
@@ -151,8 +159,9 @@ def part_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.{os.getpid()}-{threading.get_ident()}{PART_SUFFIX}")
 
 
-def download(uri: StorageUri, target: Path, feed: Callable[[bytes], None],
-             check: Callable[[], str | None]) -> str | None:
+def download(
+    uri: StorageUri, target: Path, feed: Callable[[bytes], None], check: Callable[[], str | None]
+) -> str | None:
     """Object -> `.part` beside target, each piece handed to feed() as it arrives -> check() -> fsynced and
     renamed to target when the check returns None; returns the check's problem, or 'is missing' when there is
     no object (check may also raise). Nothing else is left behind: a name in a mirror holds checked bytes."""
@@ -223,7 +232,12 @@ def download_folder(uri: StorageUri, cache_dir: str = "") -> Path:
         target = local / name
         if target.is_file() and target.stat().st_size == size:
             continue
-        problem = _fetch(uri / name, target, lambda got, _: None if got == size else f"has {got} bytes, not {size}")
+        problem = _fetch(uri / name, target, _size_check(size))
         if problem is not None:
             raise OSError(f"{uri / name} {problem} (changed while it was read); try again")
     return local
+
+
+def _size_check(size: int) -> Callable[[int, str], str | None]:
+    """A _fetch check that names a byte count other than `size`."""
+    return lambda got, _: None if got == size else f"has {got} bytes, not {size}"

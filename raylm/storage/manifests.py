@@ -39,8 +39,9 @@ def parse_manifest_bytes(data: bytes, fmt: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ManifestProblem("json", exc) from None
     if not isinstance(manifest, dict) or manifest.get("format") != fmt:
-        raise ManifestProblem("format", manifest.get("format") if isinstance(manifest, dict)
-                              else type(manifest).__name__)
+        raise ManifestProblem(
+            "format", manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        )
     return manifest
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from raylm.storage.fs import filesystem, storage_errors
 from raylm.storage.uri import StorageUri

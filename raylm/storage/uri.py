@@ -35,7 +35,7 @@ class StorageUri:
     def __str__(self) -> str:
         return f"{self.scheme}://{self.path}"
 
-    def join(self, name: str) -> "StorageUri":
+    def join(self, name: str) -> StorageUri:
         """The object `name` under this prefix (name is a plain relative key such as `manifest.json`)."""
         return StorageUri(self.scheme, self.bucket, f"{self.key}/{name}" if self.key else name)
 
@@ -47,7 +47,7 @@ class StorageUri:
         return self.key.rpartition("/")[2]
 
     @property
-    def parent(self) -> "StorageUri":
+    def parent(self) -> StorageUri:
         return StorageUri(self.scheme, self.bucket, self.key.rpartition("/")[0])
 
 
@@ -62,20 +62,27 @@ def parse_uri(value: str, key: str = "path") -> StorageUri:
     if match is None:
         raise StorageError(f"{key}={shown(value)} is not a storage URI; use {SUPPORTED}")
     if USERINFO.search(value):
-        raise StorageError(f"{key}={shown(value)} carries credentials in the URI; remove them and set them in the "
-                           f"environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, see docs/storage.md)")
+        raise StorageError(
+            f"{key}={shown(value)} carries credentials in the URI; remove them and set them in the "
+            f"environment (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, see docs/storage.md)"
+        )
     scheme, rest = match.group(1).lower(), match.group(2)
     if scheme not in SCHEMES:
-        raise StorageError(f"{key}={shown(value)} uses the scheme {scheme}://, which raylm does not read or write; use "
-                           f"{SUPPORTED}")
+        raise StorageError(
+            f"{key}={shown(value)} uses the scheme {scheme}://, which raylm does not read or write; use "
+            f"{SUPPORTED}"
+        )
     bucket, _, prefix = rest.partition("/")
     if not BUCKET.match(bucket):
-        raise StorageError(f"{key}={shown(value)} has no valid bucket name ({bucket!r}: 3 or more lower-case letters, "
-                           f"digits, '.', '-' or '_'); write it as {scheme}://BUCKET/prefix")
+        raise StorageError(
+            f"{key}={shown(value)} has no valid bucket name ({bucket!r}: 3 or more lower-case letters, "
+            f"digits, '.', '-' or '_'); write it as {scheme}://BUCKET/prefix"
+        )
     parts = [part for part in prefix.split("/") if part]
     if any(part in (".", "..") for part in parts):
         raise StorageError(f"{key}={shown(value)} has a '.' or '..' component; write the prefix without them")
     return StorageUri(scheme, bucket, "/".join(parts))
+
 
 NOT_YET = {  # where a URI is not built yet: refused with this fix, instead of writing a local folder named 's3:'
     "model.init_from": "initial weights are read from a local Hugging Face folder only; download it first",
@@ -87,5 +94,7 @@ NOT_YET = {  # where a URI is not built yet: refused with this fix, instead of w
 def refuse_uri(key: str, value: object, why: str) -> None:
     """StorageError for a URI where raylm cannot use one yet (`why` says what to do instead); nothing for a path."""
     if is_uri(value):
-        raise StorageError(f"{key}={shown(value)}: {why} (URIs work in run.dir, data.out_dir, data.paths, "
-                           f"data.sources, and the sources and output of generate, export and eval)")
+        raise StorageError(
+            f"{key}={shown(value)}: {why} (URIs work in run.dir, data.out_dir, data.paths, "
+            f"data.sources, and the sources and output of generate, export and eval)"
+        )

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from raylm.parallel.step_guard import GRAD, LOSS
 
@@ -21,20 +21,25 @@ class NonFinite:
     grad_ranks: tuple[int, ...]
 
     @classmethod
-    def from_flags(cls, step: int, flags: list[int]) -> "NonFinite | None":
+    def from_flags(cls, step: int, flags: list[int]) -> NonFinite | None:
         """The verdict from the step guard's all-reduced per-rank flags; None when every rank was finite."""
         if not any(flags):
             return None
-        return cls(step=step, loss_ranks=tuple(r for r, f in enumerate(flags) if f & LOSS),
-                   grad_ranks=tuple(r for r, f in enumerate(flags) if f & GRAD))
+        return cls(
+            step=step,
+            loss_ranks=tuple(r for r, f in enumerate(flags) if f & LOSS),
+            grad_ranks=tuple(r for r, f in enumerate(flags) if f & GRAD),
+        )
 
     def describe(self) -> str:
         parts = []
         if self.loss_ranks:
             parts.append(f"the loss is not finite on {_ranks(self.loss_ranks)}")
         if self.grad_ranks:
-            parts.append(f"{'gradients' if self.loss_ranks else 'the gradient norm is not finite'} on "
-                         f"{_ranks(self.grad_ranks)}" + (" too" if self.loss_ranks else ""))
+            parts.append(
+                f"{'gradients' if self.loss_ranks else 'the gradient norm is not finite'} on "
+                f"{_ranks(self.grad_ranks)}" + (" too" if self.loss_ranks else "")
+            )
         return f"step {self.step}: " + ", ".join(parts)
 
 

@@ -89,20 +89,39 @@ def restore(cfg: Config, engine: Engine, path: Location, manifest: dict | None =
     state = TrainState.from_state_dict(saved)
     layout = saved.get("layout")
     if layout and layout != engine.layout:
-        get_logger().info("checkpoint %s was written with %s; resharding model and optimizer state to %s",
-                          path.name, _layout_text(layout), _layout_text(engine.layout))
-    get_logger().info("resumed from %s at step %d (%d tokens, sample %d)", path, state.step, state.tokens,
-                      state.samples)
+        get_logger().info(
+            "checkpoint %s was written with %s; resharding model and optimizer state to %s",
+            path.name,
+            _layout_text(layout),
+            _layout_text(engine.layout),
+        )
+    get_logger().info(
+        "resumed from %s at step %d (%d tokens, sample %d)", path, state.step, state.tokens, state.samples
+    )
     plateau = PlateauState(**saved["plateau"]) if saved.get("plateau") else None
     return ResumeInfo(state=state, source=path, plateau=plateau, trainer=saved)
 
 
-def commit(cfg: Config, engine: Engine, run_dir: Location, trainer: dict[str, Any], rank: int,
-           protect: Location | None, on_phase=None) -> Location:
+def commit(
+    cfg: Config,
+    engine: Engine,
+    run_dir: Location,
+    trainer: dict[str, Any],
+    rank: int,
+    protect: Location | None,
+    on_phase=None,
+) -> Location:
     """Commit the engine's state, this rank's RNG and the JSON-able `trainer` state (its `step` names the
     folder); then rank 0 prunes all but checkpoint.keep, never `protect`."""
-    path = save_checkpoint(engine, cfg, checkpoint_root(run_dir), trainer["step"], trainer,
-                           rank_state={"rng": capture_rng()}, on_phase=on_phase)
+    path = save_checkpoint(
+        engine,
+        cfg,
+        checkpoint_root(run_dir),
+        trainer["step"],
+        trainer,
+        rank_state={"rng": capture_rng()},
+        on_phase=on_phase,
+    )
     if rank == 0:
         prune(checkpoint_root(run_dir), cfg.checkpoint.keep, protect=protect)
     return path

@@ -19,8 +19,17 @@ from raylm.errors import ConfigError, DataError
 from raylm.storage.file_names import CONFIG_FILE, TOKENIZER_FILE
 from raylm.storage.location import Location, local_view
 
-DRIFT_KEYS = ("run.seed", "data.seq_len", "data.vocab_size", "model.n_layer", "model.n_head", "model.n_kv_head",
-              "model.d_model", "model.ffn_hidden", "model.tie_embeddings")
+DRIFT_KEYS = (
+    "run.seed",
+    "data.seq_len",
+    "data.vocab_size",
+    "model.n_layer",
+    "model.n_head",
+    "model.n_kv_head",
+    "model.d_model",
+    "model.ffn_hidden",
+    "model.tie_embeddings",
+)
 
 
 def check_resume_drift(cfg: Config, checkpoint: Location) -> None:
@@ -57,16 +66,20 @@ def _check_tokenizer(cfg: Config, checkpoint: Location) -> None:
         return  # no prepared data to compare with: the preflight check names that problem itself
     saved = files[TOKENIZER_FILE]["sha256"]
     if prepared != saved:
-        raise ConfigError(f"the data in {folder} was prepared with another tokenizer (sha256 {prepared[:16]}...) "
-                          f"than checkpoint {checkpoint} was trained with ({saved[:16]}...): resuming would feed the "
-                          f"model other token ids; point data.out_dir at the original data, or pass "
-                          f"--allow-config-change to resume anyway, or start a new run.name")
+        raise ConfigError(
+            f"the data in {folder} was prepared with another tokenizer (sha256 {prepared[:16]}...) "
+            f"than checkpoint {checkpoint} was trained with ({saved[:16]}...): resuming would feed the "
+            f"model other token ids; point data.out_dir at the original data, or pass "
+            f"--allow-config-change to resume anyway, or start a new run.name"
+        )
 
 
 def _refuse(dotted: str, now: Any, before: Any, checkpoint: Location, hint: str | None = None) -> None:
-    raise ConfigError(f"{dotted}={now!r} differs from {before!r} in checkpoint {checkpoint}: resuming would change "
-                      f"which samples come next or the model itself; set {hint or dotted} back, pass "
-                      f"--allow-config-change to resume anyway, or start a new run.name")
+    raise ConfigError(
+        f"{dotted}={now!r} differs from {before!r} in checkpoint {checkpoint}: resuming would change "
+        f"which samples come next or the model itself; set {hint or dotted} back, pass "
+        f"--allow-config-change to resume anyway, or start a new run.name"
+    )
 
 
 def _get(tree: dict, dotted: str) -> Any:

@@ -6,9 +6,10 @@ import os
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from raylm.config import Config, to_dict, with_overrides
 from raylm.config.layout import is_elastic, replica_workers, worker_range
@@ -23,9 +24,9 @@ from raylm.storage.uri import is_uri
 from raylm.train.kv import open_kv
 from raylm.train.metrics import plot_loss_curve, read_metrics
 from raylm.train.preflight import check_prepared_data, local_data_folders
-from raylm.train.run_records import RunFiles
-from raylm.train.run_lock import hold_run_lock
 from raylm.train.run_folder import checkpoint_root, prepare_run_dir, run_path
+from raylm.train.run_lock import hold_run_lock
+from raylm.train.run_records import RunFiles
 
 DATA_CPU_RESERVE = 1.0  # CPUs left free on a CPU-only cluster so Ray Data tasks are never starved (hang 2)
 
@@ -42,15 +43,18 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
         trainer = build_trainer(cfg, run_dir)
         get_logger().info("training %s on %s; run folder %s", cfg.run.name, _layout_text(cfg), run_dir)
         if is_elastic(cfg.parallel) and not cfg.fault.max_failures:
-            get_logger().warning("fault.max_failures=0: a lost node ends this elastic run instead of shrinking it; "
-                                 "set fault.max_failures to the node losses it should survive")
+            get_logger().warning(
+                "fault.max_failures=0: a lost node ends this elastic run instead of shrinking it; "
+                "set fault.max_failures to the node losses it should survive"
+            )
         result = _fit(trainer, run_dir)
         return summarise(run_dir, result, time.perf_counter() - start, cfg.data.cache_dir)
 
 
 @contextmanager
-def prepared_run(cfg: Config, overwrite: bool = False,
-                 allow_config_change: bool = False) -> Iterator[Location]:
+def prepared_run(
+    cfg: Config, overwrite: bool = False, allow_config_change: bool = False
+) -> Iterator[Location]:
     """The run folder, checked and ready for its workers, held for the body (whatever runs the ranks: Ray
     Train, or plain processes). The lock comes before anything reads, replaces or writes the run; reading() keeps
     prepare off its shards. `cfg` has absolute paths (with_absolute_paths)."""
@@ -71,22 +75,30 @@ def _layout_text(cfg: Config) -> str:
 def with_absolute_paths(cfg: Config) -> Config:
     """Workers do not start in the caller's folder: pin every relative path of the config to it (URIs stay as
     they are: `s3://b/x` is not a path under the working folder)."""
+
     def absolute(path: str) -> str:
         return str(Path(path).expanduser().resolve()) if path and not is_uri(path) else path
 
     sources = [{**source, "path": absolute(source["path"])} for source in cfg.data.sources]
     # data.paths keep their symlinks (a corpus file's path is its identity) and their globs: abspath, not resolve.
     paths = [p if is_uri(p) else os.path.abspath(os.path.expanduser(p)) for p in cfg.data.paths]
-    return with_overrides(cfg, {"run.dir": absolute(cfg.run.dir), "data.out_dir": absolute(cfg.data.out_dir),
-                                "data.tokenizer": absolute(cfg.data.tokenizer), "data.sources": sources,
-                                "data.cache_dir": absolute(cfg.data.cache_dir), "data.paths": paths,
-                                "model.init_from": absolute(cfg.model.init_from)})
+    return with_overrides(
+        cfg,
+        {
+            "run.dir": absolute(cfg.run.dir),
+            "data.out_dir": absolute(cfg.data.out_dir),
+            "data.tokenizer": absolute(cfg.data.tokenizer),
+            "data.sources": sources,
+            "data.cache_dir": absolute(cfg.data.cache_dir),
+            "data.paths": paths,
+            "model.init_from": absolute(cfg.model.init_from),
+        },
+    )
 
 
 def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None):
     """The TorchTrainer for a run: workers and resources from the layout, storage in run.dir, retries from fault."""
     import ray.train
-
     from ray.train.torch import TorchConfig
 
     from raylm.train.trainer import ElasticGroup, RaylmTrainer
@@ -100,16 +112,25 @@ def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None)
         failure_config=ray.train.FailureConfig(max_failures=cfg.fault.max_failures),
         callbacks=callbacks,
     )
-    loop_config = {"config": to_dict(cfg), "run_dir": str(run_dir), "backend": backend, "resize_channel": channel}
+    loop_config = {
+        "config": to_dict(cfg),
+        "run_dir": str(run_dir),
+        "backend": backend,
+        "resize_channel": channel,
+    }
     # No `datasets=`: Ray Train's default DataConfig would split them across every worker, and ranks that do not
     # read data (middle pipeline stages) would leave the split coordinator waiting forever (hang 1).
-    trainer = RaylmTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling,
-                           run_config=run_config,
-                           torch_config=TorchConfig(backend=backend,
-                                                    timeout_s=cfg.fault.collective_timeout_s))
+    trainer = RaylmTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=run_config,
+        torch_config=TorchConfig(backend=backend, timeout_s=cfg.fault.collective_timeout_s),
+    )
     if is_elastic(cfg.parallel):
-        trainer.elastic = ElasticGroup(tp=cfg.parallel.tp, replica_workers=replica_workers(cfg.parallel),
-                                       channel=channel)
+        trainer.elastic = ElasticGroup(
+            tp=cfg.parallel.tp, replica_workers=replica_workers(cfg.parallel), channel=channel
+        )
     return trainer
 
 
@@ -132,17 +153,22 @@ def scaling_for(cfg: Config, cluster: dict[str, float]):
     product = "pp*tp*dp_min" if is_elastic(cfg.parallel) else "pp*tp*dp"
     use_gpu = {"true": True, "false": False}.get(cfg.parallel.use_gpu, cluster.get("GPU", 0) >= fewest)
     if use_gpu and cluster.get("GPU", 0) < fewest:
-        raise RaylmError(f"parallel.use_gpu=true needs {fewest} GPUs ({product}) but the cluster has "
-                         f"{cluster.get('GPU', 0):g}; add GPU nodes or lower the degrees")
+        raise RaylmError(
+            f"parallel.use_gpu=true needs {fewest} GPUs ({product}) but the cluster has "
+            f"{cluster.get('GPU', 0):g}; add GPU nodes or lower the degrees"
+        )
     cpus = cfg.parallel.cpus_per_worker or _auto_cpus_per_worker(workers, cluster.get("CPU", 1), use_gpu)
     resources = {"CPU": cpus, "GPU": 1} if use_gpu else {"CPU": cpus}
     backend = cfg.parallel.backend if cfg.parallel.backend != "auto" else ("nccl" if use_gpu else "gloo")
     if is_elastic(cfg.parallel):
         # ray.train.ScalingConfig is Train v2's at run time (elastic (min, max) workers, a monitor interval);
         # its annotations name v1's class, which has neither (hence the ignore).
-        return ScalingConfig(num_workers=(fewest, workers),  # type: ignore[call-arg, arg-type]
-                             use_gpu=use_gpu, resources_per_worker=resources,
-                             elastic_resize_monitor_interval_s=cfg.fault.resize_check_s), backend
+        return ScalingConfig(
+            num_workers=(fewest, workers),  # type: ignore[call-arg, arg-type]
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=cfg.fault.resize_check_s,
+        ), backend
     return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources), backend
 
 
@@ -235,8 +261,15 @@ def summarise(run_dir: Location, result, wall_s: float, cache_dir: str = "") -> 
         "checkpoint": _newest_checkpoint(run_dir),
     }
     val = f"{summary['val_loss']:.3f}" if summary["val_loss"] is not None else "none"
-    get_logger().info("done: %d steps, loss %.3f -> %.3f, val_loss %s, %.0f s; %s", summary["steps"],
-                      summary["first_loss"] or 0, summary["final_loss"] or 0, val, wall_s, run_dir)
+    get_logger().info(
+        "done: %d steps, loss %.3f -> %.3f, val_loss %s, %.0f s; %s",
+        summary["steps"],
+        summary["first_loss"] or 0,
+        summary["final_loss"] or 0,
+        val,
+        wall_s,
+        run_dir,
+    )
     return summary
 
 

@@ -28,7 +28,9 @@ from raylm.config.layout import Layout
 from raylm.log import get_logger
 from raylm.train.kv import kv_delete_prefix, kv_get, kv_put, rank0_decides
 
-WAIT_FOR_RESIZE_S = 120.0  # the policy answers within a controller poll (2 s by default); this only guards a lost one
+WAIT_FOR_RESIZE_S = (
+    120.0  # the policy answers within a controller poll (2 s by default); this only guards a lost one
+)
 POLL_S = 0.1
 
 
@@ -79,11 +81,15 @@ class ResizeHandshake:
         import torch.distributed as dist
 
         if self.rank == 0:
-            get_logger().info("step %d: checkpoint committed for a worker-group resize; waiting for Ray", step + 1)
+            get_logger().info(
+                "step %d: checkpoint committed for a worker-group resize; waiting for Ray", step + 1
+            )
             self.channel.write("ready", self.handled)
             deadline = time.monotonic() + WAIT_FOR_RESIZE_S
             while self.channel.read("release") < self.handled and time.monotonic() < deadline:
                 time.sleep(POLL_S)
             if self.channel.read("release") < self.handled:
-                get_logger().warning("no resize came within %.0f s; training goes on at this size", WAIT_FOR_RESIZE_S)
+                get_logger().warning(
+                    "no resize came within %.0f s; training goes on at this size", WAIT_FOR_RESIZE_S
+                )
         dist.barrier()

@@ -29,7 +29,9 @@ class FaultDrill:
         self.read_steps = {step for phase, step, _ in drills if phase == "read"}  # every data-reading rank
         self.marker = run_dir / FIRED_MARKER
         # a spike drill changes every rank's lr, so every rank decides now whether it already fired (a restart)
-        self.spikes_due = {step for phase, step, _ in drills if phase == "spike" and not self._fired(f"spike@{step}")}
+        self.spikes_due = {
+            step for phase, step, _ in drills if phase == "spike" and not self._fired(f"spike@{step}")
+        }
 
     def read_stall_s(self, step: int) -> float:
         """How long the first read task of a training stream opened at `step` waits (0: no drill there)."""
@@ -39,7 +41,9 @@ class FaultDrill:
         if (phase, step) not in self.mine or self._fired(f"{phase}@{step}"):
             return
         self._mark(f"{phase}@{step}")
-        get_logger().warning("fault drill: killing this worker (pid %d) at %s of step %d", os.getpid(), phase, step)
+        get_logger().warning(
+            "fault drill: killing this worker (pid %d) at %s of step %d", os.getpid(), phase, step
+        )
         os.kill(os.getpid(), signal.SIGKILL)
 
     def poison(self, engine, step: int) -> None:
@@ -47,8 +51,10 @@ class FaultDrill:
         if ("nonfinite", step) not in self.mine or self._fired(f"nonfinite@{step}"):
             return
         if not engine.computes_loss:
-            raise ConfigError(f"fault.drill_rank={self.rank} is on pipeline stage {engine.coords.pp_stage}, which "
-                              f"computes no loss; pick a rank of the last stage for fault.drill=nonfinite@{step}")
+            raise ConfigError(
+                f"fault.drill_rank={self.rank} is on pipeline stage {engine.coords.pp_stage}, which "
+                f"computes no loss; pick a rank of the last stage for fault.drill=nonfinite@{step}"
+            )
         self._mark(f"nonfinite@{step}")
         get_logger().warning("fault drill: rank %d makes a micro-batch loss of step %d NaN", self.rank, step)
         engine.poison_next_loss()
@@ -60,7 +66,9 @@ class FaultDrill:
         self.spikes_due.discard(step)
         if ("spike", step) in self.mine:
             self._mark(f"spike@{step}")
-            get_logger().warning("fault drill: step %d trains at %g x its learning rate", step, SPIKE_LR_FACTOR)
+            get_logger().warning(
+                "fault drill: step %d trains at %g x its learning rate", step, SPIKE_LR_FACTOR
+            )
         return SPIKE_LR_FACTOR
 
     def _mark(self, drill: str) -> None:

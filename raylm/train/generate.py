@@ -54,11 +54,14 @@ class GenerateOptions:
         if self.top_k < 0:
             raise GenerateError(f"--top-k {self.top_k} is negative; pass 0 (all tokens) or more")
         if not 0 < self.top_p <= 1:
-            raise GenerateError(f"--top-p {self.top_p} is outside (0, 1]; pass a probability such as 0.9 "
-                                f"(1 keeps every token)")
+            raise GenerateError(
+                f"--top-p {self.top_p} is outside (0, 1]; pass a probability such as 0.9 "
+                f"(1 keeps every token)"
+            )
         if "" in self.stop:
-            raise GenerateError("--stop '' is empty and would stop before the first token; pass a non-empty "
-                                "string")
+            raise GenerateError(
+                "--stop '' is empty and would stop before the first token; pass a non-empty string"
+            )
 
     def sampler(self) -> Sampler:
         return Sampler(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
@@ -78,8 +81,14 @@ class Completion:
         return self.prompt + self.completion
 
     def to_json(self) -> str:
-        return json.dumps({"prompt": self.prompt, "completion": self.completion, "new_tokens": self.new_tokens,
-                           "stop_reason": self.stop_reason})
+        return json.dumps(
+            {
+                "prompt": self.prompt,
+                "completion": self.completion,
+                "new_tokens": self.new_tokens,
+                "stop_reason": self.stop_reason,
+            }
+        )
 
 
 def read_prompt_file(path: str | Path) -> list[str]:
@@ -87,16 +96,21 @@ def read_prompt_file(path: str | Path) -> list[str]:
     decoded, so a prompt can hold newlines."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise GenerateError(f"--prompt-file {path} does not exist or is not a file; pass a text file with one "
-                            f"prompt per line")
+        raise GenerateError(
+            f"--prompt-file {path} does not exist or is not a file; pass a text file with one prompt per line"
+        )
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
-        raise GenerateError(f"--prompt-file {path} cannot be read as UTF-8 text ({type(exc).__name__}); pass a "
-                            f"readable UTF-8 text file with one prompt per line") from None
+        raise GenerateError(
+            f"--prompt-file {path} cannot be read as UTF-8 text ({type(exc).__name__}); pass a "
+            f"readable UTF-8 text file with one prompt per line"
+        ) from None
     prompts = [_prompt_line(line) for line in lines if line.strip()]
     if not prompts:
-        raise GenerateError(f"--prompt-file {path} has no prompts (every line is blank); write one prompt per line")
+        raise GenerateError(
+            f"--prompt-file {path} has no prompts (every line is blank); write one prompt per line"
+        )
     return prompts
 
 
@@ -134,8 +148,10 @@ def load_model(source: str | Path):
     if not tokenizer_path.exists():
         tokenizer_path = local_tokenizer(cfg.data.out_dir, cfg.data.cache_dir)
     if not tokenizer_path.exists():
-        raise RaylmError(f"no tokenizer.json in {folder} or {cfg.data.out_dir}; copy the run's tokenizer.json "
-                         f"into {folder}")
+        raise RaylmError(
+            f"no tokenizer.json in {folder} or {cfg.data.out_dir}; copy the run's tokenizer.json "
+            f"into {folder}"
+        )
     return model.eval(), load_tokenizer_file(tokenizer_path), cfg
 
 
@@ -148,7 +164,7 @@ def sampled_vocab(tokenizer, cfg) -> int:
 def cut_at_stop(text: str, stop: tuple[str, ...]) -> str | None:
     """text up to the earliest stop string in it, or None when none occurs."""
     hits = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return text[:min(hits)] if hits else None
+    return text[: min(hits)] if hits else None
 
 
 def complete(model, tokenizer, vocab_size: int, prompt: str, options: GenerateOptions) -> Completion:
@@ -191,12 +207,27 @@ def _warn_if_past_window(tokenizer, prompts: list[str], options: GenerateOptions
         get_logger().warning(
             f"prompt ({longest} tokens) + --max-new-tokens {options.max_new_tokens} exceeds the model's "
             f"max_seq_len={window}: a longer prompt keeps its newest {window} tokens, and when the window fills "
-            f"it slides to the newest {slide_keep(window)} tokens, so later tokens see less than all of the text")
+            f"it slides to the newest {slide_keep(window)} tokens, so later tokens see less than all of the text"
+        )
 
 
-def generate_text(source: str | Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8,
-                  top_k: int = 50, seed: int = 0, top_p: float = 1.0, stop: tuple[str, ...] = ()) -> str:
+def generate_text(
+    source: str | Path,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+    top_p: float = 1.0,
+    stop: tuple[str, ...] = (),
+) -> str:
     """The prompt followed by its continuation (at most `max_new_tokens` tokens), decoded."""
-    options = GenerateOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                              seed=seed, stop=tuple(stop))
+    options = GenerateOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=tuple(stop),
+    )
     return generate(source, [prompt], options)[0].text

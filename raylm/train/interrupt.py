@@ -11,7 +11,7 @@ resumes from. A second signal stops waiting.
 from __future__ import annotations
 
 import signal
-from typing import Callable
+from collections.abc import Callable
 
 from raylm.errors import RaylmError
 from raylm.log import get_logger
@@ -37,8 +37,9 @@ def install_abort_on_signal(controller, on_first: Callable[[int], None]) -> None
             raise KeyboardInterrupt
         received.append(signum)
         on_first(signum)
-        get_logger().warning("%s received: stopping the workers (a second signal stops waiting)",
-                             signal.Signals(signum).name)
+        get_logger().warning(
+            "%s received: stopping the workers (a second signal stops waiting)", signal.Signals(signum).name
+        )
         controller.abort.remote()
 
     for signum in HANDLED_SIGNALS:
@@ -49,7 +50,9 @@ def interrupted_error(signum: int, newest_checkpoint: str | None) -> Interrupted
     """The one line a stopped run ends with: what stopped it and where a rerun continues."""
     name = signal.Signals(signum).name
     if newest_checkpoint:
-        where = f"the newest committed checkpoint is {newest_checkpoint}; run the same command to resume from it"
+        where = (
+            f"the newest committed checkpoint is {newest_checkpoint}; run the same command to resume from it"
+        )
     else:
         where = "no checkpoint was committed yet; run the same command to start again"
     return Interrupted(signum, f"interrupted by {name}: {where}")

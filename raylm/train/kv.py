@@ -11,7 +11,8 @@ clears it (raylm.train.elastic, raylm.tune.rung_decisions)."""
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar, cast
+from collections.abc import Callable
+from typing import TypeVar, cast
 
 ACTOR_NAME = "raylm-kv"
 NAMESPACE = "raylm"
@@ -60,9 +61,13 @@ def _store():
     if _handle is None or _handle[0] != context.get_job_id():
         # on the creator's node (soft: elsewhere if that node is gone), never in its placement group
         here = NodeAffinitySchedulingStrategy(node_id=context.get_node_id(), soft=True)
-        actor = ray.remote(num_cpus=0)(KVStore).options(name=ACTOR_NAME, namespace=NAMESPACE,
-                                                        get_if_exists=True, lifetime="detached",
-                                                        scheduling_strategy=here)
+        actor = ray.remote(num_cpus=0)(KVStore).options(
+            name=ACTOR_NAME,
+            namespace=NAMESPACE,
+            get_if_exists=True,
+            lifetime="detached",
+            scheduling_strategy=here,
+        )
         _handle = (context.get_job_id(), actor.remote())
     return _handle[1]
 

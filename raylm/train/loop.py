@@ -96,8 +96,15 @@ class Trainer:
         self.state, before = self.state.advance(global_batch, cfg.data.seq_len), self.state
         return self.session.metrics_row(self.state, result, lr, global_batch), before, rung
 
-    def after_step(self, step: int, row: dict, before: TrainState, rung: int | None, resumed: ResumeInfo,
-                   drill: FaultDrill) -> bool:
+    def after_step(
+        self,
+        step: int,
+        row: dict,
+        before: TrainState,
+        rung: int | None,
+        resumed: ResumeInfo,
+        drill: FaultDrill,
+    ) -> bool:
         """Judge, evaluate, record, checkpoint and report the step; False when the loop ends here."""
         if resumed.source and step == resumed.state.step:
             row["resumed_from"] = resumed.state.step  # the first step after a resume says where it came from

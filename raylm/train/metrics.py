@@ -23,8 +23,9 @@ class MetricsWriter:
         self.path = Path(run_dir) / METRICS_FILE
         rerun = _drop_rows_from(self.path, start_step)
         self.file = self.path.open("a")
-        self.tensorboard = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
-                                         purge_step=start_step if rerun else None)
+        self.tensorboard = SummaryWriter(
+            log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step if rerun else None
+        )
 
     def write(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")

@@ -29,8 +29,9 @@ def gpu_peak_flops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def measure_matmul_peak(dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5,
-                        windows: int = 5) -> float:
+def measure_matmul_peak(
+    dtype: torch.dtype = torch.float32, size: int = 1024, seconds: float = 0.5, windows: int = 5
+) -> float:
     """FLOP/s of a square matmul on this process's CPU threads: the CPU 'peak' that MFU is measured against.
 
     The best of `windows` equal slices of `seconds`: a peak, so a slice slowed by another process's burst

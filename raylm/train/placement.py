@@ -16,8 +16,14 @@ def record_placement(run_dir: Path, rank: int, coords) -> Path:
     files, so they always describe the newest attempt (README.md "Where results land")."""
     import ray
 
-    entry = {"rank": rank, "pp_stage": coords.pp_stage, "dp_rank": coords.dp_rank, "tp_rank": coords.tp_rank,
-             "node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    entry = {
+        "rank": rank,
+        "pp_stage": coords.pp_stage,
+        "dp_rank": coords.dp_rank,
+        "tp_rank": coords.tp_rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "pid": os.getpid(),
+    }
     folder = Path(run_dir) / PLACEMENT_DIR
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"rank-{rank:05d}.json"

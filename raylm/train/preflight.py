@@ -28,6 +28,8 @@ def check_prepared_data(cfg: Config) -> None:
         manifest = read_data_manifest(folder)
         vocab = manifest.get("vocab_size")
         if vocab != cfg.data.vocab_size:
-            raise DataError(f"{folder} was prepared with vocab_size={vocab} but data.vocab_size="
-                            f"{cfg.data.vocab_size}; re-run `raylm prepare` with this config or set "
-                            f"data.vocab_size={vocab}")
+            raise DataError(
+                f"{folder} was prepared with vocab_size={vocab} but data.vocab_size="
+                f"{cfg.data.vocab_size}; re-run `raylm prepare` with this config or set "
+                f"data.vocab_size={vocab}"
+            )

@@ -35,9 +35,11 @@ class Progress:
         done = row["step"] + 1
         eta_s = elapsed_s / max(1, done - self.start_step) * (self.cfg.train.max_steps - done)
         loss = "n/a" if row["loss"] is None else f"{row['loss']:.4f}"  # a skipped non-finite step has none
-        text = (f"step {done}/{self.cfg.train.max_steps} | loss {loss} | lr {row['lr']:.2e} | "
-                f"batch {row['batch_size']} | {row['tokens_per_s'] / 1e3:.1f}k tok/s | mfu {_percent(row['mfu'])} | "
-                f"data wait {row['data_wait_frac']:.1%} | ")
+        text = (
+            f"step {done}/{self.cfg.train.max_steps} | loss {loss} | lr {row['lr']:.2e} | "
+            f"batch {row['batch_size']} | {row['tokens_per_s'] / 1e3:.1f}k tok/s | mfu {_percent(row['mfu'])} | "
+            f"data wait {row['data_wait_frac']:.1%} | "
+        )
         if self.cfg.parallel.pp > 1:
             text += f"pipe wait {row['pipe_wait_frac']:.1%} | "
         text += f"eta {_clock(eta_s)}"

@@ -18,18 +18,28 @@ from raylm.config import Config, to_dict
 from raylm.errors import CheckpointError, RaylmError
 from raylm.log import get_logger
 from raylm.storage.file_names import CONFIG_FILE, METRICS_FILE
-from raylm.storage.location import (Location, delete_files, file_sizes, is_remote, local_view, read_bytes,
-                                    remove_empty_folders, write_text)
+from raylm.storage.location import (
+    Location,
+    delete_files,
+    file_sizes,
+    is_remote,
+    local_view,
+    read_bytes,
+    remove_empty_folders,
+    write_text,
+)
 from raylm.storage.uri import StorageUri, is_uri, parse_uri
 from raylm.train.drift import check_resume_drift
 
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's list of reported checkpoints
 # Every object name raylm (or Ray Train, for raylm) writes under a run prefix: --overwrite deletes these and no other.
-RUN_OBJECTS = re.compile(r"^(metrics\.jsonl|config\.yaml|loss\.png|\.fault-drill-fired|\.validate_storage_marker|"
-                         rf"{RAY_CHECKPOINT_SNAPSHOT.replace('.', '[.]')}|"
-                         r"tensorboard/events\.out\.tfevents\.[\w.-]+|placement/rank-\d+\.json|"
-                         r"checkpoints/step-\d{8,}/(manifest\.json|config\.yaml|trainer_state\.json|engine\.json|"
-                         r"tokenizer\.json|(model|optim)/\d{3}-[\w.]+\.pt|ranks/rank-\d{5,}\.pt))$")
+RUN_OBJECTS = re.compile(
+    r"^(metrics\.jsonl|config\.yaml|loss\.png|\.fault-drill-fired|\.validate_storage_marker|"
+    rf"{RAY_CHECKPOINT_SNAPSHOT.replace('.', '[.]')}|"
+    r"tensorboard/events\.out\.tfevents\.[\w.-]+|placement/rank-\d+\.json|"
+    r"checkpoints/step-\d{8,}/(manifest\.json|config\.yaml|trainer_state\.json|engine\.json|"
+    r"tokenizer\.json|(model|optim)/\d{3}-[\w.]+\.pt|ranks/rank-\d{5,}\.pt))$"
+)
 
 
 def run_path(cfg: Config) -> Location:
@@ -52,8 +62,10 @@ def remove_folder(path: Location, what: str) -> None:
         _remove_run_objects(path)
         return
     if path.is_symlink():
-        raise RaylmError(f"{what} {path} is a symbolic link to {os.path.realpath(path)}; --overwrite never deletes "
-                         f"through a link: remove the link yourself, or set run.dir to the folder it points to")
+        raise RaylmError(
+            f"{what} {path} is a symbolic link to {os.path.realpath(path)}; --overwrite never deletes "
+            f"through a link: remove the link yourself, or set run.dir to the folder it points to"
+        )
     if path.exists():
         shutil.rmtree(path)
 
@@ -62,13 +74,19 @@ def _remove_run_objects(prefix: Location) -> None:
     """--overwrite on object storage: checkpoints first (each manifest before its files), then the run's other
     objects; anything under the prefix that raylm did not name is left in place and listed in a warning."""
     names = file_sizes(prefix)
-    ours = sorted((n for n in names if RUN_OBJECTS.match(n)), key=lambda n: (not n.endswith("/manifest.json"), n))
+    ours = sorted(
+        (n for n in names if RUN_OBJECTS.match(n)), key=lambda n: (not n.endswith("/manifest.json"), n)
+    )
     delete_files(prefix, ours)
     remove_empty_folders(prefix, ("checkpoints", "tensorboard", "placement"))
     foreign = sorted(set(names) - set(ours))
     if foreign:
-        get_logger().warning("--overwrite left %d object(s) under %s that raylm did not write: %s", len(foreign),
-                             prefix, ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else ""))
+        get_logger().warning(
+            "--overwrite left %d object(s) under %s that raylm did not write: %s",
+            len(foreign),
+            prefix,
+            ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else ""),
+        )
 
 
 def has_run_outputs(path: Location) -> bool:
@@ -101,22 +119,32 @@ def prepare_run_dir(cfg: Config, overwrite: bool, allow_config_change: bool = Fa
 
     checkpoint.resume decides what an existing folder means: `auto` resumes it when it holds a committed
     checkpoint and starts it again when it holds none but was written by this same config (a rerun of a command
-    stopped before its first commit), `never` refuses it, `required` fails without one. --overwrite replaces it. A resume whose
-    seed, data, tokenizer or model shape differs from the checkpoint's is refused unless allow_config_change."""
+    stopped before its first commit), `never` refuses it, `required` fails without one. --overwrite replaces it.
+    A resume whose seed, data, tokenizer or model shape differs from the checkpoint's is refused unless
+    allow_config_change."""
     path = run_path(cfg)
     policy = cfg.checkpoint.resume
     if policy == "required" and (overwrite or not _has_committed(path)):
-        raise RaylmError(f"checkpoint.resume=required but {checkpoint_root(path)} holds no committed checkpoint"
-                         + (" (and --overwrite would delete it)" if overwrite else "")
-                         + "; train without resume first or set checkpoint.resume=auto")
+        raise RaylmError(
+            f"checkpoint.resume=required but {checkpoint_root(path)} holds no committed checkpoint"
+            + (" (and --overwrite would delete it)" if overwrite else "")
+            + "; train without resume first or set checkpoint.resume=auto"
+        )
     if has_run_outputs(path) and not overwrite and not (policy != "never" and _has_committed(path)):
         if policy != "never" and _same_config(cfg, path):  # the same command, stopped before its first commit
-            get_logger().info("run folder %s holds no committed checkpoint yet; starting it again from step 0", path)
+            get_logger().info(
+                "run folder %s holds no committed checkpoint yet; starting it again from step 0", path
+            )
             return _start(cfg, path)
-        reason = ("checkpoint.resume=never" if policy == "never"
-                  else "no committed checkpoint to resume, and another config.yaml")
-        raise RaylmError(f"run folder {path} already holds a run named {cfg.run.name!r} ({reason}); pass "
-                         f"--overwrite to replace it or choose another run.name=...")
+        reason = (
+            "checkpoint.resume=never"
+            if policy == "never"
+            else "no committed checkpoint to resume, and another config.yaml"
+        )
+        raise RaylmError(
+            f"run folder {path} already holds a run named {cfg.run.name!r} ({reason}); pass "
+            f"--overwrite to replace it or choose another run.name=..."
+        )
     if overwrite:
         remove_folder(path, "run folder")
     elif policy != "never" and not allow_config_change:
@@ -174,9 +202,13 @@ def _check_writable(cfg: Config, path: Location) -> None:
         local.mkdir(parents=True, exist_ok=True)
         write_text(path / probe, "ok")
         if is_remote(path) and read_bytes(path / probe) != b"ok":
-            raise RaylmError(f"run.dir {cfg.run.dir!r}: a probe object written to {path} did not read back; "
-                             f"check the storage endpoint")
+            raise RaylmError(
+                f"run.dir {cfg.run.dir!r}: a probe object written to {path} did not read back; "
+                f"check the storage endpoint"
+            )
         delete_files(path, [probe])
     except OSError as exc:
-        raise RaylmError(f"run.dir {cfg.run.dir!r} is not writable ({exc.strerror or exc}); point run.dir at a "
-                         f"writable folder or bucket (shared storage on a cluster)") from None
+        raise RaylmError(
+            f"run.dir {cfg.run.dir!r} is not writable ({exc.strerror or exc}); point run.dir at a "
+            f"writable folder or bucket (shared storage on a cluster)"
+        ) from None

@@ -18,8 +18,8 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from raylm.errors import RaylmError
 from raylm.storage.location import Location, local_view
@@ -41,9 +41,13 @@ def hold_run_lock(run_dir: Location, cache_dir: str = "") -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise RaylmError(f"run folder {run_dir} is in use by another raylm run ({_holder(path)}); wait for it to "
-                             f"finish or stop it, or choose another run.name=...") from None
-        holder = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since_unix_s": round(time.time())})
+            raise RaylmError(
+                f"run folder {run_dir} is in use by another raylm run ({_holder(path)}); wait for it to "
+                f"finish or stop it, or choose another run.name=..."
+            ) from None
+        holder = json.dumps(
+            {"host": socket.gethostname(), "pid": os.getpid(), "since_unix_s": round(time.time())}
+        )
         os.ftruncate(fd, 0)
         os.pwrite(fd, holder.encode(), 0)
         yield

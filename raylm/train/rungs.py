@@ -57,8 +57,11 @@ def stopped_at_rung(cfg: Config, rank: int, rung_tokens: int, wait_s: float = WA
 def _rank0_choice(cfg: Config, rung_tokens: int, wait_s: float) -> str | None:
     choice = read_decision(cfg.tune.trial_of, cfg.run.name, rung_tokens, wait_s)
     if choice is None:
-        get_logger().warning("no ASHA decision for the rung at %d tokens within %.0f s; this trial goes on",
-                             rung_tokens, wait_s)
+        get_logger().warning(
+            "no ASHA decision for the rung at %d tokens within %.0f s; this trial goes on",
+            rung_tokens,
+            wait_s,
+        )
     elif choice == STOP:
         get_logger().info("ASHA stopped this trial at its rung of %d tokens; it ends here", rung_tokens)
     elif choice == PAUSE:
@@ -69,8 +72,11 @@ def _rank0_choice(cfg: Config, rung_tokens: int, wait_s: float) -> str | None:
 def wait_to_be_paused(rung_tokens: int, wait_s: float = WAIT_S) -> None:
     """Rank 0 of a trial ASHA paused: Tune ends the trial's workers within seconds; the other ranks wait in
     the broadcast meanwhile. A trial still alive after `wait_s` fails, and Tune restarts it from the rung."""
-    get_logger().info("ASHA paused this trial at its rung of %d tokens; it goes on from there if promoted",
-                      rung_tokens)
+    get_logger().info(
+        "ASHA paused this trial at its rung of %d tokens; it goes on from there if promoted", rung_tokens
+    )
     time.sleep(wait_s)
-    raise RuntimeError(f"ASHA paused this trial at its rung of {rung_tokens} tokens, but Tune did not end it "
-                       f"within {wait_s:.0f} s")
+    raise RuntimeError(
+        f"ASHA paused this trial at its rung of {rung_tokens} tokens, but Tune did not end it "
+        f"within {wait_s:.0f} s"
+    )

@@ -18,13 +18,16 @@ from __future__ import annotations
 import time
 
 import ray
-from ray.train.v2._internal.execution.scaling_policy import (AUTOSCALING_REQUESTS_GET_TIMEOUT_S, NoopDecision,
-                                                             ResizeDecision, ScalingDecision)
+from ray.train.v2._internal.execution.scaling_policy import (
+    AUTOSCALING_REQUESTS_GET_TIMEOUT_S,
+    NoopDecision,
+    ResizeDecision,
+    ScalingDecision,
+)
 from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
 
 from raylm.log import get_logger
 from raylm.train.elastic import ResizeChannel
-
 
 WAIT_PAUSE_S = 0.2
 
@@ -33,12 +36,16 @@ def node_death_s() -> float:
     """Seconds until the GCS declares a silent node dead (its health-check period times the misses it allows),
     plus a margin for the news to reach the coordinator."""
     try:
-        return ray._config.health_check_period_ms() * ray._config.health_check_failure_threshold() / 1000 + 2.0
+        return (
+            ray._config.health_check_period_ms() * ray._config.health_check_failure_threshold() / 1000 + 2.0
+        )
     except AttributeError:  # a Ray without these settings: its defaults (3 s x 5)
         return 17.0
 
 
-def may_still_lose_a_node(possible: int, failed_workers: int, failed_for_s: float | None, node_death_s: float) -> bool:
+def may_still_lose_a_node(
+    possible: int, failed_workers: int, failed_for_s: float | None, node_death_s: float
+) -> bool:
     """True while a restart should wait: the group of `failed_workers` failed `failed_for_s` seconds ago (None: no
     failure), the cluster still counts room for all of them, and Ray may not yet have declared a lost node dead."""
     return failed_for_s is not None and possible >= failed_workers and failed_for_s < node_death_s
@@ -57,10 +64,14 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
         super().__init__(scaling_config)
         self.tp, self.replica_workers = tp, replica_workers
         self.channel = ResizeChannel(channel)
-        self.asked = 0  # the request number the running group was last asked to checkpoint for (0 = none pending)
+        self.asked = (
+            0  # the request number the running group was last asked to checkpoint for (0 = none pending)
+        )
         self.requests = 0
         self.group_workers = 0  # the size of the newest group started (0 before the first)
-        self.failed_at: float | None = None  # when the newest group was found not running (None while it runs)
+        self.failed_at: float | None = (
+            None  # when the newest group was found not running (None while it runs)
+        )
         self.reserved = None  # the coordinator's latest answer (None: none yet, or it failed)
         self.reserved_at = float("-inf")  # when it was asked
 
@@ -68,8 +79,10 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
         per_worker = {k: v for k, v in self.scaling_config._resources_per_worker_not_none.items() if v > 0}
         if not per_worker:  # workers that need nothing fit anywhere, as in Ray's policy
             return self.scaling_config.max_workers
-        counts = [int(min(node.get(name, 0.0) // need for name, need in per_worker.items()))
-                  for node in reserved_resources.values()]
+        counts = [
+            int(min(node.get(name, 0.0) // need for name, need in per_worker.items()))
+            for node in reserved_resources.values()
+        ]
         return whole_replicas(counts, self.tp, self.replica_workers, self.scaling_config.max_workers)
 
     def _get_reserved_resources(self):
@@ -79,8 +92,11 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
             return self.reserved
         try:
             self.reserved = ray.get(
-                self._autoscaling_coordinator.get_reserved_resources.remote(self._requester_id, recompute=True),
-                timeout=AUTOSCALING_REQUESTS_GET_TIMEOUT_S)
+                self._autoscaling_coordinator.get_reserved_resources.remote(
+                    self._requester_id, recompute=True
+                ),
+                timeout=AUTOSCALING_REQUESTS_GET_TIMEOUT_S,
+            )
         except Exception as exc:  # as Ray's policy: no answer means no resize now
             get_logger().warning("could not read the cluster's resources for a resize decision: %s", exc)
             self.reserved = None
@@ -111,7 +127,9 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
         since = None if self.failed_at is None else time.monotonic() - self.failed_at
         return may_still_lose_a_node(possible, self.group_workers, since, node_death_s())
 
-    def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status) -> ScalingDecision:
+    def make_decision_for_running_worker_group(
+        self, worker_group_state, worker_group_status
+    ) -> ScalingDecision:
         if self.asked:
             return self._answer(worker_group_state.num_workers)
         decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
@@ -119,8 +137,11 @@ class WholeReplicaScalingPolicy(ElasticScalingPolicy):
             self.requests += 1
             self.asked = self.requests
             self.channel.write("request", self.asked)
-            get_logger().info("room for %d workers (now %d): asking the group to commit a checkpoint first",
-                              decision.num_workers, worker_group_state.num_workers)
+            get_logger().info(
+                "room for %d workers (now %d): asking the group to commit a checkpoint first",
+                decision.num_workers,
+                worker_group_state.num_workers,
+            )
             return NoopDecision()
         return decision
 

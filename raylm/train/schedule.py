@@ -9,7 +9,9 @@ from dataclasses import dataclass, replace
 from raylm.config.schema import BatchScheduleConfig, LrScheduleConfig
 
 
-def lr_at(step: int, peak_lr: float, max_steps: int, sched: LrScheduleConfig, plateau_scale: float = 1.0) -> float:
+def lr_at(
+    step: int, peak_lr: float, max_steps: int, sched: LrScheduleConfig, plateau_scale: float = 1.0
+) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then the chosen decay to the floor.
 
     `plateau` holds peak_lr * plateau_scale after warmup; the scale comes from plateau_after_eval."""
@@ -66,7 +68,9 @@ class PlateauState:
     stalled_evals: int = 0
 
 
-def plateau_after_eval(state: PlateauState, val_loss: float, step: int, sched: LrScheduleConfig) -> PlateauState:
+def plateau_after_eval(
+    state: PlateauState, val_loss: float, step: int, sched: LrScheduleConfig
+) -> PlateauState:
     """Update after an evaluation at optimizer step count `step`: an improvement is a drop below best * (1 -
     threshold); `patience` evaluations without one multiply the scale by `factor`, down to min_lr_frac. Every rank
     sees the same val_loss (evaluations are collective), so every rank takes the same decision."""

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,7 +35,7 @@ class Session:
     peak_flops: float | None  # all workers together; None = unknown (mfu is then null)
 
     @classmethod
-    def build(cls, cfg: Config, backend: str, rank: int, workers_per_node: int = 1) -> "Session":
+    def build(cls, cfg: Config, backend: str, rank: int, workers_per_node: int = 1) -> Session:
         from raylm.data.stream import run_order
         from raylm.model.facts import flops_per_token
         from raylm.model.weights import starting_weights
@@ -46,10 +47,15 @@ class Session:
         engine = build_engine(cfg, starting_weights(cfg))
         reads = engine.reads_data
         opener = _stream_opener(cfg, engine.coords.dp_rank, engine.topo.dp) if reads else None
-        return cls(cfg=cfg, engine=engine, reads_data=reads, open_stream=opener,
-                   flops_per_token=flops_per_token(cfg.model, vocab, cfg.data.seq_len),
-                   sample_order=run_order(cfg) if rank == 0 else None,
-                   peak_flops=_peak_flops(cfg, rank, engine.topo.world_size, workers_per_node))
+        return cls(
+            cfg=cfg,
+            engine=engine,
+            reads_data=reads,
+            open_stream=opener,
+            flops_per_token=flops_per_token(cfg.model, vocab, cfg.data.seq_len),
+            sample_order=run_order(cfg) if rank == 0 else None,
+            peak_flops=_peak_flops(cfg, rank, engine.topo.world_size, workers_per_node),
+        )
 
     def train_batches(self, start_sample: int, first_read_stall_s: float = 0.0) -> Iterator:
         """This DP rank's micro-batches of the training split from global sample `start_sample` on
@@ -74,16 +80,26 @@ class Session:
     def eval_micro_batches(self) -> int:
         return eval_samples(self.cfg) // samples_per_micro_step(self.cfg)
 
-    def metrics_row(self, state: TrainState, result: StepResult, lr: float, global_batch: int) -> dict[str, Any]:
-        """One metrics.jsonl row (keys listed in README.md "Where results land"); `step` is the 0-based step just finished."""
+    def metrics_row(
+        self, state: TrainState, result: StepResult, lr: float, global_batch: int
+    ) -> dict[str, Any]:
+        """One metrics.jsonl row (keys listed in README.md "Where results land"); `step` is the 0-based step
+        just finished."""
         tokens_per_s = global_batch * self.cfg.data.seq_len / result.step_s
         row: dict[str, Any] = {
-            "step": state.step - 1, "tokens": state.tokens, "samples": state.samples, "loss": result.loss,
-            "lr": lr, "batch_size": global_batch, "dp": self.engine.topo.dp, "tokens_per_s": tokens_per_s,
+            "step": state.step - 1,
+            "tokens": state.tokens,
+            "samples": state.samples,
+            "loss": result.loss,
+            "lr": lr,
+            "batch_size": global_batch,
+            "dp": self.engine.topo.dp,
+            "tokens_per_s": tokens_per_s,
             "step_s": result.step_s,
             "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops),
             "data_wait_frac": min(1.0, result.data_wait_s / result.step_s),
-            "pipe_wait_frac": min(1.0, result.pipe_wait_s / result.step_s), "time": time.time(),
+            "pipe_wait_frac": min(1.0, result.pipe_wait_s / result.step_s),
+            "time": time.time(),
         }
         if self.sample_order is not None:
             row["samples_sha"] = samples_sha(self.sample_order, state.samples - global_batch, state.samples)
@@ -96,8 +112,14 @@ def _stream_opener(cfg: Config, dp_rank: int, dp_size: int) -> Callable[..., Ran
     from raylm.data.stream import build_rank_stream
 
     def open_stream(split: str, start_sample: int, first_read_stall_s: float = 0.0) -> RankStream:
-        return build_rank_stream(cfg, split, dp_rank=dp_rank, dp_size=dp_size, start_sample=start_sample,
-                                 first_read_stall_s=first_read_stall_s)
+        return build_rank_stream(
+            cfg,
+            split,
+            dp_rank=dp_rank,
+            dp_size=dp_size,
+            start_sample=start_sample,
+            first_read_stall_s=first_read_stall_s,
+        )
 
     return open_stream
 
@@ -112,8 +134,12 @@ def _peak_flops(cfg: Config, rank: int, world_size: int, workers_per_node: int) 
         name = torch.cuda.get_device_name()
         peak = gpu_peak_flops(name, cfg.train.precision)
         if peak is None and rank == 0:
-            get_logger().warning("no peak FLOP/s known for GPU %r, so mfu is null; set train.peak_tflops to its "
-                                 "dense %s peak per GPU in TFLOP/s", name, cfg.train.precision)
+            get_logger().warning(
+                "no peak FLOP/s known for GPU %r, so mfu is null; set train.peak_tflops to its "
+                "dense %s peak per GPU in TFLOP/s",
+                name,
+                cfg.train.precision,
+            )
         return None if peak is None else peak * world_size
     if rank != 0:
         return None

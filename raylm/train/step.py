@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 
 @dataclass(frozen=True)
@@ -15,15 +15,19 @@ class TrainState:
     tokens: int = 0
     samples: int = 0
 
-    def advance(self, global_batch: int, seq_len: int) -> "TrainState":
-        return replace(self, step=self.step + 1, tokens=self.tokens + global_batch * seq_len,
-                       samples=self.samples + global_batch)
+    def advance(self, global_batch: int, seq_len: int) -> TrainState:
+        return replace(
+            self,
+            step=self.step + 1,
+            tokens=self.tokens + global_batch * seq_len,
+            samples=self.samples + global_batch,
+        )
 
     def state_dict(self) -> dict[str, int]:
         return {"step": self.step, "tokens": self.tokens, "samples": self.samples}
 
     @classmethod
-    def from_state_dict(cls, saved: dict) -> "TrainState":
+    def from_state_dict(cls, saved: dict) -> TrainState:
         return cls(step=saved["step"], tokens=saved["tokens"], samples=saved["samples"])
 
 
@@ -42,7 +46,7 @@ class TimedIterator:
         self.batches = batches
         self.wait_s = 0.0
 
-    def __iter__(self) -> "TimedIterator":
+    def __iter__(self) -> TimedIterator:
         return self
 
     def __next__(self):
@@ -65,8 +69,12 @@ def train_step(engine, batches: TimedIterator | None, micro_batches: int, lr: fl
     start = time.perf_counter()
     loss = engine.train_batch(batches)
     step_s = time.perf_counter() - start
-    return StepResult(loss=float(loss), step_s=step_s, data_wait_s=batches.take_wait_s() if batches else 0.0,
-                      pipe_wait_s=engine.take_pipe_wait_s())
+    return StepResult(
+        loss=float(loss),
+        step_s=step_s,
+        data_wait_s=batches.take_wait_s() if batches else 0.0,
+        pipe_wait_s=engine.take_pipe_wait_s(),
+    )
 
 
 def evaluate(engine, batches: Iterator | None, micro_batches: int) -> float:

@@ -24,8 +24,9 @@ class StepFaults:
 
     def load_state_dict(self, saved: dict[str, Any]) -> None:
         """The spike window and the rollbacks of a checkpoint's trainer state (none: a fresh run)."""
-        self.rolling = RollingLoss(self.cfg.fault.spike_window, self.cfg.fault.spike_sigma,
-                                   saved.get("loss_window", ()))
+        self.rolling = RollingLoss(
+            self.cfg.fault.spike_window, self.cfg.fault.spike_sigma, saved.get("loss_window", ())
+        )
         self.rolled_back: list[dict[str, Any]] = list(saved.get("rolled_back", []))
 
     def judge(self, row: dict[str, Any], before: TrainState, after: TrainState) -> bool:
@@ -39,12 +40,26 @@ class StepFaults:
         spike = self.rolling.check(row["loss"])
         if spike is None:
             return False
-        row["spike"] = {"loss_mean": spike.mean, "loss_std": spike.std, "threshold": spike.threshold,
-                        "samples": samples, "action": self.cfg.fault.spike}
-        get_logger().warning("step %d: loss spike %.4f above %.4f (mean %.4f + %g sigma of the last %d steps); "
-                             "samples %d..%d; fault.spike=%s", row["step"], row["loss"], spike.threshold, spike.mean,
-                             self.cfg.fault.spike_sigma, len(self.rolling.losses), samples[0], samples[1] - 1,
-                             self.cfg.fault.spike)
+        row["spike"] = {
+            "loss_mean": spike.mean,
+            "loss_std": spike.std,
+            "threshold": spike.threshold,
+            "samples": samples,
+            "action": self.cfg.fault.spike,
+        }
+        get_logger().warning(
+            "step %d: loss spike %.4f above %.4f (mean %.4f + %g sigma of the last %d steps); "
+            "samples %d..%d; fault.spike=%s",
+            row["step"],
+            row["loss"],
+            spike.threshold,
+            spike.mean,
+            self.cfg.fault.spike_sigma,
+            len(self.rolling.losses),
+            samples[0],
+            samples[1] - 1,
+            self.cfg.fault.spike,
+        )
         return self.cfg.fault.spike == "rollback"
 
     def _nonfinite(self, bad: NonFinite, row: dict[str, Any], samples: list[int]) -> bool:
@@ -53,15 +68,25 @@ class StepFaults:
             row["loss"] = float("nan")
             return False
         if policy == "stop":
-            raise RaylmError(f"{bad.describe()}; fault.nonfinite=stop: the step was not applied and no checkpoint "
-                             f"was written from it; set fault.nonfinite=skip or rollback to train past such steps")
+            raise RaylmError(
+                f"{bad.describe()}; fault.nonfinite=stop: the step was not applied and no checkpoint "
+                f"was written from it; set fault.nonfinite=skip or rollback to train past such steps"
+            )
         row["loss"] = None  # JSON has no NaN
-        detail = {"reason": "nonfinite", "samples": samples, "loss_ranks": list(bad.loss_ranks),
-                  "grad_ranks": list(bad.grad_ranks)}
+        detail = {
+            "reason": "nonfinite",
+            "samples": samples,
+            "loss_ranks": list(bad.loss_ranks),
+            "grad_ranks": list(bad.grad_ranks),
+        }
         if policy == "skip":
             row["skipped"] = detail
-            get_logger().warning("%s; fault.nonfinite=skip: no rank updated its weights; samples %d..%d skipped",
-                                 bad.describe(), samples[0], samples[1] - 1)
+            get_logger().warning(
+                "%s; fault.nonfinite=skip: no rank updated its weights; samples %d..%d skipped",
+                bad.describe(),
+                samples[0],
+                samples[1] - 1,
+            )
             return False
         row["nonfinite"] = detail
         get_logger().warning("%s; fault.nonfinite=rollback", bad.describe())
@@ -73,17 +98,26 @@ class StepFaults:
         non-finite step is then skipped, a spike only reported."""
         restored = resume(self.cfg, self.engine, run_dir, rank)
         if restored.source is None:
-            get_logger().warning("step %d: no committed checkpoint to roll back to; going on without rollback",
-                                 row["step"])
+            get_logger().warning(
+                "step %d: no committed checkpoint to roll back to; going on without rollback", row["step"]
+            )
             if "nonfinite" in row:  # the guard did not apply the step: it was skipped
                 row["skipped"] = row.pop("nonfinite")
             return False
-        window = {"step": row["step"], "to_step": restored.state.step,
-                  "samples": [restored.state.samples, state.samples]}
+        window = {
+            "step": row["step"],
+            "to_step": restored.state.step,
+            "samples": [restored.state.samples, state.samples],
+        }
         row["rollback"] = window
         self.rolled_back.append(window)
-        get_logger().warning("step %d: rolled back to checkpoint %s; samples %d..%d are skipped", row["step"],
-                             restored.source.name, window["samples"][0], window["samples"][1] - 1)
+        get_logger().warning(
+            "step %d: rolled back to checkpoint %s; samples %d..%d are skipped",
+            row["step"],
+            restored.source.name,
+            window["samples"][0],
+            window["samples"][1] - 1,
+        )
         return True
 
     def state_dict(self) -> dict[str, Any]:

@@ -40,7 +40,9 @@ class RaylmTrainer(TorchTrainer):
     def fit(self):
         """Ray Train's fit(), then the signal handlers from before it: the handler holds the run's controller
         handle, and while any reference to it lives the TrainController actor outlives the run."""
-        if threading.current_thread() is not threading.main_thread():  # Tune trials: no handlers are installed
+        if (
+            threading.current_thread() is not threading.main_thread()
+        ):  # Tune trials: no handlers are installed
             return super().fit()
         previous = {signum: signal.getsignal(signum) for signum in HANDLED_SIGNALS}
         try:
@@ -55,7 +57,8 @@ class RaylmTrainer(TorchTrainer):
             from raylm.train.scaling_policy import WholeReplicaScalingPolicy
 
             controller_init_kwargs["scaling_policy"] = WholeReplicaScalingPolicy(
-                self.scaling_config, self.elastic.tp, self.elastic.replica_workers, self.elastic.channel)
+                self.scaling_config, self.elastic.tp, self.elastic.replica_workers, self.elastic.channel
+            )
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     def _register_sigint_handler(self, controller) -> None:  # called by fit() on the main thread only

@@ -8,9 +8,9 @@ from typing import Any
 from raylm.config import Config
 from raylm.log import get_logger
 from raylm.train.reporter import Reporter
+from raylm.train.rungs import stopped_at_rung, waits_for_decisions
 from raylm.train.schedule import batch_size_at
 from raylm.train.step import TrainState
-from raylm.train.rungs import stopped_at_rung, waits_for_decisions
 
 # what Tune sees for a diverged trial: worse than any loss (raylm's files say null)
 DIVERGED_LOSS = float("inf")
@@ -48,8 +48,16 @@ class TrialHooks(NoSweep):
         rungs = self.cfg.tune.rung_tokens
         rung = next((m for m in rungs if state.tokens - step_tokens < m <= state.tokens), None)
         if rung is not None:
-            self.reporter.report({"step": state.step - 1, "tokens": state.tokens, "samples": state.samples,
-                                  "val_loss": session.evaluate(), "rung_tokens": rung, "resumed_rung": True})
+            self.reporter.report(
+                {
+                    "step": state.step - 1,
+                    "tokens": state.tokens,
+                    "samples": state.samples,
+                    "val_loss": session.evaluate(),
+                    "rung_tokens": rung,
+                    "resumed_rung": True,
+                }
+            )
         return self.stopped_at(rung)
 
     def stopped_at(self, rung: int | None) -> bool:
@@ -69,8 +77,9 @@ class TrialHooks(NoSweep):
         row.update(diverged=True, **{key: None for key in ("loss", "val_loss", "val_ppl") if key in row})
         if progress:
             progress.writer.write(row)
-            get_logger().warning("step %d: the loss is not finite; this trial ends as diverged",
-                                 row["step"] + 1)
+            get_logger().warning(
+                "step %d: the loss is not finite; this trial ends as diverged", row["step"] + 1
+            )
         self.reporter.report({**row, "val_loss": DIVERGED_LOSS})
 
 

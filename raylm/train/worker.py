@@ -36,10 +36,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     files = RunFiles(run, cfg.data.cache_dir)
     placement = record_placement(files.local, rank, session.engine.coords)
     files.push((placement.relative_to(files.local).as_posix(),))  # each rank its own file
-    resize = ResizeHandshake(ResizeChannel(loop_config["resize_channel"]), rank) if is_elastic(cfg.parallel) else None
+    resize = (
+        ResizeHandshake(ResizeChannel(loop_config["resize_channel"]), rank)
+        if is_elastic(cfg.parallel)
+        else None
+    )
     if resize and rank == 0:
-        get_logger().info("elastic run: this worker group trains with dp=%d (range %d..%d)", cfg.parallel.dp,
-                          cfg.parallel.dp_min, cfg.parallel.dp_max)
+        get_logger().info(
+            "elastic run: this worker group trains with dp=%d (range %d..%d)",
+            cfg.parallel.dp,
+            cfg.parallel.dp_min,
+            cfg.parallel.dp_max,
+        )
     Trainer(cfg, session, run, rank, reporter, resize).train()
 
 
@@ -59,12 +67,19 @@ def _pin_gpu() -> None:
 
 
 def _torch_threads(cfg: Config, workers_on_node: int) -> int:
-    """Threads per worker from the node's cores and the workers placed on it (Ray would leave one: docs/ray-facts.md 1)."""
+    """Threads per worker from the node's cores and the workers placed on it (Ray would leave one:
+    docs/ray-facts.md 1)."""
     return cfg.train.torch_threads or max(1, (os.cpu_count() or 1) // workers_on_node)
 
 
-def run_rank(cfg: Config, backend: str, run_dir: Location, rank: int, reporter: Reporter,
-             resize: ResizeHandshake | None = None) -> None:
+def run_rank(
+    cfg: Config,
+    backend: str,
+    run_dir: Location,
+    rank: int,
+    reporter: Reporter,
+    resize: ResizeHandshake | None = None,
+) -> None:
     """Build this rank's engine and streams, then train: a rank in a plain process (torch.distributed's
     environment set by its launcher; reporter a PlainReporter)."""
     session = Session.build(cfg, backend, rank, reporter.workers_per_node())

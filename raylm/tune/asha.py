@@ -28,7 +28,9 @@ class Decision:
     tokens: int
     value: float | None  # None: not finite (a diverged trial)
     cutoff: float | None  # the worst value still promoted at this rung then (None: no promotion yet possible)
-    action: str  # continue (promoted) | pause (waits at the rung) | stop | record (FIFO: judged, never stopped)
+    action: (
+        str  # continue (promoted) | pause (waits at the rung) | stop | record (FIFO: judged, never stopped)
+    )
     event: str = AT_REPORT
 
 
@@ -97,8 +99,12 @@ class RungBook:
 
     def waiting(self) -> list[tuple[str, int]]:
         """(trial, rung) of every paused trial, in the order they arrived."""
-        return [(trial, rung) for rung in sorted(self.recorded) for trial in self.recorded[rung]
-                if self._waits(trial, rung)]
+        return [
+            (trial, rung)
+            for rung in sorted(self.recorded)
+            for trial in self.recorded[rung]
+            if self._waits(trial, rung)
+        ]
 
     def end(self, trial: str) -> None:
         """The trial ended on its own: a later arrival no longer promotes it."""
@@ -108,7 +114,9 @@ class RungBook:
         """Nothing runs and nothing more will start: promote at least one trial at the lowest rung that promoted
         none (its arrivals were too few for floor(n / rf)); if no rung can, every paused trial stops."""
         for rung in sorted(self.recorded):
-            promoted = self._promote(rung, max(1, self._quota(rung)), AT_CLOSE, within=len(self.recorded[rung]))
+            promoted = self._promote(
+                rung, max(1, self._quota(rung)), AT_CLOSE, within=len(self.recorded[rung])
+            )
             if promoted:
                 return promoted
         waiting = self.waiting()
@@ -124,8 +132,12 @@ class RungBook:
         return sorted(at, key=lambda trial: at[trial])
 
     def _waits(self, trial: str, rung: int) -> bool:
-        return ((trial, rung) in self.judged and (trial, rung) not in self.promoted and trial not in self.stopped
-                and trial not in self.ended)
+        return (
+            (trial, rung) in self.judged
+            and (trial, rung) not in self.promoted
+            and trial not in self.stopped
+            and trial not in self.ended
+        )
 
     def _waiting_at(self, rung: int) -> list[str]:
         """The rung's paused trials, best first."""
@@ -137,7 +149,7 @@ class RungBook:
     def _promote(self, rung: int, quota: int, event: str, within: int | None = None) -> list[Decision]:
         """Promote the best paused trials among the rung's top `within` (default: `quota`) until `quota` are."""
         decisions = []
-        for trial in self._ranked(rung)[:quota if within is None else within]:
+        for trial in self._ranked(rung)[: quota if within is None else within]:
             if self._promoted_at(rung) >= quota:
                 break
             if self._waits(trial, rung) and self.recorded[rung][trial] < WORST_VALUE:
@@ -182,8 +194,11 @@ class RungBook:
         if rung == 0:
             return max(0, self.total_trials - len(self.recorded.get(0, {})))
         below = rung - 1
-        on_the_way = sum(1 for trial, k in self.promoted
-                         if k == below and (trial, rung) not in self.judged and trial not in self.ended)
+        on_the_way = sum(
+            1
+            for trial, k in self.promoted
+            if k == below and (trial, rung) not in self.judged and trial not in self.ended
+        )
         promotions_left = max(0, self._most_promoted(below) - self._promoted_at(below))
         return on_the_way + min(promotions_left, len(self._waiting_at(below)) + self._may_still_arrive(below))
 
@@ -191,10 +206,16 @@ class RungBook:
         value = self.recorded[rung][trial]
         quota = self._quota(rung) if quota is None else quota
         ranked = self._ranked(rung)
-        return Decision(trial=trial, rung=rung, milestone_tokens=self.milestones_tokens[rung],
-                        tokens=self.tokens_at[(trial, rung)], value=value if value < WORST_VALUE else None,
-                        cutoff=self.recorded[rung][ranked[quota - 1]] if quota and self.stops else None,
-                        action=action, event=event)
+        return Decision(
+            trial=trial,
+            rung=rung,
+            milestone_tokens=self.milestones_tokens[rung],
+            tokens=self.tokens_at[(trial, rung)],
+            value=value if value < WORST_VALUE else None,
+            cutoff=self.recorded[rung][ranked[quota - 1]] if quota and self.stops else None,
+            action=action,
+            event=event,
+        )
 
     def rebuild(self, reports: list[RungReport], decisions: list[dict]) -> None:
         """The records from the trials' own rung rows, in time order (the first per trial and rung counts): Ray
@@ -205,7 +226,9 @@ class RungBook:
         for report in sorted(reports, key=lambda r: r.time):
             rung = self.rung_of(report.tokens)
             if rung is not None:
-                value = report.value if report.value is not None and math.isfinite(report.value) else WORST_VALUE
+                value = (
+                    report.value if report.value is not None and math.isfinite(report.value) else WORST_VALUE
+                )
                 self.recorded.setdefault(rung, {}).setdefault(report.trial, value)
                 self.tokens_at.setdefault((report.trial, rung), report.tokens)
         rows = [row for row in decisions if row["action"] in (CONTINUE, PAUSE, STOP, RECORD)]
@@ -226,9 +249,12 @@ class RungReport:
 
 def rung_reports(trials_dir: Path, metric: str) -> list[RungReport]:
     """Every trial's rows that carry `rung_tokens` (a trial's folder is named by its trial id)."""
-    return [RungReport(trial=folder.name, time=row["time"], tokens=row["tokens"], value=row.get(metric))
-            for folder in sorted(p for p in trials_dir.glob("*") if p.is_dir())
-            for row in read_metrics(folder) if "rung_tokens" in row]
+    return [
+        RungReport(trial=folder.name, time=row["time"], tokens=row["tokens"], value=row.get(metric))
+        for folder in sorted(p for p in trials_dir.glob("*") if p.is_dir())
+        for row in read_metrics(folder)
+        if "rung_tokens" in row
+    ]
 
 
 def read_decisions(path: Path) -> list[dict]:

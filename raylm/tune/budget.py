@@ -23,8 +23,9 @@ def tokens_after_steps(steps: int, final_batch: int, ramp: BatchScheduleConfig, 
     return tokens
 
 
-def steps_for_tokens(target_tokens: int, final_batch: int, ramp: BatchScheduleConfig, seq_len: int,
-                     start_tokens: int = 0) -> int:
+def steps_for_tokens(
+    target_tokens: int, final_batch: int, ramp: BatchScheduleConfig, seq_len: int, start_tokens: int = 0
+) -> int:
     """The first step count (after `start_tokens`) whose tokens reach `target_tokens`: the trial overshoots by less
     than one step."""
     steps, tokens = 0, start_tokens
@@ -38,7 +39,9 @@ def trial_max_steps(cfg: Config, budget: int, start: tuple[int, int] = (0, 0)) -
     """A trial's train.max_steps: the steps its own batch schedule needs to train the budget; from a checkpoint at
     `start` = (steps, tokens) (a PBT exploit), those steps plus what its schedule needs from there."""
     steps, tokens = start
-    return steps + steps_for_tokens(budget, cfg.train.global_batch, cfg.schedule.batch, cfg.data.seq_len, tokens)
+    return steps + steps_for_tokens(
+        budget, cfg.train.global_batch, cfg.schedule.batch, cfg.data.seq_len, tokens
+    )
 
 
 def rung_milestones(cfg: Config, budget: int) -> list[int]:
@@ -46,10 +49,12 @@ def rung_milestones(cfg: Config, budget: int) -> list[int]:
     rf to 3: rungs at 1/9 and 1/3 of the budget)."""
     grace = cfg.tune.grace_tokens or budget / 9
     if grace >= budget:
-        raise ConfigError(f"the sweep's budget of {budget} tokens is not above its grace period of {grace:.0f} tokens "
-                          f"(tune.grace_tokens); raise tune.budget_tokens or lower tune.grace_tokens")
+        raise ConfigError(
+            f"the sweep's budget of {budget} tokens is not above its grace period of {grace:.0f} tokens "
+            f"(tune.grace_tokens); raise tune.budget_tokens or lower tune.grace_tokens"
+        )
     milestones, k = [], 0
-    while grace * cfg.tune.reduction_factor ** k < budget * (1 - 1e-9):
-        milestones.append(math.ceil(grace * cfg.tune.reduction_factor ** k - 1e-6))
+    while grace * cfg.tune.reduction_factor**k < budget * (1 - 1e-9):
+        milestones.append(math.ceil(grace * cfg.tune.reduction_factor**k - 1e-6))
         k += 1
     return milestones

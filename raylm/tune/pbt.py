@@ -15,7 +15,12 @@ import numpy as np
 EXPLOIT_KEY = "__exploit"  # in a trial's Tune config after an exploit: {n, donor, checkpoint, tokens}
 LR_FACTORS = (0.8, 1.25)
 PATH_KEYS = ("tokens", "lr", "batch_size")  # of each metrics row, in best_lr_path.jsonl
-BATCH_KEYS = ("train.global_batch", "schedule.batch.start", "schedule.batch.increment", "schedule.batch.ramp_tokens")
+BATCH_KEYS = (
+    "train.global_batch",
+    "schedule.batch.start",
+    "schedule.batch.increment",
+    "schedule.batch.ramp_tokens",
+)
 
 
 @dataclass
@@ -24,11 +29,20 @@ class PbtBook:
     quantile: float = 0.25
     seed: int = 0
     space: dict = field(default_factory=dict)  # the space file's raw mapping: where a batch key may move
-    recorded: dict[int, dict[str, dict]] = field(default_factory=dict)  # rung -> trial -> {value, checkpoint, config}
+    recorded: dict[int, dict[str, dict]] = field(
+        default_factory=dict
+    )  # rung -> trial -> {value, checkpoint, config}
     exploits: int = 0
 
-    def decide(self, trial: str, tokens: int, value: float, checkpoint: str | None, config: dict,
-               alive: set[str] | frozenset = frozenset()) -> list[dict]:
+    def decide(
+        self,
+        trial: str,
+        tokens: int,
+        value: float,
+        checkpoint: str | None,
+        config: dict,
+        alive: set[str] | frozenset = frozenset(),
+    ) -> list[dict]:
         """Record the trial at the highest rung it reached, then return the exploits this makes due: every trial
         recorded at that rung (the arriving one, or one of the `alive` ones that arrived earlier) whose value is in
         the worst quantile there takes the best trial's config and rung checkpoint, once per rung."""
@@ -49,9 +63,18 @@ class PbtBook:
             if due and (name == trial or name in alive):
                 entry["exploited"] = True
                 self.exploits += 1
-                exploits.append({"trial": name, "rung": rung, "donor": donor, "value": entry["value"],
-                                 "checkpoint": at_rung[donor]["checkpoint"], "tokens": at_rung[donor]["tokens"],
-                                 "config": self.perturb(at_rung[donor]["config"]), "n": self.exploits})
+                exploits.append(
+                    {
+                        "trial": name,
+                        "rung": rung,
+                        "donor": donor,
+                        "value": entry["value"],
+                        "checkpoint": at_rung[donor]["checkpoint"],
+                        "tokens": at_rung[donor]["tokens"],
+                        "config": self.perturb(at_rung[donor]["config"]),
+                        "n": self.exploits,
+                    }
+                )
         return exploits
 
     def perturb(self, donor_config: dict) -> dict:
@@ -98,6 +121,6 @@ def lr_path(trial: str, rows_of: dict[str, list[dict]], exploits: list[dict]) ->
     if not mine:
         return own
     last = mine[-1]
-    earlier = exploits[:exploits.index(last)]  # the donor's history as it stood when it was copied
+    earlier = exploits[: exploits.index(last)]  # the donor's history as it stood when it was copied
     before = [p for p in lr_path(last["donor"], rows_of, earlier) if p["tokens"] <= last["tokens"]]
     return before + [p for p in own if p["tokens"] > last["tokens"]]

@@ -21,18 +21,28 @@ def write_markdown(records: list[TrialRecord], plan: SweepPlan, metric: str, pat
     ranked = sorted(records, key=lambda r: (r.last is None, r.last if r.last is not None else 0.0))
     keys = sorted({key for r in records for key in r.params})
     rungs = ", ".join(f"{m:,}" for m in plan.milestones_tokens)
-    lines = [f"# Sweep {plan.name}", "",
-             f"Budget {plan.budget_tokens:,} tokens per trial; rungs at {rungs} tokens; every trial validates on the "
-             f"same {plan.eval_samples} samples.", "",
-             f"| rank | trial | status | tokens | {metric} | best | {' | '.join(keys)} |",
-             "|" + "---|" * (6 + len(keys))]
+    lines = [
+        f"# Sweep {plan.name}",
+        "",
+        f"Budget {plan.budget_tokens:,} tokens per trial; rungs at {rungs} tokens; every trial validates on the "
+        f"same {plan.eval_samples} samples.",
+        "",
+        f"| rank | trial | status | tokens | {metric} | best | {' | '.join(keys)} |",
+        "|" + "---|" * (6 + len(keys)),
+    ]
     for rank, r in enumerate(ranked, 1):
         values = " | ".join(_fmt(r.params.get(key)) for key in keys)
-        lines.append(f"| {rank} | {r.name} | {r.status} | {r.tokens:,} | {_fmt(r.last)} | {_fmt(r.best)} | {values} |")
-    lines += ["", f"Tokens trained: {spent:,} of {full:,} ({spent / max(1, full):.1%}) that running every trial "
-                  f"to the budget would take.",
-              f"Wall-seconds in trials: {wall:.0f} of about {wall_full:.0f} ({wall / max(1e-9, wall_full):.1%}; "
-              f"each trial's time extrapolated at its own tokens/s).", ""]
+        lines.append(
+            f"| {rank} | {r.name} | {r.status} | {r.tokens:,} | {_fmt(r.last)} | {_fmt(r.best)} | {values} |"
+        )
+    lines += [
+        "",
+        f"Tokens trained: {spent:,} of {full:,} ({spent / max(1, full):.1%}) that running every trial "
+        f"to the budget would take.",
+        f"Wall-seconds in trials: {wall:.0f} of about {wall_full:.0f} ({wall / max(1e-9, wall_full):.1%}; "
+        f"each trial's time extrapolated at its own tokens/s).",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -56,7 +66,7 @@ def plot_sweep(records: list[TrialRecord], plan: SweepPlan, metric: str, path: P
         if not rows:
             continue
         tokens, values = [r["tokens"] for r in rows], [r["val_loss"] for r in rows]
-        line, = ax.plot(tokens, values, linewidth=1, label=f"{record.name[-11:]} ({record.status})")
+        (line,) = ax.plot(tokens, values, linewidth=1, label=f"{record.name[-11:]} ({record.status})")
         ax.plot(tokens[-1], values[-1], END_MARKS[record.status], color=line.get_color(), markersize=8)
     for milestone in plan.milestones_tokens:
         ax.axvline(milestone, color="grey", linestyle="--", linewidth=0.8)
@@ -75,8 +85,11 @@ def plot_sweep(records: list[TrialRecord], plan: SweepPlan, metric: str, path: P
 
 def _heat_cells(records: list[TrialRecord]) -> dict | None:
     """(lr bin, batch) -> best final metric, when both optim.lr and train.global_batch were searched."""
-    points = [(r.params["optim.lr"], r.params["train.global_batch"], r.last) for r in records
-              if "optim.lr" in r.params and "train.global_batch" in r.params and r.last is not None]
+    points = [
+        (r.params["optim.lr"], r.params["train.global_batch"], r.last)
+        for r in records
+        if "optim.lr" in r.params and "train.global_batch" in r.params and r.last is not None
+    ]
     if not points:
         return None
     lrs = sorted({p[0] for p in points})

@@ -29,9 +29,11 @@ def trial_share(cfg: Config, cluster: dict[str, float], trials: int) -> TrialSha
     unit = f"{workers} GPU(s)" if use_gpu else f"{workers} CPU(s)"
     have = f"{gpus:g} GPUs" if use_gpu else f"{cpus:g} CPUs"
     if cfg.tune.max_concurrent > fit:
-        raise ConfigError(f"tune.max_concurrent={cfg.tune.max_concurrent} cannot fit: each trial needs {unit} "
-                          f"(pp*tp*dp workers) and the cluster has {have}, which fits {fit}; set "
-                          f"tune.max_concurrent={fit}, or 0 for as many as fit")
+        raise ConfigError(
+            f"tune.max_concurrent={cfg.tune.max_concurrent} cannot fit: each trial needs {unit} "
+            f"(pp*tp*dp workers) and the cluster has {have}, which fits {fit}; set "
+            f"tune.max_concurrent={fit}, or 0 for as many as fit"
+        )
     concurrent = max(1, min(cfg.tune.max_concurrent or fit, trials))
     if use_gpu:
         return TrialShare(concurrent, cfg.parallel.cpus_per_worker or 1.0, cfg.train.torch_threads, True)

@@ -18,7 +18,9 @@ from raylm.train.metrics import read_metrics
 from raylm.tune.asha import read_decisions
 from raylm.tune.plan import SweepPlan, best_config
 
-TRIAL_FILE = "trial.json"  # written in each trial's run folder when it starts: id, name, values, its Tune actor
+TRIAL_FILE = (
+    "trial.json"  # written in each trial's run folder when it starts: id, name, values, its Tune actor
+)
 
 
 @dataclass
@@ -44,8 +46,9 @@ def finite(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def collect_trials(trials_dir: Path, decisions_path: Path, plan: SweepPlan,
-                   errors: dict[str, str]) -> list[TrialRecord]:
+def collect_trials(
+    trials_dir: Path, decisions_path: Path, plan: SweepPlan, errors: dict[str, str]
+) -> list[TrialRecord]:
     """Every trial folder with its status; `errors` maps a trial id to the first line of its error."""
     stopped = {row["trial"] for row in read_decisions(decisions_path) if row["action"] == "stop"}
     records = []
@@ -70,12 +73,19 @@ def _record(info: dict, folder: Path, rows: list[dict], plan: SweepPlan, stopped
         status = "finished" if tokens >= plan.budget_tokens else "unfinished"
     wall_s = (last_row["time"] - rows[0]["time"] + rows[0]["step_s"]) if rows else 0.0
     return TrialRecord(
-        name=info["trial_name"], trial_id=info["trial_id"], folder=str(folder), params=info["params"],
-        status=status, tokens=tokens, steps=last_row.get("step", -1) + 1,
+        name=info["trial_name"],
+        trial_id=info["trial_id"],
+        folder=str(folder),
+        params=info["params"],
+        status=status,
+        tokens=tokens,
+        steps=last_row.get("step", -1) + 1,
         last=finite(evals[-1]["val_loss"]) if evals and status != "diverged" else None,
         best=min((r["val_loss"] for r in evals), default=None) if status != "diverged" else None,
         rungs={str(r["rung_tokens"]): finite(r.get("val_loss")) for r in rows if "rung_tokens" in r},
-        wall_s=round(wall_s, 3), error=error)
+        wall_s=round(wall_s, 3),
+        error=error,
+    )
 
 
 def write_trials(records: list[TrialRecord], path: Path) -> None:
@@ -99,13 +109,35 @@ def write_best(best: TrialRecord, base: Config, sweep_dir: Path) -> Path:
 def summarise(base: Config, records: list[TrialRecord], sweep_dir: Path) -> dict[str, Any]:
     best = pick_best(records)
     if best is None:
-        raise RaylmError(f"no trial of sweep {base.tune.name!r} trained its whole budget with a finite "
-                         f"{base.tune.metric}; see {sweep_dir}/trials.jsonl")
+        raise RaylmError(
+            f"no trial of sweep {base.tune.name!r} trained its whole budget with a finite "
+            f"{base.tune.metric}; see {sweep_dir}/trials.jsonl"
+        )
     best_path = write_best(best, base, sweep_dir)
-    counts = {status: sum(r.status == status for r in records) for status in
-              ("finished", "stopped", "diverged", "error", "unfinished")}
-    get_logger().info("sweep %s: %s; best %s=%.4f (%s) with %s; %s", base.tune.name, counts, base.tune.metric,
-                      best.last, best.name, best.params, best_path)
-    best_summary = {"name": best.name, "trial_id": best.trial_id, "params": best.params, base.tune.metric: best.last}
-    return {"sweep_dir": str(sweep_dir), "trials": len(records), "status": counts, "best": best_summary,
-            "best_yaml": str(best_path)}
+    counts = {
+        status: sum(r.status == status for r in records)
+        for status in ("finished", "stopped", "diverged", "error", "unfinished")
+    }
+    get_logger().info(
+        "sweep %s: %s; best %s=%.4f (%s) with %s; %s",
+        base.tune.name,
+        counts,
+        base.tune.metric,
+        best.last,
+        best.name,
+        best.params,
+        best_path,
+    )
+    best_summary = {
+        "name": best.name,
+        "trial_id": best.trial_id,
+        "params": best.params,
+        base.tune.metric: best.last,
+    }
+    return {
+        "sweep_dir": str(sweep_dir),
+        "trials": len(records),
+        "status": counts,
+        "best": best_summary,
+        "best_yaml": str(best_path),
+    }

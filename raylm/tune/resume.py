@@ -17,16 +17,22 @@ def check_resumable(sweep_dir: Path, cfg: Config, space: Space) -> None:
     """--resume needs the sweep's folder and the same config and space it started with (names what differs)."""
     saved_path = sweep_dir / SWEEP_FILE
     if not saved_path.exists() or not (sweep_dir / "tuner.pkl").exists():
-        raise ConfigError(f"--resume: no sweep to resume in {sweep_dir}; run without --resume to start it, or set "
-                          f"tune.name to the sweep you mean")
+        raise ConfigError(
+            f"--resume: no sweep to resume in {sweep_dir}; run without --resume to start it, or set "
+            f"tune.name to the sweep you mean"
+        )
     saved = json.loads(saved_path.read_text())
-    for what, old, new in (("config", saved["config"], json.loads(json.dumps(to_dict(cfg)))),
-                           ("space", saved["space"], json.loads(json.dumps(space.raw)))):
+    for what, old, new in (
+        ("config", saved["config"], json.loads(json.dumps(to_dict(cfg)))),
+        ("space", saved["space"], json.loads(json.dumps(space.raw))),
+    ):
         key = _first_difference(old, new)
         if key is not None:
-            raise ConfigError(f"--resume: the {what} differs from the one the sweep started with at {key} "
-                              f"({_at(old, key)!r} then, {_at(new, key)!r} now); resume with the same {what}, or "
-                              f"start a new sweep with another tune.name")
+            raise ConfigError(
+                f"--resume: the {what} differs from the one the sweep started with at {key} "
+                f"({_at(old, key)!r} then, {_at(new, key)!r} now); resume with the same {what}, or "
+                f"start a new sweep with another tune.name"
+            )
 
 
 def _first_difference(old: Any, new: Any, prefix: str = "") -> str | None:

@@ -27,8 +27,15 @@ class TokenRungScheduler(FIFOScheduler):
     The records are rebuilt from the trials' own rung rows when this driver sees its first trial, before any trial
     runs in it, so a restored sweep judges its resumed trials against the rungs its earlier trials reached."""
 
-    def __init__(self, book: RungBook, metric: str, decisions_path: str, trials_dir: str, sweep: str,
-                 concurrent: int = 1):
+    def __init__(
+        self,
+        book: RungBook,
+        metric: str,
+        decisions_path: str,
+        trials_dir: str,
+        sweep: str,
+        concurrent: int = 1,
+    ):
         super().__init__()
         self.book, self.metric_name, self.decisions_path = book, metric, Path(decisions_path)
         self.trials_dir, self.sweep, self.concurrent = Path(trials_dir), sweep, concurrent
@@ -40,7 +47,9 @@ class TokenRungScheduler(FIFOScheduler):
 
     def _load(self) -> None:
         if not self.loaded:
-            self.book.rebuild(rung_reports(self.trials_dir, self.metric_name), read_decisions(self.decisions_path))
+            self.book.rebuild(
+                rung_reports(self.trials_dir, self.metric_name), read_decisions(self.decisions_path)
+            )
             self.loaded = True
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -48,7 +57,9 @@ class TokenRungScheduler(FIFOScheduler):
         self.to_unpause.discard(trial.trial_id)
         own = None
         if "tokens" in result and self.metric_name in result:
-            decisions = self.book.arrive(trial.trial_id, int(result["tokens"]), float(result[self.metric_name]))
+            decisions = self.book.arrive(
+                trial.trial_id, int(result["tokens"]), float(result[self.metric_name])
+            )
             self._apply(tune_controller, decisions, reporting=trial)
             own = next((d.action for d in decisions if d.trial == trial.trial_id), None)
         if not self.book.stops or result.get("done"):
@@ -61,7 +72,9 @@ class TokenRungScheduler(FIFOScheduler):
         if action == STOP:
             return TrialScheduler.STOP
         if action == PAUSE:
-            tune_controller.pause_trial(trial, should_checkpoint=False)  # promoted, it resumes from its folder
+            tune_controller.pause_trial(
+                trial, should_checkpoint=False
+            )  # promoted, it resumes from its folder
             return TrialScheduler.NOOP
         return TrialScheduler.CONTINUE
 
@@ -87,8 +100,9 @@ class TokenRungScheduler(FIFOScheduler):
         return chosen
 
     def _next(self, trials):
-        return (next((t for t in trials if t.status == Trial.PAUSED and t.trial_id in self.to_unpause), None)
-                or next((t for t in trials if t.status == Trial.PENDING), None))
+        return next(
+            (t for t in trials if t.status == Trial.PAUSED and t.trial_id in self.to_unpause), None
+        ) or next((t for t in trials if t.status == Trial.PENDING), None)
 
     def _idle(self, tune_controller, trials) -> bool:
         """Nothing runs, nothing waits to start, and the search will suggest no more trials."""
@@ -102,7 +116,9 @@ class TokenRungScheduler(FIFOScheduler):
         for decision in decisions:
             trial = trials[decision.trial]
             self._write(trial, decision)
-            if (reporting is not None and trial.trial_id == reporting.trial_id) or trial.status != Trial.PAUSED:
+            if (
+                reporting is not None and trial.trial_id == reporting.trial_id
+            ) or trial.status != Trial.PAUSED:
                 continue
             if decision.action == CONTINUE:
                 self.to_unpause.add(trial.trial_id)
@@ -113,9 +129,18 @@ class TokenRungScheduler(FIFOScheduler):
         row = {"trial_name": str(trial), **asdict(decision)}
         with self.decisions_path.open("a") as out:
             out.write(json.dumps(row) + "\n")
-        get_logger().info("rung %d (%d tokens): %s at %d tokens, %s=%s, cutoff %s: %s (%s)", decision.rung,
-                          decision.milestone_tokens, trial, decision.tokens, self.metric_name, decision.value,
-                          decision.cutoff, decision.action, decision.event)
+        get_logger().info(
+            "rung %d (%d tokens): %s at %d tokens, %s=%s, cutoff %s: %s (%s)",
+            decision.rung,
+            decision.milestone_tokens,
+            trial,
+            decision.tokens,
+            self.metric_name,
+            decision.value,
+            decision.cutoff,
+            decision.action,
+            decision.event,
+        )
 
 
 def _set_concurrency(search_alg, limit: int) -> None:
@@ -141,21 +166,42 @@ class TokenPBTScheduler(FIFOScheduler):
         params, _ = split_exploit(trial.config)
         trials = {t.trial_id: t for t in tune_controller.get_trials()}
         alive = {tid for tid, t in trials.items() if t.status == "RUNNING" and tid != trial.trial_id}
-        exploits = self.book.decide(trial.trial_id, int(result["tokens"]), float(result[self.metric_name]),
-                                    result.get("checkpoint_path"), params, alive)
+        exploits = self.book.decide(
+            trial.trial_id,
+            int(result["tokens"]),
+            float(result[self.metric_name]),
+            result.get("checkpoint_path"),
+            params,
+            alive,
+        )
         action = TrialScheduler.CONTINUE
         for exploit in exploits:
             self._apply(tune_controller, trials[exploit["trial"]], exploit)
             if exploit["trial"] == trial.trial_id:
-                action = TrialScheduler.NOOP  # paused above; it restarts with the donor's config and checkpoint
+                action = (
+                    TrialScheduler.NOOP
+                )  # paused above; it restarts with the donor's config and checkpoint
         return action
 
     def _apply(self, tune_controller, target, exploit: dict) -> None:
         row = {"action": "exploit", **{k: v for k, v in exploit.items() if k != "n"}}
         with self.decisions_path.open("a") as out:
             out.write(json.dumps(row) + "\n")
-        get_logger().info("PBT: %s takes %s's checkpoint %s with %s", target, exploit["donor"],
-                          exploit["checkpoint"], exploit["config"])
+        get_logger().info(
+            "PBT: %s takes %s's checkpoint %s with %s",
+            target,
+            exploit["donor"],
+            exploit["checkpoint"],
+            exploit["config"],
+        )
         tune_controller.pause_trial(target, should_checkpoint=False)
-        target.set_config({**exploit["config"], EXPLOIT_KEY: {"n": exploit["n"], "donor": exploit["donor"],
-                                                              "checkpoint": exploit["checkpoint"]}})
+        target.set_config(
+            {
+                **exploit["config"],
+                EXPLOIT_KEY: {
+                    "n": exploit["n"],
+                    "donor": exploit["donor"],
+                    "checkpoint": exploit["checkpoint"],
+                },
+            }
+        )

@@ -5,6 +5,7 @@ A key maps to one distribution, optionally with `when:` naming the values of oth
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 from dataclasses import dataclass
@@ -45,9 +46,13 @@ class Param:
         from ray import tune
 
         low, high = self.args[0], self.args[-1]
-        return {"choice": lambda: tune.choice(self.args), "grid": lambda: tune.grid_search(self.args),
-                "uniform": lambda: tune.uniform(low, high), "loguniform": lambda: tune.loguniform(low, high),
-                "randint": lambda: tune.randint(low, high)}[self.kind]()
+        return {
+            "choice": lambda: tune.choice(self.args),
+            "grid": lambda: tune.grid_search(self.args),
+            "uniform": lambda: tune.uniform(low, high),
+            "loguniform": lambda: tune.loguniform(low, high),
+            "randint": lambda: tune.randint(low, high),
+        }[self.kind]()
 
 
 @dataclass(frozen=True)
@@ -80,21 +85,27 @@ def load_space(path: str | Path) -> Space:
     """Read and check a space file: keys, distributions, bounds and conditions (combinations: see space_check)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"search space {path} does not exist; pass a file such as tune_spaces/lr_schedule.yaml")
+        raise ConfigError(
+            f"search space {path} does not exist; pass a file such as tune_spaces/lr_schedule.yaml"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]}); fix the syntax") from None
     if not isinstance(raw, dict) or not raw:
-        raise ConfigError(f"{path} must map dotted config keys to distributions, e.g. optim.lr: "
-                          f"{{loguniform: [1e-4, 1e-2]}}")
+        raise ConfigError(
+            f"{path} must map dotted config keys to distributions, e.g. optim.lr: "
+            f"{{loguniform: [1e-4, 1e-2]}}"
+        )
     known = sorted(name for name, _, _ in describe_fields())
     params = [_param(path, str(key), spec, known) for key, spec in raw.items()]
     for param in params:
         for other in param.when:
             if other not in raw:
-                raise ConfigError(f"{path}: {param.key}: `when` names {other}, which the space does not search; "
-                                  f"add {other} to the space or drop the condition")
+                raise ConfigError(
+                    f"{path}: {param.key}: `when` names {other}, which the space does not search; "
+                    f"add {other} to the space or drop the condition"
+                )
     return Space(path=str(path), raw=raw, params=params)
 
 
@@ -104,19 +115,29 @@ def _param(path: Path, key: str, spec: Any, known: list[str]) -> Param:
         hint = f"did you mean {close}?" if close else "`raylm config --help` lists the keys"
         raise ConfigError(f"{path}: {key!r} is not a config key; {hint}")
     if key.startswith(SWEEP_OWNED):
-        raise ConfigError(f"{path}: {key} is set by the sweep itself (run.*, tune.*, checkpoint.resume); "
-                          f"set it on the command line instead, or drop it from the space")
+        raise ConfigError(
+            f"{path}: {key} is set by the sweep itself (run.*, tune.*, checkpoint.resume); "
+            f"set it on the command line instead, or drop it from the space"
+        )
     spec = dict(spec) if isinstance(spec, dict) else spec
     when = spec.pop("when", {}) if isinstance(spec, dict) else {}
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
         kinds = ", ".join(DISTRIBUTIONS)
-        raise ConfigError(f"{path}: {key}: {spec!r} is not one distribution; use one of {kinds}, "
-                          f"e.g. {key}: {{choice: [a, b]}}")
+        raise ConfigError(
+            f"{path}: {key}: {spec!r} is not one distribution; use one of {kinds}, "
+            f"e.g. {key}: {{choice: [a, b]}}"
+        )
     if not isinstance(when, dict):
-        raise ConfigError(f"{path}: {key}: when must map keys to values, e.g. when: {{schedule.lr.kind: wsd}}")
+        raise ConfigError(
+            f"{path}: {key}: when must map keys to values, e.g. when: {{schedule.lr.kind: wsd}}"
+        )
     kind, args = next(iter(spec.items()))
-    return Param(key=key, kind=kind, args=_checked_args(path, key, kind, args),
-                 when={other: _as_list(allowed) for other, allowed in when.items()})
+    return Param(
+        key=key,
+        kind=kind,
+        args=_checked_args(path, key, kind, args),
+        when={other: _as_list(allowed) for other, allowed in when.items()},
+    )
 
 
 def closest_key(key: str, known: list[str]) -> str | None:
@@ -150,10 +171,8 @@ def _checked_args(path: Path, key: str, kind: str, args: Any) -> list:
 
 def _number(where: str, value: Any, integer: bool) -> float | int:
     if isinstance(value, str):
-        try:
-            value = float(value)  # YAML reads 3e-4 (no dot) as a string
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):  # YAML reads 3e-4 (no dot) as a string
+            value = float(value)
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (integer and value != int(value)):
         kind = "an integer" if integer else "a number"

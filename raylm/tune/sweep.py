@@ -36,11 +36,15 @@ from raylm.tune.rung_decisions import clear as clear_decisions
 from raylm.tune.space import Space, load_space
 
 METRICS = ("val_loss", "loss")
-SWEEP_ON_URI = ("a sweep keeps its trials, exploits and summary in a local or shared folder (object storage is built "
-                "for single runs); set run.dir to such a folder")
+SWEEP_ON_URI = (
+    "a sweep keeps its trials, exploits and summary in a local or shared folder (object storage is built "
+    "for single runs); set run.dir to such a folder"
+)
 
 
-def sweep(cfg: Config, space_path: str | Path, overwrite: bool = False, resume: bool = False) -> dict[str, Any]:
+def sweep(
+    cfg: Config, space_path: str | Path, overwrite: bool = False, resume: bool = False
+) -> dict[str, Any]:
     """Run (or resume) the sweep and write its outputs in <run.dir>/<tune.name>/; return a summary."""
     refuse_uri("run.dir", cfg.run.dir, SWEEP_ON_URI)
     cfg = with_absolute_paths(cfg)
@@ -51,11 +55,17 @@ def sweep(cfg: Config, space_path: str | Path, overwrite: bool = False, resume: 
     check_prepared_data(cfg)
     if not resume:
         _prepare_sweep_dir(cfg, overwrite)
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps({"config": to_dict(cfg), "space": space.raw}, indent=1))
+        (sweep_dir / SWEEP_FILE).write_text(
+            json.dumps({"config": to_dict(cfg), "space": space.raw}, indent=1)
+        )
     connect_ray(dashboard=True)  # trials Tune stops early release their resources through it
     open_kv()  # on this node: rung decisions go through it
     plan, concurrent = _with_share(cfg, space, plan)
-    tuner = _restore_tuner(cfg, sweep_dir, plan) if resume else _new_tuner(cfg, space, plan, sweep_dir, concurrent)
+    tuner = (
+        _restore_tuner(cfg, sweep_dir, plan)
+        if resume
+        else _new_tuner(cfg, space, plan, sweep_dir, concurrent)
+    )
     with reading(local_data_folders(cfg)):  # `raylm prepare` cannot replace the shards the trials read
         results = tuner.fit()
     clear_decisions(cfg.tune.name)  # any a trial ended without reading
@@ -65,16 +75,23 @@ def sweep(cfg: Config, space_path: str | Path, overwrite: bool = False, resume: 
 def prepare(cfg: Config, space_path: str | Path) -> tuple[Space, SweepPlan]:
     """Everything that can be refused before Ray starts: metric, scheduler, space, budget, combinations."""
     if cfg.tune.metric not in METRICS:
-        raise ConfigError(f"tune.metric={cfg.tune.metric!r} is not reported by every trial; use one of "
-                          f"{', '.join(METRICS)}")
+        raise ConfigError(
+            f"tune.metric={cfg.tune.metric!r} is not reported by every trial; use one of {', '.join(METRICS)}"
+        )
     space = load_space(space_path)
     if cfg.tune.search == "optuna":
         _check_optuna(space)
     plan = plan_sweep(cfg, space)
     checked = check_combinations(cfg, space, plan)
-    get_logger().info("sweep %s: %d trial(s) of %d tokens each, rungs at %s tokens, %d combination(s) of the "
-                      "space validated", cfg.tune.name, _trial_count(cfg, space), plan.budget_tokens,
-                      plan.milestones_tokens, checked)
+    get_logger().info(
+        "sweep %s: %d trial(s) of %d tokens each, rungs at %s tokens, %d combination(s) of the "
+        "space validated",
+        cfg.tune.name,
+        _trial_count(cfg, space),
+        plan.budget_tokens,
+        plan.milestones_tokens,
+        checked,
+    )
     return space, plan
 
 
@@ -82,11 +99,14 @@ def _check_optuna(space: Space) -> None:
     try:
         import optuna  # noqa: F401
     except ImportError:
-        raise ConfigError("tune.search=optuna needs Optuna: pip install 'raylm[optuna]' (or use tune.search=random)"
-                          ) from None
+        raise ConfigError(
+            "tune.search=optuna needs Optuna: pip install 'raylm[optuna]' (or use tune.search=random)"
+        ) from None
     if any(p.kind == "grid" for p in space.params):
-        raise ConfigError(f"{space.path}: tune.search=optuna samples; it cannot take grid keys: use choice there "
-                          f"or tune.search=grid")
+        raise ConfigError(
+            f"{space.path}: tune.search=optuna samples; it cannot take grid keys: use choice there "
+            f"or tune.search=grid"
+        )
 
 
 def _trial_count(cfg: Config, space: Space) -> int:
@@ -100,8 +120,13 @@ def _with_share(cfg: Config, space: Space, plan: SweepPlan) -> tuple[SweepPlan, 
     import ray
 
     share = trial_share(cfg, dict(ray.cluster_resources()), _trial_count(cfg, space))
-    get_logger().info("sweep %s: %d trial(s) at once, %.2f CPU(s) and %d torch thread(s) per worker",
-                      cfg.tune.name, share.concurrent, share.cpus_per_worker, share.torch_threads)
+    get_logger().info(
+        "sweep %s: %d trial(s) at once, %.2f CPU(s) and %d torch thread(s) per worker",
+        cfg.tune.name,
+        share.concurrent,
+        share.cpus_per_worker,
+        share.torch_threads,
+    )
     plan = dataclasses.replace(plan, cpus_per_worker=share.cpus_per_worker, torch_threads=share.torch_threads)
     return plan, share.concurrent
 
@@ -109,7 +134,9 @@ def _with_share(cfg: Config, space: Space, plan: SweepPlan) -> tuple[SweepPlan, 
 def _trainable(cfg: Config, plan: SweepPlan, sweep_dir: Path):
     from ray import tune
 
-    bound = tune.with_parameters(run_trial, base=to_dict(cfg), plan=plan, trials_dir=str(sweep_dir / "trials"))
+    bound = tune.with_parameters(
+        run_trial, base=to_dict(cfg), plan=plan, trials_dir=str(sweep_dir / "trials")
+    )
     return tune.with_resources(bound, {"cpu": TRIAL_DRIVER_CPU})
 
 
@@ -120,11 +147,20 @@ def _new_tuner(cfg: Config, space: Space, plan: SweepPlan, sweep_dir: Path, conc
     return tune.Tuner(
         _trainable(cfg, plan, sweep_dir),
         param_space=space.param_space(),
-        tune_config=tune.TuneConfig(metric=cfg.tune.metric, mode="min", scheduler=scheduler,
-                                    search_alg=_search_alg(cfg), num_samples=cfg.tune.num_samples,
-                                    max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(sweep_dir.parent), verbose=1,
-                                  failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures)),
+        tune_config=tune.TuneConfig(
+            metric=cfg.tune.metric,
+            mode="min",
+            scheduler=scheduler,
+            search_alg=_search_alg(cfg),
+            num_samples=cfg.tune.num_samples,
+            max_concurrent_trials=concurrent,
+        ),
+        run_config=tune.RunConfig(
+            name=cfg.tune.name,
+            storage_path=str(sweep_dir.parent),
+            verbose=1,
+            failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures),
+        ),
     )
 
 
@@ -133,8 +169,12 @@ def _restore_tuner(cfg: Config, sweep_dir: Path, plan: SweepPlan):
     from ray import tune
 
     get_logger().info("resuming sweep %s from %s", cfg.tune.name, sweep_dir)
-    return tune.Tuner.restore(str(sweep_dir), trainable=_trainable(cfg, plan, sweep_dir), resume_unfinished=True,
-                              resume_errored=True)
+    return tune.Tuner.restore(
+        str(sweep_dir),
+        trainable=_trainable(cfg, plan, sweep_dir),
+        resume_unfinished=True,
+        resume_errored=True,
+    )
 
 
 def _scheduler(cfg: Config, plan: SweepPlan, sweep_dir: Path, concurrent: int, trials: int):
@@ -143,10 +183,20 @@ def _scheduler(cfg: Config, plan: SweepPlan, sweep_dir: Path, concurrent: int, t
     if cfg.tune.scheduler == "pbt":
         pbt_book = PbtBook(plan.milestones_tokens, seed=cfg.run.seed, space=plan.space_raw)
         return TokenPBTScheduler(pbt_book, cfg.tune.metric, str(sweep_dir / DECISIONS_FILE))
-    book = RungBook(plan.milestones_tokens, cfg.tune.reduction_factor, total_trials=trials,
-                    stops=cfg.tune.scheduler == "asha")
-    return TokenRungScheduler(book, cfg.tune.metric, str(sweep_dir / DECISIONS_FILE),
-                              str(sweep_dir / "trials"), cfg.tune.name, concurrent)
+    book = RungBook(
+        plan.milestones_tokens,
+        cfg.tune.reduction_factor,
+        total_trials=trials,
+        stops=cfg.tune.scheduler == "asha",
+    )
+    return TokenRungScheduler(
+        book,
+        cfg.tune.metric,
+        str(sweep_dir / DECISIONS_FILE),
+        str(sweep_dir / "trials"),
+        cfg.tune.name,
+        concurrent,
+    )
 
 
 def _search_alg(cfg: Config):
@@ -171,17 +221,32 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], plan: SweepPlan, tri
     run_dir = prepare_run_dir(cfg, overwrite=not _has_checkpoint(cfg))
     assert isinstance(run_dir, Path), SWEEP_ON_URI  # sweep() refused a run.dir on object storage
     info_path = run_dir / TRIAL_FILE
-    info: dict[str, Any] = (json.loads(info_path.read_text()) if info_path.exists()
-                            else {"exploit_n": 0, "start_from": ""})
+    info: dict[str, Any] = (
+        json.loads(info_path.read_text()) if info_path.exists() else {"exploit_n": 0, "start_from": ""}
+    )
     if exploit and exploit["n"] > info["exploit_n"]:
-        info.update(exploit_n=exploit["n"], start_from=take_donor_checkpoint(run_dir, exploit, context.get_trial_id()))
-    if info["start_from"]:  # the budget counts the donor's steps and tokens, then this config's batch schedule
-        cfg = trial_config(base_cfg, params, plan, trials_dir, context.get_trial_id(),
-                           start=checkpoint_position(Path(info["start_from"])))
+        info.update(
+            exploit_n=exploit["n"], start_from=take_donor_checkpoint(run_dir, exploit, context.get_trial_id())
+        )
+    if info[
+        "start_from"
+    ]:  # the budget counts the donor's steps and tokens, then this config's batch schedule
+        cfg = trial_config(
+            base_cfg,
+            params,
+            plan,
+            trials_dir,
+            context.get_trial_id(),
+            start=checkpoint_position(Path(info["start_from"])),
+        )
         cfg = with_overrides(cfg, {"tune.start_from": info["start_from"]})
-    info.update(trial_id=context.get_trial_id(), trial_name=context.get_trial_name(),
-                params=trial_overrides(base_cfg, params, plan), max_steps=cfg.train.max_steps,
-                actor_id=ray.get_runtime_context().get_actor_id())  # the Tune actor running it: `ray list actors`
+    info.update(
+        trial_id=context.get_trial_id(),
+        trial_name=context.get_trial_name(),
+        params=trial_overrides(base_cfg, params, plan),
+        max_steps=cfg.train.max_steps,
+        actor_id=ray.get_runtime_context().get_actor_id(),
+    )  # the Tune actor running it: `ray list actors`
     info_path.write_text(json.dumps(info))
     build_trainer(cfg, run_dir, callbacks=[TuneReportCallback()]).fit()
 
@@ -226,8 +291,14 @@ def write_outputs(cfg: Config, plan: SweepPlan, sweep_dir: Path, errors: dict[st
     unfinished = sum(r.status == "unfinished" for r in records)
     expected = expected_trials(sweep_dir, cfg)
     if unfinished or len(records) < expected:
-        get_logger().warning("sweep %s is unfinished (%d of %d trials started, %d unfinished); continue it with "
-                             "`raylm sweep ... --resume`", cfg.tune.name, len(records), expected, unfinished)
+        get_logger().warning(
+            "sweep %s is unfinished (%d of %d trials started, %d unfinished); continue it with "
+            "`raylm sweep ... --resume`",
+            cfg.tune.name,
+            len(records),
+            expected,
+            unfinished,
+        )
         return {"sweep_dir": str(sweep_dir), "trials": len(records), "interrupted": True}
     summary = summarise(cfg, records, sweep_dir)
     if cfg.tune.scheduler == "pbt":
@@ -249,8 +320,10 @@ def _prepare_sweep_dir(cfg: Config, overwrite: bool) -> Path:
     sweep_dir = Path(cfg.run.dir) / cfg.tune.name
     if sweep_dir.is_symlink() or (sweep_dir.exists() and any(sweep_dir.iterdir())):
         if not overwrite:
-            raise RaylmError(f"sweep folder {sweep_dir} already exists; pass --overwrite, --resume to continue it, "
-                             f"or set tune.name=...")
+            raise RaylmError(
+                f"sweep folder {sweep_dir} already exists; pass --overwrite, --resume to continue it, "
+                f"or set tune.name=..."
+            )
         remove_folder(sweep_dir, "sweep folder")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     return sweep_dir

@@ -17,6 +17,7 @@ from tests.conftest import ReferenceRuns, small_configs  # noqa: E402
 @pytest.fixture(scope="session")
 def plain_references(prepared, small_corpus, tmp_path_factory) -> ReferenceRuns:
     """Reference runs shared by every module of the tier; the two-rank ones train in one process group."""
+
     def train_batch(cfgs):
         errors = train_many(cfgs, world_of(cfgs[0]))
         assert errors == [None] * len(cfgs), errors

@@ -43,8 +43,9 @@ def full_label_batches(cfg, steps: int = 5) -> list[tuple[torch.Tensor, torch.Te
     """Global batches with no ignored label: every micro-batch then holds as many targets as any other, so the
     loss (a mean of micro-batch means) is the same objective whatever dp groups the samples into."""
     gen = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, cfg.data.vocab_size, (steps, cfg.train.global_batch, cfg.data.seq_len + 1),
-                           generator=gen)
+    tokens = torch.randint(
+        0, cfg.data.vocab_size, (steps, cfg.train.global_batch, cfg.data.seq_len + 1), generator=gen
+    )
     return [(t[:, :-1].contiguous(), t[:, 1:].contiguous()) for t in tokens]
 
 
@@ -69,14 +70,16 @@ def phase_221(rank: int, world_size: int, root: str) -> dict:
 
 def phase_111(rank: int, world_size: int, root: str) -> dict:
     from raylm.checkpoint import load_checkpoint, save_checkpoint
-
     from raylm.errors import CheckpointError
 
     cfg, engine = _engine(1, 1, 1)
     resumed = load_checkpoint(engine, cfg, _step_dir(root, "A", SAVE_STEP))
     path_b = save_checkpoint(engine, cfg, Path(root) / "B", resumed.step, resumed.trainer_state)
-    out = {"B": str(path_b), "losses": _train(engine, cfg, range(SAVE_STEP, 5)),
-           "has_rank_state": resumed.rank_state is not None}
+    out = {
+        "B": str(path_b),
+        "losses": _train(engine, cfg, range(SAVE_STEP, 5)),
+        "has_rank_state": resumed.rank_state is not None,
+    }
     deeper_cfg, deeper = _engine(1, 1, 1, "model.n_layer=5")
     try:
         load_checkpoint(deeper, deeper_cfg, _step_dir(root, "A", SAVE_STEP))
@@ -94,8 +97,12 @@ def phase_221_back(rank: int, world_size: int, root: str) -> dict:
         cfg, engine = _engine(2, 2, 1)
         resumed = load_checkpoint(engine, cfg, _step_dir(root, source, SAVE_STEP))
         path = save_checkpoint(engine, cfg, Path(root) / resave, resumed.step, resumed.trainer_state)
-        out[source] = {"resaved": str(path), "losses": _train(engine, cfg, range(SAVE_STEP, 5)),
-                       "trainer_state": resumed.trainer_state, "has_rank_state": resumed.rank_state is not None}
+        out[source] = {
+            "resaved": str(path),
+            "losses": _train(engine, cfg, range(SAVE_STEP, 5)),
+            "trainer_state": resumed.trainer_state,
+            "has_rank_state": resumed.rank_state is not None,
+        }
     return out
 
 
@@ -121,9 +128,16 @@ def phase_2(rank: int, world_size: int, root: str) -> dict:
     load_checkpoint(pipe, cfg, path_c)
     path_d0 = save_checkpoint(pipe, cfg, Path(root) / "D0", SAVE_STEP + 1, _state(SAVE_STEP + 1))
     pp2 = _train(pipe, cfg, range(SAVE_STEP + 1, 5))
-    return {"C0": str(path_c0), "C": str(path_c), "D0": str(path_d0), "chain": step3 + pp2,
-            "reference_c": reference_c, "same_layout_c": same_layout_c, "bf16": bf16_round_trip(root),
-            "corrupt_error": load_corrupt(pipe, cfg, path_c, Path(root) / "CORRUPT")}
+    return {
+        "C0": str(path_c0),
+        "C": str(path_c),
+        "D0": str(path_d0),
+        "chain": step3 + pp2,
+        "reference_c": reference_c,
+        "same_layout_c": same_layout_c,
+        "bf16": bf16_round_trip(root),
+        "corrupt_error": load_corrupt(pipe, cfg, path_c, Path(root) / "CORRUPT"),
+    }
 
 
 def load_corrupt(engine, cfg, path: Path, copy_to: Path) -> str | None:
@@ -158,8 +172,13 @@ def bf16_round_trip(root: str) -> list[dict]:
         continued = _train(engine, cfg, range(1, 2))
         cfg, fresh = _engine(pp, 1, dp, *overrides)
         load_checkpoint(fresh, cfg, path)
-        out.append({"optimizer": type(engine.ds.optimizer).__name__, "continued": continued,
-                    "resumed": _train(fresh, cfg, range(1, 2))})
+        out.append(
+            {
+                "optimizer": type(engine.ds.optimizer).__name__,
+                "continued": continued,
+                "resumed": _train(fresh, cfg, range(1, 2)),
+            }
+        )
     return out
 
 
@@ -185,10 +204,17 @@ def phase_zero3(rank: int, world_size: int, root: str) -> dict:
     cfg, back = _engine(1, 1, 2, ZERO3)
     load_checkpoint(back, cfg, path_p0)
     path_z0b = save_checkpoint(back, cfg, Path(root) / "Z0B", SAVE_STEP, _state(SAVE_STEP))
-    return {"Z0": str(path_z0), "P0": str(path_p0), "Z0B": str(path_z0b), "chain": step3 + reference_z3,
-            "reference_z3": reference_z3, "same_layout_z3": same_layout_z3, "pp2": pp2,
-            "back": _train(back, cfg, range(SAVE_STEP, 5)),
-            "fallback": resume_falls_back(back, Path(root), path_z0, path_z3)}
+    return {
+        "Z0": str(path_z0),
+        "P0": str(path_p0),
+        "Z0B": str(path_z0b),
+        "chain": step3 + reference_z3,
+        "reference_z3": reference_z3,
+        "same_layout_z3": same_layout_z3,
+        "pp2": pp2,
+        "back": _train(back, cfg, range(SAVE_STEP, 5)),
+        "fallback": resume_falls_back(back, Path(root), path_z0, path_z3),
+    }
 
 
 def resume_falls_back(engine, root: Path, older: Path, newer: Path) -> dict:
@@ -233,7 +259,9 @@ def disk_full_save(rank: int, world_size: int, root: str) -> dict:
     folder = Path(root) / "full"
     save_checkpoint(engine, cfg, folder, 1, _state(1), capture_rng())
     _train(engine, cfg, range(1))
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap then fails with EFBIG instead of killing
+    signal.signal(
+        signal.SIGXFSZ, signal.SIG_IGN
+    )  # a write past the cap then fails with EFBIG instead of killing
     cap = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4096, cap[1]))
     try:

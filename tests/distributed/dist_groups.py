@@ -48,10 +48,22 @@ def engine_groups(rank: int, world_size: int, layouts: list[tuple], overrides: t
         batch = global_batches(cfg, steps=1)[0]
         data = iter(micro_batches(batch, cfg, engine.coords.dp_rank)) if engine.reads_data else None
         loss = engine.train_batch(data)
-        groups = {"tp": engine.groups.tp, "dp": engine.groups.dp, "pp": engine.groups.pp,
-                  "ds_slice": engine.ds.mpu.get_slice_parallel_group() if engine.ds.mpu else None}
-        out.append({"loss": loss, "loop_threads": (before, gloo_loop_threads()), "timeouts_s": group_timeouts_s(),
-                    "sizes": {name: dist.get_world_size(g) for name, g in groups.items() if g is not None},
-                    "same": {name: [other for other, h in groups.items() if h is g] for name, g in groups.items()},
-                    "world": {name: g is dist.group.WORLD for name, g in groups.items()}})
+        groups = {
+            "tp": engine.groups.tp,
+            "dp": engine.groups.dp,
+            "pp": engine.groups.pp,
+            "ds_slice": engine.ds.mpu.get_slice_parallel_group() if engine.ds.mpu else None,
+        }
+        out.append(
+            {
+                "loss": loss,
+                "loop_threads": (before, gloo_loop_threads()),
+                "timeouts_s": group_timeouts_s(),
+                "sizes": {name: dist.get_world_size(g) for name, g in groups.items() if g is not None},
+                "same": {
+                    name: [other for other, h in groups.items() if h is g] for name, g in groups.items()
+                },
+                "world": {name: g is dist.group.WORLD for name, g in groups.items()},
+            }
+        )
     return out

@@ -23,9 +23,15 @@ def free_port() -> int:
 
 def _rank_main(rank: int, world_size: int, port: int, backend: str, fn, args, results) -> None:
     on_gpu = backend == "nccl"  # rank r drives GPU r
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank if on_gpu else 0),
-                      LOCAL_WORLD_SIZE=str(world_size if on_gpu else 1), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank if on_gpu else 0),
+        LOCAL_WORLD_SIZE=str(world_size if on_gpu else 1),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     import torch
 
     torch.set_num_threads(1)  # world_size ranks share 2 cores: one thread each avoids oversubscription
@@ -49,8 +55,10 @@ def spawn_ranks(world_size: int, target, *args) -> tuple[list, object]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=target, args=(r, world_size, port, *args, results), daemon=True)
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=target, args=(r, world_size, port, *args, results), daemon=True)
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     return procs, results
@@ -66,12 +74,15 @@ class LostRank(RuntimeError):
     """A rank's process died by a signal (a SIGKILL) without reporting."""
 
 
-LOST_RANK_GRACE_S = 5.0  # after a rank's error: time to see a peer that died (its death shows in others first)
+LOST_RANK_GRACE_S = (
+    5.0  # after a rank's error: time to see a peer that died (its death shows in others first)
+)
 
 
 def collect(procs: list, results, timeout_s: float) -> list:
     """Each rank's result in rank order; LostRank when a process died by a signal, RuntimeError with the
     rank's traceback when one failed. The processes are gone on return."""
+
     def died() -> list[int]:
         return [p.exitcode for p in procs if p.exitcode not in (None, 0)]
 
@@ -85,8 +96,9 @@ def collect(procs: list, results, timeout_s: float) -> list:
                 if any(code < 0 for code in died()):
                     raise LostRank(f"ranks died (exit codes {died()})") from None
                 if died() or time.monotonic() > deadline:
-                    raise RuntimeError(f"ranks died (exit codes {died()}) or exceeded {timeout_s} s") \
-                        from None
+                    raise RuntimeError(
+                        f"ranks died (exit codes {died()}) or exceeded {timeout_s} s"
+                    ) from None
                 continue
             if status == "error":
                 grace = time.monotonic() + LOST_RANK_GRACE_S

@@ -34,7 +34,9 @@ def global_batches(cfg, steps: int = STEPS, seed: int = 0) -> list[tuple[torch.T
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(steps):
-        tokens = torch.randint(0, cfg.data.vocab_size, (cfg.train.global_batch, cfg.data.seq_len + 1), generator=gen)
+        tokens = torch.randint(
+            0, cfg.data.vocab_size, (cfg.train.global_batch, cfg.data.seq_len + 1), generator=gen
+        )
         labels = tokens[:, 1:].clone()
         labels[torch.rand(labels.shape, generator=gen) < 0.1] = -100  # exercise ignore_index
         batches.append((tokens[:, :-1].contiguous(), labels))
@@ -45,11 +47,12 @@ def micro_batches(global_batch: tuple[torch.Tensor, torch.Tensor], cfg, dp_rank:
     """The micro-batches DP rank `dp_rank` trains on: samples i with i % dp == dp_rank, in order."""
     mb, dp = cfg.parallel.micro_batch, cfg.parallel.dp
     inputs, labels = (t[dp_rank::dp] for t in global_batch)
-    return [(inputs[i:i + mb], labels[i:i + mb]) for i in range(0, inputs.size(0), mb)]
+    return [(inputs[i : i + mb], labels[i : i + mb]) for i in range(0, inputs.size(0), mb)]
 
 
-def reference_run(cfg, weights: dict, batches: list,
-                  grad_masks: dict | None = None) -> tuple[list[float], dict, list[float]]:
+def reference_run(
+    cfg, weights: dict, batches: list, grad_masks: dict | None = None
+) -> tuple[list[float], dict, list[float]]:
     """Plain GPT + torch AdamW on one process: per-step losses, final weights and pre-clip grad norms;
     `grad_masks` (name -> bool) zero those parameters' gradients where False (sparse fine-tuning)."""
     from raylm.model.gpt import GPT
@@ -58,9 +61,14 @@ def reference_run(cfg, weights: dict, batches: list,
     model.load_state_dict(weights)
     params = list(model.parameters())
     opt = torch.optim.AdamW(
-        [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
-         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+        [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.optim.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ],
+        lr=cfg.optim.lr,
+        betas=(cfg.optim.beta1, cfg.optim.beta2),
+        eps=cfg.optim.eps,
+    )
     losses, norms = [], []
     for batch in batches:
         # the engine's objective: the mean over (DP rank, micro-batch) of each micro-batch's mean loss
@@ -138,8 +146,13 @@ def ramp_eval_load(rank: int, world_size: int, layout: tuple) -> dict:
     reload_loss = engine.train_batch(feed(ramp_batches(cfg)[1]))
     reloaded = engine.full_state_dict()
     keep = rank == 0
-    return {"losses": losses, "eval": eval_loss, "trained": trained if keep else None,
-            "reload_loss": reload_loss, "reloaded": reloaded if keep else None}
+    return {
+        "losses": losses,
+        "eval": eval_loss,
+        "trained": trained if keep else None,
+        "reload_loss": reload_loss,
+        "reloaded": reloaded if keep else None,
+    }
 
 
 def zero3_stage_as_built(rank: int, world_size: int, layout: tuple) -> dict:
@@ -168,9 +181,11 @@ def zero3_stage_as_built(rank: int, world_size: int, layout: tuple) -> dict:
         built.append(layer)
 
     stage = SingleStage(cfg.model, spec.vocab_size, TPGroup(None, 0, 1), False, on_built)
-    return {"held_before_each_layer": held,
-            "params": [(p.numel(), p.ds_tensor.numel(), p.ds_numel) for p in stage.parameters()],
-            "second_master_bytes": alias_fp32_masters(build_engine(cfg).ds.optimizer)}
+    return {
+        "held_before_each_layer": held,
+        "params": [(p.numel(), p.ds_tensor.numel(), p.ds_numel) for p in stage.parameters()],
+        "second_master_bytes": alias_fp32_masters(build_engine(cfg).ds.optimizer),
+    }
 
 
 def run_jobs(rank: int, world_size: int, jobs: list[tuple]) -> list:

@@ -53,9 +53,15 @@ def train_jobs(rank: int, world_size: int, jobs: list[tuple[dict, str]]) -> list
 def _rank_main(rank: int, world_size: int, port: int, jobs, results) -> None:
     import os
 
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK="0",
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)  # world_size ranks share 2 cores: one thread each
     try:
         from raylm.log import setup_logging
@@ -81,7 +87,7 @@ def train_many(cfgs: list[Config], world_size: int, max_failures: int = 0) -> li
     cfgs = [with_absolute_paths(cfg) for cfg in cfgs]
     with contextlib.ExitStack() as held:
         folders = [str(held.enter_context(prepared_run(cfg))) for cfg in cfgs]
-        jobs = [(to_dict(cfg), folder) for cfg, folder in zip(cfgs, folders)]
+        jobs = [(to_dict(cfg), folder) for cfg, folder in zip(cfgs, folders, strict=False)]
         for attempt in range(max_failures + 1):
             try:
                 per_rank = _run_group(world_size, jobs)

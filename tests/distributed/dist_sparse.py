@@ -10,7 +10,9 @@ from dist_parity import STEPS, tiny_cfg
 SAVE_STEP = 3  # the checkpoint the other layout resumes from
 
 
-def train_pruned(rank: int, world_size: int, folder: str, layouts: list[tuple], root: str | None) -> list[dict]:
+def train_pruned(
+    rank: int, world_size: int, folder: str, layouts: list[tuple], root: str | None
+) -> list[dict]:
     """For each (pp, tp, dp, overrides): train STEPS steps from the pruned folder; with `root` the first layout
     also saves checkpoints after SAVE_STEP and STEPS steps there. Losses per rank, final weights from rank 0."""
     from raylm.checkpoint import save_checkpoint
@@ -49,8 +51,11 @@ def resume_elsewhere(rank: int, world_size: int, checkpoint: str, layout: tuple)
     return {"losses": losses, "weights": full if rank == 0 else None}
 
 
-def sparse_world_2(rank: int, world_size: int, folder: str, layouts: list[tuple], checkpoint: str,
-                   resume_layout: tuple) -> dict:
+def sparse_world_2(
+    rank: int, world_size: int, folder: str, layouts: list[tuple], checkpoint: str, resume_layout: tuple
+) -> dict:
     """Both two-rank jobs in one process group."""
-    return {"train": train_pruned(rank, world_size, folder, layouts, None),
-            "resumed": resume_elsewhere(rank, world_size, checkpoint, resume_layout)}
+    return {
+        "train": train_pruned(rank, world_size, folder, layouts, None),
+        "resumed": resume_elsewhere(rank, world_size, checkpoint, resume_layout),
+    }

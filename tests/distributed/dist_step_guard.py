@@ -21,12 +21,21 @@ def poisoned_step_leaves_no_trace(rank: int, world_size: int, layouts: list[tupl
             for index in order:
                 if name == "poisoned" and index == 1 and rank == world_size - 1:
                     engine.poison_next_loss()
-                data = iter(micro_batches(batches[index], cfg, engine.coords.dp_rank)) if engine.reads_data else None
+                data = (
+                    iter(micro_batches(batches[index], cfg, engine.coords.dp_rank))
+                    if engine.reads_data
+                    else None
+                )
                 losses.append(engine.train_batch(data))
                 flags.append(engine.take_nonfinite_flags())
             scalars = engine.save_state(lambda index, weights, moments: None)
-            runs[name] = {"losses": losses, "flags": flags, "weights": engine.full_state_dict(),
-                          "adam_step": scalars["adam_step"], "skipped_steps": scalars["skipped_steps"],
-                          "computes_loss": engine.computes_loss}
+            runs[name] = {
+                "losses": losses,
+                "flags": flags,
+                "weights": engine.full_state_dict(),
+                "adam_step": scalars["adam_step"],
+                "skipped_steps": scalars["skipped_steps"],
+                "computes_loss": engine.computes_loss,
+            }
         out.append(runs)
     return out

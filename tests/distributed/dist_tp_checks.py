@@ -6,8 +6,14 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from raylm.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, TPGroup, VocabParallelEmbedding,
-                                   gather_from_tp_region, vocab_parallel_cross_entropy)
+from raylm.parallel.tensor import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    TPGroup,
+    VocabParallelEmbedding,
+    gather_from_tp_region,
+    vocab_parallel_cross_entropy,
+)
 
 
 def _world_tp() -> TPGroup:
@@ -37,9 +43,12 @@ def check_linears() -> dict[str, float]:
     w_up_ref, w_down_ref = w_up.clone().requires_grad_(), w_down.clone().requires_grad_()
     y = F.linear(F.gelu(F.linear(x, w_up_ref)), w_down_ref)
     (y * torch.arange(8.0)).sum().backward()
-    return {"out": _max_err(y_tp, y), "x_grad": _max_err(x_tp.grad, x.grad),
-            "up_grad": _max_err(up.weight.grad, w_up_ref.grad.chunk(tp.size, 0)[tp.rank]),
-            "down_grad": _max_err(down.weight.grad, w_down_ref.grad.chunk(tp.size, 1)[tp.rank])}
+    return {
+        "out": _max_err(y_tp, y),
+        "x_grad": _max_err(x_tp.grad, x.grad),
+        "up_grad": _max_err(up.weight.grad, w_up_ref.grad.chunk(tp.size, 0)[tp.rank]),
+        "down_grad": _max_err(down.weight.grad, w_down_ref.grad.chunk(tp.size, 1)[tp.rank]),
+    }
 
 
 def check_embedding_and_gather() -> dict[str, float]:
@@ -58,10 +67,12 @@ def check_embedding_and_gather() -> dict[str, float]:
     piece = full.chunk(tp.size, -1)[tp.rank].clone().requires_grad_()
     gathered = gather_from_tp_region(piece, tp)
     (gathered * full).sum().backward()
-    return {"emb_out": _max_err(out, ref),
-            "emb_grad": _max_err(emb.weight.grad, ref_table.grad.chunk(tp.size, 0)[tp.rank]),
-            "gather_out": _max_err(gathered, full),
-            "gather_grad": _max_err(piece.grad, full.chunk(tp.size, -1)[tp.rank])}
+    return {
+        "emb_out": _max_err(out, ref),
+        "emb_grad": _max_err(emb.weight.grad, ref_table.grad.chunk(tp.size, 0)[tp.rank]),
+        "gather_out": _max_err(gathered, full),
+        "gather_grad": _max_err(piece.grad, full.chunk(tp.size, -1)[tp.rank]),
+    }
 
 
 def check_cross_entropy() -> dict[str, float]:
@@ -76,8 +87,10 @@ def check_cross_entropy() -> dict[str, float]:
     shard = logits.chunk(tp.size, -1)[tp.rank].clone().requires_grad_()
     loss = vocab_parallel_cross_entropy(shard, target, tp)
     loss.backward()
-    return {"ce_loss": abs(loss.item() - ref.item()) / ref.item(),
-            "ce_grad": _max_err(shard.grad, ref_logits.grad.chunk(tp.size, -1)[tp.rank])}
+    return {
+        "ce_loss": abs(loss.item() - ref.item()) / ref.item(),
+        "ce_grad": _max_err(shard.grad, ref_logits.grad.chunk(tp.size, -1)[tp.rank]),
+    }
 
 
 def run_tp_checks() -> dict[str, float]:

@@ -15,8 +15,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the helpers by module name
 
-from dist_checkpoint import (SAVE_STEP, disk_full_save, phase_2, phase_111, phase_221, phase_221_back,  # noqa: E402
-                             phase_zero3)
+from dist_checkpoint import (  # noqa: E402
+    SAVE_STEP,
+    disk_full_save,
+    phase_2,
+    phase_111,
+    phase_221,
+    phase_221_back,
+    phase_zero3,
+)
 from dist_harness import run_world  # noqa: E402
 
 RTOL = 1e-5  # asked for across layouts; measured here: <= 1e-7 (summation order only)
@@ -36,8 +43,11 @@ def chain(tmp_path_factory):
 def state_files(folder: str) -> dict[str, object]:
     """Every tensor file of a checkpoint (model/, optim/) loaded, plus the AdamW step, by relative path."""
     root = Path(folder)
-    files = {str(p.relative_to(root)): torch.load(p, weights_only=True) for p in sorted(root.glob("*/*.pt"))
-             if p.parent.name in ("model", "optim")}
+    files = {
+        str(p.relative_to(root)): torch.load(p, weights_only=True)
+        for p in sorted(root.glob("*/*.pt"))
+        if p.parent.name in ("model", "optim")
+    }
     files["adam_step"] = json.loads((root / "engine.json").read_text())["adam_step"]
     return files
 
@@ -65,7 +75,9 @@ def test_state_round_trips_exactly_across_layouts(chain):
     assert_exactly_equal(state_files(back["A"]["resaved"]), a)  # (2,2,1) -> (2,2,1)
     assert_exactly_equal(state_files(back["B"]["resaved"]), a)  # (2,2,1) -> (1,1,1) -> (2,2,1)
     assert_exactly_equal(state_files(chain["2"][0]["C0"]), a)  # -> (1,1,2) with ZeRO-1 partitions
-    assert_exactly_equal(state_files(chain["2"][0]["D0"]), state_files(chain["2"][0]["C"]))  # (1,1,2) -> (2,1,1)
+    assert_exactly_equal(
+        state_files(chain["2"][0]["D0"]), state_files(chain["2"][0]["C"])
+    )  # (1,1,2) -> (2,1,1)
 
 
 def test_trainer_and_rank_state(chain):
@@ -125,7 +137,9 @@ def test_resume_auto_skips_a_checkpoint_whose_file_fails_its_hash(chain):
     for rank_out in chain["zero3"]:
         fallback = rank_out["fallback"]
         assert fallback["step"] == SAVE_STEP and fallback["source"].endswith(f"step-{SAVE_STEP:08d}")
-        assert "model/001-layers.0.pt" in fallback["required_error"] and "sha256" in fallback["required_error"]
+        assert (
+            "model/001-layers.0.pt" in fallback["required_error"] and "sha256" in fallback["required_error"]
+        )
 
 
 def test_a_save_that_runs_out_of_space_fails_in_one_line_and_leaves_the_previous_checkpoint(tmp_path):

@@ -56,13 +56,17 @@ def assert_model_files_finite(cfg) -> None:
                 assert torch.isfinite(tensor).all(), f"{path} {key}"
 
 
-@pytest.mark.parametrize("phase, rank, resumes_at", [("before-files", 0, 2), ("mid-files", 1, 2),
-                                                     ("before-commit", 0, 2), ("after-commit", 0, 4)])
-def test_kill_during_save_resumes_from_the_newest_complete_checkpoint(small_config, plain_references,
-                                                                      phase, rank, resumes_at):
+@pytest.mark.parametrize(
+    "phase, rank, resumes_at",
+    [("before-files", 0, 2), ("mid-files", 1, 2), ("before-commit", 0, 2), ("after-commit", 0, 4)],
+)
+def test_kill_during_save_resumes_from_the_newest_complete_checkpoint(
+    small_config, plain_references, phase, rank, resumes_at
+):
     expected = plain_references.losses(*PP2)
-    cfg = small_config(f"drill-{phase}", *PP2, "fault.max_failures=1", f"fault.drill={phase}@4",
-                       f"fault.drill_rank={rank}")
+    cfg = small_config(
+        f"drill-{phase}", *PP2, "fault.max_failures=1", f"fault.drill={phase}@4", f"fault.drill_rank={rank}"
+    )
     train(cfg)
     run = Path(cfg.run.dir) / cfg.run.name
     assert (run / ".fault-drill-fired").read_text().strip() == f"{phase}@4"
@@ -78,12 +82,21 @@ NAN = ("fault.drill=nonfinite@3", "fault.drill_rank=1")
 def nan_runs(prepared, small_corpus, tmp_path_factory):
     """The skip, stop and rollback runs, one after another in one two-rank group: {name: (cfg, error)}."""
     build = small_configs(prepared, small_corpus, tmp_path_factory.mktemp("nan-runs"))
-    cfgs = [build("nan-skip", *DP2, *NAN),
-            build("nan-stop", *DP2, *NAN, "fault.nonfinite=stop", "fault.max_failures=1"),
-            build("nan-rollback", *DP2, "checkpoint.every_steps=4", "checkpoint.keep=3",
-                  "fault.drill=nonfinite@5", "fault.drill_rank=1", "fault.nonfinite=rollback")]
+    cfgs = [
+        build("nan-skip", *DP2, *NAN),
+        build("nan-stop", *DP2, *NAN, "fault.nonfinite=stop", "fault.max_failures=1"),
+        build(
+            "nan-rollback",
+            *DP2,
+            "checkpoint.every_steps=4",
+            "checkpoint.keep=3",
+            "fault.drill=nonfinite@5",
+            "fault.drill_rank=1",
+            "fault.nonfinite=rollback",
+        ),
+    ]
     errors = train_many(cfgs, world_size=2)
-    return {cfg.run.name: (cfg, error) for cfg, error in zip(cfgs, errors)}
+    return {cfg.run.name: (cfg, error) for cfg, error in zip(cfgs, errors, strict=False)}
 
 
 def test_nonfinite_skip_advances_the_cursor_and_logs_the_samples(nan_runs, plain_references):
@@ -95,8 +108,12 @@ def test_nonfinite_skip_advances_the_cursor_and_logs_the_samples(nan_runs, plain
     assert [r["samples_sha"] for r in rows] == [sha for _, sha in expected]  # the same samples, step by step
     assert [r["loss"] for r in rows[:3]] == [loss for loss, _ in expected[:3]]
     assert rows[3]["loss"] is None
-    assert rows[3]["skipped"] == {"reason": "nonfinite", "samples": [3 * BATCH, 4 * BATCH], "loss_ranks": [1],
-                                  "grad_ranks": [0, 1]}
+    assert rows[3]["skipped"] == {
+        "reason": "nonfinite",
+        "samples": [3 * BATCH, 4 * BATCH],
+        "loss_ranks": [1],
+        "grad_ranks": [0, 1],
+    }
     assert all("skipped" not in r and r["loss"] is not None for r in rows[4:])
     assert rows[4]["loss"] != expected[4][0]  # trained on without step 3's update
     last = json.loads((checkpoint_dir(cfg, committed(cfg)[-1]) / "engine.json").read_text())
@@ -188,7 +205,7 @@ def test_resume_across_layout_changes(small_config, plain_references):
     constant = ("schedule.lr.kind=constant",)
     expected = plain_references.losses(*STEPS, *constant)
     layouts = [("parallel.pp=2", "parallel.tp=2"), ("parallel.dp=2",), ("parallel.pp=2",)]
-    for max_steps, layout in zip((4, 6, 8), layouts):
+    for max_steps, layout in zip((4, 6, 8), layouts, strict=False):
         train(small_config("moves", *STEPS, *constant, f"train.max_steps={max_steps}", *layout))
     got = run_losses(small_config("moves", *STEPS, *constant))
     assert [loss for loss, _ in got] == pytest.approx([loss for loss, _ in expected], rel=1e-5)
@@ -198,8 +215,15 @@ def test_resume_across_layout_changes(small_config, plain_references):
 def test_plateau_lr_survives_a_resume(small_config):
     """The plateau schedule's state rides in the checkpoint: 4 steps, then a resume to 8, gives the lr sequence
     of one uninterrupted 8-step run (a patience of 1 and a huge threshold cut the lr at every evaluation)."""
-    plateau = ["schedule.lr.kind=plateau", "schedule.lr.patience=1", "schedule.lr.threshold=0.9",
-               "schedule.lr.factor=0.5", "schedule.lr.min_lr_frac=0.01", "train.eval_every=1", "train.max_steps=8"]
+    plateau = [
+        "schedule.lr.kind=plateau",
+        "schedule.lr.patience=1",
+        "schedule.lr.threshold=0.9",
+        "schedule.lr.factor=0.5",
+        "schedule.lr.min_lr_frac=0.01",
+        "train.eval_every=1",
+        "train.max_steps=8",
+    ]
     whole = small_config("plateau-whole", *plateau)
     first = small_config("plateau-resumed", *plateau, "train.max_steps=4")
     assert train_many([whole, first], world_size=1) == [None, None]

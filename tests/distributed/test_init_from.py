@@ -22,15 +22,20 @@ from raylm.model.gpt import init_full_weights  # noqa: E402
 
 RTOL = 1e-5  # asked for (fp32)
 UNTIED = "model.tie_embeddings=false"
-LAYOUTS = [(2, 1, 1, ()), (1, 2, 1, (UNTIED,))]  # pipeline stages; tensor-parallel heads, vocab and FFN slices
+LAYOUTS = [
+    (2, 1, 1, ()),
+    (1, 2, 1, (UNTIED,)),
+]  # pipeline stages; tensor-parallel heads, vocab and FFN slices
 
 
 def exported_model(folder: Path, *overrides: str) -> dict:
     """Weights of a one-process model (trained-looking: perturbed norms too), saved as a checkpoint and exported."""
     cfg = tiny_cfg(1, 1, 1, *overrides)
     gen = torch.Generator().manual_seed(11)
-    weights = {k: v + 0.05 * torch.randn(v.shape, generator=gen)
-               for k, v in init_full_weights(cfg.model, padded_vocab(cfg.data.vocab_size), seed=3).items()}
+    weights = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen)
+        for k, v in init_full_weights(cfg.model, padded_vocab(cfg.data.vocab_size), seed=3).items()
+    }
     save_full_weights(cfg, weights, folder / "run" / "checkpoints", 9)
     export(folder / "run", folder / "hf")
     return weights

@@ -16,8 +16,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the helpers by module name
 
 from dist_harness import run_world  # noqa: E402
-from dist_parity import (autograd_warnings, global_batches, ramp_batches, reference_eval, reference_run,  # noqa: E402
-                         run_jobs, tiny_cfg)
+from dist_parity import (  # noqa: E402
+    autograd_warnings,
+    global_batches,
+    ramp_batches,
+    reference_eval,
+    reference_run,
+    run_jobs,
+    tiny_cfg,
+)
 
 from raylm.config.derived import padded_vocab  # noqa: E402
 from raylm.model.gpt import init_full_weights  # noqa: E402
@@ -29,25 +36,54 @@ ZERO2 = "parallel.zero_stage=2"
 ZERO3 = "parallel.zero_stage=3"
 UNTIED = "model.tie_embeddings=false"
 BF16 = "train.precision=bf16"
-COMPILE = "train.compile=true"
-GRAD_BF16 = "parallel.grad_comm_dtype=bf16"  # fp32 training, DP gradients reduced in bf16  # torch.compile of each block: the TP collectives inside must survive it
+COMPILE = "train.compile=true"  # torch.compile of each block: the TP collectives inside must survive it
+GRAD_BF16 = "parallel.grad_comm_dtype=bf16"  # fp32 training, DP gradients reduced in bf16
 
 JOBS = {
     1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,)), (1, 1, 1, (COMPILE,))])],
-    2: [("tp",),
-        ("train", [(2, 1, 1, ()), (2, 1, 1, (CKPT, "parallel.partition=parameters")), (1, 2, 1, (UNTIED,)),
-                   (1, 1, 2, (ZERO1,)), (1, 1, 2, (ZERO2,)), (1, 1, 2, (ZERO3,)), (1, 2, 1, (ZERO3,)),
-                   (2, 1, 1, (COMPILE,)), (1, 2, 1, (COMPILE,))]),
+    2: [
+        ("tp",),
+        (
+            "train",
+            [
+                (2, 1, 1, ()),
+                (2, 1, 1, (CKPT, "parallel.partition=parameters")),
+                (1, 2, 1, (UNTIED,)),
+                (1, 1, 2, (ZERO1,)),
+                (1, 1, 2, (ZERO2,)),
+                (1, 1, 2, (ZERO3,)),
+                (1, 2, 1, (ZERO3,)),
+                (2, 1, 1, (COMPILE,)),
+                (1, 2, 1, (COMPILE,)),
+            ],
+        ),
         ("ramp", (2, 1, 1, (ZERO1,))),
         ("ramp", (1, 1, 2, (ZERO3,))),
         ("bf16", [(2, 1, 1, (ZERO1, BF16)), (1, 1, 2, (ZERO1, GRAD_BF16))]),
-        ("zero3_build", (1, 1, 2, (ZERO3,)))],
-    4: [("train", [(2, 2, 1, ()), (2, 1, 2, (ZERO1,)), (1, 2, 2, (ZERO1, UNTIED)),
-                   (4, 1, 1, ("parallel.partition=uniform",)), (1, 2, 2, (ZERO2, UNTIED)), (1, 2, 2, (ZERO3, CKPT))])],
+        ("zero3_build", (1, 1, 2, (ZERO3,))),
+    ],
+    4: [
+        (
+            "train",
+            [
+                (2, 2, 1, ()),
+                (2, 1, 2, (ZERO1,)),
+                (1, 2, 2, (ZERO1, UNTIED)),
+                (4, 1, 1, ("parallel.partition=uniform",)),
+                (1, 2, 2, (ZERO2, UNTIED)),
+                (1, 2, 2, (ZERO3, CKPT)),
+            ],
+        )
+    ],
     8: [("train", [(2, 2, 2, (ZERO1, CKPT))])],
 }
-LAYOUTS = [(world, i, layout) for world, jobs in JOBS.items() for kind, *args in jobs if kind == "train"
-           for i, layout in enumerate(args[0])]
+LAYOUTS = [
+    (world, i, layout)
+    for world, jobs in JOBS.items()
+    for kind, *args in jobs
+    if kind == "train"
+    for i, layout in enumerate(args[0])
+]
 
 _results: dict[int, list] = {}
 
@@ -80,8 +116,14 @@ def reference(cfg):
     return weights, reference_run(cfg, weights, global_batches(cfg))
 
 
-@pytest.mark.parametrize("world,index,layout", LAYOUTS, ids=[f"pp{l[0]}-tp{l[1]}-dp{l[2]}" + "".join(
-    f"-{o.split('.')[-1]}" for o in l[3]) for _, _, l in LAYOUTS])
+@pytest.mark.parametrize(
+    "world,index,layout",
+    LAYOUTS,
+    ids=[
+        f"pp{lay[0]}-tp{lay[1]}-dp{lay[2]}" + "".join(f"-{o.split('.')[-1]}" for o in lay[3])
+        for _, _, lay in LAYOUTS
+    ],
+)
 def test_layout_matches_single_process(world, index, layout):
     pp, tp, dp, overrides = layout
     cfg = tiny_cfg(pp, tp, dp, *overrides)
@@ -102,7 +144,9 @@ def test_pipe_wait_is_timed_only_between_stages():
     """pp=2: every stage waits on the other in every step (warm-up and cool-down at least); pp=1: nothing to
     wait for."""
     pp2 = [out[0] for out in job_results(2, "train")]
-    assert all(0 < frac < 1 for out in pp2 for frac in out["pipe_wait_fracs"]), [o["pipe_wait_fracs"] for o in pp2]
+    assert all(0 < frac < 1 for out in pp2 for frac in out["pipe_wait_fracs"]), [
+        o["pipe_wait_fracs"] for o in pp2
+    ]
     single = job_results(1, "train")[0][0]
     assert max(single["pipe_wait_fracs"]) < 0.2, single["pipe_wait_fracs"]
 
@@ -110,8 +154,9 @@ def test_pipe_wait_is_timed_only_between_stages():
 RAMPS = [job[1] for job in JOBS[2] if job[0] == "ramp"]
 
 
-@pytest.mark.parametrize("nth,layout", enumerate(RAMPS), ids=[f"pp{r[0]}-dp{r[2]}-{r[3][0].split('.')[-1]}"
-                                                             for r in RAMPS])
+@pytest.mark.parametrize(
+    "nth,layout", enumerate(RAMPS), ids=[f"pp{r[0]}-dp{r[2]}-{r[3][0].split('.')[-1]}" for r in RAMPS]
+)
 def test_batch_ramp_eval_and_reload(nth, layout):
     """set_micro_batches, eval_batch, then load_full_state_dict with a zero-lr step: on the pipeline engine and
     on the plain one under ZeRO-3 (whose working weights are partitioned too)."""
@@ -124,7 +169,9 @@ def test_batch_ramp_eval_and_reload(nth, layout):
     for out in ranks:
         assert out["losses"] == pytest.approx(ref_losses, rel=RTOL)
         assert out["eval"] == pytest.approx(ref_eval, rel=RTOL)
-        assert out["reload_loss"] == pytest.approx(reference_eval(cfg, weights, ramp_batches(cfg)[1]), rel=RTOL)
+        assert out["reload_loss"] == pytest.approx(
+            reference_eval(cfg, weights, ramp_batches(cfg)[1]), rel=RTOL
+        )
     assert_weights_close(ranks[0]["trained"], ref_weights)
     assert_weights_close(ranks[0]["reloaded"], weights, rtol=1e-7)
 

@@ -21,10 +21,19 @@ from tests.conftest import small_configs  # noqa: E402
 pytestmark = pytest.mark.runs
 PARITY_RTOL = 1e-5
 LAYOUTS = {"pp2": ("parallel.pp=2",), "tp2": ("parallel.tp=2",), "dp2": ("parallel.dp=2",)}
-RAMP = ("schedule.batch.start=4", "schedule.batch.increment=4", "schedule.batch.ramp_tokens=256",
-        "train.max_steps=5")
-RUNS = {"ref": (), "ramp-ref": RAMP, **{f"layout-{name}": layout for name, layout in LAYOUTS.items()},
-        "ramp-pp2": ("parallel.pp=2", *RAMP), "with-eval": ("train.eval_every=1", "parallel.pp=2")}
+RAMP = (
+    "schedule.batch.start=4",
+    "schedule.batch.increment=4",
+    "schedule.batch.ramp_tokens=256",
+    "train.max_steps=5",
+)
+RUNS = {
+    "ref": (),
+    "ramp-ref": RAMP,
+    **{f"layout-{name}": layout for name, layout in LAYOUTS.items()},
+    "ramp-pp2": ("parallel.pp=2", *RAMP),
+    "with-eval": ("train.eval_every=1", "parallel.pp=2"),
+}
 
 
 @pytest.fixture(scope="module")

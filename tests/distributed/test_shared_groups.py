@@ -32,7 +32,9 @@ def test_single_rank_groups_are_shared_and_larger_groups_kept():
         assert tensor["same"]["dp"] == ["dp", "pp"]
         assert tensor["same"]["tp"] == ["tp"]
         assert pipeline["loss"] == per_rank[0][0]["loss"] and tensor["loss"] == per_rank[0][1]["loss"]
-        for built in rank_out:  # the harness made the default group with DeepSpeed's timeout; the engine its own
+        for (
+            built
+        ) in rank_out:  # the harness made the default group with DeepSpeed's timeout; the engine its own
             timeouts = dict(built["timeouts_s"])
             assert timeouts.pop("world") == 600.0  # deepspeed.init_distributed's default
             assert len(timeouts) >= 2 and set(timeouts.values()) == {77.0}, built["timeouts_s"]

@@ -12,8 +12,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the helpers by module name
 
-from dist_harness import run_world  # noqa: E402
 from dist_checkpoint import full_label_batches  # noqa: E402
+from dist_harness import run_world  # noqa: E402
 from dist_parity import reference_run, tiny_cfg  # noqa: E402
 from dist_sparse import STEPS, sparse_world_2, train_pruned  # noqa: E402
 
@@ -32,8 +32,10 @@ def pruned_folder(tmp: Path) -> Path:
     """A one-process model's export, magnitude-pruned by half per layer with raylm compress."""
     cfg = tiny_cfg(1, 1, 1, UNTIED)
     gen = torch.Generator().manual_seed(11)
-    weights = {k: v + 0.05 * torch.randn(v.shape, generator=gen)
-               for k, v in init_full_weights(cfg.model, padded_vocab(cfg.data.vocab_size), seed=3).items()}
+    weights = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen)
+        for k, v in init_full_weights(cfg.model, padded_vocab(cfg.data.vocab_size), seed=3).items()
+    }
     save_full_weights(cfg, weights, tmp / "run" / "checkpoints", 9)
     export(tmp / "run", tmp / "dense")
     compress(CompressOptions(source=str(tmp / "dense"), out_dir=str(tmp / "pruned"), prune=0.5))
@@ -72,7 +74,8 @@ def test_pruned_training_matches_one_process(runs):
     _, masks, four, two, (ref_losses, ref_weights, _) = runs
     assert len(masks) == 4 * 7 + 1 and all(m.float().mean() == 0.5 for m in masks.values())
     jobs = [("2,2,1", [rank[0] for rank in four])] + [
-        (str(layout), [rank["train"][i] for rank in two]) for i, layout in enumerate(WORLD_2)]
+        (str(layout), [rank["train"][i] for rank in two]) for i, layout in enumerate(WORLD_2)
+    ]
     for layout, per_rank in jobs:
         for out in per_rank:
             assert out["losses"] == pytest.approx(ref_losses, rel=RTOL), layout

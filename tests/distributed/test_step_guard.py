@@ -15,10 +15,14 @@ sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the helpe
 from dist_harness import run_world  # noqa: E402
 from dist_step_guard import poisoned_step_leaves_no_trace  # noqa: E402
 
-from raylm.parallel.step_guard import GRAD, LOSS  # noqa: E402
+from raylm.parallel.step_guard import LOSS  # noqa: E402
 
-LAYOUTS = [(1, 1, 2, ()), (1, 1, 2, ("parallel.zero_stage=1",)), (2, 1, 1, ("parallel.zero_stage=1",)),
-           (1, 1, 2, ("train.precision=bf16",))]
+LAYOUTS = [
+    (1, 1, 2, ()),
+    (1, 1, 2, ("parallel.zero_stage=1",)),
+    (2, 1, 1, ("parallel.zero_stage=1",)),
+    (1, 1, 2, ("train.precision=bf16",)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,9 @@ def results():
     return run_world(2, poisoned_step_leaves_no_trace, LAYOUTS)
 
 
-@pytest.mark.parametrize("index", range(len(LAYOUTS)), ids=["dp2-zero0", "dp2-zero1", "pp2-zero1", "dp2-bf16"])
+@pytest.mark.parametrize(
+    "index", range(len(LAYOUTS)), ids=["dp2-zero0", "dp2-zero1", "pp2-zero1", "dp2-bf16"]
+)
 def test_poisoned_step_is_skipped_on_every_rank(results, index):
     per_rank = [rank_out[index] for rank_out in results]
     assert per_rank[-1]["poisoned"]["computes_loss"]

@@ -13,10 +13,21 @@ from tests.conftest import TINY_CONFIG
 
 
 def test_bf16_training_on_one_gpu(tmp_path, small_corpus_dir):
-    cfg = resolve(read_yaml(TINY_CONFIG), [
-        f"data.paths=['{small_corpus_dir}']", f"data.out_dir={tmp_path / 'data'}", f"run.dir={tmp_path / 'runs'}",
-        "run.name=gpu", "parallel.pp=1", "parallel.use_gpu=true", "train.precision=bf16", "train.max_steps=30",
-        "train.eval_every=0", "checkpoint.every_steps=0"])
+    cfg = resolve(
+        read_yaml(TINY_CONFIG),
+        [
+            f"data.paths=['{small_corpus_dir}']",
+            f"data.out_dir={tmp_path / 'data'}",
+            f"run.dir={tmp_path / 'runs'}",
+            "run.name=gpu",
+            "parallel.pp=1",
+            "parallel.use_gpu=true",
+            "train.precision=bf16",
+            "train.max_steps=30",
+            "train.eval_every=0",
+            "checkpoint.every_steps=0",
+        ],
+    )
     prepare(cfg)
     train(cfg, overwrite=True)
     rows = read_metrics(Path(cfg.run.dir) / cfg.run.name)

@@ -16,5 +16,6 @@ def ray_references(ray_cluster, prepared, small_corpus, tmp_path_factory) -> Ref
         for cfg in cfgs:
             train(cfg)
 
-    return ReferenceRuns(small_configs(prepared, small_corpus, tmp_path_factory.mktemp("ray-references")),
-                         train_each)
+    return ReferenceRuns(
+        small_configs(prepared, small_corpus, tmp_path_factory.mktemp("ray-references")), train_each
+    )

@@ -8,6 +8,7 @@ What this one machine cannot give a pod (its own network address, GPUs, the port
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -35,8 +36,18 @@ def quantity(text) -> float:
     """A Kubernetes resource quantity ("8", "500m", "32Gi", "1e3") as a number."""
     match = re.fullmatch(r"([0-9.e+-]+)(m|k|M|G|T|Ki|Mi|Gi|Ti)?", str(text))
     assert match, f"unsupported quantity {text!r}"
-    scale = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 2**10, "Mi": 2**20,
-             "Gi": 2**30, "Ti": 2**40}[match.group(2)]
+    scale = {
+        None: 1,
+        "m": 1e-3,
+        "k": 1e3,
+        "M": 1e6,
+        "G": 1e9,
+        "T": 1e12,
+        "Ki": 2**10,
+        "Mi": 2**20,
+        "Gi": 2**30,
+        "Ti": 2**40,
+    }[match.group(2)]
     return float(match.group(1)) * scale
 
 
@@ -98,16 +109,27 @@ def container_env(container: dict, secret_data: dict[str, dict[str, str]]) -> di
     return env
 
 
-def kuberay_env(head: bool, cluster_name: str, group_name: str, start_cmd: str, env: dict[str, str],
-                secret_data: dict[str, dict[str, str]], head_host: str = HEAD_SERVICE,
-                head_port: str = "6379") -> dict[str, str]:
+def kuberay_env(
+    head: bool,
+    cluster_name: str,
+    group_name: str,
+    start_cmd: str,
+    env: dict[str, str],
+    secret_data: dict[str, dict[str, str]],
+    head_host: str = HEAD_SERVICE,
+    head_port: str = "6379",
+) -> dict[str, str]:
     """setContainerEnvVars and SetContainerTokenAuthEnvVars (authOptions mode token; the token from the Secret
     named after the cluster, key auth_token): what KubeRay adds to the Ray container's environment."""
     ip = "127.0.0.1" if head else head_host  # utils.LOCAL_HOST on the head, the head Service's FQDN elsewhere
     added = {} if head else {"FQ_RAY_IP": ip, "RAY_IP": ip.split(".")[0]}
-    added |= {"RAY_CLUSTER_NAME": cluster_name, "RAY_CLUSTER_NAMESPACE": "default",
-              "RAY_CLOUD_INSTANCE_ID": f"{cluster_name}-{group_name}", "RAY_NODE_TYPE_NAME": group_name,
-              "KUBERAY_GEN_RAY_START_CMD": start_cmd}
+    added |= {
+        "RAY_CLUSTER_NAME": cluster_name,
+        "RAY_CLUSTER_NAMESPACE": "default",
+        "RAY_CLOUD_INSTANCE_ID": f"{cluster_name}-{group_name}",
+        "RAY_NODE_TYPE_NAME": group_name,
+        "KUBERAY_GEN_RAY_START_CMD": start_cmd,
+    }
     out = {**env, **added}
     out.setdefault("RAY_PORT", head_port)
     out.setdefault("RAY_ADDRESS", f"{ip}:{head_port}")
@@ -122,26 +144,56 @@ def kuberay_env(head: bool, cluster_name: str, group_name: str, start_cmd: str, 
 
 def health_command(url: str) -> str:
     """utils.BasePythonHealthCommand with RayDashboardGCSHealthCheckTimeoutSeconds."""
-    return (f"python -c \"import urllib.request; r=urllib.request.urlopen('{url}', timeout=5); "
-            f"exit(0 if b'success' in r.read() else 1)\"")
+    return (
+        f"python -c \"import urllib.request; r=urllib.request.urlopen('{url}', timeout=5); "
+        f"exit(0 if b'success' in r.read() else 1)\""
+    )
 
 
 def job_submit_command(rayjob: dict, address: str, job_id: str) -> str:
     """BuildJobSubmitCommand in K8sJobMode, joined with spaces as configureSubmitterContainer does."""
     spec = rayjob["spec"]
-    cmd = ["until", health_command(f"{address}/api/gcs_healthz"), ">/dev/null", "2>&1", ";",
-           "do", "echo", json.dumps(f"Waiting for Ray Dashboard GCS to become healthy at {address} ..."), ";",
-           "sleep", "2", ";", "done", ";"]
-    cmd += ["if", "!", "ray", "job", "status", "--address", address, job_id, ">/dev/null", "2>&1", ";",
-            "then"]
+    cmd = [
+        "until",
+        health_command(f"{address}/api/gcs_healthz"),
+        ">/dev/null",
+        "2>&1",
+        ";",
+        "do",
+        "echo",
+        json.dumps(f"Waiting for Ray Dashboard GCS to become healthy at {address} ..."),
+        ";",
+        "sleep",
+        "2",
+        ";",
+        "done",
+        ";",
+    ]
+    cmd += [
+        "if",
+        "!",
+        "ray",
+        "job",
+        "status",
+        "--address",
+        address,
+        job_id,
+        ">/dev/null",
+        "2>&1",
+        ";",
+        "then",
+    ]
     cmd += ["ray", "job", "submit", "--address", address, "--no-wait"]
     if spec.get("runtimeEnvYAML"):  # yaml.YAMLToJSON (Go maps: sorted keys), then strconv.Quote
-        runtime_env = json.dumps(__import__("yaml").safe_load(spec["runtimeEnvYAML"]), sort_keys=True,
-                                 separators=(",", ":"))
+        runtime_env = json.dumps(
+            __import__("yaml").safe_load(spec["runtimeEnvYAML"]), sort_keys=True, separators=(",", ":")
+        )
         cmd += ["--runtime-env-json", json.dumps(runtime_env)]
     cmd += ["--submission-id", job_id]
-    for key, flag in (("entrypointNumCpus", "--entrypoint-num-cpus"),
-                      ("entrypointNumGpus", "--entrypoint-num-gpus")):
+    for key, flag in (
+        ("entrypointNumCpus", "--entrypoint-num-cpus"),
+        ("entrypointNumGpus", "--entrypoint-num-gpus"),
+    ):
         if spec.get(key):
             cmd += [flag, f"{float(spec[key]):f}"]
     cmd += ["--", spec["entrypoint"].strip(), ";", "fi", ";"]
@@ -151,8 +203,14 @@ def job_submit_command(rayjob: dict, address: str, job_id: str) -> str:
 
 def submitter_env(address: str, job_id: str, token: str, base: dict[str, str]) -> dict[str, str]:
     """configureSubmitterContainer: the image's environment plus exactly these (no storage credentials)."""
-    return {**base, "PYTHONUNBUFFERED": "1", "RAY_DASHBOARD_ADDRESS": address.removeprefix("http://"),
-            "RAY_JOB_SUBMISSION_ID": job_id, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    return {
+        **base,
+        "PYTHONUNBUFFERED": "1",
+        "RAY_DASHBOARD_ADDRESS": address.removeprefix("http://"),
+        "RAY_JOB_SUBMISSION_ID": job_id,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+    }
 
 
 @dataclass
@@ -175,8 +233,14 @@ class Pod:
 
     def start(self) -> None:
         with open(self.log, "ab") as out:
-            self.process = subprocess.Popen([*self.shell, self.args], env=self.env, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True, cwd=self.root)
+            self.process = subprocess.Popen(
+                [*self.shell, self.args],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self.root,
+            )
 
 
 def image_env(root: Path) -> dict[str, str]:
@@ -184,9 +248,13 @@ def image_env(root: Path) -> dict[str, str]:
     (no ~/.aws, no ~/.ray/auth_token of this machine), and nothing else of this test process."""
     (root / "home").mkdir(parents=True, exist_ok=True)
     (root / "tmp").mkdir(exist_ok=True)
-    env = {"PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin", "HOME": str(root / "home"),
-           "TMPDIR": str(root / "tmp"),
-           "LANG": "C.UTF-8", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        "PATH": f"{BIN}:/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(root / "home"),
+        "TMPDIR": str(root / "tmp"),
+        "LANG": "C.UTF-8",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     # The image would carry DeepSpeed's one JIT-built op: every pod shares one build, kept with this
     # interpreter (a build shared with other checkouts' interpreters is rebuilt whenever they alternate).
     env["TORCH_EXTENSIONS_DIR"] = str(Path(sys.prefix) / "torch_extensions")
@@ -198,10 +266,8 @@ def kill_pod_tree(pods: list[Pod], sig=signal.SIGKILL) -> None:
     and any process whose command line names a pod's folder (Ray daemons and workers carry their temp dir)."""
     sessions = {p.process.pid for p in pods if p.process is not None}
     for pid in {*pids_under([str(p.root) for p in pods]), *pids_in_sessions(sessions)}:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def pids_in_sessions(sessions: set[int]) -> list[int]:
@@ -240,10 +306,8 @@ def stop_pods(pods: list[Pod]) -> None:
     kill_pod_tree(pods, signal.SIGKILL)
     for pod in pods:
         if pod.process is not None:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 pod.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
 
 
 def new_root(prefix: str) -> Path:
@@ -280,8 +344,12 @@ class RehearsalCluster:
         """The only changes to what KubeRay generates, each forced by running every pod on one machine."""
         params = dict(params)
         params["temp-dir"] = str(pod_root / "ray")  # each pod's own /tmp/ray
-        for port in ("metrics-export-port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                     "runtime-env-agent-port"):  # fixed ports (8080, 52365) exist once per machine
+        for port in (
+            "metrics-export-port",
+            "dashboard-agent-listen-port",
+            "dashboard-agent-grpc-port",
+            "runtime-env-agent-port",
+        ):  # fixed ports (8080, 52365) exist once per machine
             params[port] = str(free_port())
         params["object-store-memory"] = str(OBJECT_STORE_BYTES)
         if head:
@@ -302,11 +370,19 @@ class RehearsalCluster:
         args = ray_start_command(params, head)
         container = ray_container(group)
         env = {**image_env(root), **container_env(container, self.secret_data)}
-        env = kuberay_env(head, self.name, group.get("groupName", "headgroup"), args.split("; ", 1)[1], env,
-                          self.secret_data, head_host="127.0.0.1", head_port=str(self.gcs_port))
+        env = kuberay_env(
+            head,
+            self.name,
+            group.get("groupName", "headgroup"),
+            args.split("; ", 1)[1],
+            env,
+            self.secret_data,
+            head_host="127.0.0.1",
+            head_port=str(self.gcs_port),
+        )
         return Pod(name, args, env, root)
 
-    def start(self, timeout_s: float = 240) -> "RehearsalCluster":
+    def start(self, timeout_s: float = 240) -> RehearsalCluster:
         head = self.pod(self.spec["headGroupSpec"], True, "head")
         self.pods.append(head)
         head.start()
@@ -324,8 +400,12 @@ class RehearsalCluster:
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             assert head.process.poll() is None, f"the head pod exited: {head.log.read_text()[-3000:]}"
-            probe = subprocess.run(["ray", "health-check", "--address", f"127.0.0.1:{self.gcs_port}"],
-                                   env=head.env, capture_output=True, timeout=60)
+            probe = subprocess.run(
+                ["ray", "health-check", "--address", f"127.0.0.1:{self.gcs_port}"],
+                env=head.env,
+                capture_output=True,
+                timeout=60,
+            )
             if probe.returncode == 0:
                 return
             time.sleep(2)
@@ -333,11 +413,29 @@ class RehearsalCluster:
 
     def nodes(self) -> list[dict]:
         """Alive Ray nodes from the state API, asked as a client holding the cluster's token."""
-        env = {**image_env(self.root / "client"), "RAY_AUTH_MODE": "token",
-               "RAY_AUTH_TOKEN": self.secret_data[self.name]["auth_token"]}
-        out = subprocess.run(["ray", "list", "nodes", "--address", self.dashboard, "--format", "json",
-                              "--detail", "--filter", "state=ALIVE"], env=env, capture_output=True, text=True,
-                             timeout=60)
+        env = {
+            **image_env(self.root / "client"),
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.secret_data[self.name]["auth_token"],
+        }
+        out = subprocess.run(
+            [
+                "ray",
+                "list",
+                "nodes",
+                "--address",
+                self.dashboard,
+                "--format",
+                "json",
+                "--detail",
+                "--filter",
+                "state=ALIVE",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         start = out.stdout.find("[")  # the state CLI may print a warning line first
         try:
             return json.loads(out.stdout[start:]) if out.returncode == 0 and start >= 0 else []

@@ -22,14 +22,26 @@ from tests.s3_server import free_port
 def start_commands(config: dict, node_type: str, head_ip: str, instance_id: str) -> list[str]:
     """The start commands the launcher runs on a node of `node_type`, with its substitutions."""
     if node_type == config["head_node_type"]:
-        commands = with_envs(config["head_start_ray_commands"], {"RAY_enable_autoscaler_v2": "1",
-                             "RAY_CLOUD_INSTANCE_ID": instance_id, "RAY_NODE_TYPE_NAME": node_type})
+        commands = with_envs(
+            config["head_start_ray_commands"],
+            {
+                "RAY_enable_autoscaler_v2": "1",
+                "RAY_CLOUD_INSTANCE_ID": instance_id,
+                "RAY_NODE_TYPE_NAME": node_type,
+            },
+        )
         extra = {"RAY_USAGE_STATS_ENABLED": 0}  # NodeUpdater, head only (usage stats off here)
     else:
         instance_type = config["available_node_types"][node_type]["node_config"]["InstanceType"]
-        commands = with_envs(config["worker_start_ray_commands"], {
-            "RAY_HEAD_IP": head_ip, "RAY_CLOUD_INSTANCE_ID": instance_id, "RAY_NODE_TYPE_NAME": node_type,
-            "RAY_CLOUD_INSTANCE_TYPE_NAME": instance_type})
+        commands = with_envs(
+            config["worker_start_ray_commands"],
+            {
+                "RAY_HEAD_IP": head_ip,
+                "RAY_CLOUD_INSTANCE_ID": instance_id,
+                "RAY_NODE_TYPE_NAME": node_type,
+                "RAY_CLOUD_INSTANCE_TYPE_NAME": instance_type,
+            },
+        )
         extra = {}
     resources = config["available_node_types"][node_type].get("resources") or {}
     if resources:
@@ -56,8 +68,9 @@ def mount_files(config: dict, home: Path, source_home: Path) -> None:
         shutil.copy2(Path(local.replace("~", str(source_home), 1)), target)
 
 
-def localize(command: str, root: Path, head: bool, gcs_port: int, dashboard_port: int,
-             cpus: int) -> str | None:
+def localize(
+    command: str, root: Path, head: bool, gcs_port: int, dashboard_port: int, cpus: int
+) -> str | None:
     """What this machine forces: None drops `ray stop` (it stops every Ray of this user on the machine, other
     tests' clusters included; a new VM has none); `ray start` keeps its flags but the GCS port (6379 is taken
     once per machine), the autoscaling config (its monitor would start EC2 instances), and gets a temp dir,
@@ -68,23 +81,43 @@ def localize(command: str, root: Path, head: bool, gcs_port: int, dashboard_port
         return command
     command = re.sub(r" --autoscaling-config=\S+", "", command)
     command = command.replace("--port=6379", f"--port={gcs_port}").replace(":6379", f":{gcs_port}")
-    flags = [f"--temp-dir={root / 'ray'}", f"--object-store-memory={OBJECT_STORE_BYTES}",
-             f"--metrics-export-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-             f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    flags = [
+        f"--temp-dir={root / 'ray'}",
+        f"--object-store-memory={OBJECT_STORE_BYTES}",
+        f"--metrics-export-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+    ]
     # CPUs: this machine's cores instead of the instance types' (16 on the head, 192 and 8 GPUs on a worker)
-    flags += [f"--dashboard-port={dashboard_port}", "--num-cpus=1"] if head else [f"--num-cpus={cpus}",
-                                                                                  "--num-gpus=0"]
+    flags += (
+        [f"--dashboard-port={dashboard_port}", "--num-cpus=1"]
+        if head
+        else [f"--num-cpus={cpus}", "--num-gpus=0"]
+    )
     return f"{command} {' '.join(flags)}"
 
 
-def node_pod(config: dict, node_type: str, name: str, root: Path, head_ip: str, gcs_port: int,
-             dashboard_port: int, storage_env: dict[str, str], token_home: Path, cpus: int = 2) -> Pod:
+def node_pod(
+    config: dict,
+    node_type: str,
+    name: str,
+    root: Path,
+    head_ip: str,
+    gcs_port: int,
+    dashboard_port: int,
+    storage_env: dict[str, str],
+    token_home: Path,
+    cpus: int = 2,
+) -> Pod:
     """One node: its start commands joined as the launcher runs them one after another (`docker exec ...
     /bin/bash -c`), in a container environment with the node's storage credentials (the instance profile)."""
     root.mkdir(parents=True)
     env = {**container_env(config, root), **storage_env}
     mount_files(config, root / "home", token_home)
     head = node_type == config["head_node_type"]
-    commands = [localize(c, root, head, gcs_port, dashboard_port, cpus)
-                for c in start_commands(config, node_type, head_ip, f"i-{name}")]
+    commands = [
+        localize(c, root, head, gcs_port, dashboard_port, cpus)
+        for c in start_commands(config, node_type, head_ip, f"i-{name}")
+    ]
     return Pod(name, " && ".join(c for c in commands if c), env, root, shell=("/bin/bash", "-c", "--"))

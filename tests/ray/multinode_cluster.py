@@ -25,14 +25,18 @@ def remove(cluster, nodes: dict, name: str) -> None:
 
 
 def announce(cluster, nodes: dict) -> None:
-    print(json.dumps({"address": cluster.address, "nodes": {n: node.node_id for n, node in nodes.items()}}),
-          flush=True)
+    print(
+        json.dumps({"address": cluster.address, "nodes": {n: node.node_id for n, node in nodes.items()}}),
+        flush=True,
+    )
 
 
 def main(names: list[str]) -> None:
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": HEAD_SYSTEM_CONFIG})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": HEAD_SYSTEM_CONFIG}
+    )
     nodes: dict = {}
     try:
         for name in names:

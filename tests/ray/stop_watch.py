@@ -41,7 +41,9 @@ class StopWatch(threading.Thread):
     def run(self) -> None:
         try:
             while True:
-                finishing = self.done.is_set()  # read first: a stop written just before the end is still noted
+                finishing = (
+                    self.done.is_set()
+                )  # read first: a stop written just before the end is still noted
                 self._note_new_stops()
                 self._note_live_actors()
                 for trial, stopped_at in list(self.pending.items()):
@@ -72,10 +74,17 @@ class StopWatch(threading.Thread):
         from ray.util.state import list_actors
 
         tune_actors = self._tune_actors()
-        alive = {a.actor_id: a for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=10_000,
-                                                    raise_on_missing_output=False)}
-        trial_of_group = {alive[actor].placement_group_id: trial for trial, actor in tune_actors.items()
-                          if actor in alive and alive[actor].placement_group_id}
+        alive = {
+            a.actor_id: a
+            for a in list_actors(
+                filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False
+            )
+        }
+        trial_of_group = {
+            alive[actor].placement_group_id: trial
+            for trial, actor in tune_actors.items()
+            if actor in alive and alive[actor].placement_group_id
+        }
         for actor in alive.values():
             if actor.class_name == WORKER:
                 trial = working_dir_name(actor.pid)
@@ -100,14 +109,26 @@ class StopWatch(threading.Thread):
 
         owned = self.owned.get(trial, {})
         now = {a.actor_id: a for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False)}
-        left = [f"actor {a.class_name} {a.actor_id}" for a in owned.values()
-                if a.actor_id in now and now[a.actor_id].state != "DEAD"]
-        groups = {a.placement_group_id for a in owned.values() if a.placement_group_id and a.class_name == WORKER}
-        left += [f"placement group {g.placement_group_id}" for g in list_placement_groups(limit=10_000)
-                 if g.placement_group_id in groups and g.state != "REMOVED"]
-        left += [f"process {a.pid} of {a.class_name} (its Ray Data executor)" for a in owned.values()
-                 if a.class_name == WORKER and os.path.exists(f"/proc/{a.pid}")
-                 and working_dir_name(a.pid) == trial]
+        left = [
+            f"actor {a.class_name} {a.actor_id}"
+            for a in owned.values()
+            if a.actor_id in now and now[a.actor_id].state != "DEAD"
+        ]
+        groups = {
+            a.placement_group_id for a in owned.values() if a.placement_group_id and a.class_name == WORKER
+        }
+        left += [
+            f"placement group {g.placement_group_id}"
+            for g in list_placement_groups(limit=10_000)
+            if g.placement_group_id in groups and g.state != "REMOVED"
+        ]
+        left += [
+            f"process {a.pid} of {a.class_name} (its Ray Data executor)"
+            for a in owned.values()
+            if a.class_name == WORKER
+            and os.path.exists(f"/proc/{a.pid}")
+            and working_dir_name(a.pid) == trial
+        ]
         return left
 
     def finish(self) -> None:

@@ -10,21 +10,45 @@ from tests.conftest import REPO_ROOT
 
 
 def test_gpu_benchmark_dry_mode_prints_its_figures():
-    done = subprocess.run([sys.executable, "benchmarks/gpu.py", "--dry"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu.py", "--dry"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
-    assert figures["dry"] is True and figures["steps"] == 4 and (figures["pp"], figures["tp"], figures["dp"]) == (1, 1, 1)
+    assert (
+        figures["dry"] is True
+        and figures["steps"] == 4
+        and (figures["pp"], figures["tp"], figures["dp"]) == (1, 1, 1)
+    )
     assert figures["tokens_per_s"] > 0 and 0 < figures["mfu"] < 1
 
 
 def test_memory_benchmark_dry_mode_prints_its_figures():
-    done = subprocess.run([sys.executable, "benchmarks/memory.py", "--dry"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "benchmarks/memory.py", "--dry"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"')]  # DeepSpeed prints too
+    lines = [
+        json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"')
+    ]  # DeepSpeed prints too
     figures = {key: line for line in lines for key in line}
-    assert figures["idle_worker_rss_mb"]["dry"] is True and figures["idle_worker_rss_mb"]["idle_worker_rss_mb"] > 0
+    assert (
+        figures["idle_worker_rss_mb"]["dry"] is True
+        and figures["idle_worker_rss_mb"]["idle_worker_rss_mb"] > 0
+    )
     layout = figures["rss_vs_ideal"]
-    assert (layout["pp"], layout["tp"], layout["dp"], layout["zero"]) == (1, 1, 1, 0) and layout["rss_vs_ideal"] > 0
-    assert figures["ckpt_write_bw_frac"]["ckpt_write_bw_frac"] > 0 and figures["ckpt_read_bw_frac"]["ckpt_read_bw_frac"] > 0
+    assert (layout["pp"], layout["tp"], layout["dp"], layout["zero"]) == (1, 1, 1, 0) and layout[
+        "rss_vs_ideal"
+    ] > 0
+    assert (
+        figures["ckpt_write_bw_frac"]["ckpt_write_bw_frac"] > 0
+        and figures["ckpt_read_bw_frac"]["ckpt_read_bw_frac"] > 0
+    )

@@ -33,19 +33,34 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO_ROOT
-from tests.conftest import SMALL_MODEL
-from tests.ray.kuberay_rehearsal import (Pod, RehearsalCluster, container_env, image_env, job_submit_command,
-                                         kill_pod_tree, new_root, new_token, ray_container, stop_pods,
-                                         submitter_env)
+from tests.conftest import REPO_ROOT, SMALL_MODEL
+from tests.ray.kuberay_rehearsal import (
+    Pod,
+    RehearsalCluster,
+    container_env,
+    image_env,
+    job_submit_command,
+    kill_pod_tree,
+    new_root,
+    new_token,
+    ray_container,
+    stop_pods,
+    submitter_env,
+)
 from tests.s3_server import DUMMY_KEYS, client, keys, s3_server
 
 RAYJOB = REPO_ROOT / "cluster" / "kuberay-rayjob.yaml"
 BUCKET = "your-bucket"  # the manifest's placeholder bucket, created on the local server
 STORAGE_SECRET = "raylm-storage"  # `kubectl create secret generic raylm-storage ...` in cluster/README.md
 STEPS, CHECKPOINT_EVERY = 12, 4
-RUN_OVERRIDES = [*SMALL_MODEL, "parallel.pp=2", f"train.max_steps={STEPS}",
-                 f"checkpoint.every_steps={CHECKPOINT_EVERY}", "train.report_every=4", "checkpoint.keep=3"]
+RUN_OVERRIDES = [
+    *SMALL_MODEL,
+    "parallel.pp=2",
+    f"train.max_steps={STEPS}",
+    f"checkpoint.every_steps={CHECKPOINT_EVERY}",
+    "train.report_every=4",
+    "checkpoint.keep=3",
+]
 EXPORT_URI = f"s3://{BUCKET}/raylm/exports/gpt2-small"
 CORPUS_FILES = ("argparse.py", "dataclasses.py", "functools.py", "textwrap.py", "typing.py", "random.py")
 
@@ -53,8 +68,10 @@ CORPUS_FILES = ("argparse.py", "dataclasses.py", "functools.py", "textwrap.py", 
 def local_entrypoint(entrypoint: str) -> str:
     """The manifest's entrypoint with the image's code path made this checkout's, and the tiny run config."""
     words = entrypoint.replace("/home/ray/raylm", str(REPO_ROOT)).split()
-    words = [str(REPO_ROOT / "jobs/configs/tiny.yaml") if w.endswith("jobs/configs/gpt2-small.yaml") else w
-             for w in words]
+    words = [
+        str(REPO_ROOT / "jobs/configs/tiny.yaml") if w.endswith("jobs/configs/gpt2-small.yaml") else w
+        for w in words
+    ]
     return " ".join([*words, *RUN_OVERRIDES])
 
 
@@ -90,8 +107,9 @@ class Stage:
         }
 
     def cluster(self, name: str) -> RehearsalCluster:
-        return RehearsalCluster(self.rayjob["spec"]["rayClusterSpec"], self.cluster_name, self.secret_data,
-                                self.root / name)
+        return RehearsalCluster(
+            self.rayjob["spec"]["rayClusterSpec"], self.cluster_name, self.secret_data, self.root / name
+        )
 
     def submitter(self, cluster: RehearsalCluster, name: str, run_name: str | None = None) -> Pod:
         """The submitter pod: BuildJobSubmitCommand under /bin/bash -ce, with KubeRay's submitter env only."""
@@ -99,11 +117,13 @@ class Stage:
         root.mkdir(parents=True)
         rayjob = copy.deepcopy(self.rayjob)
         if run_name:
-            rayjob["spec"]["entrypoint"] = re.sub(r"run\.name=\S+", f"run.name={run_name}",
-                                                  rayjob["spec"]["entrypoint"])
+            rayjob["spec"]["entrypoint"] = re.sub(
+                r"run\.name=\S+", f"run.name={run_name}", rayjob["spec"]["entrypoint"]
+            )
         command = job_submit_command(rayjob, cluster.dashboard, self.job_id)
-        env = submitter_env(cluster.dashboard, self.job_id, self.secret_data[self.cluster_name]["auth_token"],
-                            image_env(root))
+        env = submitter_env(
+            cluster.dashboard, self.job_id, self.secret_data[self.cluster_name]["auth_token"], image_env(root)
+        )
         return Pod(name, command, env, root, shell=("/bin/bash", "-ce", "--"))
 
     def submit(self, cluster: RehearsalCluster, name: str, timeout_s: float = 900) -> tuple[int, str]:
@@ -156,19 +176,39 @@ def rehearsed(stage):
         status = job_status(stage, cluster)
         # `kubectl exec` into the head pod: the export runs with that container's environment only
         run_uri = f"s3://{BUCKET}/{stage.run_prefix}".rstrip("/")
-        export = subprocess.run(["raylm", "export", run_uri, EXPORT_URI], env=cluster.pods[0].env,
-                                capture_output=True, text=True, timeout=300)
-        yield {"nodes": nodes, "first": first, "second": second, "status": status, "export": export,
-               "wall_s": time.monotonic() - started}
+        export = subprocess.run(
+            ["raylm", "export", run_uri, EXPORT_URI],
+            env=cluster.pods[0].env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        yield {
+            "nodes": nodes,
+            "first": first,
+            "second": second,
+            "status": status,
+            "export": export,
+            "wall_s": time.monotonic() - started,
+        }
     finally:
         cluster.stop()
 
 
 def job_status(stage: Stage, cluster: RehearsalCluster) -> str:
-    env = submitter_env(cluster.dashboard, stage.job_id, stage.secret_data[stage.cluster_name]["auth_token"],
-                        image_env(stage.root / "status"))
-    out = subprocess.run(["ray", "job", "list", "--address", cluster.dashboard], env=env, capture_output=True,
-                         text=True, timeout=120)
+    env = submitter_env(
+        cluster.dashboard,
+        stage.job_id,
+        stage.secret_data[stage.cluster_name]["auth_token"],
+        image_env(stage.root / "status"),
+    )
+    out = subprocess.run(
+        ["ray", "job", "list", "--address", cluster.dashboard],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return out.stdout + out.stderr
 
 
@@ -273,10 +313,12 @@ def test_whole_cluster_loss_then_resubmission_resumes_bitwise(stage, rehearsed):
     steps = [r["step"] for r in rows]
     sha_mismatches = sum(r["samples_sha"] != reference[r["step"]]["samples_sha"] for r in rows)
     loss_mismatches = sum(r["loss"] != reference[r["step"]]["loss"] for r in rows)
-    print(f"whole-cluster loss: killed after step {lost_at} was logged, resumed at step {CHECKPOINT_EVERY}: "
-          f"{lost_at + 1 - CHECKPOINT_EVERY} steps repeated; rows on S3 for steps {steps}; samples_sha "
-          f"mismatches {sha_mismatches}, loss mismatches {loss_mismatches} (of {len(rows)} rows)")
-    resumed_steps = steps[-(STEPS - CHECKPOINT_EVERY):]
+    print(
+        f"whole-cluster loss: killed after step {lost_at} was logged, resumed at step {CHECKPOINT_EVERY}: "
+        f"{lost_at + 1 - CHECKPOINT_EVERY} steps repeated; rows on S3 for steps {steps}; samples_sha "
+        f"mismatches {sha_mismatches}, loss mismatches {loss_mismatches} (of {len(rows)} rows)"
+    )
+    resumed_steps = steps[-(STEPS - CHECKPOINT_EVERY) :]
     assert resumed_steps == list(range(CHECKPOINT_EVERY, STEPS)), "every step from the checkpoint on"
     assert len(set(steps)) == len(steps), "no step twice"
     assert sha_mismatches == 0 and loss_mismatches == 0
@@ -306,8 +348,9 @@ def test_the_submitter_shell_splits_an_entrypoint_with_operators(tmp_path):
         stub.chmod(0o755)
     rayjob = {"spec": {"entrypoint": "python jobs/prepare.py c.yaml && python jobs/train.py c.yaml"}}
     command = job_submit_command(rayjob, "http://127.0.0.1:1", "id-1").replace("python -c", "true")
-    subprocess.run(["/bin/bash", "-ce", "--", command], env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, check=True,
-                   timeout=60)
+    subprocess.run(
+        ["/bin/bash", "-ce", "--", command], env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, check=True, timeout=60
+    )
     lines = calls.read_text().splitlines()
     submits = [line for line in lines if line.startswith("ray job submit")]
     assert len(submits) == 1 and submits[0].endswith("-- python jobs/prepare.py c.yaml"), lines

@@ -16,8 +16,9 @@ from raylm.train.driver import train
 def test_corrupt_shard_fails_at_once_naming_the_file(ray_cluster, small_config, prepared, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(prepared, data)
-    shard = data / next(e["file"] for e in json.loads((data / "manifest.json").read_text())["shards"]
-                        if e["split"] == "train")
+    shard = data / next(
+        e["file"] for e in json.loads((data / "manifest.json").read_text())["shards"] if e["split"] == "train"
+    )
     blob = bytearray(shard.read_bytes())
     blob[len(blob) // 2] ^= 0xFF  # same size: only the sha256 check can tell
     shard.write_bytes(bytes(blob))

@@ -43,7 +43,10 @@ def kill_driver_when(proc: subprocess.Popen, run_dir: Path, ready) -> list[psuti
     return descendants
 
 
-NODE_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # no training work; they notice the raylet's end late
+NODE_AGENTS = (
+    "ray::DashboardAgent",
+    "ray::RuntimeEnvAgent",
+)  # no training work; they notice the raylet's end late
 
 
 def named(proc: psutil.Process) -> str:
@@ -63,8 +66,11 @@ def has_commit(run_dir: Path) -> bool:
 
 
 def training_workers() -> list[int]:
-    return [p.pid for p in psutil.process_iter(["cmdline"])
-            if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])]
+    return [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any("RayTrainWorker" in part for part in p.info["cmdline"] or [])
+    ]
 
 
 def wait_until_gone(check, timeout_s: float = 30.0):
@@ -85,7 +91,9 @@ def test_driver_sigkill_with_a_local_ray(ray_cluster, small_config, tmp_path):
         assert descendants, "the driver had started a local Ray"
         _, alive = psutil.wait_procs(descendants, timeout=30)
         agents = [p for p in alive if named(p) in NODE_AGENTS]
-        assert not [p for p in alive if p not in agents], f"outlived the driver by 30 s: {list(map(named, alive))}"
+        assert not [p for p in alive if p not in agents], (
+            f"outlived the driver by 30 s: {list(map(named, alive))}"
+        )
         assert not [pid for pid in training_workers() if pid not in started]
         _, alive = psutil.wait_procs(agents, timeout=120)
         assert not alive, f"Ray's node agents outlived the driver by 150 s: {list(map(named, alive))}"
@@ -107,11 +115,20 @@ def test_driver_sigkill_on_a_cluster(ray_cluster, small_config, tmp_path):
     config.write_text(yaml.safe_dump(to_dict(cfg)))
     before = set(training_workers())
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    proc = subprocess.Popen([sys.executable, "-m", "raylm.cli", "train", str(config)], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "raylm.cli", "train", str(config)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     kill_driver_when(proc, Path(cfg.run.dir) / cfg.run.name, has_commit)
     assert not wait_until_gone(lambda: [pid for pid in training_workers() if pid not in before])
-    assert not wait_until_gone(lambda: [a for a in list_actors(filters=[("state", "=", "ALIVE")])
-                                        if a.class_name == "TrainController"])
+    assert not wait_until_gone(
+        lambda: [
+            a for a in list_actors(filters=[("state", "=", "ALIVE")]) if a.class_name == "TrainController"
+        ]
+    )
     train(cfg)  # the same run again, here in-process: resumes from the committed checkpoint
     assert run_losses(cfg) == run_losses(reference)

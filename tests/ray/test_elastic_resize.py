@@ -8,6 +8,7 @@ dp=2 run trains in this process on the session's one-node Ray.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -19,12 +20,23 @@ from tests.ray.test_multinode import THREADS, ClusterHost, finish, overrides, st
 
 # Reduction order differs between dp=1 and dp=2, and AdamW amplifies those last-bit differences step by step: a
 # moderate lr and 36 steps keep the losses within the 1e-5 the comparison allows.
-LAYOUT = ("parallel.pp=2", "parallel.zero_stage=1", "train.global_batch=8", "parallel.micro_batch=2", "optim.lr=1e-3")
+LAYOUT = (
+    "parallel.pp=2",
+    "parallel.zero_stage=1",
+    "train.global_batch=8",
+    "parallel.micro_batch=2",
+    "optim.lr=1e-3",
+)
 STEPS = ("train.max_steps=36", "checkpoint.every_steps=3", "checkpoint.keep=2")
 # report_every=1: each step waits for a controller poll (docs/ray-facts.md 2), which paces the run so that it is
 # still training when the node comes back
-ELASTIC = ("parallel.dp=[1, 2]", "parallel.cpus_per_worker=1", "fault.max_failures=2", "fault.resize_check_s=1",
-           "train.report_every=1")
+ELASTIC = (
+    "parallel.dp=[1, 2]",
+    "parallel.cpus_per_worker=1",
+    "fault.max_failures=2",
+    "fault.resize_check_s=1",
+    "train.report_every=1",
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,10 +57,9 @@ class MetricsWatcher:
 
     def _poll(self) -> None:
         while not self.stop.is_set():
-            try:
+            # a row half written, or the file being replaced: look again
+            with contextlib.suppress(ValueError, KeyError, OSError):
                 self.seen |= {(r["step"], r["dp"]) for r in read_metrics(self.run)}
-            except (ValueError, KeyError, OSError):
-                pass  # a row half written, or the file being replaced
             time.sleep(0.05)
 
     def wait_for(self, predicate, what: str, proc, timeout_s: float = 120) -> None:
@@ -66,18 +77,26 @@ class MetricsWatcher:
 
 @pytest.mark.slow  # four worker-group starts, a node's death and a node's start: ~4-5 minutes on 2 shared cores
 def test_elastic_run_shrinks_on_a_lost_node_and_grows_back_with_the_same_samples(
-        elastic_cluster, prepared, small_corpus, ray_references, tmp_path):
+    elastic_cluster, prepared, small_corpus, ray_references, tmp_path
+):
     run, console = tmp_path / "elastic", tmp_path / "elastic.log"
-    proc = start_run(elastic_cluster, overrides(prepared, small_corpus, tmp_path, "elastic", *LAYOUT, *STEPS,
-                                                *ELASTIC), console)
+    proc = start_run(
+        elastic_cluster,
+        overrides(prepared, small_corpus, tmp_path, "elastic", *LAYOUT, *STEPS, *ELASTIC),
+        console,
+    )
     watcher = MetricsWatcher(run)
     try:
-        watcher.wait_for(lambda seen: any(step >= 3 and dp == 2 for step, dp in seen), "training at dp=2", proc)
+        watcher.wait_for(
+            lambda seen: any(step >= 3 and dp == 2 for step, dp in seen), "training at dp=2", proc
+        )
         elastic_cluster.command("remove", "node_b")  # every process of the node SIGKILLed
         watcher.wait_for(lambda seen: any(dp == 1 for _, dp in seen), "training at dp=1", proc)
         shrunk_at = max(step for step, dp in watcher.seen if dp == 1)
         elastic_cluster.command("add", "node_c")
-        watcher.wait_for(lambda seen: any(dp == 2 and step > shrunk_at for step, dp in seen), "growing to dp=2", proc)
+        watcher.wait_for(
+            lambda seen: any(dp == 2 and step > shrunk_at for step, dp in seen), "growing to dp=2", proc
+        )
     finally:
         finish(proc, console)
         watcher.close()
@@ -88,13 +107,13 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back_with_the_same_samples
     assert dps == [2] * first_small + [1] * (last_small - first_small + 1) + [2] * (len(dps) - last_small - 1)
     grown_from = rows[last_small + 1]
     assert grown_from["resumed_from"] == last_small + 1  # grew from a checkpoint of the last dp=1 step
-    assert not [(step, dp) for step, dp in watcher.seen if step > last_small and dp == 1], \
+    assert not [(step, dp) for step, dp in watcher.seen if step > last_small and dp == 1], (
         "a step trained at dp=1 after the resize checkpoint: growing lost or repeated a step"
+    )
 
     # the same run at a fixed dp=2, uninterrupted, on the session's one-node Ray
     expected = ray_references.rows(*THREADS, *LAYOUT, *STEPS, "parallel.dp=2")
     assert [r["samples_sha"] for r in rows] == [r["samples_sha"] for r in expected]
     assert rows[-1]["tokens"] == expected[-1]["tokens"]
-    for got, want in zip(rows, expected):
+    for got, want in zip(rows, expected, strict=False):
         assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), (got["step"], got["dp"])
-

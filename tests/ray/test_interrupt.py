@@ -29,11 +29,19 @@ def start_cli_run(cfg, tmp_path: Path) -> subprocess.Popen:
     config = tmp_path / f"{cfg.run.name}.yaml"
     config.write_text(yaml.safe_dump(to_dict(cfg)))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    return subprocess.Popen([sys.executable, "-m", "raylm.cli", "train", str(config)], cwd=REPO_ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "raylm.cli", "train", str(config)],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
-def interrupt_after_first_commit(proc: subprocess.Popen, run_dir: Path, signum: int) -> tuple[int, str, float]:
+def interrupt_after_first_commit(
+    proc: subprocess.Popen, run_dir: Path, signum: int
+) -> tuple[int, str, float]:
     """Wait for a committed checkpoint, send the signal; (exit code, stderr, seconds from signal to exit)."""
     deadline = time.monotonic() + 240
     while not list((run_dir / "checkpoints").glob("step-*")):
@@ -53,25 +61,33 @@ def last_line(err: str) -> str:
     return [line for line in err.splitlines() if line.strip()][-1]
 
 
-def test_sigterm_stops_cleanly_and_the_rerun_matches_an_uninterrupted_run(ray_cluster, small_config, tmp_path,
-                                                                           ray_references):
+def test_sigterm_stops_cleanly_and_the_rerun_matches_an_uninterrupted_run(
+    ray_cluster, small_config, tmp_path, ray_references
+):
     cfg = small_config("stopped", *LONG)
-    code, err, took = interrupt_after_first_commit(start_cli_run(cfg, tmp_path), Path(cfg.run.dir) / "stopped",
-                                                   signal.SIGTERM)
+    code, err, took = interrupt_after_first_commit(
+        start_cli_run(cfg, tmp_path), Path(cfg.run.dir) / "stopped", signal.SIGTERM
+    )
     assert code == 143 and took < 60, (code, took, err[-2000:])
-    assert last_line(err).startswith("raylm: error: interrupted by SIGTERM: the newest committed checkpoint is ")
+    assert last_line(err).startswith(
+        "raylm: error: interrupted by SIGTERM: the newest committed checkpoint is "
+    )
     assert "/checkpoints/step-" in last_line(err) and "run the same command to resume" in last_line(err)
     train(cfg)  # the same command again: resumes
     rows = read_metrics(Path(cfg.run.dir) / "stopped")
     expected = ray_references.rows(*LONG)
-    assert [(r["step"], r["loss"], r["samples_sha"]) for r in rows] == \
-        [(r["step"], r["loss"], r["samples_sha"]) for r in expected]  # bit-identical, each step once
+    assert [(r["step"], r["loss"], r["samples_sha"]) for r in rows] == [
+        (r["step"], r["loss"], r["samples_sha"]) for r in expected
+    ]  # bit-identical, each step once
     assert any("resumed_from" in r for r in rows)
 
 
 def test_sigint_exits_130_naming_the_checkpoint(ray_cluster, small_config, tmp_path):
     cfg = small_config("ctrl-c", *LONG)
-    code, err, took = interrupt_after_first_commit(start_cli_run(cfg, tmp_path), Path(cfg.run.dir) / "ctrl-c",
-                                                   signal.SIGINT)
+    code, err, took = interrupt_after_first_commit(
+        start_cli_run(cfg, tmp_path), Path(cfg.run.dir) / "ctrl-c", signal.SIGINT
+    )
     assert code == 130 and took < 60, (code, took, err[-2000:])
-    assert last_line(err).startswith("raylm: error: interrupted by SIGINT: the newest committed checkpoint is ")
+    assert last_line(err).startswith(
+        "raylm: error: interrupted by SIGINT: the newest committed checkpoint is "
+    )

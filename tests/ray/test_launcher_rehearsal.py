@@ -76,25 +76,54 @@ def test_launcher_cluster_runs_the_readme_commands_verbatim():
             client(endpoint).create_bucket(Bucket=BUCKET)
             storage_env = {"AWS_ENDPOINT_URL": endpoint, **DUMMY_KEYS}
             user = image_env(root / "user")  # the user's machine: `ray get-auth-token --generate` (README)
-            subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=user, check=True,
-                           capture_output=True, timeout=120)
+            subprocess.run(
+                [str(BIN / "ray"), "get-auth-token", "--generate"],
+                env=user,
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
             gcs_port, dashboard_port = free_port(), free_port()
-            head = node_pod(config, config["head_node_type"], "head", root / "head", "127.0.0.1", gcs_port,
-                            dashboard_port, storage_env, root / "user" / "home")
+            head = node_pod(
+                config,
+                config["head_node_type"],
+                "head",
+                root / "head",
+                "127.0.0.1",
+                gcs_port,
+                dashboard_port,
+                storage_env,
+                root / "user" / "home",
+            )
             nodes.append(head)
             start_node(head)
             worker_type = next(t for t in config["available_node_types"] if t != config["head_node_type"])
             for index in range(config["available_node_types"][worker_type]["min_workers"]):
-                worker = node_pod(config, worker_type, f"worker-{index}", root / f"worker-{index}",
-                                  "127.0.0.1", gcs_port, dashboard_port, storage_env, root / "user" / "home")
+                worker = node_pod(
+                    config,
+                    worker_type,
+                    f"worker-{index}",
+                    root / f"worker-{index}",
+                    "127.0.0.1",
+                    gcs_port,
+                    dashboard_port,
+                    storage_env,
+                    root / "user" / "home",
+                )
                 nodes.append(worker)
                 start_node(worker)
             first, storage = readme_cluster_blocks()
             shell = {**user, **readme_exports(first, f"http://127.0.0.1:{dashboard_port}"), **storage_env}
             shell.pop("AWS_REGION", None)  # the README names the endpoint and the keys
             started = time.monotonic()
-            run = subprocess.run(["/bin/bash", "-e", "-c", storage], env=shell, cwd=REPO_ROOT,
-                                 capture_output=True, text=True, timeout=3000)
+            run = subprocess.run(
+                ["/bin/bash", "-e", "-c", storage],
+                env=shell,
+                cwd=REPO_ROOT,
+                capture_output=True,
+                text=True,
+                timeout=3000,
+            )
             console = run.stdout + run.stderr
             assert run.returncode == 0, console[-6000:]
             print(f"README commands on the launcher cluster: {time.monotonic() - started:.0f} s")

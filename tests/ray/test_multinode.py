@@ -47,8 +47,14 @@ class ClusterHost:
     """The cluster process: its address and {name: node_id}; remove() and add() nodes while runs go on."""
 
     def __init__(self, names: list[str]):
-        self.proc = subprocess.Popen([sys.executable, str(CLUSTER_SCRIPT), *names], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, env=_env(), cwd=REPO_ROOT)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(CLUSTER_SCRIPT), *names],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            cwd=REPO_ROOT,
+        )
         self.address, self.nodes = None, {}
         self._read()
 
@@ -101,8 +107,15 @@ def cluster(ray_cluster, s3_relay):
 
 
 def overrides(prepared, small_corpus, run_dir: Path, name: str, *extra: str) -> list[str]:
-    return [*SMALL_MODEL, f"data.paths=['{small_corpus}']", f"data.out_dir={prepared}", f"run.dir={run_dir}",
-            f"run.name={name}", *THREADS, *extra]
+    return [
+        *SMALL_MODEL,
+        f"data.paths=['{small_corpus}']",
+        f"data.out_dir={prepared}",
+        f"run.dir={run_dir}",
+        f"run.name={name}",
+        *THREADS,
+        *extra,
+    ]
 
 
 def start_run(cluster: ClusterHost, args: list[str], console: Path) -> subprocess.Popen:
@@ -110,8 +123,13 @@ def start_run(cluster: ClusterHost, args: list[str], console: Path) -> subproces
     nobody reads while the test waits would fill and stall the driver)."""
     code = "import sys; from raylm.cli import main; sys.exit(main(sys.argv[1:]))"
     with console.open("w") as out:
-        return subprocess.Popen([sys.executable, "-c", code, "train", str(TINY_CONFIG), *args], cwd=REPO_ROOT,
-                                env=_env(RAY_ADDRESS=cluster.address), stdout=out, stderr=subprocess.STDOUT)
+        return subprocess.Popen(
+            [sys.executable, "-c", code, "train", str(TINY_CONFIG), *args],
+            cwd=REPO_ROOT,
+            env=_env(RAY_ADDRESS=cluster.address),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def finish(proc: subprocess.Popen, console: Path) -> None:
@@ -142,11 +160,18 @@ def nodes_by_stage(run: Path) -> dict[int, set[str]]:
     return stages
 
 
-def test_pipeline_stages_on_two_nodes_match_one_node(cluster, ray_cluster, prepared, small_corpus, ray_references,
-                                                     tmp_path):
+def test_pipeline_stages_on_two_nodes_match_one_node(
+    cluster, ray_cluster, prepared, small_corpus, ray_references, tmp_path
+):
     console = tmp_path / "spread.log"
-    finish(start_run(cluster, overrides(prepared, small_corpus, tmp_path, "spread", "parallel.pp=2",
-                                        *ONE_WORKER_PER_NODE), console), console)
+    finish(
+        start_run(
+            cluster,
+            overrides(prepared, small_corpus, tmp_path, "spread", "parallel.pp=2", *ONE_WORKER_PER_NODE),
+            console,
+        ),
+        console,
+    )
     stages = nodes_by_stage(tmp_path / "spread")
     assert stages[0] != stages[1] and stages[0] | stages[1] == set(cluster.nodes.values())
     expected = reference(ray_references, "parallel.pp=2")
@@ -156,8 +181,16 @@ def test_pipeline_stages_on_two_nodes_match_one_node(cluster, ray_cluster, prepa
 
 def test_tensor_parallel_groups_stay_on_one_node(cluster, prepared, small_corpus, tmp_path):
     console = tmp_path / "tp.log"
-    finish(start_run(cluster, overrides(prepared, small_corpus, tmp_path, "tp", "parallel.pp=2", "parallel.tp=2",
-                                        "train.max_steps=2"), console), console)
+    finish(
+        start_run(
+            cluster,
+            overrides(
+                prepared, small_corpus, tmp_path, "tp", "parallel.pp=2", "parallel.tp=2", "train.max_steps=2"
+            ),
+            console,
+        ),
+        console,
+    )
     placement = read_placement(tmp_path / "tp")
     assert len(placement) == 4
     tp_groups: dict[tuple[int, int], set[str]] = {}
@@ -167,12 +200,18 @@ def test_tensor_parallel_groups_stay_on_one_node(cluster, prepared, small_corpus
     assert tp_groups[(0, 0)] != tp_groups[(1, 0)], placement  # 2 CPUs per node: one stage per node
 
 
-def test_losing_a_node_recovers_by_itself_bit_identical(cluster, prepared, small_corpus, ray_references,
-                                                        tmp_path):
+def test_losing_a_node_recovers_by_itself_bit_identical(
+    cluster, prepared, small_corpus, ray_references, tmp_path
+):
     steps = ("train.max_steps=12", "checkpoint.every_steps=2", "checkpoint.keep=2", "parallel.pp=2")
     run, console = tmp_path / "lost", tmp_path / "lost.log"
-    proc = start_run(cluster, overrides(prepared, small_corpus, tmp_path, "lost", *steps, *ONE_WORKER_PER_NODE,
-                                        "fault.max_failures=2"), console)
+    proc = start_run(
+        cluster,
+        overrides(
+            prepared, small_corpus, tmp_path, "lost", *steps, *ONE_WORKER_PER_NODE, "fault.max_failures=2"
+        ),
+        console,
+    )
     try:
         rows_at_loss = wait_for_checkpoint(run, proc)
         lost = cluster.nodes["node_b"]
@@ -200,8 +239,16 @@ def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout_s: float = 18
 
 def s3_overrides(prefix: str, small_corpus, tmp_path: Path, name: str, *extra: str) -> list[str]:
     """A run whose data, run folder and checkpoints are all under an s3:// prefix (node caches under tmp_path)."""
-    return [*SMALL_MODEL, f"data.paths=['{small_corpus}']", f"data.out_dir={prefix}/data", f"run.dir={prefix}/runs",
-            f"run.name={name}", f"data.cache_dir={tmp_path / 'node-cache'}", *THREADS, *extra]
+    return [
+        *SMALL_MODEL,
+        f"data.paths=['{small_corpus}']",
+        f"data.out_dir={prefix}/data",
+        f"run.dir={prefix}/runs",
+        f"run.name={name}",
+        f"data.cache_dir={tmp_path / 'node-cache'}",
+        *THREADS,
+        *extra,
+    ]
 
 
 def prepare_on_s3(args: list[str]) -> None:
@@ -217,41 +264,71 @@ def fetched(run_uri: str, tmp_path: Path, *names: str) -> Path:
     return files.local
 
 
-def test_every_path_on_s3_prepare_train_pp2_export_matches_local(cluster, s3_relay, prepared, small_corpus,
-                                                                 ray_references, tmp_path):
+def test_every_path_on_s3_prepare_train_pp2_export_matches_local(
+    cluster, s3_relay, prepared, small_corpus, ray_references, tmp_path
+):
     prefix, run_uri = f"s3://{BUCKET}/e2e", f"s3://{BUCKET}/e2e/runs/s3run"
-    args = s3_overrides(prefix, small_corpus, tmp_path, "s3run", "parallel.pp=2", "checkpoint.every_steps=2",
-                        *ONE_WORKER_PER_NODE)
+    args = s3_overrides(
+        prefix,
+        small_corpus,
+        tmp_path,
+        "s3run",
+        "parallel.pp=2",
+        "checkpoint.every_steps=2",
+        *ONE_WORKER_PER_NODE,
+    )
     prepare_on_s3(args)
     assert [e["sha256"] for e in read_data_manifest(f"{prefix}/data")["shards"]] == [
-        e["sha256"] for e in read_data_manifest(prepared)["shards"]]  # the same shards as the local reference's
+        e["sha256"] for e in read_data_manifest(prepared)["shards"]
+    ]  # the same shards as the local reference's
     console = tmp_path / "s3run.log"
     finish(start_run(cluster, args, console), console)
     summary = export(run_uri, f"{prefix}/exports/s3run")
     assert summary["out_dir"] == f"{prefix}/exports/s3run" and summary["step"] == 4
     bucket = object_sizes(parse_uri(f"s3://{BUCKET}/e2e"), recursive=True)
-    expected = ["data/manifest.json", "data/tokenizer.json", "runs/s3run/config.yaml", "runs/s3run/metrics.jsonl",
-                "runs/s3run/loss.png", "runs/s3run/checkpoints/step-00000002/manifest.json",
-                "runs/s3run/checkpoints/step-00000004/manifest.json", "runs/s3run/placement/rank-00000.json",
-                "runs/s3run/placement/rank-00001.json", "exports/s3run/config.json", "exports/s3run/model.safetensors"]
+    expected = [
+        "data/manifest.json",
+        "data/tokenizer.json",
+        "runs/s3run/config.yaml",
+        "runs/s3run/metrics.jsonl",
+        "runs/s3run/loss.png",
+        "runs/s3run/checkpoints/step-00000002/manifest.json",
+        "runs/s3run/checkpoints/step-00000004/manifest.json",
+        "runs/s3run/placement/rank-00000.json",
+        "runs/s3run/placement/rank-00001.json",
+        "exports/s3run/config.json",
+        "exports/s3run/model.safetensors",
+    ]
     assert [k for k in expected if k not in bucket] == []
     assert any(k.startswith("data/") and k.endswith(".bin") for k in bucket)
     assert any(k.startswith("runs/s3run/tensorboard/events.") for k in bucket)
     assert not (REPO_ROOT / "s3:").exists()
-    run = fetched(run_uri, tmp_path, "metrics.jsonl", "placement/rank-00000.json", "placement/rank-00001.json")
-    assert len({e["node_id"] for e in read_placement(run)}) == 2  # one stage per node, each uploading its files
+    run = fetched(
+        run_uri, tmp_path, "metrics.jsonl", "placement/rank-00000.json", "placement/rank-00001.json"
+    )
+    assert (
+        len({e["node_id"] for e in read_placement(run)}) == 2
+    )  # one stage per node, each uploading its files
     assert losses(run) == reference(ray_references, "parallel.pp=2")
 
 
 def test_a_storage_outage_during_a_checkpoint_upload_never_resumes_a_partial_checkpoint(
-        cluster, s3_relay, small_corpus, ray_references, tmp_path):
+    cluster, s3_relay, small_corpus, ray_references, tmp_path
+):
     """The relay cuts the server off for 5 s at the first upload of step 4 (the last): the commit fails with one
     line (older checkpoints untouched); the prefix step-00000004/ has no manifest, so the rerun resumes from
     step 2 and ends with the losses of an uninterrupted run (checkpoints change no loss: the pp=2 reference of the
     other tests serves)."""
     prefix, run_uri = f"s3://{BUCKET}/outage", f"s3://{BUCKET}/outage/runs/cut"
-    args = s3_overrides(prefix, small_corpus, tmp_path, "cut", "checkpoint.every_steps=2", "parallel.pp=2",
-                        *ONE_WORKER_PER_NODE)
+    args = s3_overrides(
+        prefix,
+        small_corpus,
+        tmp_path,
+        "cut",
+        "checkpoint.every_steps=2",
+        "parallel.pp=2",
+        *ONE_WORKER_PER_NODE,
+    )
     prepare_on_s3(args)
     s3_relay.arm(b"/outage/runs/cut/checkpoints/step-00000004/", down_s=5.0)
     console = tmp_path / "cut.log"
@@ -266,6 +343,8 @@ def test_a_storage_outage_during_a_checkpoint_upload_never_resumes_a_partial_che
     console = tmp_path / "cut-rerun.log"
     finish(start_run(cluster, args, console), console)
     run = fetched(run_uri, tmp_path, "metrics.jsonl")
-    resumed = [(r["resumed_from"], r["resumed_from_checkpoint"]) for r in read_metrics(run) if "resumed_from" in r]
+    resumed = [
+        (r["resumed_from"], r["resumed_from_checkpoint"]) for r in read_metrics(run) if "resumed_from" in r
+    ]
     assert resumed == [(2, f"{run_uri}/checkpoints/step-00000002")]
     assert losses(run) == reference(ray_references, "parallel.pp=2")

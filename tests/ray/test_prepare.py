@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from raylm.config import resolve
-from raylm.data.prepare import prepare
 from raylm.data.cache import verify
+from raylm.data.prepare import prepare
 from raylm.data.shards import read_data_manifest
 from raylm.data.stream import RankStream
 from raylm.data.tokenizer import load_tokenizer
@@ -21,7 +21,9 @@ pytestmark = pytest.mark.ray
 
 def write_corpus(folder: Path, docs: int = 30) -> Path:
     rng = np.random.default_rng(0)
-    words = np.array("ray data shard token window stream rank batch seed epoch naïve ☃".split())
+    words = np.array(
+        ["ray", "data", "shard", "token", "window", "stream", "rank", "batch", "seed", "epoch", "naïve", "☃"]
+    )
     folder.mkdir(parents=True)
     for i in range(docs):
         (folder / f"d{i:02d}.txt").write_text(" ".join(rng.choice(words, 400)) + "\n", encoding="utf-8")
@@ -29,8 +31,18 @@ def write_corpus(folder: Path, docs: int = 30) -> Path:
 
 
 def config(corpus, out_dir, *overrides):
-    return resolve({}, [f"data.paths=['{corpus}']", f"data.out_dir={out_dir}", "data.vocab_size=300",
-                        "data.seq_len=16", "data.shard_tokens=1500", "data.val_fraction=0.1", *overrides])
+    return resolve(
+        {},
+        [
+            f"data.paths=['{corpus}']",
+            f"data.out_dir={out_dir}",
+            "data.vocab_size=300",
+            "data.seq_len=16",
+            "data.shard_tokens=1500",
+            "data.val_fraction=0.1",
+            *overrides,
+        ],
+    )
 
 
 def shard_hashes(out_dir):
@@ -63,11 +75,12 @@ def test_stdlib_slice_round_trip(ray_cluster, tmp_path):
     cfg = config(json_pkg, tmp_path / "out", "data.vocab_size=512", "data.val_fraction=0")
     prepare(cfg)
     tokenizer, manifest = load_tokenizer(cfg.data.out_dir), read_data_manifest(cfg.data.out_dir)
-    tokens = np.concatenate([np.fromfile(Path(cfg.data.out_dir) / e["file"], dtype=e["dtype"])
-                             for e in manifest["shards"]])
+    tokens = np.concatenate(
+        [np.fromfile(Path(cfg.data.out_dir) / e["file"], dtype=e["dtype"]) for e in manifest["shards"]]
+    )
     docs = [tokenizer.decode(d.tolist()) for d in np.split(tokens, np.flatnonzero(tokens == 0) + 1)[:-1]]
     originals = [p.read_text(encoding="utf-8") for p in sorted(json_pkg.glob("*.py")) if p.stat().st_size]
-    assert [d[:-len("<|endoftext|>")] if d.endswith("<|endoftext|>") else d for d in docs] == originals
+    assert [d[: -len("<|endoftext|>")] if d.endswith("<|endoftext|>") else d for d in docs] == originals
     stream = RankStream(cfg.data.out_dir, "train", 16, 0, 0, 1, 4)
     inputs, labels = next(stream)
     stream.close()

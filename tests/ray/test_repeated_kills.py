@@ -9,6 +9,7 @@ import random
 import signal
 import threading
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,11 @@ def kill_plan(seed: int, kills: int, steps: int, every: int) -> list[tuple[str, 
             phase = rng.choice(SAVE_PHASES) if step % every == 0 and rng.random() < 0.6 else "step"
             plan.append((phase, step, 0 if phase == "before-commit" else rng.randrange(WORLD)))
         resumes = [resume_point(phase, step, every) for phase, step, _ in plan]
-        if (any(phase != "step" for phase, _, _ in plan) and any(rank for _, _, rank in plan)
-                and all(a < b for a, b in zip(resumes, resumes[1:]))):
+        if (
+            any(phase != "step" for phase, _, _ in plan)
+            and any(rank for _, _, rank in plan)
+            and all(a < b for a, b in pairwise(resumes))
+        ):
             return plan
 
 
@@ -95,10 +99,15 @@ class ReadTaskKiller(threading.Thread):
             time.sleep(0.2)
         seen: dict[str, float] = {}
         while not self.stop.is_set() and self.killed_pid is None:
-            running = list_tasks(filters=[("state", "=", "RUNNING")], detail=True, raise_on_missing_output=False)
+            running = list_tasks(
+                filters=[("state", "=", "RUNNING")], detail=True, raise_on_missing_output=False
+            )
             now = time.monotonic()
-            for task in (t for t in running if "_read_task" in t.name and t.worker_pid
-                         and (t.start_time_ms or 0) >= gate_ms):
+            for task in (
+                t
+                for t in running
+                if "_read_task" in t.name and t.worker_pid and (t.start_time_ms or 0) >= gate_ms
+            ):
                 if now - seen.setdefault(task.task_id, now) < 2.5:
                     continue
                 if not runs_a_read_task(task.worker_pid):  # a stale entry: that task ended
@@ -124,26 +133,42 @@ def assert_read_task_ran_again(killed_pid: int | None) -> None:
     assert killed_pid is not None, "no read task was caught running"
     deadline = time.monotonic() + 30.0  # task events reach the state API in batches: a loaded machine lags
     while True:
-        failed = [t for t in list_tasks(filters=[("state", "=", "FAILED")], detail=True, raise_on_missing_output=False)
-                  if t.worker_pid == killed_pid and "_read_task" in t.name]
-        attempts = {t.task_id: [a.attempt_number for a in list_tasks(filters=[("task_id", "=", t.task_id)],
-                                                                      raise_on_missing_output=False)]
-                    for t in failed}
+        failed = [
+            t
+            for t in list_tasks(
+                filters=[("state", "=", "FAILED")], detail=True, raise_on_missing_output=False
+            )
+            if t.worker_pid == killed_pid and "_read_task" in t.name
+        ]
+        attempts = {
+            t.task_id: [
+                a.attempt_number
+                for a in list_tasks(filters=[("task_id", "=", t.task_id)], raise_on_missing_output=False)
+            ]
+            for t in failed
+        }
         if any(max(numbers) > 0 for numbers in attempts.values()) or time.monotonic() > deadline:
             break
         time.sleep(1.0)
     assert any(max(numbers) > 0 for numbers in attempts.values()), (killed_pid, attempts)  # Ray ran it again
 
 
-def run_with_kills(small_config, references, name: str, plan: list[tuple[str, int, int]], steps: int,
-                   kill_a_read_task: bool = False) -> None:
+def run_with_kills(
+    small_config,
+    references,
+    name: str,
+    plan: list[tuple[str, int, int]],
+    steps: int,
+    kill_a_read_task: bool = False,
+) -> None:
     """Train with the planned worker SIGKILLs (and a read task SIGKILLed after the first restart); exactly
     len(plan) restarts are allowed, so a read-task kill that restarted the group would fail the run."""
     resumes = [resume_point(phase, step, 2) for phase, step, _ in plan]
     drill = ",".join(f"{phase}@{step}:{rank}" for phase, step, rank in plan)
     drill += f",read@{resumes[0]}" if kill_a_read_task else ""
-    cfg = small_config(name, *LAYOUT, f"train.max_steps={steps}", f"fault.max_failures={len(plan)}",
-                       f"fault.drill={drill}")
+    cfg = small_config(
+        name, *LAYOUT, f"train.max_steps={steps}", f"fault.max_failures={len(plan)}", f"fault.drill={drill}"
+    )
     marker = Path(cfg.run.dir) / cfg.run.name / FIRED_MARKER
     with ReadTaskKiller(after=marker) if kill_a_read_task else contextlib.nullcontext() as killer:
         train(cfg)
@@ -159,17 +184,25 @@ def run_with_kills(small_config, references, name: str, plan: list[tuple[str, in
         assert_read_task_ran_again(killer.killed_pid)
 
 
-def test_a_rank_killed_mid_save_and_a_read_task_killed_recover_exactly(ray_cluster, small_config,
-                                                                      ray_references):
+def test_a_rank_killed_mid_save_and_a_read_task_killed_recover_exactly(
+    ray_cluster, small_config, ray_references
+):
     # rank 3 (pipeline stage 1, DP rank 1) dies while it writes the step-4 checkpoint; the group resumes from step 2
-    run_with_kills(small_config, ray_references, "mid-save", [("mid-files", 4, 3)], steps=8,
-                   kill_a_read_task=True)
+    run_with_kills(
+        small_config, ray_references, "mid-save", [("mid-files", 4, 3)], steps=8, kill_a_read_task=True
+    )
 
 
 @pytest.mark.slow
 def test_two_kills_and_a_read_task_kill_recover_exactly(ray_cluster, small_config, ray_references):
-    run_with_kills(small_config, ray_references, "two-kills", kill_plan(3, 2, 12, every=2), steps=12,
-                   kill_a_read_task=True)
+    run_with_kills(
+        small_config,
+        ray_references,
+        "two-kills",
+        kill_plan(3, 2, 12, every=2),
+        steps=12,
+        kill_a_read_task=True,
+    )
 
 
 @pytest.mark.slow
@@ -179,7 +212,9 @@ def test_five_kills_over_forty_steps_recover_exactly(ray_cluster, small_config, 
 
 @pytest.mark.slow
 def test_killed_read_task_is_retried_without_a_restart(ray_cluster, small_config, ray_references):
-    cfg = small_config("read-task-killed", *LAYOUT, "train.max_steps=8", "fault.max_failures=0", "fault.drill=read@0")
+    cfg = small_config(
+        "read-task-killed", *LAYOUT, "train.max_steps=8", "fault.max_failures=0", "fault.drill=read@0"
+    )
     with ReadTaskKiller() as killer:
         train(cfg)  # max_failures=0: a worker-group restart would fail the run
     assert_read_task_ran_again(killer.killed_pid)

@@ -25,12 +25,14 @@ def rows_of(cfg) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_stalled_rank_fails_its_collectives_and_the_group_resumes_bitwise(ray_cluster, small_config,
-                                                                          ray_references):
+def test_stalled_rank_fails_its_collectives_and_the_group_resumes_bitwise(
+    ray_cluster, small_config, ray_references
+):
     expected = ray_references.losses(*STEPS, DP2)
     timeout_s = 20
-    cfg = small_config("stalled", *STEPS, DP2, f"fault.collective_timeout_s={timeout_s}",
-                       "fault.max_failures=1")
+    cfg = small_config(
+        "stalled", *STEPS, DP2, f"fault.collective_timeout_s={timeout_s}", "fault.max_failures=1"
+    )
     # it holds its sockets open: no peer sees it die
     stopper = WorkerKiller(cfg, steps=3, signum=signal.SIGSTOP)
     try:

@@ -33,8 +33,13 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_asha_sweep_at_equal_tokens(ray_cluster, small_config, tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text(SPACE)
-    cfg = small_config("unused", "tune.name=asha", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
-                       "train.eval_samples=16")
+    cfg = small_config(
+        "unused",
+        "tune.name=asha",
+        "tune.num_samples=1",
+        f"tune.budget_tokens={BUDGET}",
+        "train.eval_samples=16",
+    )
     watch = StopWatch(Path(cfg.run.dir) / "asha")
     watch.start()
     try:
@@ -56,7 +61,9 @@ def test_asha_sweep_at_equal_tokens(ray_cluster, small_config, tmp_path):
         assert (sweep_dir / name).stat().st_size > 0
     assert_nothing_left(ray_cluster)
     assert_stopped_trials_left_nothing(watch, trials)
-    assert raylm_main(["train", str(sweep_dir / "best.yaml"), "train.max_steps=2", "run.name=best-check"]) == 0
+    assert (
+        raylm_main(["train", str(sweep_dir / "best.yaml"), "train.max_steps=2", "run.name=best-check"]) == 0
+    )
 
 
 def assert_rungs_at_equal_tokens(sweep_dir: Path, trials: list[dict]):
@@ -71,7 +78,10 @@ def assert_rungs_at_equal_tokens(sweep_dir: Path, trials: list[dict]):
     for t in trials:  # a stopped trial waited at its rung for the decision: it trained no step past it
         if t["trial_id"] in stops:
             stop = stops[t["trial_id"]]
-            assert t["tokens"] <= stop["milestone_tokens"] + batch_of[t["trial_id"]] * SEQ, (t["tokens"], stop)
+            assert t["tokens"] <= stop["milestone_tokens"] + batch_of[t["trial_id"]] * SEQ, (
+                t["tokens"],
+                stop,
+            )
 
 
 def assert_promoted_after_a_pause_resumed_at_the_rung(sweep_dir: Path, trials: list[dict]):
@@ -83,13 +93,19 @@ def assert_promoted_after_a_pause_resumed_at_the_rung(sweep_dir: Path, trials: l
     for d in (d for d in decisions if d["action"] == "continue" and d["event"] != "report"):
         trial = by_id[d["trial"]]
         rung_step = d["tokens"] // (trial["params"]["train.global_batch"] * SEQ)
-        assert rung_step in [r["resumed_from"] for r in read_metrics(Path(trial["folder"])) if "resumed_from" in r]
+        assert rung_step in [
+            r["resumed_from"] for r in read_metrics(Path(trial["folder"])) if "resumed_from" in r
+        ]
         assert trial["status"] == "finished" or d["rung"] == 0, trial
 
 
 def assert_same_validation_samples(trials: list[dict]):
-    counts = {(t["params"]["train.global_batch"], r["val_samples"]) for t in trials
-              for r in read_metrics(Path(t["folder"])) if "val_samples" in r}
+    counts = {
+        (t["params"]["train.global_batch"], r["val_samples"])
+        for t in trials
+        for r in read_metrics(Path(t["folder"]))
+        if "val_samples" in r
+    }
     assert {batch for batch, _ in counts} == {8, 16} and len({n for _, n in counts}) == 1, counts
 
 
@@ -110,8 +126,11 @@ def assert_nothing_left(ray, timeout_s: float = 30.0):
     deadline = time.time() + timeout_s
     while True:
         groups = [pg for pg in ray.util.placement_group_table().values() if pg["state"] != "REMOVED"]
-        actors = [a.class_name for a in list_actors(filters=[("state", "=", "ALIVE")])
-                  if "Train" in a.class_name or "Worker" in a.class_name or "SplitCoordinator" in a.class_name]
+        actors = [
+            a.class_name
+            for a in list_actors(filters=[("state", "=", "ALIVE")])
+            if "Train" in a.class_name or "Worker" in a.class_name or "SplitCoordinator" in a.class_name
+        ]
         if (not groups and not actors) or time.time() > deadline:
             break
         time.sleep(0.5)
@@ -124,8 +143,15 @@ def test_a_killed_trial_worker_resumes_from_its_rung_checkpoint(ray_cluster, sma
     (step 8 at batch 8) and the trial still trains its budget."""
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {grid: [1.0e-2]}\n")
-    cfg = small_config("unused", "tune.name=kill", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
-                       "train.eval_batches=2", "fault.drill=step@10", "tune.max_failures=1")
+    cfg = small_config(
+        "unused",
+        "tune.name=kill",
+        "tune.num_samples=1",
+        f"tune.budget_tokens={BUDGET}",
+        "train.eval_batches=2",
+        "fault.drill=step@10",
+        "tune.max_failures=1",
+    )
     sweep_dir = Path(sweep(cfg, space)["sweep_dir"])
     (trial,) = read_jsonl(sweep_dir / "trials.jsonl")
     rows = read_metrics(Path(trial["folder"]))
@@ -140,8 +166,14 @@ def test_an_interrupted_sweep_resumes(ray_cluster, small_config, tmp_path):
     stopped, and the sweep ends with num_samples trials."""
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {grid: [1.0e-2, 1.0e-5, 2.0e-5, 1.0e-2]}\n")
-    cfg = small_config("unused", "tune.name=resume", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
-                       "train.eval_batches=2", "tune.max_concurrent=2")
+    cfg = small_config(
+        "unused",
+        "tune.name=resume",
+        "tune.num_samples=1",
+        f"tune.budget_tokens={BUDGET}",
+        "train.eval_batches=2",
+        "tune.max_concurrent=2",
+    )
     config_file = tmp_path / "config.yaml"
     config_file.write_text(yaml.safe_dump(to_dict(cfg)))
     sweep_dir = Path(cfg.run.dir) / "resume"
@@ -152,7 +184,9 @@ def test_an_interrupted_sweep_resumes(ray_cluster, small_config, tmp_path):
     first.send_signal(signal.SIGINT)
     assert first.wait(timeout=120) == 0
     before = {p.parent.name: p.read_text() for p in (sweep_dir / "trials").glob("*/metrics.jsonl")}
-    finished_before = {t["trial_id"] for t in read_jsonl(sweep_dir / "trials.jsonl") if t["status"] == "finished"}
+    finished_before = {
+        t["trial_id"] for t in read_jsonl(sweep_dir / "trials.jsonl") if t["status"] == "finished"
+    }
     assert subprocess.run(command + ["--resume"], env=env, cwd=REPO_ROOT, timeout=600).returncode == 0
     trials = read_jsonl(sweep_dir / "trials.jsonl")
     assert len(trials) == 4 and all(t["status"] in ("finished", "stopped") for t in trials)
@@ -165,7 +199,11 @@ def test_an_interrupted_sweep_resumes(ray_cluster, small_config, tmp_path):
 def wait_for_first_stop(decisions: Path, timeout_s: float = 300) -> set[str]:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        stops = {d["trial"] for d in read_jsonl(decisions) if d["action"] == "stop"} if decisions.exists() else set()
+        stops = (
+            {d["trial"] for d in read_jsonl(decisions) if d["action"] == "stop"}
+            if decisions.exists()
+            else set()
+        )
         if stops:
             return stops
         time.sleep(0.2)
@@ -177,8 +215,14 @@ def test_pbt_exploits_a_donor_checkpoint(ray_cluster, small_config, tmp_path):
     """4 trials, three of them with lrs far too small: at a rung the worst takes the best one's checkpoint."""
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {grid: [1.0e-2, 1.0e-5, 2.0e-5, 3.0e-5]}\n")
-    cfg = small_config("unused", "tune.name=pbt", "tune.num_samples=1", f"tune.budget_tokens={BUDGET}",
-                       "train.eval_batches=2", "tune.scheduler=pbt")
+    cfg = small_config(
+        "unused",
+        "tune.name=pbt",
+        "tune.num_samples=1",
+        f"tune.budget_tokens={BUDGET}",
+        "train.eval_batches=2",
+        "tune.scheduler=pbt",
+    )
     summary = sweep(cfg, space)
     sweep_dir = Path(summary["sweep_dir"])
     exploits = [d for d in read_jsonl(sweep_dir / "decisions.jsonl") if d["action"] == "exploit"]
@@ -199,8 +243,16 @@ def test_optuna_search_under_asha_one_trial_at_a_time(ray_cluster, small_config,
     pytest.importorskip("optuna")
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
-    cfg = small_config("unused", "tune.name=optuna", "tune.num_samples=3", "tune.budget_tokens=4608",
-                       "train.eval_batches=2", "tune.search=optuna", "tune.scheduler=asha", "tune.max_concurrent=1")
+    cfg = small_config(
+        "unused",
+        "tune.name=optuna",
+        "tune.num_samples=3",
+        "tune.budget_tokens=4608",
+        "train.eval_batches=2",
+        "tune.search=optuna",
+        "tune.scheduler=asha",
+        "tune.max_concurrent=1",
+    )
     summary = sweep(cfg, space)
     sweep_dir = Path(summary["sweep_dir"])
     trials = read_jsonl(sweep_dir / "trials.jsonl")
@@ -214,8 +266,15 @@ def test_a_diverged_trial_ends_at_once_and_is_never_best(ray_cluster, small_conf
     """lr 1e30 overflows the weights after one step: that trial ends as `diverged`, with no NaN in any JSON."""
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {grid: [1.0e-2, 1.0e+30]}\n")
-    cfg = small_config("unused", "tune.name=nan", "tune.num_samples=1", "tune.budget_tokens=4608",
-                       "train.eval_batches=2", "train.grad_clip=0", "tune.scheduler=fifo")
+    cfg = small_config(
+        "unused",
+        "tune.name=nan",
+        "tune.num_samples=1",
+        "tune.budget_tokens=4608",
+        "train.eval_batches=2",
+        "train.grad_clip=0",
+        "tune.scheduler=fifo",
+    )
     summary = sweep(cfg, space)
     sweep_dir = Path(summary["sweep_dir"])
     trials = {t["params"]["optim.lr"]: t for t in read_jsonl(sweep_dir / "trials.jsonl")}

@@ -19,8 +19,19 @@ def test_run_folder_has_the_contract_files_and_generate_works(ray_cluster, small
     train(cfg)
     run = Path(cfg.run.dir) / cfg.run.name
     rows = read_metrics(run)
-    for key in ("step", "tokens", "loss", "lr", "batch_size", "dp", "tokens_per_s", "mfu", "data_wait_frac",
-                "pipe_wait_frac", "samples_sha"):
+    for key in (
+        "step",
+        "tokens",
+        "loss",
+        "lr",
+        "batch_size",
+        "dp",
+        "tokens_per_s",
+        "mfu",
+        "data_wait_frac",
+        "pipe_wait_frac",
+        "samples_sha",
+    ):
         assert key in rows[0], key
     assert {r["dp"] for r in rows} == {cfg.parallel.dp}
     assert 0 < rows[-1]["mfu"] < 1 and 0 <= rows[-1]["data_wait_frac"] <= 1

@@ -8,9 +8,19 @@ import random
 import pytest
 import torch
 
-from raylm.checkpoint import (capture_rng, list_checkpoints, list_committed, load_checkpoint_weights, pick_resume,
-                              prune, restore_rng, resolve_checkpoint, resume_candidates, step_dir_name,
-                              verify_checkpoint)
+from raylm.checkpoint import (
+    capture_rng,
+    list_checkpoints,
+    list_committed,
+    load_checkpoint_weights,
+    pick_resume,
+    prune,
+    resolve_checkpoint,
+    restore_rng,
+    resume_candidates,
+    step_dir_name,
+    verify_checkpoint,
+)
 from raylm.checkpoint.commit import new_tmp_dir
 from raylm.checkpoint.names import layer_file
 from raylm.checkpoint.writer import save_full_weights
@@ -23,8 +33,12 @@ from raylm.model.gpt import init_full_weights, param_shapes
 
 @pytest.fixture
 def cfg(tmp_path):
-    return resolve({"data": {"vocab_size": 300, "seq_len": 16, "out_dir": str(tmp_path / "data")},
-                    "model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "max_seq_len": 16}})
+    return resolve(
+        {
+            "data": {"vocab_size": 300, "seq_len": 16, "out_dir": str(tmp_path / "data")},
+            "model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "max_seq_len": 16},
+        }
+    )
 
 
 @pytest.fixture
@@ -48,7 +62,9 @@ def test_commit_layout_and_manifest(ckpt_dir, cfg, weights):
     assert manifest["step"] == 30 and manifest["optimizer"] is False and manifest["padded_vocab"] == 384
     assert "model/000-tok_embeddings.pt" in manifest["files"] and "model/003-norm.pt" in manifest["files"]
     record = manifest["files"]["model/001-layers.0.pt"]
-    assert record["bytes"] == (newest / "model/001-layers.0.pt").stat().st_size and len(record["sha256"]) == 64
+    assert (
+        record["bytes"] == (newest / "model/001-layers.0.pt").stat().st_size and len(record["sha256"]) == 64
+    )
     tree, state = load_checkpoint_weights(ckpt_dir.parent)  # a run folder: its newest checkpoint
     assert tree["model"]["n_layer"] == 2
     assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)
@@ -94,8 +110,13 @@ def test_picking_reads_no_file_an_altered_one_is_found_by_the_loading_ranks(ckpt
     """Resume picking checks manifests and sizes only: the sha256 of each file is checked by the ranks that read
     it (tests/distributed/test_checkpoint.py: a bad file under auto falls back to the older checkpoint)."""
     _alter(ckpt_dir / step_dir_name(30) / "model/002-layers.1.pt")
-    monkeypatch.setattr("raylm.checkpoint.manifest.file_record", lambda *a: pytest.fail("hashed while picking"))
-    assert resume_candidates(ckpt_dir, "auto")[:2] == [ckpt_dir / step_dir_name(30), ckpt_dir / step_dir_name(20)]
+    monkeypatch.setattr(
+        "raylm.checkpoint.manifest.file_record", lambda *a: pytest.fail("hashed while picking")
+    )
+    assert resume_candidates(ckpt_dir, "auto")[:2] == [
+        ckpt_dir / step_dir_name(30),
+        ckpt_dir / step_dir_name(20),
+    ]
     assert pick_resume(ckpt_dir, "required") == ckpt_dir / step_dir_name(30)
 
 
@@ -123,8 +144,11 @@ def test_every_checkpoint_bad_under_auto_is_an_error_that_deletes_nothing(ckpt_d
     before = sorted(p.name for p in ckpt_dir.iterdir())
     for folder in list_committed(ckpt_dir):
         _truncate(folder / "config.yaml")
-    with pytest.raises(CheckpointError, match=r"every checkpoint in .* is damaged \(step-00000030, step-00000020, "
-                                              r"step-00000010; .*nothing was deleted"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"every checkpoint in .* is damaged \(step-00000030, step-00000020, "
+        r"step-00000010; .*nothing was deleted",
+    ):
         pick_resume(ckpt_dir, "auto")
     assert len(warnings_seen.records) == 3  # each bad file named once
     assert sorted(p.name for p in ckpt_dir.iterdir()) == before
@@ -171,7 +195,9 @@ def test_layer_files_follow_the_pipeline_layer_order(cfg):
 
     names = list(param_shapes(cfg.model, 384))
     specs = layer_specs(cfg.model, 384, TPGroup(None, 0, 1))
-    prefixes = [spec.typename.name_prefix if hasattr(spec.typename, "name_prefix") else None for spec in specs]
+    prefixes = [
+        spec.typename.name_prefix if hasattr(spec.typename, "name_prefix") else None for spec in specs
+    ]
     for name in names:  # layer_index points at the spec whose layer holds the parameter (blocks: any block)
         prefix = prefixes[layer_index(name, cfg.model.n_layer)]
         assert name.startswith(prefix or "layers."), (name, prefix)

@@ -22,8 +22,8 @@ from raylm.errors import CheckpointError, RaylmError
 from raylm.model.gpt import init_full_weights
 from raylm.storage.location import local_view
 from raylm.storage.uri import parse_uri
-from raylm.train.run_lock import hold_run_lock
 from raylm.train.run_folder import prepare_run_dir, run_path
+from raylm.train.run_lock import hold_run_lock
 from tests.s3_server import BUCKET, DUMMY_KEYS, keys, put_object, s3_endpoint, use_endpoint
 
 pytestmark = pytest.mark.unit
@@ -39,9 +39,17 @@ def s3(s3_endpoint, monkeypatch):
 
 @pytest.fixture
 def cfg(tmp_path):
-    return resolve({"data": {"vocab_size": 300, "seq_len": 16, "out_dir": str(tmp_path / "data"),
-                             "cache_dir": str(tmp_path / "cache")},
-                    "model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "max_seq_len": 16}})
+    return resolve(
+        {
+            "data": {
+                "vocab_size": 300,
+                "seq_len": 16,
+                "out_dir": str(tmp_path / "data"),
+                "cache_dir": str(tmp_path / "cache"),
+            },
+            "model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "max_seq_len": 16},
+        }
+    )
 
 
 @pytest.fixture
@@ -62,16 +70,21 @@ def test_commit_writes_every_file_then_the_manifest_and_loads_back(prefix, s3, w
     assert [p.name for p in list_committed(prefix)] == ["step-00000030", "step-00000020", "step-00000010"]
     objects = keys(s3, f"{prefix.key}/{STEP_30}/")
     manifest = verify_checkpoint(prefix / STEP_30)  # every object fetched and checked by sha256
-    assert {f"{prefix.key}/{STEP_30}/{name}": record["bytes"] for name, record in manifest["files"].items()}.items() \
-        <= objects.items()
+    assert {
+        f"{prefix.key}/{STEP_30}/{name}": record["bytes"] for name, record in manifest["files"].items()
+    }.items() <= objects.items()
     tree, state = load_checkpoint_weights(prefix.parent)  # a run prefix: its newest checkpoint
     assert tree["model"]["n_layer"] == 2 and all(torch.equal(state[k], weights[k]) for k in weights)
     assert not (tmp_path / "s3:").exists()
 
 
-def test_a_prefix_without_manifest_is_an_upload_never_a_checkpoint_and_prune_removes_it(prefix, s3, cfg, weights):
+def test_a_prefix_without_manifest_is_an_upload_never_a_checkpoint_and_prune_removes_it(
+    prefix, s3, cfg, weights
+):
     tmp = new_tmp_dir(prefix, 40, cfg.data.cache_dir)  # an upload that died before its manifest
-    files = save_torch(tmp, "model/000-tok_embeddings.pt", {"tok_embeddings.weight": weights["tok_embeddings.weight"]})
+    files = save_torch(
+        tmp, "model/000-tok_embeddings.pt", {"tok_embeddings.weight": weights["tok_embeddings.weight"]}
+    )
     upload_own_files(tmp, prefix, 40, files)
     assert keys(s3, f"{prefix.key}/step-00000040/")
     assert [p.name for p in list_committed(prefix)][0] == STEP_30
@@ -84,8 +97,9 @@ def test_a_prefix_without_manifest_is_an_upload_never_a_checkpoint_and_prune_rem
 
 
 @pytest.mark.parametrize("damage", ["missing", "short"])
-def test_a_missing_or_short_object_is_skipped_under_auto_and_refused_under_required(prefix, s3, damage,
-                                                                                    warnings_seen):
+def test_a_missing_or_short_object_is_skipped_under_auto_and_refused_under_required(
+    prefix, s3, damage, warnings_seen
+):
     key = f"{prefix.key}/{STEP_30}/model/002-layers.1.pt"
     from tests.s3_server import client
 
@@ -96,8 +110,11 @@ def test_a_missing_or_short_object_is_skipped_under_auto_and_refused_under_requi
     assert pick_resume(prefix, "auto").name == "step-00000020"
     warning = " ".join(r.getMessage() for r in warnings_seen.records)
     assert STEP_30 in warning and "model/002-layers.1.pt" in warning
-    with pytest.raises(CheckpointError, match=r"s3://.*/step-00000030/model/002-layers\.1\.pt (is missing|has 5 "
-                                              r"bytes)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"s3://.*/step-00000030/model/002-layers\.1\.pt (is missing|has 5 "
+        r"bytes)",
+    ):
         pick_resume(prefix, "required")
 
 
@@ -133,7 +150,8 @@ def test_export_to_and_from_object_storage(prefix, s3, weights, tmp_path):
     summary = export(str(prefix.parent), out)
     assert summary["out_dir"] == out and summary["step"] == 30
     assert {"config.json", "model.safetensors", "raylm_config.yaml"} <= {
-        k.rpartition("/")[2] for k in keys(s3, f"{tmp_path.name}/exports/e1/")}
+        k.rpartition("/")[2] for k in keys(s3, f"{tmp_path.name}/exports/e1/")
+    }
     _, state = load_export(export_folder(out))
     assert all(torch.equal(state[k], weights[k]) for k in weights)
     assert export_folder(str(prefix.parent)) is None  # a run, not an export
@@ -152,7 +170,9 @@ def test_generate_and_eval_read_a_run_prefix_through_the_verified_cache(prefix, 
 
 def test_overwrite_deletes_only_raylms_objects_under_that_exact_prefix(s3, tmp_path, cfg, weights):
     runs = f"{tmp_path.name}/runs"
-    run_cfg = resolve({}, [f"run.dir=s3://{BUCKET}/{runs}", "run.name=r1", f"data.cache_dir={tmp_path / 'c'}"])
+    run_cfg = resolve(
+        {}, [f"run.dir=s3://{BUCKET}/{runs}", "run.name=r1", f"data.cache_dir={tmp_path / 'c'}"]
+    )
     run = run_path(run_cfg)
     save_full_weights(cfg, weights, run / "checkpoints", 10)
     put_object(s3, f"{runs}/r1/metrics.jsonl", b'{"step": 0}\n')
@@ -160,11 +180,17 @@ def test_overwrite_deletes_only_raylms_objects_under_that_exact_prefix(s3, tmp_p
     put_object(s3, f"{runs}/r10/metrics.jsonl", b'{"step": 0}\n')  # another run whose name starts alike
     put_object(s3, f"{runs}/r1-metrics.jsonl", b"x")
     with pytest.raises(RaylmError, match="no committed checkpoint|already holds"):
-        prepare_run_dir(resolve({}, [f"run.dir=s3://{BUCKET}/{runs}", "run.name=r1", "checkpoint.resume=never"]),
-                        overwrite=False)
+        prepare_run_dir(
+            resolve({}, [f"run.dir=s3://{BUCKET}/{runs}", "run.name=r1", "checkpoint.resume=never"]),
+            overwrite=False,
+        )
     prepare_run_dir(run_cfg, overwrite=True)
     left = keys(s3, f"{runs}/")
-    assert f"{runs}/r1/notes.txt" in left and f"{runs}/r10/metrics.jsonl" in left and f"{runs}/r1-metrics.jsonl" in left
+    assert (
+        f"{runs}/r1/notes.txt" in left
+        and f"{runs}/r10/metrics.jsonl" in left
+        and f"{runs}/r1-metrics.jsonl" in left
+    )
     assert not [k for k in left if k.startswith(f"{runs}/r1/checkpoints/") or k == f"{runs}/r1/metrics.jsonl"]
     assert f"{runs}/r1/config.yaml" in left  # the new run's config
 
@@ -179,25 +205,39 @@ def test_no_credential_reaches_config_or_manifest(prefix, s3, tmp_path):
 def test_a_run_in_a_bucket_that_does_not_exist_is_one_line(s3, tmp_path):
     from raylm.errors import StorageError
 
-    with pytest.raises(StorageError, match=r"^bucket no-such-bucket of s3://no-such-bucket/runs/r1 does not exist "
-                                           r"\(endpoint http://127\.0\.0\.1:\d+ from AWS_ENDPOINT_URL\); create it"):
-        prepare_run_dir(resolve({}, ["run.dir=s3://no-such-bucket/runs", "run.name=r1",
-                                     f"data.cache_dir={tmp_path / 'c'}"]), overwrite=False)
+    with pytest.raises(
+        StorageError,
+        match=r"^bucket no-such-bucket of s3://no-such-bucket/runs/r1 does not exist "
+        r"\(endpoint http://127\.0\.0\.1:\d+ from AWS_ENDPOINT_URL\); create it",
+    ):
+        prepare_run_dir(
+            resolve(
+                {}, ["run.dir=s3://no-such-bucket/runs", "run.name=r1", f"data.cache_dir={tmp_path / 'c'}"]
+            ),
+            overwrite=False,
+        )
 
 
 def test_ray_trains_own_storage_error_ends_the_run_in_raylms_words(s3):
     from raylm.train.driver import _root_cause
 
-    ray_text = ("When uploading part for key 'r/checkpoint_manager_snapshot.json' in bucket 'raylm-test': AWS Error "
-                "NETWORK_CONNECTION during UploadPart operation: curlCode: 7, Could not connect to server")
+    ray_text = (
+        "When uploading part for key 'r/checkpoint_manager_snapshot.json' in bucket 'raylm-test': AWS Error "
+        "NETWORK_CONNECTION during UploadPart operation: curlCode: 7, Could not connect to server"
+    )
     line = _root_cause(RuntimeError(ray_text), parse_uri(f"s3://{BUCKET}/runs/r"))
-    assert line.startswith(f"cannot write the run to s3://{BUCKET}/runs/r: the storage endpoint does not answer "
-                           "(endpoint http://127.0.0.1:") and "from AWS_ENDPOINT_URL" in line, line
+    assert (
+        line.startswith(
+            f"cannot write the run to s3://{BUCKET}/runs/r: the storage endpoint does not answer "
+            "(endpoint http://127.0.0.1:"
+        )
+        and "from AWS_ENDPOINT_URL" in line
+    ), line
 
 
 def test_the_run_lock_of_a_prefix_is_held_on_this_machine(s3, tmp_path):
     run = parse_uri(f"s3://{BUCKET}/{tmp_path.name}/runs/r1")
-    with hold_run_lock(run, str(tmp_path / "c")):
-        with pytest.raises(RaylmError, match=r"run folder s3://.*/runs/r1 is in use by another raylm run"):
-            with hold_run_lock(run, str(tmp_path / "c")):
-                pass
+    in_use = r"run folder s3://.*/runs/r1 is in use by another raylm run"
+    held = str(tmp_path / "c")
+    with hold_run_lock(run, held), pytest.raises(RaylmError, match=in_use), hold_run_lock(run, held):
+        pass

@@ -22,15 +22,19 @@ DOCKERFILE = CLUSTER / "Dockerfile"
 LAUNCHER = CLUSTER / "gpu-cluster.yaml"
 KUBERAY = [CLUSTER / "kuberay-raycluster.yaml", CLUSTER / "kuberay-rayjob.yaml"]
 # Commands that install software or never return: none may run in a node before `ray start`.
-INSTALL_OR_BLOCK = re.compile(r"\b(pip3?|conda|mamba|uv|apt(-get)?|yum|dnf|apk)\b.*\binstall\b|\bsleep\b|\btail -f\b"
-                              r"|\bwait\b|--block\b|\bmount\b")
+INSTALL_OR_BLOCK = re.compile(
+    r"\b(pip3?|conda|mamba|uv|apt(-get)?|yum|dnf|apk)\b.*\binstall\b|\bsleep\b|\btail -f\b"
+    r"|\bwait\b|--block\b|\bmount\b"
+)
 LOOPBACK = ("127.0.0.1", "localhost")
 
 
 def pinned_ray_version() -> str:
     """The Ray version pyproject.toml pins (ray[...]==X.Y.Z)."""
     deps = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    pins = [m.group(2) for dep in deps if (m := re.match(r"ray(\[[^\]]*\])?==([\w.]+)$", dep.replace(" ", "")))]
+    pins = [
+        m.group(2) for dep in deps if (m := re.match(r"ray(\[[^\]]*\])?==([\w.]+)$", dep.replace(" ", "")))
+    ]
     assert len(pins) == 1, f"pyproject.toml must pin Ray exactly once (ray[...]==X.Y.Z), found {deps}"
     return pins[0]
 
@@ -73,7 +77,9 @@ def copied_into_image() -> dict[str, str]:
             *sources, dest = [p for p in shlex.split(args) if not p.startswith("--")]
             into_dir = len(sources) > 1 or dest.endswith("/") or dest == "."
             base = posixpath.normpath(posixpath.join(workdir, dest))
-            copies.update({src: posixpath.join(base, Path(src).name) if into_dir else base for src in sources})
+            copies.update(
+                {src: posixpath.join(base, Path(src).name) if into_dir else base for src in sources}
+            )
     return copies
 
 
@@ -83,8 +89,11 @@ def replay_copies(image_root: Path) -> None:
         target = image_root / dest.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
         copy = shutil.copytree if (REPO_ROOT / source).is_dir() else shutil.copy2
-        copy(REPO_ROOT / source, target, **({"ignore": shutil.ignore_patterns("__pycache__")}
-                                            if copy is shutil.copytree else {}))
+        copy(
+            REPO_ROOT / source,
+            target,
+            **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}),
+        )
 
 
 def test_install_step_makes_raylm_importable(tmp_path):
@@ -95,15 +104,34 @@ def test_install_step_makes_raylm_importable(tmp_path):
     args = shlex.split(install_line())[2:]  # after "pip install"
     targets = [a for a in args if not a.startswith("-")]
     assert targets and all(t.startswith("/") for t in targets), f"install an image path: {install_line()}"
-    assert "-e" not in args and "--editable" not in args, "install raylm into site-packages, not as an editable link"
+    assert "-e" not in args and "--editable" not in args, (
+        "install raylm into site-packages, not as an editable link"
+    )
     site = tmp_path / "site"
     options = [a for a in args if a.startswith("-")]
-    command = [sys.executable, "-m", "pip", "install", *options, "--no-deps", "--no-build-isolation", "--no-index",
-               "--quiet", "--target", str(site), *[str(image_root / t.lstrip("/")) for t in targets]]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        *options,
+        "--no-deps",
+        "--no-build-isolation",
+        "--no-index",
+        "--quiet",
+        "--target",
+        str(site),
+        *[str(image_root / t.lstrip("/")) for t in targets],
+    ]
     subprocess.run(command, check=True, capture_output=True, timeout=300)
-    probe = subprocess.run([sys.executable, "-c", "import raylm.cli, raylm.train.worker; print(raylm.__file__)"],
-                           cwd=tmp_path, env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
-                           capture_output=True, text=True, timeout=120)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import raylm.cli, raylm.train.worker; print(raylm.__file__)"],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert probe.returncode == 0, probe.stderr[-2000:]
     assert probe.stdout.strip().startswith(str(site))
 
@@ -111,8 +139,9 @@ def test_install_step_makes_raylm_importable(tmp_path):
 def image_fields(node) -> list[str]:
     """Every `image:` value anywhere in a YAML tree."""
     if isinstance(node, dict):
-        return [v for k, v in node.items() if k == "image" and isinstance(v, str)] + \
-            [img for v in node.values() for img in image_fields(v)]
+        return [v for k, v in node.items() if k == "image" and isinstance(v, str)] + [
+            img for v in node.values() for img in image_fields(v)
+        ]
     if isinstance(node, list):
         return [img for v in node for img in image_fields(v)]
     return []
@@ -151,11 +180,14 @@ def test_kuberay_pins_ray_starts_ray_first_and_turns_auth_on(name, spec):
     for container in ray_containers(spec):
         # KubeRay runs `<command/args> && ray start ...`: anything here that blocks or installs delays or stops Ray.
         script = " ".join(map(str, [*container.get("command", []), *container.get("args", [])]))
-        assert not INSTALL_OR_BLOCK.search(script), f"{name}: {container['name']} runs {script!r} before ray start"
+        assert not INSTALL_OR_BLOCK.search(script), (
+            f"{name}: {container['name']} runs {script!r} before ray start"
+        )
         assert not container.get("command") or "ray start" not in script
     assert spec.get("authOptions", {}).get("mode") == "token" or all(
         _env(c).get("RAY_AUTH_MODE") == "token" and "secretKeyRef" in str(_env_from(c, "RAY_AUTH_TOKEN"))
-        for c in ray_containers(spec)), f"{name}: token authentication must be on"
+        for c in ray_containers(spec)
+    ), f"{name}: token authentication must be on"
 
 
 def _env(container: dict) -> dict:
@@ -171,7 +203,9 @@ def test_kuberay_dashboard_reachable_in_cluster_never_public(name, spec):
     head = spec["headGroupSpec"]
     host = str(head.get("rayStartParams", {}).get("dashboard-host", "0.0.0.0"))
     assert host not in LOOPBACK, f"{name}: the job submitter reaches the dashboard through the head Service"
-    assert head.get("serviceType", "ClusterIP") == "ClusterIP", f"{name}: the head Service must stay ClusterIP"
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP", (
+        f"{name}: the head Service must stay ClusterIP"
+    )
     assert not head.get("enableIngress", False), f"{name}: no Ingress to the dashboard"
 
 
@@ -184,19 +218,27 @@ def test_no_manifest_publishes_a_service_or_ingress():
 
 def test_launcher_starts_ray_first_with_auth_and_a_local_dashboard():
     config = load(LAUNCHER)
-    before_ray = [*config.get("initialization_commands", []), *config.get("setup_commands", []),
-                  *config.get("head_setup_commands", []), *config.get("worker_setup_commands", [])]
+    before_ray = [
+        *config.get("initialization_commands", []),
+        *config.get("setup_commands", []),
+        *config.get("head_setup_commands", []),
+        *config.get("worker_setup_commands", []),
+    ]
     assert not [c for c in before_ray if INSTALL_OR_BLOCK.search(c)], before_ray
     assert not [c for c in before_ray if "pip" in c], "raylm is installed in the image, not on the nodes"
     starts = [*config["head_start_ray_commands"], *config["worker_start_ray_commands"]]
     assert not [c for c in starts if "ray start" in c and INSTALL_OR_BLOCK.search(c)]
     run_options = " ".join(config["docker"].get("run_options", []))
     assert re.search(r"(--env|-e)[ =]RAY_AUTH_MODE=token", run_options) or all(
-        "RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c), "token authentication on every node"
-    assert any(target.endswith(".ray/auth_token") for target in config.get("file_mounts", {})), \
+        "RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c
+    ), "token authentication on every node"
+    assert any(target.endswith(".ray/auth_token") for target in config.get("file_mounts", {})), (
         "every node needs the same token: mount the file `ray get-auth-token --generate` wrote"
+    )
     head_start = next(c for c in config["head_start_ray_commands"] if "ray start --head" in c)
-    assert "--dashboard-host=127.0.0.1" in head_start, "the launcher's dashboard is reached through the SSH tunnel"
+    assert "--dashboard-host=127.0.0.1" in head_start, (
+        "the launcher's dashboard is reached through the SSH tunnel"
+    )
     assert "0.0.0.0" not in LAUNCHER.read_text()
 
 
@@ -285,16 +327,18 @@ def test_launcher_workers_have_credentials_a_pinned_ami_a_registry_login_and_a_r
     config = load(LAUNCHER)
     assert config["provider"].get("region")
     for name, node_type in config["available_node_types"].items():
-        assert re.fullmatch(r"ami-[0-9a-f]{8,17}", node_type["node_config"].get("ImageId", "")), \
+        assert re.fullmatch(r"ami-[0-9a-f]{8,17}", node_type["node_config"].get("ImageId", "")), (
             f"{name}: pin ImageId (the launcher's built-in default AMI is too old for H100s)"
+        )
         if name != config["head_node_type"]:  # the launcher gives its default profile to the head only
             profile = node_type["node_config"].get("IamInstanceProfile", {})
             assert "Arn" in profile or "Name" in profile, f"{name}: no storage credentials"
     assert "get-parameter" in LAUNCHER.read_text(), "say how to look up the region's current AMI id"
     registry = config["docker"]["image"].split("/")[0]
     logins = [c for c in config.get("initialization_commands", []) if "docker login" in c]
-    assert logins and all(c.rstrip().endswith(registry) and "--password-stdin" in c for c in logins), \
+    assert logins and all(c.rstrip().endswith(registry) and "--password-stdin" in c for c in logins), (
         "log in to the image's registry before `docker pull`, the password on stdin (never in the file)"
+    )
 
 
 def test_dockerignore_keeps_local_state_out_of_the_build_context():
@@ -316,6 +360,7 @@ def test_dockerfile_install_line_installs_raylm_with_its_dependencies_in_a_fresh
     script = run_line.replace("/home/ray/", f"{image_root}/home/ray/")
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
     env |= {k: v for k, v in os.environ.items() if k.startswith("PIP_")}  # this machine's package index
-    done = subprocess.run(["/bin/bash", "-ec", script], env=env, cwd=tmp_path, capture_output=True, text=True,
-                          timeout=1800)
+    done = subprocess.run(
+        ["/bin/bash", "-ec", script], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

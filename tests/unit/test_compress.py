@@ -16,11 +16,11 @@ from raylm.checkpoint.writer import save_full_weights
 from raylm.cli import main
 from raylm.compress.prune import CompressError, prune_masks, two_four_mask
 from raylm.compress.quantize import _torchao, pack_int4, quantize
-from raylm.model.quantized import dequantize, unpack_int4
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
 from raylm.errors import CheckpointError, ConfigError
 from raylm.model.gpt import init_full_weights
+from raylm.model.quantized import dequantize, unpack_int4
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +28,26 @@ def model(tmp_path_factory):
     """(weights, export folder, data folder) of a small trained-looking model whose export has the tokenizer."""
     tmp = tmp_path_factory.mktemp("compress")
     data = prepared(tmp)
-    cfg = resolve({"data": {"out_dir": str(data), "vocab_size": 320, "seq_len": 16},
-                   "model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 64, "max_seq_len": 64,
-                             "tie_embeddings": False},
-                   "parallel": {"micro_batch": 2}, "train": {"global_batch": 8, "eval_batches": 2}})
+    cfg = resolve(
+        {
+            "data": {"out_dir": str(data), "vocab_size": 320, "seq_len": 16},
+            "model": {
+                "n_layer": 2,
+                "n_head": 4,
+                "n_kv_head": 2,
+                "d_model": 64,
+                "max_seq_len": 64,
+                "tie_embeddings": False,
+            },
+            "parallel": {"micro_batch": 2},
+            "train": {"global_batch": 8, "eval_batches": 2},
+        }
+    )
     gen = torch.Generator().manual_seed(2)
-    weights = {k: v + 0.05 * torch.randn(v.shape, generator=gen)
-               for k, v in init_full_weights(cfg.model, padded_vocab(320), seed=1).items()}
+    weights = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen)
+        for k, v in init_full_weights(cfg.model, padded_vocab(320), seed=1).items()
+    }
     save_full_weights(cfg, weights, tmp / "run" / "checkpoints", 6)
     export(tmp / "run", tmp / "dense")
     return weights, tmp / "dense", data
@@ -49,13 +62,18 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 def test_stored_form_equals_torchao_dequantized():
     quantize_, config, per_axis, per_group = _torchao()
     weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
-    for method, bits, granularity, dtype in (("int8", 8, per_axis(0), torch.int8), ("int4", 4, per_group(64),
-                                                                                    torch.int4)):
+    for method, bits, granularity, dtype in (
+        ("int8", 8, per_axis(0), torch.int8),
+        ("int4", 4, per_group(64), torch.int4),
+    ):
         linear = torch.nn.Linear(256, 48, bias=False)
         linear.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
         quantize_(torch.nn.Sequential(linear), config(weight_dtype=dtype, granularity=granularity))
         stored = quantize(weight, method, 64)
-        assert stored.qweight.shape == (48, 256 // (8 // bits)) and stored.scales.shape == (48, 1 if bits == 8 else 4)
+        assert stored.qweight.shape == (48, 256 // (8 // bits)) and stored.scales.shape == (
+            48,
+            1 if bits == 8 else 4,
+        )
         assert torch.equal(dequantize(stored.qweight, stored.scales, bits), linear.weight.dequantize())
     q = torch.randint(-8, 8, (5, 12), dtype=torch.int8)
     assert torch.equal(unpack_int4(pack_int4(q)), q)
@@ -71,7 +89,11 @@ def test_masks_keep_the_largest_weights():
     pruned = prune_masks(weights, 0.5, "unstructured", "global")
     kept = torch.cat([weights[n].abs()[m] for n, m in pruned.items()])
     gone = torch.cat([weights[n].abs()[~m] for n, m in pruned.items()])
-    assert gone.numel() == 80 and gone.max() <= kept.min() and pruned["b"].float().mean() > pruned["a"].float().mean()
+    assert (
+        gone.numel() == 80
+        and gone.max() <= kept.min()
+        and pruned["b"].float().mean() > pruned["a"].float().mean()
+    )
     two_four = prune_masks(weights, 0.5, "2:4", "layer")["a"]
     assert (two_four.view(8, 4, 4).sum(-1) == 2).all()
     with pytest.raises(CompressError, match="layers.0.x.weight has 6 input columns"):
@@ -80,20 +102,32 @@ def test_masks_keep_the_largest_weights():
 
 def test_quantized_folders_load_in_eval_and_generate(model, tmp_path, capsys):
     weights, dense, data = model
-    code, out, err = run_cli(capsys, str(dense), str(tmp_path / "q8"), "--quantize", "int8", "--eval-data", str(data))
+    code, out, err = run_cli(
+        capsys, str(dense), str(tmp_path / "q8"), "--quantize", "int8", "--eval-data", str(data)
+    )
     assert code == 0 and out.count("\n") == 1, err
     row = json.loads(out)
     assert row["parameters"] == sum(t.numel() for t in weights.values())
     assert row["bytes_before"] == 4 * row["parameters"] and row["sparsity"] == 0.0
     embedding = 4 * weights["tok_embeddings.weight"].numel()
-    assert row["bytes_after"] < embedding + row["linear_parameters"] * 1.1  # int8 linear layers, fp32 embedding
-    assert row["ppl_ratio"] == pytest.approx(row["ppl_after"] / row["ppl_before"]) and abs(row["ppl_ratio"] - 1) < 0.01
+    assert (
+        row["bytes_after"] < embedding + row["linear_parameters"] * 1.1
+    )  # int8 linear layers, fp32 embedding
+    assert (
+        row["ppl_ratio"] == pytest.approx(row["ppl_after"] / row["ppl_before"])
+        and abs(row["ppl_ratio"] - 1) < 0.01
+    )
     _, restored = load_export(tmp_path / "q8")  # dequantized, raylm's layout and names
     for name, w in weights.items():
-        scale = w.abs().amax(dim=-1, keepdim=True) / 127.5 if w.dim() == 2 and name != "tok_embeddings.weight" else 0
+        scale = (
+            w.abs().amax(dim=-1, keepdim=True) / 127.5
+            if w.dim() == 2 and name != "tok_embeddings.weight"
+            else 0
+        )
         assert ((restored[name] - w).abs() <= scale / 2 + 1e-6).all(), name
-    code, out, _ = run_cli(capsys, str(dense), str(tmp_path / "q4"), "--quantize", "int4", "--group-size", "32",
-                           "--embeddings")
+    code, out, _ = run_cli(
+        capsys, str(dense), str(tmp_path / "q4"), "--quantize", "int4", "--group-size", "32", "--embeddings"
+    )
     q4 = json.loads(out)
     assert code == 0 and q4["size_ratio"] < 0.2 and q4["group_size"] == 32
     assert main(["eval", str(tmp_path / "q4"), "--data", str(data)]) == 0
@@ -102,8 +136,10 @@ def test_quantized_folders_load_in_eval_and_generate(model, tmp_path, capsys):
     assert main(["compress", str(tmp_path / "q4"), str(tmp_path / "back"), "--dequantize"]) == 0
     capsys.readouterr()
     assert "quantization_config" not in json.loads((tmp_path / "back" / "config.json").read_text())
-    assert torch.equal(load_export(tmp_path / "back")[1]["layers.1.feed_forward.w2.weight"],
-                       load_export(tmp_path / "q4")[1]["layers.1.feed_forward.w2.weight"])
+    assert torch.equal(
+        load_export(tmp_path / "back")[1]["layers.1.feed_forward.w2.weight"],
+        load_export(tmp_path / "q4")[1]["layers.1.feed_forward.w2.weight"],
+    )
 
 
 def test_pruned_folder_has_masks_and_zeros(model, tmp_path, capsys):
@@ -128,13 +164,18 @@ def test_bad_inputs_get_one_line(model, tmp_path, capsys):
         (["--prune", "1"], "--prune 1.0 is outside [0, 1)"),
         (["--prune", "-0.1"], "outside [0, 1)"),
         (["--prune", "0.5", "--scope", "model"], "--scope 'model' is not a pruning scope"),
-        (["--quantize", "int4", "--group-size", "48"], "does not divide the input width 64 of layer "
-                                                       "model.layers.0.self_attn.q_proj.weight"),
+        (
+            ["--quantize", "int4", "--group-size", "48"],
+            "does not divide the input width 64 of layer model.layers.0.self_attn.q_proj.weight",
+        ),
         ([], "nothing to do"),
     ]
     for args, message in cases:
         code, out, err = run_cli(capsys, str(dense), str(tmp_path / "x"), *args)
-        assert code == CompressError.exit_code and not out and err.count("\n") == 1 and message in err, (args, err)
+        assert code == CompressError.exit_code and not out and err.count("\n") == 1 and message in err, (
+            args,
+            err,
+        )
     assert run_cli(capsys, str(dense), str(tmp_path / "q"), "--quantize", "int8")[0] == 0
     code, _, err = run_cli(capsys, str(tmp_path / "q"), str(tmp_path / "qq"), "--quantize", "int4")
     assert code == CompressError.exit_code and "already quantized" in err and "--dequantize" in err

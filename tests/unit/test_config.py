@@ -19,7 +19,9 @@ def error_of(overrides, tree=None):
 
 
 def test_tiny_config_loads_and_overrides_parse_as_yaml():
-    cfg = load_config(TINY_CONFIG, ["parallel.pp=1", "optim.lr=3e-4", "data.paths=[]", "model.tie_embeddings=false"])
+    cfg = load_config(
+        TINY_CONFIG, ["parallel.pp=1", "optim.lr=3e-4", "data.paths=[]", "model.tie_embeddings=false"]
+    )
     assert cfg.parallel.pp == 1 and cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.model.tie_embeddings is False and cfg.data.paths == []
     assert cfg.model.n_layer == 4
@@ -41,12 +43,35 @@ def test_every_field_has_a_doc():
     assert len(rows) > 50
     assert all(doc for _, doc, _ in rows)
     names = {name for name, _, _ in rows}
-    for key in ("run.name", "run.dir", "run.seed", "data.paths", "data.out_dir", "data.vocab_size", "data.seq_len",
-                "model.n_layer", "model.n_head", "model.d_model", "parallel.pp", "parallel.tp", "parallel.dp",
-                "parallel.zero_stage", "parallel.micro_batch", "train.max_steps", "train.global_batch",
-                "train.eval_every", "train.precision", "optim.lr", "schedule.lr.kind", "schedule.lr.warmup_steps",
-                "schedule.batch.start", "checkpoint.every_steps", "checkpoint.keep", "checkpoint.resume",
-                "fault.max_failures"):
+    for key in (
+        "run.name",
+        "run.dir",
+        "run.seed",
+        "data.paths",
+        "data.out_dir",
+        "data.vocab_size",
+        "data.seq_len",
+        "model.n_layer",
+        "model.n_head",
+        "model.d_model",
+        "parallel.pp",
+        "parallel.tp",
+        "parallel.dp",
+        "parallel.zero_stage",
+        "parallel.micro_batch",
+        "train.max_steps",
+        "train.global_batch",
+        "train.eval_every",
+        "train.precision",
+        "optim.lr",
+        "schedule.lr.kind",
+        "schedule.lr.warmup_steps",
+        "schedule.batch.start",
+        "checkpoint.every_steps",
+        "checkpoint.keep",
+        "checkpoint.resume",
+        "fault.max_failures",
+    ):
         assert key in names
 
 
@@ -59,47 +84,84 @@ def test_choices_are_declared_once_and_named_in_the_doc():
         assert all(str(choice) in docs[key] for choice in choices), (key, choices, docs[key])
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["parallel.ppp=2"], "unknown config key parallel.ppp; did you mean parallel.pp?"),
-    (["trian.max_steps=2"], "unknown config key trian; did you mean train?"),
-    (["parallel.pp=two"], "parallel.pp must be an integer, got 'two' (str); set e.g. parallel.pp=2"),
-    (["model.tie_embeddings=3"], "model.tie_embeddings must be true or false, got 3 (int)"),
-    (["optim.lr=fast"], "optim.lr must be a number, got 'fast' (str)"),
-    (["parallel.pp=2", "parallel.num_workers=3"],
-     "parallel.pp * tp * dp = 2 * 1 * 1 = 2 does not match parallel.num_workers=3; change the degrees or set "
-     "parallel.num_workers=2"),
-    (["model.n_layer=2", "parallel.pp=4"], "model.n_layer=2 < parallel.pp=4: every pipeline stage needs at least "
-     "one block; lower parallel.pp or add layers"),
-    (["model.n_head=4", "parallel.tp=3"], "model.n_head=4 is not divisible by parallel.tp=3; pick tp dividing n_head"),
-    (["model.d_model=130", "model.n_head=4"], "model.d_model=130 is not divisible by model.n_head=4 (130 / 4 = 32.50)"),
-    (["model.ffn_hidden=350", "parallel.tp=4"], "FFN width 350 (model.ffn_hidden) is not divisible by parallel.tp=4; "
-     "set model.ffn_hidden to a multiple of 4"),
-    (["model.n_head=24", "model.d_model=192", "parallel.tp=3", "model.ffn_hidden=192"],
-     "vocab 2048, padded to 2048, is not divisible by parallel.tp=3; pick tp dividing 2048"),
-    (["train.global_batch=10", "parallel.micro_batch=4", "parallel.dp=1"],
-     "train.global_batch=10 is not divisible by parallel.micro_batch * dp = 4 * 1 = 4; set train.global_batch to "
-     "a multiple of 4, e.g. 8"),
-    (["parallel.zero_stage=2", "parallel.pp=2"], "parallel.zero_stage=2 with parallel.pp=2: DeepSpeed's pipeline "
-     "engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1"),
-    (["data.seq_len=512", "model.max_seq_len=256"], "data.seq_len=512 is beyond the model's positions "
-     "(model.max_seq_len=256); raise model.max_seq_len to >= 512 or lower data.seq_len"),
-    (["train.max_steps=0"], "train.max_steps=0 must be positive; set train.max_steps to a value > 0"),
-    (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
-    (["train.global_batch=-4"], "train.global_batch=-4 must be positive"),
-    (["parallel.micro_batch=0"], "parallel.micro_batch=0 must be positive"),
-    (["data.paths=['/nonexistent/corpus/*.txt']"], "data.paths entry '/nonexistent/corpus/*.txt' matches no file "
-     "or folder; fix the path or glob"),
-    (["run.name=../escape"], "run.name='../escape' must be one folder name of letters, digits, '.', '_' and '-'"),
-    (["run.name=.."], "run.name='..' must be one folder name of letters, digits"),
-    (["data.vocab_size=100"], "data.vocab_size=100 is too small for the byte alphabet (256) plus special tokens; "
-     "set data.vocab_size >= 259"),
-    (["train.precision=fp16"], "train.precision='fp16' is not one of fp32, bf16"),
-    (["schedule.lr.kind=step"], "schedule.lr.kind='step' is not one of constant, linear, cosine, wsd"),
-    (["checkpoint.resume=maybe"], "checkpoint.resume='maybe' is not one of auto, never, required"),
-    (["parallel.grad_comm_dtype=fp16"], "parallel.grad_comm_dtype='fp16' is not one of auto, fp32, bf16"),
-    (["schedule.batch.start=6", "schedule.batch.increment=4", "schedule.batch.ramp_tokens=1000"],
-     "schedule.batch.start=6 must be a positive multiple of micro_batch * dp = 4"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.ppp=2"], "unknown config key parallel.ppp; did you mean parallel.pp?"),
+        (["trian.max_steps=2"], "unknown config key trian; did you mean train?"),
+        (["parallel.pp=two"], "parallel.pp must be an integer, got 'two' (str); set e.g. parallel.pp=2"),
+        (["model.tie_embeddings=3"], "model.tie_embeddings must be true or false, got 3 (int)"),
+        (["optim.lr=fast"], "optim.lr must be a number, got 'fast' (str)"),
+        (
+            ["parallel.pp=2", "parallel.num_workers=3"],
+            "parallel.pp * tp * dp = 2 * 1 * 1 = 2 does not match parallel.num_workers=3; change the degrees or set "
+            "parallel.num_workers=2",
+        ),
+        (
+            ["model.n_layer=2", "parallel.pp=4"],
+            "model.n_layer=2 < parallel.pp=4: every pipeline stage needs at least "
+            "one block; lower parallel.pp or add layers",
+        ),
+        (
+            ["model.n_head=4", "parallel.tp=3"],
+            "model.n_head=4 is not divisible by parallel.tp=3; pick tp dividing n_head",
+        ),
+        (
+            ["model.d_model=130", "model.n_head=4"],
+            "model.d_model=130 is not divisible by model.n_head=4 (130 / 4 = 32.50)",
+        ),
+        (
+            ["model.ffn_hidden=350", "parallel.tp=4"],
+            "FFN width 350 (model.ffn_hidden) is not divisible by parallel.tp=4; "
+            "set model.ffn_hidden to a multiple of 4",
+        ),
+        (
+            ["model.n_head=24", "model.d_model=192", "parallel.tp=3", "model.ffn_hidden=192"],
+            "vocab 2048, padded to 2048, is not divisible by parallel.tp=3; pick tp dividing 2048",
+        ),
+        (
+            ["train.global_batch=10", "parallel.micro_batch=4", "parallel.dp=1"],
+            "train.global_batch=10 is not divisible by parallel.micro_batch * dp = 4 * 1 = 4; "
+            "set train.global_batch to a multiple of 4, e.g. 8",
+        ),
+        (
+            ["parallel.zero_stage=2", "parallel.pp=2"],
+            "parallel.zero_stage=2 with parallel.pp=2: DeepSpeed's pipeline "
+            "engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1",
+        ),
+        (
+            ["data.seq_len=512", "model.max_seq_len=256"],
+            "data.seq_len=512 is beyond the model's positions "
+            "(model.max_seq_len=256); raise model.max_seq_len to >= 512 or lower data.seq_len",
+        ),
+        (["train.max_steps=0"], "train.max_steps=0 must be positive; set train.max_steps to a value > 0"),
+        (["optim.lr=-1e-3"], "optim.lr=-0.001 must be positive"),
+        (["train.global_batch=-4"], "train.global_batch=-4 must be positive"),
+        (["parallel.micro_batch=0"], "parallel.micro_batch=0 must be positive"),
+        (
+            ["data.paths=['/nonexistent/corpus/*.txt']"],
+            "data.paths entry '/nonexistent/corpus/*.txt' matches no file or folder; fix the path or glob",
+        ),
+        (
+            ["run.name=../escape"],
+            "run.name='../escape' must be one folder name of letters, digits, '.', '_' and '-'",
+        ),
+        (["run.name=.."], "run.name='..' must be one folder name of letters, digits"),
+        (
+            ["data.vocab_size=100"],
+            "data.vocab_size=100 is too small for the byte alphabet (256) plus special tokens; "
+            "set data.vocab_size >= 259",
+        ),
+        (["train.precision=fp16"], "train.precision='fp16' is not one of fp32, bf16"),
+        (["schedule.lr.kind=step"], "schedule.lr.kind='step' is not one of constant, linear, cosine, wsd"),
+        (["checkpoint.resume=maybe"], "checkpoint.resume='maybe' is not one of auto, never, required"),
+        (["parallel.grad_comm_dtype=fp16"], "parallel.grad_comm_dtype='fp16' is not one of auto, fp32, bf16"),
+        (
+            ["schedule.batch.start=6", "schedule.batch.increment=4", "schedule.batch.ramp_tokens=1000"],
+            "schedule.batch.start=6 must be a positive multiple of micro_batch * dp = 4",
+        ),
+    ],
+)
 def test_validation_rules_name_the_value_and_the_fix(overrides, message):
     assert message in error_of(overrides)
 
@@ -126,22 +188,31 @@ def test_yaml_must_be_a_mapping(tmp_path):
 
 
 def test_cli_prints_one_line_and_exits_2_without_traceback():
-    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "config", str(TINY_CONFIG), "parallel.tp=3"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raylm.cli", "config", str(TINY_CONFIG), "parallel.tp=3"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "raylm: error: model.n_head=4 is not divisible by parallel.tp=3; pick tp dividing n_head"]
+        "raylm: error: model.n_head=4 is not divisible by parallel.tp=3; pick tp dividing n_head"
+    ]
     assert "Traceback" not in proc.stderr
 
 
 def test_cli_config_prints_resolved_yaml_and_help_lists_keys():
     import yaml
 
-    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "config", str(TINY_CONFIG), "parallel.pp=1"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raylm.cli", "config", str(TINY_CONFIG), "parallel.pp=1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     printed = yaml.safe_load(proc.stdout)
     assert printed["parallel"]["pp"] == 1 and printed["train"]["max_steps"] > 0
     assert resolve(printed).parallel.pp == 1  # the printed config is itself a valid run config
-    help_text = subprocess.run([sys.executable, "-m", "raylm.cli", "config", "--help"],
-                               capture_output=True, text=True, check=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "raylm.cli", "config", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     assert "schedule.lr.warmup_steps" in help_text and "steps of linear warmup" in help_text

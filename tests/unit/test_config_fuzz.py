@@ -44,7 +44,9 @@ def random_scalar(rng: random.Random):
     if kind == 2:
         return rng.choice([True, False, None])
     if kind == 3:
-        return rng.choice(["", "tiny", "a/b", "../x", "/abs", "s3://b/p", "ü日本", "auto", "cosine", "fp32", "0"])
+        return rng.choice(
+            ["", "tiny", "a/b", "../x", "/abs", "s3://b/p", "ü日本", "auto", "cosine", "fp32", "0"]
+        )
     if kind == 4:
         return [random_scalar(rng) for _ in range(rng.randrange(3))]
     if kind == 5:
@@ -64,7 +66,9 @@ def nested(depth: int):
 def random_tree(rng: random.Random, base: dict) -> dict:
     tree = copy.deepcopy(base)
     for _ in range(rng.randrange(4)):
-        dotted = rng.choice(KEYS) if rng.random() < 0.9 else rng.choice(["run.nmae", "model.width", "bogus.key"])
+        dotted = (
+            rng.choice(KEYS) if rng.random() < 0.9 else rng.choice(["run.nmae", "model.width", "bogus.key"])
+        )
         section, key = dotted.rsplit(".", 1)
         node = tree
         for part in section.split("."):
@@ -89,8 +93,10 @@ def random_file(rng: random.Random, path, base: dict) -> None:
 def random_overrides(rng: random.Random) -> list[str]:
     out = []
     for _ in range(rng.choice([0, 0, 0, 1, 2])):
-        value = rng.choice(ODD_FLOATS + ["[" * 3000 + "]" * 3000, "'[1, [2]]'", "{a: 1}", "!!python/object:os.system",
-                                         "x=y", ""])
+        value = rng.choice(
+            ODD_FLOATS
+            + ["[" * 3000 + "]" * 3000, "'[1, [2]]'", "{a: 1}", "!!python/object:os.system", "x=y", ""]
+        )
         out.append(f"{rng.choice(KEYS + ['nokey', 'a..b', '.x'])}={value}")
     return out
 
@@ -98,7 +104,9 @@ def random_overrides(rng: random.Random) -> list[str]:
 @pytest.mark.parametrize("chunk", range(10))
 def test_random_configs_give_a_config_or_one_line(chunk, tmp_path, capsys):
     base = read_yaml(TINY_CONFIG)
-    base.get("data", {}).pop("paths", None)  # the default corpus exists everywhere; random paths mostly do not
+    base.get("data", {}).pop(
+        "paths", None
+    )  # the default corpus exists everywhere; random paths mostly do not
     for index in range(chunk * DOCUMENTS // 10, (chunk + 1) * DOCUMENTS // 10):
         rng = random.Random(index)
         path = tmp_path / f"fuzz-{index}.yaml"

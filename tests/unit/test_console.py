@@ -1,7 +1,5 @@
 """The default console: raylm's lines and real warnings kept, Ray's and DeepSpeed's chatter dropped (raylm/log.py)."""
 
-import warnings
-
 import pytest
 
 from raylm.log import keep_on_console, split_for_console
@@ -66,10 +64,15 @@ def test_the_driver_printer_swap_works_on_the_pinned_ray(monkeypatch):
     from raylm import log
 
     printed = []
-    monkeypatch.setattr(ray_worker, "print_to_stdstream", lambda batch, ignore_prefix: printed.append(
-        (batch["lines"], ignore_prefix)))
+    monkeypatch.setattr(
+        ray_worker,
+        "print_to_stdstream",
+        lambda batch, ignore_prefix: printed.append((batch["lines"], ignore_prefix)),
+    )
     dispatcher = ray_worker.global_worker_stdstream_dispatcher
-    monkeypatch.setattr(dispatcher, "handlers", [("ray_print_logs", lambda batch: printed.append("unfiltered"))])
+    monkeypatch.setattr(
+        dispatcher, "handlers", [("ray_print_logs", lambda batch: printed.append("unfiltered"))]
+    )
     log._swap_ray_log_printer()
     dispatcher.emit({"pid": 1, "is_err": True, "lines": [KEPT[0], DROPPED[0], KEPT[3]]})
     assert printed == [([KEPT[0]], True), ([KEPT[3]], False)]

@@ -68,8 +68,10 @@ def test_jsonl_and_parquet(tmp_path):
     with pytest.raises(DataError, match=r"r.jsonl:3 has no string field 'text'.*data.text_field"):
         docs_of([str(tmp_path / "r.jsonl")])
     (tmp_path / "s.jsonl").write_text(json.dumps({"body": "x"}) + "\n" + json.dumps({"body": "y"}) + "\n")
-    assert [d[:2] for d in docs_of([str(tmp_path / "s.jsonl")], text_field="body")] == [("s.jsonl:1", "x"),
-                                                                                         ("s.jsonl:2", "y")]
+    assert [d[:2] for d in docs_of([str(tmp_path / "s.jsonl")], text_field="body")] == [
+        ("s.jsonl:1", "x"),
+        ("s.jsonl:2", "y"),
+    ]
     pq.write_table(pa.table({"content": ["p0", None, "p2"]}), tmp_path / "t.parquet")
     assert [d[1] for d in docs_of([str(tmp_path / "t.parquet")], text_field="content")] == ["p0", "p2"]
     with pytest.raises(DataError, match="no column 'text'"):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 
 import pytest
+from test_data_support import small_config, write_corpus
 
-from raylm.data.prepare import prepare
 from raylm.data.cache import verify
+from raylm.data.prepare import prepare
 from raylm.data.shards import read_data_manifest
 from raylm.errors import DataError
-from test_data_support import small_config, write_corpus
 
 pytestmark = pytest.mark.unit
 
@@ -56,9 +56,15 @@ def test_existing_tokenizer_is_used(tmp_path):
     tok.write_bytes((tmp_path / "out" / "tokenizer.json").read_bytes())
     cfg = small_config(tmp_path / "b", corpus, f"data.tokenizer={tok}")
     prepare(cfg, use_ray=False)
-    assert read_data_manifest(tmp_path / "out")["tokenizer_sha256"] == read_data_manifest(cfg.data.out_dir)["tokenizer_sha256"]
+    assert (
+        read_data_manifest(tmp_path / "out")["tokenizer_sha256"]
+        == read_data_manifest(cfg.data.out_dir)["tokenizer_sha256"]
+    )
     with pytest.raises(DataError, match="set data.vocab_size="):
-        prepare(small_config(tmp_path / "c", corpus, f"data.tokenizer={tok}", "data.vocab_size=260"), use_ray=False)
+        prepare(
+            small_config(tmp_path / "c", corpus, f"data.tokenizer={tok}", "data.vocab_size=260"),
+            use_ray=False,
+        )
 
 
 def test_bad_corpora(tmp_path):
@@ -84,9 +90,11 @@ def test_a_shard_damaged_in_place_is_detected_and_rebuilt(tmp_path, caplog):
     prepare(cfg, use_ray=False)
     entry = read_data_manifest(cfg.data.out_dir)["shards"][0]
     shard = os.path.join(cfg.data.out_dir, entry["file"])
-    blob = bytearray(open(shard, "rb").read())
+    with open(shard, "rb") as f:
+        blob = bytearray(f.read())
     blob[0] ^= 0x01
-    open(shard, "wb").write(bytes(blob))
+    with open(shard, "wb") as f:
+        f.write(bytes(blob))
     with pytest.raises(DataError):
         verify(cfg.data.out_dir)
     again = prepare(cfg, use_ray=False)

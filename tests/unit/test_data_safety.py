@@ -45,8 +45,11 @@ def test_overwrite_never_deletes_through_a_symlinked_run_folder(tmp_path):
     runs.mkdir()
     (runs / "r1").symlink_to(target)
     cfg = resolve({}, [f"run.dir={runs}", "run.name=r1"])
-    with pytest.raises(RaylmError, match=f"run folder {runs / 'r1'} is a symbolic link to {target}; --overwrite "
-                                         f"never deletes through a link"):
+    with pytest.raises(
+        RaylmError,
+        match=f"run folder {runs / 'r1'} is a symbolic link to {target}; --overwrite "
+        f"never deletes through a link",
+    ):
         prepare_run_dir(cfg, overwrite=True)
     assert (target / "metrics.jsonl").read_text() == '{"step": 0}\n' and (runs / "r1").is_symlink()
 
@@ -63,9 +66,21 @@ def test_overwrite_never_deletes_through_a_symlinked_sweep_folder(tmp_path):
     assert (target / "keep").exists()
 
 
-@pytest.mark.parametrize("key,ok", [("model/001-layers.0.pt", True), ("trainer_state.json", True),
-                                    ("../x", False), ("/etc/passwd", False), ("a/../../b", False), ("", False),
-                                    ("a//b", False), ("./a", False), ("a\\..\\b", False), (7, False)])
+@pytest.mark.parametrize(
+    "key,ok",
+    [
+        ("model/001-layers.0.pt", True),
+        ("trainer_state.json", True),
+        ("../x", False),
+        ("/etc/passwd", False),
+        ("a/../../b", False),
+        ("", False),
+        ("a//b", False),
+        ("./a", False),
+        ("a\\..\\b", False),
+        (7, False),
+    ],
+)
 def test_manifest_keys_must_stay_inside(key, ok):
     assert is_inside_name(key) is ok
 
@@ -75,7 +90,11 @@ def test_checkpoint_manifest_with_an_outside_key_is_refused_before_reading(tmp_p
     secret.write_bytes(b"not yours")
     folder = tmp_path / "step-00000001"
     folder.mkdir()
-    manifest = {"format": "raylm-checkpoint/1", "step": 1, "files": {"../secret.pt": {"bytes": 9, "sha256": "0"}}}
+    manifest = {
+        "format": "raylm-checkpoint/1",
+        "step": 1,
+        "files": {"../secret.pt": {"bytes": 9, "sha256": "0"}},
+    }
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match=r"lists '../secret.pt', a path outside the checkpoint folder"):
         read_checkpoint_manifest(folder)

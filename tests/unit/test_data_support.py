@@ -7,8 +7,34 @@ from pathlib import Path
 
 from raylm.config import resolve
 
-WORDS = ("ray data shard token window stream rank batch seed epoch model train the a of to and in is for "
-         "λ naïve café über ☃ 😀").split()
+WORDS = [
+    "ray",
+    "data",
+    "shard",
+    "token",
+    "window",
+    "stream",
+    "rank",
+    "batch",
+    "seed",
+    "epoch",
+    "model",
+    "train",
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "for",
+    "λ",
+    "naïve",
+    "café",
+    "über",
+    "☃",
+    "😀",
+]
 
 
 def write_corpus(folder: Path, docs: int = 40, words_per_doc: int = 300, seed: int = 0) -> Path:
@@ -24,9 +50,19 @@ def write_corpus(folder: Path, docs: int = 40, words_per_doc: int = 300, seed: i
 
 def small_config(folder: Path, corpus: Path, *overrides: str):
     """A config that prepares `corpus` into folder/out with a small vocab and short windows."""
-    return resolve({}, [f"data.paths=['{corpus}']", f"data.out_dir={folder / 'out'}", "data.vocab_size=320",
-                        "data.seq_len=16", "model.max_seq_len=64", "data.val_fraction=0.1",
-                        "data.shard_tokens=2000", *overrides])
+    return resolve(
+        {},
+        [
+            f"data.paths=['{corpus}']",
+            f"data.out_dir={folder / 'out'}",
+            "data.vocab_size=320",
+            "data.seq_len=16",
+            "model.max_seq_len=64",
+            "data.val_fraction=0.1",
+            "data.shard_tokens=2000",
+            *overrides,
+        ],
+    )
 
 
 def prepared(folder: Path, *overrides: str, docs: int = 40) -> Path:

@@ -6,8 +6,8 @@ import pytest
 
 from raylm.config import resolve
 from raylm.errors import RaylmError
-from raylm.train.driver import scaling_for
 from raylm.ray_connect import connect_ray
+from raylm.train.driver import scaling_for
 from raylm.train.run_folder import prepare_run_dir
 
 
@@ -37,7 +37,9 @@ def test_used_run_name_is_refused_without_overwrite(tmp_path):
     assert (run / "config.yaml").exists()
     (run / "metrics.jsonl").write_text('{"step": 0}\n')
     other = resolve({}, [f"run.dir={tmp_path}", "run.name=r1", "run.seed=7"])
-    with pytest.raises(RaylmError, match="already holds a run named 'r1' .*another config.yaml.*; pass --overwrite"):
+    with pytest.raises(
+        RaylmError, match="already holds a run named 'r1' .*another config.yaml.*; pass --overwrite"
+    ):
         prepare_run_dir(other, overwrite=False)
     assert (run / "metrics.jsonl").exists()  # nothing overwritten
     with pytest.raises(RaylmError, match="already holds a run named 'r1' .*resume=never.*; pass --overwrite"):

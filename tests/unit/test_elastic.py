@@ -20,38 +20,75 @@ ELASTIC = ["parallel.pp=2", "parallel.dp=[1, 4]", "parallel.micro_batch=2", "tra
 
 def test_a_dp_range_is_written_as_a_list_or_as_min_and_max():
     listed = resolve({}, ELASTIC)
-    keyed = resolve({"parallel": {"pp": 2, "dp_min": 1, "dp_max": 4, "micro_batch": 2},
-                     "train": {"global_batch": 24}})
+    keyed = resolve(
+        {"parallel": {"pp": 2, "dp_min": 1, "dp_max": 4, "micro_batch": 2}, "train": {"global_batch": 24}}
+    )
     assert listed == keyed
-    assert (listed.parallel.dp_min, listed.parallel.dp, listed.parallel.dp_max) == (1, 4, 4)  # dp starts at max
+    assert (listed.parallel.dp_min, listed.parallel.dp, listed.parallel.dp_max) == (
+        1,
+        4,
+        4,
+    )  # dp starts at max
     assert list(dp_sizes(listed.parallel)) == [1, 2, 3, 4] and worker_range(listed) == (2, 8)
     assert resolve(to_dict(listed)) == listed  # what workers and checkpoints receive round-trips
     assert worker_range(resolve({}, ["parallel.pp=2", "parallel.dp=2"])) == (4, 4)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["parallel.dp=[3, 2]"], "parallel.dp range [3, 2] has min 3 > max 2; write it as [min, max], e.g. "
-     "parallel.dp=[2, 3]"),
-    (["parallel.dp=[0, 2]"], "parallel.dp range [0, 2] has min 0 < 1: every worker group holds at least one DP "
-     "replica; e.g. parallel.dp=[1, 2]"),
-    (["parallel.dp=[2, 8]", "parallel.micro_batch=2", "train.global_batch=16"],
-     "train.global_batch=16 is not divisible by parallel.micro_batch * dp = 2 * dp for dp = 3, 5, 6, 7 of "
-     "parallel.dp=[2, 8]; set train.global_batch to a multiple of 1680 (micro_batch * every dp), e.g. 1680, or "
-     "narrow the range"),
-    (["parallel.dp=[1, 2, 3]"], "parallel.dp=[1, 2, 3] must be an integer or a range [min, max] of two integers"),
-    (["parallel.dp=[1, 2]", "parallel.dp_max=4"], "parallel.dp=[min, max] and parallel.dp_min/dp_max both give a "
-     "DP range; keep one"),
-    (["parallel.dp_min=1", "parallel.dp_max=2", "parallel.dp=4"], "parallel.dp=4 lies outside the range "
-     "parallel.dp_min..dp_max = 1..2"),
-    (["parallel.dp=[1, 2]", "parallel.num_workers=2"], "parallel.num_workers=2 fixes the worker count, but "
-     "parallel.dp=[1, 2] lets it change; set parallel.num_workers=0"),
-    (["parallel.dp=[1, 2]", "schedule.batch.start=4", "schedule.batch.increment=8", "schedule.batch.ramp_tokens=99"],
-     "schedule.batch.start=4 must be a positive multiple of 8 (micro_batch * dp for every dp of parallel.dp=[1, 2])"),
-    (["parallel.dp=[1, 2]", "tune.trial_of=sweep"], "parallel.dp=[1, 2] (elastic) is for raylm train; a sweep trial "
-     "runs a fixed layout"),
-    (["parallel.dp=[1, 2]", "fault.drill=step@2", "fault.drill_rank=1"], "fault.drill rank 1 (fault.drill_rank or :RANK) "
-     "is not a rank of the 1 workers"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["parallel.dp=[3, 2]"],
+            "parallel.dp range [3, 2] has min 3 > max 2; write it as [min, max], e.g. parallel.dp=[2, 3]",
+        ),
+        (
+            ["parallel.dp=[0, 2]"],
+            "parallel.dp range [0, 2] has min 0 < 1: every worker group holds at least one DP "
+            "replica; e.g. parallel.dp=[1, 2]",
+        ),
+        (
+            ["parallel.dp=[2, 8]", "parallel.micro_batch=2", "train.global_batch=16"],
+            "train.global_batch=16 is not divisible by parallel.micro_batch * dp = 2 * dp for dp = 3, 5, 6, 7 of "
+            "parallel.dp=[2, 8]; set train.global_batch to a multiple of 1680 (micro_batch * every dp), e.g. 1680, or "
+            "narrow the range",
+        ),
+        (
+            ["parallel.dp=[1, 2, 3]"],
+            "parallel.dp=[1, 2, 3] must be an integer or a range [min, max] of two integers",
+        ),
+        (
+            ["parallel.dp=[1, 2]", "parallel.dp_max=4"],
+            "parallel.dp=[min, max] and parallel.dp_min/dp_max both give a DP range; keep one",
+        ),
+        (
+            ["parallel.dp_min=1", "parallel.dp_max=2", "parallel.dp=4"],
+            "parallel.dp=4 lies outside the range parallel.dp_min..dp_max = 1..2",
+        ),
+        (
+            ["parallel.dp=[1, 2]", "parallel.num_workers=2"],
+            "parallel.num_workers=2 fixes the worker count, but "
+            "parallel.dp=[1, 2] lets it change; set parallel.num_workers=0",
+        ),
+        (
+            [
+                "parallel.dp=[1, 2]",
+                "schedule.batch.start=4",
+                "schedule.batch.increment=8",
+                "schedule.batch.ramp_tokens=99",
+            ],
+            "schedule.batch.start=4 must be a positive multiple of 8 "
+            "(micro_batch * dp for every dp of parallel.dp=[1, 2])",
+        ),
+        (
+            ["parallel.dp=[1, 2]", "tune.trial_of=sweep"],
+            "parallel.dp=[1, 2] (elastic) is for raylm train; a sweep trial runs a fixed layout",
+        ),
+        (
+            ["parallel.dp=[1, 2]", "fault.drill=step@2", "fault.drill_rank=1"],
+            "fault.drill rank 1 (fault.drill_rank or :RANK) is not a rank of the 1 workers",
+        ),
+    ],
+)
 def test_bad_dp_ranges_are_one_line_naming_the_fix(overrides, message):
     assert message in error_of(overrides)
 
@@ -62,8 +99,11 @@ def test_zero_3_takes_a_dp_range_since_resizes_go_through_full_tensor_checkpoint
 
 
 def test_cli_refuses_a_bad_range_in_one_line_with_exit_code_2():
-    proc = subprocess.run([sys.executable, "-m", "raylm.cli", "config", str(TINY_CONFIG), "parallel.dp=[4, 2]"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "raylm.cli", "config", str(TINY_CONFIG), "parallel.dp=[4, 2]"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "parallel.dp range [4, 2] has min 4 > max 2" in lines[0]
@@ -98,12 +138,22 @@ def test_each_worker_group_trains_with_the_dp_its_size_holds():
         config_for_group(cfg, 5)
 
 
-@pytest.mark.parametrize("possible, failed_workers, failed_for_s, waits", [
-    (4, 4, 1.0, True),    # all four still count a second after the failure: the lost node may not be known dead yet
-    (2, 4, 1.0, False),   # the node is known dead: restart at once with what fits
-    (4, 4, 8.0, False),   # past the time Ray takes to declare a node dead: a crash, not a lost node
-    (4, 2, 1.0, True),    # room for more than the failed group: still wait the same short while
-    (4, 4, None, False),  # no failure: the first start never waits
-])
-def test_a_restart_waits_only_while_ray_may_not_know_a_node_is_lost(possible, failed_workers, failed_for_s, waits):
+@pytest.mark.parametrize(
+    "possible, failed_workers, failed_for_s, waits",
+    [
+        (
+            4,
+            4,
+            1.0,
+            True,
+        ),  # all four still count a second after the failure: the lost node may not be known dead yet
+        (2, 4, 1.0, False),  # the node is known dead: restart at once with what fits
+        (4, 4, 8.0, False),  # past the time Ray takes to declare a node dead: a crash, not a lost node
+        (4, 2, 1.0, True),  # room for more than the failed group: still wait the same short while
+        (4, 4, None, False),  # no failure: the first start never waits
+    ],
+)
+def test_a_restart_waits_only_while_ray_may_not_know_a_node_is_lost(
+    possible, failed_workers, failed_for_s, waits
+):
     assert may_still_lose_a_node(possible, failed_workers, failed_for_s, node_death_s=7.0) is waits

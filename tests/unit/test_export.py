@@ -65,14 +65,27 @@ def hf_llama_logits(folder, idx: torch.Tensor) -> torch.Tensor:
 
 
 def tiny(tmp_path, tie: bool):
-    cfg = resolve({"data": {"vocab_size": 300, "seq_len": 16, "out_dir": str(tmp_path / "data")},
-                   "model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "max_seq_len": 16,
-                             "tie_embeddings": tie, "rope_theta": 500.0}})
+    cfg = resolve(
+        {
+            "data": {"vocab_size": 300, "seq_len": 16, "out_dir": str(tmp_path / "data")},
+            "model": {
+                "n_layer": 2,
+                "n_head": 4,
+                "n_kv_head": 2,
+                "d_model": 32,
+                "max_seq_len": 16,
+                "tie_embeddings": tie,
+                "rope_theta": 500.0,
+            },
+        }
+    )
     vocab = padded_vocab(cfg.data.vocab_size)
     gen = torch.Generator().manual_seed(3)
     # perturb the norm gains too, so a swapped norm cannot hide behind gains of 1
-    weights = {k: v + 0.05 * torch.randn(v.shape, generator=gen)
-               for k, v in init_full_weights(cfg.model, vocab, seed=1).items()}
+    weights = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen)
+        for k, v in init_full_weights(cfg.model, vocab, seed=1).items()
+    }
     return cfg, vocab, weights
 
 
@@ -91,7 +104,9 @@ def test_exported_llama_matches_raylm_logits(tmp_path, tie):
         names = set(f.keys())
         assert f.metadata() == {"format": "pt"}
     assert ("lm_head.weight" in names) is not tie
-    assert "model.layers.1.self_attn.q_proj.weight" in names and "model.layers.0.mlp.down_proj.weight" in names
+    assert (
+        "model.layers.1.self_attn.q_proj.weight" in names and "model.layers.0.mlp.down_proj.weight" in names
+    )
 
     model = GPT(cfg.model, vocab)
     model.load_state_dict(weights)
@@ -105,10 +120,14 @@ def test_exported_llama_matches_raylm_logits(tmp_path, tie):
 def test_export_folder_loads_back_exactly(tmp_path):
     cfg, vocab, weights = tiny(tmp_path, tie=True)
     (tmp_path / "data").mkdir()
-    train_tokenizer(["a tiny corpus for a tiny tokenizer"] * 4, 300).save(str(tmp_path / "data" / "tokenizer.json"))
+    train_tokenizer(["a tiny corpus for a tiny tokenizer"] * 4, 300).save(
+        str(tmp_path / "data" / "tokenizer.json")
+    )
     checkpoint = save_full_weights(cfg, weights, tmp_path / "ck", 7)
     export(checkpoint, tmp_path / "hf")
-    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (tmp_path / "data" / "tokenizer.json").read_bytes()
+    assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (
+        tmp_path / "data" / "tokenizer.json"
+    ).read_bytes()
     tree, state = load_export(tmp_path / "hf")
     assert tree["data"]["vocab_size"] == 300 and tree["model"]["n_kv_head"] == 2
     assert state.keys() == weights.keys() and all(torch.equal(state[k], weights[k]) for k in weights)

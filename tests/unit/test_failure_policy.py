@@ -21,8 +21,9 @@ class WrappedByRay(Exception):
 def test_a_user_error_on_any_worker_is_never_retried():
     policy = UserErrorsAreFinal(FailureConfig(max_failures=5))
     corrupt = DataError("shard /data/train-0001.bin has sha256 ... but the manifest says ...")
-    failure = WorkerGroupError("rank 1 failed",
-                               {0: RuntimeError("collective aborted"), 1: WrappedByRay(corrupt)})
+    failure = WorkerGroupError(
+        "rank 1 failed", {0: RuntimeError("collective aborted"), 1: WrappedByRay(corrupt)}
+    )
     assert policy.make_decision(failure) == FailureDecision.RAISE
     assert user_error_in(failure) is corrupt
 
@@ -30,6 +31,9 @@ def test_a_user_error_on_any_worker_is_never_retried():
 def test_other_worker_failures_keep_ray_trains_retries():
     policy = UserErrorsAreFinal(FailureConfig(max_failures=2))
     lost = WorkerGroupError("rank 0 died", {0: RuntimeError("actor died")})
-    assert [policy.make_decision(lost) for _ in range(3)] == [FailureDecision.RETRY, FailureDecision.RETRY,
-                                                              FailureDecision.RAISE]
+    assert [policy.make_decision(lost) for _ in range(3)] == [
+        FailureDecision.RETRY,
+        FailureDecision.RETRY,
+        FailureDecision.RAISE,
+    ]
     assert user_error_in(lost) is None

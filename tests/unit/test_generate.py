@@ -18,14 +18,24 @@ from raylm.config.derived import padded_vocab
 from raylm.config.schema import ModelConfig
 from raylm.data.tokenizer import EOT_ID, train_tokenizer
 from raylm.model.gpt import GPT, KVCache, apply_rope, init_full_weights
-from raylm.model.sampling import (Sampler, decode_cached, decode_full_window, filter_logits, next_token,
-                                  slide_keep)
+from raylm.model.sampling import (
+    Sampler,
+    decode_cached,
+    decode_full_window,
+    filter_logits,
+    next_token,
+    slide_keep,
+)
 from raylm.train.generate import GenerateOptions, complete, generate, generate_text, load_model, sampled_vocab
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=32)
 VOCAB = 128
 GREEDY = Sampler(temperature=0)
-TEXTS = ["def main(args):\n    return args\n", "import os\nimport sys\n", "for i in range(10):\n    print(i)\n"] * 20
+TEXTS = [
+    "def main(args):\n    return args\n",
+    "import os\nimport sys\n",
+    "for i in range(10):\n    print(i)\n",
+] * 20
 
 # probabilities exact in binary, all different: sorted 0.5 (id 1), 0.25 (id 3), 0.1875 (id 2), 0.0625 (id 0), so the
 # mass before each in sorted order is exactly 0, 0.5, 0.75, 0.9375
@@ -48,23 +58,27 @@ def kept(logits: torch.Tensor) -> set[int]:
 
 # --- the sampler -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("top_k, top_p, want", [
-    (0, 1.0, {0, 1, 2, 3}),
-    (1, 1.0, {1}),
-    (2, 1.0, {1, 3}),
-    (3, 1.0, {1, 2, 3}),
-    (9, 1.0, {0, 1, 2, 3}),  # k past the vocabulary keeps everything
-    (0, 0.3, {1}),  # the most likely token always stays
-    (0, 0.5, {1}),  # id 1 alone reaches 0.5
-    (0, 0.52, {1, 3}),
-    (0, 0.75, {1, 3}),
-    (0, 0.8, {1, 2, 3}),
-    (0, 0.95, {0, 1, 2, 3}),
-    (2, 0.6, {1}),  # after top-k, id 1 holds 2/3 of what is left
-    (2, 0.7, {1, 3}),
-    (2, 0.3, {1}),
-    (3, 0.52, {1}),  # the nucleus is taken over what top-k left: id 1 has 0.5 / 0.9375 > 0.52 of it
-])
+
+@pytest.mark.parametrize(
+    "top_k, top_p, want",
+    [
+        (0, 1.0, {0, 1, 2, 3}),
+        (1, 1.0, {1}),
+        (2, 1.0, {1, 3}),
+        (3, 1.0, {1, 2, 3}),
+        (9, 1.0, {0, 1, 2, 3}),  # k past the vocabulary keeps everything
+        (0, 0.3, {1}),  # the most likely token always stays
+        (0, 0.5, {1}),  # id 1 alone reaches 0.5
+        (0, 0.52, {1, 3}),
+        (0, 0.75, {1, 3}),
+        (0, 0.8, {1, 2, 3}),
+        (0, 0.95, {0, 1, 2, 3}),
+        (2, 0.6, {1}),  # after top-k, id 1 holds 2/3 of what is left
+        (2, 0.7, {1, 3}),
+        (2, 0.3, {1}),
+        (3, 0.52, {1}),  # the nucleus is taken over what top-k left: id 1 has 0.5 / 0.9375 > 0.52 of it
+    ],
+)
 def test_filter_logits_table(top_k, top_p, want):
     assert kept(filter_logits(PROBS.log(), top_k, top_p)) == want
 
@@ -106,6 +120,7 @@ def test_seeded_sampling_repeats_and_never_leaves_the_nucleus():
 
 # --- the KV cache ------------------------------------------------------------------------------------------
 
+
 def test_gqa_through_sdpa_matches_repeated_heads():
     model = random_model()
     attn = model.layers[0].attention
@@ -114,7 +129,9 @@ def test_gqa_through_sdpa_matches_repeated_heads():
     q = apply_rope(attn.wq(x).view(2, 12, 4, 8), cos, sin).transpose(1, 2)  # (B, Hq, T, hd)
     k = apply_rope(attn.wk(x).view(2, 12, 2, 8), cos, sin).transpose(1, 2).repeat_interleave(2, dim=1)
     v = attn.wv(x).view(2, 12, 2, 8).transpose(1, 2).repeat_interleave(2, dim=1)
-    scores = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(torch.ones(12, 12).triu(1).bool(), -math.inf)
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(8)).masked_fill(
+        torch.ones(12, 12).triu(1).bool(), -math.inf
+    )
     want = attn.wo((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 12, 32))
     with torch.no_grad():
         assert torch.allclose(attn(x, cos, sin), want, atol=1e-6)
@@ -127,7 +144,7 @@ def test_cached_logits_match_the_full_forward_for_prefill_steps_and_chunks():
         full = model(idx)  # (B, T, V)
         cache = KVCache(model, batch=2)
         parts = [model(idx[:, :7], cache=cache)]  # prefill
-        parts += [model(idx[:, t:t + 1], cache=cache) for t in range(7, 12)]  # one token a step
+        parts += [model(idx[:, t : t + 1], cache=cache) for t in range(7, 12)]  # one token a step
         parts += [model(idx[:, 12:20], cache=cache)]  # a chunk after cached tokens: the shifted causal mask
     assert cache.pos == 20
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5)
@@ -138,7 +155,9 @@ def test_greedy_cached_decoding_gives_the_full_window_tokens(prompt_len):
     model = random_model(seed=3)
     idx = torch.randint(0, VOCAB, (1, prompt_len), generator=torch.Generator().manual_seed(2))
     n = CFG.max_seq_len - prompt_len  # up to the window's end
-    assert take(decode_cached(model, idx, VOCAB, GREEDY), n) == take(decode_full_window(model, idx, VOCAB, GREEDY), n)
+    assert take(decode_cached(model, idx, VOCAB, GREEDY), n) == take(
+        decode_full_window(model, idx, VOCAB, GREEDY), n
+    )
 
 
 def test_seeded_sampling_gives_the_same_tokens_cached_or_not():
@@ -153,7 +172,9 @@ def test_seeded_sampling_gives_the_same_tokens_cached_or_not():
 def test_padding_rows_of_the_vocabulary_are_never_chosen():
     model = random_model()
     with torch.no_grad():
-        model.tok_embeddings.weight[100:] = 50 * model.tok_embeddings.weight[:28]  # padding rows win the argmax
+        model.tok_embeddings.weight[100:] = (
+            50 * model.tok_embeddings.weight[:28]
+        )  # padding rows win the argmax
     tokens = take(decode_cached(model, torch.tensor([[5]]), 100, GREEDY), 30)
     assert max(tokens) < 100
 
@@ -161,24 +182,31 @@ def test_padding_rows_of_the_vocabulary_are_never_chosen():
 def test_past_the_window_the_cache_slides_and_matches_a_fresh_window():
     model = random_model(seed=5)
     window = CFG.max_seq_len
-    prompt = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3))  # longer than the window
+    prompt = torch.randint(
+        0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(3)
+    )  # longer than the window
     tokens = take(decode_cached(model, prompt, VOCAB, GREEDY), 2 * window)
     assert len(tokens) == 2 * window and max(tokens) < VOCAB
     # the first slide comes with the first new token (the prompt filled the window): it re-encodes the newest
     # slide_keep tokens at positions 0.., so the second token is the greedy pick after exactly those
-    context = torch.cat([prompt, torch.tensor([tokens[:1]])], dim=1)[:, -slide_keep(window):]
+    context = torch.cat([prompt, torch.tensor([tokens[:1]])], dim=1)[:, -slide_keep(window) :]
     with torch.no_grad():
         assert model(context)[0, -1].argmax().item() == tokens[1]
 
 
 # --- raylm generate ------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A committed weights-only checkpoint of a random model with a real (tiny) tokenizer.json beside it."""
     root = tmp_path_factory.mktemp("gen")
-    cfg = resolve({"data": {"vocab_size": 300, "seq_len": 32, "out_dir": str(root / "data")},
-                   "model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "max_seq_len": 32}})
+    cfg = resolve(
+        {
+            "data": {"vocab_size": 300, "seq_len": 32, "out_dir": str(root / "data")},
+            "model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "max_seq_len": 32},
+        }
+    )
     (root / "data").mkdir()
     train_tokenizer(TEXTS, cfg.data.vocab_size).save(str(root / "data" / "tokenizer.json"))
     weights = init_full_weights(cfg.model, padded_vocab(cfg.data.vocab_size), seed=2)
@@ -212,8 +240,9 @@ def test_stops_at_end_of_text(checkpoint):
     model, tokenizer, cfg = load_model(checkpoint)
     with torch.no_grad():
         model.tok_embeddings.weight.zero_()  # every logit 0: the greedy pick is the first id, EOT
-    out = complete(model, tokenizer, sampled_vocab(tokenizer, cfg), "x", GenerateOptions(temperature=0,
-                                                                                      max_new_tokens=9))
+    out = complete(
+        model, tokenizer, sampled_vocab(tokenizer, cfg), "x", GenerateOptions(temperature=0, max_new_tokens=9)
+    )
     assert (out.completion, out.new_tokens, out.stop_reason) == ("", 0, "eot")
     assert EOT_ID == 0
 
@@ -223,7 +252,9 @@ def test_stops_at_a_stop_string_and_cuts_before_it(checkpoint):
     assert free.stop_reason in ("length", "eot") and len(free.completion) >= 3
     stop = free.completion[1:3]
     first = free.completion.find(stop)
-    out = generate(checkpoint, ["for "], GenerateOptions(temperature=0, max_new_tokens=16, stop=("@@@", stop)))[0]
+    out = generate(
+        checkpoint, ["for "], GenerateOptions(temperature=0, max_new_tokens=16, stop=("@@@", stop))
+    )[0]
     assert out.stop_reason == "stop" and out.completion == free.completion[:first]
 
 
@@ -231,8 +262,23 @@ def test_prompt_file_gives_each_prompt_its_text_alone(checkpoint, tmp_path, caps
     prompts = ["def ", "import os, sys", "x = [1, 2,\n  3]"]
     path = tmp_path / "prompts.txt"
     path.write_text(f"{prompts[0]}\n\n{prompts[1]}\n{json.dumps(prompts[2])}\n")
-    assert main(["generate", str(checkpoint), "--prompt-file", str(path), "--max-new-tokens", "8", "--top-p",
-                 "0.9", "--seed", "4"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(checkpoint),
+                "--prompt-file",
+                str(path),
+                "--max-new-tokens",
+                "8",
+                "--top-p",
+                "0.9",
+                "--seed",
+                "4",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["prompt"] for r in rows] == prompts
     for row in rows:
@@ -241,24 +287,29 @@ def test_prompt_file_gives_each_prompt_its_text_alone(checkpoint, tmp_path, caps
 
 
 def test_one_prompt_prints_its_text(checkpoint, capsys):
-    assert main(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    assert (
+        main(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "5", "--seed", "1"]) == 0
+    )
     assert capsys.readouterr().out == generate_text(checkpoint, "def ", max_new_tokens=5, seed=1) + "\n"
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--prompt", "a", "--top-p", "0"], ["--top-p 0.0", "(0, 1]"]),
-    (["--prompt", "a", "--top-p", "1.5"], ["--top-p 1.5", "(0, 1]"]),
-    (["--prompt", "a", "--top-p", "nan"], ["--top-p nan"]),
-    (["--prompt", "a", "--temperature", "-1"], ["--temperature -1.0"]),
-    (["--prompt", "a", "--temperature", "nan"], ["--temperature nan"]),
-    (["--prompt", "a", "--top-k", "-2"], ["--top-k -2"]),
-    (["--prompt", "a", "--max-new-tokens", "-1"], ["--max-new-tokens -1"]),
-    (["--prompt", "a", "--stop", ""], ["--stop ''"]),
-    (["--prompt-file", "MISSING"], ["does not exist"]),
-    (["--prompt-file", "EMPTY"], ["no prompts"]),
-    (["--prompt-file", "BINARY"], ["UTF-8"]),
-    (["--prompt-file", "."], ["not a file"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--prompt", "a", "--top-p", "0"], ["--top-p 0.0", "(0, 1]"]),
+        (["--prompt", "a", "--top-p", "1.5"], ["--top-p 1.5", "(0, 1]"]),
+        (["--prompt", "a", "--top-p", "nan"], ["--top-p nan"]),
+        (["--prompt", "a", "--temperature", "-1"], ["--temperature -1.0"]),
+        (["--prompt", "a", "--temperature", "nan"], ["--temperature nan"]),
+        (["--prompt", "a", "--top-k", "-2"], ["--top-k -2"]),
+        (["--prompt", "a", "--max-new-tokens", "-1"], ["--max-new-tokens -1"]),
+        (["--prompt", "a", "--stop", ""], ["--stop ''"]),
+        (["--prompt-file", "MISSING"], ["does not exist"]),
+        (["--prompt-file", "EMPTY"], ["no prompts"]),
+        (["--prompt-file", "BINARY"], ["UTF-8"]),
+        (["--prompt-file", "."], ["not a file"]),
+    ],
+)
 def test_bad_input_is_one_line_before_any_weights_load(tmp_path, capsys, args, words):
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00 prompt\n")

@@ -40,13 +40,20 @@ def run(tmp_path_factory):
     """(config, weights, run folder) of a small model whose checkpoint carries the data's tokenizer."""
     tmp = tmp_path_factory.mktemp("eval")
     data = prepared(tmp)
-    cfg = resolve({"data": {"out_dir": str(data), "vocab_size": 320, "seq_len": 16},
-                   "model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "max_seq_len": 64},
-                   "parallel": {"micro_batch": 2}, "train": {"global_batch": 8, "eval_batches": 2},
-                   "run": {"seed": 5}})
+    cfg = resolve(
+        {
+            "data": {"out_dir": str(data), "vocab_size": 320, "seq_len": 16},
+            "model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "max_seq_len": 64},
+            "parallel": {"micro_batch": 2},
+            "train": {"global_batch": 8, "eval_batches": 2},
+            "run": {"seed": 5},
+        }
+    )
     gen = torch.Generator().manual_seed(2)
-    weights = {k: v + 0.05 * torch.randn(v.shape, generator=gen)
-               for k, v in init_full_weights(cfg.model, padded_vocab(320), seed=1).items()}
+    weights = {
+        k: v + 0.05 * torch.randn(v.shape, generator=gen)
+        for k, v in init_full_weights(cfg.model, padded_vocab(320), seed=1).items()
+    }
     save_full_weights(cfg, weights, tmp / "run" / "checkpoints", 6)
     return cfg, weights, tmp / "run"
 
@@ -59,8 +66,16 @@ def training_eval_loss(cfg, weights, dp: int) -> float:
     per_rank = eval_samples(cfg) // (cfg.parallel.micro_batch * dp)
     losses = []
     for dp_rank in range(dp):
-        stream = RankStream(cfg.data.out_dir, "val", cfg.data.seq_len, cfg.run.seed, dp_rank, dp,
-                            cfg.parallel.micro_batch, prefetch=0)
+        stream = RankStream(
+            cfg.data.out_dir,
+            "val",
+            cfg.data.seq_len,
+            cfg.run.seed,
+            dp_rank,
+            dp,
+            cfg.parallel.micro_batch,
+            prefetch=0,
+        )
         with torch.no_grad():
             losses += [model(x, y).item() for x, y in (next(stream) for _ in range(per_rank))]
         stream.close()
@@ -86,13 +101,17 @@ def test_eval_samples_sets_the_validation_sample_count(run, tmp_path):
     fixed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_samples=12))
     save_full_weights(fixed, weights, tmp_path / "run" / "checkpoints", 6)
     row = evaluate(tmp_path / "run")
-    assert row["samples"] == 12 and row["loss"] == pytest.approx(training_eval_loss(fixed, weights, dp=2), rel=RTOL)
+    assert row["samples"] == 12 and row["loss"] == pytest.approx(
+        training_eval_loss(fixed, weights, dp=2), rel=RTOL
+    )
 
 
 def test_an_export_evaluates_elsewhere(run, tmp_path):
     cfg, _, run_dir = run
     export(run_dir, tmp_path / "made-elsewhere")
-    data_copy = shutil.copytree(cfg.data.out_dir, tmp_path / "data-copy")  # the run's data.out_dir is not used
+    data_copy = shutil.copytree(
+        cfg.data.out_dir, tmp_path / "data-copy"
+    )  # the run's data.out_dir is not used
     row = evaluate(tmp_path / "made-elsewhere", data=data_copy)
     assert row["data"] == [str(data_copy)] and row["step"] is None
     assert row["loss"] == pytest.approx(evaluate(run_dir)["loss"], rel=RTOL)

@@ -17,8 +17,12 @@ from raylm.data.tokenizer import EOT_ID, load_tokenizer_file, train_tokenizer
 from raylm.model.gpt import GPT, init_full_weights
 
 RTOL = 1e-4  # asked for; measured: ~3e-6 at T=40 (HF computes RoPE angles in float32, raylm in float64)
-TEXTS = ["def main(argv):\n    return run(argv[1:])  # the entry point\n", "import os\nprint(os.getcwd())\n",
-         "for i in range(10):\n    total += i * i\n", "class Tokenizer:\n    pass  # café über ☃\n"] * 25
+TEXTS = [
+    "def main(argv):\n    return run(argv[1:])  # the entry point\n",
+    "import os\nprint(os.getcwd())\n",
+    "for i in range(10):\n    total += i * i\n",
+    "class Tokenizer:\n    pass  # café über ☃\n",
+] * 25
 PROMPT = "def main(argv):\n    "
 
 
@@ -32,13 +36,26 @@ def tokenizer_folder(folder, vocab_size: int = 300):
 def exported(tmp_path, tie: bool):
     """(config, full weights, export folder) of a small GQA model whose checkpoint carries a tokenizer."""
     data = tokenizer_folder(tmp_path / "data")
-    cfg = resolve({"data": {"vocab_size": 300, "seq_len": 32, "out_dir": str(data)},
-                   "model": {"n_layer": 2, "n_head": 4, "n_kv_head": 2, "d_model": 32, "max_seq_len": 64,
-                             "tie_embeddings": tie, "rope_theta": 500.0}})
+    cfg = resolve(
+        {
+            "data": {"vocab_size": 300, "seq_len": 32, "out_dir": str(data)},
+            "model": {
+                "n_layer": 2,
+                "n_head": 4,
+                "n_kv_head": 2,
+                "d_model": 32,
+                "max_seq_len": 64,
+                "tie_embeddings": tie,
+                "rope_theta": 500.0,
+            },
+        }
+    )
     gen = torch.Generator().manual_seed(3)
     # large perturbations: peaked next-token distributions, so greedy choices are not near-ties
-    weights = {k: v + 0.3 * torch.randn(v.shape, generator=gen)
-               for k, v in init_full_weights(cfg.model, padded_vocab(300), seed=1).items()}
+    weights = {
+        k: v + 0.3 * torch.randn(v.shape, generator=gen)
+        for k, v in init_full_weights(cfg.model, padded_vocab(300), seed=1).items()
+    }
     save_full_weights(cfg, weights, tmp_path / "run" / "checkpoints", 4)
     export(tmp_path / "run", tmp_path / "hf")
     return cfg, weights, tmp_path / "hf"
@@ -55,7 +72,7 @@ def raylm_greedy(model: GPT, ids: list[int], new_tokens: int, vocab_size: int) -
     """What `raylm generate --temperature 0` does: full-window recompute, argmax below the tokenizer's vocab."""
     idx = torch.tensor([ids])
     for _ in range(new_tokens):
-        logits = model(idx[:, -model.cfg.max_seq_len:])[:, -1, :vocab_size]  # (1, V)
+        logits = model(idx[:, -model.cfg.max_seq_len :])[:, -1, :vocab_size]  # (1, V)
         idx = torch.cat([idx, logits.argmax(-1, keepdim=True)], dim=1)
     return idx[0].tolist()
 
@@ -77,12 +94,18 @@ def test_special_tokens_and_tokenizer_match_raylm(tmp_path):
     cfg, _, folder = exported(tmp_path, tie=True)
     config = json.loads((folder / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (EOT_ID, EOT_ID, 1)
-    assert config["vocab_size"] == padded_vocab(cfg.data.vocab_size)  # the embedding's rows, not the tokenizer's
+    assert config["vocab_size"] == padded_vocab(
+        cfg.data.vocab_size
+    )  # the embedding's rows, not the tokenizer's
     generation = GenerationConfig.from_pretrained(folder)
     assert (generation.bos_token_id, generation.eos_token_id, generation.pad_token_id) == (0, 0, 1)
     assert generation.suppress_tokens == list(range(300, padded_vocab(300)))  # padding rows are never sampled
     hf_tok = AutoTokenizer.from_pretrained(folder)
-    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == ("<|endoftext|>", "<|endoftext|>", "<|pad|>")
+    assert (hf_tok.bos_token, hf_tok.eos_token, hf_tok.pad_token) == (
+        "<|endoftext|>",
+        "<|endoftext|>",
+        "<|pad|>",
+    )
     assert (hf_tok.bos_token_id, hf_tok.eos_token_id, hf_tok.pad_token_id) == (0, 0, 1)
     ours = load_tokenizer_file(folder / "tokenizer.json")
     text = "x = 'naïve' <|endoftext|> done\n"  # a special-token string inside text stays ordinary text
@@ -102,8 +125,8 @@ def test_greedy_continuation_matches_raylm(tmp_path):
     want = raylm_greedy(raylm_model(cfg, weights), prompt_ids, new_tokens, cfg.data.vocab_size)
     inputs = hf_tok(PROMPT, return_tensors="pt")
     got = hf.generate(**inputs, do_sample=False, max_new_tokens=new_tokens)[0].tolist()
-    if EOT_ID in want[len(prompt_ids):]:  # HF stops at EOS (raylm's end of document); raylm goes on
-        want = want[:want.index(EOT_ID, len(prompt_ids)) + 1]
+    if EOT_ID in want[len(prompt_ids) :]:  # HF stops at EOS (raylm's end of document); raylm goes on
+        want = want[: want.index(EOT_ID, len(prompt_ids)) + 1]
     assert got == want
-    assert len(set(want[len(prompt_ids):])) > 3  # a real continuation, not one token repeated
+    assert len(set(want[len(prompt_ids) :])) > 3  # a real continuation, not one token repeated
     assert hf_tok.decode(got, skip_special_tokens=True) == ours.decode(want)

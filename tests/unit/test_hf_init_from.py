@@ -111,10 +111,14 @@ def test_another_architecture(export_dir, tmp_path):
 def test_quantized_folders_are_refused(export_dir, tmp_path):
     folder = copy_of(export_dir, tmp_path)
     config_json = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config_json, "quantization_config": {"quant_method": "int8"}}))
+    (folder / "config.json").write_text(
+        json.dumps({**config_json, "quantization_config": {"quant_method": "int8"}})
+    )
     assert "quantized" in refusal(folder)
     (folder / "config.json").write_text(json.dumps(config_json))
-    save_file({"model.embed_tokens.weight": torch.zeros(384, 32, dtype=torch.int8)}, folder / "model.safetensors")
+    save_file(
+        {"model.embed_tokens.weight": torch.zeros(384, 32, dtype=torch.int8)}, folder / "model.safetensors"
+    )
     assert "is I8" in refusal(folder)
 
 

@@ -58,9 +58,16 @@ def test_llama_names_and_gqa_shapes():
     assert shapes["layers.1.attention.wk.weight"] == (2 * head_dim, CFG.d_model)
     assert shapes["layers.1.feed_forward.w1.weight"] == (128, CFG.d_model)  # 8/3 * 32 rounded up to 64s
     assert {n.split(".", 2)[-1] for n in shapes if n.startswith("layers.0.")} == {
-        "attention_norm.weight", "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-        "attention.wo.weight", "ffn_norm.weight", "feed_forward.w1.weight", "feed_forward.w2.weight",
-        "feed_forward.w3.weight"}
+        "attention_norm.weight",
+        "attention.wq.weight",
+        "attention.wk.weight",
+        "attention.wv.weight",
+        "attention.wo.weight",
+        "ffn_norm.weight",
+        "feed_forward.w1.weight",
+        "feed_forward.w2.weight",
+        "feed_forward.w3.weight",
+    }
 
 
 def test_param_count_and_flops():
@@ -77,8 +84,8 @@ def test_rope_depends_only_on_relative_position():
     q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
 
     def score(i, j):
-        qi = apply_rope(q, cos[i:i + 1], sin[i:i + 1])
-        kj = apply_rope(k, cos[j:j + 1], sin[j:j + 1])
+        qi = apply_rope(q, cos[i : i + 1], sin[i : i + 1])
+        kj = apply_rope(k, cos[j : j + 1], sin[j : j + 1])
         return (qi * kj).sum().item()
 
     assert score(5, 2) == pytest.approx(score(10, 7), rel=1e-5)

@@ -24,4 +24,7 @@ def test_ranks_record_their_node_and_a_restart_overwrites(tmp_path, monkeypatch)
     record_placement(tmp_path, 1, Coord(pp_stage=1, dp_rank=0, tp_rank=0))  # the restarted worker group
     entries = read_placement(tmp_path)
     assert [(e["rank"], e["pp_stage"], e["node_id"]) for e in entries] == [(0, 0, "node-a"), (1, 1, "node-b")]
-    assert sorted(p.name for p in (tmp_path / "placement").iterdir()) == ["rank-00000.json", "rank-00001.json"]
+    assert sorted(p.name for p in (tmp_path / "placement").iterdir()) == [
+        "rank-00000.json",
+        "rank-00001.json",
+    ]

@@ -7,15 +7,28 @@ import pytest
 from raylm.config.schema import LrScheduleConfig
 from raylm.train.schedule import PlateauState, lr_at, plateau_after_eval
 
-SCHED = LrScheduleConfig(kind="plateau", warmup_steps=10, min_lr_frac=0.2, factor=0.5, patience=2, threshold=0.01)
+SCHED = LrScheduleConfig(
+    kind="plateau", warmup_steps=10, min_lr_frac=0.2, factor=0.5, patience=2, threshold=0.01
+)
 # (step of the evaluation, val_loss, lr scale after it)
-TABLE = [(10, 9.0, 1.0),  # during warmup: ignored
-         (20, 5.0, 1.0), (30, 4.0, 1.0), (40, 3.99, 1.0), (50, 3.98, 0.5),  # 3.99 and 3.98 are < 1% better
-         (60, 3.0, 0.5), (70, float("nan"), 0.5), (80, 3.5, 0.25), (90, 3.4, 0.25), (100, 3.3, 0.2),  # floor 0.2
-         (110, 3.2, 0.2), (120, 2.0, 0.2)]
+TABLE = [
+    (10, 9.0, 1.0),  # during warmup: ignored
+    (20, 5.0, 1.0),
+    (30, 4.0, 1.0),
+    (40, 3.99, 1.0),
+    (50, 3.98, 0.5),  # 3.99 and 3.98 are < 1% better
+    (60, 3.0, 0.5),
+    (70, float("nan"), 0.5),
+    (80, 3.5, 0.25),
+    (90, 3.4, 0.25),
+    (100, 3.3, 0.2),  # floor 0.2
+    (110, 3.2, 0.2),
+    (120, 2.0, 0.2),
+]
 
 
-def run(table, state=PlateauState()):
+def run(table, state=None):
+    state = state or PlateauState()
     scales = []
     for step, val_loss, _ in table:
         state = plateau_after_eval(state, val_loss, step, SCHED)

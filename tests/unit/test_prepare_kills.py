@@ -17,15 +17,31 @@ import pytest
 from tokenizers import Tokenizer
 
 from raylm.config import resolve
+from raylm.data.cache import verify
 from raylm.data.prepare import STAGING_PREFIX, prepare
 from raylm.data.readers_lock import reading, writing
-from raylm.data.cache import verify
 from raylm.data.shards import read_data_manifest
 from raylm.data.tokenizer import file_sha256, load_tokenizer
 from raylm.errors import DataError
 from tests.conftest import REPO_ROOT
 
-WORDS = "ray data shard token window stream rank batch seed epoch naïve ☃ kill commit rename".split()
+WORDS = [
+    "ray",
+    "data",
+    "shard",
+    "token",
+    "window",
+    "stream",
+    "rank",
+    "batch",
+    "seed",
+    "epoch",
+    "naïve",
+    "☃",
+    "kill",
+    "commit",
+    "rename",
+]
 
 
 def write_corpus(folder: Path, seed: int, docs: int = 20) -> Path:
@@ -38,18 +54,31 @@ def write_corpus(folder: Path, seed: int, docs: int = 20) -> Path:
 
 
 def overrides(corpus: Path, out_dir: Path, *more: str) -> list[str]:
-    return [f"data.paths=['{corpus}']", f"data.out_dir={out_dir}", "data.vocab_size=300", "data.seq_len=16",
-            "data.shard_tokens=6000", "data.val_fraction=0.1", *more]
+    return [
+        f"data.paths=['{corpus}']",
+        f"data.out_dir={out_dir}",
+        "data.vocab_size=300",
+        "data.seq_len=16",
+        "data.shard_tokens=6000",
+        "data.val_fraction=0.1",
+        *more,
+    ]
 
 
 def killed_prepare(corpus: Path, out_dir: Path, drill: str) -> int:
     """prepare in its own process with fault.drill set; its exit status (-9: the drill killed it). Units of work
     of 16 KB (the grouping never changes the bytes), so that half-way falls between units."""
-    code = ("import sys; from raylm.config import resolve; import raylm.data.prepare as p; "
-            "p.UNIT_BYTES_RANGE = (16 << 10, 64 << 20); p.prepare(resolve({}, sys.argv[1:]), use_ray=False)")
+    code = (
+        "import sys; from raylm.config import resolve; import raylm.data.prepare as p; "
+        "p.UNIT_BYTES_RANGE = (16 << 10, 64 << 20); p.prepare(resolve({}, sys.argv[1:]), use_ray=False)"
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    return subprocess.run([sys.executable, "-c", code, *overrides(corpus, out_dir, f"fault.drill={drill}")],
-                          env=env, capture_output=True, timeout=120).returncode
+    return subprocess.run(
+        [sys.executable, "-c", code, *overrides(corpus, out_dir, f"fault.drill={drill}")],
+        env=env,
+        capture_output=True,
+        timeout=120,
+    ).returncode
 
 
 def assert_consistent(out_dir: Path) -> dict:
@@ -87,35 +116,48 @@ def test_prepare_killed_anywhere_leaves_a_folder_that_verifies(tmp_path):
         assert_consistent(folder)
         assert read_data_manifest(folder)["shards"] == expected["shards"], drill
         assert not list(folder.glob(STAGING_PREFIX + "*")), drill
-        assert sorted(p.name for p in folder.glob("tokenizer-*.json")) == \
-            [f"tokenizer-{expected['tokenizer_sha256'][:16]}.json"]  # old copies go with the old shards
+        assert sorted(p.name for p in folder.glob("tokenizer-*.json")) == [
+            f"tokenizer-{expected['tokenizer_sha256'][:16]}.json"
+        ]  # old copies go with the old shards
 
 
 def test_prepare_refuses_a_folder_a_training_reads(tmp_path):
     corpus, out_dir = write_corpus(tmp_path / "corpus", seed=0, docs=6), tmp_path / "out"
     prepare(resolve({}, overrides(corpus, out_dir)), use_ray=False)
     shards = sorted(p.name for p in out_dir.glob("*.bin"))
-    (corpus / "d00.txt").write_text("changed text, so prepare would replace every shard\n" * 50, encoding="utf-8")
+    (corpus / "d00.txt").write_text(
+        "changed text, so prepare would replace every shard\n" * 50, encoding="utf-8"
+    )
     with reading([out_dir]):  # what `raylm train` holds for its whole run
         with pytest.raises(DataError, match=f"{out_dir} is in use: a running `raylm train` reads it"):
             prepare(resolve({}, overrides(corpus, out_dir)), use_ray=False)
         assert sorted(p.name for p in out_dir.glob("*.bin")) == shards  # nothing deleted or replaced
-    assert not prepare(resolve({}, overrides(corpus, out_dir)), use_ray=False)["skipped"]  # after the run: proceeds
-    with writing(out_dir):  # what prepare holds while it writes: a training that starts now is refused
-        with pytest.raises(DataError, match=f"`raylm prepare` is rewriting {out_dir}"):
-            with reading([out_dir]):
-                pass
+    assert not prepare(resolve({}, overrides(corpus, out_dir)), use_ray=False)[
+        "skipped"
+    ]  # after the run: proceeds
+    # what prepare holds while it writes: a training that starts now is refused
+    rewriting = f"`raylm prepare` is rewriting {out_dir}"
+    with writing(out_dir), pytest.raises(DataError, match=rewriting), reading([out_dir]):
+        pass
 
 
 def test_prepare_with_a_dead_ray_address_fails_fast(tmp_path):
     corpus = write_corpus(tmp_path / "corpus", seed=0, docs=2)
     config = tmp_path / "c.yaml"
-    config.write_text("data:\n  paths: ['%s']\n  out_dir: %s\n  vocab_size: 300\n  seq_len: 16\n"
-                      % (corpus, tmp_path / "out"))
+    config.write_text(
+        "data:\n  paths: ['{}']\n  out_dir: {}\n  vocab_size: 300\n  seq_len: 16\n".format(
+            corpus, tmp_path / "out"
+        )
+    )
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "RAY_ADDRESS": "127.0.0.1:9"}  # nothing listens there
     started = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "raylm.cli", "prepare", str(config)], env=env, capture_output=True,
-                          text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "raylm.cli", "prepare", str(config)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert time.monotonic() - started < 15
     assert done.returncode != 0 and "no Ray cluster answers at RAY_ADDRESS=127.0.0.1:9" in done.stderr
     assert "Traceback" not in done.stderr and not (tmp_path / "out").exists()

@@ -22,8 +22,13 @@ from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch.config import _TorchBackend
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
-from ray.train.v2._internal.execution.scaling_policy import (AUTOSCALING_REQUESTS_GET_TIMEOUT_S, NoopDecision,
-                                                             ResizeDecision, ScalingDecision, ScalingPolicy)
+from ray.train.v2._internal.execution.scaling_policy import (
+    AUTOSCALING_REQUESTS_GET_TIMEOUT_S,
+    NoopDecision,
+    ResizeDecision,
+    ScalingDecision,
+    ScalingPolicy,
+)
 from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScalingPolicy
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
@@ -52,8 +57,10 @@ def test_ray_train_controller_hooks_of_raylm_train_trainer():
     assert "scaling_policy" in source(DataParallelTrainer.fit)
     assert callable(DataParallelTrainer._initialize_and_run_controller)
     run_controller = inspect.signature(DataParallelTrainer._initialize_and_run_controller).parameters
-    assert [p.kind for p in run_controller.values()] == [inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                         inspect.Parameter.VAR_KEYWORD]
+    assert [p.kind for p in run_controller.values()] == [
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_KEYWORD,
+    ]
     assert params(DataParallelTrainer._register_sigint_handler) == ["self", "controller"]
     run_controller_source = source(DataParallelTrainer._initialize_and_run_controller)
     assert "_register_sigint_handler(controller)" in run_controller_source
@@ -67,18 +74,29 @@ def test_ray_train_failure_policy_of_raylm_train_failure_policy():
 
 
 def test_ray_train_scaling_policy_of_raylm_train_scaling_policy():
-    for name in ("_count_possible_workers", "_get_reserved_resources", "_get_resize_decision",
-                 "make_decision_for_running_worker_group", "make_decision_for_non_running_worker_group",
-                 "_maybe_send_resource_request", "before_controller_abort"):
+    for name in (
+        "_count_possible_workers",
+        "_get_reserved_resources",
+        "_get_resize_decision",
+        "make_decision_for_running_worker_group",
+        "make_decision_for_non_running_worker_group",
+        "_maybe_send_resource_request",
+        "before_controller_abort",
+    ):
         assert callable(getattr(ElasticScalingPolicy, name)), name  # raylm overrides or calls it
     assert inspect.iscoroutinefunction(ElasticScalingPolicy.before_controller_shutdown)
     assert params(ElasticScalingPolicy._count_possible_workers) == ["self", "reserved_resources"]
     assert params(ElasticScalingPolicy._get_resize_decision) == ["self", "num_workers"]
     assert params(ElasticScalingPolicy.make_decision_for_running_worker_group) == [
-        "self", "worker_group_state", "worker_group_status"]
+        "self",
+        "worker_group_state",
+        "worker_group_status",
+    ]
     # the overridden _get_reserved_resources is the only way Ray's policy reads the reservation
-    for caller in (ElasticScalingPolicy.make_decision_for_non_running_worker_group,
-                   ElasticScalingPolicy.make_decision_for_running_worker_group):
+    for caller in (
+        ElasticScalingPolicy.make_decision_for_non_running_worker_group,
+        ElasticScalingPolicy.make_decision_for_running_worker_group,
+    ):
         assert "self._get_reserved_resources()" in source(caller)
     assert isinstance(ElasticScalingPolicy.GET_RESERVED_RESOURCES_INTERVAL_S, (int, float))
     assert isinstance(AUTOSCALING_REQUESTS_GET_TIMEOUT_S, (int, float))

@@ -8,7 +8,9 @@ import yaml
 from raylm.config import load_config
 from tests.conftest import REPO_ROOT
 
-YAML_FILES = sorted(p for folder in ("cluster", "jobs", "tune_spaces") for p in (REPO_ROOT / folder).rglob("*.yaml"))
+YAML_FILES = sorted(
+    p for folder in ("cluster", "jobs", "tune_spaces") for p in (REPO_ROOT / folder).rglob("*.yaml")
+)
 DOCS = [REPO_ROOT / "README.md", REPO_ROOT / "cluster" / "README.md"]
 
 
@@ -18,7 +20,9 @@ def test_yaml_loads_safely(path):
         assert document is not None
 
 
-@pytest.mark.parametrize("path", sorted((REPO_ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((REPO_ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_run_configs_validate(path):
     load_config(path)
 

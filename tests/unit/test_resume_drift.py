@@ -14,8 +14,15 @@ from raylm.errors import ConfigError
 from raylm.model.gpt import init_full_weights
 from raylm.train.run_folder import checkpoint_root, prepare_run_dir
 
-SMALL = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "data.vocab_size=300", "data.seq_len=16",
-         "model.max_seq_len=16", "data.paths=[]"]
+SMALL = [
+    "model.n_layer=1",
+    "model.d_model=32",
+    "model.n_head=2",
+    "data.vocab_size=300",
+    "data.seq_len=16",
+    "model.max_seq_len=16",
+    "data.paths=[]",
+]
 
 
 def prepared_stub(folder, tokenizer_text: str) -> None:
@@ -23,8 +30,9 @@ def prepared_stub(folder, tokenizer_text: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tokenizer.json").write_text(tokenizer_text)
     sha = hashlib.sha256(tokenizer_text.encode()).hexdigest()
-    (folder / "manifest.json").write_text(json.dumps({"format": "raylm-shards/1", "shards": [],
-                                                      "tokenizer_sha256": sha}))
+    (folder / "manifest.json").write_text(
+        json.dumps({"format": "raylm-shards/1", "shards": [], "tokenizer_sha256": sha})
+    )
 
 
 @pytest.fixture
@@ -33,8 +41,16 @@ def trained(tmp_path):
     prepared_stub(tmp_path / "data", '{"tokenizer": "A"}')
 
     def config(*overrides: str):
-        return resolve({}, [*SMALL, f"run.dir={tmp_path / 'runs'}", "run.name=r", f"data.out_dir={tmp_path / 'data'}",
-                            *overrides])
+        return resolve(
+            {},
+            [
+                *SMALL,
+                f"run.dir={tmp_path / 'runs'}",
+                "run.name=r",
+                f"data.out_dir={tmp_path / 'data'}",
+                *overrides,
+            ],
+        )
 
     cfg = config()
     run = prepare_run_dir(cfg, overwrite=False)
@@ -43,12 +59,21 @@ def trained(tmp_path):
     return config
 
 
-@pytest.mark.parametrize("override,key", [("run.seed=7", "run.seed"), ("data.seq_len=8", "data.seq_len"),
-                                          ("model.n_layer=2", "model.n_layer"),
-                                          ("data.vocab_size=512", "data.vocab_size")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("run.seed=7", "run.seed"),
+        ("data.seq_len=8", "data.seq_len"),
+        ("model.n_layer=2", "model.n_layer"),
+        ("data.vocab_size=512", "data.vocab_size"),
+    ],
+)
 def test_drifted_keys_are_refused_naming_the_key(trained, override, key):
-    with pytest.raises(ConfigError, match=f"^{key}=.* differs from .* in checkpoint .*step-00000004: resuming would "
-                                          f"change .*--allow-config-change"):
+    with pytest.raises(
+        ConfigError,
+        match=f"^{key}=.* differs from .* in checkpoint .*step-00000004: resuming would "
+        f"change .*--allow-config-change",
+    ):
         prepare_run_dir(trained(override), overwrite=False)
     prepare_run_dir(trained(override), overwrite=False, allow_config_change=True)
 
@@ -66,16 +91,28 @@ def test_a_retrained_tokenizer_is_refused(trained, tmp_path):
 
 
 def test_layout_and_schedule_changes_resume_freely(trained):
-    prepare_run_dir(trained("parallel.pp=1", "parallel.dp=2", "train.global_batch=32", "optim.lr=1e-3",
-                            "parallel.micro_batch=2"), overwrite=False)
+    prepare_run_dir(
+        trained(
+            "parallel.pp=1",
+            "parallel.dp=2",
+            "train.global_batch=32",
+            "optim.lr=1e-3",
+            "parallel.micro_batch=2",
+        ),
+        overwrite=False,
+    )
 
 
 def test_a_damaged_newest_checkpoint_is_compared_past(trained, tmp_path):
     """resume=auto skips a checkpoint that fails its manifest; so does the drift check (the older one decides)."""
     cfg = trained()
     run = tmp_path / "runs" / "r"
-    newer = save_full_weights(trained("run.seed=9"), init_full_weights(cfg.model, padded_vocab(300), 9),
-                              checkpoint_root(run), step=8)
+    newer = save_full_weights(
+        trained("run.seed=9"),
+        init_full_weights(cfg.model, padded_vocab(300), 9),
+        checkpoint_root(run),
+        step=8,
+    )
     (newer / "config.yaml").write_text("run: {seed: 7}\n")  # damaged: its sha256 no longer matches
     prepare_run_dir(cfg, overwrite=False)
     with pytest.raises(ConfigError, match="^run.seed=9 differs from 1234"):

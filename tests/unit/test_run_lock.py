@@ -31,8 +31,9 @@ with hold_run_lock(Path(sys.argv[1])):
 def holder(tmp_path):
     """Another process holding the lock of <tmp>/runs/r1, as a live `raylm train` would."""
     run_dir = tmp_path / "runs" / "r1"
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(run_dir)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout.readline().strip() == "held"
     yield run_dir, proc
     proc.kill()
@@ -42,10 +43,15 @@ def holder(tmp_path):
 def test_second_run_is_refused_at_once_naming_the_holder(holder):
     run_dir, proc = holder
     start = time.perf_counter()
-    with pytest.raises(RaylmError, match=f"run folder {run_dir} is in use by another raylm run "
-                                         f"\\(host {socket.gethostname()}, pid {proc.pid}\\)"):
-        with hold_run_lock(run_dir):
-            pass
+    with (
+        pytest.raises(
+            RaylmError,
+            match=f"run folder {run_dir} is in use by another raylm run "
+            f"\\(host {socket.gethostname()}, pid {proc.pid}\\)",
+        ),
+        hold_run_lock(run_dir),
+    ):
+        pass
     assert time.perf_counter() - start < 5
 
 

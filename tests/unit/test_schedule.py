@@ -6,20 +6,39 @@ from raylm.config.schema import BatchScheduleConfig, LrScheduleConfig
 from raylm.train.schedule import batch_size_at, lr_at
 
 
-@pytest.mark.parametrize("kind, step, expected", [
-    ("constant", 0, 0.25), ("constant", 3, 1.0), ("constant", 99, 1.0),
-    ("linear", 4, 1.0), ("linear", 52, 0.55), ("linear", 100, 0.1),
-    ("cosine", 4, 1.0), ("cosine", 52, 0.55), ("cosine", 100, 0.1), ("cosine", 28, 0.1 + 0.9 * 0.853553390593),
-    ("wsd", 3, 1.0), ("wsd", 79, 1.0), ("wsd", 80, 0.1 + 0.9 * 0.95), ("wsd", 99, 0.1), ("wsd", 150, 0.1),
-])
+@pytest.mark.parametrize(
+    "kind, step, expected",
+    [
+        ("constant", 0, 0.25),
+        ("constant", 3, 1.0),
+        ("constant", 99, 1.0),
+        ("linear", 4, 1.0),
+        ("linear", 52, 0.55),
+        ("linear", 100, 0.1),
+        ("cosine", 4, 1.0),
+        ("cosine", 52, 0.55),
+        ("cosine", 100, 0.1),
+        ("cosine", 28, 0.1 + 0.9 * 0.853553390593),
+        ("wsd", 3, 1.0),
+        ("wsd", 79, 1.0),
+        ("wsd", 80, 0.1 + 0.9 * 0.95),
+        ("wsd", 99, 0.1),
+        ("wsd", 150, 0.1),
+    ],
+)
 def test_lr_table(kind, step, expected):
     sched = LrScheduleConfig(kind=kind, warmup_steps=4, min_lr_frac=0.1, decay_frac=0.2, decay_shape="linear")
     assert lr_at(step, 1.0, 100, sched) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("shape, step, expected", [
-    ("linear", 89, 0.1 + 0.9 * 0.5), ("cosine", 89, 0.1 + 0.9 * 0.5), ("sqrt", 89, 0.1 + 0.9 * (1 - 0.5 ** 0.5)),
-])
+@pytest.mark.parametrize(
+    "shape, step, expected",
+    [
+        ("linear", 89, 0.1 + 0.9 * 0.5),
+        ("cosine", 89, 0.1 + 0.9 * 0.5),
+        ("sqrt", 89, 0.1 + 0.9 * (1 - 0.5**0.5)),
+    ],
+)
 def test_wsd_decay_shapes(shape, step, expected):
     sched = LrScheduleConfig(kind="wsd", warmup_steps=0, min_lr_frac=0.1, decay_frac=0.2, decay_shape=shape)
     assert lr_at(step, 1.0, 100, sched) == pytest.approx(expected)

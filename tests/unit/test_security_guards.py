@@ -49,17 +49,24 @@ def test_every_torch_load_is_weights_only_and_at_a_known_verified_site():
         for function, call in calls(ast.parse(path.read_text())):
             if dotted(call.func) == "torch.load":
                 weights_only = [k for k in call.keywords if k.arg == "weights_only"]
-                assert weights_only and getattr(weights_only[0].value, "value", None) is True, f"{path}:{call.lineno}"
+                assert weights_only and getattr(weights_only[0].value, "value", None) is True, (
+                    f"{path}:{call.lineno}"
+                )
                 sites.add(f"{path.relative_to(REPO_ROOT)}:{function}")
-    assert sites == set(TORCH_LOAD_SITES), "a new torch.load needs a hash check before it; add it to the table"
+    assert sites == set(TORCH_LOAD_SITES), (
+        "a new torch.load needs a hash check before it; add it to the table"
+    )
 
 
 def test_no_pickle_no_unsafe_yaml_no_deepspeed_checkpoint_loader():
     for path in SOURCES:
         tree = ast.parse(path.read_text())
-        imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                    for alias in node.names} | {node.module for node in ast.walk(tree)
-                                                if isinstance(node, ast.ImportFrom) and node.module}
+        imported = {
+            alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names
+        } | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
         assert not imported & {"pickle", "cPickle", "dill", "marshal", "shelve"}, path
         for _, call in calls(tree):
             name = dotted(call.func)
@@ -69,8 +76,12 @@ def test_no_pickle_no_unsafe_yaml_no_deepspeed_checkpoint_loader():
 
 
 def test_an_altered_model_file_is_refused_before_anything_is_unpickled(tmp_path, monkeypatch):
-    cfg = resolve({"data": {"vocab_size": 300, "seq_len": 16, "out_dir": str(tmp_path / "data")},
-                   "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len": 16}})
+    cfg = resolve(
+        {
+            "data": {"vocab_size": 300, "seq_len": 16, "out_dir": str(tmp_path / "data")},
+            "model": {"n_layer": 1, "n_head": 2, "d_model": 32, "max_seq_len": 16},
+        }
+    )
     weights = init_full_weights(cfg.model, padded_vocab(cfg.data.vocab_size), seed=0)
     folder = save_full_weights(cfg, weights, tmp_path / "checkpoints", 1)
     victim = next(Path(folder).glob("model/*.pt"))

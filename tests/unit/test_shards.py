@@ -6,13 +6,13 @@ import json
 
 import numpy as np
 import pytest
+from test_data_support import prepared
 
 from raylm.data.cache import verify
 from raylm.data.shards import ShardWriter, read_data_manifest
 from raylm.data.tokenizer import train_tokenizer
 from raylm.errors import DataError
 from raylm.storage.atomic import write_json_atomic
-from test_data_support import prepared
 
 pytestmark = pytest.mark.unit
 
@@ -38,11 +38,14 @@ def first_shard(out):
     return out / read_data_manifest(out)["shards"][0]["file"]
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("truncate", "bytes but the manifest says"),
-    ("edit", "sha256 .* but the manifest says"),
-    ("delete", "is missing"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncate", "bytes but the manifest says"),
+        ("edit", "sha256 .* but the manifest says"),
+        ("delete", "is missing"),
+    ],
+)
 def test_verify_names_the_bad_shard(tmp_path, damage, message):
     out = prepared(tmp_path)
     shard = first_shard(out)

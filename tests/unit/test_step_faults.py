@@ -46,7 +46,9 @@ def test_rolling_window_flags_a_spike_only_once_full_and_keeps_it_out():
 
 def test_flat_losses_use_a_floor_on_the_deviation_and_sigma_zero_is_off():
     flat = [2.0, 2.0, 2.0]
-    assert RollingLoss(window=3, sigma=6.0, history=flat).check(2.0 * (1 + 6 * 0.01) - 1e-6) is None  # 1% floor
+    assert (
+        RollingLoss(window=3, sigma=6.0, history=flat).check(2.0 * (1 + 6 * 0.01) - 1e-6) is None
+    )  # 1% floor
     assert RollingLoss(window=3, sigma=6.0, history=flat).check(2.0 * (1 + 6 * 0.01) + 1e-6) is not None
     assert RollingLoss(window=3, sigma=0.0, history=[2.0, 2.0, 2.0]).check(1e9) is None
 
@@ -69,11 +71,18 @@ def judge(policy: str, flags, loss: float = float("nan"), *overrides: str):
 
 
 def test_each_nonfinite_policy():
-    with pytest.raises(RaylmError, match=r"^step 7: the loss is not finite on rank 1, .*fault.nonfinite=stop"):
+    with pytest.raises(
+        RaylmError, match=r"^step 7: the loss is not finite on rank 1, .*fault.nonfinite=stop"
+    ):
         judge("stop", [GRAD, LOSS | GRAD])
     rollback, row = judge("skip", [GRAD, LOSS | GRAD])
     assert not rollback and row["loss"] is None
-    assert row["skipped"] == {"reason": "nonfinite", "samples": [56, 64], "loss_ranks": [1], "grad_ranks": [0, 1]}
+    assert row["skipped"] == {
+        "reason": "nonfinite",
+        "samples": [56, 64],
+        "loss_ranks": [1],
+        "grad_ranks": [0, 1],
+    }
     rollback, row = judge("rollback", [0, LOSS])
     assert rollback and row["nonfinite"]["samples"] == [56, 64] and "skipped" not in row
     rollback, row = judge("stop", [0, LOSS], float("nan"), "tune.trial_of=sweep")
@@ -87,7 +96,9 @@ def test_spike_rows_and_the_window_travels_in_checkpoints():
     assert faults.judge(row, TrainState(7, 0, 56), TrainState(8, 0, 64))
     assert row["spike"]["samples"] == [56, 64] and row["spike"]["action"] == "rollback"
     assert faults.state_dict() == {"loss_window": [3.0, 3.1, 2.9], "rolled_back": []}
-    warn = StepFaults(resolve({}, ["fault.spike_window=3"]), FlagsOnly(None), {"loss_window": [3.0, 3.1, 2.9]})
+    warn = StepFaults(
+        resolve({}, ["fault.spike_window=3"]), FlagsOnly(None), {"loss_window": [3.0, 3.1, 2.9]}
+    )
     assert not warn.judge({"step": 7, "loss": 30.0}, TrainState(), TrainState(1, 0, 8))
 
 
@@ -95,7 +106,9 @@ def test_first_non_finite_names_the_tensor():
     assert first_non_finite({"a": torch.ones(3)}) is None
     bad = torch.ones(2, 2)
     bad[0, 1] = float("inf")
-    assert first_non_finite({"a": torch.ones(3), "layers.0.w": bad}) == "layers.0.w (1 of 4 values are nan/inf)"
+    assert (
+        first_non_finite({"a": torch.ones(3), "layers.0.w": bad}) == "layers.0.w (1 of 4 values are nan/inf)"
+    )
 
 
 def test_spike_drill_fires_on_every_rank_once_per_run(tmp_path):
@@ -107,14 +120,17 @@ def test_spike_drill_fires_on_every_rank_once_per_run(tmp_path):
     assert FaultDrill(cfg, tmp_path, 1).lr_factor(4) == 1.0  # a restarted group does not fire it again
 
 
-@pytest.mark.parametrize("override, message", [
-    ("fault.nonfinite=ignore", "fault.nonfinite='ignore' is not one of stop, skip, rollback"),
-    ("fault.spike=stop", "fault.spike='stop' is not one of warn, rollback"),
-    ("fault.spike_window=0", "fault.spike_window=0 must be positive"),
-    ("fault.collective_timeout_s=0", "fault.collective_timeout_s=0 must be positive"),
-    ("fault.spike_sigma=-1", "fault.spike_sigma=-1.0 must not be negative"),
-    ("fault.drill=nan@3", "fault.drill='nan@3' is not PHASE@STEP"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("fault.nonfinite=ignore", "fault.nonfinite='ignore' is not one of stop, skip, rollback"),
+        ("fault.spike=stop", "fault.spike='stop' is not one of warn, rollback"),
+        ("fault.spike_window=0", "fault.spike_window=0 must be positive"),
+        ("fault.collective_timeout_s=0", "fault.collective_timeout_s=0 must be positive"),
+        ("fault.spike_sigma=-1", "fault.spike_sigma=-1.0 must not be negative"),
+        ("fault.drill=nan@3", "fault.drill='nan@3' is not PHASE@STEP"),
+    ],
+)
 def test_fault_keys_are_validated_in_one_line(override, message):
     with pytest.raises(ConfigError) as info:
         resolve({}, [override])

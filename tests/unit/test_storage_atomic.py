@@ -6,8 +6,14 @@ import json
 
 import pytest
 
-from raylm.storage.atomic import (atomic_open, atomic_path, copy_atomic, put_atomic, write_atomic,
-                                  write_json_atomic)
+from raylm.storage.atomic import (
+    atomic_open,
+    atomic_path,
+    copy_atomic,
+    put_atomic,
+    write_atomic,
+    write_json_atomic,
+)
 from raylm.storage.manifests import ManifestProblem, load_manifest
 
 
@@ -36,12 +42,15 @@ def test_a_failed_write_keeps_the_old_content(tmp_path):
     assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 
 
-@pytest.mark.parametrize("content, kind, detail", [
-    (None, "missing", None),
-    (b"{", "json", None),
-    (b"[]", "format", "list"),
-    (b'{"format": "other/1"}', "format", "other/1"),
-])
+@pytest.mark.parametrize(
+    "content, kind, detail",
+    [
+        (None, "missing", None),
+        (b"{", "json", None),
+        (b"[]", "format", "list"),
+        (b'{"format": "other/1"}', "format", "other/1"),
+    ],
+)
 def test_manifest_problems_say_which_step_failed(tmp_path, content, kind, detail):
     if content is not None:
         (tmp_path / "manifest.json").write_bytes(content)

@@ -16,16 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_data_support import small_config, write_corpus
 
-from raylm.data.cache import cache_folder, fetch_shard, open_cached
+from raylm.data.cache import cache_folder, fetch_shard, open_cached, verify
 from raylm.data.prepare import prepare
-from raylm.data.cache import verify
 from raylm.data.shards import read_data_manifest
 from raylm.data.stream import RankStream
 from raylm.errors import DataError, StorageError
 from raylm.storage.objects import object_sizes
 from raylm.storage.uri import parse_uri
-from test_data_support import small_config, write_corpus
 from tests.s3_server import BUCKET, DUMMY_KEYS, create_bucket, free_port, put_object, s3_server, use_endpoint
 
 pytestmark = pytest.mark.unit
@@ -52,16 +51,18 @@ def on_s3(s3, tmp_path, monkeypatch):
     corpus = write_corpus(tmp_path)
     prefix = f"{PREFIX}/{tmp_path.name}"
     local = small_config(tmp_path / "local", corpus)
-    remote = small_config(tmp_path / "remote", corpus, f"data.out_dir={prefix}",
-                          f"data.cache_dir={tmp_path / 'prep-cache'}")
+    remote = small_config(
+        tmp_path / "remote", corpus, f"data.out_dir={prefix}", f"data.cache_dir={tmp_path / 'prep-cache'}"
+    )
     prepare(local, use_ray=False)
     summary = prepare(remote, use_ray=False)
     return local, remote, prefix, summary
 
 
 def _batches(source, cache_dir, count=12):
-    stream = RankStream(source, "train", 16, seed=7, dp_rank=1, dp_size=2, micro_batch=4, prefetch=0,
-                        cache_dir=str(cache_dir))
+    stream = RankStream(
+        source, "train", 16, seed=7, dp_rank=1, dp_size=2, micro_batch=4, prefetch=0, cache_dir=str(cache_dir)
+    )
     try:
         return [next(stream) for _ in range(count)]
     finally:
@@ -70,7 +71,9 @@ def _batches(source, cache_dir, count=12):
 
 def test_prepare_to_s3_then_stream_matches_local(on_s3, tmp_path, caplog):
     local, remote, prefix, summary = on_s3
-    assert summary["out_dir"] == prefix and not summary["skipped"] and summary["uploaded"] == summary["shards"]
+    assert (
+        summary["out_dir"] == prefix and not summary["skipped"] and summary["uploaded"] == summary["shards"]
+    )
     manifest = read_data_manifest(local.data.out_dir)
     objects = object_sizes(parse_uri(prefix))
     assert {e["file"]: e["bytes"] for e in manifest["shards"]}.items() <= objects.items()
@@ -80,7 +83,9 @@ def test_prepare_to_s3_then_stream_matches_local(on_s3, tmp_path, caplog):
     assert not (tmp_path / "s3:").exists()
 
     cache = tmp_path / "node-cache"  # a fresh node: every shard is fetched
-    for (x_local, y_local), (x_s3, y_s3) in zip(_batches(local.data.out_dir, cache), _batches(prefix, cache)):
+    for (x_local, y_local), (x_s3, y_s3) in zip(
+        _batches(local.data.out_dir, cache), _batches(prefix, cache), strict=False
+    ):
         assert np.array_equal(x_local, x_s3) and np.array_equal(y_local, y_s3)
     folder = cache_folder(parse_uri(prefix), str(cache))
     fetched = {p.name for p in folder.glob("*.bin")}
@@ -107,11 +112,18 @@ def test_interrupted_upload_leaves_the_previous_prefix_valid(on_s3, tmp_path, mo
     monkeypatch.setattr(publish, "upload_file", crash_at_manifest)
     with pytest.raises(KeyboardInterrupt):
         prepare(remote, use_ray=False)
-    assert read_data_manifest(prefix) == before and verify(prefix)["ok"]  # new shards uploaded, old manifest in charge
+    assert (
+        read_data_manifest(prefix) == before and verify(prefix)["ok"]
+    )  # new shards uploaded, old manifest in charge
     monkeypatch.setattr(publish, "upload_file", real)
-    assert prepare(remote, use_ray=False)["uploaded"] == 0  # the shards are there: only tokenizer and manifest
+    assert (
+        prepare(remote, use_ray=False)["uploaded"] == 0
+    )  # the shards are there: only tokenizer and manifest
     names = {e["file"] for e in read_data_manifest(prefix)["shards"]}
-    assert read_data_manifest(prefix) != before and {n for n in object_sizes(parse_uri(prefix)) if n.endswith(".bin")} == names
+    assert (
+        read_data_manifest(prefix) != before
+        and {n for n in object_sizes(parse_uri(prefix)) if n.endswith(".bin")} == names
+    )
 
 
 def test_corrupted_object_is_detected_and_never_cached(on_s3, s3, tmp_path):
@@ -160,8 +172,10 @@ def test_two_fetches_on_one_node_download_once(on_s3, tmp_path, monkeypatch):
 
     real = cache._download
     monkeypatch.setattr(cache, "_download", lambda *a: (calls.append(1), time.sleep(0.3), real(*a)))
-    threads = [threading.Thread(target=fetch_shard, args=(prefix, folder, entry, manifest["vocab_size"]))
-               for _ in range(2)]
+    threads = [
+        threading.Thread(target=fetch_shard, args=(prefix, folder, entry, manifest["vocab_size"]))
+        for _ in range(2)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -170,9 +184,14 @@ def test_two_fetches_on_one_node_download_once(on_s3, tmp_path, monkeypatch):
 
 
 def test_missing_bucket_is_named(s3, tmp_path):
-    cfg = small_config(tmp_path, write_corpus(tmp_path, docs=4), "data.out_dir=s3://raylm-no-such-bucket/data")
-    with pytest.raises(StorageError, match="bucket raylm-no-such-bucket of s3://raylm-no-such-bucket/data does "
-                                           "not exist .*from AWS_ENDPOINT_URL"):
+    cfg = small_config(
+        tmp_path, write_corpus(tmp_path, docs=4), "data.out_dir=s3://raylm-no-such-bucket/data"
+    )
+    with pytest.raises(
+        StorageError,
+        match="bucket raylm-no-such-bucket of s3://raylm-no-such-bucket/data does "
+        "not exist .*from AWS_ENDPOINT_URL",
+    ):
         prepare(cfg, use_ray=False)
     with pytest.raises(DataError, match="no prepared data in s3://raylm-test/nothing-here"):
         read_data_manifest("s3://raylm-test/nothing-here")
@@ -218,4 +237,7 @@ def test_a_checkpoint_of_a_run_on_s3_data_carries_its_tokenizer(on_s3, tmp_path)
     local, remote, _, _ = on_s3
     fresh = with_overrides(remote, {"data.cache_dir": str(tmp_path / "other-node")})
     copied = tokenizer_source(fresh)
-    assert copied is not None and copied.read_bytes() == (Path(local.data.out_dir) / "tokenizer.json").read_bytes()
+    assert (
+        copied is not None
+        and copied.read_bytes() == (Path(local.data.out_dir) / "tokenizer.json").read_bytes()
+    )

@@ -6,12 +6,12 @@ import itertools
 
 import numpy as np
 import pytest
+from test_data_support import prepared
 
 from raylm.data.order import Mixture, permute
 from raylm.data.shards import read_data_manifest
 from raylm.data.stream import RankStream, peek
 from raylm.errors import DataError
-from test_data_support import prepared
 
 pytestmark = pytest.mark.unit
 SEQ = 16
@@ -30,8 +30,11 @@ def take(stream, micro_batches):
 
 def rows(out, dp_rank, dp_size, count, start=0, seed=7, micro_batch=2):
     stream = RankStream(out, "train", SEQ, seed, dp_rank, dp_size, micro_batch, start_sample=start)
-    return [tuple(r.tolist()) for x, y in take(stream, count // micro_batch) for r in
-            np.concatenate([x.numpy(), y.numpy()[:, -1:]], axis=1)]
+    return [
+        tuple(r.tolist())
+        for x, y in take(stream, count // micro_batch)
+        for r in np.concatenate([x.numpy(), y.numpy()[:, -1:]], axis=1)
+    ]
 
 
 def test_permutation_is_a_bijection():
@@ -43,7 +46,7 @@ def test_permutation_is_a_bijection():
 def test_batches_are_shifted_windows_and_deterministic(out):
     a = take(RankStream(out, "train", SEQ, 7, 0, 1, 4), 6)
     b = take(RankStream(out, "train", SEQ, 7, 0, 1, 4), 6)
-    for (x, y), (x2, y2) in zip(a, b):
+    for (x, y), (x2, y2) in zip(a, b, strict=False):
         assert x.shape == y.shape == (4, SEQ) and str(x.dtype) == "torch.int64"
         assert (x[:, 1:] == y[:, :-1]).all() and (x == x2).all() and (y == y2).all()
     assert rows(out, 0, 1, 8, seed=7) != rows(out, 0, 1, 8, seed=8)
@@ -60,8 +63,9 @@ def test_full_epoch_covers_every_window_once(out):
     windows = stream.order.sources[0].windows
     located = stream.order.locate(np.arange(2 * windows))
     assert sorted(s.window for s in located[:windows]) == list(range(windows))
-    assert located[windows].epoch == 1 and [s.window for s in located[windows:2 * windows]] != \
-        [s.window for s in located[:windows]]
+    assert located[windows].epoch == 1 and [s.window for s in located[windows : 2 * windows]] != [
+        s.window for s in located[:windows]
+    ]
 
 
 def test_resume_equals_tail_and_survives_dp_change(out):
@@ -110,8 +114,10 @@ def test_mixture_stream(tmp_path):
     s1 = RankStream(sources, "train", SEQ, 0, 0, 1, 1, prefetch=0)
     located = s1.order.locate(np.arange(1024))
     assert sum(s.source for s in located) == 512
-    assert take(RankStream(sources, "train", SEQ, 0, 0, 1, 4), 3)[2][0].tolist() == \
+    assert (
         take(RankStream(sources, "train", SEQ, 0, 0, 1, 4), 3)[2][0].tolist()
+        == take(RankStream(sources, "train", SEQ, 0, 0, 1, 4), 3)[2][0].tolist()
+    )
 
 
 def test_corruption_stops_the_stream(tmp_path):
@@ -152,8 +158,15 @@ def test_samples_sha_names_exactly_the_samples_a_step_trains_on(out):
     step = samples_sha(order, 8, 16)
     assert step == samples_sha(run_order(cfg), 8, 16)  # any process computes it alone
     assert step != samples_sha(order, 16, 24)
-    assert step != samples_sha(run_order(resolve({}, [f"data.out_dir={out}", "data.paths=[]",
-                                                      f"data.seq_len={SEQ}", "run.seed=8"])), 8, 16)
+    assert step != samples_sha(
+        run_order(resolve({}, [f"data.out_dir={out}", "data.paths=[]", f"data.seq_len={SEQ}", "run.seed=8"])),
+        8,
+        16,
+    )
     one = rows(out, 0, 1, 8, start=8)
-    two = [r for pair in zip(rows(out, 0, 2, 4, start=8), rows(out, 1, 2, 4, start=8)) for r in pair]
+    two = [
+        r
+        for pair in zip(rows(out, 0, 2, 4, start=8), rows(out, 1, 2, 4, start=8), strict=False)
+        for r in pair
+    ]
     assert one == two  # dp=2 ranks together read exactly the dp=1 samples that the hash names

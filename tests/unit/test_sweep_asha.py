@@ -16,7 +16,14 @@ def test_asha_pauses_until_a_trial_is_among_the_best_third_and_stops_the_hopeles
     book = RungBook([100, 300], reduction_factor=3, total_trials=9)
     assert book.arrive("a", 99, 5.0) == []  # below the first rung
     (a,) = book.arrive("a", 120, 5.0)
-    assert (a.rung, a.milestone_tokens, a.tokens, a.cutoff, a.action, a.event) == (0, 100, 120, None, "pause", "report")
+    assert (a.rung, a.milestone_tokens, a.tokens, a.cutoff, a.action, a.event) == (
+        0,
+        100,
+        120,
+        None,
+        "pause",
+        "report",
+    )
     assert book.arrive("a", 130, 4.0) == []  # judged once per rung
     assert [d.action for d in book.arrive("b", 100, 4.0)] == ["pause"]  # floor(2 / 3) = 0 promotions yet
     c, b = book.arrive("c", 110, 6.0)  # n = 3: the best, b, is promoted; c, behind a, may still be
@@ -53,9 +60,13 @@ def test_a_rung_no_other_trial_can_reach_decides_at_once():
     assert [d.action for d in book.arrive("a", 100, 4.0)] == ["pause"]
     # b is better, and the one promotion rung 0 can make is b's; b is also the last trial rung 0 can see, so it
     # goes on at once although floor(2 / 3) = 0
-    assert [(d.trial, d.action, d.event) for d in book.arrive("b", 100, 3.0)] == [("b", "continue", "report"),
-                                                                                  ("a", "stop", "later report")]
-    assert [(d.trial, d.action) for d in book.arrive("b", 300, 2.0)] == [("b", "continue")]  # none else can come
+    assert [(d.trial, d.action, d.event) for d in book.arrive("b", 100, 3.0)] == [
+        ("b", "continue", "report"),
+        ("a", "stop", "later report"),
+    ]
+    assert [(d.trial, d.action) for d in book.arrive("b", 300, 2.0)] == [
+        ("b", "continue")
+    ]  # none else can come
     single = RungBook([100, 300], reduction_factor=3, total_trials=1)  # a sweep of one trial never pauses
     assert [d.action for d in single.arrive("a", 100, 4.0) + single.arrive("a", 300, 3.0)] == ["continue"] * 2
 
@@ -101,14 +112,22 @@ def test_rebuild_counts_a_rung_row_the_decisions_file_lacks(tmp_path):
     write_rows(tmp_path, "b", [row(1, 3.0, 3.2, rung=100)])
     write_rows(tmp_path, "c", [row(0, 1.5, None), row(1, 4.0, 4.0, rung=100)])
     reports = rung_reports(tmp_path, "val_loss")
-    assert [(r.trial, r.tokens, r.value) for r in reports] == [("a", 100, 3.0), ("b", 100, 3.2), ("c", 100, 4.0)]
+    assert [(r.trial, r.tokens, r.value) for r in reports] == [
+        ("a", 100, 3.0),
+        ("b", 100, 3.2),
+        ("c", 100, 4.0),
+    ]
 
     book = RungBook([100, 300], reduction_factor=3, total_trials=6)
     book.rebuild(list(reversed(reports)), decisions)  # time order, whatever the files' order
     assert list(book.recorded[0].items()) == [("a", 3.0), ("b", 3.2), ("c", 4.0)]
-    assert book.arrive("a", 100, 3.0) == [] and book.action_of("a", 0) == "pause"  # decided before the restore
+    assert (
+        book.arrive("a", 100, 3.0) == [] and book.action_of("a", 0) == "pause"
+    )  # decided before the restore
     assert book.action_of("c", 0) == "continue"  # never judged: it reports again and is judged then
-    c, a = book.arrive("c", 100, 4.0)  # n = 3: a, the best, is promoted; behind b, c can never be (2 of 6 are)
+    c, a = book.arrive(
+        "c", 100, 4.0
+    )  # n = 3: a, the best, is promoted; behind b, c can never be (2 of 6 are)
     assert (c.action, a.trial, a.action) == ("stop", "a", "continue")
     assert book.action_of("a", 0) == "continue"
     again = RungBook([100, 300], reduction_factor=3, total_trials=6)
@@ -131,11 +150,27 @@ def test_fifo_records_but_never_stops():
 
 
 def record(name, status, last):
-    return TrialRecord(name=name, trial_id=name, folder="", params={}, status=status, tokens=1, steps=1, last=last,
-                       best=last, rungs={}, wall_s=0.0)
+    return TrialRecord(
+        name=name,
+        trial_id=name,
+        folder="",
+        params={},
+        status=status,
+        tokens=1,
+        steps=1,
+        last=last,
+        best=last,
+        rungs={},
+        wall_s=0.0,
+    )
 
 
 def test_best_is_never_diverged_stopped_or_failed():
-    records = [record("d", "diverged", None), record("s", "stopped", 1.0), record("e", "error", None),
-               record("f", "finished", 3.0), record("g", "finished", 2.5)]
+    records = [
+        record("d", "diverged", None),
+        record("s", "stopped", 1.0),
+        record("e", "error", None),
+        record("f", "finished", 3.0),
+        record("g", "finished", 2.5),
+    ]
     assert pick_best(records).name == "g"

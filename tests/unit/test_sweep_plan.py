@@ -15,8 +15,18 @@ RAMP = BatchScheduleConfig(start=8, increment=8, ramp_tokens=8192)  # to 24: 4 s
 
 
 def base(*overrides):
-    return resolve({}, ["data.seq_len=128", "train.max_steps=60", "train.global_batch=16", "parallel.micro_batch=4",
-                        "train.eval_batches=4", "train.eval_every=10", *overrides])
+    return resolve(
+        {},
+        [
+            "data.seq_len=128",
+            "train.max_steps=60",
+            "train.global_batch=16",
+            "parallel.micro_batch=4",
+            "train.eval_batches=4",
+            "train.eval_every=10",
+            *overrides,
+        ],
+    )
 
 
 def test_budget_defaults_to_the_base_run():
@@ -24,11 +34,18 @@ def test_budget_defaults_to_the_base_run():
     assert budget_tokens(base("tune.budget_tokens=5000")) == 5000
 
 
-@pytest.mark.parametrize("final_batch, ramp, budget, steps", [
-    (8, BatchScheduleConfig(), 122880, 120), (16, BatchScheduleConfig(), 122880, 60),
-    (16, BatchScheduleConfig(), 122881, 61), (32, BatchScheduleConfig(), 122880, 30),
-    (24, RAMP, 8192, 6), (24, RAMP, 8193, 7), (24, RAMP, 8192 + 3 * 24 * SEQ, 9),
-])
+@pytest.mark.parametrize(
+    "final_batch, ramp, budget, steps",
+    [
+        (8, BatchScheduleConfig(), 122880, 120),
+        (16, BatchScheduleConfig(), 122880, 60),
+        (16, BatchScheduleConfig(), 122881, 61),
+        (32, BatchScheduleConfig(), 122880, 30),
+        (24, RAMP, 8192, 6),
+        (24, RAMP, 8193, 7),
+        (24, RAMP, 8192 + 3 * 24 * SEQ, 9),
+    ],
+)
 def test_max_steps_walks_the_batch_schedule(final_batch, ramp, budget, steps):
     assert steps_for_tokens(budget, final_batch, ramp, SEQ) == steps
     trained = tokens_after_steps(steps, final_batch, ramp, SEQ)
@@ -38,20 +55,37 @@ def test_max_steps_walks_the_batch_schedule(final_batch, ramp, budget, steps):
 
 def test_rungs_at_grace_times_rf_powers():
     assert rung_milestones(base(), 122880) == [13654, 40960]
-    assert rung_milestones(base("tune.grace_tokens=1000", "tune.reduction_factor=2"), 5000) == [1000, 2000, 4000]
-    with pytest.raises(ConfigError, match=r"budget of 1000 tokens is not above its grace period of 2000 tokens"):
+    assert rung_milestones(base("tune.grace_tokens=1000", "tune.reduction_factor=2"), 5000) == [
+        1000,
+        2000,
+        4000,
+    ]
+    with pytest.raises(
+        ConfigError, match=r"budget of 1000 tokens is not above its grace period of 2000 tokens"
+    ):
         rung_milestones(base("tune.grace_tokens=2000"), 1000)
 
 
-@pytest.mark.parametrize("final_batch, ramp, milestone, step", [
-    (8, BatchScheduleConfig(), 13654, 14), (16, BatchScheduleConfig(), 13654, 7),
-    (8, BatchScheduleConfig(), 40960, 40), (16, BatchScheduleConfig(), 40960, 20),
-    (24, RAMP, 5000, 5),  # 4 steps of 8 (4096 tokens), then 16: 6144 at step 5
-])
+@pytest.mark.parametrize(
+    "final_batch, ramp, milestone, step",
+    [
+        (8, BatchScheduleConfig(), 13654, 14),
+        (16, BatchScheduleConfig(), 13654, 7),
+        (8, BatchScheduleConfig(), 40960, 40),
+        (16, BatchScheduleConfig(), 40960, 20),
+        (24, RAMP, 5000, 5),  # 4 steps of 8 (4096 tokens), then 16: 6144 at step 5
+    ],
+)
 def test_the_rung_step_is_the_first_step_at_or_past_the_milestone(final_batch, ramp, milestone, step):
-    crossed = [s for s in range(1, 200) if milestone_crossed(tokens_after_steps(s - 1, final_batch, ramp, SEQ),
-                                                             tokens_after_steps(s, final_batch, ramp, SEQ),
-                                                             [milestone])]
+    crossed = [
+        s
+        for s in range(1, 200)
+        if milestone_crossed(
+            tokens_after_steps(s - 1, final_batch, ramp, SEQ),
+            tokens_after_steps(s, final_batch, ramp, SEQ),
+            [milestone],
+        )
+    ]
     assert crossed == [step]
 
 

@@ -32,7 +32,9 @@ def test_groups_partition_the_world_like_deepspeed(pp, tp, dp):
         groups = topo.all_groups(axis)
         assert sorted(r for g in groups for r in g) == list(range(topo.world_size))
         assert all(len(g) == size for g in groups)
-        assert sorted(map(sorted, groups)) == sorted(map(sorted, ds.get_axis_comm_lists(ds_axis))) or size == 1
+        assert (
+            sorted(map(sorted, groups)) == sorted(map(sorted, ds.get_axis_comm_lists(ds_axis))) or size == 1
+        )
 
 
 def test_pp2_tp2_dp2_layout():
@@ -69,8 +71,18 @@ def test_zero_2_and_3_need_pp_1(stage):
 
 
 def test_ds_config_from_typed_config():
-    cfg = resolve({}, ["parallel.pp=2", "parallel.dp=2", "parallel.micro_batch=2", "train.global_batch=16",
-                       "parallel.zero_stage=1", "train.precision=bf16", "parallel.activation_checkpointing=true"])
+    cfg = resolve(
+        {},
+        [
+            "parallel.pp=2",
+            "parallel.dp=2",
+            "parallel.micro_batch=2",
+            "train.global_batch=16",
+            "parallel.zero_stage=1",
+            "train.precision=bf16",
+            "parallel.activation_checkpointing=true",
+        ],
+    )
     ds = build_ds_config(cfg.parallel, TrainSpec.from_config(cfg))
     assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 16
     assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 1
@@ -92,10 +104,14 @@ def test_grad_comm_dtype_sets_the_reduction_dtype_only_when_asked():
     """auto leaves DeepSpeed's default (the compute dtype); fp32 and bf16 are passed on as its key."""
     for value, want in (("auto", None), ("bf16", "bf16"), ("fp32", "fp32")):
         cfg = resolve({}, ["parallel.dp=2", f"parallel.grad_comm_dtype={value}"])
-        assert build_ds_config(cfg.parallel, TrainSpec.from_config(cfg)).get("communication_data_type") == want
+        assert (
+            build_ds_config(cfg.parallel, TrainSpec.from_config(cfg)).get("communication_data_type") == want
+        )
 
 
-@pytest.mark.parametrize("layout", [("parallel.pp=2",), ("parallel.pp=1",), ("parallel.pp=1", "parallel.tp=2")])
+@pytest.mark.parametrize(
+    "layout", [("parallel.pp=2",), ("parallel.pp=1",), ("parallel.pp=1", "parallel.tp=2")]
+)
 def test_fp32_over_one_dp_rank_runs_without_zero(layout):
     """ZeRO over a single DP rank partitions nothing and only adds DeepSpeed's flat copies: it runs ZeRO 0."""
     cfg = resolve({}, [*layout, "parallel.dp=1", "parallel.zero_stage=1"])
@@ -107,8 +123,9 @@ def test_fp32_over_one_dp_rank_runs_without_zero(layout):
 def test_world_size_is_one_product():
     from raylm.config.layout import num_workers
 
-    cfg = resolve({}, ["parallel.pp=2", "parallel.tp=2", "parallel.dp=3", "model.n_kv_head=2",
-                       "train.global_batch=24"])
+    cfg = resolve(
+        {}, ["parallel.pp=2", "parallel.tp=2", "parallel.dp=3", "model.n_kv_head=2", "train.global_batch=24"]
+    )
     assert num_workers(cfg) == Topology.from_config(cfg.parallel).world_size == 12
 
 
@@ -118,13 +135,17 @@ def test_compute_partition_keeps_the_head_off_the_busiest_stage():
 
     from raylm.model.facts import layer_costs
 
-    cfg = resolve({"model": {"d_model": 256, "n_layer": 7, "n_head": 8, "max_seq_len": 256},
-                   "data": {"seq_len": 256, "vocab_size": 2048}})
+    cfg = resolve(
+        {
+            "model": {"d_model": 256, "n_layer": 7, "n_head": 8, "max_seq_len": 256},
+            "data": {"seq_len": 256, "vocab_size": 2048},
+        }
+    )
     costs = layer_costs(cfg.model, 2048, 256)
     block, head = costs[1], costs[-1]
     assert costs[0] == costs[-2] == 0 and head == 6 * 2048 * 256 and 0 < head < block
     assert list(partition_balanced(costs, 2)) == [0, 5, 10]  # [embed, 4 blocks] | [3 blocks, norm, head]
-    stage_cost = [sum(costs[a:b]) for a, b in zip([0, 5], [5, 10])]
+    stage_cost = [sum(costs[a:b]) for a, b in zip([0, 5], [5, 10], strict=True)]
     assert max(stage_cost) == 4 * block
 
 
@@ -157,6 +178,11 @@ def test_map_large_allocations_returns_freed_buffers_to_the_system(mode):
 
     if not os.path.exists("/proc/self/status"):
         pytest.skip("needs Linux /proc")
-    out = subprocess.run([sys.executable, "-c", FREE_LOWERS_RSS, mode], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    out = subprocess.run(
+        [sys.executable, "-c", FREE_LOWERS_RSS, mode],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+    )
     assert out.stdout.strip() == str(mode == "fixed")
