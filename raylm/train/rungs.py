@@ -20,7 +20,7 @@ from raylm.train.kv import kv_take, rank0_decides
 
 CONTINUE, PAUSE, STOP = "continue", "pause", "stop"  # what a trial does after its report at a rung
 WAIT_S = 120.0  # a decision comes within a Train controller poll and a Tune loop; this only guards a lost one
-POLL_S = 0.02
+POLL_S = 0.1  # each poll is a call on the store actor: a decision waits at most this much longer
 PREFIX = "rung-decision"
 
 
