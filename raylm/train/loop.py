@@ -123,6 +123,7 @@ class Trainer:
         if self.progress:
             self.progress.record(row, force=last or "val_loss" in row)
         resizing = bool(self.resize and not last and self.resize.requested())  # a collective on every rank
+        self.sweep.before_report(rung)
         self.checkpoint_and_report(row, drill, commit_now=rung is not None or rolled_back or resizing)
         if self.sweep.stopped_at(rung):
             return False  # ASHA stopped this trial at this rung: it trains no step past it

@@ -8,7 +8,11 @@ Without the wait a stopped trial trains on until Tune's stop reaches its workers
 hundreds of steps of a small model, all past the rung that judged it (docs/ray-facts.md 8). One key per trial
 and rung, `rung-decision/<sweep>/<trial id>/<rung tokens>` in raylm's key-value actor (raylm.train.kv),
 holding `continue`, `pause` or `stop`; the trial deletes it once read. A paused trial waits where it is until
-Tune ends it (its workers stop; a promotion restarts it from the rung's checkpoint)."""
+Tune ends it (its workers stop; a promotion restarts it from the rung's checkpoint).
+
+Tune may end a paused trial before its rank 0 has read `pause`; the promoted restart reports that rung again,
+so rank 0 drops whatever an earlier attempt left under the rung's key before each rung report
+(forget_decision): it then waits for the decision on this report, never takes the stale one."""
 
 from __future__ import annotations
 
@@ -31,6 +35,13 @@ def decision_key(sweep: str, trial: str, rung_tokens: int) -> str:
 def waits_for_decisions(cfg: Config) -> bool:
     """Trials of an ASHA sweep wait at their rungs; FIFO never stops one and PBT pauses trials itself."""
     return bool(cfg.tune.trial_of) and cfg.tune.scheduler == "asha"
+
+
+def forget_decision(cfg: Config, rank: int, rung_tokens: int) -> None:
+    """Before a rung report (rank 0; the others do nothing): drop a decision an earlier attempt of this trial
+    never read. The scheduler publishes only after it receives the report, so nothing it decides is lost."""
+    if rank == 0:
+        kv_take(decision_key(cfg.tune.trial_of, cfg.run.name, rung_tokens))
 
 
 def read_decision(sweep: str, trial: str, rung_tokens: int, wait_s: float = WAIT_S) -> str | None:

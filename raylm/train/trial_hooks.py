@@ -8,7 +8,7 @@ from typing import Any
 from raylm.config import Config
 from raylm.log import get_logger
 from raylm.train.reporter import Reporter
-from raylm.train.rungs import stopped_at_rung, waits_for_decisions
+from raylm.train.rungs import forget_decision, stopped_at_rung, waits_for_decisions
 from raylm.train.schedule import batch_size_at
 from raylm.train.step import TrainState
 
@@ -21,6 +21,9 @@ class NoSweep:
 
     def stopped_on_resume(self, session, state: TrainState) -> bool:
         return False
+
+    def before_report(self, rung: int | None) -> None:
+        pass
 
     def stopped_at(self, rung: int | None) -> bool:
         return False
@@ -48,6 +51,7 @@ class TrialHooks(NoSweep):
         rungs = self.cfg.tune.rung_tokens
         rung = next((m for m in rungs if state.tokens - step_tokens < m <= state.tokens), None)
         if rung is not None:
+            self.before_report(rung)
             self.reporter.report(
                 {
                     "step": state.step - 1,
@@ -59,6 +63,12 @@ class TrialHooks(NoSweep):
                 }
             )
         return self.stopped_at(rung)
+
+    def before_report(self, rung: int | None) -> None:
+        """Before the report of a step that crossed `rung` (None: none) in an ASHA sweep: forget what an earlier
+        attempt of this trial left unread at that rung (raylm.train.rungs)."""
+        if rung is not None and waits_for_decisions(self.cfg):
+            forget_decision(self.cfg, self.rank, rung)
 
     def stopped_at(self, rung: int | None) -> bool:
         """After a rung report in an ASHA sweep: whether ASHA stopped this trial there (every rank waits for
