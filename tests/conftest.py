@@ -1,10 +1,12 @@
 """Shared fixtures: tier markers by folder, a local Ray started once per session, tiny configs, tmp run dirs,
-a small corpus prepared once per session (without Ray), small training configs, reference runs."""
+a small corpus prepared once per session (without Ray), small training configs, and the session's one cache of
+uninterrupted reference runs."""
 
 from __future__ import annotations
 
 import logging
 import os
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -199,3 +201,20 @@ class ReferenceRuns:
     def losses(self, *overrides: str) -> list[tuple[float, str]]:
         """Each step's (loss, samples_sha)."""
         return [(r["loss"], r["samples_sha"]) for r in self.rows(*overrides)]
+
+
+@pytest.fixture(scope="session")
+def references(prepared, small_corpus, tmp_path_factory) -> ReferenceRuns:
+    """The session's uninterrupted reference runs, shared by every tier: each trains once, in plain processes
+    (raylm's Trainer on gloo ranks, tests/distributed/dist_runs.py), however many tests compare against it. A
+    run on Ray Train matches its plain twin bit for bit (the same loop, samples and thread count), so Ray-tier
+    tests compare against these too; the two-rank fault and resume references train in one process group."""
+    sys.path.insert(0, str(REPO_ROOT / "tests" / "distributed"))  # spawned ranks import it by module name
+    from dist_runs import DP2, PP2, train_many, world_of
+
+    def train_batch(cfgs):
+        errors = train_many(cfgs, world_of(cfgs[0]))
+        assert errors == [None] * len(cfgs), errors
+
+    build = small_configs(prepared, small_corpus, tmp_path_factory.mktemp("references"))
+    return ReferenceRuns(build, train_batch, together=[[PP2, DP2]])

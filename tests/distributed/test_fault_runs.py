@@ -61,9 +61,9 @@ def assert_model_files_finite(cfg) -> None:
     [("before-files", 0, 2), ("mid-files", 1, 2), ("before-commit", 0, 2), ("after-commit", 0, 4)],
 )
 def test_kill_during_save_resumes_from_the_newest_complete_checkpoint(
-    small_config, plain_references, phase, rank, resumes_at
+    small_config, references, phase, rank, resumes_at
 ):
-    expected = plain_references.losses(*PP2)
+    expected = references.losses(*PP2)
     cfg = small_config(
         f"drill-{phase}", *PP2, "fault.max_failures=1", f"fault.drill={phase}@4", f"fault.drill_rank={rank}"
     )
@@ -99,8 +99,8 @@ def nan_runs(prepared, small_corpus, tmp_path_factory):
     return {cfg.run.name: (cfg, error) for cfg, error in zip(cfgs, errors, strict=False)}
 
 
-def test_nonfinite_skip_advances_the_cursor_and_logs_the_samples(nan_runs, plain_references):
-    expected = plain_references.losses(*DP2)
+def test_nonfinite_skip_advances_the_cursor_and_logs_the_samples(nan_runs, references):
+    expected = references.losses(*DP2)
     cfg, error = nan_runs["nan-skip"]
     assert error is None and cfg.fault.nonfinite == "skip"  # the default
     rows = rows_of(cfg)
@@ -133,8 +133,8 @@ def test_nonfinite_stop_names_step_and_rank_and_commits_nothing_from_it(nan_runs
     assert len(rows) == 3 and not any("resumed_from" in r for r in rows)  # a user error: not retried
 
 
-def test_nonfinite_rollback_skips_the_window_and_records_it(nan_runs, plain_references):
-    expected = plain_references.losses(*DP2)
+def test_nonfinite_rollback_skips_the_window_and_records_it(nan_runs, references):
+    expected = references.losses(*DP2)
     cfg, error = nan_runs["nan-rollback"]
     assert error is None
     rows = rows_of(cfg)
@@ -150,8 +150,8 @@ def test_nonfinite_rollback_skips_the_window_and_records_it(nan_runs, plain_refe
     assert_model_files_finite(cfg)
 
 
-def test_spike_warns_then_rolls_back(small_config, plain_references):
-    expected = plain_references.losses(*DP2)
+def test_spike_warns_then_rolls_back(small_config, references):
+    expected = references.losses(*DP2)
     spike = ("fault.drill=spike@5", "fault.spike_window=4", "fault.spike_sigma=3", "checkpoint.every_steps=4")
     warned = small_config("spike-warn", *DP2, *spike)
     rolled = small_config("spike-rollback", *DP2, *spike, "fault.spike=rollback")
@@ -200,10 +200,10 @@ def test_resume_policy_never_and_required(small_config):
         train(cfg)
 
 
-def test_resume_across_layout_changes(small_config, plain_references):
+def test_resume_across_layout_changes(small_config, references):
     # a constant lr makes the schedule independent of max_steps, so one run can stop at 4 and 6 and go on
     constant = ("schedule.lr.kind=constant",)
-    expected = plain_references.losses(*STEPS, *constant)
+    expected = references.losses(*STEPS, *constant)
     layouts = [("parallel.pp=2", "parallel.tp=2"), ("parallel.dp=2",), ("parallel.pp=2",)]
     for max_steps, layout in zip((4, 6, 8), layouts, strict=False):
         train(small_config("moves", *STEPS, *constant, f"train.max_steps={max_steps}", *layout))

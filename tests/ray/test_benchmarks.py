@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
 from tests.conftest import REPO_ROOT
 
 
-def test_gpu_benchmark_dry_mode_prints_its_figures():
+def test_gpu_benchmark_dry_mode_prints_its_figures(ray_cluster):
+    """On the session's Ray (RAY_ADDRESS), as on a cluster: the script's run is one more job there."""
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     done = subprocess.run(
         [sys.executable, "benchmarks/gpu.py", "--dry"],
         cwd=REPO_ROOT,
+        env=env,
         capture_output=True,
         text=True,
         timeout=600,

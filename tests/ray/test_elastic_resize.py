@@ -77,7 +77,7 @@ class MetricsWatcher:
 
 @pytest.mark.slow  # four worker-group starts, a node's death and a node's start: ~4-5 minutes on 2 shared cores
 def test_elastic_run_shrinks_on_a_lost_node_and_grows_back_with_the_same_samples(
-    elastic_cluster, prepared, small_corpus, ray_references, tmp_path
+    elastic_cluster, prepared, small_corpus, references, tmp_path
 ):
     run, console = tmp_path / "elastic", tmp_path / "elastic.log"
     proc = start_run(
@@ -112,7 +112,7 @@ def test_elastic_run_shrinks_on_a_lost_node_and_grows_back_with_the_same_samples
     )
 
     # the same run at a fixed dp=2, uninterrupted, on the session's one-node Ray
-    expected = ray_references.rows(*THREADS, *LAYOUT, *STEPS, "parallel.dp=2")
+    expected = references.rows(*THREADS, *LAYOUT, *STEPS, "parallel.dp=2")
     assert [r["samples_sha"] for r in rows] == [r["samples_sha"] for r in expected]
     assert rows[-1]["tokens"] == expected[-1]["tokens"]
     for got, want in zip(rows, expected, strict=False):

@@ -62,7 +62,7 @@ def last_line(err: str) -> str:
 
 
 def test_sigterm_stops_cleanly_and_the_rerun_matches_an_uninterrupted_run(
-    ray_cluster, small_config, tmp_path, ray_references
+    ray_cluster, small_config, tmp_path, references
 ):
     cfg = small_config("stopped", *LONG)
     code, err, took = interrupt_after_first_commit(
@@ -75,7 +75,7 @@ def test_sigterm_stops_cleanly_and_the_rerun_matches_an_uninterrupted_run(
     assert "/checkpoints/step-" in last_line(err) and "run the same command to resume" in last_line(err)
     train(cfg)  # the same command again: resumes
     rows = read_metrics(Path(cfg.run.dir) / "stopped")
-    expected = ray_references.rows(*LONG)
+    expected = references.rows(*LONG)
     assert [(r["step"], r["loss"], r["samples_sha"]) for r in rows] == [
         (r["step"], r["loss"], r["samples_sha"]) for r in expected
     ]  # bit-identical, each step once

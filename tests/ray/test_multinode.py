@@ -1,15 +1,17 @@
-"""Multi-node Ray on one machine: pipeline stages on two nodes match one node bit for bit, TP groups stay on a
-node, a run that loses a whole node finishes by itself with the losses of an uninterrupted run, and a run whose
-every path is an s3:// URI (moto on 127.0.0.1, behind a relay that can play an outage) matches local folders.
+"""Multi-node Ray on one machine, in two runs of two tests: a pp=2 tp=2 run keeps each TP group on one node and,
+when a whole node is lost, finishes by itself with the losses of an uninterrupted run; a pp=2 run whose every
+path is an s3:// URI (moto on 127.0.0.1, behind a relay that plays an outage) spreads its stages over both
+nodes, never resumes the checkpoint the outage cut short, and ends bit for bit like one process in local
+folders.
 
 Why a separate process for the cluster and for each multi-node run: this pytest process is already connected to
 the session's local Ray (tests/conftest.py), `ray.init` holds one cluster per process, and
 `Cluster.shutdown` resets the process's internal KV client, which would break the session Ray for the tests
 after this file. So tests/ray/multinode_cluster.py hosts the cluster (head + node_a + node_b) in its own process
 for the module, and each multi-node run is `raylm train` in a subprocess with RAY_ADDRESS set, the way users run
-it. References run in this process on the session's single-node Ray. Every run pins one torch thread per
+it. References are the session's plain-process runs (tests/conftest.py). Every run pins one torch thread per
 worker: raylm sizes threads by the workers sharing a node (docs/ray-facts.md 1), so one worker per node would
-otherwise run two threads where the one-node reference runs one, and the comparison is about placement.
+otherwise run two threads where the reference runs one, and the comparison is about placement.
 """
 
 from __future__ import annotations
@@ -148,9 +150,9 @@ def losses(run: Path) -> list[tuple[float, str]]:
     return [(r["loss"], r["samples_sha"]) for r in rows]
 
 
-def reference(ray_references, *extra: str) -> list[tuple[float, str]]:
-    """The same run on the session's one-node Ray, in local folders (once per session for the same settings)."""
-    return ray_references.losses(*THREADS, *extra)
+def reference(references, *extra: str) -> list[tuple[float, str]]:
+    """The same run in plain processes, in local folders (once per session for the same settings)."""
+    return references.losses(*THREADS, *extra)
 
 
 def nodes_by_stage(run: Path) -> dict[int, set[str]]:
@@ -160,70 +162,49 @@ def nodes_by_stage(run: Path) -> dict[int, set[str]]:
     return stages
 
 
-def test_pipeline_stages_on_two_nodes_match_one_node(
-    cluster, ray_cluster, prepared, small_corpus, ray_references, tmp_path
+def test_tp_groups_stay_on_a_node_and_losing_a_node_recovers_by_itself_bit_identical(
+    cluster, prepared, small_corpus, references, tmp_path
 ):
-    console = tmp_path / "spread.log"
-    finish(
-        start_run(
-            cluster,
-            overrides(prepared, small_corpus, tmp_path, "spread", "parallel.pp=2", *ONE_WORKER_PER_NODE),
-            console,
-        ),
-        console,
+    """pp=2 tp=2 on two 2-CPU nodes: one stage per node, each TP group's all-reduces on one node. node_b is
+    SIGKILLed (raylet included) after the first checkpoint and node_c joins: the run restarts on node_a and
+    node_c by itself, its TP groups again on one node each, and ends with the reference's losses."""
+    steps = (
+        "train.max_steps=12",
+        "checkpoint.every_steps=2",
+        "checkpoint.keep=2",
+        "parallel.pp=2",
+        "parallel.tp=2",
     )
-    stages = nodes_by_stage(tmp_path / "spread")
-    assert stages[0] != stages[1] and stages[0] | stages[1] == set(cluster.nodes.values())
-    expected = reference(ray_references, "parallel.pp=2")
-    got = losses(tmp_path / "spread")
-    assert len(got) == 4 and got == expected  # bitwise: fp32, the same samples in the same order
+    run, console = tmp_path / "lost", tmp_path / "lost.log"
+    proc = start_run(
+        cluster, overrides(prepared, small_corpus, tmp_path, "lost", *steps, "fault.max_failures=2"), console
+    )
+    try:
+        rows_at_loss = wait_for_checkpoint(run, proc)
+        placed = read_placement(run)
+        assert_tp_groups_on_one_node(placed)
+        lost = cluster.nodes["node_b"]
+        assert lost in {e["node_id"] for e in placed}, "node_b hosts workers"
+        cluster.command("remove", "node_b")  # SIGKILL of every process of the node, raylet included
+        cluster.command("add", "node_c")
+    finally:
+        finish(proc, console)
+    assert rows_at_loss < 12, "the node was lost mid-run"
+    placed = read_placement(run)
+    assert lost not in {e["node_id"] for e in placed}  # the restarted group runs on node_a and node_c
+    assert_tp_groups_on_one_node(placed)
+    assert [r["resumed_from"] for r in read_metrics(run) if "resumed_from" in r]
+    assert losses(run) == reference(references, *steps)
 
 
-def test_tensor_parallel_groups_stay_on_one_node(cluster, prepared, small_corpus, tmp_path):
-    console = tmp_path / "tp.log"
-    finish(
-        start_run(
-            cluster,
-            overrides(
-                prepared, small_corpus, tmp_path, "tp", "parallel.pp=2", "parallel.tp=2", "train.max_steps=2"
-            ),
-            console,
-        ),
-        console,
-    )
-    placement = read_placement(tmp_path / "tp")
+def assert_tp_groups_on_one_node(placement: list[dict]) -> None:
+    """Four ranks; each TP group (a pipeline stage of a DP replica) on one node, the two stages on two nodes."""
     assert len(placement) == 4
     tp_groups: dict[tuple[int, int], set[str]] = {}
     for entry in placement:
         tp_groups.setdefault((entry["pp_stage"], entry["dp_rank"]), set()).add(entry["node_id"])
     assert all(len(nodes) == 1 for nodes in tp_groups.values()), placement  # TP all-reduces never cross nodes
     assert tp_groups[(0, 0)] != tp_groups[(1, 0)], placement  # 2 CPUs per node: one stage per node
-
-
-def test_losing_a_node_recovers_by_itself_bit_identical(
-    cluster, prepared, small_corpus, ray_references, tmp_path
-):
-    steps = ("train.max_steps=12", "checkpoint.every_steps=2", "checkpoint.keep=2", "parallel.pp=2")
-    run, console = tmp_path / "lost", tmp_path / "lost.log"
-    proc = start_run(
-        cluster,
-        overrides(
-            prepared, small_corpus, tmp_path, "lost", *steps, *ONE_WORKER_PER_NODE, "fault.max_failures=2"
-        ),
-        console,
-    )
-    try:
-        rows_at_loss = wait_for_checkpoint(run, proc)
-        lost = cluster.nodes["node_b"]
-        assert lost in {e["node_id"] for e in read_placement(run)}, "node_b hosts a worker"
-        cluster.command("remove", "node_b")  # SIGKILL of every process of the node, raylet included
-        cluster.command("add", "node_c")
-    finally:
-        finish(proc, console)
-    assert rows_at_loss < 12, "the node was lost mid-run"
-    assert lost not in {e["node_id"] for e in read_placement(run)}  # the restarted group runs on node_c
-    assert [r["resumed_from"] for r in read_metrics(run) if "resumed_from" in r]
-    assert losses(run) == reference(ray_references, *steps)
 
 
 def wait_for_checkpoint(run: Path, proc: subprocess.Popen, timeout_s: float = 180) -> int:
@@ -264,9 +245,15 @@ def fetched(run_uri: str, tmp_path: Path, *names: str) -> Path:
     return files.local
 
 
-def test_every_path_on_s3_prepare_train_pp2_export_matches_local(
-    cluster, s3_relay, prepared, small_corpus, ray_references, tmp_path
+def test_every_path_on_s3_across_two_nodes_survives_an_outage_and_matches_one_process(
+    cluster, s3_relay, prepared, small_corpus, references, tmp_path
 ):
+    """prepare into an s3:// prefix (the same shards as the local reference's); train pp=2 with one worker per
+    node, every path on S3. The relay cuts the server off for 5 s at the first upload of step 4 (the last): the
+    commit fails with one line, older checkpoints untouched, and step-00000004/ has no manifest. The rerun
+    resumes from step 2, its stages on the two nodes, and ends with the losses of an uninterrupted run in local
+    folders (checkpoints change no loss); then `raylm export` writes from S3 to S3, and the bucket holds every
+    file of the run."""
     prefix, run_uri = f"s3://{BUCKET}/e2e", f"s3://{BUCKET}/e2e/runs/s3run"
     args = s3_overrides(
         prefix,
@@ -281,8 +268,31 @@ def test_every_path_on_s3_prepare_train_pp2_export_matches_local(
     assert [e["sha256"] for e in read_data_manifest(f"{prefix}/data")["shards"]] == [
         e["sha256"] for e in read_data_manifest(prepared)["shards"]
     ]  # the same shards as the local reference's
-    console = tmp_path / "s3run.log"
+    s3_relay.arm(b"/e2e/runs/s3run/checkpoints/step-00000004/", down_s=5.0)
+    console = tmp_path / "cut.log"
+    proc = start_run(cluster, args, console)
+    proc.wait(timeout=RUN_TIMEOUT_S)
+    text = console.read_text()
+    assert s3_relay.fired.is_set() and proc.returncode != 0, text[-3000:]
+    assert "uploading checkpoint step 4 failed" in text, text[-3000:]
+    checkpoints = parse_uri(f"{run_uri}/checkpoints")
+    assert [p.name for p in list_committed(checkpoints)] == ["step-00000002"]
+    assert "manifest.json" not in object_sizes(checkpoints / "step-00000004")
+
+    console = tmp_path / "rerun.log"
     finish(start_run(cluster, args, console), console)
+    run = fetched(
+        run_uri, tmp_path, "metrics.jsonl", "placement/rank-00000.json", "placement/rank-00001.json"
+    )
+    resumed = [
+        (r["resumed_from"], r["resumed_from_checkpoint"]) for r in read_metrics(run) if "resumed_from" in r
+    ]
+    assert resumed == [(2, f"{run_uri}/checkpoints/step-00000002")]
+    stages = nodes_by_stage(run)  # one stage per node, each uploading its own files
+    assert stages[0] != stages[1] and stages[0] | stages[1] == set(cluster.nodes.values())
+    got = losses(run)
+    assert len(got) == 4 and got == reference(references, "parallel.pp=2")  # bitwise: fp32, the same samples
+
     summary = export(run_uri, f"{prefix}/exports/s3run")
     assert summary["out_dir"] == f"{prefix}/exports/s3run" and summary["step"] == 4
     bucket = object_sizes(parse_uri(f"s3://{BUCKET}/e2e"), recursive=True)
@@ -303,48 +313,3 @@ def test_every_path_on_s3_prepare_train_pp2_export_matches_local(
     assert any(k.startswith("data/") and k.endswith(".bin") for k in bucket)
     assert any(k.startswith("runs/s3run/tensorboard/events.") for k in bucket)
     assert not (REPO_ROOT / "s3:").exists()
-    run = fetched(
-        run_uri, tmp_path, "metrics.jsonl", "placement/rank-00000.json", "placement/rank-00001.json"
-    )
-    assert (
-        len({e["node_id"] for e in read_placement(run)}) == 2
-    )  # one stage per node, each uploading its files
-    assert losses(run) == reference(ray_references, "parallel.pp=2")
-
-
-def test_a_storage_outage_during_a_checkpoint_upload_never_resumes_a_partial_checkpoint(
-    cluster, s3_relay, small_corpus, ray_references, tmp_path
-):
-    """The relay cuts the server off for 5 s at the first upload of step 4 (the last): the commit fails with one
-    line (older checkpoints untouched); the prefix step-00000004/ has no manifest, so the rerun resumes from
-    step 2 and ends with the losses of an uninterrupted run (checkpoints change no loss: the pp=2 reference of the
-    other tests serves)."""
-    prefix, run_uri = f"s3://{BUCKET}/outage", f"s3://{BUCKET}/outage/runs/cut"
-    args = s3_overrides(
-        prefix,
-        small_corpus,
-        tmp_path,
-        "cut",
-        "checkpoint.every_steps=2",
-        "parallel.pp=2",
-        *ONE_WORKER_PER_NODE,
-    )
-    prepare_on_s3(args)
-    s3_relay.arm(b"/outage/runs/cut/checkpoints/step-00000004/", down_s=5.0)
-    console = tmp_path / "cut.log"
-    proc = start_run(cluster, args, console)
-    proc.wait(timeout=RUN_TIMEOUT_S)
-    text = console.read_text()
-    assert s3_relay.fired.is_set() and proc.returncode != 0, text[-3000:]
-    assert "uploading checkpoint step 4 failed" in text, text[-3000:]
-    checkpoints = parse_uri(f"{run_uri}/checkpoints")
-    assert [p.name for p in list_committed(checkpoints)] == ["step-00000002"]
-    assert "manifest.json" not in object_sizes(checkpoints / "step-00000004")
-    console = tmp_path / "cut-rerun.log"
-    finish(start_run(cluster, args, console), console)
-    run = fetched(run_uri, tmp_path, "metrics.jsonl")
-    resumed = [
-        (r["resumed_from"], r["resumed_from_checkpoint"]) for r in read_metrics(run) if "resumed_from" in r
-    ]
-    assert resumed == [(2, f"{run_uri}/checkpoints/step-00000002")]
-    assert losses(run) == reference(ray_references, "parallel.pp=2")

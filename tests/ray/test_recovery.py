@@ -1,5 +1,6 @@
 """Checkpoints on a real TorchTrainer: exact resume after a worker SIGKILLed from outside, kill -9 recovery by Ray
-Train's restart, and export read back by a plain PyTorch forward. Kills during a save, damaged checkpoints, the
+Train's restart, and `raylm export` of the recovered run (its weights read back by a plain forward:
+tests/unit/test_export.py). Kills during a save, damaged checkpoints, the
 resume policies and resumes across layouts run without Ray: tests/distributed/test_fault_runs.py."""
 
 from __future__ import annotations
@@ -58,8 +59,8 @@ class WorkerKiller(threading.Thread):
             time.sleep(0.05)
 
 
-def test_kill_then_resume_is_bit_identical(ray_cluster, small_config, ray_references):
-    expected = ray_references.losses(*STEPS, "parallel.pp=2")
+def test_kill_then_resume_is_bit_identical(ray_cluster, small_config, references):
+    expected = references.losses(*STEPS, "parallel.pp=2")
     cfg = small_config("stopped", *STEPS, "parallel.pp=2", "fault.max_failures=0")
     killer = WorkerKiller(cfg, steps=3)
     with pytest.raises(RaylmError, match="training failed"):
@@ -71,8 +72,12 @@ def test_kill_then_resume_is_bit_identical(ray_cluster, small_config, ray_refere
     assert run_losses(cfg) == expected  # bit-identical, fp32 on CPU
 
 
-def test_kill_minus_nine_recovers_by_itself(ray_cluster, small_config, ray_references):
-    expected = ray_references.losses(*STEPS, "parallel.pp=2")
+def test_kill_minus_nine_recovers_by_itself_and_the_run_exports(
+    ray_cluster, small_config, references, tmp_path
+):
+    """Ray Train restarts the group after a worker's SIGKILL; the run ends with the reference's losses, and
+    `raylm export` turns its newest checkpoint into a Hugging Face folder."""
+    expected = references.losses(*STEPS, "parallel.pp=2")
     cfg = small_config("recovers", *STEPS, "parallel.pp=2", "fault.max_failures=1")
     killer = WorkerKiller(cfg, steps=3)
     train(cfg)
@@ -80,14 +85,6 @@ def test_kill_minus_nine_recovers_by_itself(ray_cluster, small_config, ray_refer
     assert killer.rows_at_kill is not None and killer.rows_at_kill < cfg.train.max_steps  # it died mid-run
     assert run_losses(cfg) == expected
     assert committed(cfg) == ["step-00000006", "step-00000008"]  # checkpoint.keep=2
-
-
-def test_export_matches_a_plain_pytorch_forward(ray_cluster, small_config, tmp_path):
-    pytest.importorskip("safetensors")
-    from raylm.checkpoint.export import export  # noqa: F401  (API checked in tests/unit/test_export*.py)
-
-    cfg = small_config("exported", "parallel.tp=2", "train.max_steps=2")
-    train(cfg)
     out = tmp_path / "export"
     from raylm.cli import main
 

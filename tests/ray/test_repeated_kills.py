@@ -184,20 +184,18 @@ def run_with_kills(
         assert_read_task_ran_again(killer.killed_pid)
 
 
-def test_a_rank_killed_mid_save_and_a_read_task_killed_recover_exactly(
-    ray_cluster, small_config, ray_references
-):
+def test_a_rank_killed_mid_save_and_a_read_task_killed_recover_exactly(ray_cluster, small_config, references):
     # rank 3 (pipeline stage 1, DP rank 1) dies while it writes the step-4 checkpoint; the group resumes from step 2
     run_with_kills(
-        small_config, ray_references, "mid-save", [("mid-files", 4, 3)], steps=8, kill_a_read_task=True
+        small_config, references, "mid-save", [("mid-files", 4, 3)], steps=8, kill_a_read_task=True
     )
 
 
 @pytest.mark.slow
-def test_two_kills_and_a_read_task_kill_recover_exactly(ray_cluster, small_config, ray_references):
+def test_two_kills_and_a_read_task_kill_recover_exactly(ray_cluster, small_config, references):
     run_with_kills(
         small_config,
-        ray_references,
+        references,
         "two-kills",
         kill_plan(3, 2, 12, every=2),
         steps=12,
@@ -206,16 +204,16 @@ def test_two_kills_and_a_read_task_kill_recover_exactly(ray_cluster, small_confi
 
 
 @pytest.mark.slow
-def test_five_kills_over_forty_steps_recover_exactly(ray_cluster, small_config, ray_references):
-    run_with_kills(small_config, ray_references, "five-kills", kill_plan(12, 5, 40, every=2), steps=40)
+def test_five_kills_over_forty_steps_recover_exactly(ray_cluster, small_config, references):
+    run_with_kills(small_config, references, "five-kills", kill_plan(12, 5, 40, every=2), steps=40)
 
 
 @pytest.mark.slow
-def test_killed_read_task_is_retried_without_a_restart(ray_cluster, small_config, ray_references):
+def test_killed_read_task_is_retried_without_a_restart(ray_cluster, small_config, references):
     cfg = small_config(
         "read-task-killed", *LAYOUT, "train.max_steps=8", "fault.max_failures=0", "fault.drill=read@0"
     )
     with ReadTaskKiller() as killer:
         train(cfg)  # max_failures=0: a worker-group restart would fail the run
     assert_read_task_ran_again(killer.killed_pid)
-    assert_exact_run(cfg, ray_references.losses(*LAYOUT, "train.max_steps=8"), resumed_from=[])
+    assert_exact_run(cfg, references.losses(*LAYOUT, "train.max_steps=8"), resumed_from=[])

@@ -26,9 +26,9 @@ def rows_of(cfg) -> list[dict]:
 
 @pytest.mark.slow
 def test_stalled_rank_fails_its_collectives_and_the_group_resumes_bitwise(
-    ray_cluster, small_config, ray_references
+    ray_cluster, small_config, references
 ):
-    expected = ray_references.losses(*STEPS, DP2)
+    expected = references.losses(*STEPS, DP2)
     timeout_s = 20
     cfg = small_config(
         "stalled", *STEPS, DP2, f"fault.collective_timeout_s={timeout_s}", "fault.max_failures=1"
