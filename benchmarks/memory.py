@@ -251,6 +251,7 @@ def main() -> None:
     model = DRY_MODEL if args.dry else [f"model.n_layer={args.layers}"]
     layouts = LAYOUTS[:1] if args.dry else args.layouts
     dist_harness.TIMEOUT_S = 900  # a 300M-parameter step and checkpoint on one thread per rank
+    dist_harness.START_METHOD = "spawn"  # fresh processes: nothing inherited from a preloaded server
     work = scratch_dir("raylm-memory-bench-")
     try:
         idle = dist_harness.run_world(1, idle_rank)[0]

@@ -13,6 +13,11 @@ import torch
 import torch.multiprocessing as mp
 
 TIMEOUT_S = 240  # a hung collective fails the test instead of the whole suite
+# Ranks fork from one server process that imported these once: a freshly spawned rank imports torch, DeepSpeed
+# and raylm itself, seconds per rank on 2 cores. The server starts on the first spawn_ranks of a process.
+# benchmarks/memory.py sets "spawn": it measures fresh processes.
+START_METHOD = "forkserver"
+PRELOAD = ["torch", "deepspeed", "raylm.parallel.engine", "raylm.train.worker"]
 
 
 def free_port() -> int:
@@ -50,18 +55,29 @@ def _rank_main(rank: int, world_size: int, port: int, backend: str, fn, args, re
 
 
 def spawn_ranks(world_size: int, target, *args) -> tuple[list, object]:
-    """Start target(rank, world_size, port, *args, results) in one spawned process per rank; (processes, the
-    queue they put their results on)."""
-    ctx = mp.get_context("spawn")
+    """Start target(rank, world_size, port, *args, results) in one process per rank, each forked from the
+    preloaded server (START_METHOD) and given this process's environment as it is now; (processes, the queue
+    they put their results on)."""
+    ctx = mp.get_context(START_METHOD)
+    if START_METHOD == "forkserver":
+        ctx.set_forkserver_preload(PRELOAD)
     results = ctx.Queue()
     port = free_port()
+    env = dict(os.environ)
     procs = [
-        ctx.Process(target=target, args=(r, world_size, port, *args, results), daemon=True)
+        ctx.Process(target=_in_env, args=(env, target, r, world_size, port, *args, results), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:
         p.start()
     return procs, results
+
+
+def _in_env(env: dict[str, str], target, *args) -> None:
+    """target(*args) with the parent's environment of the moment (the server's is the one it started with)."""
+    os.environ.clear()
+    os.environ.update(env)
+    target(*args)
 
 
 def run_world(world_size: int, fn, *args, backend: str = "gloo") -> list:
