@@ -67,6 +67,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from raylm.plan.command import plan_command
+
+    for line in plan_command(
+        _load(args),
+        config_path=args.config,
+        gpus=args.gpus,
+        gpus_per_node=args.gpus_per_node,
+        gpu=args.gpu,
+        gpu_mem_gb=args.gpu_mem,
+        json_lines=args.json,
+        top=args.top,
+        recalibrate=args.recalibrate,
+    ):
+        print(line)
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from raylm.tune.sweep import sweep
 
@@ -177,6 +195,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-config-change",
         action="store_true",
         help="resume even though run.seed, the data, the tokenizer or the model shape changed",
+    )
+
+    plan = with_config(
+        "plan",
+        cmd_plan,
+        "predict memory per rank, step time, tokens/s and MFU of every valid layout; print them ranked and "
+        "the best layout's overrides",
+    )
+    plan.add_argument(
+        "--gpus", type=int, default=0, help="ranks to plan for (default: the config's pp*tp*dp)"
+    )
+    plan.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=0,
+        help="ranks per node: TP and DP groups inside a node use its fast links (default 8; cpu: --gpus)",
+    )
+    plan.add_argument(
+        "--gpu",
+        default="h100",
+        metavar="h100|h200|a100|cpu",
+        help="hardware: a GPU of raylm's table, or cpu (this machine, measured once and cached)",
+    )
+    plan.add_argument(
+        "--gpu-mem", type=float, default=0.0, metavar="GB", help="memory per GPU instead of the table's"
+    )
+    plan.add_argument("--json", action="store_true", help="one JSON object per layout instead of the table")
+    plan.add_argument("--top", type=int, default=15, help="fitting layouts the table shows (default 15)")
+    plan.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="--gpu cpu: measure this machine again, replacing the cache",
     )
 
     sweep_help = "search a tune_spaces YAML with Ray Tune, each trial a training run, ASHA early stopping"

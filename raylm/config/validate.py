@@ -29,9 +29,7 @@ def validate(cfg: Config) -> Config:
         _check_choices,
         _check_model,
         _check_dp_range,
-        _check_layout,
-        _check_batch,
-        _check_schedule,
+        *LAYOUT_CHECKS,
         _check_plateau,
         _check_tune,
         _check_storage,
@@ -40,6 +38,13 @@ def validate(cfg: Config) -> Config:
     ):
         check(cfg)
     return cfg
+
+
+def check_layout(cfg: Config) -> None:
+    """Only the checks that depend on the parallel degrees, the micro-batch and the batch: what raylm plan asks of
+    each layout it considers (the same rules `validate` applies)."""
+    for check in LAYOUT_CHECKS:
+        check(cfg)
 
 
 def _fail(message: str) -> None:
@@ -255,6 +260,9 @@ def _check_schedule(cfg: Config) -> None:
             f"schedule.batch.ramp_tokens={ramp.ramp_tokens} must be positive when the ramp is on; "
             f"e.g. schedule.batch.ramp_tokens={gb * cfg.data.seq_len * 20}"
         )
+
+
+LAYOUT_CHECKS = (_check_layout, _check_batch, _check_schedule)
 
 
 def _check_storage(cfg: Config) -> None:
