@@ -138,6 +138,10 @@ def _comm_rank(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(
+        devnull, 2
+    )  # DeepSpeed announces its accelerator on import; the planner's output is not the place
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     import raylm.parallel.engine  # noqa: F401  what a training rank has loaded before its model
 
