@@ -62,7 +62,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raylm.train.driver import train
 
     cfg = _load(args)
-    summary = train(cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    summary = train(
+        cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change, force=args.force
+    )
     print(json.dumps(summary))
     return 0
 
@@ -195,6 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-config-change",
         action="store_true",
         help="resume even though run.seed, the data, the tokenizer or the model shape changed",
+    )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="train even when raylm plan predicts the layout does not fit in a rank's memory",
     )
 
     plan = with_config(

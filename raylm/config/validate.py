@@ -31,6 +31,7 @@ def validate(cfg: Config) -> Config:
         _check_dp_range,
         *LAYOUT_CHECKS,
         _check_plateau,
+        _check_autos,
         _check_tune,
         _check_storage,
         _check_data,
@@ -90,6 +91,7 @@ def _check_positive(cfg: Config) -> None:
         "train.eval_batches": cfg.train.eval_batches,
         "fault.spike_window": cfg.fault.spike_window,
         "fault.collective_timeout_s": cfg.fault.collective_timeout_s,
+        "fault.mtbf_hours": cfg.fault.mtbf_hours,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -314,6 +316,21 @@ def _check_plateau(cfg: Config) -> None:
         _fail(
             "schedule.lr.kind=plateau follows val_loss, but train.eval_every=0 evaluates only at the end; "
             "set train.eval_every=N"
+        )
+
+
+def _check_autos(cfg: Config) -> None:
+    """parallel.layout=auto picks fixed degrees; checkpoint.interval=auto replaces every_steps."""
+    p = cfg.parallel
+    if p.layout == "auto" and is_elastic(p):
+        _fail(
+            f"parallel.layout=auto picks one fixed layout, but parallel.dp=[{p.dp_min}, {p.dp_max}] is a range; "
+            f"set parallel.layout=manual or give parallel.dp one number"
+        )
+    if cfg.checkpoint.interval == "auto" and cfg.checkpoint.every_steps:
+        _fail(
+            f"checkpoint.every_steps={cfg.checkpoint.every_steps} with checkpoint.interval=auto: the interval "
+            f"is Young/Daly's; set checkpoint.every_steps=auto (or 0), or checkpoint.interval=steps"
         )
 
 

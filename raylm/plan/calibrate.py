@@ -27,6 +27,9 @@ CPU_MATMUL_EFF = 0.8  # a plain loop reaches ~0.86 of the matmul peak on CPU; De
 CPU_MATMUL_KNEE = 16  # CPU kernels reach their peak on much smaller matrices than a GPU's
 CPU_BLOCK_OVERHEAD_S = 300e-6  # eager PyTorch: ~100 ops per block forward and backward
 CPU_LINK_EFF = 1.0  # the all-reduce bandwidth below is already what gloo's ring reaches
+IDLE_RANK_BYTES = (
+    0.9e9  # a gloo rank that imported torch, DeepSpeed and raylm, before its model (measured here)
+)
 
 
 def cache_path() -> Path:
@@ -58,6 +61,26 @@ def cpu_hardware(recalibrate: bool = False) -> Hardware:
         tmp.write_text(json.dumps(figures, indent=1))
         tmp.replace(path)
     return hardware_of(figures)
+
+
+def cpu_memory_hardware() -> Hardware:
+    """This machine for memory predictions only, measuring nothing: the cached calibration when it is this
+    machine's, else its RAM and a typical idle rank (its compute figures are then placeholders)."""
+    figures = _read(cache_path())
+    if figures is not None and figures.get("key") == machine_key():
+        return hardware_of(figures)
+    unmeasured = {
+        "key": machine_key(),
+        "matmul_fp32": 1.0,
+        "matmul_bf16": 1.0,
+        "mem_bw": 1.0,
+        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "allreduce_bw": 1.0,
+        "send_bw": 1.0,
+        "latency_s": 0.0,
+        "idle_rank_bytes": IDLE_RANK_BYTES,
+    }
+    return hardware_of(unmeasured)
 
 
 def _read(path: Path) -> dict | None:
