@@ -12,6 +12,8 @@ import os
 import platform
 import resource
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -27,9 +29,20 @@ CPU_MATMUL_EFF = 0.8  # a plain loop reaches ~0.86 of the matmul peak on CPU; De
 CPU_MATMUL_KNEE = 16  # CPU kernels reach their peak on much smaller matrices than a GPU's
 CPU_BLOCK_OVERHEAD_S = 300e-6  # eager PyTorch: ~100 ops per block forward and backward
 CPU_LINK_EFF = 1.0  # the all-reduce bandwidth below is already what gloo's ring reaches
-IDLE_RANK_BYTES = (
-    0.9e9  # a gloo rank that imported torch, DeepSpeed and raylm, before its model (measured here)
-)
+# a gloo rank's fixed cost when this machine has no calibration (_framework_rank measured 0.45 GB here)
+IDLE_RANK_BYTES = 0.45e9
+FRAMEWORK_PROBE = [  # the almost empty model _framework_rank trains, over dp = 2
+    "model.n_layer=1",
+    "model.d_model=64",
+    "model.n_head=4",
+    "data.vocab_size=512",
+    "data.seq_len=32",
+    "model.max_seq_len=32",
+    "parallel.pp=1",
+    "parallel.dp=2",
+    "parallel.micro_batch=1",
+    "train.global_batch=2",
+]
 
 
 def cache_path() -> Path:
@@ -113,22 +126,25 @@ def hardware_of(figures: dict) -> Hardware:
 def measure() -> dict:
     """Every figure, measured now: matmuls and a copy in this process, the rest in two gloo processes."""
     import torch
-    import torch.multiprocessing as mp
 
     figures: dict = {"key": machine_key(), "measured_at": time.time(), "platform": platform.platform()}
     figures["matmul_fp32"] = measure_matmul_peak(torch.float32, seconds=1.0)
     figures["matmul_bf16"] = measure_matmul_peak(torch.bfloat16, seconds=1.0)
     figures["mem_bw"] = _copy_bandwidth()
     figures["ram_bytes"] = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_comm_rank, args=(rank, port, results)) for rank in range(2)]
-    for proc in procs:
-        proc.start()
-    comm = [results.get(timeout=300) for _ in procs]
-    for proc in procs:
-        proc.join(timeout=60)
+    # fresh interpreters (not multiprocessing's children, which import the caller's main module and inherit its
+    # peak RSS): what an idle training rank holds is what they hold
+    procs = [
+        subprocess.Popen(  # noqa: S603  this module, with two integers
+            [sys.executable, "-m", "raylm.plan.calibrate", str(rank), str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
+        for rank in range(2)
+    ]
+    comm = [json.loads(proc.communicate(timeout=300)[0].strip().splitlines()[-1]) for proc in procs]
     rank0 = next(r for r in comm if r["rank"] == 0)
     figures.update({k: v for k, v in rank0.items() if k != "rank"})
     figures["idle_rank_bytes"] = max(r["idle_rank_bytes"] for r in comm)
@@ -155,20 +171,41 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _comm_rank(rank: int, port: int, results) -> None:
-    """One of two gloo processes: the idle rank's memory, all-reduce bandwidth, send bandwidth and latency."""
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory since it started (VmHWM: unlike ru_maxrss, not inherited across exec
+    from the process that forked it)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def _framework_rank(rank: int, port: int) -> int:
+    """Join a gloo group of two as a training rank does and train one step of an almost empty model (a layout of
+    dp=2): the peak RSS then is the framework's fixed cost (Python, torch, DeepSpeed and its op, gloo, the
+    engine's own structures), the model's share of it a few MB."""
+    import torch
+
+    from raylm.config import resolve
+    from raylm.parallel.engine import build_engine, init_distributed
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    init_distributed("gloo")
+    cfg = resolve({}, FRAMEWORK_PROBE)
+    engine = build_engine(cfg)
+    tokens = torch.randint(0, cfg.data.vocab_size, (cfg.parallel.micro_batch, cfg.data.seq_len + 1))
+    engine.train_batch(iter([(tokens[:, :-1], tokens[:, 1:])] * engine.micro_batches))
+    return peak_rss_bytes()
+
+
+def _comm_rank(rank: int, port: int) -> dict:
+    """One of two gloo processes: a rank's fixed memory, all-reduce bandwidth, send bandwidth and latency."""
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(
-        devnull, 2
-    )  # DeepSpeed announces its accelerator on import; the planner's output is not the place
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    import raylm.parallel.engine  # noqa: F401  what a training rank has loaded before its model
-
-    idle = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    idle = _framework_rank(rank, port)
     tensor = torch.ones(COMM_BYTES // 4)
     dist.all_reduce(tensor)  # warm up the connection
     allreduce_s = _best_of(lambda: dist.all_reduce(tensor))
@@ -186,16 +223,14 @@ def _comm_rank(rank: int, port: int, results) -> None:
     small = torch.ones(1)
     latency_s = _best_of(lambda: dist.all_reduce(small))
     dist.destroy_process_group()
-    results.put(
-        {
-            "rank": rank,
-            "idle_rank_bytes": idle,
-            # a ring all-reduce over 2 moves 2 (n - 1) / n = 1 times the bytes through each link
-            "allreduce_bw": COMM_BYTES / allreduce_s,
-            "send_bw": COMM_BYTES / send_s,
-            "latency_s": latency_s / 2,
-        }
-    )
+    return {
+        "rank": rank,
+        "idle_rank_bytes": idle,
+        # a ring all-reduce over 2 moves 2 (n - 1) / n = 1 times the bytes through each link
+        "allreduce_bw": COMM_BYTES / allreduce_s,
+        "send_bw": COMM_BYTES / send_s,
+        "latency_s": latency_s / 2,
+    }
 
 
 def _best_of(fn) -> float:
@@ -205,3 +240,7 @@ def _best_of(fn) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+if __name__ == "__main__":  # one rank of measure()'s pair: python -m raylm.plan.calibrate RANK PORT
+    print(json.dumps(_comm_rank(int(sys.argv[1]), int(sys.argv[2]))), flush=True)
