@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -83,7 +84,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         top=args.top,
         recalibrate=args.recalibrate,
     ):
-        print(line)
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:  # `raylm plan ... --json | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            break
     return 0
 
 

@@ -12,6 +12,9 @@ from raylm.plan.hardware import Hardware
 from raylm.plan.predict import GB, Prediction, plan, predict
 
 HOUR_S = 3600.0
+CHECKPOINT_BYTES_PER_PARAM = (
+    12  # fp32 weights and two fp32 AdamW moments: what a checkpoint's layer files hold
+)
 
 
 def best_layout(cfg: Config, hw: Hardware, world: int, gpus_per_node: int) -> Prediction:
@@ -71,6 +74,7 @@ class CheckpointInterval:
     save_s: float
     step_s: float
     mtbf_s: float  # the whole job's: one node's MTBF / nodes
+    restart_s: float = 0.0  # a failure's cost besides the redone steps: a new worker group and the load
 
     @property
     def save_frac(self) -> float:
@@ -81,9 +85,17 @@ class CheckpointInterval:
         return (self.interval_s + self.save_s) / 2 / self.mtbf_s
 
     @property
+    def restart_frac(self) -> float:
+        return self.restart_s / self.mtbf_s
+
+    @property
+    def failures_per_day(self) -> float:
+        return 86_400.0 / self.mtbf_s
+
+    @property
     def goodput(self) -> float:
-        """Share of wall time that trains steps kept (restart time not counted)."""
-        return max(0.0, 1.0 - self.save_frac - self.rework_frac)
+        """Share of wall time that trains steps that are kept."""
+        return max(0.0, 1.0 - self.save_frac - self.rework_frac - self.restart_frac)
 
     def describe(self) -> str:
         return (
@@ -98,12 +110,26 @@ def young_daly_s(save_s: float, mtbf_s: float) -> float:
     return math.sqrt(2 * save_s * mtbf_s)
 
 
-def checkpoint_interval(save_s: float, step_s: float, node_mtbf_h: float, nodes: int) -> CheckpointInterval:
+def checkpoint_write_s(parameters: int, pp: int, writer_bw: float) -> tuple[float, float]:
+    """(bytes, seconds) of one checkpoint: fp32 weights and AdamW's two moments per parameter, written by each
+    stage's (dp 0, tp 0) rank in parallel (raylm.checkpoint.state), each at `writer_bw` bytes/s."""
+    nbytes = CHECKPOINT_BYTES_PER_PARAM * parameters
+    return nbytes, nbytes / pp / writer_bw
+
+
+def checkpoint_interval(
+    save_s: float, step_s: float, node_mtbf_h: float, nodes: int, restart_s: float = 0.0
+) -> CheckpointInterval:
     """Young/Daly's interval in whole steps (at least one) for a job of `nodes` nodes."""
     if step_s <= 0 or node_mtbf_h <= 0 or nodes <= 0:
         raise ValueError(f"step_s={step_s}, node_mtbf_h={node_mtbf_h}, nodes={nodes} must be positive")
     mtbf_s = node_mtbf_h * HOUR_S / nodes
     steps = max(1, round(young_daly_s(max(save_s, 0.0), mtbf_s) / step_s))
     return CheckpointInterval(
-        steps=steps, interval_s=steps * step_s, save_s=save_s, step_s=step_s, mtbf_s=mtbf_s
+        steps=steps,
+        interval_s=steps * step_s,
+        save_s=save_s,
+        step_s=step_s,
+        mtbf_s=mtbf_s,
+        restart_s=restart_s,
     )

@@ -1,7 +1,8 @@
 """Predicted step time of one layout: compute, the 1F1B bubble, TP all-reduces, pipeline sends, DP reductions.
 
 The slowest stage sets the pipeline's pace: a step is m + p - 1 slots of that stage's micro-batch time
-(compute at the hardware's peak x matmul_eff, plus its TP all-reduces and its sends, none overlapped), so the
+(matmuls at the hardware's peak x matmul_eff, the memory-bound elementwise work at its memory bandwidth, a fixed
+cost per block, plus its TP all-reduces and its sends, none overlapped), so the
 bubble (p - 1) / (m + p - 1) falls out of it. Then the DP gradient reduction, which DeepSpeed runs after the
 last micro-batch (raylm sets no overlap_comm, so ZeRO 1 and 2 and the pipeline engine do not overlap it;
 ZeRO-3 reduce-scatters during the backward and gathers each layer, unprefetched, before its use), the
@@ -14,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from raylm.plan.hardware import Hardware
-from raylm.plan.memory import DTYPE_BYTES, RankSetup
+from raylm.plan.memory import DTYPE_BYTES, RankSetup, block_activation_bytes
 from raylm.plan.stages import ModelShape, Stage
 
 OPTIMIZER_BYTES_PER_ELEMENT = (
@@ -22,6 +23,9 @@ OPTIMIZER_BYTES_PER_ELEMENT = (
 )
 TP_ALLREDUCES_PER_BLOCK = 4  # Megatron: one per attention and per MLP, forward and backward
 TP_RECOMPUTE_ALLREDUCES = 2  # a recomputed forward repeats its two
+ELEMENTWISE_PASSES = (
+    3  # saved activations are written in the forward, read and their gradients written backward
+)
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,19 @@ def _saturation(size: float, knee: int) -> float:
     return size / (size + knee)
 
 
+def elementwise_s(shape: ModelShape, stage: Stage, setup: RankSetup, hw: Hardware, place: Placement) -> float:
+    """The memory-bound part of a micro-batch: norms, RoPE, SwiGLU's gate, residual adds and the loss's softmax
+    read and write about what autograd keeps, ELEMENTWISE_PASSES times, at the rank's memory bandwidth."""
+    tokens = setup.micro_batch * shape.seq_len
+    e = DTYPE_BYTES[setup.precision]
+    passes = ELEMENTWISE_PASSES + (1 if setup.checkpointing else 0)  # a recomputed forward writes them again
+    nbytes = stage.blocks * block_activation_bytes(shape, tokens, setup) * passes
+    if stage.last:
+        nbytes += ELEMENTWISE_PASSES * (8 + e) * tokens * shape.vocab / setup.tp
+    mem_bw = hw.mem_bw / (place.ranks_per_node if hw.cores_per_node else 1)
+    return nbytes / mem_bw
+
+
 def micro_batch_slot_s(
     shape: ModelShape, stage: Stage, setup: RankSetup, hw: Hardware, place: Placement
 ) -> tuple[float, float, float]:
@@ -102,6 +119,7 @@ def micro_batch_slot_s(
     eff = hw.matmul_eff * _saturation(tokens, hw.matmul_knee) * _saturation(width, hw.matmul_knee)
     compute = tokens * flops / setup.tp / (rank_peak(hw, setup.precision, place) * eff)
     compute += stage.blocks * hw.block_overhead_s * (4 / 3 if setup.checkpointing else 1)
+    compute += elementwise_s(shape, stage, setup, hw, place)
     activation = e * tokens * shape.d_model
     tp_bw = hw.intra_bw if place.tp_intra else hw.inter_bw
     per_block = TP_ALLREDUCES_PER_BLOCK + (TP_RECOMPUTE_ALLREDUCES if setup.checkpointing else 0)
