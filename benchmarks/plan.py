@@ -19,6 +19,8 @@ and 6 GB. `--quick`: a 2-layer model, two layouts of each kind, three timed step
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import sys
@@ -79,16 +81,23 @@ def step_config(layout, quick: bool, data_dir: str):
     )
 
 
+def quiet_build(cfg):
+    """build_engine, with DeepSpeed's printout of the pipeline's stages kept off stdout (the JSON lines)."""
+    from raylm.parallel.engine import build_engine
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return build_engine(cfg)
+
+
 def mem_rank(rank: int, world_size: int, layout, model: list[str], work: str) -> dict:
     """Build the engine, train one step, read this rank's peak RSS."""
     import torch
 
-    from raylm.parallel.engine import build_engine
     from raylm.plan.calibrate import peak_rss_bytes
 
     torch.set_num_threads(threads_for(world_size))
     cfg = layout_config(layout, model, os.path.join(work, "no-data"))
-    engine = build_engine(cfg)
+    engine = quiet_build(cfg)
     one_step(engine, cfg)
     return {"rank": rank, "peak_rss": peak_rss_bytes()}
 
@@ -97,11 +106,9 @@ def step_rank(rank: int, world_size: int, layout, quick: bool, work: str, steps:
     """Build the engine, train warm-up steps, then time `steps` more: this rank's median step seconds."""
     import torch
 
-    from raylm.parallel.engine import build_engine
-
     torch.set_num_threads(threads_for(world_size))
     cfg = step_config(layout, quick, os.path.join(work, "no-data"))
-    engine = build_engine(cfg)
+    engine = quiet_build(cfg)
     for _ in range(WARMUP_STEPS):
         one_step(engine, cfg)
     times = []

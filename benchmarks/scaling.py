@@ -1,18 +1,21 @@
-"""The tables of docs/scaling.md, printed as Markdown: `raylm plan --json` for three model shapes on 8 to 1,024 H100s,
-the same layouts as published results, and at 1,024 GPUs the checkpoint cost, Young/Daly's interval and goodput.
+"""docs/scaling.md's tables from `raylm plan --json`: model shapes on 8 to 1,024 H100s, published runs, 1,024 GPUs.
 
-Every number comes from a `raylm plan ... --json` run this script starts (the command is printed above each
-table); the published figures and the stated assumptions (object-store bandwidth, node MTBF, restart time) are
-the constants below. `python benchmarks/scaling.py > /tmp/tables.md` regenerates them.
+For each shape and GPU count the best predicted layout; the same layouts as published runs beside their figures;
+and at 1,024 GPUs the checkpoint cost, Young/Daly's interval and goodput. Every number comes from a
+`raylm plan ... --json` run this script starts (the commands are printed under each table); the published figures
+and the stated assumptions (object-store bandwidth, node MTBF, restart time) are the constants below.
+`python benchmarks/scaling.py --markdown` prints the tables; without it, one JSON object per row.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 
 from common import REPO_ROOT
+from common import emit as emit_json
 
 from raylm.plan.decide import checkpoint_interval, checkpoint_write_s
 
@@ -93,6 +96,19 @@ def plan_rows(config: str, overrides: list[str], gpus: int) -> tuple[str, list[d
     return " ".join(command), [json.loads(line) for line in proc.stdout.splitlines()]
 
 
+MARKDOWN = False  # --markdown: the tables of docs/scaling.md; else one JSON object per row
+
+
+def emit(**fields) -> None:
+    if not MARKDOWN:
+        emit_json(**fields)
+
+
+def md(text: str) -> None:
+    if MARKDOWN:
+        print(text)
+
+
 def layout_text(row: dict) -> str:
     ckpt = ", ckpt" if row["activation_checkpointing"] else ""
     return (
@@ -102,8 +118,8 @@ def layout_text(row: dict) -> str:
 
 def best_tables() -> dict[str, dict]:
     """The best layout per model and GPU count; returns the 1,024-GPU rows for the checkpoint table."""
-    print("| model | GPUs | best layout | GB/GPU | tokens/s/GPU | MFU | bubble | step s |")
-    print("|---|---|---|---|---|---|---|---|")
+    md("| model | GPUs | best layout | GB/GPU | tokens/s/GPU | MFU | bubble | step s |")
+    md("|---|---|---|---|---|---|---|---|")
     commands, at_1024 = [], {}
     for name, (config, overrides) in MODELS.items():
         for gpus in GPU_COUNTS:
@@ -111,57 +127,84 @@ def best_tables() -> dict[str, dict]:
             command, rows = plan_rows(config, [*overrides, *extra], gpus)
             commands.append(command)
             best = rows[0]
+            emit(table="best", model=name, gpus=gpus, command=command, **best)
             if not best["fits"]:
-                print(f"| {name} | {gpus} | none fits: {best['why']} | | | | | |")
+                md(f"| {name} | {gpus} | none fits: {best['why']} | | | | | |")
                 continue
-            print(
+            md(
                 f"| {name} | {gpus} | {layout_text(best)} | {best['mem_per_rank_gb']:.1f} | "
                 f"{best['tokens_per_s_per_rank']:,.0f} | {best['mfu']:.1%} | {best['bubble']:.1%} | "
                 f"{best['step_s']:.3g} |"
             )
             if gpus == 1024:
                 at_1024[name] = best
-    print("\nPrinted by:\n\n```")
-    print("\n".join(commands))
-    print("```\n")
+    md("\nPrinted by:\n\n```")
+    md("\n".join(commands))
+    md("```\n")
     return at_1024
 
 
 def published_table() -> None:
-    print("| run | published | raylm's prediction, same layout | predicted / published | GB/GPU |")
-    print("|---|---|---|---|---|")
+    md("| run | published | raylm's prediction, same layout | predicted / published | GB/GPU |")
+    md("|---|---|---|---|---|")
     commands = []
     for what, config, overrides, gpus, layout, (figure, value), source in PUBLISHED:
         command, rows = plan_rows(config, overrides, gpus)
         commands.append(command)
         same = [r for r in rows if r["fits"] and (r["pp"], r["tp"], r["dp"], r["zero_stage"]) == layout]
         if not same:
-            print(f"| {what} | {source} | the layout does not fit | | |")
+            emit(table="published", run=what, source=source, command=command, fits=False)
+            md(f"| {what} | {source} | the layout does not fit | | |")
             continue
         row = max(same, key=lambda r: r["tokens_per_s"])
         ours = row["tokens_per_s_per_rank"] if figure == "tokens_per_s_per_gpu" else row["mfu"]
+        emit(
+            table="published",
+            run=what,
+            source=source,
+            figure=figure,
+            published=value,
+            predicted=ours,
+            ratio=round(ours / value, 3),
+            command=command,
+            **row,
+        )
         shown = f"{ours:,.0f} tokens/s/GPU" if figure == "tokens_per_s_per_gpu" else f"{ours:.1%} MFU"
-        print(
+        md(
             f"| {what} | {source} | {shown} ({layout_text(row)}) | {ours / value:.2f} | "
             f"{row['mem_per_rank_gb']:.1f} |"
         )
-    print("\nPrinted by:\n\n```")
-    print("\n".join(commands))
-    print("```\n")
+    md("\nPrinted by:\n\n```")
+    md("\n".join(commands))
+    md("```\n")
 
 
 def checkpoint_table(at_1024: dict[str, dict]) -> None:
-    print(
+    md(
         "| model (1,024 H100) | checkpoint | write time | Young/Daly interval | failures/day | "
         "time saving | time redone | restarts | goodput |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    md("|---|---|---|---|---|---|---|---|---|")
     nodes = 1024 // GPUS_PER_NODE
     for name, row in at_1024.items():
         nbytes, write_s = checkpoint_write_s(row["parameters"], row["pp"], WRITER_BW)
         restart_s = RESTART_S + write_s  # reading it back takes about as long as writing it
         choice = checkpoint_interval(write_s, row["step_s"], NODE_MTBF_H, nodes, restart_s)
-        print(
+        emit(
+            table="checkpoint_1024",
+            model=name,
+            checkpoint_gb=round(nbytes / 1e9, 1),
+            write_s=round(write_s, 1),
+            writers=row["pp"],
+            interval_steps=choice.steps,
+            interval_s=round(choice.interval_s, 1),
+            failures_per_day=round(choice.failures_per_day, 3),
+            save_frac=round(choice.save_frac, 4),
+            rework_frac=round(choice.rework_frac, 4),
+            restart_frac=round(choice.restart_frac, 4),
+            goodput=round(choice.goodput, 4),
+        )
+        md(
             f"| {name} ({layout_text(row)}) | {nbytes / 1e9:,.0f} GB | {write_s:,.0f} s ({row['pp']} writers) | "
             f"{choice.steps:,} steps ({choice.interval_s / 60:,.0f} min) | {choice.failures_per_day:.2f} | "
             f"{choice.save_frac:.2%} | {choice.rework_frac:.2%} | {choice.restart_frac:.2%} | "
@@ -170,6 +213,12 @@ def checkpoint_table(at_1024: dict[str, dict]) -> None:
 
 
 def main() -> None:
+    global MARKDOWN
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--markdown", action="store_true", help="print docs/scaling.md's tables, not JSON lines"
+    )
+    MARKDOWN = parser.parse_args().markdown
     at_1024 = best_tables()
     published_table()
     checkpoint_table(at_1024)
