@@ -327,6 +327,11 @@ def _check_autos(cfg: Config) -> None:
             f"parallel.layout=auto picks one fixed layout, but parallel.dp=[{p.dp_min}, {p.dp_max}] is a range; "
             f"set parallel.layout=manual or give parallel.dp one number"
         )
+    if p.layout == "auto" and cfg.tune.trial_of:
+        _fail(
+            "parallel.layout=auto is for raylm train; a sweep's trials run one fixed layout, so pick it with "
+            "`raylm plan` and set parallel.layout=manual with its degrees"
+        )
     if cfg.checkpoint.interval == "auto" and cfg.checkpoint.every_steps:
         _fail(
             f"checkpoint.every_steps={cfg.checkpoint.every_steps} with checkpoint.interval=auto: the interval "

@@ -140,3 +140,23 @@ def test_layout_auto_on_cpu_needs_the_worker_count_and_uses_the_calibration(tmp_
     )
     assert chosen.parallel.pp * chosen.parallel.tp * chosen.parallel.dp == 2
     assert chosen.parallel.num_workers == 0 and best.fits and best.mem_limit == pytest.approx(8e9)
+
+
+def test_a_calibration_of_another_machine_is_not_used_and_memory_checks_measure_nothing(
+    tmp_path, monkeypatch
+):
+    from raylm.plan.calibrate import IDLE_RANK_BYTES, cache_path, cpu_memory_hardware
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert cache_path() == tmp_path / "raylm" / "cpu-calibration.json"
+    stale = {"key": {**machine_key(), "torch": "0.0"}, "idle_rank_bytes": 1.0}
+    cache_path().parent.mkdir(parents=True)
+    cache_path().write_text(json.dumps(stale))
+    hw = cpu_memory_hardware()  # another torch wrote it: the defaults, and no measurement
+    assert hw.framework_bytes == IDLE_RANK_BYTES and hw.mem_bytes > 0
+    assert json.loads(cache_path().read_text()) == stale
+
+
+def test_a_sweep_trial_refuses_layout_auto():
+    with pytest.raises(ConfigError, match="parallel.layout=auto is for raylm train"):
+        load_config(TINY_CONFIG, ["parallel.layout=auto", "tune.trial_of=s1"])
