@@ -29,7 +29,7 @@ from raylm.parallel.ds_config import REDUCE_BUCKET, ZERO3_REDUCE_BUCKET, ZERO3_S
 from raylm.plan.stages import ModelShape, Stage
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-ADAM_TEMP_BYTES = 4  # torch AdamW's foreach step: one fp32 temporary (sqrt of the second moment) per element
+ADAM_TEMP_BYTES = 4  # torch AdamW's unfused step: one fp32 temporary (sqrt of the second moment) per element
 PIPE_ALLREDUCE_BUCKET = 500_000_000  # DeepSpeed's pipeline engine flattens up to this many gradient elements
 
 
@@ -79,12 +79,21 @@ def model_state_bytes(n: float, setup: RankSetup) -> tuple[float, float, float]:
     return weights, grads, masters + 8 * n / split
 
 
-def optimizer_temporaries(n: float, setup: RankSetup) -> float:
-    """The step's transient bytes: AdamW's temporary over the partition (ZeRO-3: one sub-group at a time, with
-    its fp32 gradient copy)."""
+def optimizer_temporaries(shape: ModelShape, n: float, setup: RankSetup, fused: bool) -> float:
+    """The step's transient bytes: torch AdamW's temporary (the second moment's square root) over each tensor it
+    steps. DeepSpeed's ZeRO-1/2 and BF16 optimizers step one flat partition (the whole of it at once), ZeRO-3 one
+    sub-group at a time (with its fp32 gradient copy), and plain fp32 at ZeRO 0 each parameter on its own (the
+    largest at once). Fused AdamW (raylm's on GPUs) keeps no temporary."""
     split = setup.dp if (setup.zero_stage >= 1 or setup.precision == "bf16") else 1
     if setup.zero_stage >= 3:
-        return (ADAM_TEMP_BYTES + 4) * min(ZERO3_SUB_GROUP, n / split)
+        return (0 if fused else ADAM_TEMP_BYTES) * min(ZERO3_SUB_GROUP, n / split) + 4 * min(
+            ZERO3_SUB_GROUP, n / split
+        )
+    if fused:
+        return 0.0
+    if setup.zero_stage == 0 and setup.precision == "fp32":
+        largest = max(shape.vocab * shape.d_model, shape.d_model * shape.ffn) / setup.tp
+        return ADAM_TEMP_BYTES * min(largest, n)
     return ADAM_TEMP_BYTES * n / split
 
 
@@ -132,13 +141,13 @@ def buffer_bytes(shape: ModelShape, stage: Stage, setup: RankSetup) -> float:
     return 0.0
 
 
-def stage_memory(shape: ModelShape, stage: Stage, setup: RankSetup, framework: float) -> Memory:
+def stage_memory(shape: ModelShape, stage: Stage, setup: RankSetup, framework: float, fused: bool) -> Memory:
     """Every part of one stage's rank's peak memory."""
     weights, grads, optimizer = model_state_bytes(stage.params, setup)
     return Memory(
         params=weights,
         grads=grads,
-        optimizer=optimizer + optimizer_temporaries(stage.params, setup),
+        optimizer=optimizer + optimizer_temporaries(shape, stage.params, setup, fused),
         activations=stage_activation_bytes(shape, stage, setup),
         buffers=buffer_bytes(shape, stage, setup),
         framework=framework,
@@ -146,6 +155,8 @@ def stage_memory(shape: ModelShape, stage: Stage, setup: RankSetup, framework: f
     )
 
 
-def rank_memory(shape: ModelShape, stage_list: list[Stage], setup: RankSetup, framework: float) -> Memory:
+def rank_memory(
+    shape: ModelShape, stage_list: list[Stage], setup: RankSetup, framework: float, fused: bool
+) -> Memory:
     """The rank that needs the most: the largest stage_memory over the stages."""
-    return max((stage_memory(shape, s, setup, framework) for s in stage_list), key=lambda m: m.total)
+    return max((stage_memory(shape, s, setup, framework, fused) for s in stage_list), key=lambda m: m.total)

@@ -117,7 +117,8 @@ def predict(cfg: Config, hw: Hardware, gpus_per_node: int) -> Prediction:
     place = Placement(gpus_per_node=gpus_per_node, tp=p.tp, dp=p.dp, world=world)
     if hw.cores_per_node:  # CPU ranks share their node's memory
         base = dataclasses.replace(base, mem_limit=hw.mem_bytes / place.ranks_per_node)
-    memory = rank_memory(shape, stage_list, setup, hw.framework_bytes)
+    fused = not hw.cores_per_node  # raylm steps a fused AdamW on GPUs (raylm.parallel.engine)
+    memory = rank_memory(shape, stage_list, setup, hw.framework_bytes, fused)
     grad_e = DTYPE_BYTES[cfg.train.precision if p.grad_comm_dtype == "auto" else p.grad_comm_dtype]
     time = step_time(shape, stage_list, setup, hw, place, grad_e)
     tokens_per_s = cfg.train.global_batch * cfg.data.seq_len / time.total

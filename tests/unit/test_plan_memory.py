@@ -117,3 +117,42 @@ def test_block_activations_match_what_autograd_saves(precision, d, heads, kv, ba
     predicted = block_activation_bytes(shape, batch * seq, setup(1, 0, precision))
     assert predicted == pytest.approx(measured, rel=0.03)
     assert DTYPE_BYTES[precision] == dtype.itemsize
+
+
+# benchmarks/memory.py's measured peak RSS above an idle rank, over 16 bytes per parameter of the rank's shard,
+# on the 24-layer d=1024 fp32 model (docs/parallelism.md "Memory")
+MEASURED_RSS_VS_IDEAL = {
+    (1, 1, 1, 0): 1.11,
+    (2, 1, 1, 1): 1.13,
+    (4, 1, 1, 1): 1.17,
+    (1, 2, 1, 0): 1.12,
+    (1, 1, 2, 3): 1.22,
+}
+
+
+@pytest.mark.parametrize("layout", sorted(MEASURED_RSS_VS_IDEAL))
+def test_cpu_predictions_are_within_ten_percent_of_the_memory_benchmarks_measurements(layout):
+    from raylm.config import resolve
+    from raylm.plan.calibrate import hardware_of, machine_key
+    from raylm.plan.predict import predict
+    from raylm.plan.stages import model_shape, stages
+
+    pp, tp, dp, zero = layout
+    cfg = resolve(
+        {
+            "data": {"vocab_size": 2048, "seq_len": 128},
+            "model": {"n_layer": 24, "n_head": 16, "d_model": 1024, "max_seq_len": 128},
+            "parallel": {"micro_batch": 1, "pp": pp, "tp": tp, "dp": dp, "zero_stage": zero},
+            "train": {"precision": "fp32", "global_batch": dp},
+        }
+    )
+    figures = dict.fromkeys(("matmul_fp32", "matmul_bf16", "mem_bw", "allreduce_bw", "send_bw"), 1e9)
+    figures.update(key=machine_key(), ram_bytes=64e9, latency_s=0.0, idle_rank_bytes=0.4e9)
+    pred = predict(cfg, hardware_of(figures), gpus_per_node=pp * tp * dp)
+    assert pred.memory is not None
+    n = stages(model_shape(cfg, tp), pp, cfg.parallel.partition)[pred.memory.stage].params
+    ideal = (
+        n * 4 / (dp if zero >= 3 else 1) + n * 4 / (dp if zero >= 2 else 1) + n * 8 / (dp if zero >= 1 else 1)
+    )
+    predicted = (pred.memory.total - pred.memory.framework) / ideal
+    assert predicted == pytest.approx(MEASURED_RSS_VS_IDEAL[layout], rel=0.1)
