@@ -192,7 +192,8 @@ def _check_dp_range(cfg: Config) -> None:
 def _check_layout(cfg: Config) -> None:
     """The (pp, tp, dp) rules, from the one place (Layout) build_engine checks them too."""
     layout = Layout.of(cfg.parallel)
-    layout.check_num_workers(cfg.parallel.num_workers)
+    if cfg.parallel.layout != "auto":  # under auto, num_workers is the count the planner fills
+        layout.check_num_workers(cfg.parallel.num_workers)
     layout.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
 
 

@@ -135,11 +135,12 @@ def test_layout_auto_on_cpu_needs_the_worker_count_and_uses_the_calibration(tmp_
     cfg = load_config(TINY_CONFIG, ["parallel.layout=auto"])
     with pytest.raises(ConfigError, match="needs the worker count; set parallel.num_workers=N"):
         choose_layout(cfg, no_gpus)
+    # num_workers is the count to plan for: the degrees written beside it (tiny's pp=2) need not multiply to it
     chosen, best = choose_layout(
-        load_config(TINY_CONFIG, ["parallel.layout=auto", "parallel.num_workers=2"]), no_gpus
+        load_config(TINY_CONFIG, ["parallel.layout=auto", "parallel.num_workers=4"]), no_gpus
     )
-    assert chosen.parallel.pp * chosen.parallel.tp * chosen.parallel.dp == 2
-    assert chosen.parallel.num_workers == 0 and best.fits and best.mem_limit == pytest.approx(8e9)
+    assert chosen.parallel.pp * chosen.parallel.tp * chosen.parallel.dp == 4
+    assert chosen.parallel.num_workers == 0 and best.fits and best.mem_limit == pytest.approx(16e9 / 4)
 
 
 def test_a_calibration_of_another_machine_is_not_used_and_memory_checks_measure_nothing(
