@@ -25,8 +25,8 @@ def test_layout_auto_and_every_steps_auto_train_and_checkpoint_by_young_daly(ray
         "checkpoint.every_steps=auto",
         "checkpoint.keep=2",
     )
-    # a job MTBF of a few hundredths of a second: Young/Daly's interval is shorter than a step, so every step saves
-    cfg = small_config("autos", *autos, "fault.mtbf_hours=1e-5")
+    # a job MTBF of 36 microseconds: Young/Daly's interval is far shorter than a step, so every step saves
+    cfg = small_config("autos", *autos, "fault.mtbf_hours=1e-8")
     summary = train(cfg)
     run = Path(cfg.run.dir) / cfg.run.name
     saved = yaml.safe_load((run / "config.yaml").read_text())["parallel"]
