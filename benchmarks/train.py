@@ -52,8 +52,8 @@ from raylm.config import Config, load_config
 from raylm.config.derived import micro_batches_for, padded_vocab
 from raylm.model.facts import flops_per_token, layer_costs
 from raylm.model.gpt import GPT, init_full_weights
+from raylm.plan.peaks import measure_matmul_peak
 from raylm.train.metrics import read_metrics
-from raylm.train.peaks import measure_matmul_peak
 
 # The plain-loop yardstick of docs/ray-facts.md 3 (d=256, 6 layers, T=256, batch 8) with tiny.yaml's 2k vocabulary:
 # 5.3M parameters, so the blocks, not the cross-entropy, dominate.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -62,8 +63,32 @@ def cmd_train(args: argparse.Namespace) -> int:
     from raylm.train.driver import train
 
     cfg = _load(args)
-    summary = train(cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change)
+    summary = train(
+        cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change, force=args.force
+    )
     print(json.dumps(summary))
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from raylm.plan.command import plan_command
+
+    for line in plan_command(
+        _load(args),
+        config_path=args.config,
+        gpus=args.gpus,
+        gpus_per_node=args.gpus_per_node,
+        gpu=args.gpu,
+        gpu_mem_gb=args.gpu_mem,
+        json_lines=args.json,
+        top=args.top,
+        recalibrate=args.recalibrate,
+    ):
+        try:
+            print(line, flush=True)
+        except BrokenPipeError:  # `raylm plan ... --json | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            break
     return 0
 
 
@@ -177,6 +202,43 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-config-change",
         action="store_true",
         help="resume even though run.seed, the data, the tokenizer or the model shape changed",
+    )
+    train.add_argument(
+        "--force",
+        action="store_true",
+        help="train even when raylm plan predicts the layout does not fit in a rank's memory",
+    )
+
+    plan = with_config(
+        "plan",
+        cmd_plan,
+        "predict memory per rank, step time, tokens/s and MFU of every valid layout; print them ranked and "
+        "the best layout's overrides",
+    )
+    plan.add_argument(
+        "--gpus", type=int, default=0, help="ranks to plan for (default: the config's pp*tp*dp)"
+    )
+    plan.add_argument(
+        "--gpus-per-node",
+        type=int,
+        default=0,
+        help="ranks per node: TP and DP groups inside a node use its fast links (default 8; cpu: --gpus)",
+    )
+    plan.add_argument(
+        "--gpu",
+        default="h100",
+        metavar="h100|h200|a100|cpu",
+        help="hardware: a GPU of raylm's table, or cpu (this machine, measured once and cached)",
+    )
+    plan.add_argument(
+        "--gpu-mem", type=float, default=0.0, metavar="GB", help="memory per GPU instead of the table's"
+    )
+    plan.add_argument("--json", action="store_true", help="one JSON object per layout instead of the table")
+    plan.add_argument("--top", type=int, default=15, help="fitting layouts the table shows (default 15)")
+    plan.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="--gpu cpu: measure this machine again, replacing the cache",
     )
 
     sweep_help = "search a tune_spaces YAML with Ray Tune, each trial a training run, ASHA early stopping"

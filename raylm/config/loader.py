@@ -103,7 +103,19 @@ MOVED_KEYS = {"tune.eval_samples": "train.eval_samples"}  # old key -> the key t
 
 def build_config(tree: Mapping[str, Any]) -> Config:
     """Convert a raw mapping into the typed tree, naming unknown keys (with the closest match) and bad types."""
-    return _build(Config, _expand_dp_range(tree), prefix="")
+    return _build(Config, _expand_every_steps(_expand_dp_range(tree)), prefix="")
+
+
+def _expand_every_steps(tree: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`checkpoint.every_steps: auto` is shorthand for checkpoint.interval=auto (and every_steps 0)."""
+    section = tree.get("checkpoint") if isinstance(tree, Mapping) else None
+    if not isinstance(section, Mapping) or section.get("every_steps") != "auto":
+        return tree
+    if section.get("interval", "auto") != "auto":
+        raise ConfigError(
+            f"checkpoint.every_steps=auto and checkpoint.interval={section['interval']!r} disagree; keep one"
+        )
+    return {**tree, "checkpoint": {**section, "every_steps": 0, "interval": "auto"}}
 
 
 def _expand_dp_range(tree: Mapping[str, Any]) -> Mapping[str, Any]:

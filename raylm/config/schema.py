@@ -14,6 +14,9 @@ from typing import Any
 
 from raylm.log import LOG_LEVELS
 
+LAYOUT_CHOICES = ("manual", "auto")  # parallel.layout
+INTERVAL_CHOICES = ("steps", "auto")  # checkpoint.interval; `checkpoint.every_steps: auto` is its shorthand
+
 
 def opt(default: Any, doc: str, choices: tuple = ()) -> Any:
     """A dataclass field with a default and the doc line that `raylm config --help` prints; `choices`: the
@@ -104,6 +107,13 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
+    layout: str = opt(
+        "manual",
+        "manual (pp, tp, dp, zero_stage, micro_batch and activation_checkpointing as given) | auto (raylm "
+        "train takes the layout `raylm plan` predicts fastest among those that fit, on the cluster's GPUs or "
+        "parallel.num_workers ranks, and logs the prediction)",
+        choices=LAYOUT_CHOICES,
+    )
     pp: int = opt(1, "pipeline-parallel stages")
     tp: int = opt(1, "tensor-parallel ranks per stage (Megatron column/row split)")
     dp: int = opt(
@@ -221,7 +231,16 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every_steps: int = opt(0, "save a checkpoint every N steps (0 = only at the end)")
+    every_steps: int = opt(
+        0,
+        "save a checkpoint every N steps (0 = only at the end); `auto` sets checkpoint.interval=auto",
+    )
+    interval: str = opt(
+        "steps",
+        "steps (every checkpoint.every_steps) | auto (Young/Daly: every sqrt(2 x save time x MTBF), from the "
+        "first save's measured time, the step time and fault.mtbf_hours)",
+        choices=INTERVAL_CHOICES,
+    )
     keep: int = opt(2, "newest committed checkpoints kept")
     resume: str = opt(
         "auto",
@@ -233,6 +252,11 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class FaultConfig:
     max_failures: int = opt(0, "worker-group restarts Ray Train allows before the run fails")
+    mtbf_hours: float = opt(
+        6000.0,
+        "mean time between failures of one node, in hours; the job's is this / its nodes "
+        "(checkpoint.every_steps=auto)",
+    )
     drill: str = opt(
         "",
         "fault drills, each once per run (tests only): 'PHASE@STEP[:RANK]' SIGKILLs rank RANK "

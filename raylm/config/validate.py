@@ -29,10 +29,9 @@ def validate(cfg: Config) -> Config:
         _check_choices,
         _check_model,
         _check_dp_range,
-        _check_layout,
-        _check_batch,
-        _check_schedule,
+        *LAYOUT_CHECKS,
         _check_plateau,
+        _check_autos,
         _check_tune,
         _check_storage,
         _check_data,
@@ -40,6 +39,13 @@ def validate(cfg: Config) -> Config:
     ):
         check(cfg)
     return cfg
+
+
+def check_layout(cfg: Config) -> None:
+    """Only the checks that depend on the parallel degrees, the micro-batch and the batch: what raylm plan asks of
+    each layout it considers (the same rules `validate` applies)."""
+    for check in LAYOUT_CHECKS:
+        check(cfg)
 
 
 def _fail(message: str) -> None:
@@ -85,6 +91,7 @@ def _check_positive(cfg: Config) -> None:
         "train.eval_batches": cfg.train.eval_batches,
         "fault.spike_window": cfg.fault.spike_window,
         "fault.collective_timeout_s": cfg.fault.collective_timeout_s,
+        "fault.mtbf_hours": cfg.fault.mtbf_hours,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -185,7 +192,8 @@ def _check_dp_range(cfg: Config) -> None:
 def _check_layout(cfg: Config) -> None:
     """The (pp, tp, dp) rules, from the one place (Layout) build_engine checks them too."""
     layout = Layout.of(cfg.parallel)
-    layout.check_num_workers(cfg.parallel.num_workers)
+    if cfg.parallel.layout != "auto":  # under auto, num_workers is the count the planner fills
+        layout.check_num_workers(cfg.parallel.num_workers)
     layout.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
 
 
@@ -257,6 +265,9 @@ def _check_schedule(cfg: Config) -> None:
         )
 
 
+LAYOUT_CHECKS = (_check_layout, _check_batch, _check_schedule)
+
+
 def _check_storage(cfg: Config) -> None:
     """URIs only where raylm reads and writes object storage (run.dir, data.out_dir, data.paths, data.sources)."""
     for key in NOT_YET:
@@ -306,6 +317,26 @@ def _check_plateau(cfg: Config) -> None:
         _fail(
             "schedule.lr.kind=plateau follows val_loss, but train.eval_every=0 evaluates only at the end; "
             "set train.eval_every=N"
+        )
+
+
+def _check_autos(cfg: Config) -> None:
+    """parallel.layout=auto picks fixed degrees; checkpoint.interval=auto replaces every_steps."""
+    p = cfg.parallel
+    if p.layout == "auto" and is_elastic(p):
+        _fail(
+            f"parallel.layout=auto picks one fixed layout, but parallel.dp=[{p.dp_min}, {p.dp_max}] is a range; "
+            f"set parallel.layout=manual or give parallel.dp one number"
+        )
+    if p.layout == "auto" and cfg.tune.trial_of:
+        _fail(
+            "parallel.layout=auto is for raylm train; a sweep's trials run one fixed layout, so pick it with "
+            "`raylm plan` and set parallel.layout=manual with its degrees"
+        )
+    if cfg.checkpoint.interval == "auto" and cfg.checkpoint.every_steps:
+        _fail(
+            f"checkpoint.every_steps={cfg.checkpoint.every_steps} with checkpoint.interval=auto: the interval "
+            f"is Young/Daly's; set checkpoint.every_steps=auto (or 0), or checkpoint.interval=steps"
         )
 
 

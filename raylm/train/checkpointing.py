@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -11,6 +12,7 @@ from raylm.checkpoint.state import UnverifiedFile, load_checkpoint, save_checkpo
 from raylm.config import Config
 from raylm.errors import RaylmError
 from raylm.log import get_logger
+from raylm.plan.decide import CheckpointInterval, checkpoint_interval
 from raylm.storage.location import Location, as_location
 from raylm.train.run_folder import checkpoint_root
 from raylm.train.schedule import PlateauState
@@ -28,12 +30,6 @@ class ResumeInfo:
     source: Location | None = None
     plateau: PlateauState | None = None  # the plateau lr schedule's state at that checkpoint
     trainer: dict | None = None  # the checkpoint's whole trainer state (fault handling reads its own keys)
-
-
-def checkpoint_due(cfg: Config, step: int) -> bool:
-    """Save every checkpoint.every_steps steps and always at the last step."""
-    every = cfg.checkpoint.every_steps
-    return step == cfg.train.max_steps or bool(every and step % every == 0)
 
 
 def resume_candidates_of(cfg: Config, run_dir: Location, rank: int) -> list[Location]:
@@ -133,13 +129,35 @@ class CheckpointManager:
     trainer_state.json (the loop's position and schedules, fault handling's history), merged in the order
     given."""
 
-    def __init__(self, cfg: Config, engine: Engine, run_dir: Location, rank: int, parts: list | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        engine: Engine,
+        run_dir: Location,
+        rank: int,
+        parts: list | None = None,
+        nodes: int = 1,
+    ):
         self.cfg, self.engine, self.run_dir, self.rank = cfg, engine, run_dir, rank
         self.parts = list(parts or [])
         self.protect: Location | None = None  # the resume source: kept until this attempt commits its own
+        # checkpoint.interval=auto: the interval is set once the first save of this attempt has been timed
+        self.auto = cfg.checkpoint.interval == "auto"
+        self.every = 0 if self.auto else cfg.checkpoint.every_steps
+        self.nodes = nodes
+        self.step_s = 0.0
+        self.interval: CheckpointInterval | None = None
+
+    def observe_step(self, step_s: float) -> None:
+        """The last step's time (Young/Daly's interval is counted in steps)."""
+        self.step_s = step_s
 
     def due(self, step: int) -> bool:
-        return checkpoint_due(self.cfg, step)
+        """At the last step, every `every` steps, and under auto at the first step of this attempt (to time a
+        save)."""
+        if self.auto and self.interval is None:
+            return True
+        return step == self.cfg.train.max_steps or bool(self.every and step % self.every == 0)
 
     def load(self) -> ResumeInfo:
         """Load the newest committed checkpoint that verifies, if any (all ranks together), into the engine
@@ -155,9 +173,26 @@ class CheckpointManager:
         trainer: dict[str, Any] = {}
         for part in self.parts:
             trainer.update(part.state_dict())
+        start = time.perf_counter()
         path = commit(self.cfg, self.engine, self.run_dir, trainer, self.rank, self.protect, on_phase)
         self.protect = None
+        if self.auto and self.interval is None:
+            self.set_interval(time.perf_counter() - start)
         return path
+
+    def set_interval(self, save_s: float) -> None:
+        """Young/Daly's interval from this save's time and the last step's, the slowest rank's of each (a
+        collective: every rank takes the same interval); rank 0 logs it with the time it expects to lose."""
+        import torch.distributed as dist
+
+        figures: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(figures, (save_s, self.step_s))
+        save_s = max(f[0] for f in figures)
+        step_s = max(max(f[1] for f in figures), 1e-6)
+        self.interval = checkpoint_interval(save_s, step_s, self.cfg.fault.mtbf_hours, self.nodes)
+        self.every = self.interval.steps
+        if self.rank == 0:
+            get_logger().info("checkpoint.every_steps=auto: %s", self.interval.describe())
 
 
 def _layout_text(layout: dict) -> str:

@@ -23,6 +23,7 @@ from raylm.storage.location import Location, is_remote
 from raylm.storage.uri import is_uri
 from raylm.train.kv import open_kv
 from raylm.train.metrics import plot_loss_curve, read_metrics
+from raylm.train.planning import choose_layout, cluster_shape, preflight
 from raylm.train.preflight import check_prepared_data, local_data_folders
 from raylm.train.run_folder import checkpoint_root, prepare_run_dir, run_path
 from raylm.train.run_lock import hold_run_lock
@@ -31,14 +32,23 @@ from raylm.train.run_records import RunFiles
 DATA_CPU_RESERVE = 1.0  # CPUs left free on a CPU-only cluster so Ray Data tasks are never starved (hang 2)
 
 
-def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = False) -> dict[str, Any]:
+def train(
+    cfg: Config, overwrite: bool = False, allow_config_change: bool = False, force: bool = False
+) -> dict[str, Any]:
     """Run training end to end and return a summary; every failure surfaces here as one RaylmError.
 
-    allow_config_change: resume even when the seed, data, tokenizer or model shape differ from the checkpoint's."""
+    allow_config_change: resume even when the seed, data, tokenizer or model shape differ from the checkpoint's.
+    force: train a layout the planner predicts will not fit in memory."""
     start = time.perf_counter()
     cfg = check_init_from(with_absolute_paths(cfg))
+    prediction = None
+    if cfg.parallel.layout == "auto":  # the layout depends on the cluster: connect first, then write the run
+        connect_ray()
+        cfg, prediction = choose_layout(cfg, cluster_shape())
     with prepared_run(cfg, overwrite, allow_config_change) as run_dir:
         connect_ray()
+        if prediction is None and not force:
+            prediction = preflight(cfg, cluster_shape())
         open_kv()  # on this node: the elastic resize handshake goes through it
         trainer = build_trainer(cfg, run_dir)
         get_logger().info("training %s on %s; run folder %s", cfg.run.name, _layout_text(cfg), run_dir)
@@ -48,7 +58,15 @@ def train(cfg: Config, overwrite: bool = False, allow_config_change: bool = Fals
                 "set fault.max_failures to the node losses it should survive"
             )
         result = _fit(trainer, run_dir)
-        return summarise(run_dir, result, time.perf_counter() - start, cfg.data.cache_dir)
+        summary = summarise(run_dir, result, time.perf_counter() - start, cfg.data.cache_dir)
+        if prediction is not None and prediction.time is not None:
+            summary["predicted_tokens_per_s"] = round(prediction.tokens_per_s, 1)
+            get_logger().info(
+                "measured %s tokens/s against %.0f predicted for this layout",
+                summary["tokens_per_s"],
+                prediction.tokens_per_s,
+            )
+        return summary
 
 
 @contextmanager

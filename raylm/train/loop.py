@@ -8,6 +8,7 @@ elastic run, the resize handshake.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict
 from typing import Any
 
@@ -15,7 +16,7 @@ from raylm.config import Config
 from raylm.config.derived import micro_batches_for
 from raylm.log import get_logger
 from raylm.storage.location import Location
-from raylm.train.checkpointing import CheckpointManager, ResumeInfo, checkpoint_due
+from raylm.train.checkpointing import CheckpointManager, ResumeInfo
 from raylm.train.faults import FaultDrill
 from raylm.train.progress import Progress
 from raylm.train.reporter import Reporter
@@ -44,7 +45,9 @@ class Trainer:
         self.sweep = sweep_hooks(cfg, rank, reporter)
         self.files = RunFiles(run_dir, cfg.data.cache_dir)
         self.faults = StepFaults(cfg, session.engine)
-        self.checkpointer = CheckpointManager(cfg, session.engine, run_dir, rank, parts=[self, self.faults])
+        self.checkpointer = CheckpointManager(
+            cfg, session.engine, run_dir, rank, parts=[self, self.faults], nodes=_nodes()
+        )
         self.state = TrainState()
         self.plateau = PlateauState()
         self.progress: Progress | None = None
@@ -114,7 +117,8 @@ class Trainer:
         rolled_back = judged and self.faults.rollback(self.run_dir, self.rank, row, self.state)
         drill.at("step", self.state.step)
         last = self.state.step == self.cfg.train.max_steps
-        if _evaluation_due(self.cfg, self.state.step, last, rung):
+        self.checkpointer.observe_step(row["step_s"])
+        if _evaluation_due(self.cfg, self.state.step, last, rung, self.checkpointer.due(self.state.step)):
             self.plateau = _evaluate(self.session, row, self.state.step, rung, self.plateau)
         if self.sweep.diverged(row):
             # losses are the same on every rank: every rank ends here
@@ -155,11 +159,18 @@ class Trainer:
         return False
 
 
-def _evaluation_due(cfg: Config, step: int, last: bool, rung: int | None) -> bool:
+def _evaluation_due(cfg: Config, step: int, last: bool, rung: int | None, checkpoint_due: bool) -> bool:
     """At the end, every train.eval_every steps, at a sweep rung, and in a sweep trial at every checkpoint (so
     that every report to Tune carries the metric)."""
     every = bool(cfg.train.eval_every and step % cfg.train.eval_every == 0)
-    return last or every or rung is not None or bool(cfg.tune.trial_of and checkpoint_due(cfg, step))
+    return last or every or rung is not None or bool(cfg.tune.trial_of and checkpoint_due)
+
+
+def _nodes() -> int:
+    """Nodes the worker group spans: the world over the workers on this node (launchers set both)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    return max(1, world // max(1, local))
 
 
 def _evaluate(session, row: dict, step: int, rung: int | None, plateau: PlateauState) -> PlateauState:

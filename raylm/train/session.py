@@ -14,7 +14,7 @@ from raylm.config import Config
 from raylm.config.derived import eval_samples, padded_vocab, samples_per_micro_step
 from raylm.data.order import samples_sha
 from raylm.log import get_logger
-from raylm.train.peaks import gpu_peak_flops, measure_matmul_peak, mfu
+from raylm.plan.peaks import gpu_peak_flops, measure_matmul_peak, mfu
 from raylm.train.step import StepResult, TrainState, evaluate
 
 if TYPE_CHECKING:

@@ -2,7 +2,7 @@
 
 import pytest
 
-from raylm.train.peaks import gpu_peak_flops, mfu
+from raylm.plan.peaks import gpu_peak_flops, mfu
 
 
 @pytest.mark.parametrize(

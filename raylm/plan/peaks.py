@@ -1,4 +1,4 @@
-"""The hardware peak FLOP/s that MFU divides by: a table of data-centre GPUs, an override, or a CPU measurement."""
+"""The peak FLOP/s that MFU and the planner divide by: a data-centre GPU table, an override, or a CPU matmul."""
 
 from __future__ import annotations
 

@@ -1,0 +1,183 @@
+"""Predicted step time of one layout: compute, the 1F1B bubble, TP all-reduces, pipeline sends, DP reductions.
+
+The slowest stage sets the pipeline's pace: a step is m + p - 1 slots of that stage's micro-batch time
+(matmuls at the hardware's peak x matmul_eff, the memory-bound elementwise work at its memory bandwidth, a fixed
+cost per block, plus its TP all-reduces and its sends, none overlapped), so the
+bubble (p - 1) / (m + p - 1) falls out of it. Then the DP gradient reduction, which DeepSpeed runs after the
+last micro-batch (raylm sets no overlap_comm, so ZeRO 1 and 2 and the pipeline engine do not overlap it;
+ZeRO-3 reduce-scatters during the backward and gathers each layer, unprefetched, before its use), the
+tied-embedding all-reduce between the end stages, and the optimizer step, which reads and writes its state
+at memory bandwidth.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from raylm.plan.hardware import Hardware
+from raylm.plan.memory import DTYPE_BYTES, RankSetup, block_activation_bytes
+from raylm.plan.stages import ModelShape, Stage
+
+OPTIMIZER_BYTES_PER_ELEMENT = (
+    40  # AdamW over fp32 state: master, two moments and the temporary read and written
+)
+TP_ALLREDUCES_PER_BLOCK = 4  # Megatron: one per attention and per MLP, forward and backward
+TP_RECOMPUTE_ALLREDUCES = 2  # a recomputed forward repeats its two
+ELEMENTWISE_PASSES = (
+    3  # saved activations are written in the forward, read and their gradients written backward
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a layout's groups fall on nodes of `gpus_per_node` ranks (rank order: pp, dp, tp)."""
+
+    gpus_per_node: int
+    tp: int
+    dp: int
+    world: int
+
+    @property
+    def tp_intra(self) -> bool:
+        return self.tp <= self.gpus_per_node
+
+    @property
+    def dp_intra(self) -> bool:
+        return self.tp * self.dp <= self.gpus_per_node
+
+    @property
+    def pp_intra(self) -> bool:  # neighbouring stages are dp * tp ranks apart
+        return self.tp * self.dp < self.gpus_per_node
+
+    @property
+    def ranks_per_node(self) -> int:
+        return min(self.gpus_per_node, self.world)
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """Seconds of one optimizer step, by part."""
+
+    compute_s: float  # the slowest stage's micro-batches, m of them
+    bubble_s: float  # its p - 1 idle slots
+    tp_s: float  # TP all-reduces over the step (inside the slots)
+    p2p_s: float  # pipeline sends over the step (inside the slots)
+    dp_s: float  # exposed DP gradient reduction and ZeRO gathers
+    optimizer_s: float
+    bubble: float  # (p - 1) / (m + p - 1)
+
+    @property
+    def total(self) -> float:
+        return self.compute_s + self.bubble_s + self.tp_s + self.p2p_s + self.dp_s + self.optimizer_s
+
+
+def ring_allreduce_s(nbytes: float, ranks: int, bw: float, hw: Hardware) -> float:
+    """A ring all-reduce: 2 (n - 1) / n of the bytes through each rank's link, plus 2 (n - 1) latencies."""
+    if ranks <= 1:
+        return 0.0
+    return 2 * (ranks - 1) / ranks * nbytes / (bw * hw.link_eff) + 2 * (ranks - 1) * hw.latency_s
+
+
+def ring_half_s(nbytes: float, ranks: int, bw: float, hw: Hardware) -> float:
+    """A reduce-scatter or an all-gather: half an all-reduce."""
+    return ring_allreduce_s(nbytes, ranks, bw, hw) / 2
+
+
+def rank_peak(hw: Hardware, precision: str, place: Placement) -> float:
+    """FLOP/s one rank computes at: a GPU's peak, or on CPU the node's matmul peak shared by its ranks."""
+    if hw.cores_per_node:
+        return hw.peak(precision) / max(1, place.ranks_per_node)
+    return hw.peak(precision)
+
+
+def _saturation(size: float, knee: int) -> float:
+    """How near a matmul side of `size` elements comes to the full rate: size / (size + knee)."""
+    return size / (size + knee)
+
+
+def elementwise_s(shape: ModelShape, stage: Stage, setup: RankSetup, hw: Hardware, place: Placement) -> float:
+    """The memory-bound part of a micro-batch: norms, RoPE, SwiGLU's gate, residual adds and the loss's softmax
+    read and write about what autograd keeps, ELEMENTWISE_PASSES times, at the rank's memory bandwidth."""
+    tokens = setup.micro_batch * shape.seq_len
+    e = DTYPE_BYTES[setup.precision]
+    passes = ELEMENTWISE_PASSES + (1 if setup.checkpointing else 0)  # a recomputed forward writes them again
+    nbytes = stage.blocks * block_activation_bytes(shape, tokens, setup) * passes
+    if stage.last:
+        nbytes += ELEMENTWISE_PASSES * (8 + e) * tokens * shape.vocab / setup.tp
+    mem_bw = hw.mem_bw / (place.ranks_per_node if hw.cores_per_node else 1)
+    return nbytes / mem_bw
+
+
+def micro_batch_slot_s(
+    shape: ModelShape, stage: Stage, setup: RankSetup, hw: Hardware, place: Placement
+) -> tuple[float, float, float]:
+    """(compute, TP all-reduce, send) seconds of one micro-batch's forward and backward on one stage."""
+    tokens = setup.micro_batch * shape.seq_len
+    e = DTYPE_BYTES[setup.precision]
+    flops = stage.flops_per_token + (stage.block_flops_per_token / 3 if setup.checkpointing else 0)
+    width = min(shape.d_model, shape.kv_dim, shape.ffn) / setup.tp
+    eff = hw.matmul_eff * _saturation(tokens, hw.matmul_knee) * _saturation(width, hw.matmul_knee)
+    compute = tokens * flops / setup.tp / (rank_peak(hw, setup.precision, place) * eff)
+    compute += stage.blocks * hw.block_overhead_s * (4 / 3 if setup.checkpointing else 1)
+    compute += elementwise_s(shape, stage, setup, hw, place)
+    activation = e * tokens * shape.d_model
+    tp_bw = hw.intra_bw if place.tp_intra else hw.inter_bw
+    per_block = TP_ALLREDUCES_PER_BLOCK + (TP_RECOMPUTE_ALLREDUCES if setup.checkpointing else 0)
+    allreduces = stage.blocks * per_block + (1 if stage.first else 0) + (1 if stage.last else 0)
+    tp_s = allreduces * ring_allreduce_s(activation, setup.tp, tp_bw, hw)
+    sends = (0 if stage.first else 1) + (0 if stage.last else 1)  # each forward out and gradient back
+    p2p_bw = hw.p2p_bw if place.pp_intra else hw.inter_bw
+    p2p_s = sends * (activation / (p2p_bw * hw.link_eff) + hw.latency_s) if setup.pp > 1 else 0.0
+    return compute, tp_s, p2p_s
+
+
+def dp_exposed_s(
+    stage: Stage, setup: RankSetup, hw: Hardware, place: Placement, grad_e: int, backward_s: float
+) -> float:
+    """DP communication of one step that no compute hides."""
+    d, e, n = setup.dp, DTYPE_BYTES[setup.precision], stage.params
+    if d <= 1:
+        return 0.0
+    bw = hw.intra_bw if place.dp_intra else hw.inter_bw
+    if setup.zero_stage >= 3:  # per micro-batch: gather for forward and backward, reduce-scatter gradients
+        gathers = 2 * ring_half_s(e * n, d, bw, hw)
+        reduce = ring_half_s(grad_e * n, d, bw, hw)
+        return setup.micro_batches * (gathers + max(0.0, reduce - backward_s))
+    if setup.zero_stage >= 1 or setup.precision == "bf16":  # reduce-scatter gradients, all-gather weights
+        return ring_half_s(grad_e * n, d, bw, hw) + ring_half_s(e * n, d, bw, hw)
+    return ring_allreduce_s(grad_e * n, d, bw, hw)
+
+
+def step_time(
+    shape: ModelShape,
+    stage_list: list[Stage],
+    setup: RankSetup,
+    hw: Hardware,
+    place: Placement,
+    grad_e: int,
+) -> StepTime:
+    """The step time of the slowest stage's ranks (every rank waits for it at the step's end)."""
+    m, p = setup.micro_batches, setup.pp
+    slots = [micro_batch_slot_s(shape, s, setup, hw, place) for s in stage_list]
+    slowest = max(range(len(slots)), key=lambda i: sum(slots[i]))
+    compute, tp_s, p2p_s = slots[slowest]
+    slot = compute + tp_s + p2p_s
+    bubble_slots = p - 1 if p > 1 else 0
+    worst_dp = max(dp_exposed_s(s, setup, hw, place, grad_e, compute * 2 / 3) for s in stage_list)
+    tied = 0.0
+    if shape.tied and p > 1:  # the end stages all-reduce the tied embedding's gradient
+        bw = hw.inter_bw if setup.dp * setup.tp * (p - 1) >= place.gpus_per_node else hw.p2p_bw
+        tied = ring_allreduce_s(4 * shape.shard_params[0], 2, bw, hw)
+    n_opt = max(s.params for s in stage_list)
+    split = setup.dp if (setup.zero_stage >= 1 or setup.precision == "bf16") else 1
+    mem_bw = hw.mem_bw / (place.ranks_per_node if hw.cores_per_node else 1)
+    optimizer = OPTIMIZER_BYTES_PER_ELEMENT * n_opt / split / mem_bw
+    return StepTime(
+        compute_s=m * compute,
+        bubble_s=bubble_slots * slot,
+        tp_s=m * tp_s,
+        p2p_s=m * p2p_s,
+        dp_s=worst_dp + tied,
+        optimizer_s=optimizer,
+        bubble=bubble_slots / (m + bubble_slots),
+    )
