@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from raylm.config.layout import Layout
 from raylm.config.schema import Config
 from raylm.errors import ConfigError
 from raylm.plan.hardware import Hardware
@@ -50,7 +51,7 @@ def check_fits(
     if pred.fits or not pred.valid:
         return pred
     assert pred.memory is not None
-    world = cfg.parallel.pp * cfg.parallel.tp * cfg.parallel.dp
+    world = Layout.of(cfg.parallel).world_size
     ranked = plan(cfg, hw, world, gpus_per_node)
     fix = "no layout of these ranks fits: add ranks or lower parallel.micro_batch"
     if ranked and ranked[0].fits:

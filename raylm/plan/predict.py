@@ -12,6 +12,7 @@ import functools
 from dataclasses import dataclass
 
 from raylm.config.derived import padded_vocab
+from raylm.config.layout import Layout
 from raylm.config.schema import Config, ModelConfig
 from raylm.config.validate import check_layout
 from raylm.errors import ConfigError
@@ -113,7 +114,7 @@ def predict(cfg: Config, hw: Hardware, gpus_per_node: int) -> Prediction:
         checkpointing=p.activation_checkpointing,
         precision=cfg.train.precision,
     )
-    world = p.pp * p.tp * p.dp
+    world = Layout.of(p).world_size
     place = Placement(gpus_per_node=gpus_per_node, tp=p.tp, dp=p.dp, world=world)
     if hw.cores_per_node:  # CPU ranks share their node's memory
         base = dataclasses.replace(base, mem_limit=hw.mem_bytes / place.ranks_per_node)
