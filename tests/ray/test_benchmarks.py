@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO_ROOT
 
 
+@pytest.mark.slow  # a whole TorchTrainer run through the script (~25 s); make test trains on Ray elsewhere
 def test_gpu_benchmark_dry_mode_prints_its_figures(ray_cluster):
     """On the session's Ray (RAY_ADDRESS), as on a cluster: the script's run is one more job there."""
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}

@@ -245,6 +245,9 @@ def fetched(run_uri: str, tmp_path: Path, *names: str) -> Path:
     return files.local
 
 
+# slow: two runs on two nodes (~90 s); make test keeps S3 end to end in the KubeRay rehearsal and prepare on Ray
+# into S3 (tests/ray/test_object_storage.py), and a failed upload leaving no manifest in tests/unit
+@pytest.mark.slow
 def test_every_path_on_s3_across_two_nodes_survives_an_outage_and_matches_one_process(
     cluster, s3_relay, prepared, small_corpus, references, tmp_path
 ):

@@ -262,6 +262,9 @@ def test_optuna_search_under_asha_one_trial_at_a_time(ray_cluster, small_config,
     assert (first["rung"], first["action"]) == (0, "pause"), first
 
 
+# slow: a second sweep (~40 s); make test keeps the ASHA sweep, and a diverged trial's stop and rank in
+# tests/unit/test_sweep_asha.py
+@pytest.mark.slow
 def test_a_diverged_trial_ends_at_once_and_is_never_best(ray_cluster, small_config, tmp_path):
     """lr 1e30 overflows the weights after one step: that trial ends as `diverged`, with no NaN in any JSON."""
     space = tmp_path / "space.yaml"
