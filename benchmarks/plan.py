@@ -236,6 +236,7 @@ def main() -> None:
     model = DRY_MODEL if args.quick else [f"model.n_layer={BASE['model']['n_layer']}"]
     steps = 3 if args.quick else args.steps
     dist_harness.TIMEOUT_S = 900  # a 300M-parameter step on one thread per rank
+    dist_harness.START_METHOD = "spawn"  # fresh processes, as the calibration measures a rank's fixed cost
     work = str(scratch_dir("raylm-plan-bench-"))
     mem_errors = measure_memory(mem_layouts, model, hw, work)
     step_errors, pred_tps, meas_tps = measure_steps(step_layouts, args.quick, hw, work, steps)
