@@ -29,14 +29,13 @@ demo: install
 	$(BIN)/raylm generate runs/demo --prompt '$(PROMPT)' --max-new-tokens 80
 
 # The whole suite but the tests marked slow (the longest fault, sweep and multi-node drills: README "Tests and benchmarks").
-# Two pytest workers: the ray tier in one (one test at a time on one Ray), unit and distributed tests beside it.
 test: install
 	$(MAKE) --no-print-directory check
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup -m "not slow" tests/unit tests/distributed tests/ray tests/gpu
+	$(BIN)/python -m pytest -q -m "not slow" tests/unit tests/distributed tests/ray tests/gpu
 
 test-all: install
 	$(MAKE) --no-print-directory check
-	$(BIN)/python -m pytest -q -n 2 --dist loadgroup tests/unit tests/distributed tests/ray tests/gpu
+	$(BIN)/python -m pytest -q tests/unit tests/distributed tests/ray tests/gpu
 
 # The edit loop: lint, the unit tier and the distributed (gloo) tier but its whole training runs; no Ray.
 test-fast: install

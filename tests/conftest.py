@@ -38,9 +38,7 @@ SMALL_MODEL = [
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark each test with its tier (unit, distributed, ray, gpu) from its folder; skip gpu without CUDA. Under
-    `pytest -n 2 --dist loadgroup` (make test) the ray tier and the gpu tier each run in one worker, one test after
-    another on one Ray, while the other worker takes the unit and distributed tests."""
+    """Mark each test with its tier (unit, distributed, ray, gpu) from its folder; skip gpu without CUDA."""
     import torch
 
     has_cuda = torch.cuda.is_available()
@@ -48,8 +46,6 @@ def pytest_collection_modifyitems(config, items):
         tier = Path(str(item.fspath)).parent.name
         if tier in ("unit", "distributed", "ray", "gpu"):
             item.add_marker(getattr(pytest.mark, tier))
-        if tier in ("ray", "gpu"):
-            item.add_marker(pytest.mark.xdist_group(tier))
         if tier == "gpu" and not has_cuda:
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
 
