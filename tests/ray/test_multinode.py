@@ -162,6 +162,10 @@ def nodes_by_stage(run: Path) -> dict[int, set[str]]:
     return stages
 
 
+# slow: a cluster of its own and a 12-step run restarted after a node's loss (~140 s); make test keeps multi-node
+# placement in the KubeRay rehearsal (ranks on the worker pods only) and a worker's SIGKILL recovered bit for bit
+# (tests/ray/test_recovery.py)
+@pytest.mark.slow
 def test_tp_groups_stay_on_a_node_and_losing_a_node_recovers_by_itself_bit_identical(
     cluster, prepared, small_corpus, references, tmp_path
 ):
