@@ -377,9 +377,12 @@ def _build_engine(cfg: Config, spec: TrainSpec, topo: Topology, weights: WeightS
     ds_config = build_ds_config(cfg.parallel, spec)
     # with pp = 1 DeepSpeed learns the TP and DP groups from a grid over the same topology the pipeline uses
     mpu = PipelineParallelGrid(topology=ds_topology(topo)) if topo.pp == 1 else None
-    zero3 = zero_stage_for(cfg.parallel, spec.precision) == 3  # only with pp = 1 (Layout.check_model)
-    if zero3 and not torch.cuda.is_available():
-        map_large_allocations()  # before the stage is built: ZeRO-3 gathers and frees every layer every step
+    zero_stage = zero_stage_for(cfg.parallel, spec.precision)
+    zero3 = zero_stage == 3  # only with pp = 1 (Layout.check_model)
+    if zero_stage >= 1 and not torch.cuda.is_available():
+        # before the stage is built: ZeRO-1/2 copy every parameter into flat buffers and free the originals, ZeRO-3
+        # gathers and frees every layer every step; glibc would keep what they free (host_alloc)
+        map_large_allocations()
     dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
     module, layers = build_module(
         cfg.model, cfg.parallel, spec, topo, tp, layer_partitioner(ds_config, mpu, dtype) if zero3 else None
