@@ -143,7 +143,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
         prune=args.prune,
         pattern=args.pattern,
         scope=args.scope,
-        embeddings=args.embeddings,
         dequantize=args.dequantize,
         eval_data=args.eval_data,
     )
@@ -343,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize",
         default=None,
         metavar="int8|int4",
-        help="weight-only: int8 one scale per output row, int4 one scale per --group-size columns",
+        help="weight-only, compressed-tensors format (transformers and vLLM load it): int8 one scale per "
+        "output row, int4 one scale per --group-size columns",
     )
     comp.add_argument(
         "--group-size", type=int, default=128, help="int4: input columns per scale (default 128)"
@@ -365,11 +365,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="layer",
         help="unstructured pruning: layer (each layer loses FRACTION; "
         "default) or global (one threshold over all layers)",
-    )
-    comp.add_argument(
-        "--embeddings",
-        action="store_true",
-        help="quantize the token embedding too (with tied embeddings, also the output head)",
     )
     comp.add_argument(
         "--dequantize",
