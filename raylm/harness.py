@@ -72,6 +72,7 @@ def val_texts(plan: EvalPlan, split: str = "val") -> list[str]:
 
 def write_val_task(folder: Path, texts: list[str]) -> Path:
     """folder/raylm_val.jsonl and the task's YAML beside it (its data path absolute; datasets' cache inside)."""
+    folder.mkdir(parents=True, exist_ok=True)
     data = folder / f"{VAL_TASK}.jsonl"
     write_atomic(data, "".join(json.dumps({"text": text}) + "\n" for text in texts))
     task = {
