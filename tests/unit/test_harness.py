@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import test_hf_eval
@@ -19,7 +20,15 @@ from raylm.data.tokenizer import EOT_ID, load_tokenizer_file
 from raylm.harness import VAL_TASK, HarnessOptions, run_harness
 from raylm.model.gpt import GPT
 
-pytest.importorskip("lm_eval.models.huggingface", reason="raylm eval --tasks needs pip install 'lm-eval[hf]'")
+try:
+    import lm_eval.models.huggingface  # noqa: F401  (what raylm eval --tasks runs)
+
+    HAS_HARNESS = True
+except ImportError:
+    HAS_HARNESS = False
+needs_harness = pytest.mark.skipif(
+    not HAS_HARNESS, reason="raylm eval --tasks needs pip install 'lm-eval[hf]'"
+)
 RTOL = 1e-4
 
 
@@ -47,6 +56,7 @@ def raylm_log_likelihood(gpt: GPT, ids: list[int]) -> float:
     return -gpt(inputs, torch.tensor([ids])).item() * len(ids)
 
 
+@needs_harness
 def test_harness_log_likelihoods_equal_raylm_loss(model):
     cfg, weights, _, folder, _ = model
     out = run_harness(folder, [VAL_TASK], HarnessOptions(log_samples=True))
@@ -68,6 +78,7 @@ def test_harness_log_likelihoods_equal_raylm_loss(model):
     assert out["results"][VAL_TASK]["bits_per_byte,none"] == pytest.approx(bits_per_byte, rel=RTOL)
 
 
+@needs_harness
 def test_eval_tasks_on_a_run_prints_one_json_line(model, capsys):
     _, _, folder, _, data = model
     before = sorted(p.name for p in folder.iterdir())
@@ -80,9 +91,18 @@ def test_eval_tasks_on_a_run_prints_one_json_line(model, capsys):
     assert sorted(p.name for p in folder.iterdir()) == before  # the export went to a temporary folder
 
 
+@needs_harness
 @pytest.mark.slow  # the harness indexes its thousands of tasks first (20 s here)
 def test_unknown_task_is_one_line(model, capsys):
     _, _, _, folder, _ = model
     assert main(["eval", str(folder), "--tasks", "no_such_task"]) != 0
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no_such_task: no such lm-eval task" in err and "--include-path" in err
+
+
+def test_without_the_harness_one_line_names_the_install(model, capsys, monkeypatch):
+    _, _, _, folder, _ = model
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if it were not installed: its import fails
+    assert main(["eval", str(folder), "--tasks", VAL_TASK]) != 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'lm-eval[hf]'" in err
