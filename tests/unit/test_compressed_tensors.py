@@ -4,11 +4,8 @@ quantized layout raylm cannot read is refused in one line, never read as somethi
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-import types
 
 import pytest
 import torch
@@ -20,20 +17,6 @@ from raylm.checkpoint.export import load_export, open_export
 from raylm.compress.apply import CompressOptions, compress
 from raylm.errors import CheckpointError
 from raylm.model.quantized import pack, unpack
-
-
-@pytest.fixture
-def accelerate_import(monkeypatch):
-    """transformers' quantizer imports accelerate's `init_empty_weights` and enters it only for Llama-4 MoE
-    modules. Where accelerate is not installed, a stand-in that fails if it is ever used takes its place."""
-    if importlib.util.find_spec("accelerate") is None:
-        stand_in = types.ModuleType("accelerate")
-
-        def init_empty_weights(*args, **kwargs):
-            raise AssertionError("transformers used accelerate.init_empty_weights on a Llama")
-
-        stand_in.init_empty_weights = init_empty_weights  # type: ignore[attr-defined]
-        monkeypatch.setitem(sys.modules, "accelerate", stand_in)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -50,7 +33,7 @@ def test_packing_is_the_librarys(bits):
 @pytest.mark.parametrize(
     "method,tie", [("int8", True), ("int4", False)], ids=["int8-tied", "int4-group32-untied"]
 )
-def test_transformers_loads_the_quantized_export(tmp_path, method, tie, accelerate_import):
+def test_transformers_loads_the_quantized_export(tmp_path, method, tie):
     cfg, weights, folder = exported(tmp_path, tie)
     out = tmp_path / method
     compress(CompressOptions(source=str(folder), out_dir=str(out), quantize=method, group_size=32))
