@@ -48,6 +48,21 @@ def test_bubble_is_p_minus_1_over_m_plus_p_minus_1(pp, m):
     assert pred.time.bubble_s == pytest.approx((pp - 1) * slot)
 
 
+def test_each_tp_all_reduce_waits_the_calibrated_sync_and_no_tp_pays_none():
+    """A CPU's sync wait (calibrate._sync_wait_s) adds to every TP all-reduce of the step, and only to those."""
+    import dataclasses
+
+    hw = gpu_hardware("h100")
+    slow = dataclasses.replace(hw, sync_wait_s=1e-3)
+    tp2, tp2_slow = (predict(with_layout(gpt2(), 1, 2, 4, 1, 8, False), h, 8).time for h in (hw, slow))
+    tp1, tp1_slow = (predict(with_layout(gpt2(), 1, 1, 8, 1, 8, False), h, 8).time for h in (hw, slow))
+    assert tp2 is not None and tp2_slow is not None and tp1 is not None and tp1_slow is not None
+    blocks, m = 12, 512 // (8 * 4)
+    allreduces = m * (4 * blocks + 2)  # four per block, the embedding's and the loss's
+    assert tp2_slow.tp_s - tp2.tp_s == pytest.approx(allreduces * 1e-3)
+    assert tp1.tp_s == tp1_slow.tp_s == 0
+
+
 def test_invalid_layouts_are_left_out_with_the_config_checks_reason():
     ranked = plan(gpt2(), gpu_hardware("h100"), 8, 8)
     refused = {(p.pp, p.tp, p.dp, p.zero_stage): p.why for p in ranked if not p.valid}

@@ -127,6 +127,7 @@ def test_layout_auto_on_cpu_needs_the_worker_count_and_uses_the_calibration(tmp_
         "allreduce_bw": 1e9,
         "send_bw": 2e9,
         "latency_s": 1e-4,
+        "sync_wait_s": 1e-3,
         "idle_rank_bytes": 0.9e9,
     }
     (tmp_path / "raylm").mkdir()

@@ -147,7 +147,7 @@ def test_cpu_predictions_are_within_ten_percent_of_the_memory_benchmarks_measure
         }
     )
     figures = dict.fromkeys(("matmul_fp32", "matmul_bf16", "mem_bw", "allreduce_bw", "send_bw"), 1e9)
-    figures.update(key=machine_key(), ram_bytes=64e9, latency_s=0.0, idle_rank_bytes=0.4e9)
+    figures.update(key=machine_key(), ram_bytes=64e9, latency_s=0.0, sync_wait_s=0.0, idle_rank_bytes=0.4e9)
     pred = predict(cfg, hardware_of(figures), gpus_per_node=pp * tp * dp)
     assert pred.memory is not None
     n = stages(model_shape(cfg, tp), pp, cfg.parallel.partition)[pred.memory.stage].params
