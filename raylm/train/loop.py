@@ -131,7 +131,7 @@ class Trainer:
             self.sweep.end_diverged(row, self.progress)
             return False
         if self.progress:
-            self.progress.record(row, force=last or "val_loss" in row)
+            self.progress.record(row, force=last or "val_loss" in row or "ckpt_step" in row)
         resizing = bool(self.resize and not last and self.resize.requested())  # a collective on every rank
         self.sweep.before_report(rung)
         commit_now = rung is not None or rolled_back or resizing
