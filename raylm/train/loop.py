@@ -14,6 +14,7 @@ from typing import Any
 
 from raylm.config import Config
 from raylm.config.derived import micro_batches_for
+from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.storage.location import Location
 from raylm.train.checkpointing import CheckpointManager, ResumeInfo
@@ -117,7 +118,7 @@ class Trainer:
         # a background save every rank has finished commits now (its times go into this row)
         finished = self.checkpointer.poll(row)
         # a rollback commits at once, so that a restart resumes past the skipped samples too
-        judged = self.faults.judge(row, before, self.state)
+        judged = self.judge(row, before)
         if judged:  # roll back to the newest checkpoint: the one in flight, if any
             finished = self.checkpointer.wait() or finished
         rolled_back = judged and self.faults.rollback(self.run_dir, self.rank, row, self.state)
@@ -141,6 +142,15 @@ class Trainer:
         if resizing:
             self.resize.wait_for_resize(step)
         return True
+
+    def judge(self, row: dict, before: TrainState) -> bool:
+        """StepFaults' verdict on the step (True: roll back). Under fault.nonfinite=stop, raised on every rank
+        alike, a background save in flight is finished first: it holds the state from before the bad step."""
+        try:
+            return self.faults.judge(row, before, self.state)
+        except RaylmError:
+            self.checkpointer.wait()
+            raise
 
     def checkpoint_and_report(
         self, row: dict, drill: FaultDrill, commit_now: bool = False, finished: Location | None = None
