@@ -18,13 +18,21 @@ LAYOUT_CHOICES = ("manual", "auto")  # parallel.layout
 INTERVAL_CHOICES = ("steps", "auto")  # checkpoint.interval; `checkpoint.every_steps: auto` is its shorthand
 
 
-def opt(default: Any, doc: str, choices: tuple = ()) -> Any:
+def opt(default: Any, doc: str, choices: tuple = (), key: str = "") -> Any:
     """A dataclass field with a default and the doc line that `raylm config --help` prints; `choices`: the
-    only values it takes (checked by raylm.config.validate)."""
-    metadata = {"doc": doc, "choices": choices} if choices else {"doc": doc}
+    only values it takes (checked by raylm.config.validate); `key`: its name in YAML when that is a Python
+    keyword (`checkpoint.async` is the field `async_save`)."""
+    metadata: dict[str, Any] = {"doc": doc, "choices": choices} if choices else {"doc": doc}
+    if key:
+        metadata["key"] = key
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def key_of(f: dataclasses.Field) -> str:
+    """A field's name in YAML and in dotted overrides (its own name unless opt() gave another)."""
+    return f.metadata.get("key", f.name)
 
 
 def section(cls: type, doc: str) -> Any:
@@ -242,6 +250,13 @@ class CheckpointConfig:
         choices=INTERVAL_CHOICES,
     )
     keep: int = opt(2, "newest committed checkpoints kept")
+    async_save: bool = opt(
+        True,
+        "save in the background: the step that saves copies the state to host memory and training goes on "
+        "while a thread per rank writes, hashes and uploads; the manifest commits once every rank is done "
+        "(at most one save in flight; the last step's save and the end of training wait for it)",
+        key="async",
+    )
     resume: str = opt(
         "auto",
         "auto (newest committed checkpoint of this run) | never | required",
@@ -364,6 +379,6 @@ def field_choices(section: Any, prefix: str = "") -> Iterator[tuple[str, Any, tu
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            yield from field_choices(value, f"{prefix}{f.name}.")
+            yield from field_choices(value, f"{prefix}{key_of(f)}.")
         elif "choices" in f.metadata:
-            yield f"{prefix}{f.name}", value, f.metadata["choices"]
+            yield f"{prefix}{key_of(f)}", value, f.metadata["choices"]

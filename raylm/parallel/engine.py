@@ -158,6 +158,11 @@ class Engine:
     def layout(self) -> dict[str, int]:
         return {"pp": self.topo.pp, "tp": self.topo.tp, "dp": self.topo.dp}
 
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's tensors live, and where its process group's collectives take their tensors."""
+        return torch.device(self.ds.device)
+
     def _data(self, data_iter: Iterator[Batch] | None) -> Iterator[Batch] | None:
         if self.reads_data and data_iter is None:
             raise ValueError(
