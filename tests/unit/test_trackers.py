@@ -127,6 +127,18 @@ def wandb_records(folder):
                 yield record
 
 
+def finished_records(folder, runs: int, timeout_s: float = 30.0) -> list:
+    """The records once `runs` offline runs end with their exit record (wandb's core process may still be writing
+    them for a moment after finish() returned)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        records = list(wandb_records(folder))
+        exits = sum(r.WhichOneof("record_type") == "exit" for r in records)
+        if exits >= runs or time.monotonic() > deadline:
+            return records
+        time.sleep(0.2)
+
+
 def test_wandb_offline_gets_every_step_once_across_a_restart(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -139,7 +151,7 @@ def test_wandb_offline_gets_every_step_once_across_a_restart(tmp_path, monkeypat
     attempt(tmp_path / "run", tree, 3, range(3, 9), 2, finished=True)
     run_id = read_record(tmp_path / "run", "wandb")["run_id"]
 
-    records = list(wandb_records(tmp_path / "wandb-files"))
+    records = finished_records(tmp_path / "wandb-files", runs=2)
     runs = [r.run for r in records if r.WhichOneof("record_type") == "run"]
     assert {r.run_id for r in runs} == {run_id} and {r.display_name for r in runs} == {"offline"}
     assert any("raylm.layout=pp=2 tp=1 dp=1 zero=0" in r.tags for r in runs)
