@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from pathlib import Path
 
 import pytest
 
@@ -164,3 +165,54 @@ def test_wandb_offline_gets_every_step_once_across_a_restart(tmp_path, monkeypat
             (sent,) = rows(range(step, step + 1), 1 if step <= 5 else 2)  # 3..5 from the first attempt
             assert float(items["loss"]) == pytest.approx(sent["loss"])
     assert steps == list(range(9))  # each step once, in order
+
+
+def test_a_sweep_is_a_parent_run_with_a_child_per_trial(mlflow_store, tmp_path, monkeypatch):
+    """The sweep's side (parent run, outputs, each trial's values and decisions) and each trial's rank 0 (its run
+    nested under the parent), as `raylm sweep` calls them; the Tune trials themselves are left out."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from raylm.config import with_overrides
+    from raylm.train.tracking.mlflow_run import PARENT_TAG
+    from raylm.tune.tracking import log_sweep, open_sweep_run
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
+    sweep_dir = tmp_path / "lr-sweep"
+    sweep_dir.mkdir()
+    base = resolve({}, ["run.trackers=[mlflow]", "tune.name=lr-sweep"])
+    cfg = open_sweep_run(base, sweep_dir, {"optim.lr": {"grid": [0.01, 0.001]}})
+    parent = cfg.tune.parent_run
+    assert parent and open_sweep_run(base, sweep_dir, {}).tune.parent_run == parent  # --resume: the same run
+    trials, decisions = [], []
+    for trial_id, lr, action in (("a_00000", 0.01, "continue"), ("a_00001", 0.001, "stop")):
+        trial = with_overrides(cfg, {"optim.lr": lr, "tune.trial_of": "lr-sweep", "run.name": trial_id})
+        folder = sweep_dir / "trials" / trial_id
+        folder.mkdir(parents=True)
+        attempt(folder, to_dict(trial), 0, range(0, 4), 1, finished=True)
+        trials.append(
+            {"trial_id": trial_id, "folder": str(folder), "params": {"optim.lr": lr}, "status": "x"}
+        )
+        decisions.append(
+            {"trial": trial_id, "rung": 0, "milestone_tokens": 128, "value": 4.0, "action": action}
+        )
+    (sweep_dir / "trials.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trials))
+    (sweep_dir / "decisions.jsonl").write_text("".join(json.dumps(d) + "\n" for d in decisions))
+    log_sweep(cfg, sweep_dir)
+
+    client = MlflowClient(mlflow_store)
+    assert client.get_run(parent).data.params["tune.name"] == "lr-sweep"
+    assert {a.path for a in client.list_artifacts(parent)} == {
+        "space.json",
+        "trials.jsonl",
+        "decisions.jsonl",
+    }
+    for trial, decision in zip(trials, decisions, strict=True):
+        child = client.get_run(read_record(Path(trial["folder"]), "mlflow")["run_id"])
+        assert child.data.tags[PARENT_TAG] == parent and child.info.run_name == trial["trial_id"]
+        assert json.loads(child.data.tags["raylm.values"]) == trial["params"]
+        assert child.data.params["optim.lr"] == str(trial["params"]["optim.lr"])
+        assert json.loads(child.data.tags["raylm.rung0"])["action"] == decision["action"]
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [0, 1, 2, 3]
