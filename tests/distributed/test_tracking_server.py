@@ -7,13 +7,7 @@ Slow: the server takes 20-40 s to start here (its SQLite schema migrations and j
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -29,65 +23,23 @@ from raylm.train.metrics import plot_loss_curve, read_metrics  # noqa: E402
 from raylm.train.tracking.after_run import add_export  # noqa: E402
 from raylm.train.tracking.base import flatten  # noqa: E402
 from raylm.train.tracking.ids import read_record  # noqa: E402
+from tests.mlflow_server import mlflow_server  # noqa: E402
+from tests.s3_server import free_port  # noqa: E402
 
 pytestmark = [pytest.mark.runs, pytest.mark.slow]
-SERVER_START_S = 180
 EXACT = ("loss", "lr", "tokens", "samples", "batch_size")  # the same in every attempt (a resume is exact)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` on 127.0.0.1 (a free port) with a SQLite store; its URI once /health answers."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    command = [
-        str(Path(sys.executable).parent / "mlflow"),
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--backend-store-uri",
-        f"sqlite:///{root}/mlflow.db",
-        "--artifacts-destination",
-        str(root / "artifacts"),
-        "--workers",
-        "1",
-    ]
-    with (root / "server.log").open("w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(uri, server, root / "server.log")
+def server(tmp_path_factory):
+    with mlflow_server(tmp_path_factory.mktemp("mlflow-server")) as uri:
         yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, in its own session
-        server.wait(timeout=60)
 
 
-def wait_healthy(uri: str, server: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + SERVER_START_S
-    while time.monotonic() < deadline:
-        assert server.poll() is None, log.read_text()[-2000:]
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise AssertionError(f"mlflow server not healthy after {SERVER_START_S} s: {log.read_text()[-2000:]}")
-
-
-def test_a_restarted_and_resumed_run_is_one_mlflow_run(mlflow_server, small_config, tmp_path, monkeypatch):
+def test_a_restarted_and_resumed_run_is_one_mlflow_run(server, small_config, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "restarts")
     tracked = ("run.trackers=[tensorboard, mlflow]", "fault.max_failures=1", "fault.drill=step@5")
     first = small_config("tracked", *DP2, *tracked)  # rank 0 is killed after step 4; the group restarts at 4
@@ -101,7 +53,7 @@ def test_a_restarted_and_resumed_run_is_one_mlflow_run(mlflow_server, small_conf
     export(run, tmp_path / "export")  # what `raylm export` does
     add_export(str(run), str(tmp_path / "export"))
 
-    client = MlflowClient(mlflow_server)
+    client = MlflowClient(server)
     (experiment,) = [e for e in client.search_experiments() if e.name == "restarts"]
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [run_id]
     logged = client.get_run(run_id)

@@ -6,7 +6,6 @@ twice."""
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ from raylm.config import resolve, to_dict
 from raylm.train.metrics import MetricsWriter, read_metrics
 from raylm.train.tracking.base import flatten
 from raylm.train.tracking.ids import read_record
+from tests.s3_server import free_port
 
 pytest.importorskip("mlflow")
 
@@ -86,10 +86,7 @@ def test_mlflow_gets_config_rows_tags_and_continues_its_run(mlflow_store, tmp_pa
 
 
 def test_unreachable_mlflow_warns_once_and_the_rows_still_land(tmp_path, monkeypatch, warnings_seen):
-    with socket.socket() as sock:  # a port nothing listens on
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     tree = to_dict(resolve({}, ["run.trackers=[tensorboard, mlflow]"]))

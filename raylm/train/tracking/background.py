@@ -42,7 +42,8 @@ class BackgroundTracker(Tracker):
         self._finished = finished
         self._queue.put(_CLOSE)
         self._thread.join(CLOSE_WAIT_S)
-        if self._thread.is_alive():
+        if self._thread.is_alive() and not self.failed:
+            self.failed = True  # whatever the thread meets later stays silent: one warning
             warn_unreachable(self.name, f"still busy after {CLOSE_WAIT_S:.0f} s at the end of the run")
 
     def _run(self) -> None:
@@ -73,8 +74,9 @@ class BackgroundTracker(Tracker):
         try:
             return call(*args) or True
         except Exception as exc:  # any failure of a tracker's client: the run goes on without it
+            if not self.failed:
+                warn_unreachable(self.name, f"{type(exc).__name__}: {_first_line(exc)}")
             self.failed = True
-            warn_unreachable(self.name, f"{type(exc).__name__}: {_first_line(exc)}")
             return None
 
 
