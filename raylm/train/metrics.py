@@ -26,6 +26,9 @@ class MetricsWriter:
         rerun = _drop_rows_from(self.path, start_step)
         self.file = self.path.open("a")
         self.trackers = open_trackers(config, Path(run_dir), start_step, rerun)
+        kept = read_metrics(run_dir) if rerun else []
+        for tracker in self.trackers:
+            tracker.catch_up(kept)
 
     def write(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")

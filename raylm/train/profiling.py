@@ -70,5 +70,5 @@ def _start():
 
 def top_operators(profiler) -> str:
     """The operators that took the most time of their own (on the GPU when there is one), as torch tabulates them."""
-    sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    sort_by = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
     return profiler.key_averages().table(sort_by=sort_by, row_limit=TOP_OPERATORS)

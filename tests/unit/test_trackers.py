@@ -85,6 +85,19 @@ def test_mlflow_gets_config_rows_tags_and_continues_its_run(mlflow_store, tmp_pa
     assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
 
 
+def test_rows_a_tracker_lacks_are_sent_from_metrics_jsonl_at_a_restart(mlflow_store, tmp_path, monkeypatch):
+    """Rows still queued when a SIGKILL ended rank 0 never reached the server: as for a tracker added on resume,
+    the restart sends the rows metrics.jsonl kept (the steps before the checkpoint) that the run lacks."""
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tests")
+    attempt(tmp_path, to_dict(resolve({}, ["run.trackers=[]"])), 0, range(0, 6), 1, finished=False)
+    attempt(tmp_path, to_dict(resolve({}, ["run.trackers=[mlflow]"])), 4, range(4, 8), 2, finished=True)
+    history = MlflowClient(mlflow_store).get_metric_history(read_record(tmp_path, "mlflow")["run_id"], "loss")
+    assert sorted(m.step for m in history) == list(range(8))
+
+
 def test_unreachable_mlflow_warns_once_and_the_rows_still_land(tmp_path, monkeypatch, warnings_seen):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")

@@ -38,6 +38,9 @@ class BackgroundTracker(Tracker):
         if not self.failed:
             self._queue.put(rows)
 
+    def catch_up(self, rows: list[dict[str, Any]]) -> None:
+        self.log_rows(rows)  # the tracker skips the steps it holds
+
     def close(self, finished: bool) -> None:
         self._finished = finished
         self._queue.put(_CLOSE)

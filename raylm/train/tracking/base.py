@@ -21,6 +21,10 @@ class Tracker:
     def log_rows(self, rows: list[dict[str, Any]]) -> None:
         raise NotImplementedError
 
+    def catch_up(self, rows: list[dict[str, Any]]) -> None:
+        """The rows metrics.jsonl kept from earlier attempts, at a (re)start: a tracker whose own record may lack
+        some (rows still queued when a SIGKILL ended the attempt) sends those it does not hold yet."""
+
     def close(self, finished: bool) -> None:
         """End this attempt; `finished`: the loop ran to its end (not a crash, not an interrupted attempt)."""
 
@@ -28,9 +32,7 @@ class Tracker:
 def numbers(row: dict[str, Any]) -> dict[str, float]:
     """A row's numeric fields but `step`, as floats (booleans as 0/1; null and text left out)."""
     return {
-        key: float(value)
-        for key, value in row.items()
-        if key != "step" and isinstance(value, (int, float)) and value is not None
+        key: float(value) for key, value in row.items() if key != "step" and isinstance(value, (int, float))
     }
 
 
