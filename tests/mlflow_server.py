@@ -43,8 +43,12 @@ def mlflow_server(root: Path) -> Iterator[str]:
         wait_healthy(uri, server, root / "server.log")
         yield uri
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, in their own session
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # a loaded machine: it may not finish shutting down in time
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
 
 
 def wait_healthy(uri: str, server: subprocess.Popen, log: Path) -> None:

@@ -59,7 +59,7 @@ def train(
             )
         result = _fit(trainer, run_dir)
         summary = summarise(run_dir, result, time.perf_counter() - start, cfg.data.cache_dir)
-        track_loss_curve(run_dir, cfg.data.cache_dir)
+        finish_tracking(run_dir, cfg.data.cache_dir)
         if prediction is not None and prediction.time is not None:
             summary["predicted_tokens_per_s"] = round(prediction.tokens_per_s, 1)
             get_logger().info(
@@ -292,16 +292,16 @@ def summarise(run_dir: Location, result, wall_s: float, cache_dir: str = "") -> 
     return summary
 
 
-def track_loss_curve(run_dir: Location, cache_dir: str = "") -> None:
-    """loss.png (drawn by summarise) into the run's MLflow run, when it has one: the driver draws it after
-    training, rank 0 logged the rest."""
+def finish_tracking(run_dir: Location, cache_dir: str = "") -> None:
+    """The run's MLflow run, when it has one, gets the rows it lacks (rank 0 logged the rest) and loss.png
+    (drawn by summarise, after training)."""
     from raylm.train.tracking.after_run import add_artifacts
     from raylm.train.tracking.ids import record_name
 
     files = RunFiles(run_dir, cache_dir)
     files.pull(record_name("mlflow"))
-    if (files.local / LOSS_PLOT_FILE).exists():
-        add_artifacts(files.local, (files.local / LOSS_PLOT_FILE,))
+    plot = files.local / LOSS_PLOT_FILE
+    add_artifacts(files.local, (plot,) if plot.exists() else (), rows=read_metrics(files.local))
 
 
 def _rounded(value: float | None, digits: int) -> float | None:

@@ -9,12 +9,15 @@ from typing import Any
 
 from raylm.config import Config, to_dict, with_overrides
 from raylm.storage.file_names import DECISIONS_FILE
+from raylm.train.metrics import read_metrics
 from raylm.train.tracking.background import call_bounded
 from raylm.train.tracking.base import flatten, run_tags
 from raylm.train.tracking.mlflow_run import NAME, client, log_params, open_run, update_run
 from raylm.tune.asha import read_decisions
 
 SWEEP_ARTIFACTS = ("trials.jsonl", DECISIONS_FILE, "sweep.md", "sweep.png", "best.yaml")
+# a trial's MLflow status from its own (a trial Tune paused, then stopped, never closed its run)
+STATUS = {"finished": "FINISHED", "stopped": "KILLED", "diverged": "FAILED", "error": "FAILED"}
 
 
 def open_sweep_run(cfg: Config, sweep_dir: Path, space: dict[str, Any]) -> Config:
@@ -35,7 +38,8 @@ def _open_parent(cfg: Config, sweep_dir: Path, space: dict[str, Any]) -> str:
 
 
 def log_sweep(cfg: Config, sweep_dir: Path) -> None:
-    """The sweep's outputs into its parent run, and each trial's values, status and decisions into its run."""
+    """The sweep's outputs into its parent run, and each trial's values, status and decisions into its run (with
+    the rows it lacks)."""
     if cfg.tune.parent_run:
         call_bounded(NAME, lambda: _log_outputs(sweep_dir))
 
@@ -45,7 +49,9 @@ def _log_outputs(sweep_dir: Path) -> None:
     trials = (sweep_dir / "trials.jsonl").read_text().splitlines()
     for trial in map(json.loads, filter(str.strip, trials)):
         own = [d for d in decisions if d.get("trial") == trial["trial_id"]]
-        update_run(Path(trial["folder"]), tags=trial_tags(trial, own))
+        folder = Path(trial["folder"])
+        tags = trial_tags(trial, own)
+        update_run(folder, rows=read_metrics(folder), tags=tags, status=STATUS.get(trial["status"]))
     present = tuple(sweep_dir / name for name in SWEEP_ARTIFACTS if (sweep_dir / name).exists())
     update_run(sweep_dir, files=present)
 

@@ -18,7 +18,7 @@ from dist_runs import DP2, train_plain  # noqa: E402
 
 from raylm.checkpoint.export import export  # noqa: E402
 from raylm.config import to_dict  # noqa: E402
-from raylm.train.driver import track_loss_curve, with_absolute_paths  # noqa: E402
+from raylm.train.driver import finish_tracking, with_absolute_paths  # noqa: E402
 from raylm.train.metrics import plot_loss_curve, read_metrics  # noqa: E402
 from raylm.train.tracking.after_run import add_export  # noqa: E402
 from raylm.train.tracking.base import flatten  # noqa: E402
@@ -49,7 +49,7 @@ def test_a_restarted_and_resumed_run_is_one_mlflow_run(server, small_config, tmp
     train_plain(small_config("tracked", *DP2, *tracked, "train.max_steps=10"), 2)  # resumed for two more
     assert read_record(run, "mlflow")["run_id"] == run_id
     plot_loss_curve(run)  # what the driver does after a run
-    track_loss_curve(run)
+    finish_tracking(run)
     export(run, tmp_path / "export")  # what `raylm export` does
     add_export(str(run), str(tmp_path / "export"))
 

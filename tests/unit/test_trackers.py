@@ -197,13 +197,16 @@ def test_a_sweep_is_a_parent_run_with_a_child_per_trial(mlflow_store, tmp_path, 
     parent = cfg.tune.parent_run
     assert parent and open_sweep_run(base, sweep_dir, {}).tune.parent_run == parent  # --resume: the same run
     trials, decisions = [], []
-    for trial_id, lr, action in (("a_00000", 0.01, "continue"), ("a_00001", 0.001, "stop")):
+    outcomes = (("a_00000", 0.01, "continue", "finished"), ("a_00001", 0.001, "stop", "stopped"))
+    for trial_id, lr, action, status in outcomes:
         trial = with_overrides(cfg, {"optim.lr": lr, "tune.trial_of": "lr-sweep", "run.name": trial_id})
         folder = sweep_dir / "trials" / trial_id
         folder.mkdir(parents=True)
-        attempt(folder, to_dict(trial), 0, range(0, 4), 1, finished=True)
+        attempt(folder, to_dict(trial), 0, range(0, 4), 1, finished=False)
+        with (folder / "metrics.jsonl").open("a") as lost:  # rows a killed worker never sent
+            lost.write("".join(json.dumps(row) + "\n" for row in rows(range(4, 6), 1)))
         trials.append(
-            {"trial_id": trial_id, "folder": str(folder), "params": {"optim.lr": lr}, "status": "x"}
+            {"trial_id": trial_id, "folder": str(folder), "params": {"optim.lr": lr}, "status": status}
         )
         decisions.append(
             {"trial": trial_id, "rung": 0, "milestone_tokens": 128, "value": 4.0, "action": action}
@@ -225,4 +228,5 @@ def test_a_sweep_is_a_parent_run_with_a_child_per_trial(mlflow_store, tmp_path, 
         assert json.loads(child.data.tags["raylm.values"]) == trial["params"]
         assert child.data.params["optim.lr"] == str(trial["params"]["optim.lr"])
         assert json.loads(child.data.tags["raylm.rung0"])["action"] == decision["action"]
-        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [0, 1, 2, 3]
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "loss")) == list(range(6))
+        assert child.info.status == {"finished": "FINISHED", "stopped": "KILLED"}[trial["status"]]

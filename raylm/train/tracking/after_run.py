@@ -1,8 +1,10 @@
-"""What reaches a run's MLflow run after its training: the driver's loss.png, and an export made from the run."""
+"""What reaches a run's MLflow run after its training: the rows it lacks and the driver's loss.png, and an export
+made from the run."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from raylm.storage.location import Location, as_location, is_remote, local_view
 from raylm.train.run_folder import checkpoint_root
@@ -13,10 +15,13 @@ from raylm.train.tracking.mlflow_run import NAME, update_run
 EXPORT_ARTIFACTS = "export"  # the artifact folder an export goes under
 
 
-def add_artifacts(folder: Path, files: tuple[Path, ...], under: str | None = None) -> None:
-    """Files (or folders) into the MLflow run of the run folder `folder` (local), when it has one."""
+def add_artifacts(
+    folder: Path, files: tuple[Path, ...], under: str | None = None, rows: list[dict[str, Any]] | None = None
+) -> None:
+    """Files (or folders) into the MLflow run of the run folder `folder` (local), when it has one, after the
+    metrics.jsonl `rows` it lacks."""
     if read_record(folder, NAME):
-        call_bounded(NAME, lambda: update_run(folder, files=files, under=under))
+        call_bounded(NAME, lambda: update_run(folder, rows=rows, files=files, under=under))
 
 
 def add_export(source: str, out_dir: str) -> None:

@@ -121,21 +121,32 @@ def last_step(run_id: str) -> int:
 
 
 def update_run(
-    folder: Path, tags: dict[str, str] | None = None, files: tuple[Path, ...] = (), under: str | None = None
+    folder: Path,
+    rows: list[dict[str, Any]] | None = None,
+    tags: dict[str, str] | None = None,
+    files: tuple[Path, ...] = (),
+    under: str | None = None,
+    status: str | None = None,
 ) -> bool:
-    """Tags and artifacts (files or folders; under `under`) added to the folder's MLflow run after its training
-    ended; False when the folder has none."""
+    """The folder's MLflow run after its training ended: the rows of its metrics.jsonl it lacks (queued when a
+    worker was killed: a trial Tune paused, then stopped), tags, artifacts (files or folders; under `under`),
+    its final status. False when the folder has none."""
     from mlflow.entities import RunTag
 
     record = read_record(folder, NAME)
     if not record:
         return False
+    run_id = record["run_id"]
     mlflow = client()
+    if rows:
+        MlflowTracker(run_id, last_step(run_id)).log_rows(rows)
     if tags:
-        mlflow.log_batch(record["run_id"], tags=[RunTag(k, v) for k, v in tags.items()])
+        mlflow.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     for path in files:
         if Path(path).is_dir():
-            mlflow.log_artifacts(record["run_id"], str(path), under)
+            mlflow.log_artifacts(run_id, str(path), under)
         else:
-            mlflow.log_artifact(record["run_id"], str(path), under)
+            mlflow.log_artifact(run_id, str(path), under)
+    if status:
+        mlflow.set_terminated(run_id, status)
     return True
