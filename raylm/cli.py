@@ -120,8 +120,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from raylm.checkpoint.export import export
+    from raylm.train.tracking.after_run import add_export
 
-    print(json.dumps(export(args.source, args.out_dir)))
+    summary = export(args.source, args.out_dir)
+    add_export(args.source, args.out_dir)  # into the run's MLflow run, when it has one
+    print(json.dumps(summary))
     return 0
 
 
@@ -140,6 +143,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from raylm.compress.apply import CompressOptions, compress
+    from raylm.train.tracking.after_run import add_export
 
     options = CompressOptions(
         source=args.source,
@@ -152,7 +156,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         dequantize=args.dequantize,
         eval_data=args.eval_data,
     )
-    print(json.dumps(compress(options)))
+    summary = compress(options)
+    add_export(args.source, args.out_dir)  # into the run's MLflow run, when it has one
+    print(json.dumps(summary))
     return 0
 
 

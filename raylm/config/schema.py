@@ -15,6 +15,7 @@ from typing import Any
 from raylm.log import LOG_LEVELS
 
 LAYOUT_CHOICES = ("manual", "auto")  # parallel.layout
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # run.trackers
 INTERVAL_CHOICES = ("steps", "auto")  # checkpoint.interval; `checkpoint.every_steps: auto` is its shorthand
 
 
@@ -56,6 +57,11 @@ class RunConfig:
         "console: info (raylm's progress, evaluations, warnings, summary) | debug (also "
         "every Ray and DeepSpeed line; same as --verbose)",
         choices=LOG_LEVELS,
+    )
+    trackers: list = opt(
+        ["tensorboard"],
+        "where rank 0 also sends every metrics.jsonl row: any of tensorboard (<run>/tensorboard), mlflow "
+        "(MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), wandb (WANDB_* variables); [] = metrics.jsonl alone",
     )
 
 
@@ -192,6 +198,11 @@ class TrainConfig:
         0.0,
         "MFU denominator per worker in TFLOP/s; 0 = the GPU's dense peak from raylm's "
         "table (bf16, or TF32 for fp32 runs), or a matmul measured on CPU",
+    )
+    profile_steps: list = opt(
+        [],
+        "[START, END]: record torch.profiler traces of steps START..END (0-based, both included) on every "
+        "rank into <run>/profile/; [] = off",
     )
 
 
@@ -350,6 +361,9 @@ class TuneConfig:
         [],
         "set by raylm sweep: evaluate, report and checkpoint at the first step whose tokens "
         "reach each of these",
+    )
+    parent_run: str = opt(
+        "", "set by raylm sweep: the sweep's MLflow run, under which each trial's MLflow run nests"
     )
     start_from: str = opt(
         "",

@@ -19,6 +19,7 @@ from raylm.log import get_logger
 from raylm.storage.location import Location
 from raylm.train.checkpointing import CheckpointManager, ResumeInfo
 from raylm.train.faults import FaultDrill
+from raylm.train.profiling import StepProfiler
 from raylm.train.progress import Progress
 from raylm.train.reporter import Reporter
 from raylm.train.run_records import RunFiles
@@ -77,8 +78,10 @@ class Trainer:
             self.progress = Progress(self.cfg, self.files.local, start_step=self.state.step)
         # ASHA may stop a trial at the rung it resumed from
         stopped = resumed.source is not None and self.sweep.stopped_on_resume(session, self.state)
+        profiler = StepProfiler(self.cfg.train.profile_steps, self.files, self.rank)
         for step in range(self.state.step, self.state.step if stopped else self.cfg.train.max_steps):
-            row, before, rung = self.train_step(step, batches, drill)
+            with profiler.around(step):  # train.profile_steps
+                row, before, rung = self.train_step(step, batches, drill)
             if not self.after_step(step, row, before, rung, resumed, drill):
                 break
         self.checkpointer.wait()  # a background save still in flight (a loop that ended early)
