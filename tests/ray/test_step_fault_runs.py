@@ -1,7 +1,6 @@
 """A stalled (SIGSTOPped) rank on a real TorchTrainer (pp=1, dp=2, gloo): its peers' collectives time out
 and Ray Train restarts the group, which resumes bit-identical to an uninterrupted run; the live rank's hang report
-says where it waited. The NaN and spike
-policies run without Ray: tests/distributed/test_fault_runs.py."""
+says where it waited. The NaN and spike policies run without Ray: tests/distributed/test_fault_runs.py."""
 
 from __future__ import annotations
 
