@@ -8,6 +8,7 @@ nodes come from the run's placement records (raylm.train.placement) or its hang 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ class FaultLines:
 
     run_dir: Path
     reported: set[str] = field(default_factory=set)
+    since: float = field(default_factory=time.time)  # hang folders of earlier runs of the folder are not news
 
     def line(self, failures: Mapping[int, BaseException], failure: int, max_failures: int) -> str:
         """What happened, then what comes next: a restart from the newest committed checkpoint, or the end."""
@@ -85,7 +87,7 @@ class FaultLines:
 
     def _new_hang_reports(self) -> HangReports | None:
         folders = sorted((self.run_dir / HANGS_DIR).glob("*")) if (self.run_dir / HANGS_DIR).is_dir() else []
-        fresh = [folder for folder in folders if folder.name not in self.reported]
+        fresh = [f for f in folders if f.name not in self.reported and f.stat().st_mtime >= self.since]
         if not fresh:
             return None
         self.reported.update(folder.name for folder in fresh)

@@ -55,7 +55,7 @@ def test_a_slowed_rank_is_named_and_a_stopped_one_reported_by_the_others(small_c
     assert "no step ended within fault.hang_s=6 s" in text
     assert "blocked in: torch.distributed." in text and "with ranks [" in text
     assert " in train\n" in text  # the loop's frame, from faulthandler's stacks
-    line = FaultLines(run).line({}, failure=1, max_failures=1)
+    line = FaultLines(run, since=0).line({}, failure=1, max_failures=1)
     assert (
         line.startswith("rank 1 on node ")
         and " did not arrive (no step ended within fault.hang_s=6 s" in line

@@ -84,15 +84,18 @@ def test_a_hang_report_says_where_the_rank_waits_and_holds_its_stacks(tmp_path):
 
 
 def test_the_driver_line_names_the_ranks_that_did_not_arrive(tmp_path):
+    lines = FaultLines(tmp_path)
     folder = hang_reports(tmp_path, [0, 2, 3], InFlight("all_reduce", (0, 1, 2, 3), time.monotonic()))
     assert read_hang_reports(folder).missing == [1]
-    lines = FaultLines(tmp_path)
     assert lines.line({}, failure=1, max_failures=6) == (
         "rank 1 on node 9a1b2c did not arrive (no step ended within fault.hang_s=5 s; ranks 0, 2, 3 waited in "
         f"torch.distributed.all_reduce with ranks [0, 1, 2, 3]; their stacks: {folder}); restarting from the "
         "start, failure 1 of 6"
     )
     assert "did not arrive" not in lines.line({}, failure=2, max_failures=6)  # each folder once
+    assert "did not arrive" not in FaultLines(tmp_path, since=time.time() + 1).line(
+        {}, 1, 6
+    )  # an older run's
 
 
 def test_the_driver_line_names_a_dead_rank_and_the_restart_step(tmp_path):
