@@ -113,12 +113,14 @@ def filter_forwarded_logs() -> None:
 
 
 def _swap_ray_log_printer() -> None:
-    """Swap Ray's driver-side printer of worker lines for one that prints raylm's lines as they are (Ray's printer
+    """Swap Ray's driver-side printer of forwarded lines for one that prints raylm's lines as they are (Ray's printer
     would colour them and fold lines that differ only in a number, the rank, into one with a hint) and the
-    autoscaler's through Ray's printer.
+    autoscaler's through Ray's printer. Both paths go through it: the `ray_print_logs` handler of worker and actor
+    lines, and the raylet's messages to the driver ("N PYTHON worker processes have been started", "A worker died"),
+    which Ray's `listen_error_messages` prints by calling `print_to_stdstream` by name.
 
-    A Ray internal (`ray._private.worker`): Ray has no public filter of forwarded lines on the driver alone
-    (docs/private-apis.md); tests/unit/test_private_api_canary.py fails if an upgrade moves it."""
+    Ray internals (`ray._private.worker`): Ray has no public filter of forwarded lines on the driver alone
+    (docs/private-apis.md); tests/unit/test_private_api_canary.py fails if an upgrade moves them."""
     try:
         from ray._private import worker as ray_worker
 
@@ -126,16 +128,20 @@ def _swap_ray_log_printer() -> None:
         printer: Callable = ray_worker.print_to_stdstream
     except (ImportError, AttributeError):  # another Ray layout: keep its console as it is
         return
+    if getattr(printer, "_raylm", False):
+        return  # swapped already
     if not any(name == "ray_print_logs" for name, _ in getattr(dispatcher, "handlers", [])):
         return  # ray.init(log_to_driver=False): nothing is forwarded
 
-    def print_kept(batch: dict[str, Any]) -> None:
+    def print_kept(batch: dict[str, Any], ignore_prefix: bool = False) -> None:
         own, autoscaler = split_for_console(batch)
         for line in own:
             print(line, file=sys.stderr, flush=True)
         if autoscaler:
             printer({**batch, "lines": autoscaler}, ignore_prefix=False)
 
+    print_kept._raylm = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_kept
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", print_kept)
 

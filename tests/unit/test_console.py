@@ -63,7 +63,8 @@ def test_a_batch_keeps_raylm_lines_and_the_autoscaler_keeps_its_own():
 
 def test_the_driver_printer_swap_works_on_the_pinned_ray(monkeypatch, capsys):
     """Ray's driver prints forwarded lines through a named handler; the swap must find it on the pinned Ray. raylm's
-    lines are printed as they are (no prefix, colour or de-duplication), the autoscaler's through Ray's printer."""
+    lines are printed as they are (no prefix, colour or de-duplication), the autoscaler's through Ray's printer, the
+    raylet's not at all."""
     from ray._private import worker as ray_worker
 
     from raylm import log
@@ -81,6 +82,10 @@ def test_the_driver_printer_swap_works_on_the_pinned_ray(monkeypatch, capsys):
     log._swap_ray_log_printer()
     dispatcher.emit({"pid": 1, "is_err": True, "lines": [KEPT[0], DROPPED[0], KEPT[3]]})
     dispatcher.emit({"pid": "autoscaler", "is_err": False, "lines": ["Warning: no node fits {'GPU': 1.0}"]})
+    # the raylet's messages to the driver: Ray's listen_error_messages calls print_to_stdstream by name
+    ray_worker.print_to_stdstream(
+        {"pid": "raylet", "is_err": False, "lines": [DROPPED[9]]}, ignore_prefix=False
+    )
     assert capsys.readouterr().err.splitlines() == [KEPT[0], KEPT[3]]
     assert printed == [(["Warning: no node fits {'GPU': 1.0}"], False)]
 

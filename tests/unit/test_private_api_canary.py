@@ -127,6 +127,8 @@ def test_ray_driver_log_printer_of_raylm_log():
     assert params(dispatcher.remove_handler) == ["name"]
     assert params(ray_worker.print_to_stdstream) == ["data", "ignore_prefix"]
     assert '"ray_print_logs",' in source(ray_worker.connect)  # the name of the handler raylm swaps
+    # the raylet's messages reach the driver's console through the module's printer, looked up by name
+    assert "print_to_stdstream(" in source(ray_worker.listen_error_messages)
     # quiet_ray_driver_loggers silences this module's logger by name
     assert importlib.util.find_spec("ray._private.authentication.authentication_token_setup") is not None
 
