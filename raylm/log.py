@@ -133,12 +133,12 @@ def _swap_ray_log_printer() -> None:
     if not any(name == "ray_print_logs" for name, _ in getattr(dispatcher, "handlers", [])):
         return  # ray.init(log_to_driver=False): nothing is forwarded
 
-    def print_kept(batch: dict[str, Any], ignore_prefix: bool = False) -> None:
-        own, autoscaler = split_for_console(batch)
+    def print_kept(data: dict[str, Any], ignore_prefix: bool = False) -> None:  # Ray's printer's signature
+        own, autoscaler = split_for_console(data)
         for line in own:
             print(line, file=sys.stderr, flush=True)
         if autoscaler:
-            printer({**batch, "lines": autoscaler}, ignore_prefix=False)
+            printer({**data, "lines": autoscaler}, ignore_prefix=False)
 
     print_kept._raylm = True  # type: ignore[attr-defined]
     ray_worker.print_to_stdstream = print_kept
