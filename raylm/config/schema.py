@@ -263,7 +263,7 @@ class FaultConfig:
         "(default fault.drill_rank) at checkpoint-save phase PHASE (before-files|mid-files|"
         "before-commit|after-commit) of step STEP, 'step@STEP' right after that step; "
         "'nonfinite@STEP' makes one micro-batch's loss NaN on that rank in step STEP; 'spike@STEP' "
-        "multiplies step STEP's lr by 1000; 'slow@STEP' makes that rank sleep 1 s after every step "
+        "multiplies step STEP's lr by 1000; 'slow@STEP' makes that rank sleep 0.5 s after every step "
         "from STEP on (a straggler), 'stop@STEP' SIGSTOPs it after step STEP (a hang); "
         "'read@STEP' holds the first Ray Data read task of the "
         "training stream opened at STEP (for a test to kill it); comma-separated for several; "

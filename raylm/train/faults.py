@@ -18,7 +18,7 @@ from raylm.log import get_logger
 FIRED_MARKER = ".fault-drill-fired"  # in the run folder, a line per fired drill: a restarted group skips them
 SPIKE_LR_FACTOR = 1000.0
 READ_STALL_S = 6.0
-SLOW_STEP_S = 1.0  # slow@STEP: what the drill rank adds to each of its steps from STEP on
+SLOW_STEP_S = 0.5  # slow@STEP: what the drill rank adds to each of its steps from STEP on
 
 
 class FaultDrill:

@@ -20,9 +20,9 @@ from raylm.train.metrics import read_metrics  # noqa: E402
 
 pytestmark = pytest.mark.runs
 WATCHED = (
-    "fault.drill=slow@0,stop@3",  # rank 1 sleeps 1 s after every step, and stops after step 3
+    "fault.drill=slow@0,stop@3",  # rank 1 sleeps 0.5 s after every step, and stops after step 3
     "fault.drill_rank=1",
-    "fault.hang_s=6",
+    "fault.hang_s=5",
     "fault.max_failures=1",
     "fault.straggler_factor=1.2",  # two ranks: the median is their mean
     "fault.straggler_steps=2",
@@ -52,12 +52,12 @@ def test_a_slowed_rank_is_named_and_a_stopped_one_reported_by_the_others(small_c
     reports = read_hang_reports(folder)
     assert reports.ranks == [0] and reports.missing == [1]
     text = (folder / "rank-00000.txt").read_text()
-    assert "no step ended within fault.hang_s=6 s" in text
+    assert "no step ended within fault.hang_s=5 s" in text
     assert "blocked in: torch.distributed." in text and "with ranks [" in text
     assert " in train\n" in text  # the loop's frame, from faulthandler's stacks
     line = FaultLines(run, since=0).line({}, failure=1, max_failures=1)
     assert (
         line.startswith("rank 1 on node ")
-        and " did not arrive (no step ended within fault.hang_s=6 s" in line
+        and " did not arrive (no step ended within fault.hang_s=5 s" in line
     )
     assert line.endswith(f"their stacks: {folder}); restarting from step 8, failure 1 of 1"), line
