@@ -111,17 +111,28 @@ def _field(text: str, name: str) -> str:
     return match.group(1).strip() if match else ""
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    """The error and what it wraps: Ray Train wraps a dead worker's error in a health-check failure
+    (`health_check_failure`), Ray's task errors carry `cause`."""
+    chain: list[BaseException] = []
+    seen: BaseException | None = error
+    while seen is not None and len(chain) < 16:  # the bound only guards against a cycle
+        chain.append(seen)
+        seen = getattr(seen, "health_check_failure", None) or seen.__cause__ or getattr(seen, "cause", None)
+    return chain
+
+
 def _is_process_death(error: BaseException) -> bool:
     """A worker whose process ended (killed, crashed, its node lost), as Ray reports it."""
     from ray.exceptions import RayActorError
 
-    return isinstance(error, RayActorError)
+    return any(isinstance(cause, RayActorError) for cause in _causes(error))
 
 
 def _death_cause(error: BaseException) -> str:
     """Why Ray says the worker's process ended; Ray does not know which signal ended it."""
     text = str(error)
-    if "OUT_OF_MEMORY" in text or "out of memory" in text.lower():
+    if "OUT_OF_MEMORY" in text or "running low on memory" in text:  # Ray's exit type, its memory monitor
         return "out of memory"
     if "node it was running on is dead" in text or "node_death_info" in text or "node has died" in text:
         return "its node was lost"
@@ -129,5 +140,7 @@ def _death_cause(error: BaseException) -> str:
 
 
 def _last_line(error: BaseException) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
+    """The innermost error's last line."""
+    innermost = _causes(error)[-1]
+    lines = [line.strip() for line in str(innermost).splitlines() if line.strip()]
+    return lines[-1] if lines else type(innermost).__name__

@@ -20,6 +20,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import _AutoscalingCoordinatorActor
 from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch.config import _TorchBackend
+from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2._internal.execution.scaling_policy import (
@@ -71,6 +72,8 @@ def test_ray_train_failure_policy_of_raylm_train_failure_policy():
     assert params(DefaultFailurePolicy.__init__)[:2] == ["self", "failure_config"]
     DefaultFailurePolicy(FailureConfig(max_failures=1))
     assert {FailureDecision.RAISE, FailureDecision.RETRY} <= set(FailureDecision)
+    # raylm.train.fault_lines finds a dead worker's ActorDiedError behind Ray Train's health-check failure
+    assert WorkerHealthCheckFailedError("x", ValueError()).health_check_failure.__class__ is ValueError
 
 
 def test_ray_train_scaling_policy_of_raylm_train_scaling_policy():

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from ray.exceptions import ActorDiedError
+from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
 from raylm.config.schema import FaultConfig
 from raylm.parallel.comm_wait import InFlight
@@ -105,7 +106,11 @@ def test_the_driver_line_names_a_dead_rank_and_the_restart_step(tmp_path):
     (tmp_path / "checkpoints" / "step-00000010" / "manifest.json").write_text(
         json.dumps({"format": "raylm-checkpoint/1", "files": {}})
     )
-    failures = {1: ActorDiedError(), 0: RuntimeError("Connection closed by peer")}
+    # Ray Train wraps a dead worker's error in a health-check failure
+    failures = {
+        1: WorkerHealthCheckFailedError("worker 1 failed", ActorDiedError()),
+        0: RuntimeError("closed"),
+    }
     assert FaultLines(tmp_path).line(failures, failure=1, max_failures=6) == (
         "rank 1 on node 3e61f5 died (its process was killed or crashed); restarting from step 10, failure 1 of 6"
     )
