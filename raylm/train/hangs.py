@@ -79,7 +79,7 @@ class HangWatch:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def report(self, reason: str) -> Path:
-        """Write this rank's report (once) and log one line naming it."""
+        """Write this rank's report (once)."""
         if self.path.exists():
             return self.path
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,8 @@ class HangWatch:
         stacks.unlink()
         text += _py_spy_dump()
         write_atomic(self.path, text)
-        get_logger().warning("rank %d: %s; its stacks are in %s", self.rank, reason, self.path)
+        # the console's line is the driver's, one per fault (raylm.train.fault_lines); this one is for --verbose
+        get_logger().debug("rank %d: %s; its stacks are in %s", self.rank, reason, self.path)
         return self.path
 
     def _header(self, reason: str) -> str:
