@@ -23,6 +23,7 @@ def console_of(cfg, tmp_path: Path) -> list[str]:
     proc = start_cli_run(cfg, tmp_path)
     out, err = proc.communicate(timeout=900)
     assert proc.returncode == 0, err[-3000:]
+    print(err + out)  # shown with `pytest -s`: the console as the user saw it
     return out.splitlines() + err.splitlines()
 
 
