@@ -289,7 +289,9 @@ class FaultConfig:
         "(default fault.drill_rank) at checkpoint-save phase PHASE (before-files|mid-files|"
         "before-commit|after-commit) of step STEP, 'step@STEP' right after that step; "
         "'nonfinite@STEP' makes one micro-batch's loss NaN on that rank in step STEP; 'spike@STEP' "
-        "multiplies step STEP's lr by 1000; 'read@STEP' holds the first Ray Data read task of the "
+        "multiplies step STEP's lr by 1000; 'slow@STEP' makes that rank sleep 0.5 s after every step "
+        "from STEP on (a straggler), 'stop@STEP' SIGSTOPs it after step STEP (a hang); "
+        "'read@STEP' holds the first Ray Data read task of the "
         "training stream opened at STEP (for a test to kill it); comma-separated for several; "
         "'' = off",
     )
@@ -318,6 +320,18 @@ class FaultConfig:
         1800,
         "seconds a collective may wait for a stalled rank before the worker group "
         "fails (and restarts under max_failures)",
+    )
+    hang_s: float = opt(
+        0.0,
+        "seconds without a finished step after which every rank writes its Python stack to "
+        "<run>/hangs/ and the worker group fails (and restarts under max_failures); 0 = only "
+        "at a collective timeout. Keep it above the slowest step, evaluation and checkpoint save",
+    )
+    straggler_factor: float = opt(
+        1.5, "a rank whose work per step exceeds this many times the median rank's is a straggler"
+    )
+    straggler_steps: int = opt(
+        3, "consecutive steps a rank must straggle before the console names it (once per run)"
     )
     resize_check_s: float = opt(
         60.0,

@@ -95,6 +95,7 @@ def _check_positive(cfg: Config) -> None:
         "fault.spike_window": cfg.fault.spike_window,
         "fault.collective_timeout_s": cfg.fault.collective_timeout_s,
         "fault.mtbf_hours": cfg.fault.mtbf_hours,
+        "fault.straggler_steps": cfg.fault.straggler_steps,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -114,10 +115,16 @@ def _check_positive(cfg: Config) -> None:
         "model.n_kv_head": cfg.model.n_kv_head,
         "model.ffn_hidden": cfg.model.ffn_hidden,
         "fault.resize_check_s": cfg.fault.resize_check_s,
+        "fault.hang_s": cfg.fault.hang_s,
     }
     for key, value in non_negative.items():
         if value < 0:
             _fail(f"{key}={value} must not be negative; set {key} to 0 or more")
+    if cfg.fault.straggler_factor <= 1.0:
+        _fail(
+            f"fault.straggler_factor={cfg.fault.straggler_factor} must be above 1 (a multiple of the median "
+            f"rank's time); e.g. fault.straggler_factor=1.5"
+        )
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         _fail(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1); e.g. data.val_fraction=0.02")
 

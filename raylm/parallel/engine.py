@@ -28,6 +28,7 @@ from raylm.model.facts import model_layers
 from raylm.model.weight_source import WeightSource
 from raylm.model.weights import InMemoryWeights, SeededInit
 from raylm.parallel import param_state, sparsity
+from raylm.parallel.comm_wait import CommClock, InFlight
 from raylm.parallel.ds_config import TrainSpec, build_ds_config, zero_stage_for
 from raylm.parallel.full_tensors import (
     StageLayers,
@@ -123,6 +124,7 @@ class Engine:
         self.rank = dist.get_rank()
         self.coords = topo.coords(self.rank)
         self.guard = StepGuard(ds_engine, list(layers.params.values()))
+        self.comm = CommClock.installed()
 
     @property
     def computes_loss(self) -> bool:
@@ -132,6 +134,14 @@ class Engine:
     def watch_losses(self, loss_fn) -> None:
         """Route every micro-batch loss through the step guard (non-finite check, fault drill)."""
         loss_fn.on_loss = self.guard.watch_loss
+
+    def take_comm_wait_s(self) -> float:
+        """Seconds this rank was blocked in torch.distributed calls since the last take (raylm.parallel.comm_wait)."""
+        return self.comm.take_wait_s()
+
+    def collective_in_flight(self) -> InFlight | None:
+        """The torch.distributed call this rank is blocked in now, if any (read from another thread)."""
+        return self.comm.in_flight
 
     def poison_next_loss(self) -> None:
         """Fault drill: the next micro-batch loss this rank computes becomes NaN."""

@@ -146,6 +146,8 @@ def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None)
         run_config=run_config,
         torch_config=TorchConfig(backend=backend, timeout_s=cfg.fault.collective_timeout_s),
     )
+    if not is_remote(run_dir):
+        trainer.run_dir = Path(str(run_dir))
     if is_elastic(cfg.parallel):
         trainer.elastic = ElasticGroup(
             tp=cfg.parallel.tp, replica_workers=replica_workers(cfg.parallel), channel=channel

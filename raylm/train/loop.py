@@ -21,6 +21,7 @@ from raylm.train.checkpointing import CheckpointManager, ResumeInfo
 from raylm.train.faults import FaultDrill
 from raylm.train.profiling import StepProfiler
 from raylm.train.progress import Progress
+from raylm.train.rank_watch import RankWatch
 from raylm.train.reporter import Reporter
 from raylm.train.run_records import RunFiles
 from raylm.train.schedule import PlateauState, batch_size_at, lr_at, milestone_crossed, plateau_after_eval
@@ -53,6 +54,7 @@ class Trainer:
         self.state = TrainState()
         self.plateau = PlateauState()
         self.progress: Progress | None = None
+        self.watch = RankWatch(cfg, session.engine, self.files.local, rank)  # stragglers and hangs
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's part of a checkpoint's trainer state: position, layout, plateau schedule."""
@@ -79,11 +81,12 @@ class Trainer:
         # ASHA may stop a trial at the rung it resumed from
         stopped = resumed.source is not None and self.sweep.stopped_on_resume(session, self.state)
         profiler = StepProfiler(self.cfg.train.profile_steps, self.files, self.rank)
-        for step in range(self.state.step, self.state.step if stopped else self.cfg.train.max_steps):
-            with profiler.around(step):  # train.profile_steps
-                row, before, rung = self.train_step(step, batches, drill)
-            if not self.after_step(step, row, before, rung, resumed, drill):
-                break
+        with self.watch.running(self.state.step):
+            for step in range(self.state.step, self.state.step if stopped else self.cfg.train.max_steps):
+                with profiler.around(step):  # train.profile_steps
+                    row, before, rung = self.train_step(step, batches, drill)
+                if not self.after_step(step, row, before, rung, resumed, drill):
+                    break
         self.checkpointer.wait()  # a background save still in flight (a loop that ended early)
         self.checkpointer.close()
         if self.progress:
@@ -115,6 +118,7 @@ class Trainer:
         drill: FaultDrill,
     ) -> bool:
         """Judge, evaluate, record, checkpoint and report the step; False when the loop ends here."""
+        self.watch.step_ended(self.state.step, row)  # a collective every train.report_every steps
         if resumed.source and step == resumed.state.step:
             row["resumed_from"] = resumed.state.step  # the first step after a resume says where it came from
             row["resumed_from_checkpoint"] = str(resumed.source)
