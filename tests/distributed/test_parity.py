@@ -38,7 +38,9 @@ UNTIED = "model.tie_embeddings=false"
 BF16 = "train.precision=bf16"
 COMPILE = "train.compile=true"  # torch.compile of each block: the TP collectives inside must survive it
 GRAD_BF16 = "parallel.grad_comm_dtype=bf16"  # fp32 training, DP gradients reduced in bf16
-SP = "parallel.sequence_parallel=true"  # norms and residual stream split along the sequence over TP
+# norms and residual stream split along the sequence over TP; it rides on three tp = 2 layouts whose plain-TP
+# forms stay covered by others ((1,2,2) untied, (2,2,2), (1,2,1) ZeRO-3), so the tier trains no more runs
+SP = "parallel.sequence_parallel=true"
 
 JOBS = {
     1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,)), (1, 1, 1, (COMPILE,))])],
@@ -49,14 +51,13 @@ JOBS = {
             [
                 (2, 1, 1, ()),
                 (2, 1, 1, (CKPT, "parallel.partition=parameters")),
-                (1, 2, 1, (UNTIED,)),
+                (1, 2, 1, (UNTIED, SP)),
                 (1, 1, 2, (ZERO1,)),
                 (1, 1, 2, (ZERO2,)),
                 (1, 1, 2, (ZERO3,)),
                 (1, 2, 1, (ZERO3,)),
                 (2, 1, 1, (COMPILE,)),
                 (1, 2, 1, (COMPILE,)),
-                (1, 2, 1, (SP, UNTIED)),
             ],
         ),
         ("ramp", (2, 1, 1, (ZERO1,))),
@@ -69,14 +70,12 @@ JOBS = {
         (
             "train",
             [
-                (2, 2, 1, ()),
+                (2, 2, 1, (SP,)),
                 (2, 1, 2, (ZERO1,)),
                 (1, 2, 2, (ZERO1, UNTIED)),
                 (4, 1, 1, ("parallel.partition=uniform",)),
                 (1, 2, 2, (ZERO2, UNTIED)),
-                (1, 2, 2, (ZERO3, CKPT)),
-                (2, 2, 1, (SP, CKPT)),
-                (1, 2, 2, (ZERO3, SP)),
+                (1, 2, 2, (ZERO3, CKPT, SP)),
             ],
         )
     ],

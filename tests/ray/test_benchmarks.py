@@ -59,3 +59,21 @@ def test_memory_benchmark_dry_mode_prints_its_figures():
         figures["ckpt_write_bw_frac"]["ckpt_write_bw_frac"] > 0
         and figures["ckpt_read_bw_frac"]["ckpt_read_bw_frac"] > 0
     )
+
+
+@pytest.mark.slow  # four tp = 2 engines built and stepped twice in spawned ranks (~30 s on 2 cores)
+def test_sequence_parallel_benchmark_dry_mode_prints_its_figures():
+    done = subprocess.run(
+        [sys.executable, "benchmarks/sequence_parallel.py", "--dry"],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"')]
+    steps = [line for line in lines if "step_mem_mb" in line]
+    assert len(steps) == 4 and all(len(line["step_mem_mb"]) == 2 for line in steps)
+    ratios = {key: line[key] for line in lines for key in line if key.startswith("sp_activation_ratio")}
+    assert set(ratios) == {"sp_activation_ratio", "sp_activation_ratio_recompute"}
+    assert all(0 < ratio < 2 for ratio in ratios.values()), ratios
