@@ -64,9 +64,9 @@ def test_memory_benchmark_dry_mode_prints_its_figures():
     )
 
 
-@pytest.mark.slow  # four tp = 2 engines, each in fresh spawned ranks, stepped twice (~40 s on 2 cores)
+@pytest.mark.slow  # four tp = 2 engines in fresh ranks, stepped twice: 286 s measured on 2 shared cores
 def test_sequence_parallel_benchmark_dry_mode_prints_its_figures():
-    lines = dry_run_lines("sequence_parallel.py", timeout_s=300)
+    lines = dry_run_lines("sequence_parallel.py", timeout_s=900)
     steps = [line for line in lines if "step_mem_mb" in line]
     assert len(steps) == 4 and all(len(line["step_mem_mb"]) == 2 for line in steps)
     ratios = {key: line[key] for line in lines for key in line if key.startswith("sp_activation_ratio")}
