@@ -130,6 +130,11 @@ class ParallelConfig:
     )
     pp: int = opt(1, "pipeline-parallel stages")
     tp: int = opt(1, "tensor-parallel ranks per stage (Megatron column/row split)")
+    sequence_parallel: bool = opt(
+        False,
+        "with tp > 1: split the norms' and residual stream's activations along the sequence over the TP ranks "
+        "(Megatron sequence parallelism: all-gather before and reduce-scatter after each TP region)",
+    )
     dp: int = opt(
         1,
         "data-parallel replicas (ZeRO over this group); `dp: [min, max]` makes the run elastic (sets "

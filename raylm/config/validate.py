@@ -204,7 +204,7 @@ def _check_layout(cfg: Config) -> None:
     layout = Layout.of(cfg.parallel)
     if cfg.parallel.layout != "auto":  # under auto, num_workers is the count the planner fills
         layout.check_num_workers(cfg.parallel.num_workers)
-    layout.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
+    layout.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage, cfg.data.seq_len)
 
 
 def _check_batch(cfg: Config) -> None:

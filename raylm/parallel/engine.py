@@ -380,7 +380,7 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     and parallel sections, and from the rest only a TrainSpec; `weights` defaults to the run's seeded init."""
     spec = TrainSpec.from_config(cfg)
     topo = Topology.from_config(cfg.parallel, dist.get_world_size())
-    topo.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
+    topo.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage, cfg.data.seq_len)
     # raylm's groups and DeepSpeed's: one per single rank (fewer gloo threads), each with the collective timeout
     with shared_single_rank_groups(timedelta(seconds=cfg.fault.collective_timeout_s)):
         return _build_engine(cfg, spec, topo, weights)
@@ -388,7 +388,7 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
 
 def _build_engine(cfg: Config, spec: TrainSpec, topo: Topology, weights: WeightSource | None) -> Engine:
     groups = build_groups(topo)
-    tp = TPGroup(groups.tp, topo.coords(dist.get_rank()).tp_rank, topo.tp)
+    tp = TPGroup(groups.tp, topo.coords(dist.get_rank()).tp_rank, topo.tp, topo.sequence_parallel)
     ds_config = build_ds_config(cfg.parallel, spec)
     # with pp = 1 DeepSpeed learns the TP and DP groups from a grid over the same topology the pipeline uses
     mpu = PipelineParallelGrid(topology=ds_topology(topo)) if topo.pp == 1 else None

@@ -131,7 +131,8 @@ def micro_batch_slot_s(
     )
     sends = (0 if stage.first else 1) + (0 if stage.last else 1)  # each forward out and gradient back
     p2p_bw = hw.p2p_bw if place.pp_intra else hw.inter_bw
-    p2p_s = sends * (activation / (p2p_bw * hw.link_eff) + hw.latency_s) if setup.pp > 1 else 0.0
+    sent = activation / setup.sequence_shards  # under sequence parallelism each TP rank sends its shard
+    p2p_s = sends * (sent / (p2p_bw * hw.link_eff) + hw.latency_s) if setup.pp > 1 else 0.0
     return compute, tp_s, p2p_s
 
 

@@ -102,6 +102,25 @@ def test_checkpointing_and_zero_lower_the_prediction_and_a_small_gpu_refuses():
     assert not small.fits and small.why.startswith("predicted ") and "of 4.0 GB" in small.why
 
 
+def test_sequence_parallelism_splits_the_kept_block_inputs_and_the_pipeline_sends():
+    """With checkpointing a block keeps its input, which sequence parallelism splits over tp; at pp = 2 each TP
+    rank sends its sequence shard. The layouts with tp = 1 are out with the layout rule's reason."""
+    hw = gpu_hardware("h100")
+    layout = (2, 2, 2, 1, 8, True)
+    plain = predict(with_layout(gpt2(), *layout), hw, 8)
+    split = predict(with_layout(gpt2("parallel.sequence_parallel=true"), *layout), hw, 8)
+    assert plain.memory and split.memory and plain.time and split.time
+    # the fullest rank is the last stage (4 blocks, one micro-batch in flight): its kept block inputs halve,
+    # the recomputed block and the 50k-vocab logits stay
+    assert split.memory.stage == plain.memory.stage == 1
+    kept_inputs = 4 * 8 * 1024 * 768 * 2  # blocks x tokens x d x bf16 bytes
+    assert plain.memory.activations - split.memory.activations >= kept_inputs / 2
+    assert (split.memory.params, split.memory.optimizer) == (plain.memory.params, plain.memory.optimizer)
+    assert split.time.p2p_s < plain.time.p2p_s
+    tp1 = predict(with_layout(gpt2("parallel.sequence_parallel=true"), 1, 1, 8, 1, 8, False), hw, 8)
+    assert tp1.memory is None and "parallel.sequence_parallel=true needs parallel.tp > 1" in tp1.why
+
+
 def raylm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True, timeout=60

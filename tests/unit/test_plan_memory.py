@@ -75,8 +75,9 @@ def test_bf16_pipeline_at_zero0_holds_bf16_optimizers_full_fp32_gradients():
     assert per_param(4, 0, "bf16", pp=2) == pytest.approx(2 + 2 + 4 + 12 / 4)
 
 
-def saved_activation_bytes(block: Block, x: torch.Tensor, cos, sin) -> int:
-    """Bytes of the distinct storages autograd saves for the backward, the block's own weights left out."""
+def saved_activation_bytes(block: torch.nn.Module, *inputs) -> int:
+    """Bytes of the distinct storages autograd saves for block(*inputs)'s backward, its own weights left out
+    (also measured on sequence-parallel ranks: tests/distributed/dist_tp_checks.py)."""
     params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     seen: dict[int, int] = {}
 
@@ -87,7 +88,7 @@ def saved_activation_bytes(block: Block, x: torch.Tensor, cos, sin) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(x, cos, sin)
+        block(*inputs)
     return sum(seen.values())
 
 
