@@ -13,7 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raylm.config.schema import ModelConfig
-from raylm.model.gpt import Block, RMSNorm, rope_tables
+from raylm.model.gpt import Block, RMSNorm
+from raylm.model.rope import model_rope_tables
 from raylm.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -66,7 +67,7 @@ class BlockPipe(Block):
         apply_tensor_parallel(self, TP_PLAN, tp)
         self.to_empty(device="cpu")  # norms leave meta; every weight is loaded from the full state next
         self.name_prefix = f"layers.{layer_idx}."
-        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
