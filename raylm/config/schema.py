@@ -86,6 +86,18 @@ class DataConfig:
     )
     shard_tokens: int = opt(1 << 20, "target tokens per shard file")
     max_doc_bytes: int = opt(1 << 22, "documents larger than this are read in pieces of this many bytes")
+    document_mask: bool = opt(
+        False,
+        "attention stays within each document of a packed window (causal per document, as Llama 3 "
+        "trained); off: plain causal attention over the whole window, which keeps the fused causal kernel "
+        "(docs/long-sequences.md says why)",
+    )
+    document_positions: str = opt(
+        "continue",
+        "with document_mask, RoPE positions: continue (the window's 0..T-1, as Llama 3's reference code "
+        "and torchtitan) | restart (0 at each document's first token)",
+        choices=("continue", "restart"),
+    )
 
 
 @dataclass(frozen=True)

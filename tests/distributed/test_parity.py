@@ -38,9 +38,11 @@ UNTIED = "model.tie_embeddings=false"
 BF16 = "train.precision=bf16"
 COMPILE = "train.compile=true"  # torch.compile of each block: the TP collectives inside must survive it
 GRAD_BF16 = "parallel.grad_comm_dtype=bf16"  # fp32 training, DP gradients reduced in bf16
+DOCS = "data.document_mask=true"  # packed windows with EOTs: attention per document (tuples between stages)
+RESTART = "data.document_positions=restart"
 
 JOBS = {
-    1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,)), (1, 1, 1, (COMPILE,))])],
+    1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,)), (1, 1, 1, (COMPILE,)), (1, 1, 1, (DOCS, CKPT))])],
     2: [
         ("tp",),
         (
@@ -55,6 +57,8 @@ JOBS = {
                 (1, 2, 1, (ZERO3,)),
                 (2, 1, 1, (COMPILE,)),
                 (1, 2, 1, (COMPILE,)),
+                (2, 1, 1, (DOCS, CKPT)),
+                (1, 2, 1, (DOCS, RESTART, UNTIED)),
             ],
         ),
         ("ramp", (2, 1, 1, (ZERO1,))),
