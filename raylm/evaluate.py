@@ -23,7 +23,7 @@ from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_fi
 from raylm.config import resolve
 from raylm.config.derived import eval_samples, padded_vocab
 from raylm.data.shards import read_data_manifest
-from raylm.data.stream import RankStream, normalize_sources
+from raylm.data.stream import RankStream, normalize_sources, stream_documents
 from raylm.data.tokenizer import file_sha256
 from raylm.errors import DataError
 from raylm.log import get_logger
@@ -106,7 +106,10 @@ def mean_loss(model, stream: RankStream, micro_batches: int) -> float:
     total = 0.0
     for _ in range(micro_batches):
         inputs, targets = next(stream)
-        total += model(inputs, targets).item()
+        if isinstance(inputs, tuple):  # data.document_mask: (tokens, doc_ids, positions)
+            total += model(inputs[0], targets, documents=inputs[1:]).item()
+        else:
+            total += model(inputs, targets).item()
     return total / micro_batches
 
 
@@ -131,7 +134,15 @@ def evaluate(
     micro_batch = cfg.parallel.micro_batch
     micro_batches = max(1, wanted // micro_batch)
     stream = RankStream(
-        spec, split, cfg.data.seq_len, cfg.run.seed, dp_rank=0, dp_size=1, micro_batch=micro_batch, prefetch=0
+        spec,
+        split,
+        cfg.data.seq_len,
+        cfg.run.seed,
+        dp_rank=0,
+        dp_size=1,
+        micro_batch=micro_batch,
+        prefetch=0,
+        documents=stream_documents(cfg.data),  # the masking the run evaluated with
     )
     try:
         loss = mean_loss(model, stream, micro_batches)

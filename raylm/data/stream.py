@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from raylm.config.schema import DataConfig
 from raylm.data.cache import fetch_shard, open_cached
 from raylm.data.documents import document_ids, document_positions
 from raylm.data.order import Order
@@ -364,8 +365,13 @@ def build_rank_stream(
         start_sample=start_sample,
         cache_dir=cfg.data.cache_dir,
         first_read_stall_s=first_read_stall_s,
-        documents=cfg.data.document_positions if cfg.data.document_mask else "",
+        documents=stream_documents(cfg.data),
     )
+
+
+def stream_documents(data: DataConfig) -> str:
+    """RankStream's `documents` for a data config section: data.document_positions under data.document_mask."""
+    return data.document_positions if data.document_mask else ""
 
 
 def run_order(cfg, split: str = "train") -> Order:
