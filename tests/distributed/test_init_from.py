@@ -81,7 +81,8 @@ def llama32_folder(folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """(expected per job, per-rank results): two raylm exports, then the transformers-made Llama 3.2 folder."""
+    """(expected per job, per-rank results, the Llama 3.2 folder): two raylm exports, then the transformers-made
+    Llama 3.2 folder."""
     tmp = tmp_path_factory.mktemp("init_from")
     jobs, expected = [], []
     for i, (pp, tp, dp, overrides) in enumerate(LAYOUTS):
@@ -91,11 +92,11 @@ def results(tmp_path_factory):
         expected.append((weights, reference_eval(cfg, weights, global_batches(cfg, steps=1)[0])))
     folder = llama32_folder(tmp / "llama32")
     jobs.append((str(folder), LLAMA32, LLAMA32_STEPS))
-    return expected, run_world(2, start_from_export, jobs)
+    return expected, run_world(2, start_from_export, jobs), folder
 
 
 def test_runs_start_from_an_export_under_another_layout(results):
-    expected, per_rank = results
+    expected, per_rank, _ = results
     for job, (weights, want_loss) in enumerate(expected):
         for rank, out in enumerate(per_rank):
             assert out[job]["losses"][0] == pytest.approx(want_loss, rel=RTOL), (LAYOUTS[job], rank)
@@ -104,12 +105,12 @@ def test_runs_start_from_an_export_under_another_layout(results):
         assert all(torch.equal(start[k], weights[k]) for k in weights), LAYOUTS[job]
 
 
-def test_a_llama32_folder_with_rope_scaling_trains_like_one_process(results, tmp_path):
+def test_a_llama32_folder_with_rope_scaling_trains_like_one_process(results):
     """pp=2 from the folder's weights: the losses of three steps on one batch equal the one-process model's
     (which uses the llama3-scaled RoPE, so a run that ignored the scaling would differ) and fall."""
-    _, per_rank = results
+    _, per_rank, folder = results
     pp, tp, dp, overrides = LLAMA32
-    cfg = tiny_cfg(pp, tp, dp, f"model.init_from={llama32_folder(tmp_path)}", *overrides)
+    cfg = tiny_cfg(pp, tp, dp, f"model.init_from={folder}", *overrides)
     assert cfg.model.rope_scaling == LLAMA3_SCALING
     source = starting_weights(cfg)
     weights = {name: source.read(name) for name in param_shapes(cfg.model, padded_vocab(cfg.data.vocab_size))}
