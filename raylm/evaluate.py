@@ -24,7 +24,7 @@ from raylm.config import resolve
 from raylm.config.derived import eval_samples, padded_vocab
 from raylm.config.schema import Config
 from raylm.data.shards import read_data_manifest
-from raylm.data.stream import RankStream, normalize_sources
+from raylm.data.stream import RankStream, normalize_sources, stream_documents
 from raylm.data.tokenizer import file_sha256
 from raylm.errors import DataError
 from raylm.log import get_logger
@@ -107,7 +107,10 @@ def mean_loss(model, stream: RankStream, micro_batches: int) -> float:
     total = 0.0
     for _ in range(micro_batches):
         inputs, targets = next(stream)
-        total += model(inputs, targets).item()
+        if isinstance(inputs, tuple):  # data.document_mask: (tokens, doc_ids, positions)
+            total += model(inputs[0], targets, documents=inputs[1:]).item()
+        else:
+            total += model(inputs, targets).item()
     return total / micro_batches
 
 
@@ -150,6 +153,7 @@ def eval_stream(plan: EvalPlan, split: str, micro_batch: int) -> RankStream:
         dp_size=1,
         micro_batch=micro_batch,
         prefetch=0,
+        documents=stream_documents(cfg.data),  # the masking the run evaluated with
     )
 
 

@@ -225,6 +225,11 @@ def _coerce(dotted: str, value: Any, kind: type) -> Any:
             return [value]
         if isinstance(value, list):
             return value
+    elif kind is dict:
+        if value is None:
+            return {}
+        if isinstance(value, dict):
+            return value
     else:  # pragma: no cover - the schema only uses the kinds above
         raise AssertionError(f"unsupported field type {kind} for {dotted}")
     raise ConfigError(
@@ -252,13 +257,25 @@ def _as_float(value: Any) -> float | None:
 
 
 def _kind_name(kind: type) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list"}[
-        kind
-    ]
+    return {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }[kind]
 
 
 def _example(kind: type) -> str:
-    return {bool: "true", int: "2", float: "3e-4", str: "name", list: '\'["a", "b"]\''}[kind]
+    return {
+        bool: "true",
+        int: "2",
+        float: "3e-4",
+        str: "name",
+        list: '\'["a", "b"]\'',
+        dict: "'{key: value}'",
+    }[kind]
 
 
 def _deep_copy(tree: Any) -> Any:

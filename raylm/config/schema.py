@@ -26,8 +26,12 @@ def opt(default: Any, doc: str, choices: tuple = (), key: str = "") -> Any:
     metadata: dict[str, Any] = {"doc": doc, "choices": choices} if choices else {"doc": doc}
     if key:
         metadata["key"] = key
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    if isinstance(
+        default, dict
+    ):  # a mapping cannot be hashed: the section's hash skips it, equality keeps it
+        return field(default_factory=lambda: dict(default), metadata=metadata, hash=False)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
@@ -96,6 +100,18 @@ class DataConfig:
     )
     shard_tokens: int = opt(1 << 20, "target tokens per shard file")
     max_doc_bytes: int = opt(1 << 22, "documents larger than this are read in pieces of this many bytes")
+    document_mask: bool = opt(
+        False,
+        "attention stays within each document of a packed window (causal per document, as Llama 3 "
+        "trained); off: plain causal attention over the whole window, which keeps the fused causal kernel "
+        "(docs/long-sequences.md says why)",
+    )
+    document_positions: str = opt(
+        "continue",
+        "with document_mask, RoPE positions: continue (the window's 0..T-1, as Llama 3's reference code "
+        "and torchtitan) | restart (0 at each document's first token)",
+        choices=("continue", "restart"),
+    )
 
 
 @dataclass(frozen=True)
@@ -107,6 +123,12 @@ class ModelConfig:
     ffn_hidden: int = opt(0, "SwiGLU inner width; 0 = 8/3 d_model rounded up to a multiple of 64")
     max_seq_len: int = opt(256, "longest sequence the RoPE tables cover")
     rope_theta: float = opt(10000.0, "RoPE base frequency")
+    rope_scaling: dict = opt(
+        {},
+        "RoPE context extension with transformers' keys: rope_type (llama3 | linear | yarn) and its "
+        "parameters, e.g. {rope_type: llama3, factor: 8.0, low_freq_factor: 1.0, high_freq_factor: 4.0, "
+        "original_max_position_embeddings: 8192}; {} = plain RoPE",
+    )
     norm_eps: float = opt(1e-5, "RMSNorm epsilon")
     tie_embeddings: bool = opt(True, "share the token embedding with the LM head")
     init_std: float = opt(

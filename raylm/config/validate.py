@@ -13,6 +13,7 @@ from raylm.config.derived import kv_heads, samples_per_micro_step
 from raylm.config.drills import DRILL, PHASES, parse_drills
 from raylm.config.layout import Layout, batch_quantum, dp_sizes, is_elastic, worker_range
 from raylm.config.loader import short_repr
+from raylm.config.rope import rope_scaling_problem
 from raylm.config.schema import TRACKERS, Config, field_choices
 from raylm.errors import ConfigError, StorageError
 from raylm.storage.uri import NOT_YET, SUPPORTED, is_uri, parse_uri, refuse_uri
@@ -153,6 +154,9 @@ def _check_model(cfg: Config) -> None:
             f"model.n_head={m.n_head} is not a multiple of model.n_kv_head={m.n_kv_head}; "
             f"pick n_kv_head dividing n_head"
         )
+    problem = rope_scaling_problem(m.rope_scaling)
+    if problem:
+        _fail(f"model.rope_scaling={short_repr(m.rope_scaling, 120)}: {problem}")
     if cfg.data.seq_len > m.max_seq_len:
         _fail(
             f"data.seq_len={cfg.data.seq_len} is beyond the model's positions (model.max_seq_len={m.max_seq_len}); "
@@ -205,6 +209,11 @@ def _check_layout(cfg: Config) -> None:
     if cfg.parallel.layout != "auto":  # under auto, num_workers is the count the planner fills
         layout.check_num_workers(cfg.parallel.num_workers)
     layout.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage, cfg.data.seq_len)
+    if cfg.data.document_mask and cfg.parallel.sequence_parallel:
+        _fail(
+            "data.document_mask=true with parallel.sequence_parallel=true is not supported yet (the document "
+            "masks are built for whole sequences); set one of them to false"
+        )
 
 
 def _check_batch(cfg: Config) -> None:

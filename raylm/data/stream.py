@@ -28,7 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from raylm.config.schema import DataConfig
 from raylm.data.cache import fetch_shard, open_cached
+from raylm.data.documents import document_ids, document_positions
 from raylm.data.order import Order
 from raylm.data.ray_datasets import ERROR_COLUMN, ordered, raise_if_error, ray_is_up
 from raylm.data.shards import check_shard, check_shard_size, read_data_manifest
@@ -211,7 +213,10 @@ def _check_args(seq_len: int, dp_rank: int, dp_size: int, micro_batch: int, star
 
 
 class RankStream:
-    """Infinite iterator of (inputs, targets) int64 tensors of shape (micro_batch, seq_len) for one DP rank."""
+    """Infinite iterator of (inputs, targets) int64 tensors of shape (micro_batch, seq_len) for one DP rank.
+
+    With `documents` (data.document_mask: 'continue' or 'restart', data.document_positions) inputs is the
+    tuple (tokens, document ids, positions), each (micro_batch, seq_len): raylm.data.documents."""
 
     def __init__(
         self,
@@ -226,9 +231,11 @@ class RankStream:
         prefetch: int = DEFAULT_PREFETCH,
         cache_dir: str = "",
         first_read_stall_s: float = 0.0,
+        documents: str = "",
     ):
         _check_args(seq_len, dp_rank, dp_size, micro_batch, start_sample)
         self.micro_batch, self.dp_size, self.prefetch = micro_batch, dp_size, prefetch
+        self.documents = documents
         self.plan = StreamPlan(
             normalize_sources(paths_or_sources),
             split,
@@ -261,9 +268,16 @@ class RankStream:
         self._row += self.micro_batch
         self.global_offset += self.micro_batch * self.dp_size
         # np.array copies: the chunk may be a read-only Ray buffer, and the trainer may write into its batch.
-        return torch.from_numpy(np.array(windows[:, :-1])), torch.from_numpy(
-            np.array(windows[:, 1:])
-        )  # (B, T)
+        tokens, targets = np.array(windows[:, :-1]), np.array(windows[:, 1:])  # (B, T)
+        if not self.documents:
+            return torch.from_numpy(tokens), torch.from_numpy(targets)
+        positions = document_positions(tokens, self.documents)
+        inputs = (
+            torch.from_numpy(tokens),
+            torch.from_numpy(document_ids(tokens)),
+            torch.from_numpy(positions),
+        )
+        return inputs, torch.from_numpy(targets)
 
     def _local_chunks(self) -> Generator[np.ndarray, None, None]:
         index = 0
@@ -337,7 +351,8 @@ def _ray_chunks(plan: StreamPlan, prefetch: int) -> Generator[np.ndarray, None, 
 def build_rank_stream(
     cfg, split: str, dp_rank: int, dp_size: int, start_sample: int = 0, first_read_stall_s: float = 0.0
 ) -> RankStream:
-    """The stream a training rank reads: data.sources (or data.out_dir), data.seq_len, run.seed, micro_batch."""
+    """The stream a training rank reads: data.sources (or data.out_dir), data.seq_len, run.seed, micro_batch,
+    with document boundaries under data.document_mask."""
     sources = list(cfg.data.sources) or cfg.data.out_dir
     return RankStream(
         sources,
@@ -350,7 +365,13 @@ def build_rank_stream(
         start_sample=start_sample,
         cache_dir=cfg.data.cache_dir,
         first_read_stall_s=first_read_stall_s,
+        documents=stream_documents(cfg.data),
     )
+
+
+def stream_documents(data: DataConfig) -> str:
+    """RankStream's `documents` for a data config section: data.document_positions under data.document_mask."""
+    return data.document_positions if data.document_mask else ""
 
 
 def run_order(cfg, split: str = "train") -> Order:

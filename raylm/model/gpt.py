@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from raylm.config.derived import ffn_hidden, kv_heads
 from raylm.config.schema import ModelConfig
+from raylm.model.rope import model_rope_tables
 
 
 class RMSNorm(nn.Module):
@@ -49,18 +50,13 @@ class RMSNorm(nn.Module):
         return x_f32.type_as(x)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, each (max_seq_len, head_dim // 2), for rotating interleaved pairs."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    return angles.cos().float(), angles.sin().float()
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x[2k], x[2k+1]) of x (B, T, H, hd) by the position's angle; cos/sin are (T, hd/2)."""
+    """Rotate each pair (x[2k], x[2k+1]) of x (B, T, H, hd) by the position's angle; cos/sin are (T, hd/2), or
+    (B, T, hd/2) where each sample has its own positions (document masking)."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
     even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # broadcast over batch and heads
+    cos, sin = cos.expand(x.size(0), -1, -1), sin.expand(x.size(0), -1, -1)  # (B, T, hd/2)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
     return rotated.flatten(-2).type_as(x)
 
@@ -81,8 +77,14 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`mask` (B, 1, T, T) bool, True where a query may see a key, replaces the causal mask (documents)."""
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
@@ -92,9 +94,10 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.append(k, v)  # (B, Hkv, S, hd): every key so far, S = cache.start + T
         # enable_gqa lets each group of Hq / Hkv query heads read its kv head in place (no repeat_interleave copy)
-        mask = causal_mask(T, k.size(2), q.device)  # (T, S) or None
+        causal = mask is None and k.size(2) == T
+        mask = causal_mask(T, k.size(2), q.device) if mask is None else mask  # (T, S), (B, 1, T, T) or None
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=k.size(2) == T, enable_gqa=True
+            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
         )  # (B, Hq, T, hd)
         y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq * hd)
         return self.wo(y)  # (B, T, C)
@@ -109,6 +112,17 @@ def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:
     if S == T or T == 1:
         return None
     return torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=S - T)  # (T, S)
+
+
+def document_attention(
+    doc_ids: torch.Tensor, positions: torch.Tensor, rope_cos: torch.Tensor, rope_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For packed windows of several documents: the mask (B, 1, T, T) that keeps attention causal within each
+    document, and the RoPE tables (B, T, hd/2) at each token's position. doc_ids and positions are (B, T)."""
+    T = doc_ids.size(1)
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()  # (T, T)
+    return (same_doc & causal)[:, None], rope_cos[positions], rope_sin[positions]
 
 
 class LayerCache:
@@ -172,9 +186,14 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache | None = None
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: LayerCache | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache)  # (B, T, C)
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, mask)  # (B, T, C)
         return x + self.feed_forward(self.ffn_norm(x))  # (B, T, C)
 
 
@@ -192,7 +211,7 @@ class GPT(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         # a tied head reuses tok_embeddings.weight, so no output.weight exists in the state dict
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -200,18 +219,29 @@ class GPT(nn.Module):
         """The LM head matrix (vocab, C): the embedding itself when tied."""
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        documents: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         """Logits (B, T, vocab), or the mean cross-entropy over targets != -100 when targets are given.
 
         With a cache, idx holds only the tokens after the cached ones: they take positions cache.pos onwards,
-        attend to the cached keys too, and are appended to the cache."""
+        attend to the cached keys too, and are appended to the cache. `documents` = (doc_ids, positions), each
+        (B, T): attention stays within each document and RoPE takes the given positions (training only)."""
         T = idx.size(1)
         start = 0 if cache is None else cache.pos
         assert start + T <= self.cfg.max_seq_len, f"{start} + {T} positions exceed the RoPE tables"
         cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hd/2)
+        mask = None
+        if documents is not None:
+            assert cache is None, "document masking is for training windows, not KV-cache decoding"
+            mask, cos, sin = document_attention(*documents, self.rope_cos, self.rope_sin)
         x = self.tok_embeddings(idx)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if cache is None else cache.layer(i))  # (B, T, C)
+            x = layer(x, cos, sin, None if cache is None else cache.layer(i), mask)  # (B, T, C)
         if cache is not None:
             cache.pos += T
         logits = F.linear(self.norm(x), self.head_weight())  # (B, T, vocab)

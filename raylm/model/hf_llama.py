@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from raylm.config.derived import ffn_hidden, kv_heads
+from raylm.config.rope import normalized, rope_scaling_problem
 from raylm.config.schema import ModelConfig
 
 HF_LLAMA_NAMES = {
@@ -86,7 +87,7 @@ def hf_config(model: ModelConfig, vocab_rows: int, token_ids: dict[str, int | No
         "max_position_embeddings": model.max_seq_len,
         "rms_norm_eps": model.norm_eps,
         "rope_theta": model.rope_theta,
-        "rope_scaling": None,
+        "rope_scaling": dict(model.rope_scaling) or None,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "mlp_bias": False,
@@ -100,14 +101,16 @@ def hf_config(model: ModelConfig, vocab_rows: int, token_ids: dict[str, int | No
 def unsupported_settings(config: dict) -> list[str]:
     """The config.json settings raylm's GPT cannot represent, as 'key=value' (empty: it can load this model)."""
     heads, width = config.get("num_attention_heads", 1), config.get("hidden_size", 0)
+    rope_problem = rope_scaling_problem(normalized(config.get("rope_scaling")))
     bad = {
-        "rope_scaling": config.get("rope_scaling") is not None,
+        "rope_scaling": rope_problem is not None,
         "hidden_act": config.get("hidden_act", "silu") != "silu",
         "attention_bias": bool(config.get("attention_bias")),
         "mlp_bias": bool(config.get("mlp_bias")),
         "head_dim": config.get("head_dim") not in (None, width // heads),
     }
-    return [f"{key}={config.get(key)!r}" for key, is_bad in bad.items() if is_bad]
+    why = {"rope_scaling": f" ({rope_problem})"}
+    return [f"{key}={config.get(key)!r}{why.get(key, '')}" for key, is_bad in bad.items() if is_bad]
 
 
 def model_settings(config: dict) -> dict:
@@ -120,6 +123,7 @@ def model_settings(config: dict) -> dict:
         "ffn_hidden": config["intermediate_size"],
         "max_seq_len": config["max_position_embeddings"],
         "rope_theta": config.get("rope_theta", 10000.0),
+        "rope_scaling": normalized(config.get("rope_scaling")),
         "norm_eps": config["rms_norm_eps"],
         "tie_embeddings": config.get("tie_word_embeddings", False),
         "init_std": config.get("initializer_range", 0.02),
@@ -134,6 +138,7 @@ HF_KEYS = {
     "n_head": "num_attention_heads",
     "n_kv_head": "num_key_value_heads",
     "rope_theta": "rope_theta",
+    "rope_scaling": "rope_scaling",
     "norm_eps": "rms_norm_eps",
     "tie_embeddings": "tie_word_embeddings",
 }
@@ -149,6 +154,7 @@ def differing_settings(config: dict, model: ModelConfig) -> list[tuple[str, str,
         "d_model": model.d_model,
         "ffn_hidden": ffn_hidden(model),
         "rope_theta": model.rope_theta,
+        "rope_scaling": model.rope_scaling,
         "norm_eps": model.norm_eps,
         "tie_embeddings": model.tie_embeddings,
     }

@@ -49,7 +49,9 @@ from raylm.parallel.tensor import TPGroup
 from raylm.parallel.topology import ProcessGroups, Topology, build_groups
 from raylm.parallel.zero_init import LayerHook, alias_fp32_masters, layer_partitioner
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, labels), each LongTensor (micro_batch, seq_len)
+# (inputs, labels), each LongTensor (micro_batch, seq_len); inputs is (tokens, doc_ids, positions) under
+# data.document_mask
+Batch = tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]
 Tensors = dict[str, torch.Tensor]
 Moments = dict[str, Tensors]  # full name -> {"exp_avg": ..., "exp_avg_sq": ...}
 
@@ -330,7 +332,7 @@ class SingleStageEngine(Engine):
             # the boundary is set, not counted: DeepSpeed's micro-step count would drift when a ramp changes m
             self.ds.set_gradient_accumulation_boundary(i == micro_batches - 1)
             inputs, labels = next(data_iter)
-            loss = self.ds(inputs.to(self.ds.device), labels.to(self.ds.device))
+            loss = self.ds(_to(inputs, self.ds.device), labels.to(self.ds.device))
             self.ds.backward(loss)  # scaled by 1 / micro_batches; DP-reduced at the boundary
             losses.append(loss.detach())
         self.ds.step()
@@ -341,7 +343,7 @@ class SingleStageEngine(Engine):
         assert data_iter is not None  # pp = 1: every rank reads data (_data says so when it has none)
         with torch.no_grad(), self.guard.not_training():
             losses = [
-                self.ds(inputs.to(self.ds.device), labels.to(self.ds.device))
+                self.ds(_to(inputs, self.ds.device), labels.to(self.ds.device))
                 for inputs, labels in (next(data_iter) for _ in range(num_micro_batches))
             ]
         return self._dp_mean(losses)
@@ -353,6 +355,11 @@ class SingleStageEngine(Engine):
             dist.all_reduce(mean, group=self.groups.dp)
             mean /= self.topo.dp
         return float(mean)
+
+
+def _to(inputs: torch.Tensor | tuple[torch.Tensor, ...], device) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    """A micro-batch's inputs (a tensor, or the document-masked tuple) on the engine's device."""
+    return tuple(t.to(device) for t in inputs) if isinstance(inputs, tuple) else inputs.to(device)
 
 
 def build_module(

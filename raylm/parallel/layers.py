@@ -4,6 +4,9 @@ Each layer maps (B, T) token ids or (B, T, C) activations to the next stage's in
 name of its parameters (`name_prefix` + local name), which is how full weights are scattered and gathered.
 Under sequence parallelism the activations between layers are each TP rank's sequence shard (B, T / tp, C), so
 a pipeline stage sends and receives 1/tp of the activation on every TP rank.
+Under data.document_mask the input is the tuple (tokens, doc_ids, positions) and the activations travel as
+(x, doc_ids, positions) up to the final norm: DeepSpeed's pipeline sends integer tensors along and no gradient
+back for them, so every stage builds its blocks' document masks itself.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raylm.config.schema import ModelConfig
-from raylm.model.gpt import Block, RMSNorm, rope_tables
+from raylm.model.gpt import Block, RMSNorm, document_attention
+from raylm.model.rope import model_rope_tables
 from raylm.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -85,6 +89,12 @@ class EmbeddingPipe(VocabParallelEmbedding):
     def __init__(self, cfg: ModelConfig, vocab_size: int, tp: TPGroup):
         super().__init__(vocab_size, cfg.d_model, tp)
 
+    def forward(self, inputs):  # tokens (B, T), or (tokens, doc_ids, positions)
+        if isinstance(inputs, tuple):
+            tokens, *documents = inputs
+            return (super().forward(tokens), *documents)  # (B, T, C), doc_ids and positions passed along
+        return super().forward(inputs)  # (B, T, C)
+
 
 class BlockPipe(Block):
     """One transformer block with its linears TP-split; holds its own RoPE tables so it maps x -> x."""
@@ -99,16 +109,18 @@ class BlockPipe(Block):
         self.to_empty(device="cpu")  # norms leave meta; every weight is loaded from the full state next
         self.name_prefix = f"layers.{layer_idx}."
         self.sequence_shards = tp.size if tp.sequence_parallel else 1  # x holds T / sequence_shards positions
-        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     # A pipeline stage maps x -> x (its RoPE tables are its own), so it narrows Block.forward on purpose.
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, x):  # type: ignore[override]  # (B, T, C) ((B, T / tp, C) under SP), or (x, doc_ids, positions)
+        if isinstance(x, tuple):  # data.document_mask (not with sequence parallelism: raylm.config.validate)
+            x, doc_ids, positions = x
+            mask, cos, sin = document_attention(doc_ids, positions, self.rope_cos, self.rope_sin)
+            return super().forward(x, cos, sin, mask=mask), doc_ids, positions
         T = x.size(1) * self.sequence_shards  # attention runs on the whole (gathered) sequence
-        return super().forward(
-            x, self.rope_cos[:T], self.rope_sin[:T]
-        )  # (B, T, C) or (B, T / tp, C) under SP
+        return super().forward(x, self.rope_cos[:T], self.rope_sin[:T])
 
 
 class FinalNormPipe(SequenceParallelNorm):
@@ -118,6 +130,9 @@ class FinalNormPipe(SequenceParallelNorm):
 
     def __init__(self, cfg: ModelConfig, tp: TPGroup):
         super().__init__(cfg.d_model, cfg.norm_eps, tp)
+
+    def forward(self, x):  # (B, T, C), or (x, doc_ids, positions): the documents end here
+        return super().forward(x[0] if isinstance(x, tuple) else x)  # (B, T, C)
 
 
 class HeadPipe(ColumnParallelLinear):

@@ -128,6 +128,16 @@ class TiedHead(nn.Module):
         return tied_head_forward(self.embedding, x)  # (B, T, vocab / tp)
 
 
+def _as_tuple(x) -> tuple:
+    """checkpoint's arguments: a tuple's items, or the one tensor."""
+    return x if isinstance(x, tuple) else (x,)
+
+
+def _unpacked(layer: nn.Module) -> Callable:
+    """layer as checkpoint calls it, with its tuple input spread into arguments (as PipelineModule does)."""
+    return lambda *args: layer(args if len(args) > 1 else args[0])
+
+
 class SingleStage(nn.Module):
     """The whole layer list as one module (pp = 1), for DeepSpeed's plain engine: any ZeRO stage, no pipeline."""
 
@@ -157,10 +167,14 @@ class SingleStage(nn.Module):
         self.loss_fn = VocabParallelLoss(tp)
         self.recompute = recompute
 
-    def forward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs, labels: torch.Tensor) -> torch.Tensor:
         x = inputs  # (B, T) token ids, then (B, T, C) activations, then (B, T, vocab / tp) logits
+        # with document masks x is a tuple (x, doc_ids, positions) up to the final norm (raylm.parallel.layers)
         for layer in self.layers:
-            x = checkpoint(layer, x) if self.recompute and isinstance(layer, BlockPipe) else layer(x)
+            if self.recompute and isinstance(layer, BlockPipe):
+                x = checkpoint(_unpacked(layer), *_as_tuple(x))
+            else:
+                x = layer(x)
         return self.loss_fn(x, labels)
 
     def stage_layers(self) -> list[nn.Module]:

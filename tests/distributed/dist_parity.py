@@ -29,25 +29,51 @@ def tiny_cfg(pp: int, tp: int, dp: int, *overrides: str):
     return resolve(BASE, [f"parallel.pp={pp}", f"parallel.tp={tp}", f"parallel.dp={dp}", *overrides])
 
 
-def global_batches(cfg, steps: int = STEPS, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """`steps` global batches of (inputs, labels), each (global_batch, seq_len); some labels are -100."""
+def global_batches(cfg, steps: int = STEPS, seed: int = 0) -> list[tuple]:
+    """`steps` global batches of (inputs, labels), each (global_batch, seq_len); some labels are -100. Under
+    data.document_mask a fifth of the tokens end a document (EOT) and inputs is the stream's (tokens, doc_ids,
+    positions)."""
+    from raylm.data.documents import document_ids, document_positions
+    from raylm.data.tokenizer import EOT_ID
+
     gen = torch.Generator().manual_seed(seed)
     batches = []
     for _ in range(steps):
         tokens = torch.randint(
             0, cfg.data.vocab_size, (cfg.train.global_batch, cfg.data.seq_len + 1), generator=gen
         )
+        if cfg.data.document_mask:
+            tokens[torch.rand(tokens.shape, generator=gen) < 0.2] = EOT_ID
         labels = tokens[:, 1:].clone()
         labels[torch.rand(labels.shape, generator=gen) < 0.1] = -100  # exercise ignore_index
-        batches.append((tokens[:, :-1].contiguous(), labels))
+        inputs = tokens[:, :-1].contiguous()
+        if cfg.data.document_mask:
+            window = inputs.numpy()
+            positions = document_positions(window, cfg.data.document_positions)
+            inputs = (inputs, torch.from_numpy(document_ids(window)), torch.from_numpy(positions))
+        batches.append((inputs, labels))
     return batches
 
 
-def micro_batches(global_batch: tuple[torch.Tensor, torch.Tensor], cfg, dp_rank: int):
+def micro_batches(global_batch: tuple, cfg, dp_rank: int):
     """The micro-batches DP rank `dp_rank` trains on: samples i with i % dp == dp_rank, in order."""
     mb, dp = cfg.parallel.micro_batch, cfg.parallel.dp
-    inputs, labels = (t[dp_rank::dp] for t in global_batch)
-    return [(inputs[i : i + mb], labels[i : i + mb]) for i in range(0, inputs.size(0), mb)]
+    inputs, labels = global_batch
+    parts = inputs if isinstance(inputs, tuple) else (inputs,)
+    parts, labels = tuple(t[dp_rank::dp] for t in parts), labels[dp_rank::dp]
+
+    def rows(i: int):
+        chunk = tuple(t[i : i + mb] for t in parts)
+        return chunk if isinstance(inputs, tuple) else chunk[0]
+
+    return [(rows(i), labels[i : i + mb]) for i in range(0, labels.size(0), mb)]
+
+
+def model_loss(model, inputs, labels) -> torch.Tensor:
+    """The plain GPT's loss on a micro-batch whose inputs may carry document boundaries."""
+    if isinstance(inputs, tuple):
+        return model(inputs[0], labels, documents=inputs[1:])
+    return model(inputs, labels)
 
 
 def reference_run(
@@ -73,7 +99,7 @@ def reference_run(
     for batch in batches:
         # the engine's objective: the mean over (DP rank, micro-batch) of each micro-batch's mean loss
         chunks = [mb for r in range(cfg.parallel.dp) for mb in micro_batches(batch, cfg, r)]
-        loss = sum(model(x, y) for x, y in chunks) / len(chunks)
+        loss = sum(model_loss(model, x, y) for x, y in chunks) / len(chunks)
         loss.backward()
         for name, mask in (grad_masks or {}).items():
             model.get_parameter(name).grad.mul_(mask)
@@ -113,7 +139,7 @@ def reference_eval(cfg, weights: dict, batch) -> float:
     model.load_state_dict(weights)
     chunks = [mb for r in range(cfg.parallel.dp) for mb in micro_batches(batch, cfg, r)]
     with torch.no_grad():
-        return (sum(model(x, y) for x, y in chunks) / len(chunks)).item()
+        return (sum(model_loss(model, x, y) for x, y in chunks) / len(chunks)).item()
 
 
 def ramp_batches(cfg) -> list:

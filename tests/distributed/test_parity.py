@@ -41,9 +41,11 @@ GRAD_BF16 = "parallel.grad_comm_dtype=bf16"  # fp32 training, DP gradients reduc
 # norms and residual stream split along the sequence over TP; it rides on three tp = 2 layouts whose plain-TP
 # forms stay covered by others ((1,2,2) untied, (2,2,2), (1,2,1) ZeRO-3), so the tier trains no more runs
 SP = "parallel.sequence_parallel=true"
+DOCS = "data.document_mask=true"  # packed windows with EOTs: attention per document (tuples between stages)
+RESTART = "data.document_positions=restart"
 
 JOBS = {
-    1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,)), (1, 1, 1, (COMPILE,))])],
+    1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,)), (1, 1, 1, (COMPILE,)), (1, 1, 1, (DOCS, CKPT))])],
     2: [
         ("tp",),
         (
@@ -58,6 +60,8 @@ JOBS = {
                 (1, 2, 1, (ZERO3,)),
                 (2, 1, 1, (COMPILE,)),
                 (1, 2, 1, (COMPILE,)),
+                (2, 1, 1, (DOCS, CKPT)),
+                (1, 2, 1, (DOCS, RESTART, UNTIED)),
             ],
         ),
         ("ramp", (2, 1, 1, (ZERO1,))),

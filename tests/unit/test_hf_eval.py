@@ -17,7 +17,7 @@ from raylm.checkpoint.writer import save_full_weights
 from raylm.cli import main
 from raylm.config import resolve
 from raylm.config.derived import eval_samples, padded_vocab
-from raylm.data.stream import RankStream
+from raylm.data.stream import RankStream, stream_documents
 from raylm.errors import DataError
 from raylm.evaluate import evaluate
 from raylm.log import get_logger
@@ -75,9 +75,12 @@ def training_eval_loss(cfg, weights, dp: int) -> float:
             dp,
             cfg.parallel.micro_batch,
             prefetch=0,
+            documents=stream_documents(cfg.data),
         )
         with torch.no_grad():
-            losses += [model(x, y).item() for x, y in (next(stream) for _ in range(per_rank))]
+            for x, y in (next(stream) for _ in range(per_rank)):
+                masked = isinstance(x, tuple)  # data.document_mask: (tokens, doc_ids, positions)
+                losses.append((model(x[0], y, documents=x[1:]) if masked else model(x, y)).item())
         stream.close()
     return sum(losses) / len(losses)
 
@@ -104,6 +107,20 @@ def test_eval_samples_sets_the_validation_sample_count(run, tmp_path):
     assert row["samples"] == 12 and row["loss"] == pytest.approx(
         training_eval_loss(fixed, weights, dp=2), rel=RTOL
     )
+
+
+def test_eval_keeps_the_runs_document_masking(run, tmp_path):
+    cfg, weights, _ = run
+    gen = torch.Generator().manual_seed(3)  # weights far from the init, so attention is far from uniform
+    weights = {k: v + 0.5 * torch.randn(v.shape, generator=gen) for k, v in weights.items()}
+    many = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, eval_samples=128)
+    )  # documents end in them
+    masked = dataclasses.replace(many, data=dataclasses.replace(cfg.data, document_mask=True))
+    save_full_weights(masked, weights, tmp_path / "run" / "checkpoints", 6)
+    row = evaluate(tmp_path / "run")
+    assert row["loss"] == pytest.approx(training_eval_loss(masked, weights, dp=2), rel=RTOL)
+    assert row["loss"] != pytest.approx(training_eval_loss(many, weights, dp=2), rel=1e-4)
 
 
 def test_an_export_evaluates_elsewhere(run, tmp_path):

@@ -164,3 +164,20 @@ def test_cli_prints_one_line(export_dir, tmp_path, capsys):
     assert main(["config", str(config_yaml), f"model.init_from={folder}"]) == ConfigError.exit_code
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no *.safetensors" in err
+
+
+def test_rope_scaling_must_be_one_raylm_runs_and_match_the_model(export_dir, tmp_path):
+    linear = "model.rope_scaling={rope_type: linear, factor: 2.0}"
+    message = refusal(export_dir[1], linear)
+    assert "rope_scaling={}" in message and "set model.rope_scaling={}" in message
+    folder = copy_of(export_dir, tmp_path)
+    config_json = json.loads((folder / "config.json").read_text())
+    scaled = {**config_json, "rope_scaling": {"type": "linear", "factor": 2.0}}  # transformers' legacy key
+    (folder / "config.json").write_text(json.dumps(scaled))
+    assert config(f"model.init_from={folder}", linear).model.rope_scaling == {
+        "rope_type": "linear",
+        "factor": 2.0,
+    }
+    longrope = {"rope_type": "longrope", "short_factor": [1.0], "long_factor": [2.0]}
+    (folder / "config.json").write_text(json.dumps({**config_json, "rope_scaling": longrope}))
+    assert "'longrope' is not one of linear, llama3, yarn" in refusal(folder)

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 
 from raylm.config.schema import ModelConfig
 from raylm.model.facts import flops_per_token
-from raylm.model.gpt import GPT, apply_rope, init_full_weights, param_count, param_shapes, rope_tables
+from raylm.model.gpt import GPT, apply_rope, init_full_weights, param_count, param_shapes
+from raylm.model.rope import rope_tables
 
 CFG = ModelConfig(n_layer=2, n_head=4, n_kv_head=2, d_model=32, max_seq_len=16)
 VOCAB = 128

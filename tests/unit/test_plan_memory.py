@@ -6,7 +6,8 @@ import torch
 
 from raylm.config.derived import ffn_hidden
 from raylm.config.schema import ModelConfig
-from raylm.model.gpt import Block, rope_tables
+from raylm.model.gpt import Block
+from raylm.model.rope import rope_tables
 from raylm.plan.memory import DTYPE_BYTES, RankSetup, block_activation_bytes, model_state_bytes
 from raylm.plan.stages import ModelShape
 

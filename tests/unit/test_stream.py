@@ -170,3 +170,19 @@ def test_samples_sha_names_exactly_the_samples_a_step_trains_on(out):
         for r in pair
     ]
     assert one == two  # dp=2 ranks together read exactly the dp=1 samples that the hash names
+
+
+def test_document_boundaries_travel_with_each_window_and_resume_exactly(out):
+    """data.document_mask: inputs become (tokens, doc ids, positions), a function of the tokens alone, so a
+    stream resumed at sample 8 continues the uninterrupted one exactly, boundaries included."""
+    whole = take(RankStream(out, "train", SEQ, 7, 0, 1, 2, documents="restart"), 8)
+    resumed = take(RankStream(out, "train", SEQ, 7, 0, 1, 2, start_sample=8, documents="restart"), 4)
+    plain = take(RankStream(out, "train", SEQ, 7, 0, 1, 2), 8)
+    for ((tokens, doc_ids, positions), y), (x, y2) in zip(whole, plain, strict=True):
+        assert (tokens == x).all() and (y == y2).all() and doc_ids.shape == positions.shape == x.shape
+        ends = tokens == 0  # EOT
+        assert (doc_ids[:, 1:] - doc_ids[:, :-1] == ends[:, :-1].long()).all()
+        assert (positions[:, 1:][ends[:, :-1]] == 0).all()
+    assert any((x == 0).any() for (x, _, _), _ in whole)  # the corpus's documents end inside windows
+    for (a, _), (b, _) in zip(whole[4:], resumed, strict=True):
+        assert all((ta == tb).all() for ta, tb in zip(a, b, strict=True))

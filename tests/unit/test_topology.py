@@ -75,6 +75,8 @@ def test_sequence_parallel_needs_tp_that_divides_the_window():
         resolve({}, ["parallel.sequence_parallel=true", "parallel.tp=2", "data.seq_len=63"])
     cfg = resolve({}, ["parallel.sequence_parallel=true", "parallel.tp=2", "model.n_kv_head=2"])
     assert Topology.from_config(cfg.parallel).sequence_parallel
+    with pytest.raises(ConfigError, match="not supported yet .* set one of them to false"):
+        resolve({}, ["parallel.sequence_parallel=true", "parallel.tp=2", "data.document_mask=true"])
 
 
 @pytest.mark.parametrize("stage", [2, 3])
