@@ -56,10 +56,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate each pair (x[2k], x[2k+1]) of x (B, T, H, hd) by the position's angle; cos/sin are (T, hd/2), or
     (B, T, hd/2) when each row has its own positions (a left-padded decode batch)."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T | B, T, 1, hd/2): broadcast over heads (and batch)
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    cos, sin = (
+        cos[..., None, :, None],
+        sin[..., None, :, None],
+    )  # (T | B, T, 1, hd/2, 1): over heads and pairs
+    # (even, odd) -> (even cos - odd sin, odd cos + even sin) = pairs cos + (-odd, even) sin: the same roundings
+    # as the four products, in three kernels and one stack instead of six and one
+    swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1)  # (B, T, H, hd/2, 2)
+    return (pairs * cos + swapped * sin).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -84,7 +88,9 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(torch.cat((q, k), dim=2), cos, sin).split(
+            (q.size(2), k.size(2)), dim=2
+        )  # one rotation
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         mask = None
         if cache is not None:
