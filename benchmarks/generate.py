@@ -242,7 +242,7 @@ def main() -> None:
     parser.add_argument(
         "--batch-new-tokens", type=int, default=64, help="most new tokens per prompt in batch_speedup"
     )
-    parser.add_argument("--repeats", type=int, default=5, help="alternating measurements of each path")
+    parser.add_argument("--repeats", type=int, default=9, help="alternating measurements of each path")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for every path")
     parser.add_argument(
         "--only", choices=["kv", "hf", "batch"], action="append", help="run only these figures"
