@@ -46,6 +46,16 @@ TEXTS = [
 PROBS = torch.tensor([[0.0625, 0.5, 0.1875, 0.25]])
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Decoding a small model is a few dozen tiny kernels a token: on one thread they run in microseconds, on two
+    they can spin against a busy neighbour for milliseconds each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_model(cfg: ModelConfig = CFG, vocab: int = VOCAB, seed: int = 0) -> GPT:
     model = GPT(cfg, vocab)
     model.load_state_dict(init_full_weights(cfg, vocab, seed=seed))
