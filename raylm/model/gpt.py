@@ -56,10 +56,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate each pair (x[2k], x[2k+1]) of x (B, T, H, hd) by the position's angle; cos/sin are (T, hd/2), or
     (B, T, hd/2) when each row has its own positions (a left-padded decode batch)."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    cos, sin = (
-        cos[..., None, :, None],
-        sin[..., None, :, None],
-    )  # (T | B, T, 1, hd/2, 1): over heads and pairs
+    cos = cos[..., None, :, None]  # (T | B, T, 1, hd/2, 1): broadcast over heads and the pair
+    sin = sin[..., None, :, None]
     # (even, odd) -> (even cos - odd sin, odd cos + even sin) = pairs cos + (-odd, even) sin: the same roundings
     # as the four products, in three kernels and one stack instead of six and one
     swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1)  # (B, T, H, hd/2, 2)
@@ -88,9 +86,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
-        q, k = apply_rope(torch.cat((q, k), dim=2), cos, sin).split(
-            (q.size(2), k.size(2)), dim=2
-        )  # one rotation
+        qk = apply_rope(torch.cat((q, k), dim=2), cos, sin)  # (B, T, Hq + Hkv, hd): one rotation for both
+        q, k = qk.split((q.size(2), k.size(2)), dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         mask = None
         if cache is not None:
