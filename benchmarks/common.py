@@ -1,8 +1,13 @@
-"""Shared benchmark plumbing: prepared data on demand, a raylm run in-process, steady-state figures, JSON lines."""
+"""Shared benchmark plumbing: prepared data on demand, a raylm run in-process, steady-state figures, JSON lines.
+
+Importing it makes stdout hold JSON lines only: the process's file descriptor 1 is pointed at stderr, so what
+DeepSpeed, torch, Ray and child processes write there ("Setting accelerator to CPU", "Using topology ...") goes
+to stderr, and `emit` writes to the original stdout. Import it before anything that prints."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -19,9 +24,21 @@ from raylm.train.metrics import read_metrics  # noqa: E402
 TINY = REPO_ROOT / "jobs" / "configs" / "tiny.yaml"
 
 
+def _json_stdout():
+    """The original stdout as a file of its own; file descriptor 1 (and so sys.stdout, and every child process's
+    stdout) then writes to stderr."""
+    sys.stdout.flush()
+    original = os.fdopen(os.dup(sys.stdout.fileno()), "w", buffering=1)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    return original
+
+
+STDOUT = _json_stdout()
+
+
 def emit(**figures: Any) -> None:
-    """Print one JSON object per line, the benchmarks' output format."""
-    print(json.dumps(figures), flush=True)
+    """Print one JSON object per line, the benchmarks' output format (the only lines on stdout)."""
+    print(json.dumps(figures), file=STDOUT, flush=True)
 
 
 def scratch_dir(prefix: str) -> Path:

@@ -19,16 +19,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+from common import emit  # noqa: E402  (first: stdout holds JSON lines only)
+
 from raylm.config import load_config, resolve  # noqa: E402
 
 TINY = REPO_ROOT / "jobs" / "configs" / "tiny.yaml"
 ASSUMED_CONSUMER_TOKENS_PER_S = 20_000.0  # the tiny run's trainer, when the model cannot be measured here
 STREAM_MICRO_BATCHES = 3000
 MEM_SAMPLE_S = 0.2
-
-
-def emit(**figures) -> None:
-    print(json.dumps(figures), flush=True)
 
 
 def tiny_config(out_dir: Path, *overrides: str):

@@ -14,7 +14,7 @@ import json
 import subprocess
 import sys
 
-from common import REPO_ROOT
+from common import REPO_ROOT, STDOUT
 from common import emit as emit_json
 
 from raylm.plan.decide import checkpoint_interval, checkpoint_write_s
@@ -106,7 +106,7 @@ def emit(**fields) -> None:
 
 def md(text: str) -> None:
     if MARKDOWN:
-        print(text)
+        print(text, file=STDOUT)
 
 
 def layout_text(row: dict) -> str:

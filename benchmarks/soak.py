@@ -26,6 +26,7 @@ import os
 import random
 import signal
 import statistics
+import sys
 import threading
 import time
 from pathlib import Path
@@ -101,7 +102,7 @@ class Chaos(threading.Thread):
                     "time": time.time(),
                 }
             )
-            print(f"soak: killed {kind} pid {pid}", flush=True)
+            print(f"soak: killed {kind} pid {pid}", file=sys.stderr, flush=True)
 
     def _read_task_within(self, seconds: float) -> int | None:
         deadline = time.monotonic() + seconds

@@ -121,12 +121,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from raylm.checkpoint.export import export
+    from raylm.train.tracking.after_run import add_export
 
-    print(json.dumps(export(args.source, args.out_dir)))
+    summary = export(args.source, args.out_dir)
+    add_export(args.source, args.out_dir)  # into the run's MLflow run, when it has one
+    print(json.dumps(summary))
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.tasks:
+        from raylm.harness import HarnessOptions, harness_eval
+
+        options = HarnessOptions(args.include_path, args.data, args.batches, args.limit)
+        print(json.dumps(harness_eval(args.source, [t for t in args.tasks.split(",") if t], options)))
+        return 0
     from raylm.evaluate import evaluate
 
     print(json.dumps(evaluate(args.source, data=args.data, split=args.split, batches=args.batches)))
@@ -135,6 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     from raylm.compress.apply import CompressOptions, compress
+    from raylm.train.tracking.after_run import add_export
 
     options = CompressOptions(
         source=args.source,
@@ -144,11 +154,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
         prune=args.prune,
         pattern=args.pattern,
         scope=args.scope,
-        embeddings=args.embeddings,
         dequantize=args.dequantize,
         eval_data=args.eval_data,
     )
-    print(json.dumps(compress(options)))
+    summary = compress(options)
+    add_export(args.source, args.out_dir)  # into the run's MLflow run, when it has one
+    print(json.dumps(summary))
     return 0
 
 
@@ -314,7 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exp.set_defaults(func=cmd_export)
 
-    ev_help = "loss and perplexity of a run, checkpoint or export on a prepared split, as one JSON line"
+    ev_help = (
+        "loss and perplexity of a run, checkpoint or export on a prepared split, or lm-evaluation-harness "
+        "tasks (--tasks), as one JSON line"
+    )
     ev = verbs.add_parser("eval", help=ev_help, description=ev_help)
     ev.add_argument(
         "source",
@@ -333,7 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="global batches of train.global_batch samples "
-        "(default: the run's own evaluation, train.eval_samples)",
+        "(default: the run's own evaluation, train.eval_samples; also raylm_val's samples)",
+    )
+    ev.add_argument(
+        "--tasks",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="run lm-evaluation-harness tasks instead (pip install 'lm-eval[hf]'): raylm_val (the validation "
+        "split, local) or any harness task; prints the harness's metrics as one JSON line",
+    )
+    ev.add_argument(
+        "--include-path", default=None, metavar="DIR", help="--tasks: a folder of your own task YAMLs"
+    )
+    ev.add_argument(
+        "--limit", type=int, default=None, help="--tasks: score at most this many documents of each task"
     )
     ev.set_defaults(func=cmd_eval)
 
@@ -350,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--quantize",
         default=None,
         metavar="int8|int4",
-        help="weight-only: int8 one scale per output row, int4 one scale per --group-size columns",
+        help="weight-only, compressed-tensors format (transformers and vLLM load it): int8 one scale per "
+        "output row, int4 one scale per --group-size columns",
     )
     comp.add_argument(
         "--group-size", type=int, default=128, help="int4: input columns per scale (default 128)"
@@ -372,11 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
         default="layer",
         help="unstructured pruning: layer (each layer loses FRACTION; "
         "default) or global (one threshold over all layers)",
-    )
-    comp.add_argument(
-        "--embeddings",
-        action="store_true",
-        help="quantize the token embedding too (with tied embeddings, also the output head)",
     )
     comp.add_argument(
         "--dequantize",

@@ -22,6 +22,7 @@ from raylm.checkpoint.manifest import read_checkpoint_manifest
 from raylm.checkpoint.reader import load_checkpoint_weights, local_checkpoint_files, resolve_checkpoint
 from raylm.config import resolve
 from raylm.config.derived import eval_samples, padded_vocab
+from raylm.config.schema import Config
 from raylm.data.shards import read_data_manifest
 from raylm.data.stream import RankStream, normalize_sources
 from raylm.data.tokenizer import file_sha256
@@ -110,10 +111,19 @@ def mean_loss(model, stream: RankStream, micro_batches: int) -> float:
     return total / micro_batches
 
 
-def evaluate(
-    source: str | Path, data: str | Path | None = None, split: str = "val", batches: int | None = None
-) -> dict:
-    """Loss and perplexity of `source` on `split` of `data` (default: the run's own data); a JSON-able dict."""
+@dataclass
+class EvalPlan:
+    """What an evaluation reads, checked: the opened source, its resolved config, the data and the sample count."""
+
+    opened: Source
+    cfg: Config
+    spec: str | Path | list  # the data argument RankStream takes
+    sources: tuple[tuple[str, float], ...]
+    samples: int
+
+
+def plan_eval(source: str | Path, data: str | Path | None = None, batches: int | None = None) -> EvalPlan:
+    """Open `source` and check its data (default: the run's own) before any weight is read."""
     if batches is not None and batches < 1:
         raise DataError(
             f"--batches {batches} must be at least 1 (global batches of train.global_batch samples)"
@@ -124,15 +134,37 @@ def evaluate(
     sources = normalize_sources(spec)
     check_same_tokenizer(str(source), opened.tokenizer, sources)
     _check_vocab(sources, cfg.data.vocab_size, str(source))
-    model = GPT(cfg.model, padded_vocab(cfg.data.vocab_size))
-    model.load_state_dict(opened.read_state())
-    model.eval()
-    wanted = batches * cfg.train.global_batch if batches is not None else eval_samples(cfg)
-    micro_batch = cfg.parallel.micro_batch
-    micro_batches = max(1, wanted // micro_batch)
-    stream = RankStream(
-        spec, split, cfg.data.seq_len, cfg.run.seed, dp_rank=0, dp_size=1, micro_batch=micro_batch, prefetch=0
+    samples = batches * cfg.train.global_batch if batches is not None else eval_samples(cfg)
+    return EvalPlan(opened, cfg, spec, sources, samples)
+
+
+def eval_stream(plan: EvalPlan, split: str, micro_batch: int) -> RankStream:
+    """The evaluation's samples of `split`, in the run's order, `micro_batch` at a time (close it after use)."""
+    cfg = plan.cfg
+    return RankStream(
+        plan.spec,
+        split,
+        cfg.data.seq_len,
+        cfg.run.seed,
+        dp_rank=0,
+        dp_size=1,
+        micro_batch=micro_batch,
+        prefetch=0,
     )
+
+
+def evaluate(
+    source: str | Path, data: str | Path | None = None, split: str = "val", batches: int | None = None
+) -> dict:
+    """Loss and perplexity of `source` on `split` of `data` (default: the run's own data); a JSON-able dict."""
+    plan = plan_eval(source, data, batches)
+    cfg = plan.cfg
+    model = GPT(cfg.model, padded_vocab(cfg.data.vocab_size))
+    model.load_state_dict(plan.opened.read_state())
+    model.eval()
+    micro_batch = cfg.parallel.micro_batch
+    micro_batches = max(1, plan.samples // micro_batch)
+    stream = eval_stream(plan, split, micro_batch)
     try:
         loss = mean_loss(model, stream, micro_batches)
     finally:
@@ -140,8 +172,8 @@ def evaluate(
     samples = micro_batches * micro_batch
     return {
         "source": str(source),
-        "step": opened.step,
-        "data": [folder for folder, _ in sources],
+        "step": plan.opened.step,
+        "data": [folder for folder, _ in plan.sources],
         "split": split,
         "samples": samples,
         "tokens": samples * cfg.data.seq_len,

@@ -1,9 +1,10 @@
-"""Logging for the driver and every rank: raylm's own lines, and a console that shows them and real warnings only.
+"""Logging for the driver and every rank: raylm's own lines, and a console that shows only those.
 
-Rank 0 prints progress, other ranks only warnings and errors. By default the driver's console keeps, of everything
-Ray forwards from its workers and actors, raylm's own lines (without Ray's prefix) and warnings or errors that are
-not known noise; `run.log_level=debug` (`--verbose`) shows every line. Worker logs on disk stay complete either way
-(`/tmp/ray/session_latest/logs/`, one file per worker).
+Rank 0 prints progress, other ranks only warnings and errors. By default the driver's console shows, of
+everything Ray forwards from its workers and actors, raylm's own lines (printed bare, without Ray's prefix, colour
+or de-duplication) and the autoscaler's word that the cluster cannot place a request; Ray's, DeepSpeed's and
+torch's lines stay in the worker log files on disk (`/tmp/ray/session_latest/logs/`, one file per worker).
+`run.log_level=debug` (`--verbose`) shows every line. No ANSI colour codes when stdout is not a terminal.
 """
 
 from __future__ import annotations
@@ -21,22 +22,10 @@ LOG_LEVELS = ("info", "debug")  # run.log_level: info = raylm's lines and real w
 _console = {"verbose": False}
 
 # A raylm line as setup_logging formats it; Ray forwards it as "(RayTrainWorker pid=...) [raylm r0] ...".
-RAYLM_LINE = re.compile(r"\[raylm r\d+\] ")
-# Python logging and warnings (WARNING, UserWarning:, ...), DeepSpeed's "[WARNING]", and Ray's C++ log lines at
-# warning, error or fatal level ("[2026-01-01 00:00:00,000 E 123 456] file.cc:10: ...").
-WARNING_LINE = re.compile(
-    r"\b(WARNING|ERROR|CRITICAL|FATAL)\b|\b\w*(Warning|Error|Exception):|^Traceback"
-    r"|^\[[\d-]+ [\d:,.]+ [WEF] \d+ \d+\]"
-)
-# Warnings that are not news to a raylm user, each with the reason it is safe to hide. Still written to disk.
-KNOWN_NOISE = (
-    # Ray Train v2 starts this actor of its own; Ray's core worker logs a restart caveat about it at error level.
-    re.compile(r"Actor with class name: 'PreemptionWatcher'"),
-    # DeepSpeed on a CPU-only node, where raylm runs it on purpose (gloo, CPU accelerator).
-    re.compile(r"Setting accelerator to CPU"),
-    # Ray 2.60 turns token authentication on for a local Ray: the notice says so on every start.
-    re.compile(r"Token authentication is enabled for this Ray cluster"),
-)
+RAYLM_LINE = re.compile(r"^\[raylm r\d+\] ")
+# Every line of raylm's default console: its log lines, the CLI's error line, a verb's JSON summary on stdout.
+CONSOLE_LINE = re.compile(r"^(\[raylm r\d+\] |raylm: error: |\{\")")
+AUTOSCALER = "autoscaler"  # the pid Ray gives the autoscaler's lines ("... cannot be scheduled right now")
 
 
 def get_logger() -> logging.Logger:
@@ -73,28 +62,35 @@ def console_is_verbose() -> bool:
 
 
 def keep_on_console(line: str) -> bool:
-    """A forwarded worker line the default console shows: raylm's own, or a warning or error that is not noise."""
-    if RAYLM_LINE.search(line):
-        return True
-    return bool(WARNING_LINE.search(line)) and not any(noise.search(line) for noise in KNOWN_NOISE)
+    """A forwarded worker line the default console shows: raylm's own."""
+    return bool(RAYLM_LINE.match(line))
 
 
 def split_for_console(batch: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """A Ray log batch's lines to show: (raylm's own, printed bare; other kept lines, printed with Ray's prefix)."""
-    kept = [line for line in batch.get("lines", []) if keep_on_console(line)]
-    own = [line for line in kept if RAYLM_LINE.search(line)]
-    return own, [line for line in kept if not RAYLM_LINE.search(line)]
+    """A Ray log batch's lines to show: (raylm's own, printed bare; the autoscaler's, printed with its prefix)."""
+    lines = batch.get("lines", [])
+    if batch.get("pid") == AUTOSCALER:
+        return [], list(lines)
+    return [line for line in lines if keep_on_console(line)], []
 
 
 def quiet_ray_driver_loggers() -> None:
-    """On the driver, before ray.init and unless verbose: Ray's, Ray Train's and Ray Data's console lines to
-    warnings, and Ray's notice that a local Ray has token authentication on (it says so at every start) off."""
+    """On the driver, before ray.init: no colour codes in Ray's prefixes when stdout is not a terminal; unless
+    verbose, Ray's, Ray Train's and Ray Data's console lines to warnings, and Ray's notice that a local Ray has token
+    authentication on (it says so at every start) off."""
+    no_colour_when_piped()
     if console_is_verbose():
         return
     for name in ("ray", "ray.train"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     _quiet_ray_data_console()
+
+
+def no_colour_when_piped() -> None:
+    """No ANSI colour codes in Ray's prefixes of forwarded lines when stdout is not a terminal (a file, a pipe)."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # read by Ray's printer at every line
 
 
 def _quiet_ray_data_console() -> None:
@@ -111,16 +107,20 @@ def _quiet_ray_data_console() -> None:
 
 def filter_forwarded_logs() -> None:
     """On the driver, after ray.init and unless verbose: of the lines Ray forwards from workers and actors, print
-    only those keep_on_console keeps."""
+    only raylm's and the autoscaler's (split_for_console)."""
     if not console_is_verbose():
         _swap_ray_log_printer()
 
 
 def _swap_ray_log_printer() -> None:
-    """Swap Ray's driver-side printer of worker lines for one that prints only what keep_on_console keeps.
+    """Swap Ray's driver-side printer of forwarded lines for one that prints raylm's lines as they are (Ray's printer
+    would colour them and fold lines that differ only in a number, the rank, into one with a hint) and the
+    autoscaler's through Ray's printer. Both paths go through it: the `ray_print_logs` handler of worker and actor
+    lines, and the raylet's messages to the driver ("N PYTHON worker processes have been started", "A worker died"),
+    which Ray's `listen_error_messages` prints by calling `print_to_stdstream` by name.
 
-    A Ray internal (`ray._private.worker`): Ray has no public filter of forwarded lines on the driver alone
-    (docs/private-apis.md); tests/unit/test_private_api_canary.py fails if an upgrade moves it."""
+    Ray internals (`ray._private.worker`): Ray has no public filter of forwarded lines on the driver alone
+    (docs/private-apis.md); tests/unit/test_private_api_canary.py fails if an upgrade moves them."""
     try:
         from ray._private import worker as ray_worker
 
@@ -128,16 +128,20 @@ def _swap_ray_log_printer() -> None:
         printer: Callable = ray_worker.print_to_stdstream
     except (ImportError, AttributeError):  # another Ray layout: keep its console as it is
         return
+    if getattr(printer, "_raylm", False):
+        return  # swapped already
     if not any(name == "ray_print_logs" for name, _ in getattr(dispatcher, "handlers", [])):
         return  # ray.init(log_to_driver=False): nothing is forwarded
 
-    def print_kept(batch: dict[str, Any]) -> None:
-        own, other = split_for_console(batch)
-        if own:
-            printer({**batch, "lines": own}, ignore_prefix=True)
-        if other:
-            printer({**batch, "lines": other}, ignore_prefix=False)
+    def print_kept(data: dict[str, Any], ignore_prefix: bool = False) -> None:  # Ray's printer's signature
+        own, autoscaler = split_for_console(data)
+        for line in own:
+            print(line, file=sys.stderr, flush=True)
+        if autoscaler:
+            printer({**data, "lines": autoscaler}, ignore_prefix=False)
 
+    print_kept._raylm = True  # type: ignore[attr-defined]
+    ray_worker.print_to_stdstream = print_kept
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", print_kept)
 

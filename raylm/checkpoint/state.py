@@ -14,10 +14,11 @@ Nothing here imports DeepSpeed: the engine's state goes through its save_state /
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -121,7 +122,7 @@ def _space_hint(checkpoints_dir: Location | str) -> str:
     )
 
 
-def _on_rank0(fn: Callable[[], T]) -> T:
+def on_rank0(fn: Callable[[], T]) -> T:
     """Run fn on rank 0 and hand its result to every rank; its failure becomes a CheckpointError everywhere."""
     box: list = [None]
     if dist.get_rank() == 0:
@@ -145,6 +146,105 @@ def _all_or_none(error: str | None, kind: type[CheckpointError] = CheckpointErro
         raise kind(first)
 
 
+@dataclass
+class Snapshot:
+    """One rank's part of a save, taken at the save step: where its files go and what they hold. A background
+    save (raylm.checkpoint.background) keeps host copies of the layers this rank writes in `layers`; a save
+    in the loop streams them to disk as they are gathered and leaves it empty."""
+
+    tmp: Path
+    step: int
+    rank: int
+    layout: dict
+    trainer_state: dict
+    rank_state: dict | None
+    scalars: dict = field(default_factory=dict)  # the engine's optimizer scalars (engine.json)
+    layers: list[tuple[int, dict, dict]] = field(default_factory=list)  # (index, weights, moments)
+
+
+def open_save(
+    engine: Engine,
+    cfg: Config,
+    checkpoints_dir: Location | str,
+    step: int,
+    trainer_state: dict,
+    rank_state: dict | None,
+) -> Snapshot:
+    """Rank 0 creates the save's tmp-* folder and every rank learns its name (a collective)."""
+    tmp = Path(on_rank0(lambda: str(new_tmp_dir(checkpoints_dir, step, cfg.data.cache_dir))))
+    # the trainer state's lists go on changing in the loop while a background save writes it
+    return Snapshot(tmp, step, engine.rank, engine.layout, copy.deepcopy(trainer_state), rank_state)
+
+
+def take_snapshot(engine: Engine, snapshot: Snapshot) -> Snapshot:
+    """Copy every layer this rank writes to host memory (the engine's gathering collectives, every rank), with
+    the optimizer's scalars: after this the next optimizer step may change the engine's tensors."""
+    snapshot.scalars = engine.save_state(
+        lambda index, weights, moments: snapshot.layers.append((index, weights, moments))
+    )
+    return snapshot
+
+
+def write_snapshot(
+    snapshot: Snapshot, cfg: Config, checkpoints_dir: Location | str, phase: Callable[[str], None]
+) -> tuple[Records, str | None]:
+    """Write (and on object storage upload) this rank's files of a snapshot, freeing each layer's host copy
+    once written; no collective, so it runs in a background thread. Returns the files and the first error."""
+    writer = _LayerWriter(snapshot.tmp, cfg, snapshot.rank)
+    while snapshot.layers:
+        writer(*snapshot.layers.pop(0))
+    phase("mid-files")
+    return write_rest(snapshot, cfg, checkpoints_dir, writer.files, writer.error)
+
+
+def write_rest(
+    snapshot: Snapshot, cfg: Config, checkpoints_dir: Location | str, files: Records, error: str | None
+) -> tuple[Records, str | None]:
+    """After the layer files: this rank's own file, rank 0's small files, then this rank's uploads."""
+    tmp, rank, step = snapshot.tmp, snapshot.rank, snapshot.step
+    if error is None:
+        try:  # no collectives below: a failing rank can stop here and report
+            if snapshot.rank_state is not None:
+                files.update(save_torch(tmp, rank_file(rank), snapshot.rank_state))
+            if rank == 0:
+                files.update(save_run_files(tmp, cfg, snapshot.trainer_state))
+                files.update(save_json(tmp, ENGINE_STATE_FILE, snapshot.scalars))
+        except (OSError, TypeError, ValueError) as exc:  # TypeError: a trainer_state that is not JSON-able
+            error = f"writing checkpoint step {step} under {tmp} failed on rank {rank}: {_reason(exc)}"
+    if error is None:
+        try:
+            upload_own_files(tmp, checkpoints_dir, step, files)
+        except (OSError, RaylmError) as exc:
+            error = f"uploading checkpoint step {step} failed on rank {rank}: {_reason(exc)}"
+    return files, error
+
+
+def gather_written(
+    snapshot: Snapshot, checkpoints_dir: Location | str, files: Records, error: str | None
+) -> Records:
+    """Every rank's written files, once every rank's are on storage (a collective); a failure on any rank is a
+    CheckpointError on all, and rank 0 removes what the failed save left."""
+    try:
+        _all_or_none(error)
+    except CheckpointError as exc:  # nothing of a failed save stays to fill the disk; older checkpoints stay
+        if snapshot.rank == 0:
+            shutil.rmtree(snapshot.tmp, ignore_errors=True)
+        if str(exc).startswith(NON_FINITE):
+            raise CheckpointError(f"checkpoint step {snapshot.step}: {exc}") from None
+        raise CheckpointError(f"{exc}; {_space_hint(checkpoints_dir)}") from None  # a write failed
+    every_rank: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every_rank, files)  # every file is on storage once this returns
+    return {path: record for rank_files in every_rank for path, record in rank_files.items()}
+
+
+def commit_snapshot(
+    snapshot: Snapshot, cfg: Config, checkpoints_dir: Location | str, files: Records
+) -> Location:
+    """Rank 0: the manifest of every rank's files, written last, makes the save a checkpoint (no collective)."""
+    extra = manifest_extra(cfg, snapshot.layout, optimizer=True)
+    return commit(snapshot.tmp, snapshot.step, files, extra, checkpoints_dir)
+
+
 def save_checkpoint(
     engine: Engine,
     cfg: Config,
@@ -163,60 +263,26 @@ def save_checkpoint(
     name in SAVE_PHASES as the save reaches it (fault drills kill a rank there).
     """
     phase = on_phase or (lambda name: None)
-    remote = is_remote(as_location(checkpoints_dir))
-    tmp = Path(_on_rank0(lambda: str(new_tmp_dir(checkpoints_dir, step, cfg.data.cache_dir))))
+    snapshot = open_save(engine, cfg, checkpoints_dir, step, trainer_state, rank_state)
     try:
-        return _save_into(tmp, engine, cfg, checkpoints_dir, step, trainer_state, rank_state, phase)
+        phase("before-files")
+        writer = _LayerWriter(snapshot.tmp, cfg, engine.rank)
+        snapshot.scalars = engine.save_state(writer)  # each layer is written as soon as it is gathered
+        phase("mid-files")
+        files, error = write_rest(snapshot, cfg, checkpoints_dir, writer.files, writer.error)
+        merged = gather_written(snapshot, checkpoints_dir, files, error)
+        phase("before-commit")
+        committed = on_rank0(lambda: str(commit_snapshot(snapshot, cfg, checkpoints_dir, merged)))
+        phase("after-commit")
+        return as_location(committed)
     finally:
-        if remote:  # this node's staging copy: every file is uploaded (or the save failed) once here
-            shutil.rmtree(tmp, ignore_errors=True)
+        drop_staging(snapshot, checkpoints_dir)
 
 
-def _save_into(
-    tmp: Path,
-    engine: Engine,
-    cfg: Config,
-    checkpoints_dir: Location | str,
-    step: int,
-    trainer_state: dict,
-    rank_state: dict | None,
-    phase: Callable[[str], None],
-) -> Location:
-    phase("before-files")
-    writer = _LayerWriter(tmp, cfg, engine.rank)
-    scalars = engine.save_state(writer)
-    files, error = writer.files, writer.error
-    phase("mid-files")
-    if error is None:
-        try:  # no collectives below: a failing rank can stop here and report
-            if rank_state is not None:
-                files.update(save_torch(tmp, rank_file(engine.rank), rank_state))
-            if engine.rank == 0:
-                files.update(save_run_files(tmp, cfg, trainer_state))
-                files.update(save_json(tmp, ENGINE_STATE_FILE, scalars))
-        except (OSError, TypeError, ValueError) as exc:  # TypeError: a trainer_state that is not JSON-able
-            error = f"writing checkpoint step {step} under {tmp} failed on rank {engine.rank}: {_reason(exc)}"
-    if error is None:
-        try:
-            upload_own_files(tmp, checkpoints_dir, step, files)
-        except (OSError, RaylmError) as exc:
-            error = f"uploading checkpoint step {step} failed on rank {engine.rank}: {_reason(exc)}"
-    try:
-        _all_or_none(error)
-    except CheckpointError as exc:  # nothing of a failed save stays to fill the disk; older checkpoints stay
-        if engine.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        if str(exc).startswith(NON_FINITE):
-            raise CheckpointError(f"checkpoint step {step}: {exc}") from None
-        raise CheckpointError(f"{exc}; {_space_hint(checkpoints_dir)}") from None  # a write failed
-    every_rank: list = [None] * dist.get_world_size()
-    dist.all_gather_object(every_rank, files)  # every file is on storage once this returns
-    merged = {path: record for rank_files in every_rank for path, record in rank_files.items()}
-    extra = manifest_extra(cfg, engine.layout, optimizer=True)
-    phase("before-commit")
-    committed = as_location(_on_rank0(lambda: str(commit(tmp, step, merged, extra, checkpoints_dir))))
-    phase("after-commit")
-    return committed
+def drop_staging(snapshot: Snapshot, checkpoints_dir: Location | str) -> None:
+    """On object storage, this node's staging copy: every file is uploaded (or the save failed) by now."""
+    if is_remote(as_location(checkpoints_dir)):
+        shutil.rmtree(snapshot.tmp, ignore_errors=True)
 
 
 def _check_model(manifest: dict, cfg: Config, folder: Location) -> None:

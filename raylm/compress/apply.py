@@ -2,11 +2,12 @@
 
     summary = compress(CompressOptions(source="runs/t1", out_dir="exports/t1-int8", quantize="int8"))
 
-The output is an export folder (raylm.model.quantized) that `raylm eval`, `raylm generate` and, when it is not
-quantized, `model.init_from` read. Linear layers are every 2-D weight except the token embedding; the embedding
-(with tied embeddings also the output head) and the norms stay fp32 unless `embeddings` is set. The summary is
-one JSON-able dict: parameters, bytes before and after, sparsity, and with `eval_data` loss and perplexity of the
-source and of the output on the same samples (raylm.evaluate).
+The output is an export folder that `raylm eval`, `raylm generate` and, when it is not quantized,
+`model.init_from` read; a quantized one is in compressed-tensors' pack-quantized format (raylm.model.quantized),
+which transformers and vLLM load too. Pruning touches every 2-D weight except the token embedding; quantization
+also leaves the output head (ignored by the format's readers) and the norms in fp32. The summary is one JSON-able
+dict: parameters, bytes before and after, sparsity, and with `eval_data` loss and perplexity of the source and of
+the output on the same samples (raylm.evaluate).
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ from raylm.config import resolve
 from raylm.config.derived import padded_vocab
 from raylm.evaluate import evaluate, open_source
 from raylm.model.hf_llama import hf_name, to_hf_tensor
-from raylm.model.quantized import MASKS_FILE, is_raylm_quantized, quantization_config, stored_names
+from raylm.model.quantized import MASKS_FILE, is_quantized, pack, quantization_config, stored_names
 from raylm.storage.atomic import atomic_path, copy_atomic, write_atomic
 from raylm.storage.file_names import HF_CONFIG_FILE, RAYLM_CONFIG_FILE, WEIGHTS_FILE
 from raylm.storage.uri import refuse_uri
 
-EMBEDDING = "tok_embeddings.weight"
+EMBEDDING, OUTPUT = "tok_embeddings.weight", "output.weight"
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,6 @@ class CompressOptions:
     prune: float | None = None  # fraction of linear weights to remove
     pattern: str = "unstructured"
     scope: str = "layer"
-    embeddings: bool = False  # quantize the token embedding (the output head too when tied)
     dequantize: bool = False  # write a quantized folder back as float weights
     eval_data: str | None = None
 
@@ -70,16 +70,16 @@ class CompressOptions:
             raise CompressError(f"OUT {self.out_dir} is the SOURCE folder; name a new folder for the output")
 
 
-def linear_names(state: dict[str, torch.Tensor], embeddings: bool) -> list[str]:
-    """The matrices compress touches: every 2-D weight but the embedding, which joins only when asked."""
-    return [n for n, t in state.items() if t.dim() == 2 and (embeddings or n != EMBEDDING)]
+def linear_names(state: dict[str, torch.Tensor], head: bool) -> list[str]:
+    """The matrices compress touches: every 2-D weight but the embedding; the output head only when `head`."""
+    return [n for n, t in state.items() if t.dim() == 2 and n != EMBEDDING and (head or n != OUTPUT)]
 
 
 def _check_source(options: CompressOptions) -> bool:
-    """Refuse a source compress cannot work on; True when it is a raylm-quantized folder."""
+    """Refuse a source compress cannot work on; True when it is a quantized folder."""
     config_file = Path(options.source).expanduser() / HF_CONFIG_FILE
     try:
-        quantized = config_file.is_file() and is_raylm_quantized(json.loads(config_file.read_text()))
+        quantized = config_file.is_file() and is_quantized(json.loads(config_file.read_text()))
     except (ValueError, AttributeError):
         quantized = False  # open_source names what is wrong with the folder
     if quantized and (options.quantize or options.prune is not None):
@@ -89,8 +89,7 @@ def _check_source(options: CompressOptions) -> bool:
         )
     if options.dequantize and not quantized:
         raise CompressError(
-            f"--dequantize: {options.source} is not a folder raylm compress quantized; "
-            f"there is nothing to dequantize"
+            f"--dequantize: {options.source} is not a quantized folder; there is nothing to dequantize"
         )
     return quantized
 
@@ -120,8 +119,8 @@ def compress(options: CompressOptions) -> dict:
     cfg = resolve(opened.tree, {"data.paths": [], "data.sources": [], "model.init_from": ""})
     state = opened.read_state()
     hf = {hf_name(n): to_hf_tensor(n, t.float(), cfg.model) for n, t in state.items()}
-    linear = [hf_name(n) for n in linear_names(state, options.embeddings)]
-    prunable = [hf_name(n) for n in linear_names(state, embeddings=False)]
+    linear = [hf_name(n) for n in linear_names(state, head=False)]
+    prunable = [hf_name(n) for n in linear_names(state, head=True)]
     masks = _prune(hf, prunable, options)
     if options.quantize == "int4":
         _check_group_size(hf, linear, options.group_size)
@@ -170,14 +169,15 @@ def _prune(
 def _quantize(
     hf: dict[str, torch.Tensor], names: list[str], options: CompressOptions
 ) -> dict[str, torch.Tensor]:
-    """The tensors to store: each named matrix as its qweight and scales, the rest as they are."""
+    """The tensors to store: each named matrix as its packed integers, scales and shape, the rest as they are."""
     assert options.quantize is not None  # called only with --quantize
     stored = {}
     for name, tensor in hf.items():
         if name in names:
             q = quantize(tensor, options.quantize, options.group_size)
-            qname, sname = stored_names(name)
-            stored[qname], stored[sname] = q.qweight, q.scales
+            packed, scale, shape = stored_names(name)
+            stored[packed] = pack(q.q, BITS[options.quantize])
+            stored[scale], stored[shape] = q.scales, torch.tensor(tensor.shape, dtype=torch.int64)
         else:
             stored[name] = tensor.contiguous()
     return stored

@@ -1,15 +1,14 @@
-"""Symmetric weight-only quantization of one weight matrix: torchao computes it, plain torch stores it.
-
-raylm.model.quantized reads the stored form back.
+"""Symmetric weight-only quantization of one weight matrix: torchao rounds it, raylm.model.quantized stores it.
 
 int8: one scale per output row (per-channel). int4: one scale per `group_size` consecutive input columns of a row.
 torchao's `IntxWeightOnlyConfig` (symmetric, zero point 0) does the rounding, on CPU, with this torch; its
 `Int4WeightOnlyConfig` is not used because its packed layouts need CUDA kernels (on CPU it stops with
-"Requires mslk >= 1.0.0"). The stored form is raylm's own and needs no torchao to read (docs/compression.md):
+"Requires mslk >= 1.0.0"). The result is the integers and scales; raylm.model.quantized packs them into
+compressed-tensors' format (docs/compression.md), which needs no torchao to read:
 
-    qweight: int8 (out, in) for int8; uint8 (out, in / 2) for int4, two values per byte (even column low nibble)
-    scales:  fp32 (out, in / group_size), group_size = in for int8
-    weight = qweight (sign-extended to int) * scales repeated over each group's columns
+    q:      int8 (out, in), in [-128, 127] for int8, [-8, 7] for int4
+    scales: fp32 (out, in / group_size), group_size = in for int8
+    weight = q * scales repeated over each group's columns
 """
 
 from __future__ import annotations
@@ -27,9 +26,9 @@ BITS = {"int8": 8, "int4": 4}
 
 @dataclass(frozen=True)
 class Quantized:
-    """One matrix in its stored form."""
+    """One matrix as integers and scales."""
 
-    qweight: torch.Tensor
+    q: torch.Tensor
     scales: torch.Tensor
 
 
@@ -62,11 +61,4 @@ def quantize(weight: torch.Tensor, method: str, group_size: int) -> Quantized:
     quantize_(torch.nn.Sequential(linear), config_class(weight_dtype=dtype, granularity=granularity))
     q: Any = linear.weight  # torchao swapped in its quantized tensor subclass (qdata, scale, zero_point)
     assert not q.zero_point.any(), "symmetric quantization has zero points of 0"
-    qdata, scales = q.qdata.to(torch.int8), q.scale.float().reshape(rows, -1).contiguous()
-    return Quantized(pack_int4(qdata) if method == "int4" else qdata.contiguous(), scales)
-
-
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """int8 values in [-8, 7], shape (out, in) -> uint8 (out, in / 2): even columns in the low nibble."""
-    nibbles = (q.to(torch.int16) & 0xF).to(torch.uint8)
-    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).contiguous()
+    return Quantized(q.qdata.to(torch.int8).contiguous(), q.scale.float().reshape(rows, -1).contiguous())

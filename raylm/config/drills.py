@@ -14,6 +14,8 @@ PHASES = (
     "step",
     "nonfinite",
     "spike",
+    "slow",
+    "stop",
     "read",
     "prepare",
     "commit",

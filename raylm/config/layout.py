@@ -16,17 +16,26 @@ from raylm.errors import ConfigError
 
 @dataclass(frozen=True)
 class Layout:
-    """pp * tp * dp ranks; `dp_min`..`dp_max` (0 when fixed) is the range an elastic run's dp moves in."""
+    """pp * tp * dp ranks; `dp_min`..`dp_max` (0 when fixed) is the range an elastic run's dp moves in;
+    `sequence_parallel` splits the activations between TP regions along the sequence over the tp ranks."""
 
     pp: int
     tp: int
     dp: int
     dp_min: int = 0
     dp_max: int = 0
+    sequence_parallel: bool = False
 
     @classmethod
     def of(cls, parallel: ParallelConfig) -> Layout:
-        return cls(parallel.pp, parallel.tp, parallel.dp, parallel.dp_min, parallel.dp_max)
+        return cls(
+            parallel.pp,
+            parallel.tp,
+            parallel.dp,
+            parallel.dp_min,
+            parallel.dp_max,
+            parallel.sequence_parallel,
+        )
 
     @property
     def world_size(self) -> int:
@@ -86,11 +95,12 @@ class Layout:
             )
         return dp
 
-    def check_model(self, model: ModelConfig, vocab_size: int, zero_stage: int) -> None:
+    def check_model(self, model: ModelConfig, vocab_size: int, zero_stage: int, seq_len: int) -> None:
         """Raise ConfigError, with the arithmetic and the fix, when the model cannot be split over the layout.
 
         The one home of the model-split rules: `raylm config` (validate) and build_engine both call it.
-        `vocab_size` is data.vocab_size, before padding."""
+        `vocab_size` is data.vocab_size, before padding; `seq_len` is data.seq_len."""
+        self.check_sequence_parallel(seq_len)
         vocab = padded_vocab(vocab_size)
         if model.n_layer < self.pp:
             raise ConfigError(
@@ -115,6 +125,22 @@ class Layout:
                 f"parallel.zero_stage={zero_stage} with parallel.pp={self.pp}: DeepSpeed's "
                 f"pipeline engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1 (or "
                 f"parallel.pp=1)"
+            )
+
+    def check_sequence_parallel(self, seq_len: int) -> None:
+        """Sequence parallelism splits each window's positions over the TP ranks: it needs tp > 1 dividing them."""
+        if not self.sequence_parallel:
+            return
+        if self.tp == 1:
+            raise ConfigError(
+                "parallel.sequence_parallel=true needs parallel.tp > 1 (it splits the activations between TP "
+                "layers over the TP ranks); set parallel.tp to 2 or more, or parallel.sequence_parallel=false"
+            )
+        if seq_len % self.tp:
+            raise ConfigError(
+                f"data.seq_len={seq_len} is not divisible by parallel.tp={self.tp}, which "
+                f"parallel.sequence_parallel=true splits each window's positions over; set data.seq_len to a "
+                f"multiple of {self.tp}"
             )
 
 

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 import yaml
 
-from raylm.config.schema import Config
+from raylm.config.schema import Config, key_of
 from raylm.errors import ConfigError
 
 MAX_DEPTH = 32  # a run config is sections of keys with at most lists of mappings below: 4 levels in practice
@@ -143,8 +143,12 @@ def _expand_dp_range(tree: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def to_dict(cfg: Any) -> dict:
-    """The config as plain Python data, ready for yaml.safe_dump or JSON."""
-    return dataclasses.asdict(cfg)
+    """The config as plain Python data keyed as in YAML, ready for yaml.safe_dump or JSON."""
+    return {
+        key_of(f): to_dict(value) if dataclasses.is_dataclass(value) else _deep_copy(value)
+        for f in dataclasses.fields(cfg)
+        for value in [getattr(cfg, f.name)]
+    }
 
 
 def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str, Any]]:
@@ -152,7 +156,7 @@ def describe_fields(cls: type = Config, prefix: str = "") -> list[tuple[str, str
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        name = f"{prefix}{f.name}"
+        name = f"{prefix}{key_of(f)}"
         if dataclasses.is_dataclass(hints[f.name]):
             rows.extend(describe_fields(hints[f.name], prefix=f"{name}."))
         else:
@@ -170,7 +174,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where} must be a mapping of keys, got {raw!r}")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {key_of(f) for f in dataclasses.fields(cls)}
     for key in raw:
         if f"{prefix}{key}" in MOVED_KEYS:
             raise ConfigError(f"{prefix}{key} is now {MOVED_KEYS[prefix + key]}; rename the key")
@@ -184,14 +188,15 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
             raise ConfigError(f"unknown config key {prefix}{key}{hint}")
     values = {}
     for f in dataclasses.fields(cls):
-        if f.name not in raw:
+        key = key_of(f)
+        if key not in raw:
             continue
         kind = hints[f.name]
-        dotted = f"{prefix}{f.name}"
+        dotted = f"{prefix}{key}"
         if isinstance(kind, type) and dataclasses.is_dataclass(kind):
-            values[f.name] = _build(kind, raw[f.name], prefix=f"{dotted}.")
+            values[f.name] = _build(kind, raw[key], prefix=f"{dotted}.")
         else:
-            values[f.name] = _coerce(dotted, raw[f.name], kind)
+            values[f.name] = _coerce(dotted, raw[key], kind)
     return cls(**values)
 
 

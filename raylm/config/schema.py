@@ -15,16 +15,25 @@ from typing import Any
 from raylm.log import LOG_LEVELS
 
 LAYOUT_CHOICES = ("manual", "auto")  # parallel.layout
+TRACKERS = ("tensorboard", "mlflow", "wandb")  # run.trackers
 INTERVAL_CHOICES = ("steps", "auto")  # checkpoint.interval; `checkpoint.every_steps: auto` is its shorthand
 
 
-def opt(default: Any, doc: str, choices: tuple = ()) -> Any:
+def opt(default: Any, doc: str, choices: tuple = (), key: str = "") -> Any:
     """A dataclass field with a default and the doc line that `raylm config --help` prints; `choices`: the
-    only values it takes (checked by raylm.config.validate)."""
-    metadata = {"doc": doc, "choices": choices} if choices else {"doc": doc}
+    only values it takes (checked by raylm.config.validate); `key`: its name in YAML when that is a Python
+    keyword (`checkpoint.async` is the field `async_save`)."""
+    metadata: dict[str, Any] = {"doc": doc, "choices": choices} if choices else {"doc": doc}
+    if key:
+        metadata["key"] = key
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def key_of(f: dataclasses.Field) -> str:
+    """A field's name in YAML and in dotted overrides (its own name unless opt() gave another)."""
+    return f.metadata.get("key", f.name)
 
 
 def section(cls: type, doc: str) -> Any:
@@ -48,6 +57,11 @@ class RunConfig:
         "console: info (raylm's progress, evaluations, warnings, summary) | debug (also "
         "every Ray and DeepSpeed line; same as --verbose)",
         choices=LOG_LEVELS,
+    )
+    trackers: list = opt(
+        ["tensorboard"],
+        "where rank 0 also sends every metrics.jsonl row: any of tensorboard (<run>/tensorboard), mlflow "
+        "(MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME), wandb (WANDB_* variables); [] = metrics.jsonl alone",
     )
 
 
@@ -116,6 +130,11 @@ class ParallelConfig:
     )
     pp: int = opt(1, "pipeline-parallel stages")
     tp: int = opt(1, "tensor-parallel ranks per stage (Megatron column/row split)")
+    sequence_parallel: bool = opt(
+        False,
+        "with tp > 1: split the norms' and residual stream's activations along the sequence over the TP ranks "
+        "(Megatron sequence parallelism: all-gather before and reduce-scatter after each TP region)",
+    )
     dp: int = opt(
         1,
         "data-parallel replicas (ZeRO over this group); `dp: [min, max]` makes the run elastic (sets "
@@ -185,6 +204,11 @@ class TrainConfig:
         "MFU denominator per worker in TFLOP/s; 0 = the GPU's dense peak from raylm's "
         "table (bf16, or TF32 for fp32 runs), or a matmul measured on CPU",
     )
+    profile_steps: list = opt(
+        [],
+        "[START, END]: record torch.profiler traces of steps START..END (0-based, both included) on every "
+        "rank into <run>/profile/; [] = off",
+    )
 
 
 @dataclass(frozen=True)
@@ -242,6 +266,13 @@ class CheckpointConfig:
         choices=INTERVAL_CHOICES,
     )
     keep: int = opt(2, "newest committed checkpoints kept")
+    async_save: bool = opt(
+        True,
+        "save in the background: the step that saves copies the state to host memory and training goes on "
+        "while a thread per rank writes, hashes and uploads; the manifest commits once every rank is done "
+        "(at most one save in flight; the last step's save and the end of training wait for it)",
+        key="async",
+    )
     resume: str = opt(
         "auto",
         "auto (newest committed checkpoint of this run) | never | required",
@@ -263,7 +294,9 @@ class FaultConfig:
         "(default fault.drill_rank) at checkpoint-save phase PHASE (before-files|mid-files|"
         "before-commit|after-commit) of step STEP, 'step@STEP' right after that step; "
         "'nonfinite@STEP' makes one micro-batch's loss NaN on that rank in step STEP; 'spike@STEP' "
-        "multiplies step STEP's lr by 1000; 'read@STEP' holds the first Ray Data read task of the "
+        "multiplies step STEP's lr by 1000; 'slow@STEP' makes that rank sleep 0.5 s after every step "
+        "from STEP on (a straggler), 'stop@STEP' SIGSTOPs it after step STEP (a hang); "
+        "'read@STEP' holds the first Ray Data read task of the "
         "training stream opened at STEP (for a test to kill it); comma-separated for several; "
         "'' = off",
     )
@@ -292,6 +325,18 @@ class FaultConfig:
         1800,
         "seconds a collective may wait for a stalled rank before the worker group "
         "fails (and restarts under max_failures)",
+    )
+    hang_s: float = opt(
+        0.0,
+        "seconds without a finished step after which every rank writes its Python stack to "
+        "<run>/hangs/ and the worker group fails (and restarts under max_failures); 0 = only "
+        "at a collective timeout. Keep it above the slowest step, evaluation and checkpoint save",
+    )
+    straggler_factor: float = opt(
+        1.5, "a rank whose work per step exceeds this many times the median rank's is a straggler"
+    )
+    straggler_steps: int = opt(
+        3, "consecutive steps a rank must straggle before the console names it (once per run)"
     )
     resize_check_s: float = opt(
         60.0,
@@ -336,6 +381,9 @@ class TuneConfig:
         "set by raylm sweep: evaluate, report and checkpoint at the first step whose tokens "
         "reach each of these",
     )
+    parent_run: str = opt(
+        "", "set by raylm sweep: the sweep's MLflow run, under which each trial's MLflow run nests"
+    )
     start_from: str = opt(
         "",
         "set by PBT: a folder holding the donor's committed checkpoint, used when the run "
@@ -364,6 +412,6 @@ def field_choices(section: Any, prefix: str = "") -> Iterator[tuple[str, Any, tu
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            yield from field_choices(value, f"{prefix}{f.name}.")
+            yield from field_choices(value, f"{prefix}{key_of(f)}.")
         elif "choices" in f.metadata:
-            yield f"{prefix}{f.name}", value, f.metadata["choices"]
+            yield f"{prefix}{key_of(f)}", value, f.metadata["choices"]

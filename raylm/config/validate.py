@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import importlib.util
 import itertools
 import math
 import os
@@ -12,7 +13,7 @@ from raylm.config.derived import kv_heads, samples_per_micro_step
 from raylm.config.drills import DRILL, PHASES, parse_drills
 from raylm.config.layout import Layout, batch_quantum, dp_sizes, is_elastic, worker_range
 from raylm.config.loader import short_repr
-from raylm.config.schema import Config, field_choices
+from raylm.config.schema import TRACKERS, Config, field_choices
 from raylm.errors import ConfigError, StorageError
 from raylm.storage.uri import NOT_YET, SUPPORTED, is_uri, parse_uri, refuse_uri
 
@@ -36,6 +37,8 @@ def validate(cfg: Config) -> Config:
         _check_storage,
         _check_data,
         _check_drill,
+        _check_trackers,
+        _check_profile,
     ):
         check(cfg)
     return cfg
@@ -92,6 +95,7 @@ def _check_positive(cfg: Config) -> None:
         "fault.spike_window": cfg.fault.spike_window,
         "fault.collective_timeout_s": cfg.fault.collective_timeout_s,
         "fault.mtbf_hours": cfg.fault.mtbf_hours,
+        "fault.straggler_steps": cfg.fault.straggler_steps,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -111,10 +115,16 @@ def _check_positive(cfg: Config) -> None:
         "model.n_kv_head": cfg.model.n_kv_head,
         "model.ffn_hidden": cfg.model.ffn_hidden,
         "fault.resize_check_s": cfg.fault.resize_check_s,
+        "fault.hang_s": cfg.fault.hang_s,
     }
     for key, value in non_negative.items():
         if value < 0:
             _fail(f"{key}={value} must not be negative; set {key} to 0 or more")
+    if cfg.fault.straggler_factor <= 1.0:
+        _fail(
+            f"fault.straggler_factor={cfg.fault.straggler_factor} must be above 1 (a multiple of the median "
+            f"rank's time); e.g. fault.straggler_factor=1.5"
+        )
     if not 0.0 <= cfg.data.val_fraction < 1.0:
         _fail(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1); e.g. data.val_fraction=0.02")
 
@@ -194,7 +204,7 @@ def _check_layout(cfg: Config) -> None:
     layout = Layout.of(cfg.parallel)
     if cfg.parallel.layout != "auto":  # under auto, num_workers is the count the planner fills
         layout.check_num_workers(cfg.parallel.num_workers)
-    layout.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
+    layout.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage, cfg.data.seq_len)
 
 
 def _check_batch(cfg: Config) -> None:
@@ -396,3 +406,32 @@ def _check_drill(cfg: Config) -> None:
                 f"fault.drill rank {rank} (fault.drill_rank or :RANK) is not a rank of the {world} workers; "
                 f"set it below {world}"
             )
+
+
+def _check_trackers(cfg: Config) -> None:
+    trackers = cfg.run.trackers
+    for name in trackers:
+        if name not in TRACKERS:
+            _fail(
+                f"run.trackers entry {short_repr(name)} is not one of {', '.join(TRACKERS)}; "
+                f"e.g. run.trackers='[tensorboard, mlflow]'"
+            )
+        if name != "tensorboard" and importlib.util.find_spec(name) is None:
+            _fail(
+                f"run.trackers has {name} but the {name} package is not installed: pip install 'raylm[track]'"
+            )
+    if len(set(trackers)) != len(trackers):
+        _fail(f"run.trackers={trackers} names a tracker twice; name each once")
+
+
+def _check_profile(cfg: Config) -> None:
+    steps = cfg.train.profile_steps
+    if not steps:
+        return
+    last = cfg.train.max_steps - 1
+    ints = len(steps) == 2 and all(isinstance(s, int) and not isinstance(s, bool) for s in steps)
+    if not ints or not 0 <= steps[0] <= steps[1] <= last:
+        _fail(
+            f"train.profile_steps={short_repr(steps)} must be [START, END] with 0 <= START <= END <= "
+            f"{last} (train.max_steps - 1); e.g. train.profile_steps='[{min(2, last)}, {min(3, last)}]'"
+        )

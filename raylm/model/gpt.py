@@ -39,10 +39,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x) * self.weight
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """x scaled to unit root-mean-square over the last dim, before the gain, in x's dtype."""
         # normalise in fp32 so bf16 activations do not lose the small variances
         x_f32 = x.float()
         x_f32 = x_f32 * torch.rsqrt(x_f32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return x_f32.type_as(x) * self.weight
+        return x_f32.type_as(x)
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,9 @@
 
 `open_folder` is the one place that decides whether a folder can be read at all (a Llama, float safetensors,
 not truncated; `_check_format` holds the format rules); it parses config.json and the safetensors headers only.
-A folder `raylm compress` quantized opens only where asked (`quantized_ok`: eval, generate): its matrices are
-dequantized as they are read (raylm.model.quantized); a pruned folder's masks are served by `read_mask`.
+A quantized folder (compressed-tensors pack-quantized, what `raylm compress` writes) opens only where asked
+(`quantized_ok`: eval, generate): its matrices are dequantized as they are read (raylm.model.quantized), and any
+other quantization is refused in one line; a pruned folder's masks are served by `read_mask`.
 `HFWeights` then checks every tensor a model config needs against those headers, naming the first mismatch, and serves
 `read(name, shard)` from memory-mapped files: `get_slice` reads only a tensor-parallel rank's rows or columns,
 so a rank touches only the bytes it owns. wq/wk rows go back from HF's rotate-half order to raylm's
@@ -33,11 +34,12 @@ from raylm.model.hf_llama import (
 )
 from raylm.model.quantized import (
     MASKS_FILE,
-    QUANT_DTYPES,
-    QWEIGHT,
-    SCALES,
+    PART_DTYPES,
+    QuantScheme,
     dequantize,
-    is_raylm_quantized,
+    in_features,
+    is_quantized,
+    read_scheme,
     stored_names,
     weight_name,
 )
@@ -77,22 +79,22 @@ class HFFolder:
     config: dict
     tensors: dict[str, TensorInfo]  # a quantized matrix appears under its float name with dtype Q8 or Q4
     masks: dict[str, TensorInfo]  # pruning masks by the name of the matrix they belong to (empty: none)
+    scheme: QuantScheme | None = None  # how the Q8/Q4 matrices are stored (None: not quantized)
+    parts: dict[str, TensorInfo] | None = None  # the packed, scale and shape tensors of the Q8/Q4 matrices
 
 
 def open_folder(folder: str | Path, label: str | None = None, quantized_ok: bool = False) -> HFFolder:
-    """Check that `folder` is a float Llama safetensors folder (or, with quantized_ok, one `raylm compress`
-    quantized) and read its headers; CheckpointError if not."""
+    """Check that `folder` is a float Llama safetensors folder (or, with quantized_ok, a quantized one raylm
+    reads) and read its headers; CheckpointError if not."""
     path = Path(folder).expanduser()
     label = label or str(path)
     if not path.is_dir():
         raise CheckpointError(f"{label}: no such folder; {FIX}")
     config = _read_config(path, label)
     tensors = _read_headers(_tensor_files(path, label), label)
-    _check_format(config, tensors, label, quantized_ok)
-    if is_raylm_quantized(config):
-        tensors = _dequantized_view(tensors, config["quantization_config"]["bits"])
+    tensors, scheme, parts = _check_format(config, tensors, label, quantized_ok)
     masks = _read_headers([path / MASKS_FILE], label) if (path / MASKS_FILE).is_file() else {}
-    return HFFolder(path, label, config, tensors, masks)
+    return HFFolder(path, label, config, tensors, masks, scheme, parts)
 
 
 def _read_config(path: Path, label: str) -> dict:
@@ -187,24 +189,24 @@ def _header(file: Path, label: str) -> dict:
     return header
 
 
-def _check_format(config: dict, tensors: dict[str, TensorInfo], label: str, quantized_ok: bool) -> None:
-    """The format rules in one place: float dtypes (raylm's own quantized matrices where quantized_ok), settings
-    raylm's GPT can run."""
-    raylm_quantized = is_raylm_quantized(config)
-    if raylm_quantized and not quantized_ok:
-        raise CheckpointError(
-            f"{label}: a folder quantized by `raylm compress` cannot start training, which needs "
-            f"float weights; dequantize it first (`raylm compress {config_folder(label)} OUT "
-            f"--dequantize`) and start from OUT, or start from the unquantized export"
-        )
-    if config.get("quantization_config") and not raylm_quantized:
-        method = config["quantization_config"].get("quant_method", "?")
-        raise CheckpointError(
-            f"{label}: a quantized folder (quantization_config {method!r}) cannot start or be "
-            f"read as float weights; point it at the unquantized export"
-        )
-    allowed = FLOAT_DTYPES + (QUANT_DTYPES if raylm_quantized else ())
-    odd = next(((n, t.dtype) for n, t in tensors.items() if t.dtype not in allowed), None)
+def _check_format(
+    config: dict, tensors: dict[str, TensorInfo], label: str, quantized_ok: bool
+) -> tuple[dict[str, TensorInfo], QuantScheme | None, dict[str, TensorInfo] | None]:
+    """The format rules in one place: float dtypes (a quantized layout raylm reads, where quantized_ok), settings
+    raylm's GPT can run. Returns the tensors as a float model sees them, the quantization scheme and the stored
+    parts of the quantized matrices (None, None for a float folder)."""
+    scheme, parts = None, None
+    if is_quantized(config):
+        if not quantized_ok:
+            raise CheckpointError(
+                f"{label}: a quantized folder cannot start training, which needs float weights; dequantize "
+                f"it first (`raylm compress {config_folder(label)} OUT --dequantize`) and start from OUT, or "
+                f"start from the unquantized export"
+            )
+        scheme = read_scheme(config, label)
+        tensors, parts = _dequantized_view(tensors, scheme)
+    stored = {**tensors, **(parts or {})}
+    odd = next(((n, t.dtype) for n, t in stored.items() if t.dtype not in _dtypes_of(n, scheme)), None)
     if odd:
         raise CheckpointError(
             f"{label}: tensor {odd[0]} is {odd[1]}, not one of {', '.join(FLOAT_DTYPES)} (a "
@@ -213,6 +215,14 @@ def _check_format(config: dict, tensors: dict[str, TensorInfo], label: str, quan
     bad = unsupported_settings(config)
     if bad:
         raise CheckpointError(f"{label}: raylm's GPT cannot run a Llama with {', '.join(bad)}; {FIX}")
+    return tensors, scheme, parts
+
+
+def _dtypes_of(name: str, scheme: QuantScheme | None) -> tuple[str, ...]:
+    """The dtypes a tensor of this name may have: float, or a quantized part's own."""
+    if scheme is None:
+        return FLOAT_DTYPES
+    return PART_DTYPES.get(name[name.rfind(".") :], FLOAT_DTYPES + (f"Q{scheme.bits}",))
 
 
 def config_folder(label: str) -> str:
@@ -220,22 +230,24 @@ def config_folder(label: str) -> str:
     return label.split("=", 1)[-1]
 
 
-def _dequantized_view(tensors: dict[str, TensorInfo], bits: int) -> dict[str, TensorInfo]:
-    """The tensors as a float model sees them: each W.qweight + W.scales pair as W (dtype Q8/Q4, full shape)."""
-    view = {}
+def _dequantized_view(
+    tensors: dict[str, TensorInfo], scheme: QuantScheme
+) -> tuple[dict[str, TensorInfo], dict[str, TensorInfo]]:
+    """(the tensors as a float model sees them, the stored parts of its quantized matrices): each W's packed,
+    scale and shape tensors become W (dtype Q8/Q4, full shape); a part without the others stays in the view
+    under its own name, for check_matches to name."""
+    view: dict[str, TensorInfo] = {}
+    parts: dict[str, TensorInfo] = {}
     for name, info in tensors.items():
         matrix = weight_name(name)
         if matrix is not None:
-            rows, cols = info.shape
-            view[matrix] = TensorInfo(info.file, f"Q{bits}", (rows, cols * (8 // bits)))
-        elif not _is_scales_of_quantized(name, tensors):
-            view[name] = info
-    return view
-
-
-def _is_scales_of_quantized(name: str, tensors: dict[str, TensorInfo]) -> bool:
-    base = name.removesuffix(SCALES)
-    return base != name and base + QWEIGHT in tensors
+            names = stored_names(matrix)
+            if all(n in tensors for n in names):
+                cols = in_features(info.shape, tensors[names[1]].shape, scheme)
+                view[matrix] = TensorInfo(info.file, f"Q{scheme.bits}", (info.shape[0], cols))
+                parts.update({n: tensors[n] for n in names})
+    view.update({n: info for n, info in tensors.items() if n not in parts})
+    return view, parts
 
 
 class HFWeights:
@@ -280,9 +292,15 @@ class HFWeights:
         return tensor[tuple(index)]
 
     def _dequantize(self, key: str, info: TensorInfo) -> torch.Tensor:
-        handle = self._handle(info.file)
-        qweight, scales = (handle.get_tensor(stored) for stored in stored_names(key))
-        return dequantize(qweight, scales, int(info.dtype[1:]))
+        assert self.folder.parts is not None  # a Q8/Q4 entry exists only in a quantized folder's view
+        parts = self.folder.parts
+        packed, scale, shape = (self._handle(parts[n].file).get_tensor(n) for n in stored_names(key))
+        if shape.tolist() != list(info.shape):
+            raise CheckpointError(
+                f"{self.folder.label}: {stored_names(key)[2]} is {shape.tolist()} but its packed and scale "
+                f"tensors hold {list(info.shape)}; the folder is damaged, compress the export again"
+            )
+        return dequantize(packed, scale, info.shape[1], int(info.dtype[1:]))
 
     def _handle(self, file: Path):
         from safetensors import safe_open

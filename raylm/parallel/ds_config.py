@@ -98,7 +98,8 @@ def build_ds_config(p: ParallelConfig, spec: TrainSpec, micro_batches: int | Non
         config["communication_data_type"] = p.grad_comm_dtype  # what DP gradient reductions send
     if p.pp > 1:
         config["pipeline"] = {
-            # activations are replicated across TP; sending them whole keeps the p2p path simple
+            # each TP rank sends its own activation: the whole one, replicated over TP (DeepSpeed's partitioning
+            # would send 1/tp and all-gather it), or under sequence parallelism its own sequence shard
             "pipe_partitioned": False,
             "grad_partitioned": False,
             "activation_checkpoint_interval": 1 if p.activation_checkpointing else 0,

@@ -28,6 +28,7 @@ from raylm.model.facts import model_layers
 from raylm.model.weight_source import WeightSource
 from raylm.model.weights import InMemoryWeights, SeededInit
 from raylm.parallel import param_state, sparsity
+from raylm.parallel.comm_wait import CommClock, InFlight
 from raylm.parallel.ds_config import TrainSpec, build_ds_config, zero_stage_for
 from raylm.parallel.full_tensors import (
     StageLayers,
@@ -123,6 +124,7 @@ class Engine:
         self.rank = dist.get_rank()
         self.coords = topo.coords(self.rank)
         self.guard = StepGuard(ds_engine, list(layers.params.values()))
+        self.comm = CommClock.installed()
 
     @property
     def computes_loss(self) -> bool:
@@ -132,6 +134,14 @@ class Engine:
     def watch_losses(self, loss_fn) -> None:
         """Route every micro-batch loss through the step guard (non-finite check, fault drill)."""
         loss_fn.on_loss = self.guard.watch_loss
+
+    def take_comm_wait_s(self) -> float:
+        """Seconds this rank was blocked in torch.distributed calls since the last take (raylm.parallel.comm_wait)."""
+        return self.comm.take_wait_s()
+
+    def collective_in_flight(self) -> InFlight | None:
+        """The torch.distributed call this rank is blocked in now, if any (read from another thread)."""
+        return self.comm.in_flight
 
     def poison_next_loss(self) -> None:
         """Fault drill: the next micro-batch loss this rank computes becomes NaN."""
@@ -157,6 +167,11 @@ class Engine:
     @property
     def layout(self) -> dict[str, int]:
         return {"pp": self.topo.pp, "tp": self.topo.tp, "dp": self.topo.dp}
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's tensors live, and where its process group's collectives take their tensors."""
+        return torch.device(self.ds.device)
 
     def _data(self, data_iter: Iterator[Batch] | None) -> Iterator[Batch] | None:
         if self.reads_data and data_iter is None:
@@ -365,7 +380,7 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
     and parallel sections, and from the rest only a TrainSpec; `weights` defaults to the run's seeded init."""
     spec = TrainSpec.from_config(cfg)
     topo = Topology.from_config(cfg.parallel, dist.get_world_size())
-    topo.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage)
+    topo.check_model(cfg.model, cfg.data.vocab_size, cfg.parallel.zero_stage, cfg.data.seq_len)
     # raylm's groups and DeepSpeed's: one per single rank (fewer gloo threads), each with the collective timeout
     with shared_single_rank_groups(timedelta(seconds=cfg.fault.collective_timeout_s)):
         return _build_engine(cfg, spec, topo, weights)
@@ -373,13 +388,16 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
 
 def _build_engine(cfg: Config, spec: TrainSpec, topo: Topology, weights: WeightSource | None) -> Engine:
     groups = build_groups(topo)
-    tp = TPGroup(groups.tp, topo.coords(dist.get_rank()).tp_rank, topo.tp)
+    tp = TPGroup(groups.tp, topo.coords(dist.get_rank()).tp_rank, topo.tp, topo.sequence_parallel)
     ds_config = build_ds_config(cfg.parallel, spec)
     # with pp = 1 DeepSpeed learns the TP and DP groups from a grid over the same topology the pipeline uses
     mpu = PipelineParallelGrid(topology=ds_topology(topo)) if topo.pp == 1 else None
-    zero3 = zero_stage_for(cfg.parallel, spec.precision) == 3  # only with pp = 1 (Layout.check_model)
-    if zero3 and not torch.cuda.is_available():
-        map_large_allocations()  # before the stage is built: ZeRO-3 gathers and frees every layer every step
+    zero_stage = zero_stage_for(cfg.parallel, spec.precision)
+    zero3 = zero_stage == 3  # only with pp = 1 (Layout.check_model)
+    if zero_stage >= 1 and not torch.cuda.is_available():
+        # before the stage is built: ZeRO-1/2 copy every parameter into flat buffers and free the originals, ZeRO-3
+        # gathers and frees every layer every step; glibc would keep what they free (host_alloc)
+        map_large_allocations()
     dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
     module, layers = build_module(
         cfg.model, cfg.parallel, spec, topo, tp, layer_partitioner(ds_config, mpu, dtype) if zero3 else None

@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from typing import Any, cast, overload
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
 from raylm.model.facts import layer_index
 from raylm.model.weight_source import Shard, WeightSource
 from raylm.parallel import param_state
-from raylm.parallel.tensor import TPGroup
+from raylm.parallel.tensor import TPGroup, all_gather_cat
 
 
 def named_params(layers: list[nn.Module]) -> dict[str, nn.Parameter]:
@@ -87,11 +86,7 @@ def read_weights(params: dict[str, nn.Parameter], source: WeightSource, tp: TPGr
 def gather_tp(shard: torch.Tensor, param: nn.Parameter, tp: TPGroup) -> torch.Tensor:
     """The full tensor from every TP rank's shard (a TP collective for split parameters)."""
     dim = getattr(param, "tp_split_dim", None)
-    if dim is None or tp.size == 1:
-        return shard
-    parts = [torch.empty_like(shard) for _ in range(tp.size)]
-    dist.all_gather(parts, shard.contiguous(), group=tp.group)
-    return torch.cat(parts, dim=dim)
+    return shard if dim is None else all_gather_cat(shard, tp, dim)
 
 
 def owned_cpu(t: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
-"""ZeRO-3 on CPU: serve large host allocations straight from mmap, so freed gathered layers leave no heap holes.
+"""ZeRO on CPU: serve large host allocations straight from mmap, so freed parameters and layers leave no heap holes.
 
-ZeRO-3 gathers each layer's full weights and gradients and frees them again every micro-batch, and builds each
-layer whole before partitioning it. glibc serves an allocation from its heap once its size is under the mmap
+ZeRO-1 and 2 copy every parameter into DeepSpeed's flat buffers and free the originals; ZeRO-3 gathers each layer's
+full weights and gradients and frees them again every micro-batch, and builds each layer whole before partitioning
+it. glibc serves an allocation from its heap once its size is under the mmap
 threshold, which it raises after every large free (up to 32 MiB, i.e. every layer of a ~1B-parameter model):
 memory freed there mostly stays in the process, and the next differently sized buffers grow the heap instead.
 Fixing the threshold maps every buffer of at least MMAP_THRESHOLD bytes on its own and returns it on free

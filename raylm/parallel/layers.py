@@ -2,6 +2,8 @@
 
 Each layer maps (B, T) token ids or (B, T, C) activations to the next stage's input and knows the full-model
 name of its parameters (`name_prefix` + local name), which is how full weights are scattered and gathered.
+Under sequence parallelism the activations between layers are each TP rank's sequence shard (B, T / tp, C), so
+a pipeline stage sends and receives 1/tp of the activation on every TP rank.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from raylm.parallel.tensor import (
     TPGroup,
     VocabParallelEmbedding,
     copy_to_tp_region,
+    enter_tp_region,
+    gather_sequence,
     vocab_parallel_cross_entropy,
 )
 
@@ -36,13 +40,41 @@ TP_PLAN = {
 }
 
 
+# The norms before each TP region: under sequence parallelism they run on sequence shards and gather.
+SEQUENCE_PARALLEL_NORMS = ("attention_norm", "ffn_norm")
+
+
 def apply_tensor_parallel(module: nn.Module, plan: dict, tp: TPGroup) -> None:
-    """Swap each planned nn.Linear of `module` for its TP version of the same full shape."""
+    """Swap each planned nn.Linear of `module` for its TP version of the same full shape; under sequence
+    parallelism also each norm of SEQUENCE_PARALLEL_NORMS for a SequenceParallelNorm."""
     for path, parallel_cls in plan.items():
         parent_path, _, attr = path.rpartition(".")
         parent = module.get_submodule(parent_path)
         dense = getattr(parent, attr)
         setattr(parent, attr, parallel_cls(dense.in_features, dense.out_features, tp))
+    if tp.sequence_parallel:
+        for path in SEQUENCE_PARALLEL_NORMS:
+            norm = module.get_submodule(path)
+            assert isinstance(norm, RMSNorm), (path, norm)
+            module.set_submodule(path, SequenceParallelNorm(norm.weight.numel(), norm.eps, tp))
+
+
+class SequenceParallelNorm(RMSNorm):
+    """An RMSNorm between TP regions. Without sequence parallelism it is the plain, replicated norm. With it, it
+    normalizes this rank's sequence shard (B, T / tp, C) and gathers the whole sequence (B, T, C) for the
+    column-parallel layers after it (one all-gather per region, whose backward reduce-scatters). Its gain then
+    sees only this shard's tokens, so the gain's gradient is all-reduced over TP (copy_to_tp_region) to be the
+    whole sequence's, as every TP rank's replicated copy must be."""
+
+    def __init__(self, dim: int, eps: float, tp: TPGroup):
+        super().__init__(dim, eps)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.tp.sequence_parallel:
+            return super().forward(x)  # (B, T, C)
+        y = self.normalize(x) * copy_to_tp_region(self.weight, self.tp)  # (B, T / tp, C)
+        return gather_sequence(y, self.tp)  # (B, T, C)
 
 
 class EmbeddingPipe(VocabParallelEmbedding):
@@ -66,23 +98,26 @@ class BlockPipe(Block):
         apply_tensor_parallel(self, TP_PLAN, tp)
         self.to_empty(device="cpu")  # norms leave meta; every weight is loaded from the full state next
         self.name_prefix = f"layers.{layer_idx}."
+        self.sequence_shards = tp.size if tp.sequence_parallel else 1  # x holds T / sequence_shards positions
         cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
     # A pipeline stage maps x -> x (its RoPE tables are its own), so it narrows Block.forward on purpose.
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        T = x.size(1)
-        return super().forward(x, self.rope_cos[:T], self.rope_sin[:T])  # (B, T, C)
+        T = x.size(1) * self.sequence_shards  # attention runs on the whole (gathered) sequence
+        return super().forward(
+            x, self.rope_cos[:T], self.rope_sin[:T]
+        )  # (B, T, C) or (B, T / tp, C) under SP
 
 
-class FinalNormPipe(RMSNorm):
-    """The final RMSNorm (replicated over TP)."""
+class FinalNormPipe(SequenceParallelNorm):
+    """The final RMSNorm (replicated over TP; under sequence parallelism it gathers the sequence for the head)."""
 
     name_prefix = "norm."
 
-    def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg.d_model, cfg.norm_eps)
+    def __init__(self, cfg: ModelConfig, tp: TPGroup):
+        super().__init__(cfg.d_model, cfg.norm_eps, tp)
 
 
 class HeadPipe(ColumnParallelLinear):
@@ -96,7 +131,7 @@ class HeadPipe(ColumnParallelLinear):
 
 def tied_head_forward(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor:
     """Tied LM head on the last stage: logits (B, T, vocab / tp) from the embedding's own vocab shard."""
-    return F.linear(copy_to_tp_region(x, embedding.tp), embedding.weight)
+    return F.linear(enter_tp_region(x, embedding.tp), embedding.weight)
 
 
 class VocabParallelLoss:

@@ -43,7 +43,7 @@ def layer_specs(cfg: ModelConfig, vocab_size: int, tp: TPGroup) -> list[LayerSpe
         first = LayerSpec(EmbeddingPipe, cfg, vocab_size, tp)
         last = LayerSpec(HeadPipe, cfg, vocab_size, tp)
     blocks = [LayerSpec(BlockPipe, cfg, i, tp) for i in range(cfg.n_layer)]
-    return [first, *blocks, LayerSpec(FinalNormPipe, cfg), last]
+    return [first, *blocks, LayerSpec(FinalNormPipe, cfg, tp), last]
 
 
 class ComputeBalancedPipeline(PipelineModule):

@@ -3,6 +3,11 @@ vocab-parallel cross-entropy in which no rank ever holds the full logits.
 
 Every layer here takes a `TPGroup` (the process group plus this rank's index in it). A group of size 1 skips
 all communication, so the same layers serve tp = 1.
+
+With sequence parallelism (Korthikanti et al. 2022, `TPGroup.sequence_parallel`) the activations between TP
+regions are split along the sequence (dim 1): (B, T / tp, C) on each rank. A TP region is entered by an
+all-gather along the sequence (done once, by the norm before it: raylm.parallel.layers.SequenceParallelNorm) and
+left by a reduce-scatter along the sequence instead of an all-reduce; the bytes moved are the same.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class TPGroup:
     group: object
     rank: int
     size: int
+    sequence_parallel: bool = False  # activations outside TP regions are (B, T / size, C) sequence shards
 
 
 def _all_reduce(x: torch.Tensor, tp: TPGroup, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -55,22 +61,64 @@ class _ReduceFromTP(torch.autograd.Function):
         return grad, None
 
 
+def all_gather_cat(x: torch.Tensor, tp: TPGroup, dim: int) -> torch.Tensor:
+    """Every rank's `x` concatenated along `dim`, in rank order (x itself when tp = 1)."""
+    if tp.size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(tp.size)]
+    dist.all_gather(parts, x.contiguous(), group=tp.group)
+    return torch.cat(parts, dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, tp: TPGroup, dim: int) -> torch.Tensor:
+    """This rank's slice along `dim` of the sum over ranks of `x` (list-based: gloo has no tensor variant)."""
+    if tp.size == 1:
+        return x
+    parts = [part.contiguous() for part in x.chunk(tp.size, dim=dim)]
+    out = torch.empty_like(parts[tp.rank])
+    dist.reduce_scatter(out, parts, group=tp.group)
+    return out
+
+
 class _GatherFromTP(torch.autograd.Function):
     """Concatenate the ranks' last-dim slices forward; keep this rank's slice of the gradient backward."""
 
     @staticmethod
     def forward(ctx, x, tp):
         ctx.tp = tp
-        if tp.size == 1:
-            return x
-        parts = [torch.empty_like(x) for _ in range(tp.size)]
-        dist.all_gather(parts, x.contiguous(), group=tp.group)
-        return torch.cat(parts, dim=-1)
+        return all_gather_cat(x, tp, dim=-1)
 
     @staticmethod
     def backward(ctx, grad):
         tp = ctx.tp
         return grad.chunk(tp.size, dim=-1)[tp.rank].contiguous(), None
+
+
+class _GatherSequence(torch.autograd.Function):
+    """Sequence shards (B, T / tp, C) -> the whole sequence (B, T, C) forward; reduce-scatter backward (every
+    rank's TP shard of the layers after it contributes to each position's gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return all_gather_cat(x, tp, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.tp, dim=1), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Partial sums (B, T, C) -> this rank's sequence shard of their sum (B, T / tp, C); all-gather backward."""
+
+    @staticmethod
+    def forward(ctx, x, tp):
+        ctx.tp = tp
+        return _reduce_scatter(x, tp, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_gather_cat(grad, ctx.tp, dim=1), None
 
 
 def copy_to_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
@@ -83,6 +131,25 @@ def reduce_from_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
 
 def gather_from_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
     return _GatherFromTP.apply(x, tp)
+
+
+def gather_sequence(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    return _GatherSequence.apply(x, tp)
+
+
+def enter_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """The input of a column-parallel layer. Replicated activations pass through a copy whose gradient is
+    all-reduced; under sequence parallelism the norm before it has already gathered the sequence, and that
+    gather's backward sums the ranks' gradients."""
+    return x if tp.sequence_parallel else copy_to_tp_region(x, tp)
+
+
+def leave_tp_region(x: torch.Tensor, tp: TPGroup) -> torch.Tensor:
+    """Sum the ranks' partial outputs of a row-parallel layer: all-reduced (B, T, C), or under sequence
+    parallelism reduce-scattered to this rank's sequence shard (B, T / tp, C)."""
+    if tp.sequence_parallel:
+        return _ReduceScatterSequence.apply(x, tp)
+    return reduce_from_tp_region(x, tp)
 
 
 def _split_param(shape: tuple[int, ...], tp: TPGroup, dim: int) -> nn.Parameter:
@@ -105,7 +172,7 @@ class ColumnParallelLinear(nn.Module):
         self.weight = _split_param((out_features, in_features), tp, dim=0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(copy_to_tp_region(x, self.tp), self.weight)  # (B, T, out / tp)
+        return F.linear(enter_tp_region(x, self.tp), self.weight)  # (B, T, out / tp)
 
 
 class RowParallelLinear(nn.Module):
@@ -117,7 +184,7 @@ class RowParallelLinear(nn.Module):
         self.weight = _split_param((out_features, in_features), tp, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return reduce_from_tp_region(F.linear(x, self.weight), self.tp)  # (B, T, out)
+        return leave_tp_region(F.linear(x, self.weight), self.tp)  # (B, T, out), or (B, T / tp, out) under SP
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -134,7 +201,7 @@ class VocabParallelEmbedding(nn.Module):
         outside = (local < 0) | (local >= self.weight.size(0))
         x = F.embedding(local.masked_fill(outside, 0), self.weight)  # (B, T, C)
         x = x.masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp_region(x, self.tp)  # (B, T, C)
+        return leave_tp_region(x, self.tp)  # (B, T, C), or (B, T / tp, C) under SP
 
 
 class _VocabParallelCE(torch.autograd.Function):

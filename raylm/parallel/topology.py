@@ -36,7 +36,7 @@ class Topology(Layout):
     @classmethod
     def from_config(cls, parallel: ParallelConfig, world_size: int | None = None) -> Topology:
         """The layout of `parallel`, checked against the number of ranks actually started."""
-        topo = cls(parallel.pp, parallel.tp, parallel.dp)
+        topo = cls(parallel.pp, parallel.tp, parallel.dp, sequence_parallel=parallel.sequence_parallel)
         topo.check_started(world_size)
         return topo
 

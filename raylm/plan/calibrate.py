@@ -1,5 +1,6 @@
 """The CPU as planner hardware: matmul peak, memory bandwidth, gloo all-reduce and send bandwidth between two
-processes and an idle rank's memory, measured once on this machine and cached in the user's cache folder.
+processes, what an all-reduce between compute segments waits, and an idle rank's memory, measured once on this
+machine and cached in the user's cache folder.
 
 `raylm plan --gpu cpu` and `parallel.layout=auto` on a CPU cluster read the cache; `--recalibrate` (or a cache
 written by another torch, core count or machine) measures again, which takes about ten seconds.
@@ -25,6 +26,10 @@ CACHE_NAME = "cpu-calibration.json"
 COMM_BYTES = 32 << 20  # the tensor all-reduced and sent between the two processes
 COMM_REPEATS = 5
 COPY_BYTES = 256 << 20  # the tensor copied to measure memory bandwidth
+CALIBRATION_VERSION = 2  # a cache from an older raylm lacks figures this one reads: measured again
+SYNC_BYTES = 1 << 20  # a TP all-reduce of a small model's activation
+SYNC_MATMUL = (256, 512)  # a compute segment between two collectives: four (256 x 512) @ (512 x 512) matmuls
+SYNC_ROUNDS = 40
 CPU_MATMUL_EFF = 0.8  # a plain loop reaches ~0.86 of the matmul peak on CPU; DeepSpeed's engine a little less
 CPU_MATMUL_KNEE = 16  # CPU kernels reach their peak on much smaller matrices than a GPU's
 CPU_BLOCK_OVERHEAD_S = 300e-6  # eager PyTorch: ~100 ops per block forward and backward
@@ -55,7 +60,12 @@ def machine_key() -> dict:
     """What a calibration is valid for: this host, its usable cores and the torch that measured it."""
     import torch
 
-    return {"host": socket.gethostname(), "cores": cpu_cores(), "torch": torch.__version__}
+    return {
+        "host": socket.gethostname(),
+        "cores": cpu_cores(),
+        "torch": torch.__version__,
+        "calibration": CALIBRATION_VERSION,
+    }
 
 
 def cpu_cores() -> int:
@@ -91,6 +101,7 @@ def cpu_memory_hardware() -> Hardware:
         "allreduce_bw": 1.0,
         "send_bw": 1.0,
         "latency_s": 0.0,
+        "sync_wait_s": 0.0,
         "idle_rank_bytes": IDLE_RANK_BYTES,
     }
     return hardware_of(unmeasured)
@@ -120,6 +131,7 @@ def hardware_of(figures: dict) -> Hardware:
         matmul_knee=CPU_MATMUL_KNEE,
         block_overhead_s=CPU_BLOCK_OVERHEAD_S,
         cores_per_node=figures["key"]["cores"],
+        sync_wait_s=figures["sync_wait_s"],
     )
 
 
@@ -222,6 +234,7 @@ def _comm_rank(rank: int, port: int) -> dict:
     send_s = max(1e-9, _best_of(exchange) - barrier_s)
     small = torch.ones(1)
     latency_s = _best_of(lambda: dist.all_reduce(small))
+    sync_wait_s = _sync_wait_s()
     dist.destroy_process_group()
     return {
         "rank": rank,
@@ -230,7 +243,32 @@ def _comm_rank(rank: int, port: int) -> dict:
         "allreduce_bw": COMM_BYTES / allreduce_s,
         "send_bw": COMM_BYTES / send_s,
         "latency_s": latency_s / 2,
+        "sync_wait_s": sync_wait_s,
     }
+
+
+def _sync_wait_s() -> float:
+    """Both ranks compute on their core and all-reduce SYNC_BYTES between segments, as TP does: the time a round
+    takes beyond the same compute alone and the all-reduce alone (the best of COMM_REPEATS each)."""
+    import torch
+    import torch.distributed as dist
+
+    rows, width = SYNC_MATMUL
+    a, b = torch.randn(rows, width), torch.randn(width, width)
+    tensor = torch.ones(SYNC_BYTES // 4)
+
+    def rounds(communicate: bool) -> None:
+        for _ in range(SYNC_ROUNDS):
+            for _ in range(4):
+                torch.mm(a, b)
+            if communicate:
+                dist.all_reduce(tensor)
+        dist.barrier()
+
+    alone_s = _best_of(lambda: dist.all_reduce(tensor))
+    compute_s = _best_of(lambda: rounds(False))
+    both_s = _best_of(lambda: rounds(True))
+    return max(0.0, (both_s - compute_s) / SYNC_ROUNDS - alone_s)
 
 
 def _best_of(fn) -> float:

@@ -119,13 +119,20 @@ def checkpoint_write_s(parameters: int, pp: int, writer_bw: float) -> tuple[floa
 
 
 def checkpoint_interval(
-    save_s: float, step_s: float, node_mtbf_h: float, nodes: int, restart_s: float = 0.0
+    save_s: float,
+    step_s: float,
+    node_mtbf_h: float,
+    nodes: int,
+    restart_s: float = 0.0,
+    min_interval_s: float = 0.0,
 ) -> CheckpointInterval:
-    """Young/Daly's interval in whole steps (at least one) for a job of `nodes` nodes."""
+    """Young/Daly's interval in whole steps (at least one) for a job of `nodes` nodes. `save_s` is the time a
+    save stops training (a background save: only its snapshot); `min_interval_s` a floor (a background
+    save's whole time: a save that starts before the previous one is done waits for it)."""
     if step_s <= 0 or node_mtbf_h <= 0 or nodes <= 0:
         raise ValueError(f"step_s={step_s}, node_mtbf_h={node_mtbf_h}, nodes={nodes} must be positive")
     mtbf_s = node_mtbf_h * HOUR_S / nodes
-    steps = max(1, round(young_daly_s(max(save_s, 0.0), mtbf_s) / step_s))
+    steps = max(1, round(young_daly_s(max(save_s, 0.0), mtbf_s) / step_s), math.ceil(min_interval_s / step_s))
     return CheckpointInterval(
         steps=steps,
         interval_s=steps * step_s,

@@ -36,6 +36,9 @@ class Hardware:
     matmul_knee: int  # a matmul side of this many elements reaches half of matmul_eff (small ones starve)
     block_overhead_s: float  # fixed cost of one block's forward and backward (op launches, hooks)
     cores_per_node: int = 0  # CPU only: ranks on a node share these cores
+    # CPU only: what a collective between two compute segments waits beyond its transfer when every core computes
+    # (the peers' skew and wake-up); TP pays it at each of its all-reduces
+    sync_wait_s: float = 0.0
 
     def peak(self, precision: str) -> float:
         return self.peak_flops[precision]

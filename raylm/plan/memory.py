@@ -18,7 +18,9 @@ runs ZeRO 0 (raylm.parallel.ds_config.zero_stage_for). For mixed precision this 
 for the step at stages 1 and 2, and at stage 2 exactly DeepSpeed's own estimate (2 + 18/D).
 Activations per token of one block, measured from the tensors autograd saves (tests/unit/test_plan_memory.py):
 each RMSNorm keeps (4 + 2e) x d bytes (its fp32 input, its normalised output and its result), attention keeps
-e x (2d + 2 kv) / tp (q and k after RoPE, v, the output) and the SwiGLU MLP 4e x ffn / tp.
+e x (2d + 2 kv) / tp (q and k after RoPE, v, the output) and the SwiGLU MLP 4e x ffn / tp. Sequence parallelism
+divides by tp what lies between TP regions: each norm's input and normalised output, a checkpointed block's
+input and the pipeline's boundary activations; the norm's result is gathered whole for the layers after it.
 """
 
 from __future__ import annotations
@@ -45,6 +47,12 @@ class RankSetup:
     micro_batches: int  # per DP rank per step
     checkpointing: bool
     precision: str
+    sequence_parallel: bool = False  # activations between TP regions split along the sequence over tp
+
+    @property
+    def sequence_shards(self) -> int:
+        """What the activations between TP regions are divided by: tp under sequence parallelism, else 1."""
+        return self.tp if self.sequence_parallel else 1
 
 
 @dataclass(frozen=True)
@@ -100,7 +108,7 @@ def optimizer_temporaries(shape: ModelShape, n: float, setup: RankSetup, fused: 
 def block_activation_bytes(shape: ModelShape, tokens: int, setup: RankSetup) -> float:
     """What autograd keeps for one transformer block's backward over `tokens` tokens on one TP rank."""
     e, tp, d = DTYPE_BYTES[setup.precision], setup.tp, shape.d_model
-    norms = 2 * (4 + 2 * e) * d
+    norms = 2 * ((4 + e) / setup.sequence_shards + e) * d
     attention = e * (2 * d + 2 * shape.kv_dim) / tp + 4 * shape.n_head / tp
     mlp = 4 * e * shape.ffn / tp
     return tokens * (norms + attention + mlp + 8)
@@ -113,8 +121,8 @@ def stage_activation_bytes(shape: ModelShape, stage: Stage, setup: RankSetup) ->
     e, tp = DTYPE_BYTES[setup.precision], setup.tp
     tokens = setup.micro_batch * shape.seq_len
     block = block_activation_bytes(shape, tokens, setup)
-    boundary = e * tokens * shape.d_model  # one (B, T, C) activation or its gradient
-    per_block = e * tokens * shape.d_model if setup.checkpointing else block
+    boundary = e * tokens * shape.d_model / setup.sequence_shards  # one (B, T, C) activation or its gradient
+    per_block = boundary if setup.checkpointing else block
     in_flight = min(setup.pp - stage.index, setup.micro_batches) if setup.pp > 1 else 1
     # DeepSpeed's pipeline keeps each in-flight micro-batch's stage input and output
     pipe_buffers = 2 * boundary if setup.pp > 1 else 0

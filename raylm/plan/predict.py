@@ -113,6 +113,7 @@ def predict(cfg: Config, hw: Hardware, gpus_per_node: int) -> Prediction:
         micro_batches=micro_batches,
         checkpointing=p.activation_checkpointing,
         precision=cfg.train.precision,
+        sequence_parallel=p.sequence_parallel,
     )
     world = Layout.of(p).world_size
     place = Placement(gpus_per_node=gpus_per_node, tp=p.tp, dp=p.dp, world=world)

@@ -124,10 +124,15 @@ def micro_batch_slot_s(
     tp_bw = hw.intra_bw if place.tp_intra else hw.inter_bw
     per_block = TP_ALLREDUCES_PER_BLOCK + (TP_RECOMPUTE_ALLREDUCES if setup.checkpointing else 0)
     allreduces = stage.blocks * per_block + (1 if stage.first else 0) + (1 if stage.last else 0)
-    tp_s = allreduces * ring_allreduce_s(activation, setup.tp, tp_bw, hw)
+    tp_s = (
+        allreduces * (ring_allreduce_s(activation, setup.tp, tp_bw, hw) + hw.sync_wait_s)
+        if setup.tp > 1
+        else 0.0
+    )
     sends = (0 if stage.first else 1) + (0 if stage.last else 1)  # each forward out and gradient back
     p2p_bw = hw.p2p_bw if place.pp_intra else hw.inter_bw
-    p2p_s = sends * (activation / (p2p_bw * hw.link_eff) + hw.latency_s) if setup.pp > 1 else 0.0
+    sent = activation / setup.sequence_shards  # under sequence parallelism each TP rank sends its shard
+    p2p_s = sends * (sent / (p2p_bw * hw.link_eff) + hw.latency_s) if setup.pp > 1 else 0.0
     return compute, tp_s, p2p_s
 
 

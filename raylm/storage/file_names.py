@@ -8,6 +8,7 @@ TOKENIZER_FILE = "tokenizer.json"  # the byte-level BPE tokenizer (data folder, 
 CONFIG_FILE = "config.yaml"  # the resolved run config
 METRICS_FILE = "metrics.jsonl"  # one JSON row per step in the run folder
 LOSS_PLOT_FILE = "loss.png"  # the loss curve drawn from metrics.jsonl
+HANGS_DIR = "hangs"  # hangs/<time>/rank-NNNNN.txt: where each live rank was when a worker group hung
 
 # An export folder (Hugging Face Llama layout)
 HF_CONFIG_FILE = "config.json"

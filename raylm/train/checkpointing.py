@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from raylm.checkpoint.background import BackgroundSaver
 from raylm.checkpoint.commit import every_checkpoint_damaged, prune, resume_candidates
 from raylm.checkpoint.rng import capture_rng, restore_rng
 from raylm.checkpoint.state import UnverifiedFile, load_checkpoint, save_checkpoint, verify_for_load
@@ -127,7 +128,8 @@ class CheckpointManager:
     """One rank's checkpoints of a run, over parts that expose state_dict() / load_state_dict(saved): the
     engine (model, optimizer; this rank's RNG beside it) and the parts whose JSON-able states make up
     trainer_state.json (the loop's position and schedules, fault handling's history), merged in the order
-    given."""
+    given. Under checkpoint.async a save runs in the background (raylm.checkpoint.background): the loop
+    calls poll() every step and wait() where it needs the newest checkpoint committed."""
 
     def __init__(
         self,
@@ -147,6 +149,8 @@ class CheckpointManager:
         self.nodes = nodes
         self.step_s = 0.0
         self.interval: CheckpointInterval | None = None
+        self.background: BackgroundSaver | None = None  # made at the first background save
+        self.figures: dict[str, float] = {}  # the last finished save's times, for the next metrics row
 
     def observe_step(self, step_s: float) -> None:
         """The last step's time (Young/Daly's interval is counted in steps)."""
@@ -168,28 +172,93 @@ class CheckpointManager:
             part.load_state_dict(resumed.trainer or {})
         return resumed
 
-    def save(self, on_phase=None) -> Location:
-        """Commit a checkpoint of every part now (a collective over every rank)."""
+    def save(self, on_phase=None, wait: bool = True) -> Location | None:
+        """Save every part now (a collective over every rank); the folder committed. Under checkpoint.async
+        with `wait` False the save goes on in the background (poll() reports its commit) and the folder
+        returned is the previous save's, when this one had to wait for it (else None).
+
+        A save waits for the one in flight first (at most one at a time). The first save of an auto interval
+        waits to be timed whole."""
         trainer: dict[str, Any] = {}
         for part in self.parts:
             trainer.update(part.state_dict())
-        start = time.perf_counter()
-        path = commit(self.cfg, self.engine, self.run_dir, trainer, self.rank, self.protect, on_phase)
-        self.protect = None
-        if self.auto and self.interval is None:
-            self.set_interval(time.perf_counter() - start)
+        timing = self.auto and self.interval is None
+        if not self.cfg.checkpoint.async_save:
+            start = time.perf_counter()
+            path = commit(self.cfg, self.engine, self.run_dir, trainer, self.rank, self.protect, on_phase)
+            self.protect = None
+            save_s = round(time.perf_counter() - start, 4)
+            self.figures = {"ckpt_step": trainer["step"], "ckpt_wait_s": 0.0, "ckpt_blocking_s": save_s}
+            self.figures["ckpt_save_s"] = save_s
+            if timing:
+                self.set_interval(save_s, 0.0)
+            return path
+        background, previous = self._start(trainer, on_phase)
+        if not (wait or timing):
+            return previous
+        committed = self._finish(background.wait())
+        if timing:
+            self.set_interval(self.figures["ckpt_blocking_s"], self.figures["ckpt_save_s"])
+        return committed
+
+    def poll(self, row: dict[str, Any]) -> Location | None:
+        """Every step, every rank: the folder of a background save that every rank has now finished and rank 0
+        committed, else None; the figures of the last finished save go into `row` (ckpt_step, ckpt_wait_s:
+        waiting for the save before it, ckpt_blocking_s: the time the save step lost in all, ckpt_save_s: from
+        its start to its commit)."""
+        path = self._finish(self.background.poll() if self.background else None)
+        row.update(self.figures)
+        self.figures = {}
         return path
 
-    def set_interval(self, save_s: float) -> None:
-        """Young/Daly's interval from this save's time and the last step's, the slowest rank's of each (a
-        collective: every rank takes the same interval); rank 0 logs it with the time it expects to lose."""
+    def wait(self) -> Location | None:
+        """Finish a background save in flight (every rank together): before a rollback, at the end of training."""
+        return self._finish(self.background.wait() if self.background else None)
+
+    def close(self) -> None:
+        if self.background:
+            self.background.close()
+
+    def _start(self, trainer: dict[str, Any], on_phase) -> tuple[BackgroundSaver, Location | None]:
+        if self.background is None:
+            self.background = BackgroundSaver(self.cfg, self.engine.device)
+        root, keep, protect = checkpoint_root(self.run_dir), self.cfg.checkpoint.keep, self.protect
+
+        def after_commit(committed: Location) -> None:  # on rank 0's thread, after the manifest
+            prune(root, keep, protect=protect)
+
+        previous = self.background.start(
+            self.engine,
+            root,
+            trainer["step"],
+            trainer,
+            {"rng": capture_rng()},
+            on_phase or (lambda name: None),
+            after_commit,
+        )
+        self.protect = None
+        return self.background, self._finish(previous)
+
+    def _finish(self, committed: Location | None) -> Location | None:
+        """A background save just committed: its figures go into the next metrics row."""
+        if committed is not None and self.background is not None:
+            self.figures = dict(self.background.finished)
+        return committed
+
+    def set_interval(self, save_s: float, background_s: float) -> None:
+        """Young/Daly's interval from the time a save stops the loop and the last step's, the slowest rank's of
+        each (a collective: every rank takes the same interval), never shorter than a background save takes
+        (at most one in flight); rank 0 logs it with the time it expects to lose."""
         import torch.distributed as dist
 
         figures: list[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(figures, (save_s, self.step_s))
+        dist.all_gather_object(figures, (save_s, self.step_s, background_s))
         save_s = max(f[0] for f in figures)
         step_s = max(max(f[1] for f in figures), 1e-6)
-        self.interval = checkpoint_interval(save_s, step_s, self.cfg.fault.mtbf_hours, self.nodes)
+        background_s = max(f[2] for f in figures)
+        self.interval = checkpoint_interval(
+            save_s, step_s, self.cfg.fault.mtbf_hours, self.nodes, min_interval_s=background_s
+        )
         self.every = self.interval.steps
         if self.rank == 0:
             get_logger().info("checkpoint.every_steps=auto: %s", self.interval.describe())

@@ -18,7 +18,7 @@ from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.model.weights import check_init_from
 from raylm.ray_connect import connect_ray
-from raylm.storage.file_names import METRICS_FILE
+from raylm.storage.file_names import LOSS_PLOT_FILE, METRICS_FILE
 from raylm.storage.location import Location, is_remote
 from raylm.storage.uri import is_uri
 from raylm.train.kv import open_kv
@@ -59,6 +59,7 @@ def train(
             )
         result = _fit(trainer, run_dir)
         summary = summarise(run_dir, result, time.perf_counter() - start, cfg.data.cache_dir)
+        finish_tracking(run_dir, cfg.data.cache_dir)
         if prediction is not None and prediction.time is not None:
             summary["predicted_tokens_per_s"] = round(prediction.tokens_per_s, 1)
             get_logger().info(
@@ -145,6 +146,8 @@ def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None)
         run_config=run_config,
         torch_config=TorchConfig(backend=backend, timeout_s=cfg.fault.collective_timeout_s),
     )
+    if not is_remote(run_dir):
+        trainer.run_dir = Path(str(run_dir))
     if is_elastic(cfg.parallel):
         trainer.elastic = ElasticGroup(
             tp=cfg.parallel.tp, replica_workers=replica_workers(cfg.parallel), channel=channel
@@ -289,6 +292,18 @@ def summarise(run_dir: Location, result, wall_s: float, cache_dir: str = "") -> 
         run_dir,
     )
     return summary
+
+
+def finish_tracking(run_dir: Location, cache_dir: str = "") -> None:
+    """The run's MLflow run, when it has one, gets the rows it lacks (rank 0 logged the rest) and loss.png
+    (drawn by summarise, after training)."""
+    from raylm.train.tracking.after_run import add_artifacts
+    from raylm.train.tracking.ids import record_name
+
+    files = RunFiles(run_dir, cache_dir)
+    files.pull(record_name("mlflow"))
+    plot = files.local / LOSS_PLOT_FILE
+    add_artifacts(files.local, (plot,) if plot.exists() else (), rows=read_metrics(files.local))
 
 
 def _rounded(value: float | None, digits: int) -> float | None:

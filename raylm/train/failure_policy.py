@@ -12,11 +12,15 @@ upgrade moves it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
 
 from raylm.errors import RaylmError
+from raylm.log import get_logger, setup_logging
+from raylm.train.fault_lines import FaultLines
 
 
 def user_error_of(failure: BaseException) -> RaylmError | None:
@@ -43,9 +47,26 @@ def user_error_in(error: BaseException) -> RaylmError | None:
 
 
 class UserErrorsAreFinal(DefaultFailurePolicy):
-    """Ray Train's default policy, except that a RaylmError from any worker is never retried."""
+    """Ray Train's default policy, except that a RaylmError from any worker is never retried; and every worker
+    group failure gets raylm's one console line (raylm.train.fault_lines) when the run folder is local."""
+
+    def __init__(self, failure_config, run_dir: Path | None = None):
+        super().__init__(failure_config)
+        self.lines = FaultLines(run_dir) if run_dir is not None else None
+        self.group_failures = 0
 
     def make_decision(self, training_failed_error: TrainingFailedError) -> FailureDecision:
         if user_error_in(training_failed_error) is not None:
             return FailureDecision.RAISE
-        return super().make_decision(training_failed_error)
+        decision = super().make_decision(training_failed_error)
+        if isinstance(training_failed_error, WorkerGroupError) and self.lines is not None:
+            self.group_failures += 1
+            setup_logging(0)  # this runs in Ray Train's controller: its lines reach the driver's console
+            get_logger().warning(
+                self.lines.line(
+                    training_failed_error.worker_failures,
+                    self.group_failures,
+                    self.failure_config.max_failures,
+                )
+            )
+        return decision

@@ -1,11 +1,13 @@
 """Fault drills (fault.drill), each once per run, to rehearse recovery for real: SIGKILL a worker at a named point,
-make one micro-batch's loss NaN on one rank, multiply one step's learning rate by 1000, or hold a Ray Data read
-task (`read@STEP`) long enough for a test to find it running and SIGKILL it from outside."""
+make one micro-batch's loss NaN on one rank, multiply one step's learning rate by 1000, slow one rank down from a
+step on (`slow@STEP`: a straggler), stop one (`stop@STEP`: SIGSTOP, a hang), or hold a Ray Data read task
+(`read@STEP`) long enough for a test to find it running and SIGKILL it from outside."""
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 from raylm.config import Config
@@ -16,6 +18,7 @@ from raylm.log import get_logger
 FIRED_MARKER = ".fault-drill-fired"  # in the run folder, a line per fired drill: a restarted group skips them
 SPIKE_LR_FACTOR = 1000.0
 READ_STALL_S = 6.0
+SLOW_STEP_S = 0.5  # slow@STEP: what the drill rank adds to each of its steps from STEP on
 
 
 class FaultDrill:
@@ -27,6 +30,7 @@ class FaultDrill:
         self.rank = rank
         self.mine = {(phase, step) for phase, step, drill_rank in drills if drill_rank == rank}
         self.read_steps = {step for phase, step, _ in drills if phase == "read"}  # every data-reading rank
+        self.slow_from = min((step for phase, step in self.mine if phase == "slow"), default=None)
         self.marker = run_dir / FIRED_MARKER
         # a spike drill changes every rank's lr, so every rank decides now whether it already fired (a restart)
         self.spikes_due = {
@@ -38,6 +42,8 @@ class FaultDrill:
         return READ_STALL_S if step in self.read_steps else 0.0
 
     def at(self, phase: str, step: int) -> None:
+        if phase == "step":
+            self._slow_or_stop(step)
         if (phase, step) not in self.mine or self._fired(f"{phase}@{step}"):
             return
         self._mark(f"{phase}@{step}")
@@ -45,6 +51,18 @@ class FaultDrill:
             "fault drill: killing this worker (pid %d) at %s of step %d", os.getpid(), phase, step
         )
         os.kill(os.getpid(), signal.SIGKILL)
+
+    def _slow_or_stop(self, step: int) -> None:
+        """After a step: slow@STEP sleeps after every step from STEP on (it lasts, and is not marked as fired);
+        stop@STEP SIGSTOPs this process once (a wedged rank: its sockets stay open, its peers wait)."""
+        if self.slow_from is not None and step > self.slow_from:
+            time.sleep(SLOW_STEP_S)
+        if ("stop", step) in self.mine and not self._fired(f"stop@{step}"):
+            self._mark(f"stop@{step}")
+            get_logger().warning(
+                "fault drill: stopping this worker (pid %d) after step %d", os.getpid(), step
+            )
+            os.kill(os.getpid(), signal.SIGSTOP)
 
     def poison(self, engine, step: int) -> None:
         """nonfinite@STEP: the drill rank's first micro-batch loss of step STEP becomes NaN."""

@@ -14,11 +14,14 @@ from typing import Any
 
 from raylm.config import Config
 from raylm.config.derived import micro_batches_for
+from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.storage.location import Location
 from raylm.train.checkpointing import CheckpointManager, ResumeInfo
 from raylm.train.faults import FaultDrill
+from raylm.train.profiling import StepProfiler
 from raylm.train.progress import Progress
+from raylm.train.rank_watch import RankWatch
 from raylm.train.reporter import Reporter
 from raylm.train.run_records import RunFiles
 from raylm.train.schedule import PlateauState, batch_size_at, lr_at, milestone_crossed, plateau_after_eval
@@ -51,6 +54,7 @@ class Trainer:
         self.state = TrainState()
         self.plateau = PlateauState()
         self.progress: Progress | None = None
+        self.watch = RankWatch(cfg, session.engine, self.files.local, rank)  # stragglers and hangs
 
     def state_dict(self) -> dict[str, Any]:
         """The loop's part of a checkpoint's trainer state: position, layout, plateau schedule."""
@@ -76,10 +80,15 @@ class Trainer:
             self.progress = Progress(self.cfg, self.files.local, start_step=self.state.step)
         # ASHA may stop a trial at the rung it resumed from
         stopped = resumed.source is not None and self.sweep.stopped_on_resume(session, self.state)
-        for step in range(self.state.step, self.state.step if stopped else self.cfg.train.max_steps):
-            row, before, rung = self.train_step(step, batches, drill)
-            if not self.after_step(step, row, before, rung, resumed, drill):
-                break
+        profiler = StepProfiler(self.cfg.train.profile_steps, self.files, self.rank)
+        with self.watch.running(self.state.step):
+            for step in range(self.state.step, self.state.step if stopped else self.cfg.train.max_steps):
+                with profiler.around(step):  # train.profile_steps
+                    row, before, rung = self.train_step(step, batches, drill)
+                if not self.after_step(step, row, before, rung, resumed, drill):
+                    break
+        self.checkpointer.wait()  # a background save still in flight (a loop that ended early)
+        self.checkpointer.close()
         if self.progress:
             self.progress.close()
             self.files.push()
@@ -109,11 +118,16 @@ class Trainer:
         drill: FaultDrill,
     ) -> bool:
         """Judge, evaluate, record, checkpoint and report the step; False when the loop ends here."""
+        self.watch.step_ended(self.state.step, row)  # a collective every train.report_every steps
         if resumed.source and step == resumed.state.step:
             row["resumed_from"] = resumed.state.step  # the first step after a resume says where it came from
             row["resumed_from_checkpoint"] = str(resumed.source)
+        # a background save every rank has finished commits now (its times go into this row)
+        finished = self.checkpointer.poll(row)
         # a rollback commits at once, so that a restart resumes past the skipped samples too
-        judged = self.faults.judge(row, before, self.state)
+        judged = self.judge(row, before)
+        if judged:  # roll back to the newest checkpoint: the one in flight, if any
+            finished = self.checkpointer.wait() or finished
         rolled_back = judged and self.faults.rollback(self.run_dir, self.rank, row, self.state)
         drill.at("step", self.state.step)
         last = self.state.step == self.cfg.train.max_steps
@@ -125,29 +139,48 @@ class Trainer:
             self.sweep.end_diverged(row, self.progress)
             return False
         if self.progress:
-            self.progress.record(row, force=last or "val_loss" in row)
+            self.progress.record(row, force=last or "val_loss" in row or "ckpt_step" in row)
         resizing = bool(self.resize and not last and self.resize.requested())  # a collective on every rank
         self.sweep.before_report(rung)
-        self.checkpoint_and_report(row, drill, commit_now=rung is not None or rolled_back or resizing)
+        commit_now = rung is not None or rolled_back or resizing
+        self.checkpoint_and_report(row, drill, commit_now, finished)
         if self.sweep.stopped_at(rung):
             return False  # ASHA stopped this trial at this rung: it trains no step past it
         if resizing:
             self.resize.wait_for_resize(step)
         return True
 
-    def checkpoint_and_report(self, row: dict, drill: FaultDrill, commit_now: bool = False) -> bool:
-        """Commit a checkpoint when one is due, or now (a sweep rung, a rollback, a resize), and report it;
-        else report at evaluations and every train.report_every steps (a report to Ray costs a controller
-        round trip, ~2 s by default). Rank 0 copies the run's files to object storage before each report.
-        Returns whether it committed."""
+    def judge(self, row: dict, before: TrainState) -> bool:
+        """StepFaults' verdict on the step (True: roll back). Under fault.nonfinite=stop, raised on every rank
+        alike, a background save in flight is finished first: it holds the state from before the bad step."""
+        try:
+            return self.faults.judge(row, before, self.state)
+        except RaylmError:
+            self.checkpointer.wait()
+            raise
+
+    def checkpoint_and_report(
+        self, row: dict, drill: FaultDrill, commit_now: bool = False, finished: Location | None = None
+    ) -> bool:
+        """Save a checkpoint when one is due (in the background under checkpoint.async), or commit one now (a
+        sweep rung, a rollback, a resize, the last step), and report the newest committed (`finished`: one a
+        background save committed this step); else report at evaluations and every train.report_every steps
+        (a report to Ray costs a controller round trip, ~2 s by default). Rank 0 copies the run's files to
+        object storage before each report. Returns whether it reported a commit."""
         step = self.state.step
+        committed = finished
         if self.checkpointer.due(step) or commit_now:
             if self.rank == 0:
                 # the rows this checkpoint covers reach the run's storage before it commits: a run resumed from
                 # it after losing every node finds them there
                 self.files.push()
-            # a collective: every rank saves
-            committed = self.checkpointer.save(on_phase=lambda phase: drill.at(phase, step))
+            # a collective: every rank saves; a sweep trial's reports to Tune each carry a checkpoint and the
+            # evaluation taken with it, so its saves finish in the step
+            wait = commit_now or step == self.cfg.train.max_steps or bool(self.cfg.tune.trial_of)
+            committed = (
+                self.checkpointer.save(on_phase=lambda phase: drill.at(phase, step), wait=wait) or committed
+            )
+        if committed is not None:
             if self.rank == 0:
                 self.files.push()  # whatever the save added; a no-op when nothing changed
             self.reporter.report_checkpoint(row, committed if self.rank == 0 else None)

@@ -1,4 +1,4 @@
-"""Step metrics: the metrics.jsonl + TensorBoard writer (rank 0), and the loss-curve PNG."""
+"""Step metrics: the metrics.jsonl writer that also feeds run.trackers (rank 0), and the loss-curve PNG."""
 
 from __future__ import annotations
 
@@ -8,35 +8,38 @@ from typing import Any
 
 from raylm.storage.atomic import write_atomic
 from raylm.storage.file_names import LOSS_PLOT_FILE, METRICS_FILE
+from raylm.train.tracking.trackers import open_trackers
+
+TENSORBOARD_ONLY = {"run": {"trackers": ["tensorboard"]}}
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to metrics.jsonl and mirrors scalars to TensorBoard.
+    """Appends one JSON object per logged step to metrics.jsonl and hands the row to the run's trackers
+    (`config`: the resolved config as a mapping; run.trackers names them).
 
     A worker group (re)started at `start_step` first drops the rows an interrupted attempt logged from that step
     on (all of them when it starts again from step 0, before any checkpoint), so the file holds each step once,
-    in order, however often the group restarts."""
+    in order, however often the group restarts; each tracker does the same its own way."""
 
-    def __init__(self, run_dir: Path, start_step: int = 0):
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, run_dir: Path, start_step: int = 0, config: dict[str, Any] = TENSORBOARD_ONLY):
         self.path = Path(run_dir) / METRICS_FILE
         rerun = _drop_rows_from(self.path, start_step)
         self.file = self.path.open("a")
-        self.tensorboard = SummaryWriter(
-            log_dir=str(Path(run_dir) / "tensorboard"), purge_step=start_step if rerun else None
-        )
+        self.trackers = open_trackers(config, Path(run_dir), start_step, rerun)
+        kept = read_metrics(run_dir) if rerun else []
+        for tracker in self.trackers:
+            tracker.catch_up(kept)
 
     def write(self, row: dict[str, Any]) -> None:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
-        for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(key, value, row["step"])
+        for tracker in self.trackers:
+            tracker.log_rows([row])
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
         self.file.close()
-        self.tensorboard.close()
+        for tracker in self.trackers:
+            tracker.close(finished)
 
 
 def _drop_rows_from(path: Path, start_step: int) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from raylm.storage.atomic import write_atomic
@@ -29,6 +30,12 @@ def record_placement(run_dir: Path, rank: int, coords) -> Path:
     path = folder / f"rank-{rank:05d}.json"
     write_atomic(path, json.dumps(entry) + "\n")
     return path
+
+
+def short_node(node: str) -> str:
+    """A node as the console names it: a Ray node id's first 6 hex digits (as `ray status` tells nodes apart),
+    a host name as it is."""
+    return node[:6] if re.fullmatch(r"[0-9a-f]{32,}", node) else node
 
 
 def read_placement(run_dir: Path) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Rank 0's view of a run: metrics.jsonl + TensorBoard rows and a live progress line (step, loss, tok/s, ETA)."""
+"""Rank 0's view of a run: metrics.jsonl rows (and run.trackers) and a live progress line (step, loss, tok/s, ETA)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raylm.config import Config
+from raylm.config import Config, to_dict
 from raylm.log import get_logger
 from raylm.train.metrics import MetricsWriter
 
@@ -18,7 +18,7 @@ class Progress:
 
     def __init__(self, cfg: Config, run_dir: Path, start_step: int = 0):
         self.cfg = cfg
-        self.writer = MetricsWriter(run_dir, start_step)
+        self.writer = MetricsWriter(run_dir, start_step, to_dict(cfg))
         self.start_step = start_step
         self.started = time.perf_counter()
         self.last_print = 0.0

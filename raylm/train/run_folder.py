@@ -36,7 +36,8 @@ RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train v2's l
 RUN_OBJECTS = re.compile(
     r"^(metrics\.jsonl|config\.yaml|loss\.png|\.fault-drill-fired|\.validate_storage_marker|"
     rf"{RAY_CHECKPOINT_SNAPSHOT.replace('.', '[.]')}|"
-    r"tensorboard/events\.out\.tfevents\.[\w.-]+|placement/rank-\d+\.json|"
+    r"tensorboard/events\.out\.tfevents\.[\w.-]+|placement/rank-\d+\.json|trackers/(mlflow|wandb)\.json|"
+    r"profile/rank-\d+\.(json\.gz|top\.txt)|"
     r"checkpoints/step-\d{8,}/(manifest\.json|config\.yaml|trainer_state\.json|engine\.json|"
     r"tokenizer\.json|(model|optim)/\d{3}-[\w.]+\.pt|ranks/rank-\d{5,}\.pt))$"
 )

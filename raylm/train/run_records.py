@@ -1,6 +1,7 @@
-"""A run's small files (metrics.jsonl, TensorBoard events, loss.png, placement) written in a local folder and, for a
-run on object storage, copied to its prefix: rank 0 at every report and at the end, so the prefix holds the
-whole run; a resumed run first takes metrics.jsonl back from the prefix (docs/storage.md)."""
+"""A run's small files (metrics.jsonl, TensorBoard events, tracker records, loss.png, placement) written in a local
+folder and, for a run on object storage, copied to its prefix: rank 0 at every report and at the end, so the prefix
+holds the whole run; a resumed run first takes metrics.jsonl and the tracker records back from the prefix
+(docs/storage.md)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,14 @@ from pathlib import Path
 
 from raylm.storage.file_names import LOSS_PLOT_FILE, METRICS_FILE
 from raylm.storage.location import Location, file_sizes, is_remote, local_view, put_file, read_bytes
+from raylm.train.tracking.ids import RECORDED, TRACKER_FOLDER, record_name
 
-SYNCED = (METRICS_FILE, LOSS_PLOT_FILE, "tensorboard/")  # files, or folders ending in '/'
+SYNCED = (
+    METRICS_FILE,
+    LOSS_PLOT_FILE,
+    "tensorboard/",
+    f"{TRACKER_FOLDER}/",
+)  # files, or folders ending in '/'
 
 
 class RunFiles:
@@ -38,13 +45,15 @@ class RunFiles:
 
     def start(self) -> None:
         """Rank 0 before its first row: drop this machine's copies of the synced files and take the prefix's
-        metrics.jsonl (a resumed run keeps its rows, a fresh one starts empty)."""
+        metrics.jsonl and tracker records (a resumed run keeps its rows and tracker runs, a fresh one starts
+        empty)."""
         if not is_remote(self.run):
             return
         for name in SYNCED:
             if name.endswith("/"):
                 shutil.rmtree(self.local / name, ignore_errors=True)
-        self.pull(METRICS_FILE)
+        for name in (METRICS_FILE, *map(record_name, RECORDED)):
+            self.pull(name)
 
     def push(self, names: tuple[str, ...] = SYNCED) -> list[str]:
         """Upload the named local files (a name ending in '/' is every file under that folder) that changed since

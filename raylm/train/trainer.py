@@ -13,6 +13,7 @@ from __future__ import annotations
 import signal
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from ray.train.torch import TorchTrainer
 
@@ -36,6 +37,9 @@ class RaylmTrainer(TorchTrainer):
 
     interrupted_by: int | None = None  # the signal that aborted the run, once one has
     elastic: ElasticGroup | None = None  # set for a run with a parallel.dp range
+    run_dir: Path | None = (
+        None  # a local run folder: failures get raylm's console line (raylm.train.fault_lines)
+    )
 
     def fit(self):
         """Ray Train's fit(), then the signal handlers from before it: the handler holds the run's controller
@@ -52,7 +56,9 @@ class RaylmTrainer(TorchTrainer):
                 signal.signal(signum, handler)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
-        controller_init_kwargs["failure_policy"] = UserErrorsAreFinal(self.run_config.failure_config)
+        controller_init_kwargs["failure_policy"] = UserErrorsAreFinal(
+            self.run_config.failure_config, self.run_dir
+        )
         if self.elastic is not None:
             from raylm.train.scaling_policy import WholeReplicaScalingPolicy
 

@@ -90,6 +90,7 @@ def best_config(trial_cfg: Config, base: Config) -> Config:
         {
             "train.max_steps": trial_max_steps(trial_cfg, budget_tokens(base)),
             "tune.start_from": "",
+            "tune.parent_run": "",
             "run.dir": base.run.dir,
             "run.name": f"{base.tune.name}-best",
             "tune.trial_of": "",

@@ -34,6 +34,7 @@ from raylm.tune.results import TRIAL_FILE, collect_trials, summarise, write_tria
 from raylm.tune.resume import SWEEP_FILE, check_resumable, expected_trials
 from raylm.tune.rung_decisions import clear as clear_decisions
 from raylm.tune.space import Space, load_space
+from raylm.tune.tracking import log_sweep, open_sweep_run
 
 METRICS = ("val_loss", "loss")
 SWEEP_ON_URI = (
@@ -58,6 +59,7 @@ def sweep(
         (sweep_dir / SWEEP_FILE).write_text(
             json.dumps({"config": to_dict(cfg), "space": space.raw}, indent=1)
         )
+    cfg = open_sweep_run(cfg, sweep_dir, space.raw)  # MLflow's parent run, when run.trackers has mlflow
     connect_ray(dashboard=True)  # trials Tune stops early release their resources through it
     open_kv()  # on this node: rung decisions go through it
     plan, concurrent = _with_share(cfg, space, plan)
@@ -69,7 +71,10 @@ def sweep(
     with reading(local_data_folders(cfg)):  # `raylm prepare` cannot replace the shards the trials read
         results = tuner.fit()
     clear_decisions(cfg.tune.name)  # any a trial ended without reading
-    return write_outputs(cfg, plan, sweep_dir, _errors(results))
+    try:
+        return write_outputs(cfg, plan, sweep_dir, _errors(results))
+    finally:
+        log_sweep(cfg, sweep_dir)
 
 
 def prepare(cfg: Config, space_path: str | Path) -> tuple[Space, SweepPlan]:

@@ -276,3 +276,67 @@ def disk_full_save(rank: int, world_size: int, root: str) -> dict:
     verify_checkpoint(list_checkpoints(folder)[0])
     retried = save_checkpoint(engine, cfg, folder, 2, _state(2), capture_rng())
     return {"error": error, "left": left, "retried": retried.name}
+
+
+def background_saves(rank: int, world_size: int, root: str) -> dict:
+    """(2,1,1): save step 1 in the loop and in the background, the background writer held after its layer files
+    while step 2 trains and the loop polls; then a background save whose writes hit a file-size cap. What the
+    folders held at each point, whether both saves hold the same tensors, and the error the failed one raised."""
+    import resource
+    import signal
+    import threading
+
+    from raylm.checkpoint import capture_rng, list_checkpoints, save_checkpoint
+    from raylm.checkpoint.background import BackgroundSaver
+    from raylm.errors import CheckpointError
+
+    cfg, engine = _engine(2, 1, 1, seed=cfg_seed())
+    _train(engine, cfg, range(1))
+    in_loop = save_checkpoint(engine, cfg, Path(root) / "sync", 1, _state(1), capture_rng())
+    held = threading.Event()
+    saver = BackgroundSaver(cfg, engine.device)
+    folder = Path(root) / "async"
+    hold = lambda phase: held.wait(60) if phase == "mid-files" else None  # noqa: E731
+    saver.start(engine, folder, 1, _state(1), capture_rng(), hold, after_commit=lambda path: None)
+    _train(engine, cfg, range(1, 2))  # the next step changes every tensor the snapshot copied
+    polls_held = [saver.poll() for _ in range(3)]
+    listed_held = [p.name for p in list_checkpoints(folder)]
+    dist.barrier()
+    held.set()
+    committed = saver.wait()
+    out = {"polls_held": polls_held, "listed_held": listed_held, "committed": committed.name}
+    out["same_files"] = _same_tensors(Path(in_loop), Path(committed))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the cap fails with EFBIG instead of killing
+    cap = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, cap[1]))
+    try:
+        saver.start(engine, folder, 2, _state(2), capture_rng(), lambda phase: None, lambda path: None)
+        while saver.poll() is None:  # every rank learns of the failure at the same poll
+            pass
+        out["error"] = None
+    except CheckpointError as exc:
+        out["error"] = str(exc)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, cap)
+    dist.barrier()
+    out["left"] = sorted(p.name for p in folder.iterdir())
+    saver.close()
+    return out
+
+
+def _same_tensors(a: Path, b: Path) -> bool:
+    """Whether two checkpoints hold the same tensor files with equal contents (the RNG file included)."""
+    names = sorted(str(p.relative_to(a)) for p in a.rglob("*.pt"))
+    if names != sorted(str(p.relative_to(b)) for p in b.rglob("*.pt")):
+        return False
+    return all(
+        _equal(torch.load(a / n, weights_only=True), torch.load(b / n, weights_only=True)) for n in names
+    )
+
+
+def _equal(x, y) -> bool:
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_equal(x[k], y[k]) for k in x)
+    if isinstance(x, (list, tuple)):
+        return len(x) == len(y) and all(_equal(u, v) for u, v in zip(x, y, strict=True))
+    return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y

@@ -190,8 +190,8 @@ def zero3_stage_as_built(rank: int, world_size: int, layout: tuple) -> dict:
 
 def run_jobs(rank: int, world_size: int, jobs: list[tuple]) -> list:
     """Run several checks in one process group: ('train' | 'bf16', [layouts]) | ('ramp', layout) | ('tp',) |
-    ('zero3_build', layout)."""
-    from dist_tp_checks import run_tp_checks
+    ('zero3_build', layout) | ('block_saved_bytes', micro_batch, seq_len)."""
+    from dist_tp_checks import block_saved_bytes, run_tp_checks
 
     out = []
     for kind, *args in jobs:
@@ -201,6 +201,8 @@ def run_jobs(rank: int, world_size: int, jobs: list[tuple]) -> list:
             out.append(ramp_eval_load(rank, world_size, *args))
         elif kind == "zero3_build":
             out.append(zero3_stage_as_built(rank, world_size, *args))
+        elif kind == "block_saved_bytes":
+            out.append(block_saved_bytes(*args))
         else:
             out.append(run_tp_checks())
     return out

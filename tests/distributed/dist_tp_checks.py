@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from raylm.parallel.layers import SequenceParallelNorm
 from raylm.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -16,8 +17,8 @@ from raylm.parallel.tensor import (
 )
 
 
-def _world_tp() -> TPGroup:
-    return TPGroup(dist.group.WORLD, dist.get_rank(), dist.get_world_size())
+def _world_tp(sequence_parallel: bool = False) -> TPGroup:
+    return TPGroup(dist.group.WORLD, dist.get_rank(), dist.get_world_size(), sequence_parallel)
 
 
 def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,5 +94,63 @@ def check_cross_entropy() -> dict[str, float]:
     }
 
 
+def check_sequence_parallel() -> dict[str, float]:
+    """x + row(gelu(column(norm(x)))) on sequence shards vs dense: this rank's output and input-grad shards, the
+    weight-grad shards, and the norm gain's whole gradient (it sees only this rank's tokens until all-reduced)."""
+    tp = _world_tp(sequence_parallel=True)
+    gain, w_up, w_down, x = _dense(9, 8), _dense(10, 12, 8), _dense(11, 8, 12), _dense(12, 2, 4 * tp.size, 8)
+    coeff = _dense(13, *x.shape)
+    norm, up, down = (
+        SequenceParallelNorm(8, 1e-5, tp),
+        ColumnParallelLinear(8, 12, tp),
+        RowParallelLinear(12, 8, tp),
+    )
+    with torch.no_grad():
+        norm.weight.copy_(gain)
+        up.weight.copy_(w_up.chunk(tp.size, 0)[tp.rank])
+        down.weight.copy_(w_down.chunk(tp.size, 1)[tp.rank])
+    mine = lambda t: t.chunk(tp.size, 1)[tp.rank]  # noqa: E731 (this rank's sequence shard)
+    x_sp = mine(x).clone().requires_grad_()
+    y_sp = x_sp + down(F.gelu(up(norm(x_sp))))  # (B, T / tp, C)
+    (y_sp * mine(coeff)).sum().backward()
+    refs = [t.clone().requires_grad_() for t in (x, gain, w_up, w_down)]
+    x_ref, gain_ref, up_ref, down_ref = refs
+    normed = x_ref * torch.rsqrt(x_ref.pow(2).mean(-1, keepdim=True) + 1e-5) * gain_ref
+    y = x_ref + F.linear(F.gelu(F.linear(normed, up_ref)), down_ref)
+    (y * coeff).sum().backward()
+    return {
+        "sp_out": _max_err(y_sp, mine(y)),
+        "sp_x_grad": _max_err(x_sp.grad, mine(x_ref.grad)),
+        "sp_norm_grad": _max_err(norm.weight.grad, gain_ref.grad),
+        "sp_up_grad": _max_err(up.weight.grad, up_ref.grad.chunk(tp.size, 0)[tp.rank]),
+        "sp_down_grad": _max_err(down.weight.grad, down_ref.grad.chunk(tp.size, 1)[tp.rank]),
+    }
+
+
+def block_saved_bytes(micro_batch: int, seq_len: int) -> dict[str, int]:
+    """Bytes autograd saves for one TP-split block's backward on this rank, with and without sequence
+    parallelism (raylm plan's activation model is checked against these)."""
+    from raylm.config.schema import ModelConfig
+    from raylm.parallel.layers import BlockPipe
+    from tests.unit.test_plan_memory import saved_activation_bytes
+
+    cfg = ModelConfig(n_layer=1, n_head=4, n_kv_head=2, d_model=64, max_seq_len=seq_len)
+    out = {}
+    for sequence_parallel in (False, True):
+        block = BlockPipe(cfg, 0, _world_tp(sequence_parallel))
+        with torch.no_grad():
+            for param in block.parameters():
+                param.normal_(0.0, 0.1)
+        shards = dist.get_world_size() if sequence_parallel else 1
+        x = torch.randn(micro_batch, seq_len // shards, cfg.d_model, requires_grad=True)
+        out["sp" if sequence_parallel else "tp"] = saved_activation_bytes(block, x)
+    return out
+
+
 def run_tp_checks() -> dict[str, float]:
-    return {**check_linears(), **check_embedding_and_gather(), **check_cross_entropy()}
+    return {
+        **check_linears(),
+        **check_embedding_and_gather(),
+        **check_cross_entropy(),
+        **check_sequence_parallel(),
+    }

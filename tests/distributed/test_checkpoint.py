@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # spawned ranks import the helpe
 
 from dist_checkpoint import (  # noqa: E402
     SAVE_STEP,
+    background_saves,
     disk_full_save,
     phase_2,
     phase_111,
@@ -150,3 +151,15 @@ def test_a_save_that_runs_out_of_space_fails_in_one_line_and_leaves_the_previous
         assert "failed on rank" in out["error"] and "a checkpoint needs about" in out["error"], out["error"]
         assert "step-00000001, which is untouched" in out["error"]
         assert out["left"] == ["step-00000001"] and out["retried"] == "step-00000002"
+
+
+def test_a_background_save_commits_only_once_every_file_is_done_and_a_failure_surfaces(tmp_path):
+    """checkpoint.async: while a rank's writer is held after its layer files, the step after the save trains
+    and every poll says not yet, with no checkpoint listed; once released, the commit holds exactly what a save
+    in the loop at the same step holds. A background write that fails (a file-size cap) is a CheckpointError on
+    every rank at the poll that finds it, and leaves nothing but the committed checkpoint."""
+    for rank, out in enumerate(run_world(2, background_saves, str(tmp_path))):
+        assert out["polls_held"] == [None, None, None] and out["listed_held"] == [], rank
+        assert out["committed"] == "step-00000001" and out["same_files"], rank
+        assert out["error"] and "\n" not in out["error"] and "failed on rank" in out["error"], out["error"]
+        assert out["left"] == ["step-00000001"], out["left"]

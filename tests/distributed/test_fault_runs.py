@@ -83,7 +83,14 @@ def nan_runs(prepared, small_corpus, tmp_path_factory):
     """The skip, stop and rollback runs, one after another in one two-rank group: {name: (cfg, error)}."""
     build = small_configs(prepared, small_corpus, tmp_path_factory.mktemp("nan-runs"))
     cfgs = [
-        build("nan-skip", *DP2, *NAN),
+        # rank 1 also sleeps 0.5 s after every step: a straggler (two ranks: the median is their mean)
+        build(
+            "nan-skip",
+            *DP2,
+            "fault.drill=nonfinite@3,slow@0",
+            "fault.drill_rank=1",
+            "fault.straggler_factor=1.2",
+        ),
         build("nan-stop", *DP2, *NAN, "fault.nonfinite=stop", "fault.max_failures=1"),
         build(
             "nan-rollback",
@@ -119,6 +126,23 @@ def test_nonfinite_skip_advances_the_cursor_and_logs_the_samples(nan_runs, refer
     last = json.loads((checkpoint_dir(cfg, committed(cfg)[-1]) / "engine.json").read_text())
     assert (last["adam_step"], last["skipped_steps"]) == (cfg.train.max_steps - 1, 1)
     assert_model_files_finite(cfg)
+
+
+def test_a_slowed_rank_is_the_slowest_and_named_once(nan_runs):
+    """The slow@0 drill on rank 1 of the skip run: every report row names it the slowest rank, and it is named a
+    straggler once (after fault.straggler_steps slow steps in a row)."""
+    cfg, _ = nan_runs["nan-skip"]
+    rows = rows_of(cfg)
+    reported = [r for r in rows if "slowest_rank" in r]
+    assert [r["step"] + 1 for r in reported] == list(
+        range(2, cfg.train.max_steps + 1, cfg.train.report_every)
+    )
+    assert all(r["slowest_rank"] == 1 and r["slowest_rank_s"] > r["median_rank_s"] for r in reported), (
+        reported
+    )
+    (named,) = [r["straggler"] for r in rows if "straggler" in r]
+    assert named["rank"] == 1 and named["steps"] == cfg.fault.straggler_steps, named
+    assert named["work_s"] > cfg.fault.straggler_factor * named["median_s"]
 
 
 def test_nonfinite_stop_names_step_and_rank_and_commits_nothing_from_it(nan_runs):

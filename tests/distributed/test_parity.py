@@ -38,6 +38,9 @@ UNTIED = "model.tie_embeddings=false"
 BF16 = "train.precision=bf16"
 COMPILE = "train.compile=true"  # torch.compile of each block: the TP collectives inside must survive it
 GRAD_BF16 = "parallel.grad_comm_dtype=bf16"  # fp32 training, DP gradients reduced in bf16
+# norms and residual stream split along the sequence over TP; it rides on three tp = 2 layouts whose plain-TP
+# forms stay covered by others ((1,2,2) untied, (2,2,2), (1,2,1) ZeRO-3), so the tier trains no more runs
+SP = "parallel.sequence_parallel=true"
 
 JOBS = {
     1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,)), (1, 1, 1, (COMPILE,))])],
@@ -48,7 +51,7 @@ JOBS = {
             [
                 (2, 1, 1, ()),
                 (2, 1, 1, (CKPT, "parallel.partition=parameters")),
-                (1, 2, 1, (UNTIED,)),
+                (1, 2, 1, (UNTIED, SP)),
                 (1, 1, 2, (ZERO1,)),
                 (1, 1, 2, (ZERO2,)),
                 (1, 1, 2, (ZERO3,)),
@@ -61,17 +64,18 @@ JOBS = {
         ("ramp", (1, 1, 2, (ZERO3,))),
         ("bf16", [(2, 1, 1, (ZERO1, BF16)), (1, 1, 2, (ZERO1, GRAD_BF16))]),
         ("zero3_build", (1, 1, 2, (ZERO3,))),
+        ("block_saved_bytes", 2, 64),  # micro_batch, seq_len
     ],
     4: [
         (
             "train",
             [
-                (2, 2, 1, ()),
+                (2, 2, 1, (SP,)),
                 (2, 1, 2, (ZERO1,)),
                 (1, 2, 2, (ZERO1, UNTIED)),
                 (4, 1, 1, ("parallel.partition=uniform",)),
                 (1, 2, 2, (ZERO2, UNTIED)),
-                (1, 2, 2, (ZERO3, CKPT)),
+                (1, 2, 2, (ZERO3, CKPT, SP)),
             ],
         )
     ],
@@ -192,6 +196,24 @@ def test_tp_layers_match_dense():
     for rank, errors in enumerate(job_results(2, "tp")):
         bad = {name: err for name, err in errors.items() if err > 1e-6}
         assert not bad, f"rank {rank}: {bad}"
+
+
+def test_tp_rank_block_activations_match_the_plan_with_and_without_sequence_parallelism():
+    """What autograd keeps for one block's backward on a tp=2 rank, against raylm plan's activation model:
+    sequence parallelism divides the norms' inputs by tp, and only the gathered input of each TP region stays
+    whole."""
+    from raylm.config import resolve
+    from raylm.plan.memory import RankSetup, block_activation_bytes
+    from raylm.plan.stages import model_shape
+
+    _, micro_batch, seq_len = next(job for job in JOBS[2] if job[0] == "block_saved_bytes")
+    cfg = resolve({}, ["parallel.tp=2", "model.n_head=4", "model.n_kv_head=2", "model.d_model=64"])
+    for rank, measured in enumerate(job_results(2, "block_saved_bytes")):
+        for key, sequence_parallel in (("tp", False), ("sp", True)):
+            setup = RankSetup(1, 2, 1, 0, micro_batch, 1, False, "fp32", sequence_parallel)
+            predicted = block_activation_bytes(model_shape(cfg, 2), micro_batch * seq_len, setup)
+            assert predicted == pytest.approx(measured[key], rel=0.03), (rank, key)
+        assert measured["sp"] < measured["tp"], measured
 
 
 def test_bf16_trains_near_fp32_reference():

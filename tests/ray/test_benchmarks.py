@@ -34,18 +34,21 @@ def test_gpu_benchmark_dry_mode_prints_its_figures(ray_cluster):
     assert figures["tokens_per_s"] > 0 and 0 < figures["mfu"] < 1
 
 
-def test_memory_benchmark_dry_mode_prints_its_figures():
+def dry_run_lines(script: str, timeout_s: float) -> list[dict]:
+    """The JSON lines `python benchmarks/SCRIPT --dry` prints (DeepSpeed prints other lines too)."""
     done = subprocess.run(
-        [sys.executable, "benchmarks/memory.py", "--dry"],
+        [sys.executable, f"benchmarks/{script}", "--dry"],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout_s,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    lines = [
-        json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"')
-    ]  # DeepSpeed prints too
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith('{"')]
+
+
+def test_memory_benchmark_dry_mode_prints_its_figures():
+    lines = dry_run_lines("memory.py", timeout_s=120)
     figures = {key: line for line in lines for key in line}
     assert (
         figures["idle_worker_rss_mb"]["dry"] is True
@@ -59,3 +62,13 @@ def test_memory_benchmark_dry_mode_prints_its_figures():
         figures["ckpt_write_bw_frac"]["ckpt_write_bw_frac"] > 0
         and figures["ckpt_read_bw_frac"]["ckpt_read_bw_frac"] > 0
     )
+
+
+@pytest.mark.slow  # four tp = 2 engines in fresh ranks, stepped twice: 286 s measured on 2 shared cores
+def test_sequence_parallel_benchmark_dry_mode_prints_its_figures():
+    lines = dry_run_lines("sequence_parallel.py", timeout_s=900)
+    steps = [line for line in lines if "step_mem_mb" in line]
+    assert len(steps) == 4 and all(len(line["step_mem_mb"]) == 2 for line in steps)
+    ratios = {key: line[key] for line in lines for key in line if key.startswith("sp_activation_ratio")}
+    assert set(ratios) == {"sp_activation_ratio", "sp_activation_ratio_recompute"}
+    assert all(0 < ratio < 2 for ratio in ratios.values()), ratios

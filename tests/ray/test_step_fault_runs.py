@@ -1,6 +1,6 @@
 """A stalled (SIGSTOPped) rank on a real TorchTrainer (pp=1, dp=2, gloo): its peers' collectives time out
-and Ray Train restarts the group, which resumes bit-identical to an uninterrupted run. The NaN and spike
-policies run without Ray: tests/distributed/test_fault_runs.py."""
+and Ray Train restarts the group, which resumes bit-identical to an uninterrupted run; the live rank's hang report
+says where it waited. The NaN and spike policies run without Ray: tests/distributed/test_fault_runs.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from raylm.storage.file_names import HANGS_DIR
 from raylm.train.driver import train
+from raylm.train.fault_lines import read_hang_reports
 from raylm.train.metrics import read_metrics
 from tests.ray.test_recovery import STEPS, WorkerKiller, run_losses
 
@@ -46,3 +48,8 @@ def test_stalled_rank_fails_its_collectives_and_the_group_resumes_bitwise(
     assert len(resumed) == 1
     # the restarted group's first step ran within the timeout + 30 s of the stall
     assert resumed[0]["time"] - stopper.killed_at <= timeout_s + 30
+    # the live rank wrote where it waited when its collective timed out; the stopped one could not
+    (folder,) = (Path(cfg.run.dir) / cfg.run.name / HANGS_DIR).iterdir()
+    reports = read_hang_reports(folder)
+    assert reports.ranks and len(reports.missing) == 1, reports
+    assert "reason: a collective timed out" in (folder / f"rank-{reports.ranks[0]:05d}.txt").read_text()

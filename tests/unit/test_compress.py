@@ -1,5 +1,6 @@
-"""`raylm compress`: torchao's int8/int4 rounding stored in raylm's format and read back by eval and generate,
-magnitude pruning (layer, global, 2:4) with masks, the JSON line, and one line for every bad input."""
+"""`raylm compress`: torchao's int8/int4 rounding stored in compressed-tensors' format and read back by eval and
+generate, magnitude pruning (layer, global, 2:4) with masks, the JSON line, and one line for every bad input.
+tests/unit/test_compressed_tensors.py loads the same folders with compressed-tensors and transformers."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ from raylm.checkpoint.export import export, load_export, open_export
 from raylm.checkpoint.writer import save_full_weights
 from raylm.cli import main
 from raylm.compress.prune import CompressError, prune_masks, two_four_mask
-from raylm.compress.quantize import _torchao, pack_int4, quantize
+from raylm.compress.quantize import _torchao, quantize
 from raylm.config import resolve
 from raylm.config.derived import padded_vocab
 from raylm.errors import CheckpointError, ConfigError
 from raylm.model.gpt import init_full_weights
-from raylm.model.quantized import dequantize, unpack_int4
+from raylm.model.quantized import dequantize, pack
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +61,7 @@ def run_cli(capsys, *args: str) -> tuple[int, str, str]:
 
 
 def test_stored_form_equals_torchao_dequantized():
+    """Packed and dequantized by raylm, each matrix is exactly torchao's dequantized weight."""
     quantize_, config, per_axis, per_group = _torchao()
     weight = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
     for method, bits, granularity, dtype in (
@@ -70,13 +72,10 @@ def test_stored_form_equals_torchao_dequantized():
         linear.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
         quantize_(torch.nn.Sequential(linear), config(weight_dtype=dtype, granularity=granularity))
         stored = quantize(weight, method, 64)
-        assert stored.qweight.shape == (48, 256 // (8 // bits)) and stored.scales.shape == (
-            48,
-            1 if bits == 8 else 4,
-        )
-        assert torch.equal(dequantize(stored.qweight, stored.scales, bits), linear.weight.dequantize())
-    q = torch.randint(-8, 8, (5, 12), dtype=torch.int8)
-    assert torch.equal(unpack_int4(pack_int4(q)), q)
+        assert stored.q.shape == (48, 256) and stored.scales.shape == (48, 1 if bits == 8 else 4)
+        packed = pack(stored.q, bits)
+        assert packed.shape == (48, 256 * bits // 32)
+        assert torch.equal(dequantize(packed, stored.scales, 256, bits), linear.weight.dequantize())
 
 
 def test_masks_keep_the_largest_weights():
@@ -109,27 +108,28 @@ def test_quantized_folders_load_in_eval_and_generate(model, tmp_path, capsys):
     row = json.loads(out)
     assert row["parameters"] == sum(t.numel() for t in weights.values())
     assert row["bytes_before"] == 4 * row["parameters"] and row["sparsity"] == 0.0
-    embedding = 4 * weights["tok_embeddings.weight"].numel()
-    assert (
-        row["bytes_after"] < embedding + row["linear_parameters"] * 1.1
-    )  # int8 linear layers, fp32 embedding
+    head = weights["output.weight"].numel()
+    float_bytes = 4 * (
+        row["parameters"] - row["linear_parameters"] + head
+    )  # embedding, head and norms stay fp32
+    assert float_bytes < row["bytes_after"] < float_bytes + (row["linear_parameters"] - head) * 1.1  # int8
     assert (
         row["ppl_ratio"] == pytest.approx(row["ppl_after"] / row["ppl_before"])
         and abs(row["ppl_ratio"] - 1) < 0.01
     )
     _, restored = load_export(tmp_path / "q8")  # dequantized, raylm's layout and names
     for name, w in weights.items():
-        scale = (
-            w.abs().amax(dim=-1, keepdim=True) / 127.5
-            if w.dim() == 2 and name != "tok_embeddings.weight"
-            else 0
-        )
+        quantized = w.dim() == 2 and name not in ("tok_embeddings.weight", "output.weight")
+        scale = w.abs().amax(dim=-1, keepdim=True) / 127.5 if quantized else 0
         assert ((restored[name] - w).abs() <= scale / 2 + 1e-6).all(), name
     code, out, _ = run_cli(
-        capsys, str(dense), str(tmp_path / "q4"), "--quantize", "int4", "--group-size", "32", "--embeddings"
+        capsys, str(dense), str(tmp_path / "q4"), "--quantize", "int4", "--group-size", "32"
     )
     q4 = json.loads(out)
-    assert code == 0 and q4["size_ratio"] < 0.2 and q4["group_size"] == 32
+    assert (
+        code == 0 and q4["bytes_after"] < float_bytes + (row["linear_parameters"] - head) * 0.7
+    )  # 4 bits + scales
+    assert q4["group_size"] == 32
     assert main(["eval", str(tmp_path / "q4"), "--data", str(data)]) == 0
     assert math.isfinite(json.loads(capsys.readouterr().out)["loss"])
     assert main(["generate", str(tmp_path / "q4"), "--prompt", "def f(", "--max-new-tokens", "4"]) == 0

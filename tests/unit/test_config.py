@@ -33,6 +33,16 @@ def test_with_overrides_accepts_a_mapping_like_tune_does():
     assert to_dict(cfg)["optim"]["lr"] == 1e-3
 
 
+def test_checkpoint_async_is_a_key_though_async_is_a_python_keyword():
+    cfg = load_config(TINY_CONFIG, ["checkpoint.async=false"])
+    assert cfg.checkpoint.async_save is False and resolve({}).checkpoint.async_save is True
+    assert to_dict(cfg)["checkpoint"]["async"] is False and "async_save" not in to_dict(cfg)["checkpoint"]
+    assert "checkpoint.async" in [name for name, _, _ in describe_fields()]
+    assert with_overrides(cfg, {}) == cfg  # the YAML key travels through to_dict and back
+    with pytest.raises(ConfigError, match="unknown config key checkpoint.async_save"):
+        load_config(TINY_CONFIG, ["checkpoint.async_save=false"])
+
+
 def test_parse_override_rejects_missing_equals():
     with pytest.raises(ConfigError, match="not of the form section.key=value"):
         parse_override("parallel.pp")

@@ -1,10 +1,15 @@
-"""The default console: raylm's lines and real warnings kept, Ray's and DeepSpeed's chatter dropped (raylm/log.py)."""
+"""The default console shows raylm's lines only: Ray's, Ray Train's, DeepSpeed's and torch's stay in the log files
+(raylm/log.py). Whole runs' consoles are checked line by line in tests/ray/test_console_runs.py."""
+
+import os
+import sys
 
 import pytest
 
-from raylm.log import keep_on_console, split_for_console
+from raylm.log import CONSOLE_LINE, keep_on_console, split_for_console
 
-# Lines as Ray forwards them from a `raylm train` of tiny.yaml (Ray 2.60, Ray Train v2, DeepSpeed 0.19.8).
+# Lines as Ray forwards them from `raylm train` runs (Ray 2.60, Ray Train v2, DeepSpeed 0.19.8, torch 2.13): a pp=2
+# tp=2 run, a run with a worker killed, a resume under another layout.
 DROPPED = [
     "Requesting resources: {'CPU': 0.5} * 2",
     "Setting up process group for: env:// [rank=0, world_size=2]",
@@ -13,52 +18,53 @@ DROPPED = [
     "[2026-12-02 04:17:01,008] [WARNING] [real_accelerator.py:213:get_accelerator] Setting accelerator to CPU. If "
     "you have GPU or other accelerator, we were unable to detect it.",
     "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
-    "SEED_LAYERS=False BASE_SEED=1234 SEED_FN=None",
     "Using topology: {ProcessCoord(pipe=0, data=0, model=0): 0, ProcessCoord(pipe=1, data=0, model=0): 1}",
-    "stage=0 layers=4",
-    "     0: EmbeddingPipe",
-    "  loss: vocab_parallel_cross_entropy",
     "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
     "Reporting training result 1: TrainingReport(checkpoint=None, metrics={'step': 19, 'loss': 6.14})",
-    "  return Variable._execution_engine.run_backward(  # Calls into the C++ engine to run the backward pass",
-    "2026-12-02 04:16:13,241\tINFO streaming_executor.py:215 -- Starting execution of Dataset dataset_0",
     "2026-12-02 04:16:31,421\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled for this "
     "Ray cluster. Set RAY_AUTH_MODE=disabled to opt out.",
+    "WARNING: 8 PYTHON worker processes have been started on node: 6097c434fda596dcdcd3b5fc7323cbde5a9e20878dea2bbe8e"
+    "c7eb5b with address: 192.0.2.2, which is 4x the maximum expected startup concurrency (2).",
+    "Error: Training failed due to worker errors:",
+    "ray.train.WorkerGroupError: Training failed due to worker errors:",
+    "Traceback (most recent call last):",
+    "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.",
+    "RuntimeError: [/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+    "[127.0.0.1]:2473. This is typically caused by a remote worker crashing. GLHF!",
+    "A worker died or was killed while executing a task by an unexpected system error.",
+    "[2026-12-07 22:47:43,566 E 9182 9630] logging.cc:474: *** SIGABRT received at time=1796683663 on cpu 1 ***",
+    "/x/site-packages/torch/distributed/distributed_c10d.py:4091: FutureWarning: `torch.distributed._all_gather_base`"
+    " is a private function and will be deprecated. Please use `torch.distributed.all_gather_into_tensor` instead.",
 ]
 KEPT = [
     "[raylm r0] step 5/20 | loss 7.3878 | lr 7.50e-04 | batch 16 | 1.4k tok/s | mfu 6.4% | data wait 0.4%",
     "[raylm r0] step 20/20 | loss 6.1462 | eta 0:00 | val_loss 6.4109 (ppl 608.4)",
     "[raylm r1] checkpoint step-00000010 failed its manifest check; resuming from step-00000005",
-    "/x/site-packages/torch/nn/modules/module.py:1: UserWarning: some real problem",
-    "2026-12-02 04:17:00,819\tWARNING worker.py:1 -- A worker died or was killed while executing a task",
-    "2026-12-02 04:17:00,819\tERROR worker.py:1 -- Unhandled error (suppress with RAY_IGNORE_UNHANDLED_ERRORS=1)",
-    "[2026-12-02 04:17:00,819 E 8773 8840] raylet.cc:10: the node ran out of memory",
-    "Traceback (most recent call last):",
-    "Warning: The following resource request cannot be scheduled right now: {'GPU': 1.0}.",
-    "Error: No available node types can fulfill resource request {'GPU': 1.0}. Add suitable node types.",
-    "torch.OutOfMemoryError: CUDA out of memory.",
+    "[raylm r0] rank 1 on node 3e61f5 died (SIGKILL); restarting from step 10, failure 1 of 6",
 ]
 
 
 @pytest.mark.parametrize("line", DROPPED)
-def test_chatter_is_dropped(line):
-    assert not keep_on_console(line)
+def test_other_lines_stay_off_the_console(line):
+    assert not keep_on_console(line) and not CONSOLE_LINE.match(line)
 
 
 @pytest.mark.parametrize("line", KEPT)
-def test_raylm_lines_and_real_warnings_are_kept(line):
-    assert keep_on_console(line)
+def test_raylm_lines_are_kept(line):
+    assert keep_on_console(line) and CONSOLE_LINE.match(line)
 
 
-def test_a_batch_splits_into_bare_raylm_lines_and_prefixed_warnings():
+def test_a_batch_keeps_raylm_lines_and_the_autoscaler_keeps_its_own():
     batch = {"pid": 8943, "actor_name": "RayTrainWorker", "is_err": True, "lines": [*DROPPED, *KEPT]}
-    own, other = split_for_console(batch)
-    assert own == [line for line in KEPT if line.startswith("[raylm r")]
-    assert other == [line for line in KEPT if not line.startswith("[raylm r")]
+    assert split_for_console(batch) == (KEPT, [])
+    waiting = ["Warning: The following resource request cannot be scheduled right now: {'GPU': 1.0}."]
+    assert split_for_console({"pid": "autoscaler", "is_err": False, "lines": waiting}) == ([], waiting)
 
 
-def test_the_driver_printer_swap_works_on_the_pinned_ray(monkeypatch):
-    """Ray's driver prints forwarded lines through a named handler; the swap must find it on the pinned Ray."""
+def test_the_driver_printer_swap_works_on_the_pinned_ray(monkeypatch, capsys):
+    """Ray's driver prints forwarded lines through a named handler; the swap must find it on the pinned Ray. raylm's
+    lines are printed as they are (no prefix, colour or de-duplication), the autoscaler's through Ray's printer, the
+    raylet's not at all."""
     from ray._private import worker as ray_worker
 
     from raylm import log
@@ -75,4 +81,19 @@ def test_the_driver_printer_swap_works_on_the_pinned_ray(monkeypatch):
     )
     log._swap_ray_log_printer()
     dispatcher.emit({"pid": 1, "is_err": True, "lines": [KEPT[0], DROPPED[0], KEPT[3]]})
-    assert printed == [([KEPT[0]], True), ([KEPT[3]], False)]
+    dispatcher.emit({"pid": "autoscaler", "is_err": False, "lines": ["Warning: no node fits {'GPU': 1.0}"]})
+    # the raylet's messages to the driver: Ray's listen_error_messages calls print_to_stdstream by name
+    ray_worker.print_to_stdstream(
+        {"pid": "raylet", "is_err": False, "lines": [DROPPED[9]]}, ignore_prefix=False
+    )
+    assert capsys.readouterr().err.splitlines() == [KEPT[0], KEPT[3]]
+    assert printed == [(["Warning: no node fits {'GPU': 1.0}"], False)]
+
+
+def test_no_colour_codes_when_stdout_is_not_a_terminal(monkeypatch):
+    from raylm.log import no_colour_when_piped
+
+    monkeypatch.delenv("RAY_COLOR_PREFIX", raising=False)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    no_colour_when_piped()
+    assert os.environ["RAY_COLOR_PREFIX"] == "0"

@@ -48,6 +48,21 @@ def test_bubble_is_p_minus_1_over_m_plus_p_minus_1(pp, m):
     assert pred.time.bubble_s == pytest.approx((pp - 1) * slot)
 
 
+def test_each_tp_all_reduce_waits_the_calibrated_sync_and_no_tp_pays_none():
+    """A CPU's sync wait (calibrate._sync_wait_s) adds to every TP all-reduce of the step, and only to those."""
+    import dataclasses
+
+    hw = gpu_hardware("h100")
+    slow = dataclasses.replace(hw, sync_wait_s=1e-3)
+    tp2, tp2_slow = (predict(with_layout(gpt2(), 1, 2, 4, 1, 8, False), h, 8).time for h in (hw, slow))
+    tp1, tp1_slow = (predict(with_layout(gpt2(), 1, 1, 8, 1, 8, False), h, 8).time for h in (hw, slow))
+    assert tp2 is not None and tp2_slow is not None and tp1 is not None and tp1_slow is not None
+    blocks, m = 12, 512 // (8 * 4)
+    allreduces = m * (4 * blocks + 2)  # four per block, the embedding's and the loss's
+    assert tp2_slow.tp_s - tp2.tp_s == pytest.approx(allreduces * 1e-3)
+    assert tp1.tp_s == tp1_slow.tp_s == 0
+
+
 def test_invalid_layouts_are_left_out_with_the_config_checks_reason():
     ranked = plan(gpt2(), gpu_hardware("h100"), 8, 8)
     refused = {(p.pp, p.tp, p.dp, p.zero_stage): p.why for p in ranked if not p.valid}
@@ -85,6 +100,25 @@ def test_checkpointing_and_zero_lower_the_prediction_and_a_small_gpu_refuses():
     assert zero3.memory.params < plain.memory.params
     small = predict(with_layout(gpt2(), 1, 1, 8, 1, 8, False), gpu_hardware("h100", mem_gb=4), 8)
     assert not small.fits and small.why.startswith("predicted ") and "of 4.0 GB" in small.why
+
+
+def test_sequence_parallelism_splits_the_kept_block_inputs_and_the_pipeline_sends():
+    """With checkpointing a block keeps its input, which sequence parallelism splits over tp; at pp = 2 each TP
+    rank sends its sequence shard. The layouts with tp = 1 are out with the layout rule's reason."""
+    hw = gpu_hardware("h100")
+    layout = (2, 2, 2, 1, 8, True)
+    plain = predict(with_layout(gpt2(), *layout), hw, 8)
+    split = predict(with_layout(gpt2("parallel.sequence_parallel=true"), *layout), hw, 8)
+    assert plain.memory and split.memory and plain.time and split.time
+    # the fullest rank is the last stage (4 blocks, one micro-batch in flight): its kept block inputs halve,
+    # the recomputed block and the 50k-vocab logits stay
+    assert split.memory.stage == plain.memory.stage == 1
+    kept_inputs = 4 * 8 * 1024 * 768 * 2  # blocks x tokens x d x bf16 bytes
+    assert plain.memory.activations - split.memory.activations >= kept_inputs / 2
+    assert (split.memory.params, split.memory.optimizer) == (plain.memory.params, plain.memory.optimizer)
+    assert split.time.p2p_s < plain.time.p2p_s
+    tp1 = predict(with_layout(gpt2("parallel.sequence_parallel=true"), 1, 1, 8, 1, 8, False), hw, 8)
+    assert tp1.memory is None and "parallel.sequence_parallel=true needs parallel.tp > 1" in tp1.why
 
 
 def raylm(*args: str) -> subprocess.CompletedProcess:

@@ -31,6 +31,13 @@ def test_young_daly_is_the_square_root_of_twice_save_time_times_mtbf():
     assert checkpoint_interval(save_s=0.0, step_s=5.0, node_mtbf_h=1.0, nodes=1).steps == 1
 
 
+def test_a_background_save_sets_the_interval_by_its_snapshot_but_never_below_its_whole_time():
+    # a 0.5 s snapshot, steps of 2 s, one node of 1 h MTBF: Young/Daly says sqrt(2 x 0.5 x 3600) = 60 s = 30 steps
+    for min_interval_s, steps in [(0.0, 30), (41.0, 30), (100.0, 50), (101.0, 51)]:
+        got = checkpoint_interval(0.5, 2.0, node_mtbf_h=1.0, nodes=1, min_interval_s=min_interval_s)
+        assert got.steps == steps, min_interval_s
+
+
 def test_young_daly_interval_loses_less_than_half_or_twice_it():
     best = checkpoint_interval(save_s=30.0, step_s=1.0, node_mtbf_h=5000.0, nodes=128)
     for factor in (0.5, 2.0):
@@ -127,6 +134,7 @@ def test_layout_auto_on_cpu_needs_the_worker_count_and_uses_the_calibration(tmp_
         "allreduce_bw": 1e9,
         "send_bw": 2e9,
         "latency_s": 1e-4,
+        "sync_wait_s": 1e-3,
         "idle_rank_bytes": 0.9e9,
     }
     (tmp_path / "raylm").mkdir()

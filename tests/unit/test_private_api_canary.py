@@ -20,6 +20,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import _AutoscalingCoordinatorActor
 from ray.train import FailureConfig, ScalingConfig
 from ray.train.torch.config import _TorchBackend
+from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy
 from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
 from ray.train.v2._internal.execution.scaling_policy import (
@@ -71,6 +72,8 @@ def test_ray_train_failure_policy_of_raylm_train_failure_policy():
     assert params(DefaultFailurePolicy.__init__)[:2] == ["self", "failure_config"]
     DefaultFailurePolicy(FailureConfig(max_failures=1))
     assert {FailureDecision.RAISE, FailureDecision.RETRY} <= set(FailureDecision)
+    # raylm.train.fault_lines finds a dead worker's ActorDiedError behind Ray Train's health-check failure
+    assert WorkerHealthCheckFailedError("x", ValueError()).health_check_failure.__class__ is ValueError
 
 
 def test_ray_train_scaling_policy_of_raylm_train_scaling_policy():
@@ -127,6 +130,8 @@ def test_ray_driver_log_printer_of_raylm_log():
     assert params(dispatcher.remove_handler) == ["name"]
     assert params(ray_worker.print_to_stdstream) == ["data", "ignore_prefix"]
     assert '"ray_print_logs",' in source(ray_worker.connect)  # the name of the handler raylm swaps
+    # the raylet's messages reach the driver's console through the module's printer, looked up by name
+    assert "print_to_stdstream(" in source(ray_worker.listen_error_messages)
     # quiet_ray_driver_loggers silences this module's logger by name
     assert importlib.util.find_spec("ray._private.authentication.authentication_token_setup") is not None
 
@@ -138,6 +143,15 @@ def test_torch_new_group_as_raylm_parallel_shared_groups_intercepts_it():
     assert params(dist.new_group)[:2] == ["ranks", "timeout"]  # a positional second argument is a timeout
     # DeepSpeed's groups go through the module attribute at call time, so the interception sees them too
     assert "torch.distributed.new_group(" in source(TorchBackend.new_group)
+
+
+def test_torch_collectives_as_raylm_parallel_comm_wait_times_them():
+    for name in ("all_reduce", "broadcast", "send", "recv", "all_gather", "reduce_scatter_tensor"):
+        assert hasattr(dist, name), name
+    # DeepSpeed's collectives go through the module attributes at call time, so the timed wrappers see them
+    backend = source(inspect.getmodule(TorchBackend))
+    for call in ("all_reduce(", "broadcast(", "send(", "recv(", "all_gather("):
+        assert f"torch.distributed.{call}" in backend, call
 
 
 def test_torch_logger_raylm_compress_quantize_quiets():

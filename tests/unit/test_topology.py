@@ -54,9 +54,27 @@ def test_world_size_mismatch_names_the_fix():
 def test_check_layout_rejects_indivisible_heads():
     cfg = resolve({}, ["model.n_head=4"])
     with pytest.raises(ConfigError, match=r"n_head=4 is not divisible by parallel.tp=3"):
-        Topology(pp=1, tp=3, dp=1).check_model(cfg.model, cfg.data.vocab_size, zero_stage=0)
+        Topology(pp=1, tp=3, dp=1).check_model(
+            cfg.model, cfg.data.vocab_size, zero_stage=0, seq_len=cfg.data.seq_len
+        )
     with pytest.raises(ConfigError, match="lower parallel.pp or add layers"):
-        Topology(pp=5, tp=1, dp=1).check_model(cfg.model, cfg.data.vocab_size, zero_stage=0)
+        Topology(pp=5, tp=1, dp=1).check_model(
+            cfg.model, cfg.data.vocab_size, zero_stage=0, seq_len=cfg.data.seq_len
+        )
+
+
+def test_sequence_parallel_needs_tp_that_divides_the_window():
+    """One line with the fix, at config time; a valid one reaches the Topology the engine builds."""
+    with pytest.raises(ConfigError) as caught:
+        resolve({}, ["parallel.sequence_parallel=true"])
+    assert "\n" not in str(caught.value) and "needs parallel.tp > 1" in str(caught.value)
+    assert "set parallel.tp to 2 or more, or parallel.sequence_parallel=false" in str(caught.value)
+    with pytest.raises(
+        ConfigError, match=r"data.seq_len=63 is not divisible by parallel.tp=2.*multiple of 2"
+    ):
+        resolve({}, ["parallel.sequence_parallel=true", "parallel.tp=2", "data.seq_len=63"])
+    cfg = resolve({}, ["parallel.sequence_parallel=true", "parallel.tp=2", "model.n_kv_head=2"])
+    assert Topology.from_config(cfg.parallel).sequence_parallel
 
 
 @pytest.mark.parametrize("stage", [2, 3])
