@@ -110,6 +110,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         stop=tuple(args.stop),
+        batch_size=args.batch_size,
     )
     prompts = [args.prompt] if args.prompt_file is None else read_prompt_file(args.prompt_file)
     completions = generate(args.source, prompts, options)
@@ -304,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop when the new text contains TEXT, cut before it (repeatable)",
     )
     gen.add_argument("--seed", type=int, default=0, help="sampling seed (each prompt starts from it)")
+    gen.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="prompts of a --prompt-file decoded together, left-padded (each prompt's text is its text alone)",
+    )
     gen.set_defaults(func=cmd_generate)
 
     exp = verbs.add_parser("export", help="write a checkpoint as a Hugging Face Llama folder (safetensors)")

@@ -52,13 +52,14 @@ class RMSNorm(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate each pair (x[2k], x[2k+1]) of x (B, T, H, hd) by the position's angle; cos/sin are (T, hd/2), or
-    (B, T, hd/2) where each sample has its own positions (document masking)."""
+    (B, T, hd/2) when each row has its own positions (document masking, a left-padded decode batch)."""
     pairs = x.float().unflatten(-1, (-1, 2))  # (B, T, H, hd/2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    cos, sin = cos.expand(x.size(0), -1, -1), sin.expand(x.size(0), -1, -1)  # (B, T, hd/2)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
-    return rotated.flatten(-2).type_as(x)
+    cos = cos[..., None, :, None]  # (T | B, T, 1, hd/2, 1): broadcast over heads and the pair
+    sin = sin[..., None, :, None]
+    # (even, odd) -> (even cos - odd sin, odd cos + even sin) = pairs cos + (-odd, even) sin: the same roundings
+    # as the four products, in three kernels and one stack instead of six and one
+    swapped = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1)  # (B, T, H, hd/2, 2)
+    return (pairs * cos + swapped * sin).flatten(-2).type_as(x)
 
 
 class Attention(nn.Module):
@@ -89,13 +90,16 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, -1, self.head_dim)  # (B, T, Hq, hd)
         k = self.wk(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qk = apply_rope(torch.cat((q, k), dim=2), cos, sin)  # (B, T, Hq + Hkv, hd): one rotation for both
+        q, k = qk.split((q.size(2), k.size(2)), dim=2)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, Hkv, S, hd): every key so far, S = cache.start + T
-        # enable_gqa lets each group of Hq / Hkv query heads read its kv head in place (no repeat_interleave copy)
+            if cache.mask is not None:
+                mask = cache.mask  # (B, 1, T, S) for a left-padded batch
         causal = mask is None and k.size(2) == T
-        mask = causal_mask(T, k.size(2), q.device) if mask is None else mask  # (T, S), (B, 1, T, T) or None
+        mask = causal_mask(T, k.size(2), q.device) if mask is None else mask  # (T, S), (B, 1, T, S) or None
+        # enable_gqa lets each group of Hq / Hkv query heads read its kv head in place (no repeat_interleave copy)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
         )  # (B, Hq, T, hd)
@@ -126,10 +130,11 @@ def document_attention(
 
 
 class LayerCache:
-    """One layer's keys and values for KV-cache decoding: buffers (B, Hkv, max_seq_len, hd), `start` filled."""
+    """One layer's keys and values for KV-cache decoding: buffers (B, Hkv, max_seq_len, hd), `start` filled, and
+    the forward's attention mask when the batch is left-padded."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor, start: int):
-        self.k, self.v, self.start = k, v, start
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, start: int, mask: torch.Tensor | None = None):
+        self.k, self.v, self.start, self.mask = k, v, start, mask
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the chunk's keys and values (B, Hkv, T, hd) after the cached ones; return all of them."""
@@ -140,25 +145,50 @@ class LayerCache:
 
 
 class KVCache:
-    """Every layer's cached keys and values for one batch of sequences, and how many positions are filled.
+    """Every layer's cached keys and values for one batch of sequences, and how many slots are filled.
 
     Positions are absolute (RoPE is applied before caching), so the cache holds at most max_seq_len tokens;
-    the caller decides what to do when it is full (raylm.model.sampling re-encodes a shorter window)."""
+    the caller decides what to do when it is full (raylm.model.sampling re-encodes a shorter window).
 
-    def __init__(self, model: GPT, batch: int):
+    A batch of prompts of different lengths is left-padded: `pad[b]` (B,) slots at the start of row b hold
+    padding, which no other token attends to, and row b's token in slot s sits at RoPE position s - pad[b], so
+    each row computes what it would alone. Without `pad` every row starts at slot 0 and needs no mask."""
+
+    def __init__(self, model: GPT, batch: int, pad: torch.Tensor | None = None):
         cfg, weight = model.cfg, model.tok_embeddings.weight
         shape = (cfg.n_layer, batch, kv_heads(cfg), cfg.max_seq_len, cfg.d_model // cfg.n_head)
         self.k = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # (L, B, Hkv, max_seq_len, hd)
         self.v = torch.zeros(shape, dtype=weight.dtype, device=weight.device)  # (L, B, Hkv, max_seq_len, hd)
-        self.pos = 0  # tokens cached so far = the position of the next token
+        self.pos = 0  # slots filled so far = the slot of the next token
         self.max_seq_len = cfg.max_seq_len
+        self.pad = None if pad is None else pad.to(weight.device)  # (B,) padding slots of each row, or None
+        slots = torch.arange(cfg.max_seq_len, device=weight.device)
+        # (B, 1, 1, max_seq_len): which slots hold a row's own tokens (padding is never attended to)
+        self.real = None if self.pad is None else (slots >= self.pad[:, None])[:, None, None, :]
+        self.padded = 0 if pad is None else int(pad.max())  # slots before which some row still pads
 
-    def layer(self, i: int) -> LayerCache:
-        return LayerCache(self.k[i], self.v[i], self.pos)
+    def positions(self, T: int) -> slice | torch.Tensor:
+        """The RoPE table rows of the next T tokens: a slice shared by every row, or (B, T) per row when padded."""
+        if self.pad is None:
+            return slice(self.pos, self.pos + T)
+        slots = torch.arange(self.pos, self.pos + T, device=self.pad.device)
+        return (slots[None, :] - self.pad[:, None]).clamp(min=0)  # (B, T): padding slots take position 0
 
-    def clear(self) -> None:
-        """Forget every cached token; the next forward writes from position 0 over the old keys and values."""
-        self.pos = 0
+    def attention_mask(self, T: int) -> torch.Tensor | None:
+        """Which of the S = pos + T slots each of the next T tokens attends to, (B, 1, T, S) bool, or None when
+        unpadded (causal_mask does it). A padding slot sees itself only, so no row of the softmax is empty."""
+        if self.real is None:
+            return None
+        S = self.pos + T
+        real = self.real[..., :S]  # (B, 1, 1, S)
+        if T == 1 and self.pos >= self.padded:
+            return real  # one token past every row's padding: it sees every real slot so far, itself included
+        slots = torch.arange(S, device=real.device)
+        query = slots[self.pos :, None]  # (T, 1): the new tokens' slots
+        return (slots <= query) & (real | (slots == query))  # (B, 1, T, S)
+
+    def layer(self, i: int, mask: torch.Tensor | None = None) -> LayerCache:
+        return LayerCache(self.k[i], self.v[i], self.pos, mask)
 
 
 class FeedForward(nn.Module):
@@ -225,26 +255,32 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         documents: tuple[torch.Tensor, torch.Tensor] | None = None,
+        last_only: bool = False,
     ):
-        """Logits (B, T, vocab), or the mean cross-entropy over targets != -100 when targets are given.
+        """Logits (B, T, vocab), or the mean cross-entropy over targets != -100 when targets are given;
+        (B, 1, vocab) of the last token only with `last_only` (decoding needs no more).
 
-        With a cache, idx holds only the tokens after the cached ones: they take positions cache.pos onwards,
-        attend to the cached keys too, and are appended to the cache. `documents` = (doc_ids, positions), each
-        (B, T): attention stays within each document and RoPE takes the given positions (training only)."""
+        With a cache, idx holds only the tokens after the cached ones: they take slots cache.pos onwards,
+        attend to the cached keys too (not to a padded batch's padding), and are appended to the cache.
+        `documents` = (doc_ids, positions), each (B, T): attention stays within each document and RoPE takes the
+        given positions (training only)."""
         T = idx.size(1)
         start = 0 if cache is None else cache.pos
         assert start + T <= self.cfg.max_seq_len, f"{start} + {T} positions exceed the RoPE tables"
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]  # (T, hd/2)
-        mask = None
+        rows = slice(0, T) if cache is None else cache.positions(T)
+        cos, sin = self.rope_cos[rows], self.rope_sin[rows]  # (T, hd/2), or (B, T, hd/2) for a padded batch
+        mask = None if cache is None else cache.attention_mask(T)  # (B, 1, T, S) for a padded batch
         if documents is not None:
             assert cache is None, "document masking is for training windows, not KV-cache decoding"
             mask, cos, sin = document_attention(*documents, self.rope_cos, self.rope_sin)
         x = self.tok_embeddings(idx)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if cache is None else cache.layer(i), mask)  # (B, T, C)
+            x = layer(x, cos, sin, None if cache is None else cache.layer(i, mask), mask)  # (B, T, C)
         if cache is not None:
             cache.pos += T
-        logits = F.linear(self.norm(x), self.head_weight())  # (B, T, vocab)
+        if last_only:
+            x = x[:, -1:]  # (B, 1, C)
+        logits = F.linear(self.norm(x), self.head_weight())  # (B, T | 1, vocab)
         if targets is None:
             return logits
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)

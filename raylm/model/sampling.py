@@ -4,14 +4,15 @@ The sampler is a pure function of (logits, settings, generator). The decode loop
 one next token (B, 1) at a time and compute the following one only when asked, so the caller stops them at
 end-of-text, a stop string or a token budget without paying for a forward it throws away.
 
-`decode_cached` encodes the prompt once (prefill) and then runs the model on one new token per step against
-the cached keys and values. `decode_full_window` re-runs the whole window for every token: the slow reference
+`decode_rows` encodes a batch of prompts once (prefill, left-padded when their lengths differ) and then runs
+the model on one new token per row and step against the cached keys and values; `decode_cached` is it for a
+(B, T) tensor of equal-length prompts. `decode_full_window` re-runs the whole window for every token: the slow reference
 that the greedy test and benchmarks/generate.py compare against.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -67,30 +68,62 @@ def slide_keep(max_seq_len: int) -> int:
     return max(1, max_seq_len - max_seq_len // 4)
 
 
+def row_sampler(
+    sampler: Sampler, generators: list[torch.Generator]
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Next tokens (B, 1) from logits (B, V), row b drawn with generators[b]: each row's draws are the ones it
+    would take alone, whatever the other rows are. Greedy picks need no generator and take the batch at once."""
+    if sampler.temperature <= 0:
+        return sampler
+    return lambda logits: torch.cat([sampler(logits[b : b + 1], g) for b, g in enumerate(generators)])
+
+
+def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids (B, T), padding slots of each row (B,) or None when no row is padded): rows right-aligned at the
+    longest. The padding id is 0; what it is does not matter, since no real token attends to it."""
+    longest = max(len(row) for row in rows)
+    pad = [longest - len(row) for row in rows]
+    ids = torch.tensor([[0] * n + row for n, row in zip(pad, rows, strict=True)])  # (B, T)
+    return ids, torch.tensor(pad) if any(pad) else None
+
+
 @torch.inference_mode()
+def decode_rows(
+    model: GPT, prompts: list[list[int]], vocab_size: int, draw: Callable[[torch.Tensor], torch.Tensor]
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every prompt (B, 1), forever, with a KV cache: a prefill of the left-padded
+    prompts, then one token per row a step; `draw` picks tokens from logits (a Sampler, or row_sampler).
+
+    Each row computes what it would alone (its own RoPE positions, its padding masked), so its tokens are the
+    ones a batch of one gives. RoPE positions end at max_seq_len, so the cache holds one window: a prompt longer
+    than that keeps its newest max_seq_len tokens (as the full-window path does). When the cache is full, every
+    row is encoded again into a fresh cache: a row whose own tokens fill the window keeps its newest
+    `slide_keep` (it slides, at the step it would alone), the others keep all of theirs, and decoding goes on.
+    Up to the window the text is the full-window path's; past it each token sees 3/4 to all of a window
+    instead of exactly one. Logit rows past `vocab_size` (the embedding's padding) are never chosen."""
+    window = model.cfg.max_seq_len
+    rows = [prompt[-window:] for prompt in prompts]  # each row's own tokens that the cache will hold
+    while True:
+        idx, pad = left_padded(rows)
+        cache = KVCache(model, len(rows), pad)
+        logits = model(idx, cache=cache, last_only=True)[:, -1, :vocab_size]  # (B, V): prefill
+        while True:
+            next_id = draw(logits)  # (B, 1)
+            yield next_id
+            for row, token in zip(rows, next_id.view(-1).tolist(), strict=True):
+                row.append(token)
+            if cache.pos == window:
+                break
+            logits = model(next_id, cache=cache)[:, -1, :vocab_size]  # (B, V): one token against the cache
+        rows = [row[-slide_keep(window) :] if len(row) > window else row for row in rows]
+
+
 def decode_cached(
     model: GPT, idx: torch.Tensor, vocab_size: int, sampler: Sampler, generator: torch.Generator | None = None
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token (B, 1) after idx (B, T), forever, with a KV cache: prefill, then one token a step.
-
-    RoPE positions end at max_seq_len, so the cache holds one window. A prompt longer than that keeps its newest
-    max_seq_len tokens (as the full-window path does). When the cache is full, the newest `slide_keep` tokens
-    are encoded again at positions 0.. into an emptied cache and decoding goes on: up to the window the text
-    is the full-window path's; past it each token sees 3/4 to all of a window instead of exactly one.
-    Logit rows past `vocab_size` (the embedding's padding) are never chosen."""
-    window = model.cfg.max_seq_len
-    cache = KVCache(model, idx.size(0))
-    context = idx[:, -window:]  # (B, T'): the tokens the cache will hold
-    logits = model(context, cache=cache)[:, -1, :vocab_size]  # (B, V): prefill
-    while True:
-        next_id = sampler(logits, generator)  # (B, 1)
-        yield next_id
-        context = torch.cat([context, next_id], dim=1)[:, -window:]  # (B, <= window)
-        if cache.pos < window:
-            logits = model(next_id, cache=cache)[:, -1, :vocab_size]  # (B, V): one token against the cache
-        else:
-            cache.clear()
-            logits = model(context[:, -slide_keep(window) :], cache=cache)[:, -1, :vocab_size]  # (B, V)
+    """Yield the next token (B, 1) after idx (B, T), forever, with a KV cache (decode_rows on equal-length
+    rows; one generator draws for the whole batch)."""
+    return decode_rows(model, idx.tolist(), vocab_size, lambda logits: sampler(logits, generator))
 
 
 @torch.inference_mode()

@@ -1,16 +1,17 @@
 """`raylm generate`: load full weights on one process (whatever layout trained them) and continue prompts.
 
-Each prompt is encoded, decoded with the KV cache (raylm.model.sampling) and stopped at the first of: the
-end-of-text token (raylm's EOT, id 0: a document ended), a `--stop` string (cut before it), or
-`--max-new-tokens`. Prompts longer than the model's max_seq_len keep their newest tokens; past the window
-the cache slides (see `decode_cached`).
+Prompts are encoded and decoded with the KV cache (raylm.model.sampling) up to `--batch-size` at a time, each
+stopped at the first of: the end-of-text token (raylm's EOT, id 0: a document ended), a `--stop` string (cut
+before it), or `--max-new-tokens`. A batch is left-padded with per-row positions and its own generator per
+prompt, so each prompt's text is the one it gets alone. Prompts longer than the model's max_seq_len keep their
+newest tokens; past the window the cache slides (see `decode_rows`).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from raylm.data.tokenizer import EOT_ID, load_tokenizer_file
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.model.gpt import GPT
-from raylm.model.sampling import Sampler, decode_cached, slide_keep
+from raylm.model.sampling import Sampler, decode_rows, row_sampler, slide_keep
 from raylm.storage.file_names import TOKENIZER_FILE
 
 
@@ -45,8 +46,13 @@ class GenerateOptions:
     top_p: float = 1.0
     seed: int = 0
     stop: tuple[str, ...] = ()
+    batch_size: int = 16  # prompts decoded together (a prompt's text does not depend on it)
 
     def check(self) -> None:
+        if self.batch_size < 1:
+            raise GenerateError(
+                f"--batch-size {self.batch_size} is below 1; pass 1 (one prompt at a time) or more"
+            )
         if self.max_new_tokens < 0:
             raise GenerateError(f"--max-new-tokens {self.max_new_tokens} is negative; pass 0 or more")
         if not self.temperature >= 0:  # also catches nan
@@ -167,42 +173,74 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> str | None:
     return text[: min(hits)] if hits else None
 
 
-def complete(model, tokenizer, vocab_size: int, prompt: str, options: GenerateOptions) -> Completion:
-    """Continue one prompt with the KV cache until EOT, a stop string or max_new_tokens.
+@dataclass
+class Continuation:
+    """One prompt's new tokens as they come, until EOT or a stop string ends it (`done`)."""
+
+    prompt: str
+    new_ids: list[int] = field(default_factory=list)
+    done: Completion | None = None
+
+    def add(self, token: int, tokenizer, stop: tuple[str, ...]) -> None:
+        if token == EOT_ID:
+            self.done = Completion(self.prompt, tokenizer.decode(self.new_ids), len(self.new_ids), "eot")
+            return
+        self.new_ids.append(token)
+        cut = cut_at_stop(tokenizer.decode(self.new_ids), stop) if stop else None
+        if cut is not None:
+            self.done = Completion(self.prompt, cut, len(self.new_ids), "stop")
+
+    def completion(self, tokenizer) -> Completion:
+        """The finished completion, or the text so far when the token budget ran out."""
+        return self.done or Completion(
+            self.prompt, tokenizer.decode(self.new_ids), len(self.new_ids), "length"
+        )
+
+
+def complete_batch(
+    model, tokenizer, vocab_size: int, prompts: list[str], options: GenerateOptions
+) -> list[Completion]:
+    """Continue prompts together (one left-padded batch, KV cache) until each hits EOT, a stop string or
+    max_new_tokens; decoding stops when every row has.
 
     Every prompt gets its own generator seeded with options.seed, so its text does not depend on the other
     prompts of a batch (or their order)."""
-    ids = tokenizer.encode(prompt).ids or [EOT_ID]  # an empty prompt starts a new document
-    generator = torch.Generator().manual_seed(options.seed)
-    tokens = decode_cached(model, torch.tensor([ids]), vocab_size, options.sampler(), generator)
-    new_ids: list[int] = []
-    for next_id in itertools.islice(tokens, options.max_new_tokens):
-        token = int(next_id)
-        if token == EOT_ID:
-            return Completion(prompt, tokenizer.decode(new_ids), len(new_ids), "eot")
-        new_ids.append(token)
-        cut = cut_at_stop(tokenizer.decode(new_ids), options.stop) if options.stop else None
-        if cut is not None:
-            return Completion(prompt, cut, len(new_ids), "stop")
-    return Completion(prompt, tokenizer.decode(new_ids), len(new_ids), "length")
+    ids = [tokenizer.encode(prompt).ids or [EOT_ID] for prompt in prompts]  # empty: start a new document
+    draw = row_sampler(options.sampler(), [torch.Generator().manual_seed(options.seed) for _ in prompts])
+    rows = [Continuation(prompt) for prompt in prompts]
+    for next_ids in itertools.islice(decode_rows(model, ids, vocab_size, draw), options.max_new_tokens):
+        for row, token in zip(rows, next_ids.view(-1).tolist(), strict=True):
+            if row.done is None:  # a finished row is still computed with the batch; its tokens are dropped
+                row.add(token, tokenizer, options.stop)
+        if all(row.done for row in rows):
+            break
+    return [row.completion(tokenizer) for row in rows]
+
+
+def complete(model, tokenizer, vocab_size: int, prompt: str, options: GenerateOptions) -> Completion:
+    """Continue one prompt with the KV cache until EOT, a stop string or max_new_tokens."""
+    return complete_batch(model, tokenizer, vocab_size, [prompt], options)[0]
 
 
 def generate(source: str | Path, prompts: list[str], options: GenerateOptions) -> list[Completion]:
-    """Each prompt's continuation from the model in an export, checkpoint or run folder.
+    """Each prompt's continuation from the model in an export, checkpoint or run folder, in prompt order.
 
-    Prompts are decoded one at a time rather than as one left-padded batch: padding would shift each row's
-    RoPE positions and need a per-row mask at every step, and a prompt's text would then depend on the other
-    prompts' lengths. One at a time, a prompt's text is the same as running it alone; on a CPU the tiny
-    models here gain little from batching a single-token decode step."""
+    Prompts are decoded `options.batch_size` at a time, in order of length so that a batch pads little."""
     options.check()
     model, tokenizer, cfg = load_model(source)
-    _warn_if_past_window(tokenizer, prompts, options, cfg.model.max_seq_len)
+    lengths = [len(tokenizer.encode(p).ids) for p in prompts]
+    _warn_if_past_window(max(lengths), options, cfg.model.max_seq_len)
     vocab_size = sampled_vocab(tokenizer, cfg)
-    return [complete(model, tokenizer, vocab_size, prompt, options) for prompt in prompts]
+    order = sorted(range(len(prompts)), key=lengths.__getitem__)
+    completions: dict[int, Completion] = {}
+    for first in range(0, len(order), options.batch_size):
+        batch = order[first : first + options.batch_size]
+        done = complete_batch(model, tokenizer, vocab_size, [prompts[i] for i in batch], options)
+        completions.update(zip(batch, done, strict=True))
+    return [completions[i] for i in range(len(prompts))]
 
 
-def _warn_if_past_window(tokenizer, prompts: list[str], options: GenerateOptions, window: int) -> None:
-    longest = max(len(tokenizer.encode(p).ids) for p in prompts)
+def _warn_if_past_window(longest: int, options: GenerateOptions, window: int) -> None:
     if longest + options.max_new_tokens > window:
         get_logger().warning(
             f"prompt ({longest} tokens) + --max-new-tokens {options.max_new_tokens} exceeds the model's "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -22,8 +23,11 @@ from raylm.model.sampling import (
     Sampler,
     decode_cached,
     decode_full_window,
+    decode_rows,
     filter_logits,
+    left_padded,
     next_token,
+    row_sampler,
     slide_keep,
 )
 from raylm.train.generate import GenerateOptions, complete, generate, generate_text, load_model, sampled_vocab
@@ -40,6 +44,16 @@ TEXTS = [
 # probabilities exact in binary, all different: sorted 0.5 (id 1), 0.25 (id 3), 0.1875 (id 2), 0.0625 (id 0), so the
 # mass before each in sorted order is exactly 0, 0.5, 0.75, 0.9375
 PROBS = torch.tensor([[0.0625, 0.5, 0.1875, 0.25]])
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Decoding a small model is a few dozen tiny kernels a token: on one thread they run in microseconds, on two
+    they can spin against a busy neighbour for milliseconds each."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def random_model(cfg: ModelConfig = CFG, vocab: int = VOCAB, seed: int = 0) -> GPT:
@@ -194,6 +208,54 @@ def test_past_the_window_the_cache_slides_and_matches_a_fresh_window():
         assert model(context)[0, -1].argmax().item() == tokens[1]
 
 
+# --- batches of prompts of different lengths --------------------------------------------------------------
+
+PROMPT_LENGTHS = [1, 5, 13, 40]  # 40 > the window: the row keeps its newest 32 tokens
+
+
+def random_prompts(lengths: list[int], seed: int = 6) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, VOCAB, (n,), generator=gen).tolist() for n in lengths]
+
+
+def test_a_left_padded_batch_gives_each_row_its_logits_alone():
+    model = random_model(seed=7)
+    rows = random_prompts([3, 9, 6])
+    idx, pad = left_padded(rows)
+    assert pad is not None and pad.tolist() == [6, 0, 3] and idx[0, :6].tolist() == [0] * 6
+    steps = torch.tensor([[11], [12], [13]])
+    with torch.no_grad():
+        cache = KVCache(model, batch=3, pad=pad)
+        batch = [model(idx, cache=cache)[:, -1]] + [model(steps, cache=cache)[:, -1] for _ in range(3)]
+        for b, row in enumerate(rows):
+            alone = KVCache(model, batch=1)
+            want = [model(torch.tensor([row]), cache=alone)[:, -1]]
+            want += [model(steps[b : b + 1], cache=alone)[:, -1] for _ in range(3)]
+            assert all(torch.allclose(got[b], w[0], atol=1e-5) for got, w in zip(batch, want, strict=True))
+
+
+@pytest.mark.parametrize("sampler", [GREEDY, Sampler(temperature=1.0, top_k=20, top_p=0.9)])
+def test_each_row_of_a_batch_decodes_what_it_decodes_alone(sampler):
+    """Past the window too: the longest row slides at its own step, the others are re-encoded whole."""
+    model = random_model(seed=8)
+    prompts = random_prompts(PROMPT_LENGTHS)
+    n = 2 * CFG.max_seq_len
+
+    def draw(rows: int):
+        return row_sampler(sampler, [torch.Generator().manual_seed(9) for _ in range(rows)])
+
+    batch = torch.cat(list(itertools.islice(decode_rows(model, prompts, VOCAB, draw(4)), n)), dim=1)
+    for row, prompt in zip(batch.tolist(), prompts, strict=True):
+        assert row == take(decode_rows(model, [prompt], VOCAB, draw(1)), n)
+    n_alone = CFG.max_seq_len - PROMPT_LENGTHS[1]  # and alone, up to the window, the full-window path's
+    assert batch[1, :n_alone].tolist() == take(
+        decode_full_window(
+            model, torch.tensor([prompts[1]]), VOCAB, sampler, torch.Generator().manual_seed(9)
+        ),
+        n_alone,
+    )
+
+
 # --- raylm generate ------------------------------------------------------------------------------------------
 
 
@@ -286,6 +348,17 @@ def test_prompt_file_gives_each_prompt_its_text_alone(checkpoint, tmp_path, caps
         assert row["prompt"] + row["completion"] == alone and row["stop_reason"] in ("length", "eot", "stop")
 
 
+def test_batched_prompts_stop_on_their_own_and_keep_their_text_alone(checkpoint):
+    prompts = ["def ", "import os, sys, json", "x", "for i in range(10):\n    print("]
+    free = generate(checkpoint, prompts, GenerateOptions(temperature=0, max_new_tokens=12, batch_size=1))
+    stop = free[1].completion[2:4]  # ends the second prompt early; the others may run on
+    options = GenerateOptions(temperature=0, max_new_tokens=12, stop=(stop,), batch_size=1)
+    alone = generate(checkpoint, prompts, options)
+    batched = generate(checkpoint, prompts, replace(options, batch_size=3))  # a batch of 3, then one of 1
+    assert batched == alone and alone[1].stop_reason == "stop"
+    assert any(c.new_tokens > alone[1].new_tokens for c in alone)  # a row went on after one had stopped
+
+
 def test_one_prompt_prints_its_text(checkpoint, capsys):
     assert (
         main(["generate", str(checkpoint), "--prompt", "def ", "--max-new-tokens", "5", "--seed", "1"]) == 0
@@ -304,6 +377,7 @@ def test_one_prompt_prints_its_text(checkpoint, capsys):
         (["--prompt", "a", "--top-k", "-2"], ["--top-k -2"]),
         (["--prompt", "a", "--max-new-tokens", "-1"], ["--max-new-tokens -1"]),
         (["--prompt", "a", "--stop", ""], ["--stop ''"]),
+        (["--prompt", "a", "--batch-size", "0"], ["--batch-size 0"]),
         (["--prompt-file", "MISSING"], ["does not exist"]),
         (["--prompt-file", "EMPTY"], ["no prompts"]),
         (["--prompt-file", "BINARY"], ["UTF-8"]),
