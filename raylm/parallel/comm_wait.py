@@ -71,9 +71,11 @@ class CommClock:
             self._depth.value = 1
             self.in_flight = InFlight(name, _peers(name, args, kwargs), time.monotonic())
             try:
-                return timed(*args, **kwargs)
+                result = timed(*args, **kwargs)
             finally:
-                self.in_flight, self._depth.value = None, 0
+                self._depth.value = 0
+            self.in_flight = None  # kept when the call raised: the hang report names the call that timed out
+            return result
 
         wrapped.__wrapped__ = call  # type: ignore[attr-defined]
         return wrapped

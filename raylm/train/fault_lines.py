@@ -56,10 +56,10 @@ class FaultLines:
     def _what(self, failures: Mapping[int, BaseException]) -> str:
         hangs = self._new_hang_reports()
         if hangs is not None and hangs.missing:
-            ranks = ", ".join(f"{r} on node {short_node(hangs.nodes[r])}" for r in hangs.missing)
+            missing = [f"{r} on node {short_node(hangs.nodes[r])}" for r in hangs.missing]
             return (
-                f"rank {ranks} did not arrive ({hangs.reason}; ranks "
-                f"{', '.join(map(str, hangs.ranks))} waited in {hangs.blocked_in}; their stacks: {hangs.folder})"
+                f"{_ranks(missing)} did not arrive ({hangs.reason}; {_ranks(hangs.ranks)} waited in "
+                f"{hangs.blocked_in}; their stacks: {hangs.folder})"
             )
         died = sorted(rank for rank, error in failures.items() if _is_process_death(error))
         if died:
@@ -92,6 +92,11 @@ class FaultLines:
             return None
         self.reported.update(folder.name for folder in fresh)
         return read_hang_reports(fresh[-1])
+
+
+def _ranks(ranks: list) -> str:
+    """`rank 1`, or `ranks 0, 2, 3`."""
+    return f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
 
 
 def read_hang_reports(folder: Path) -> HangReports:

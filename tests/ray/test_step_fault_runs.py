@@ -52,4 +52,5 @@ def test_stalled_rank_fails_its_collectives_and_the_group_resumes_bitwise(
     (folder,) = (Path(cfg.run.dir) / cfg.run.name / HANGS_DIR).iterdir()
     reports = read_hang_reports(folder)
     assert reports.ranks and len(reports.missing) == 1, reports
-    assert "reason: a collective timed out" in (folder / f"rank-{reports.ranks[0]:05d}.txt").read_text()
+    report = (folder / f"rank-{reports.ranks[0]:05d}.txt").read_text()
+    assert "reason: a collective timed out" in report and "blocked in: torch.distributed." in report, report
