@@ -8,7 +8,7 @@ Figures (one JSON object per line; times are medians over the rounds):
   sync_save_s           the save in the loop: every second of it is training time lost
   async_blocking_s      the background save's start: the host snapshot of weights and AdamW moments
   async_slowdown_s      what the steps trained during the background write lost to it (their time over as many
-                        plain steps)
+                        plain steps, at the median time of the plain steps just before and after it)
   async_save_s          the background save from its start to its commit (steps_during: the steps it spanned)
   ckpt_blocking_frac    (async_blocking_s + async_slowdown_s) / sync_save_s: training time lost per save with a
                         background save over a save in the loop (target <= 0.15)
@@ -42,11 +42,13 @@ def rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
-def plain_step_s(engine, cfg, steps: int) -> float:
-    start = time.perf_counter()
+def plain_step_times(engine, cfg, steps: int) -> list[float]:
+    times = []
     for _ in range(steps):
+        start = time.perf_counter()
         one_step(engine, cfg)
-    return (time.perf_counter() - start) / steps
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def sync_round(engine, cfg, folder: Path, step: int) -> float:
@@ -67,7 +69,7 @@ def async_round(engine, cfg, folder: Path, step: int) -> dict:
     from raylm.checkpoint.background import BackgroundSaver
 
     saver = BackgroundSaver(cfg, engine.device)
-    before_s = plain_step_s(engine, cfg, PLAIN_STEPS)
+    before = plain_step_times(engine, cfg, PLAIN_STEPS)
     rss_before = rss_bytes()
     start = time.perf_counter()
     saver.start(engine, folder, step, {"step": step}, capture_rng(), lambda phase: None, lambda path: None)
@@ -81,7 +83,7 @@ def async_round(engine, cfg, folder: Path, step: int) -> dict:
     save_s = time.perf_counter() - start
     saver.close()
     shutil.rmtree(committed)
-    plain_s = (before_s + plain_step_s(engine, cfg, PLAIN_STEPS)) / 2
+    plain_s = statistics.median(before + plain_step_times(engine, cfg, PLAIN_STEPS))  # steps around it
     slowdown_s = save_s - blocking_s - steps * plain_s
     return {
         "blocking_s": blocking_s,

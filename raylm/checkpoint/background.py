@@ -21,9 +21,6 @@ finds it, never silent.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,8 +48,6 @@ from raylm.storage.location import Location, as_location
 if TYPE_CHECKING:
     from raylm.parallel.engine import Engine
 
-LOWEST_NICE = 19
-
 
 @dataclass
 class _InFlight:
@@ -79,9 +74,7 @@ class BackgroundSaver:
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="raylm-checkpoint", initializer=_yield_to_training
-        )
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-checkpoint")
         self.in_flight: _InFlight | None = None
         self.finished: dict[str, float] = {}
 
@@ -169,13 +162,6 @@ class BackgroundSaver:
         else:
             save.job = _done(None)
         save.committing = True
-
-
-def _yield_to_training() -> None:
-    """The writer thread runs at the lowest CPU priority (on Linux nice is per thread), so on a busy node it takes
-    the cycles the training step leaves idle, not the step's own; elsewhere it keeps the process's."""
-    with contextlib.suppress(OSError, AttributeError):  # no per-thread priority on this system
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOWEST_NICE)
 
 
 def _write(
