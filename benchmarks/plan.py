@@ -228,6 +228,7 @@ def main() -> None:
         matmul_fp32_gflops=round(hw.peak("fp32") / 1e9, 1),
         allreduce_gb_s=round(hw.intra_bw / 1e9, 2),
         send_gb_s=round(hw.p2p_bw / 1e9, 2),
+        sync_wait_ms=round(hw.sync_wait_s * 1e3, 3),
         idle_rank_gb=round(hw.framework_bytes / 1e9, 3),
         cores=hw.cores_per_node,
     )

@@ -39,7 +39,7 @@ from raylm.parallel.full_tensors import (
     shard_of,
     tag_for_grad_norm,
 )
-from raylm.parallel.host_alloc import map_large_allocations
+from raylm.parallel.host_alloc import map_large_allocations, release_free_heap
 from raylm.parallel.layers import compile_blocks
 from raylm.parallel.pipe_wait import PipeWaitClock
 from raylm.parallel.pipeline import SingleStage, build_pipeline_module, ds_topology, stage_layers
@@ -401,10 +401,8 @@ def _build_engine(cfg: Config, spec: TrainSpec, topo: Topology, weights: WeightS
     mpu = PipelineParallelGrid(topology=ds_topology(topo)) if topo.pp == 1 else None
     zero_stage = zero_stage_for(cfg.parallel, spec.precision)
     zero3 = zero_stage == 3  # only with pp = 1 (Layout.check_model)
-    if zero_stage >= 1 and not torch.cuda.is_available():
-        # before the stage is built: ZeRO-1/2 copy every parameter into flat buffers and free the originals, ZeRO-3
-        # gathers and frees every layer every step; glibc would keep what they free (host_alloc)
-        map_large_allocations()
+    if zero3 and not torch.cuda.is_available():
+        map_large_allocations()  # before the stage is built: ZeRO-3 gathers and frees every layer every step
     dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
     module, layers = build_module(
         cfg.model, cfg.parallel, spec, topo, tp, layer_partitioner(ds_config, mpu, dtype) if zero3 else None
@@ -420,6 +418,8 @@ def _build_engine(cfg: Config, spec: TrainSpec, topo: Topology, weights: WeightS
         compile_blocks(module)
     optimizer = build_optimizer(module, spec.optim, fused=torch.cuda.is_available())
     ds_engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, mpu=mpu, config=ds_config)
+    if zero_stage in (1, 2) and not torch.cuda.is_available():
+        release_free_heap()  # initialize copied every parameter into flat buffers and freed the originals
     engine_class = SingleStageEngine if topo.pp == 1 else PipelineStageEngine
     engine = engine_class(
         ds_engine, optimizer, topo, groups, tp, layers, cfg.model, spec.vocab_size, cfg.parallel.micro_batch
