@@ -31,7 +31,7 @@ demo: install
 # The whole suite but the tests marked slow (the longest fault, sweep and multi-node drills: README "Tests and benchmarks").
 test: install
 	$(MAKE) --no-print-directory check
-	$(BIN)/python -m pytest -q -m "not slow" tests/unit tests/distributed tests/ray tests/gpu
+	$(BIN)/python -m pytest -q --durations=25 -m "not slow" tests/unit tests/distributed tests/ray tests/gpu
 
 test-all: install
 	$(MAKE) --no-print-directory check

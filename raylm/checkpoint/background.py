@@ -118,7 +118,13 @@ class BackgroundSaver:
             self._commit(save)
             return None
         self.in_flight = None
-        committed = as_location(on_rank0(lambda: str(save.job.result())))
+        try:
+            committed = as_location(on_rank0(lambda: str(save.job.result())))
+        finally:
+            # only now: the ranks on rank 0's node share its staging folder, which holds the manifest until the
+            # commit (rank 0's thread drops it itself)
+            if save.snapshot.rank != 0:
+                drop_staging(save.snapshot, save.checkpoints_dir)
         self.finished = {
             "ckpt_step": save.snapshot.step,
             "ckpt_wait_s": round(save.waited_s, 4),
@@ -152,10 +158,9 @@ class BackgroundSaver:
             merged = gather_written(save.snapshot, save.checkpoints_dir, files, error)
         except BaseException:
             self.in_flight = None
-            raise
-        finally:
-            if save.snapshot.rank != 0:  # uploaded by now; rank 0's staging folder holds the manifest to come
+            if save.snapshot.rank != 0:  # rank 0 removed what the failed save left (gather_written)
                 drop_staging(save.snapshot, save.checkpoints_dir)
+            raise
         save.phase("before-commit")
         if save.snapshot.rank == 0:
             save.job = self.pool.submit(_commit_and_prune, save, self.cfg, merged)
