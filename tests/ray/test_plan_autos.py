@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
 
 from raylm.checkpoint.commit import list_committed
@@ -18,6 +19,9 @@ def committed_steps(run: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in list_committed(checkpoint_root(run)))
 
 
+# slow since make test passed 15 minutes (45 s here); make test keeps choose_layout and the Young/Daly interval
+# in tests/unit/test_plan_decide.py
+@pytest.mark.slow
 def test_layout_auto_and_every_steps_auto_train_and_checkpoint_by_young_daly(ray_cluster, small_config):
     autos = (
         "parallel.layout=auto",
