@@ -129,6 +129,8 @@ def wandb_records(folder):
                 pos += block - pos % block  # a block's tail too short for a chunk header is padding
                 continue
             _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+            if pos + 7 + length > len(data):
+                break  # a chunk wandb's core process is still writing
             pending += data[pos + 7 : pos + 7 + length]
             pos += 7 + length
             if kind in (1, 4):  # a whole record, or the last chunk of one
@@ -142,8 +144,15 @@ def finished_records(folder, runs: int, timeout_s: float = 30.0) -> list:
     """The records once `runs` offline runs end with their exit record (wandb's core process may still be writing
     them for a moment after finish() returned)."""
     deadline = time.monotonic() + timeout_s
+    from google.protobuf.message import DecodeError
+
     while True:
-        records = list(wandb_records(folder))
+        try:
+            records = list(wandb_records(folder))
+        except DecodeError:  # a record caught half written: read the files again
+            if time.monotonic() > deadline:
+                raise
+            records = []
         exits = sum(r.WhichOneof("record_type") == "exit" for r in records)
         if exits >= runs or time.monotonic() > deadline:
             return records
