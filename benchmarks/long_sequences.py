@@ -11,7 +11,8 @@ benchmarks/sequence_parallel.py measures: the rank's peak RSS during the step ab
 transients; the model states (16 bytes per parameter, about 9 MB per rank here) are in the RSS before. Windows
 under document masks hold documents of DOC_TOKENS tokens (the mask's size does not depend on where they end).
 Figures (one JSON object per line):
-  step_mem_mb                per setting and window: each rank's step memory, and the step's seconds (rank 0)
+  step_mem_mb                per setting and window: each rank's step memory, the step's seconds (rank 0), and
+                             predicted_mb, what `raylm plan`'s activation model (raylm.plan.memory) predicts
   longest_seq_len            per setting: the longest window whose step stayed within the cap on every rank
                              (at_longest_tried: it is --longest, and the cap would allow more)
   sp_step_mem_ratio          at the longest window both ran: step memory with sequence parallelism over without,
@@ -131,6 +132,30 @@ def setting_rank(
     return rows
 
 
+def predicted_bytes(setting: Setting, seq_len: int, longest: int) -> float:
+    """`raylm plan`'s activation bytes for the setting's rank at this window (the fullest stage's)."""
+    from raylm.plan.memory import RankSetup, stage_activation_bytes
+    from raylm.plan.stages import model_shape, stages
+
+    cfg = setting_config(setting, seq_len, longest)
+    shape = model_shape(cfg, cfg.parallel.tp)
+    setup = RankSetup(
+        pp=1,
+        tp=cfg.parallel.tp,
+        dp=1,
+        zero_stage=0,
+        micro_batch=1,
+        micro_batches=1,
+        checkpointing=setting.activation_checkpointing,
+        precision=cfg.train.precision,
+        sequence_parallel=setting.sequence_parallel,
+        document_mask=setting.document_mask,
+    )
+    return max(
+        stage_activation_bytes(shape, stage, setup) for stage in stages(shape, 1, cfg.parallel.partition)
+    )
+
+
 def run_setting(setting: Setting, start: int, longest: int, cap: int) -> dict[int, int]:
     """Emit each window's figures for one setting and its longest window within the cap; {window: largest rank's
     step memory}."""
@@ -142,6 +167,7 @@ def run_setting(setting: Setting, start: int, longest: int, cap: int) -> dict[in
         emit(
             step_mem_mb=[round(r["step_mem"] / 2**20, 1) for r in rows],
             step_s=round(rows[0]["step_s"], 2),
+            predicted_mb=round(predicted_bytes(setting, seq_len, longest) / 2**20, 1),
             seq_len=seq_len,
             tp=2,
             **setting._asdict(),

@@ -24,8 +24,9 @@ input and the pipeline's boundary activations; the norm's result is gathered who
 Document masks (data.document_mask) add, per block, what SDPA keeps of the (B, 1, T, T) mask it is given:
 the additive mask in the compute dtype it converts the boolean one to (e x T per token, on every TP rank: the
 mask is the same for every head), and the block's own RoPE tables at each row's positions (cos and sin, fp32,
-4 x head size per token); while a block builds its mask, two (B, T, T) booleans (the same-document test and
-the mask) live at once; between pipeline stages every micro-batch carries its int64 document ids and positions.
+4 x head size per token); while a block runs (its forward, or its recompute under checkpointing) its boolean
+mask, B x T x T bytes, lives beside them; between pipeline stages every micro-batch carries its int64 document
+ids and positions (benchmarks/long_sequences.py measures masked steps against these figures).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def stage_activation_bytes(shape: ModelShape, stage: Stage, setup: RankSetup) ->
     kept = in_flight * (stage.blocks * per_block + pipe_buffers)
     transient: float = 2 * boundary  # the gradient flowing back and the one being formed
     if setup.document_mask and stage.blocks:
-        transient += 2 * tokens * shape.seq_len  # the (B, T, T) booleans a block's mask is built from
+        transient += tokens * shape.seq_len  # the running block's boolean (B, 1, T, T) mask
     if setup.checkpointing and stage.blocks:
         transient += block
     if stage.last:
