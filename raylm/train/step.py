@@ -60,6 +60,10 @@ class TimedIterator:
         finally:
             self.wait_s += time.perf_counter() - start
 
+    def set_window(self, seq_len: int) -> None:
+        """The stream's window length from the next micro-batch on (schedule.seq_len)."""
+        self.batches.set_window(seq_len)
+
     def take_wait_s(self) -> float:
         waited, self.wait_s = self.wait_s, 0.0
         return waited
@@ -73,7 +77,7 @@ def train_step(
     engine.set_micro_batches(micro_batches)
     engine.set_seq_len(seq_len)
     if batches is not None:
-        batches.batches.set_window(seq_len)
+        batches.set_window(seq_len)
     engine.take_pipe_wait_s()  # drop waits from anything run since the last step (an evaluation)
     start = time.perf_counter()
     loss = engine.train_batch(batches)
