@@ -74,7 +74,7 @@ def test_sequence_parallel_benchmark_dry_mode_prints_its_figures():
     assert all(0 < ratio < 2 for ratio in ratios.values()), ratios
 
 
-@pytest.mark.slow  # six tp = 2 engines in fresh ranks, stepped at windows 128 to 1024: ~2 min on 2 shared cores
+@pytest.mark.slow  # six tp = 2 engines in fresh ranks, stepped at windows 128 to 1024: 49 s on 2 shared cores
 def test_long_sequences_benchmark_dry_mode_prints_its_figures():
     lines = dry_run_lines("long_sequences.py", timeout_s=900)
     longest = [line for line in lines if "longest_seq_len" in line]
