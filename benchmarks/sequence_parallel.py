@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 from common import REPO_ROOT, emit
 from memory import one_step
@@ -70,10 +71,20 @@ def rss_bytes(field: str) -> int:
     return int(line.split()[1]) * 1024  # kB
 
 
-def variant_rank(rank: int, world_size: int, seq_len: int, n_layer: int, variant: tuple[bool, bool]) -> int:
-    """One variant's step memory on this rank, in a fresh process: nothing freed by another variant is reused."""
+def step_memory(step: Callable[[], object]) -> int:
+    """Peak RSS while step() runs above the RSS before it (with MMAP_THRESHOLD mapped, freed buffers leave)."""
     import gc
 
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM to the current RSS
+    before = rss_bytes("VmRSS")
+    step()
+    return rss_bytes("VmHWM") - before
+
+
+def variant_rank(rank: int, world_size: int, seq_len: int, n_layer: int, variant: tuple[bool, bool]) -> int:
+    """One variant's step memory on this rank, in a fresh process: nothing freed by another variant is reused."""
     from raylm.parallel.engine import build_engine
     from raylm.parallel.host_alloc import map_large_allocations
 
@@ -81,12 +92,7 @@ def variant_rank(rank: int, world_size: int, seq_len: int, n_layer: int, variant
     cfg = variant_config(seq_len, n_layer, *variant)
     engine = build_engine(cfg)
     one_step(engine, cfg)  # warm-up: AdamW's moments and the gradients exist from here on
-    gc.collect()
-    with open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # reset VmHWM to the current RSS
-    before = rss_bytes("VmRSS")
-    one_step(engine, cfg)
-    return rss_bytes("VmHWM") - before
+    return step_memory(lambda: one_step(engine, cfg))
 
 
 def main() -> None:

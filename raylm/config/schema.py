@@ -270,9 +270,25 @@ class BatchScheduleConfig:
 
 
 @dataclass(frozen=True)
+class SeqLenScheduleConfig:
+    start: int = opt(
+        0,
+        "window length at step 0, data.seq_len divided by a power of two; 0 = no warm-up (data.seq_len "
+        "throughout). Tokens per step stay constant: a step at window L cuts each sample's data.seq_len "
+        "tokens into data.seq_len / L consecutive windows, so micro-batches hold more, shorter rows",
+    )
+    warmup_steps: int = opt(
+        0, "optimizer steps over which the window doubles from start to data.seq_len, in equal stages"
+    )
+
+
+@dataclass(frozen=True)
 class ScheduleConfig:
     lr: LrScheduleConfig = section(LrScheduleConfig, "learning-rate schedule")
     batch: BatchScheduleConfig = section(BatchScheduleConfig, "batch-size ramp-up")
+    seq_len: SeqLenScheduleConfig = section(
+        SeqLenScheduleConfig, "sequence-length warm-up (docs/long-sequences.md)"
+    )
 
 
 @dataclass(frozen=True)
@@ -421,7 +437,9 @@ class Config:
     parallel: ParallelConfig = section(ParallelConfig, "pipeline, tensor and data parallel layout")
     train: TrainConfig = section(TrainConfig, "training loop")
     optim: OptimConfig = section(OptimConfig, "AdamW")
-    schedule: ScheduleConfig = section(ScheduleConfig, "learning-rate and batch-size schedules")
+    schedule: ScheduleConfig = section(
+        ScheduleConfig, "learning-rate, batch-size and sequence-length schedules"
+    )
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoint cadence and resume policy")
     fault: FaultConfig = section(FaultConfig, "fault tolerance")
     tune: TuneConfig = section(TuneConfig, "Ray Tune sweeps")

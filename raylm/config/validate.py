@@ -284,7 +284,35 @@ def _check_schedule(cfg: Config) -> None:
         )
 
 
-LAYOUT_CHECKS = (_check_layout, _check_batch, _check_schedule)
+def _check_seq_len_schedule(cfg: Config) -> None:
+    """schedule.seq_len: windows that cut every sample into whole windows (start = data.seq_len / 2^k), over a
+    positive number of steps, each split evenly over the TP ranks under sequence parallelism."""
+    warm, seq_len = cfg.schedule.seq_len, cfg.data.seq_len
+    if not warm.start:
+        return
+    quotient = seq_len // warm.start if 0 < warm.start < seq_len else 0
+    if quotient * warm.start != seq_len or quotient & (quotient - 1):
+        halves = [seq_len >> k for k in range(1, 4) if seq_len % (1 << k) == 0]
+        example = f"e.g. {', '.join(map(str, halves))}" if halves else "or 0 (no warm-up)"
+        _fail(
+            f"schedule.seq_len.start={warm.start} must be data.seq_len={seq_len} divided by a power of two "
+            f"(each sample is cut into whole windows, doubling to data.seq_len); set it to {example}"
+        )
+    if warm.warmup_steps <= 0:
+        _fail(
+            f"schedule.seq_len.warmup_steps={warm.warmup_steps} must be positive when the warm-up is on; "
+            f"e.g. schedule.seq_len.warmup_steps={max(1, cfg.train.max_steps // 10)}"
+        )
+    tp = cfg.parallel.tp
+    if cfg.parallel.sequence_parallel and warm.start % tp:
+        _fail(
+            f"schedule.seq_len.start={warm.start} is not divisible by parallel.tp={tp}, which "
+            f"parallel.sequence_parallel=true splits each window's positions over; set schedule.seq_len.start "
+            f"to a multiple of {tp}"
+        )
+
+
+LAYOUT_CHECKS = (_check_layout, _check_batch, _check_schedule, _check_seq_len_schedule)
 
 
 def _check_storage(cfg: Config) -> None:

@@ -5,8 +5,12 @@ A split is its shards back to back, one token sequence; window w is tokens [w*T,
 DP rank r of n takes g = start + r + k*n, k = 0, 1, ...; so ranks are disjoint and together cover every g once,
 every rank with the same DP index (pipeline stages, tensor ranks) reads the identical sequence without a
 collective (hang 3), and a run resumes at any global offset, under any dp size that divides it, without
-re-reading the epoch. Shards are memory-mapped and read lazily; each shard is checked against the manifest
-(sha256, ids < vocab) the first time this process touches it, and a bad one stops the stream with its name.
+re-reading the epoch. A sample is always a whole window of data.seq_len: under the sequence-length warm-up
+(schedule.seq_len) a step at window L < T reads the same samples and cuts each into T / L windows (split_windows),
+so the sample ids, the stream's resume state and the tokens per step do not depend on the window length, and a
+run resumed at any step reads what the uninterrupted run read. Shards are memory-mapped and read lazily; each
+shard is checked against the manifest (sha256, ids < vocab) the first time this process touches it, and a bad one
+stops the stream with its name.
 
 A source may be an s3:// or gs:// prefix: its manifest is fetched when the stream opens and each shard is fetched
 into the node's data.cache_dir the first time it is read (raylm.data.cache), then memory-mapped like a local one.
@@ -212,8 +216,20 @@ def _check_args(seq_len: int, dp_rank: int, dp_size: int, micro_batch: int, star
         )
 
 
+def split_windows(windows: np.ndarray, length: int) -> np.ndarray:
+    """(B, T + 1) sample windows -> (B * T / length, length + 1), each sample's pieces in order: piece j of a
+    sample is its tokens [j * length, (j + 1) * length + 1). Neighbouring pieces share one token (the last target
+    of one is the first input of the next), so every target of the sample is trained exactly once."""
+    B, T = windows.shape[0], windows.shape[1] - 1
+    assert length > 0 and T % length == 0, f"a window of {length} tokens does not divide a sample of {T}"
+    pieces = T // length
+    index = np.arange(pieces)[:, None] * length + np.arange(length + 1)  # (pieces, length + 1)
+    return windows[:, index].reshape(B * pieces, length + 1)
+
+
 class RankStream:
-    """Infinite iterator of (inputs, targets) int64 tensors of shape (micro_batch, seq_len) for one DP rank.
+    """Infinite iterator of (inputs, targets) int64 tensors of shape (micro_batch, seq_len) for one DP rank;
+    after set_window(L), (micro_batch * seq_len / L, L): the same samples, each cut into windows of L.
 
     With `documents` (data.document_mask: 'continue' or 'restart', data.document_positions) inputs is the
     tuple (tokens, document ids, positions), each (micro_batch, seq_len): raylm.data.documents."""
@@ -255,6 +271,14 @@ class RankStream:
         self._chunks = _ray_chunks(self.plan, prefetch) if self.on_ray else self._local_chunks()
         self._chunk: np.ndarray | None = None
         self._row = 0
+        self.window = seq_len  # tokens per row of the batches it yields (schedule.seq_len)
+
+    def set_window(self, length: int) -> None:
+        """Yield rows of `length` tokens from the next micro-batch on (a divisor of seq_len; no effect on which
+        samples come next)."""
+        if length < 1 or self.plan.seq_len % length:
+            raise DataError(f"a window of {length} tokens does not divide data.seq_len={self.plan.seq_len}")
+        self.window = length
 
     def __iter__(self) -> RankStream:
         return self
@@ -267,6 +291,8 @@ class RankStream:
         windows = self._chunk[self._row : self._row + self.micro_batch]  # (B, T + 1)
         self._row += self.micro_batch
         self.global_offset += self.micro_batch * self.dp_size
+        if self.window != self.plan.seq_len:
+            windows = split_windows(windows, self.window)  # (B * T / L, L + 1)
         # np.array copies: the chunk may be a read-only Ray buffer, and the trainer may write into its batch.
         tokens, targets = np.array(windows[:, :-1]), np.array(windows[:, 1:])  # (B, T)
         if not self.documents:

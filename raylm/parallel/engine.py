@@ -127,6 +127,7 @@ class Engine:
         self.coords = topo.coords(self.rank)
         self.guard = StepGuard(ds_engine, list(layers.params.values()))
         self.comm = CommClock.installed()
+        self.seq_len = 0  # the window length of the batches since the last set_seq_len (0: none set yet)
 
     @property
     def computes_loss(self) -> bool:
@@ -206,6 +207,11 @@ class Engine:
         if micro_batches < 1:
             raise ValueError(f"micro_batches={micro_batches} must be >= 1")
         self.ds.set_train_batch_size(micro_batches * self.micro_batch * self.topo.dp)
+
+    def set_seq_len(self, seq_len: int) -> None:
+        """The window length of the micro-batches from here on (schedule.seq_len; evaluations at data.seq_len):
+        every rank calls it with the same value, middle pipeline stages included, which read no data."""
+        self.seq_len = seq_len
 
     # -- full state: every tensor whole and layout-free ------------------------------------------------------
 
@@ -312,6 +318,13 @@ class PipelineStageEngine(Engine):
 
     def take_pipe_wait_s(self) -> float:
         return self.pipe_wait.take_wait_s()
+
+    def set_seq_len(self, seq_len: int) -> None:
+        """DeepSpeed's pipeline sends the shapes of stage activations once and keeps its receive buffers: when
+        the window changes, every stage drops them together, so the next micro-batch sends the new shapes."""
+        if self.seq_len and seq_len != self.seq_len:
+            self.ds.reset_activation_shape()
+        super().set_seq_len(seq_len)
 
 
 class SingleStageEngine(Engine):

@@ -21,6 +21,12 @@ each RMSNorm keeps (4 + 2e) x d bytes (its fp32 input, its normalised output and
 e x (2d + 2 kv) / tp (q and k after RoPE, v, the output) and the SwiGLU MLP 4e x ffn / tp. Sequence parallelism
 divides by tp what lies between TP regions: each norm's input and normalised output, a checkpointed block's
 input and the pipeline's boundary activations; the norm's result is gathered whole for the layers after it.
+Document masks (data.document_mask) add, per block, what SDPA keeps of the (B, 1, T, T) mask it is given:
+the additive mask in the compute dtype it converts the boolean one to (e x T per token, on every TP rank: the
+mask is the same for every head), and the block's own RoPE tables at each row's positions (cos and sin, fp32,
+4 x head size per token); while a block runs (its forward, or its recompute under checkpointing) its boolean
+mask, B x T x T bytes, lives beside them; between pipeline stages every micro-batch carries its int64 document
+ids and positions (benchmarks/long_sequences.py measures masked steps against these figures).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class RankSetup:
     checkpointing: bool
     precision: str
     sequence_parallel: bool = False  # activations between TP regions split along the sequence over tp
+    document_mask: bool = False  # data.document_mask: every block attends under a (B, 1, T, T) mask
 
     @property
     def sequence_shards(self) -> int:
@@ -111,7 +118,8 @@ def block_activation_bytes(shape: ModelShape, tokens: int, setup: RankSetup) -> 
     norms = 2 * ((4 + e) / setup.sequence_shards + e) * d
     attention = e * (2 * d + 2 * shape.kv_dim) / tp + 4 * shape.n_head / tp
     mlp = 4 * e * shape.ffn / tp
-    return tokens * (norms + attention + mlp + 8)
+    documents = e * shape.seq_len + 4 * shape.d_model // shape.n_head if setup.document_mask else 0
+    return tokens * (norms + attention + mlp + documents + 8)
 
 
 def stage_activation_bytes(shape: ModelShape, stage: Stage, setup: RankSetup) -> float:
@@ -125,9 +133,12 @@ def stage_activation_bytes(shape: ModelShape, stage: Stage, setup: RankSetup) ->
     per_block = boundary if setup.checkpointing else block
     in_flight = min(setup.pp - stage.index, setup.micro_batches) if setup.pp > 1 else 1
     # DeepSpeed's pipeline keeps each in-flight micro-batch's stage input and output
-    pipe_buffers = 2 * boundary if setup.pp > 1 else 0
+    documents = 2 * 8 * tokens if setup.document_mask else 0  # int64 document ids and positions
+    pipe_buffers = 2 * (boundary + documents) if setup.pp > 1 else 0
     kept = in_flight * (stage.blocks * per_block + pipe_buffers)
     transient: float = 2 * boundary  # the gradient flowing back and the one being formed
+    if setup.document_mask and stage.blocks:
+        transient += tokens * shape.seq_len  # the running block's boolean (B, 1, T, T) mask
     if setup.checkpointing and stage.blocks:
         transient += block
     if stage.last:

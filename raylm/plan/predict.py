@@ -114,6 +114,7 @@ def predict(cfg: Config, hw: Hardware, gpus_per_node: int) -> Prediction:
         checkpointing=p.activation_checkpointing,
         precision=cfg.train.precision,
         sequence_parallel=p.sequence_parallel,
+        document_mask=cfg.data.document_mask,
     )
     world = Layout.of(p).world_size
     place = Placement(gpus_per_node=gpus_per_node, tp=p.tp, dp=p.dp, world=world)

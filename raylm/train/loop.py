@@ -24,7 +24,14 @@ from raylm.train.progress import Progress
 from raylm.train.rank_watch import RankWatch
 from raylm.train.reporter import Reporter
 from raylm.train.run_records import RunFiles
-from raylm.train.schedule import PlateauState, batch_size_at, lr_at, milestone_crossed, plateau_after_eval
+from raylm.train.schedule import (
+    PlateauState,
+    batch_size_at,
+    lr_at,
+    milestone_crossed,
+    plateau_after_eval,
+    seq_len_at,
+)
 from raylm.train.step import TimedIterator, TrainState, train_step
 from raylm.train.step_faults import StepFaults
 from raylm.train.trial_hooks import sweep_hooks
@@ -95,18 +102,21 @@ class Trainer:
         get_logger().debug("rank %d finished", self.rank)
 
     def train_step(self, step: int, batches: TimedIterator | None, drill: FaultDrill):
-        """One optimizer step at the step's batch size and lr: its metrics row, the state before it, and the
-        sweep rung it crossed (None if none)."""
+        """One optimizer step at the step's batch size, window length and lr: its metrics row, the state before
+        it, and the sweep rung it crossed (None if none). A shorter window trains the same samples' tokens
+        (schedule.seq_len), so tokens per step do not depend on it."""
         cfg = self.cfg
         global_batch = batch_size_at(self.state.tokens, cfg.train.global_batch, cfg.schedule.batch)
+        seq_len = seq_len_at(step, cfg.data.seq_len, cfg.schedule.seq_len)
         lr = lr_at(step, cfg.optim.lr, cfg.train.max_steps, cfg.schedule.lr, self.plateau.scale)
         lr *= drill.lr_factor(step)
         drill.poison(self.session.engine, step)
-        result = train_step(self.session.engine, batches, micro_batches_for(global_batch, cfg), lr)
+        micro_batches = micro_batches_for(global_batch, cfg)
+        result = train_step(self.session.engine, batches, micro_batches, lr, seq_len)
         tokens_after = self.state.tokens + global_batch * cfg.data.seq_len
         rung = milestone_crossed(self.state.tokens, tokens_after, cfg.tune.rung_tokens)
         self.state, before = self.state.advance(global_batch, cfg.data.seq_len), self.state
-        return self.session.metrics_row(self.state, result, lr, global_batch), before, rung
+        return self.session.metrics_row(self.state, result, lr, global_batch, seq_len), before, rung
 
     def after_step(
         self,

@@ -1,12 +1,12 @@
 """Schedules as pure functions of the step: learning rate (constant, linear, cosine, wsd, plateau), batch-size
-ramp, and the token milestones (a sweep's rungs) a step crosses."""
+ramp, sequence-length warm-up, and the token milestones (a sweep's rungs) a step crosses."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
 
-from raylm.config.schema import BatchScheduleConfig, LrScheduleConfig
+from raylm.config.schema import BatchScheduleConfig, LrScheduleConfig, SeqLenScheduleConfig
 
 
 def lr_at(
@@ -56,6 +56,17 @@ def batch_size_at(tokens_seen: int, final_batch: int, sched: BatchScheduleConfig
     tokens_per_stage = sched.ramp_tokens / stages
     stage = int(tokens_seen // tokens_per_stage)
     return min(final_batch, sched.start + stage * sched.increment)
+
+
+def seq_len_at(step: int, final_seq_len: int, sched: SeqLenScheduleConfig) -> int:
+    """Window length of optimizer step `step` (0-based): `start`, doubled at equal step intervals up to
+    final_seq_len (data.seq_len), which it reaches at step `warmup_steps`. With start = final / 2^k the k
+    doublings fall at steps ceil(i * warmup_steps / k), i = 1..k."""
+    if not sched.start or sched.start >= final_seq_len:
+        return final_seq_len
+    doublings = (final_seq_len // sched.start).bit_length() - 1
+    stage = min(doublings, step * doublings // sched.warmup_steps)
+    return sched.start << stage
 
 
 @dataclass(frozen=True)

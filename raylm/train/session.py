@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from raylm.config import Config
-from raylm.config.derived import eval_samples, padded_vocab, samples_per_micro_step
+from raylm.config.derived import eval_samples, samples_per_micro_step
 from raylm.data.order import samples_sha
 from raylm.log import get_logger
+from raylm.model.facts import flops_per_token
 from raylm.plan.peaks import gpu_peak_flops, measure_matmul_peak, mfu
 from raylm.train.step import StepResult, TrainState, evaluate
 
@@ -30,20 +31,17 @@ class Session:
     engine: Engine
     reads_data: bool
     open_stream: Callable[..., RankStream] | None
-    flops_per_token: float
     sample_order: Any  # the training split's global order (rank 0, which logs metrics); None elsewhere
     peak_flops: float | None  # all workers together; None = unknown (mfu is then null)
 
     @classmethod
     def build(cls, cfg: Config, backend: str, rank: int, workers_per_node: int = 1) -> Session:
         from raylm.data.stream import run_order
-        from raylm.model.facts import flops_per_token
         from raylm.model.weights import starting_weights
         from raylm.parallel.engine import build_engine, init_distributed
 
         # DeepSpeed needs its backend set before a PipelineModule is built; build_engine gives its groups the timeout
         init_distributed(backend, cfg.fault.collective_timeout_s)
-        vocab = padded_vocab(cfg.data.vocab_size)
         engine = build_engine(cfg, starting_weights(cfg))
         reads = engine.reads_data
         opener = _stream_opener(cfg, engine.coords.dp_rank, engine.topo.dp) if reads else None
@@ -52,12 +50,11 @@ class Session:
             engine=engine,
             reads_data=reads,
             open_stream=opener,
-            flops_per_token=flops_per_token(cfg.model, vocab, cfg.data.seq_len),
             sample_order=run_order(cfg) if rank == 0 else None,
             peak_flops=_peak_flops(cfg, rank, engine.topo.world_size, workers_per_node),
         )
 
-    def train_batches(self, start_sample: int, first_read_stall_s: float = 0.0) -> Iterator:
+    def train_batches(self, start_sample: int, first_read_stall_s: float = 0.0) -> RankStream:
         """This DP rank's micro-batches of the training split from global sample `start_sample` on
         (first_read_stall_s: the read@STEP fault drill, raylm.train.faults)."""
         return self._opener()("train", start_sample, first_read_stall_s)
@@ -67,7 +64,7 @@ class Session:
         the training stream does not move."""
         stream = self._opener()("val", 0) if self.reads_data else None
         try:
-            return evaluate(self.engine, stream, self.eval_micro_batches)
+            return evaluate(self.engine, stream, self.eval_micro_batches, self.cfg.data.seq_len)
         finally:
             if stream is not None:
                 stream.close()
@@ -81,11 +78,12 @@ class Session:
         return eval_samples(self.cfg) // samples_per_micro_step(self.cfg)
 
     def metrics_row(
-        self, state: TrainState, result: StepResult, lr: float, global_batch: int
+        self, state: TrainState, result: StepResult, lr: float, global_batch: int, seq_len: int
     ) -> dict[str, Any]:
         """One metrics.jsonl row (keys listed in README.md "Where results land"); `step` is the 0-based step
-        just finished."""
+        just finished, `seq_len` its window length (the attention FLOPs in mfu scale with it)."""
         tokens_per_s = global_batch * self.cfg.data.seq_len / result.step_s
+        flops = flops_per_token(self.cfg.model, self.engine.vocab_size, seq_len)
         row: dict[str, Any] = {
             "step": state.step - 1,
             "tokens": state.tokens,
@@ -93,10 +91,11 @@ class Session:
             "loss": result.loss,
             "lr": lr,
             "batch_size": global_batch,
+            "seq_len": seq_len,
             "dp": self.engine.topo.dp,
             "tokens_per_s": tokens_per_s,
             "step_s": result.step_s,
-            "mfu": mfu(tokens_per_s, self.flops_per_token, self.peak_flops),
+            "mfu": mfu(tokens_per_s, flops, self.peak_flops),
             "data_wait_frac": min(1.0, result.data_wait_s / result.step_s),
             "pipe_wait_frac": min(1.0, result.pipe_wait_s / result.step_s),
             "time": time.time(),

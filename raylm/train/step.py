@@ -5,6 +5,10 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from raylm.data.stream import RankStream
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,9 @@ class StepResult:
 
 
 class TimedIterator:
-    """Wraps a batch iterator and adds up the seconds spent inside next(): the data-wait share of a step."""
+    """Wraps a rank's stream and adds up the seconds spent inside next(): the data-wait share of a step."""
 
-    def __init__(self, batches: Iterator):
+    def __init__(self, batches: RankStream):
         self.batches = batches
         self.wait_s = 0.0
 
@@ -56,15 +60,24 @@ class TimedIterator:
         finally:
             self.wait_s += time.perf_counter() - start
 
+    def set_window(self, seq_len: int) -> None:
+        """The stream's window length from the next micro-batch on (schedule.seq_len)."""
+        self.batches.set_window(seq_len)
+
     def take_wait_s(self) -> float:
         waited, self.wait_s = self.wait_s, 0.0
         return waited
 
 
-def train_step(engine, batches: TimedIterator | None, micro_batches: int, lr: float) -> StepResult:
-    """Set the step's learning rate and micro-batch count, run engine.train_batch, and time it."""
+def train_step(
+    engine, batches: TimedIterator | None, micro_batches: int, lr: float, seq_len: int
+) -> StepResult:
+    """Set the step's learning rate, micro-batch count and window length, run engine.train_batch, and time it."""
     engine.set_lr(lr)
     engine.set_micro_batches(micro_batches)
+    engine.set_seq_len(seq_len)
+    if batches is not None:
+        batches.set_window(seq_len)
     engine.take_pipe_wait_s()  # drop waits from anything run since the last step (an evaluation)
     start = time.perf_counter()
     loss = engine.train_batch(batches)
@@ -77,6 +90,8 @@ def train_step(engine, batches: TimedIterator | None, micro_batches: int, lr: fl
     )
 
 
-def evaluate(engine, batches: Iterator | None, micro_batches: int) -> float:
-    """Mean validation loss over `micro_batches` micro-batches per DP rank (no optimizer step, no stream moved)."""
+def evaluate(engine, batches: Iterator | None, micro_batches: int, seq_len: int) -> float:
+    """Mean validation loss over `micro_batches` micro-batches per DP rank of whole `seq_len` windows (no
+    optimizer step, no stream moved)."""
+    engine.set_seq_len(seq_len)
     return float(engine.eval_batch(batches, micro_batches))

@@ -271,3 +271,33 @@ def test_a_document_masked_run_resumes_exactly(small_config):
     assert run_losses(small_config("docs-resumed", *masked, *constant, "train.max_steps=6")) == run_losses(
         whole
     )
+
+
+@pytest.mark.slow
+def test_a_seq_len_warmup_resumes_exactly_across_a_window_change(small_config):
+    """schedule.seq_len at pp=2 (DeepSpeed's pipeline sends the new activation shapes at each change, and at
+    each evaluation, which reads whole windows): windows 8, 8, 16, 16, 32, 32. Stopped after 3 steps, when the
+    window has changed once, and resumed to 6, the run trains the samples and losses of one uninterrupted 6-step
+    run and ends with the same weights, bit for bit."""
+    warmup = (
+        "schedule.seq_len.start=8",
+        "schedule.seq_len.warmup_steps=4",
+        "parallel.pp=2",
+        "train.eval_every=2",
+        "schedule.lr.kind=constant",  # the schedule does not depend on max_steps
+    )
+    whole = small_config("warmup-whole", *warmup, "train.max_steps=6")
+    first = small_config("warmup-resumed", *warmup, "train.max_steps=3")
+    assert train_many([whole, first], world_size=2) == [None, None]
+    resumed = small_config("warmup-resumed", *warmup, "train.max_steps=6")
+    train(resumed)
+    assert [r["seq_len"] for r in rows_of(resumed)] == [8, 8, 16, 16, 32, 32]
+    assert rows_of(resumed)[3]["resumed_from"] == 3
+    assert run_losses(resumed) == run_losses(whole)
+    name = committed(whole)[-1]
+    files = sorted((checkpoint_dir(whole, name) / "model").glob("*.pt"))
+    assert name == committed(resumed)[-1] == "step-00000006" and files
+    for path in files:
+        again = torch.load(checkpoint_dir(resumed, name) / "model" / path.name, weights_only=True)
+        for key, tensor in torch.load(path, weights_only=True).items():
+            assert torch.equal(tensor, again[key]), f"{path.name} {key}"

@@ -72,3 +72,14 @@ def test_sequence_parallel_benchmark_dry_mode_prints_its_figures():
     ratios = {key: line[key] for line in lines for key in line if key.startswith("sp_activation_ratio")}
     assert set(ratios) == {"sp_activation_ratio", "sp_activation_ratio_recompute"}
     assert all(0 < ratio < 2 for ratio in ratios.values()), ratios
+
+
+@pytest.mark.slow  # six tp = 2 engines in fresh ranks, stepped at windows 128 to 1024: 49 s on 2 shared cores
+def test_long_sequences_benchmark_dry_mode_prints_its_figures():
+    lines = dry_run_lines("long_sequences.py", timeout_s=900)
+    longest = [line for line in lines if "longest_seq_len" in line]
+    assert len(longest) == 6 and all(line["longest_seq_len"] in (0, 128, 256, 512, 1024) for line in longest)
+    steps = [line for line in lines if "step_mem_mb" in line]
+    assert steps and all(len(line["step_mem_mb"]) == 2 for line in steps)
+    ratios = [line for line in lines if "sp_step_mem_ratio" in line]
+    assert len(ratios) == 2 and all(0 < line["sp_step_mem_ratio"] < 2 and line["dry"] for line in ratios)

@@ -170,6 +170,25 @@ def test_choices_are_declared_once_and_named_in_the_doc():
             ["schedule.batch.start=6", "schedule.batch.increment=4", "schedule.batch.ramp_tokens=1000"],
             "schedule.batch.start=6 must be a positive multiple of micro_batch * dp = 4",
         ),
+        (
+            ["schedule.seq_len.start=48", "schedule.seq_len.warmup_steps=10"],
+            "schedule.seq_len.start=48 must be data.seq_len=128 divided by a power of two (each sample is cut "
+            "into whole windows, doubling to data.seq_len); set it to e.g. 64, 32, 16",
+        ),
+        (
+            ["schedule.seq_len.start=32"],
+            "schedule.seq_len.warmup_steps=0 must be positive when the warm-up is on",
+        ),
+        (
+            [
+                "schedule.seq_len.start=2",
+                "schedule.seq_len.warmup_steps=4",
+                "parallel.tp=4",
+                "parallel.sequence_parallel=true",
+            ],
+            "schedule.seq_len.start=2 is not divisible by parallel.tp=4, which parallel.sequence_parallel=true "
+            "splits",
+        ),
     ],
 )
 def test_validation_rules_name_the_value_and_the_fix(overrides, message):

@@ -121,6 +121,22 @@ def test_sequence_parallelism_splits_the_kept_block_inputs_and_the_pipeline_send
     assert tp1.memory is None and "parallel.sequence_parallel=true needs parallel.tp > 1" in tp1.why
 
 
+def test_document_masks_add_each_blocks_mask_unless_checkpointing_drops_it():
+    """data.document_mask: each of the 12 blocks keeps its (B, 1, T, T) mask in bf16 and its RoPE tables (fp32
+    cos and sin, 64 wide each: 4 x 64 bytes per token), and the running block's boolean mask lives beside them;
+    under activation checkpointing only the block being recomputed holds a mask."""
+    hw = gpu_hardware("h100")
+    tokens, T = 8 * 1024, 1024  # micro_batch 8 of gpt2-small's 1024
+    block = tokens * (2 * T + 4 * 64)
+    for checkpointing, blocks in ((False, 12), (True, 1)):
+        layout = (1, 1, 8, 1, 8, checkpointing)
+        plain = predict(with_layout(gpt2(), *layout), hw, 8)
+        masked = predict(with_layout(gpt2("data.document_mask=true"), *layout), hw, 8)
+        assert plain.memory and masked.memory
+        extra = masked.memory.activations - plain.memory.activations
+        assert extra == pytest.approx(blocks * block + tokens * T)
+
+
 def raylm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True, timeout=60

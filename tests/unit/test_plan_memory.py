@@ -6,7 +6,8 @@ import torch
 
 from raylm.config.derived import ffn_hidden
 from raylm.config.schema import ModelConfig
-from raylm.model.gpt import Block
+from raylm.data.documents import document_ids, document_positions
+from raylm.model.gpt import Block, document_attention
 from raylm.model.rope import rope_tables
 from raylm.plan.memory import DTYPE_BYTES, RankSetup, block_activation_bytes, model_state_bytes
 from raylm.plan.stages import ModelShape
@@ -14,7 +15,9 @@ from raylm.plan.stages import ModelShape
 N = 1_000_000  # parameters; bytes per parameter = bytes / N
 
 
-def setup(dp: int, zero: int, precision: str = "bf16", pp: int = 1, tp: int = 1) -> RankSetup:
+def setup(
+    dp: int, zero: int, precision: str = "bf16", pp: int = 1, tp: int = 1, document_mask: bool = False
+) -> RankSetup:
     return RankSetup(
         pp=pp,
         tp=tp,
@@ -24,6 +27,7 @@ def setup(dp: int, zero: int, precision: str = "bf16", pp: int = 1, tp: int = 1)
         micro_batches=1,
         checkpointing=False,
         precision=precision,
+        document_mask=document_mask,
     )
 
 
@@ -93,17 +97,38 @@ def saved_activation_bytes(block: torch.nn.Module, *inputs) -> int:
     return sum(seen.values())
 
 
+class MaskedBlock(torch.nn.Module):
+    """A block as the engine runs it under data.document_mask (raylm.parallel.layers): it builds its own mask
+    and RoPE tables from the window's document ids and positions."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.block = Block(cfg)
+        self.cos, self.sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, 1e4)
+
+    def forward(self, x: torch.Tensor, doc_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        mask, cos, sin = document_attention(doc_ids, positions, self.cos, self.sin)
+        return self.block(x, cos, sin, mask=mask)
+
+
+@pytest.mark.parametrize("document_mask", [False, True])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize(
-    "d,heads,kv,batch,seq", [(256, 4, 4, 2, 64), (256, 8, 2, 2, 128), (384, 6, 3, 1, 96)]
+    "d,heads,kv,batch,seq",
+    [(256, 4, 4, 2, 64), (256, 8, 2, 2, 128), (384, 6, 3, 1, 96), (64, 2, 2, 2, 512)],  # the last: T >> d
 )
-def test_block_activations_match_what_autograd_saves(precision, d, heads, kv, batch, seq):
+def test_block_activations_match_what_autograd_saves(document_mask, precision, d, heads, kv, batch, seq):
     cfg = ModelConfig(n_layer=1, n_head=heads, n_kv_head=kv, d_model=d, max_seq_len=seq)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
-    block = Block(cfg).to(dtype)
-    cos, sin = rope_tables(d // heads, seq, 1e4)
     x = torch.randn(batch, seq, d, dtype=dtype, requires_grad=True)
-    measured = saved_activation_bytes(block, x, cos, sin)
+    if document_mask:  # documents of 20 tokens, each ended by EOT (0)
+        tokens = (torch.arange(batch * seq).reshape(batch, seq) % 20 != 19).long().numpy()
+        doc_ids, positions = document_ids(tokens), document_positions(tokens, "restart")
+        block = MaskedBlock(cfg).to(dtype)
+        measured = saved_activation_bytes(block, x, torch.from_numpy(doc_ids), torch.from_numpy(positions))
+    else:
+        cos, sin = rope_tables(d // heads, seq, 1e4)
+        measured = saved_activation_bytes(Block(cfg).to(dtype), x, cos, sin)
     shape = ModelShape(
         params=(0, 0, 0, 0),
         shard_params=(0, 0, 0, 0),
@@ -116,7 +141,9 @@ def test_block_activations_match_what_autograd_saves(precision, d, heads, kv, ba
         vocab=512,
         seq_len=seq,
     )
-    predicted = block_activation_bytes(shape, batch * seq, setup(1, 0, precision))
+    predicted = block_activation_bytes(
+        shape, batch * seq, setup(1, 0, precision, document_mask=document_mask)
+    )
     assert predicted == pytest.approx(measured, rel=0.03)
     assert DTYPE_BYTES[precision] == dtype.itemsize
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from raylm.config.schema import BatchScheduleConfig, LrScheduleConfig
-from raylm.train.schedule import batch_size_at, lr_at
+from raylm.config.schema import BatchScheduleConfig, LrScheduleConfig, SeqLenScheduleConfig
+from raylm.train.schedule import batch_size_at, lr_at, seq_len_at
 
 
 @pytest.mark.parametrize(
@@ -53,3 +53,23 @@ def test_batch_ramp_table(tokens, expected):
 
 def test_no_ramp_means_the_final_batch():
     assert batch_size_at(0, 16, BatchScheduleConfig()) == 16
+
+
+@pytest.mark.parametrize(
+    "step, expected",
+    [(0, 256), (3, 256), (4, 512), (7, 512), (8, 1024), (11, 1024), (12, 2048), (10**6, 2048)],
+)
+def test_seq_len_warmup_table(step, expected):
+    # from 256 to 2048: three doublings over 12 steps, at steps 4, 8 and 12
+    assert seq_len_at(step, 2048, SeqLenScheduleConfig(start=256, warmup_steps=12)) == expected
+
+
+@pytest.mark.parametrize("step, expected", [(0, 8), (4, 8), (5, 16), (9, 16), (10, 32)])
+def test_seq_len_doublings_fall_at_the_ceiling_of_equal_shares(step, expected):
+    # two doublings over 10 steps: at ceil(10 / 2) = 5 and 10
+    assert seq_len_at(step, 32, SeqLenScheduleConfig(start=8, warmup_steps=10)) == expected
+
+
+def test_no_seq_len_warmup_means_the_final_length():
+    assert seq_len_at(0, 128, SeqLenScheduleConfig()) == 128
+    assert seq_len_at(0, 128, SeqLenScheduleConfig(start=128, warmup_steps=5)) == 128

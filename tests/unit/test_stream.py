@@ -10,7 +10,7 @@ from test_data_support import prepared
 
 from raylm.data.order import Mixture, permute
 from raylm.data.shards import read_data_manifest
-from raylm.data.stream import RankStream, peek
+from raylm.data.stream import RankStream, peek, split_windows
 from raylm.errors import DataError
 
 pytestmark = pytest.mark.unit
@@ -186,3 +186,47 @@ def test_document_boundaries_travel_with_each_window_and_resume_exactly(out):
     assert any((x == 0).any() for (x, _, _), _ in whole)  # the corpus's documents end inside windows
     for (a, _), (b, _) in zip(whole[4:], resumed, strict=True):
         assert all((ta == tb).all() for ta, tb in zip(a, b, strict=True))
+
+
+def test_split_windows_cuts_each_sample_into_consecutive_windows():
+    samples = np.arange(2 * 9).reshape(2, 9)  # two samples of T = 8 (+ 1 target)
+    assert split_windows(samples, 4).tolist() == [
+        [0, 1, 2, 3, 4],
+        [4, 5, 6, 7, 8],
+        [9, 10, 11, 12, 13],
+        [13, 14, 15, 16, 17],
+    ]
+    assert split_windows(samples, 8).tolist() == samples.tolist()
+
+
+@pytest.mark.parametrize("documents", ["", "restart"])
+def test_a_shorter_window_reads_the_same_samples_and_resumes_at_any_length(out, documents):
+    """schedule.seq_len: at window L each micro-batch holds the same samples' tokens as whole windows, cut into
+    SEQ / L rows each (the same targets, the same count); the stream's state is the sample offset alone, so a
+    stream resumed at sample 4 with the window of that step yields exactly what the uninterrupted one does."""
+
+    def stream(start=0):
+        return RankStream(out, "train", SEQ, 7, 0, 1, 2, start_sample=start, documents=documents)
+
+    def tokens(x):
+        return x[0] if documents else x
+
+    whole = take(stream(), 4)
+    cut = stream()
+    cut.set_window(SEQ // 4)
+    quartered = [next(cut) for _ in range(2)]
+    cut.set_window(SEQ // 2)
+    halved = [next(cut) for _ in range(2)]
+    assert cut.state_dict()["global_offset"] == 8
+    cut.close()
+    for (x, y), (xs, ys), rows in zip(whole, [*quartered, *halved], [8, 8, 4, 4], strict=True):
+        assert tokens(xs).shape == ys.shape == (rows, 2 * SEQ // rows)
+        assert (tokens(xs).reshape(2, SEQ) == tokens(x)).all() and (ys.reshape(2, SEQ) == y).all()
+        if documents:  # each row's boundaries and positions are its own
+            assert (xs[1][:, 0] == 0).all() and (xs[2][:, 0] == 0).all()
+    resumed = stream(start=4)  # where the halved windows began
+    resumed.set_window(SEQ // 2)
+    for (x, y), (x2, y2) in zip(take(resumed, 2), halved, strict=True):
+        assert (y == y2).all() and all((a == b).all() for a, b in zip(x, x2, strict=True))
+    with pytest.raises(DataError, match="does not divide data.seq_len=16"):
+        stream().set_window(5)
