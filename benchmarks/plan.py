@@ -15,8 +15,8 @@ of its timed steps and `other_busy_cores`, the most cores other processes kept b
 figure measured beside a busy neighbour says so).
 No arguments: memory on benchmarks/memory.py's 24-layer d=1024 model under seven layouts (pp, tp, dp, ZeRO 0-3),
 speed on benchmarks/train.py's d=256 6-layer model under six (pp, tp, dp, ZeRO-1, micro-batch, activation
-checkpointing), each run twice, in alternating order, with 2 warm-up and 5 timed steps a run; about eight minutes
-and 6 GB. `--quick`: a 2-layer model, two layouts of each kind, one pass of three timed steps (about a minute).
+checkpointing), each run twice, in alternating order, with 2 warm-up and 5 timed steps a run; about seven minutes
+and 7 GB. `--quick`: a 2-layer model, two layouts of each kind, one pass of three timed steps (about a minute).
 """
 
 from __future__ import annotations
