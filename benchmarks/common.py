@@ -67,3 +67,37 @@ def steady(rows: list[dict], key: str, skip: int) -> float:
     """Median of a per-step figure after `skip` warm-up steps (medians shrug off a noisy neighbour)."""
     values = [r[key] for r in rows[skip:]] or [r[key] for r in rows]
     return statistics.median(values)
+
+
+def machine_busy_s() -> float | None:
+    """CPU seconds every core of the machine has been busy since boot (/proc/stat), None where there is none."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """CPU seconds of this process and of its children that have ended."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class OtherLoad:
+    """How many cores other processes kept busy while a measurement ran: the machine's busy time less this
+    process tree's, over the wall time (None off Linux). A figure measured beside a busy neighbour says so."""
+
+    def __enter__(self) -> OtherLoad:
+        self.start = (time.perf_counter(), machine_busy_s(), own_cpu_s())
+        self.cores: float | None = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        wall0, busy0, own0 = self.start
+        busy1 = machine_busy_s()
+        if busy0 is not None and busy1 is not None:
+            other = (busy1 - busy0) - (own_cpu_s() - own0)
+            self.cores = max(0.0, other) / max(1e-9, time.perf_counter() - wall0)

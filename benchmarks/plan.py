@@ -7,13 +7,16 @@ threads raylm would give it (the node's cores / its ranks). Figures (one JSON ob
                           rank's peak RSS after one training step (VmHWM, as benchmarks/memory.py's measurement but not
                           inherited from the parent process) and
                           predicted is raylm plan's mem_per_rank_gb for that layout (the idle rank included)
-  step_pred_err_max       over the speed layouts, |predicted - measured| / measured step time (the median of the
-                          timed steps, the slowest rank's)
+  step_pred_err_max       over the speed layouts, |predicted - measured| / measured step time, where measured is
+                          the median over every timed step of the layout's passes (each step's slowest rank)
   tokens_per_s_rank_corr  Spearman's rank correlation of predicted and measured tokens/s over the speed layouts
-and one line per layout (`kind` mem or step) with both values and the error.
+and one line per layout (`kind` mem or step) with both values and the error; a step line also gives the range
+of its timed steps and `other_busy_cores`, the most cores other processes kept busy during one of its passes (a
+figure measured beside a busy neighbour says so).
 No arguments: memory on benchmarks/memory.py's 24-layer d=1024 model under seven layouts (pp, tp, dp, ZeRO 0-3),
-speed on benchmarks/train.py's d=256 6-layer model under six (pp, tp, dp, ZeRO, micro-batch); about ten minutes
-and 6 GB. `--quick`: a 2-layer model, two layouts of each kind, three timed steps (about a minute).
+speed on benchmarks/train.py's d=256 6-layer model under six (pp, tp, dp, ZeRO-1, micro-batch, activation
+checkpointing), each run twice, in alternating order, with 2 warm-up and 5 timed steps a run; about seven minutes
+and 7 GB. `--quick`: a 2-layer model, two layouts of each kind, one pass of three timed steps (about a minute).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import statistics
 import sys
 import time
 
-from common import REPO_ROOT, emit, scratch_dir
+from common import REPO_ROOT, OtherLoad, emit, scratch_dir
 from memory import BASE, DRY_MODEL, layout_config, one_step
 
 sys.path.insert(0, str(REPO_ROOT / "tests" / "distributed"))
@@ -41,14 +44,15 @@ MEM_LAYOUTS = [
     (1, 1, 2, 2),
     (1, 1, 2, 3),
 ]
-# (pp, tp, dp, zero, micro_batch) of train.py's model, global batch 16: micro-batches 1 to 16 per DP rank
+# (pp, tp, dp, zero, micro_batch, activation checkpointing) of train.py's model, global batch 16: chosen so their
+# predicted tokens/s lie apart (about 3,300 down to 1,300 here) and a rank correlation over them is not noise
 STEP_LAYOUTS = [
-    (1, 1, 1, 0, 4),
-    (1, 1, 1, 0, 1),
-    (2, 1, 1, 0, 4),
-    (2, 1, 1, 0, 1),
-    (1, 2, 1, 0, 4),
-    (1, 1, 2, 1, 4),
+    (1, 1, 2, 1, 4, False),  # DP with ZeRO-1
+    (2, 1, 1, 0, 1, False),  # a pipeline of 16 micro-batches: a small bubble
+    (1, 2, 1, 0, 4, False),  # TP: 7 all-reduces per block and micro-batch
+    (2, 1, 1, 0, 8, False),  # 2 micro-batches: a third of the step is bubble
+    (2, 1, 1, 0, 16, False),  # 1 micro-batch: half of it
+    (2, 1, 1, 0, 16, True),  # and every block recomputed
 ]
 STEP_MODEL = {
     "data": {"vocab_size": 2048, "seq_len": 256},
@@ -57,6 +61,7 @@ STEP_MODEL = {
 }
 QUICK_STEP_MODEL = ["model.n_layer=2", "model.d_model=128", "model.n_head=4", "data.seq_len=128"]
 WARMUP_STEPS = 2
+PASSES = 2  # every speed layout is measured this often, the passes in alternating order
 
 
 def threads_for(world_size: int) -> int:
@@ -67,9 +72,9 @@ def threads_for(world_size: int) -> int:
 def step_config(layout, quick: bool, data_dir: str):
     from raylm.config import resolve
 
-    pp, tp, dp, zero, micro_batch = layout
+    pp, tp, dp, zero, micro_batch, checkpointing = layout
     return resolve(
-        {**STEP_MODEL, "parallel": {"micro_batch": micro_batch}},
+        {**STEP_MODEL, "parallel": {"micro_batch": micro_batch, "activation_checkpointing": checkpointing}},
         [
             f"parallel.pp={pp}",
             f"parallel.tp={tp}",
@@ -103,7 +108,7 @@ def mem_rank(rank: int, world_size: int, layout, model: list[str], work: str) ->
 
 
 def step_rank(rank: int, world_size: int, layout, quick: bool, work: str, steps: int) -> dict:
-    """Build the engine, train warm-up steps, then time `steps` more: this rank's median step seconds."""
+    """Build the engine, train warm-up steps, then time `steps` more: this rank's seconds of each."""
     import torch
 
     torch.set_num_threads(threads_for(world_size))
@@ -116,7 +121,7 @@ def step_rank(rank: int, world_size: int, layout, quick: bool, work: str, steps:
         start = time.perf_counter()
         one_step(engine, cfg)
         times.append(time.perf_counter() - start)
-    return {"rank": rank, "step_s": statistics.median(times)}
+    return {"rank": rank, "step_s": times}
 
 
 def relative_error(predicted: float, measured: float) -> float:
@@ -180,17 +185,33 @@ def measure_memory(layouts, model: list[str], hw, work: str) -> list[float]:
     return errors
 
 
+def time_layout(layout, quick: bool, work: str, steps: int) -> tuple[list[float], float | None]:
+    """One world of the layout: each timed step's seconds (its slowest rank's), and the cores other processes
+    kept busy meanwhile."""
+    pp, tp, dp = layout[:3]
+    with OtherLoad() as load:
+        ranks = dist_harness.run_world(pp * tp * dp, step_rank, layout, quick, work, steps)
+    return [max(step) for step in zip(*(r["step_s"] for r in ranks), strict=True)], load.cores
+
+
 def measure_steps(
-    layouts, quick: bool, hw, work: str, steps: int
+    layouts, quick: bool, hw, work: str, steps: int, passes: int
 ) -> tuple[list[float], list[float], list[float]]:
+    """Every layout `passes` times, forward then backward through the list (a slow spell of the machine falls on
+    different layouts), then per layout the median of all its timed steps against the prediction."""
+    times: dict[tuple, list[float]] = {layout: [] for layout in layouts}
+    other: dict[tuple, list[float]] = {layout: [] for layout in layouts}
+    for n in range(passes):
+        for layout in layouts if n % 2 == 0 else layouts[::-1]:
+            step_s, cores = time_layout(layout, quick, work, steps)
+            times[layout] += step_s
+            other[layout] += [] if cores is None else [cores]
     errors, pred_tps, meas_tps = [], [], []
     for layout in layouts:
-        pp, tp, dp, zero, micro_batch = layout
-        world = pp * tp * dp
+        pp, tp, dp, zero, micro_batch, checkpointing = layout
         cfg = step_config(layout, quick, os.path.join(work, "no-data"))
-        ranks = dist_harness.run_world(world, step_rank, layout, quick, work, steps)
-        measured = max(r["step_s"] for r in ranks)
-        pred = predicted(cfg, hw, world)
+        measured = statistics.median(times[layout])
+        pred = predicted(cfg, hw, pp * tp * dp)
         assert pred.time is not None
         err = relative_error(pred.time.total, measured)
         tokens = cfg.train.global_batch * cfg.data.seq_len
@@ -204,12 +225,15 @@ def measure_steps(
             dp=dp,
             zero=zero,
             micro_batch=micro_batch,
+            checkpointing=checkpointing,
             predicted_s=round(pred.time.total, 4),
             measured_s=round(measured, 4),
+            measured_s_range=[round(min(times[layout]), 4), round(max(times[layout]), 4)],
             predicted_tokens_per_s=round(pred.tokens_per_s),
             measured_tokens_per_s=round(tokens / measured),
             bubble=round(pred.time.bubble, 3),
             err=round(err, 3),
+            other_busy_cores=round(max(other[layout]), 2) if other[layout] else None,
         )
     return errors, pred_tps, meas_tps
 
@@ -217,7 +241,10 @@ def measure_steps(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a 2-layer model, two layouts of each kind")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per speed layout (after 2 warm-up)")
+    parser.add_argument(
+        "--steps", type=int, default=5, help="timed steps per speed layout and pass (after 2 warm-up)"
+    )
+    parser.add_argument("--passes", type=int, default=PASSES, help="passes over the speed layouts")
     args = parser.parse_args()
     from raylm.plan.calibrate import cpu_hardware
 
@@ -240,7 +267,8 @@ def main() -> None:
     dist_harness.START_METHOD = "spawn"  # fresh processes, as the calibration measures a rank's fixed cost
     work = str(scratch_dir("raylm-plan-bench-"))
     mem_errors = measure_memory(mem_layouts, model, hw, work)
-    step_errors, pred_tps, meas_tps = measure_steps(step_layouts, args.quick, hw, work, steps)
+    passes = 1 if args.quick else args.passes
+    step_errors, pred_tps, meas_tps = measure_steps(step_layouts, args.quick, hw, work, steps, passes)
     emit(mem_pred_err_max=round(max(mem_errors), 3), target=0.15, quick=args.quick)
     emit(step_pred_err_max=round(max(step_errors), 3), target=0.25, quick=args.quick)
     emit(tokens_per_s_rank_corr=round(spearman(pred_tps, meas_tps), 3), target=0.8, quick=args.quick)

@@ -37,7 +37,9 @@ from raylm.parallel.ds_config import REDUCE_BUCKET, ZERO3_REDUCE_BUCKET, ZERO3_S
 from raylm.plan.stages import ModelShape, Stage
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2}
-ADAM_TEMP_BYTES = 4  # torch AdamW's unfused step: one fp32 temporary (sqrt of the second moment) per element
+# torch AdamW's unfused step computes denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps): the square
+# root and its quotient are two fp32 temporaries alive at once, per element of the tensor it steps
+ADAM_TEMP_BYTES = 8
 PIPE_ALLREDUCE_BUCKET = 500_000_000  # DeepSpeed's pipeline engine flattens up to this many gradient elements
 
 
@@ -95,10 +97,10 @@ def model_state_bytes(n: float, setup: RankSetup) -> tuple[float, float, float]:
 
 
 def optimizer_temporaries(shape: ModelShape, n: float, setup: RankSetup, fused: bool) -> float:
-    """The step's transient bytes: torch AdamW's temporary (the second moment's square root) over each tensor it
-    steps. DeepSpeed's ZeRO-1/2 and BF16 optimizers step one flat partition (the whole of it at once), ZeRO-3 one
-    sub-group at a time (with its fp32 gradient copy), and plain fp32 at ZeRO 0 each parameter on its own (the
-    largest at once). Fused AdamW (raylm's on GPUs) keeps no temporary."""
+    """The step's transient bytes: torch AdamW's temporaries (the second moment's square root and its quotient)
+    over each tensor it steps. DeepSpeed's ZeRO-1/2 and BF16 optimizers step one flat partition (the whole of it
+    at once), ZeRO-3 one sub-group at a time (with its fp32 gradient copy), and plain fp32 at ZeRO 0 each
+    parameter on its own (the largest at once). Fused AdamW (raylm's on GPUs) keeps no temporary."""
     split = setup.dp if (setup.zero_stage >= 1 or setup.precision == "bf16") else 1
     if setup.zero_stage >= 3:
         return (0 if fused else ADAM_TEMP_BYTES) * min(ZERO3_SUB_GROUP, n / split) + 4 * min(

@@ -1,13 +1,13 @@
-"""Predicted step time of one layout: compute, the 1F1B bubble, TP all-reduces, pipeline sends, DP reductions.
+"""Predicted step time of one layout: compute, the 1F1B bubble, TP collectives, pipeline sends, DP reductions.
 
-The slowest stage sets the pipeline's pace: a step is m + p - 1 slots of that stage's micro-batch time
-(matmuls at the hardware's peak x matmul_eff, the memory-bound elementwise work at its memory bandwidth, a fixed
-cost per block, plus its TP all-reduces and its sends, none overlapped), so the
-bubble (p - 1) / (m + p - 1) falls out of it. Then the DP gradient reduction, which DeepSpeed runs after the
-last micro-batch (raylm sets no overlap_comm, so ZeRO 1 and 2 and the pipeline engine do not overlap it;
-ZeRO-3 reduce-scatters during the backward and gathers each layer, unprefetched, before its use), the
-tied-embedding all-reduce between the end stages, and the optimizer step, which reads and writes its state
-at memory bandwidth.
+The slowest stage sets the pipeline's pace: a step is m slots of that stage's micro-batch time (matmuls at the
+hardware's peak x matmul_eff, the memory-bound elementwise work at its memory bandwidth, a fixed cost per block,
+plus its TP collectives and its sends, none overlapped) and one slot of each other stage, 1F1B's fill and
+drain: with equal stages that is m + p - 1 slots, the bubble (p - 1) / (m + p - 1). Then the DP gradient
+reduction, which DeepSpeed runs after the last micro-batch (raylm sets no overlap_comm, so ZeRO 1 and 2 and the
+pipeline engine do not overlap it; ZeRO-3 reduce-scatters during the backward and gathers each layer,
+unprefetched, before its use), the tied-embedding all-reduce between the end stages, and the optimizer step,
+which reads and writes its state at memory bandwidth.
 """
 
 from __future__ import annotations
@@ -21,8 +21,18 @@ from raylm.plan.stages import ModelShape, Stage
 OPTIMIZER_BYTES_PER_ELEMENT = (
     40  # AdamW over fp32 state: master, two moments and the temporary read and written
 )
-TP_ALLREDUCES_PER_BLOCK = 4  # Megatron: one per attention and per MLP, forward and backward
-TP_RECOMPUTE_ALLREDUCES = 2  # a recomputed forward repeats its two
+# TP collectives of one block's forward and backward, as raylm.parallel.tensor runs them. Each row-parallel layer
+# (wo, w2) all-reduces its output forward; each column-parallel layer (wq, wk, wv, w1, w3) enters the TP region
+# through its own copy, whose backward all-reduces the input's gradient: 2 + 5 all-reduces. Under sequence
+# parallelism the two norms gather the sequence once each and the row-parallel layers reduce-scatter it, forward
+# and backward: 8 half collectives (4 all-reduces' worth of bytes), plus the norms' gain gradients (d elements).
+TP_ALLREDUCES_PER_BLOCK = 7
+SP_HALVES_PER_BLOCK = 8
+SP_SMALL_PER_BLOCK = 2
+TP_RECOMPUTE_ALLREDUCES = (
+    2  # a recomputed forward repeats its two (or, under SP, its 2 gathers and 2 scatters)
+)
+LOSS_SMALL_ALLREDUCES = 2  # the vocab-parallel cross-entropy's row max and its sums, (N,) and (2, N)
 ELEMENTWISE_PASSES = (
     3  # saved activations are written in the forward, read and their gradients written backward
 )
@@ -59,8 +69,10 @@ class StepTime:
     """Seconds of one optimizer step, by part."""
 
     compute_s: float  # the slowest stage's micro-batches, m of them
-    bubble_s: float  # its p - 1 idle slots
-    tp_s: float  # TP all-reduces over the step (inside the slots)
+    bubble_s: (
+        float  # 1F1B's fill and drain: a slot of each other stage (p - 1 of its own when stages are equal)
+    )
+    tp_s: float  # TP collectives over the step (inside the slots)
     p2p_s: float  # pipeline sends over the step (inside the slots)
     dp_s: float  # exposed DP gradient reduction and ZeRO gathers
     optimizer_s: float
@@ -108,6 +120,35 @@ def elementwise_s(shape: ModelShape, stage: Stage, setup: RankSetup, hw: Hardwar
     return nbytes / mem_bw
 
 
+def tp_collectives(stage: Stage, setup: RankSetup) -> tuple[float, int, int]:
+    """One micro-batch's TP collectives on one stage, forward and backward: (all-reduces' worth of (B, T, C)
+    activations, small all-reduces, collectives in all). The first stage adds the embedding's reduction, the last
+    the head's input gradient and the loss's two small all-reduces (and under SP the final norm's gather)."""
+    recompute = TP_RECOMPUTE_ALLREDUCES if setup.checkpointing else 0
+    ends = (1 if stage.first else 0) + (1 if stage.last else 0)
+    small = LOSS_SMALL_ALLREDUCES if stage.last else 0
+    if not setup.sequence_parallel:
+        full = stage.blocks * (TP_ALLREDUCES_PER_BLOCK + recompute) + ends
+        return full, small, full + small
+    halves = (
+        stage.blocks * (SP_HALVES_PER_BLOCK + 2 * recompute) + 2 * ends
+    )  # each end: a gather and a scatter
+    small += stage.blocks * SP_SMALL_PER_BLOCK + (1 if stage.last else 0)  # the final norm's gain
+    return halves / 2, small, halves + small
+
+
+def tp_collectives_s(
+    stage: Stage, setup: RankSetup, activation: float, hw: Hardware, place: Placement
+) -> float:
+    """Seconds of one micro-batch's TP collectives: their bytes and latencies, and on CPU each one's sync wait."""
+    full, small, calls = tp_collectives(stage, setup)
+    bw = hw.intra_bw if place.tp_intra else hw.inter_bw
+    moved = full * ring_allreduce_s(activation, setup.tp, bw, hw) + small * ring_allreduce_s(
+        0.0, setup.tp, bw, hw
+    )
+    return moved + calls * hw.sync_wait_s
+
+
 def micro_batch_slot_s(
     shape: ModelShape, stage: Stage, setup: RankSetup, hw: Hardware, place: Placement
 ) -> tuple[float, float, float]:
@@ -121,14 +162,7 @@ def micro_batch_slot_s(
     compute += stage.blocks * hw.block_overhead_s * (4 / 3 if setup.checkpointing else 1)
     compute += elementwise_s(shape, stage, setup, hw, place)
     activation = e * tokens * shape.d_model
-    tp_bw = hw.intra_bw if place.tp_intra else hw.inter_bw
-    per_block = TP_ALLREDUCES_PER_BLOCK + (TP_RECOMPUTE_ALLREDUCES if setup.checkpointing else 0)
-    allreduces = stage.blocks * per_block + (1 if stage.first else 0) + (1 if stage.last else 0)
-    tp_s = (
-        allreduces * (ring_allreduce_s(activation, setup.tp, tp_bw, hw) + hw.sync_wait_s)
-        if setup.tp > 1
-        else 0.0
-    )
+    tp_s = tp_collectives_s(stage, setup, activation, hw, place) if setup.tp > 1 else 0.0
     sends = (0 if stage.first else 1) + (0 if stage.last else 1)  # each forward out and gradient back
     p2p_bw = hw.p2p_bw if place.pp_intra else hw.inter_bw
     sent = activation / setup.sequence_shards  # under sequence parallelism each TP rank sends its shard
@@ -166,7 +200,9 @@ def step_time(
     slots = [micro_batch_slot_s(shape, s, setup, hw, place) for s in stage_list]
     slowest = max(range(len(slots)), key=lambda i: sum(slots[i]))
     compute, tp_s, p2p_s = slots[slowest]
-    slot = compute + tp_s + p2p_s
+    # 1F1B's fill and drain: the other stages' forward and backward of one micro-batch each, before and after the
+    # slowest stage's m (p - 1 of its slots when the stages are equal)
+    fill_drain_s = sum((sum(slot) for i, slot in enumerate(slots) if i != slowest), 0.0)
     bubble_slots = p - 1 if p > 1 else 0
     worst_dp = max(dp_exposed_s(s, setup, hw, place, grad_e, compute * 2 / 3) for s in stage_list)
     tied = 0.0
@@ -179,7 +215,7 @@ def step_time(
     optimizer = OPTIMIZER_BYTES_PER_ELEMENT * n_opt / split / mem_bw
     return StepTime(
         compute_s=m * compute,
-        bubble_s=bubble_slots * slot,
+        bubble_s=fill_drain_s,
         tp_s=m * tp_s,
         p2p_s=m * p2p_s,
         dp_s=worst_dp + tied,

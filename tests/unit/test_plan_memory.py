@@ -185,3 +185,45 @@ def test_cpu_predictions_are_within_ten_percent_of_the_memory_benchmarks_measure
     )
     predicted = (pred.memory.total - pred.memory.framework) / ideal
     assert predicted == pytest.approx(MEASURED_RSS_VS_IDEAL[layout], rel=0.1)
+
+
+class _LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most bytes that tensors the ops under it allocate (not their inputs, not in-place results) hold at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        import weakref
+
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            a.untyped_storage().data_ptr()
+            for a in torch.utils._pytree.tree_leaves(args)
+            if torch.is_tensor(a)
+        }
+        for t in torch.utils._pytree.tree_leaves(out):
+            if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in inputs and t.numel() > 1:
+                nbytes = t.untyped_storage().nbytes()
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(t, self._free, nbytes)
+        return out
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
+def test_torch_adamw_holds_the_temporaries_the_planner_counts():
+    """raylm's CPU AdamW (unfused, one flat partition under ZeRO-1/2) keeps ADAM_TEMP_BYTES per element alive at
+    its step's peak: the second moment's square root and its quotient by the bias correction."""
+    from raylm.plan.memory import ADAM_TEMP_BYTES
+
+    param = torch.nn.Parameter(torch.zeros(N))
+    param.grad = torch.ones(N)
+    optimizer = torch.optim.AdamW([param], lr=1e-3)
+    optimizer.step()  # the moments are made at the first step; the second is every later one
+    with _LiveBytes() as live:
+        optimizer.step()
+    assert live.peak == ADAM_TEMP_BYTES * N
