@@ -52,12 +52,12 @@ def zero_stage_for(p: ParallelConfig, precision: str) -> int:
     without ZeRO DeepSpeed's plain engine has no optimizer that does (it would accumulate bf16 gradients); the
     pipeline engine's BF16_Optimizer, which it uses at ZeRO 0, partitions the masters over DP exactly as ZeRO-1
     does. So both engines keep the same state.
-    fp32 with dp = 1 runs ZeRO 0: ZeRO partitions over the DP ranks, and over one rank it saves nothing, while
+    fp32 with dp = cp = 1 runs ZeRO 0: ZeRO partitions over the DP (x CP) ranks, and over one it saves nothing, while
     DeepSpeed's flat fp32 copies of the weights and gradients, and AdamW temporaries as large as the whole stage,
     cost about one more model's worth of memory (docs/parallelism.md, "Memory")."""
     if precision == "bf16" and p.pp == 1:
         return max(p.zero_stage, 1)
-    if precision == "fp32" and p.dp == 1:
+    if precision == "fp32" and p.dp * p.cp == 1:
         return 0
     return p.zero_stage
 
@@ -96,6 +96,13 @@ def build_ds_config(p: ParallelConfig, spec: TrainSpec, micro_batches: int | Non
     }
     if p.grad_comm_dtype != "auto":  # auto: DeepSpeed's default, the compute dtype (bf16 under bf16)
         config["communication_data_type"] = p.grad_comm_dtype  # what DP gradient reductions send
+    if p.cp > 1:
+        # with a sequence axis DeepSpeed reduces gradients in this dtype instead (its default fp32): the same
+        # choice as without one
+        auto = "bf16" if spec.precision == "bf16" else "fp32"
+        config["seq_parallel_communication_data_type"] = (
+            auto if p.grad_comm_dtype == "auto" else p.grad_comm_dtype
+        )
     if p.pp > 1:
         config["pipeline"] = {
             # each TP rank sends its own activation: the whole one, replicated over TP (DeepSpeed's partitioning
