@@ -169,7 +169,9 @@ class Engine:
 
     @property
     def layout(self) -> dict[str, int]:
-        return {"pp": self.topo.pp, "tp": self.topo.tp, "dp": self.topo.dp, "cp": self.topo.cp}
+        """The degrees a checkpoint's manifest records (cp only when > 1: manifests from before it match)."""
+        degrees = {"pp": self.topo.pp, "tp": self.topo.tp, "dp": self.topo.dp}
+        return degrees | ({"cp": self.topo.cp} if self.topo.cp > 1 else {})
 
     @property
     def device(self) -> torch.device:

@@ -1,6 +1,7 @@
 """Every (pp, tp, dp) layout trains like one process: losses and gathered weights vs the plain-GPT reference.
 
-pp > 1 runs DeepSpeed's pipeline engine (ZeRO 0 or 1); pp = 1 its plain engine, also under ZeRO-2 and ZeRO-3.
+pp > 1 runs DeepSpeed's pipeline engine (ZeRO 0 or 1); pp = 1 its plain engine, also under ZeRO-2 and ZeRO-3,
+and with context parallelism (parallel.cp, DeepSpeed-Ulysses).
 
 Layouts sharing a world size run in one spawned gloo process group (module-scoped), to keep the tier fast.
 """
@@ -43,6 +44,9 @@ GRAD_BF16 = "parallel.grad_comm_dtype=bf16"  # fp32 training, DP gradients reduc
 SP = "parallel.sequence_parallel=true"
 DOCS = "data.document_mask=true"  # packed windows with EOTs: attention per document (tuples between stages)
 RESTART = "data.document_positions=restart"
+# Ulysses context parallelism: each window's positions split over 2 ranks, an all-to-all over heads in attention
+CP2 = "parallel.cp=2"
+KV4 = "model.n_kv_head=4"  # cp = 2 with tp = 2 needs 2 KV heads per TP rank
 
 JOBS = {
     1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,)), (1, 1, 1, (COMPILE,)), (1, 1, 1, (DOCS, CKPT))])],
@@ -62,6 +66,8 @@ JOBS = {
                 (1, 2, 1, (COMPILE,)),
                 (2, 1, 1, (DOCS, CKPT)),
                 (1, 2, 1, (DOCS, RESTART, UNTIED)),
+                (1, 1, 1, (CP2,)),
+                (1, 1, 1, (CP2, ZERO3, DOCS)),
             ],
         ),
         ("ramp", (2, 1, 1, (ZERO1,))),
@@ -80,6 +86,8 @@ JOBS = {
                 (4, 1, 1, ("parallel.partition=uniform",)),
                 (1, 2, 2, (ZERO2, UNTIED)),
                 (1, 2, 2, (ZERO3, CKPT, SP)),
+                (1, 1, 2, (CP2, ZERO1)),
+                (1, 2, 1, (CP2, KV4, SP, UNTIED, CKPT)),
             ],
         )
     ],

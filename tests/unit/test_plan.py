@@ -143,7 +143,10 @@ def test_raylm_plan_gpt2_small_on_8_h100_answers_within_5_s_with_every_key():
     assert cpu_s < 5.0 and elapsed < 30.0
     fitting = [r for r in rows if r["fits"]]
     assert fitting and set(fitting[0]) >= JSON_KEYS
-    assert all(r["pp"] * r["tp"] * r["dp"] == 8 for r in rows)
+    assert all(r["pp"] * r["cp"] * r["tp"] * r["dp"] == 8 for r in rows)
+    assert any(
+        r["cp"] > 1 and r["fits"] for r in rows
+    )  # Ulysses layouts are listed (gpt2-small: 12 KV heads)
     assert all(r["why"] for r in rows if not r["fits"])
     table = raylm("plan", GPT2_SMALL, "--gpus", "8", "--gpu", "h100")
     assert table.returncode == 0 and "raylm train" in table.stdout and "parallel.pp=" in table.stdout
