@@ -213,7 +213,8 @@ def test_tp_layers_match_dense():
 def test_tp_rank_block_activations_match_the_plan_with_and_without_sequence_parallelism():
     """What autograd keeps for one block's backward on a tp=2 rank, against raylm plan's activation model:
     sequence parallelism divides the norms' inputs by tp, and only the gathered input of each TP region stays
-    whole."""
+    whole. And on a cp=2 rank (Ulysses): everything by cp, the attention output kept on both sides of its
+    all-to-all."""
     from raylm.config import resolve
     from raylm.plan.memory import RankSetup, block_activation_bytes
     from raylm.plan.stages import model_shape
@@ -226,6 +227,9 @@ def test_tp_rank_block_activations_match_the_plan_with_and_without_sequence_para
             predicted = block_activation_bytes(model_shape(cfg, 2), micro_batch * seq_len, setup)
             assert predicted == pytest.approx(measured[key], rel=0.03), (rank, key)
         assert measured["sp"] < measured["tp"], measured
+        ulysses = RankSetup(1, 1, 1, 0, micro_batch, 1, False, "fp32", cp=2)
+        predicted = block_activation_bytes(model_shape(cfg, 1), ulysses.tokens(seq_len), ulysses)
+        assert predicted == pytest.approx(measured["cp"], rel=0.03), (rank, "cp")
 
 
 def test_bf16_trains_near_fp32_reference():
