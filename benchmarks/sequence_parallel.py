@@ -72,13 +72,18 @@ def rss_bytes(field: str) -> int:
 
 def variant_rank(rank: int, world_size: int, seq_len: int, n_layer: int, variant: tuple[bool, bool]) -> int:
     """One variant's step memory on this rank, in a fresh process: nothing freed by another variant is reused."""
+    return step_memory(variant_config(seq_len, n_layer, *variant))
+
+
+def step_memory(cfg) -> int:
+    """This rank's step memory for `cfg` (all ranks call, each in a fresh process): the peak RSS of a second
+    training step above the RSS before it."""
     import gc
 
     from raylm.parallel.engine import build_engine
     from raylm.parallel.host_alloc import map_large_allocations
 
     map_large_allocations(MMAP_THRESHOLD)
-    cfg = variant_config(seq_len, n_layer, *variant)
     engine = build_engine(cfg)
     one_step(engine, cfg)  # warm-up: AdamW's moments and the gradients exist from here on
     gc.collect()

@@ -17,7 +17,6 @@ from raylm.parallel.tensor import (
     vocab_parallel_cross_entropy,
 )
 
-
 NO_TP = TPGroup(None, 0, 1)
 
 

@@ -72,3 +72,13 @@ def test_sequence_parallel_benchmark_dry_mode_prints_its_figures():
     ratios = {key: line[key] for line in lines for key in line if key.startswith("sp_activation_ratio")}
     assert set(ratios) == {"sp_activation_ratio", "sp_activation_ratio_recompute"}
     assert all(0 < ratio < 2 for ratio in ratios.values()), ratios
+
+
+@pytest.mark.slow  # a cp = 1 and a cp = 2 engine in fresh ranks, stepped twice each
+def test_context_parallel_benchmark_dry_mode_prints_its_figures():
+    lines = dry_run_lines("context_parallel.py", timeout_s=900)
+    steps = [line for line in lines if "step_mem_mb" in line]
+    assert [(line["cp"], len(line["step_mem_mb"])) for line in steps] == [(1, 1), (2, 2)]
+    ratio = next(line["cp_activation_ratio"] for line in lines if "cp_activation_ratio" in line)
+    assert 0 < ratio < 2, ratio
+    assert {line["cp"] for line in lines if "longest_seq_len" in line} == {1, 2}

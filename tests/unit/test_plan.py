@@ -121,6 +121,21 @@ def test_sequence_parallelism_splits_the_kept_block_inputs_and_the_pipeline_send
     assert tp1.memory is None and "parallel.sequence_parallel=true needs parallel.tp > 1" in tp1.why
 
 
+def test_context_parallelism_divides_a_ranks_activations_and_costs_all_to_alls():
+    """cp = 2 at seq 8192: a rank keeps about half of cp = 1's activations (plus the attention output Ulysses
+    keeps on both sides of its all-to-all), ZeRO-1 partitions over dp x cp, and the all-to-alls take time;
+    pp = 2 is out with the rule's reason."""
+    hw, long = gpu_hardware("h100"), ("data.seq_len=8192", "model.max_seq_len=8192")
+    one = predict(with_layout(gpt2(*long), 1, 1, 8, 1, 1, False), hw, 8)
+    two = predict(with_layout(gpt2(*long), 1, 1, 4, 1, 1, False, cp=2), hw, 8)
+    assert one.memory and two.memory and one.time and two.time
+    assert 0.5 < two.memory.activations / one.memory.activations < 0.6
+    assert two.memory.optimizer == pytest.approx(one.memory.optimizer)  # 8 ranks either way
+    assert one.time.cp_s == 0 < two.time.cp_s
+    piped = predict(with_layout(gpt2(*long), 2, 1, 2, 1, 1, False, cp=2), hw, 8)
+    assert piped.memory is None and "no sequence axis" in piped.why
+
+
 def raylm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True, timeout=60
