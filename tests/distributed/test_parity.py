@@ -67,7 +67,7 @@ JOBS = {
                 (2, 1, 1, (DOCS, CKPT)),
                 (1, 2, 1, (DOCS, RESTART, UNTIED)),
                 (1, 1, 1, (CP2,)),
-                (1, 1, 1, (CP2, ZERO3, DOCS)),
+                (1, 1, 1, (CP2, ZERO3, DOCS, CKPT)),
             ],
         ),
         ("ramp", (2, 1, 1, (ZERO1,))),
@@ -87,7 +87,7 @@ JOBS = {
                 (1, 2, 2, (ZERO2, UNTIED)),
                 (1, 2, 2, (ZERO3, CKPT, SP)),
                 (1, 1, 2, (CP2, ZERO1)),
-                (1, 2, 1, (CP2, KV4, SP, UNTIED, CKPT)),
+                (1, 2, 1, (CP2, KV4, SP, UNTIED)),
             ],
         )
     ],
