@@ -28,7 +28,9 @@ LAYOUTS = {
     "pp2": ("parallel.pp=2",),
     "tp2": ("parallel.tp=2",),
     "dp2": ("parallel.dp=2",),
-    "cp2": ("parallel.cp=2",),  # Ulysses: both ranks read the replica's windows, each trains half the positions
+    "cp2": (
+        "parallel.cp=2",
+    ),  # Ulysses: both ranks read the replica's windows, each trains half the positions
 }
 RAMP = (
     "schedule.batch.start=4",
