@@ -11,6 +11,8 @@ largest rank's step memory stays within the budget. Figures (one JSON object per
   longest_seq_len        per cp: the longest window trained within --budget-mb per rank
   longest_seq_ratio      cp = 2's longest window over cp = 1's
 `--dry`: one 512-position step each, to check the script in seconds.
+Measured on 2 CPU cores (defaults): cp_activation_ratio 0.517 at 1k-8k positions; longest_seq_len 4096 at cp = 1
+and 8192 at cp = 2 within 256 MB per rank (docs/long-sequences.md "Context parallelism").
 """
 
 from __future__ import annotations
