@@ -83,16 +83,21 @@ def step_memory(step: Callable[[], object]) -> int:
     return rss_bytes("VmHWM") - before
 
 
-def variant_rank(rank: int, world_size: int, seq_len: int, n_layer: int, variant: tuple[bool, bool]) -> int:
-    """One variant's step memory on this rank, in a fresh process: nothing freed by another variant is reused."""
+def engine_step_memory(cfg) -> int:
+    """This rank's step memory for `cfg` (all ranks call, each in a fresh process, so nothing freed by another
+    variant is reused): the peak RSS of a second training step above the RSS before it."""
     from raylm.parallel.engine import build_engine
     from raylm.parallel.host_alloc import map_large_allocations
 
     map_large_allocations(MMAP_THRESHOLD)
-    cfg = variant_config(seq_len, n_layer, *variant)
     engine = build_engine(cfg)
     one_step(engine, cfg)  # warm-up: AdamW's moments and the gradients exist from here on
     return step_memory(lambda: one_step(engine, cfg))
+
+
+def variant_rank(rank: int, world_size: int, seq_len: int, n_layer: int, variant: tuple[bool, bool]) -> int:
+    """One variant's step memory on this rank."""
+    return engine_step_memory(variant_config(seq_len, n_layer, *variant))
 
 
 def main() -> None:

@@ -16,8 +16,9 @@ from raylm.errors import ConfigError
 
 @dataclass(frozen=True)
 class Layout:
-    """pp * tp * dp ranks; `dp_min`..`dp_max` (0 when fixed) is the range an elastic run's dp moves in;
-    `sequence_parallel` splits the activations between TP regions along the sequence over the tp ranks."""
+    """pp * cp * tp * dp ranks; `dp_min`..`dp_max` (0 when fixed) is the range an elastic run's dp moves in;
+    `sequence_parallel` splits the activations between TP regions along the sequence over the tp ranks; `cp`
+    context-parallel ranks of one replica each hold 1/cp of every window's positions (Ulysses)."""
 
     pp: int
     tp: int
@@ -25,6 +26,7 @@ class Layout:
     dp_min: int = 0
     dp_max: int = 0
     sequence_parallel: bool = False
+    cp: int = 1
 
     @classmethod
     def of(cls, parallel: ParallelConfig) -> Layout:
@@ -35,17 +37,25 @@ class Layout:
             parallel.dp_min,
             parallel.dp_max,
             parallel.sequence_parallel,
+            parallel.cp,
         )
 
     @property
     def world_size(self) -> int:
-        """Ranks (Ray Train workers) of one group: one per (pp, tp, dp) coordinate."""
-        return self.pp * self.tp * self.dp
+        """Ranks (Ray Train workers) of one group: one per (pp, dp, cp, tp) coordinate."""
+        return self.pp * self.cp * self.tp * self.dp
 
     @property
     def replica_size(self) -> int:
-        """Workers of one DP replica (pp * tp): an elastic group grows and shrinks by whole replicas."""
-        return self.pp * self.tp
+        """Workers of one DP replica (pp * cp * tp): an elastic group grows and shrinks by whole replicas."""
+        return self.pp * self.cp * self.tp
+
+    @property
+    def product(self) -> str:
+        """The world size as the error lines spell it: 'parallel.pp * tp * dp = 2 * 1 * 1' (cp named when > 1)."""
+        if self.cp == 1:
+            return f"parallel.pp * tp * dp = {self.pp} * {self.tp} * {self.dp}"
+        return f"parallel.pp * cp * tp * dp = {self.pp} * {self.cp} * {self.tp} * {self.dp}"
 
     @property
     def elastic(self) -> bool:
@@ -57,7 +67,7 @@ class Layout:
         return range(self.dp_min, self.dp_max + 1) if self.elastic else range(self.dp, self.dp + 1)
 
     def worker_range(self) -> tuple[int, int]:
-        """(fewest, most) workers: pp * tp * dp_min and pp * tp * dp_max, or world_size twice when fixed."""
+        """(fewest, most) workers: replica_size * dp_min and * dp_max, or world_size twice when fixed."""
         sizes = self.dp_sizes()
         return self.replica_size * sizes[0], self.replica_size * sizes[-1]
 
@@ -69,7 +79,7 @@ class Layout:
         """The layout against the number of ranks actually started (None: not known yet)."""
         if world_size is not None and world_size != self.world_size:
             raise ConfigError(
-                f"parallel.pp * tp * dp = {self.pp} * {self.tp} * {self.dp} = {self.world_size} ranks, but "
+                f"{self.product} = {self.world_size} ranks, but "
                 f"{world_size} were started; start {self.world_size} workers or change the degrees so their "
                 f"product is {world_size}"
             )
@@ -79,7 +89,7 @@ class Layout:
         world = self.world_size
         if num_workers and num_workers != world:
             raise ConfigError(
-                f"parallel.pp * tp * dp = {self.pp} * {self.tp} * {self.dp} = {world} does not "
+                f"{self.product} = {world} does not "
                 f"match parallel.num_workers={num_workers}; change the degrees or set "
                 f"parallel.num_workers={world}"
             )
@@ -88,9 +98,10 @@ class Layout:
         """The DP replicas an elastic worker group of `world_size` workers holds."""
         dp, extra = divmod(world_size, self.replica_size)
         if extra or dp not in self.dp_sizes():  # the scaling policy proposes only whole replicas in the range
+            replica = "pp * tp" if self.cp == 1 else "pp * cp * tp"
             raise ConfigError(
                 f"a worker group of {world_size} workers is not a whole number of DP replicas "
-                f"of pp * tp = {self.replica_size} workers within parallel.dp=[{self.dp_min}, "
+                f"of {replica} = {self.replica_size} workers within parallel.dp=[{self.dp_min}, "
                 f"{self.dp_max}]"
             )
         return dp
@@ -126,6 +137,7 @@ class Layout:
                 f"pipeline engine supports ZeRO 0 or 1 only; set parallel.zero_stage=1 (or "
                 f"parallel.pp=1)"
             )
+        self.check_context_parallel(model, seq_len)  # after the TP splits: it counts heads per TP rank
 
     def check_sequence_parallel(self, seq_len: int) -> None:
         """Sequence parallelism splits each window's positions over the TP ranks: it needs tp > 1 dividing them."""
@@ -143,9 +155,35 @@ class Layout:
                 f"multiple of {self.tp}"
             )
 
+    def check_context_parallel(self, model: ModelConfig, seq_len: int) -> None:
+        """Ulysses (cp > 1): pp = 1, whole KV heads per context-parallel rank, and seq_len split into whole
+        slices (of whole sequence-parallel shards)."""
+        if self.cp == 1:
+            return
+        if self.pp > 1:
+            raise ConfigError(
+                f"parallel.cp={self.cp} with parallel.pp={self.pp}: DeepSpeed's pipeline engine has no sequence "
+                f"axis (its grid is pipe x data x model) to reduce gradients and send activations over; set "
+                f"parallel.pp=1 (or parallel.cp=1)"
+            )
+        kv, local_kv = kv_heads(model), kv_heads(model) // self.tp
+        if local_kv % self.cp:
+            raise ConfigError(
+                f"model.n_kv_head={kv} / parallel.tp={self.tp} = {local_kv} KV heads per TP rank is not a "
+                f"multiple of parallel.cp={self.cp}: Ulysses gives each context-parallel rank whole KV heads "
+                f"(and their query heads); pick cp dividing {local_kv}, a smaller tp, or more KV heads"
+            )
+        shards = self.cp * (self.tp if self.sequence_parallel else 1)
+        if seq_len % shards:
+            split = "parallel.cp * tp" if self.sequence_parallel else "parallel.cp"
+            raise ConfigError(
+                f"data.seq_len={seq_len} is not divisible by {split} = {shards}, which each window's positions "
+                f"are split over; set data.seq_len to a multiple of {shards}"
+            )
+
 
 def num_workers(cfg: Config) -> int:
-    """Ray Train workers: one per (pp, tp, dp) rank."""
+    """Ray Train workers: one per (pp, dp, cp, tp) rank."""
     return Layout.of(cfg.parallel).world_size
 
 

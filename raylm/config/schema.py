@@ -157,6 +157,12 @@ class ParallelConfig:
         "with tp > 1: split the norms' and residual stream's activations along the sequence over the TP ranks "
         "(Megatron sequence parallelism: all-gather before and reduce-scatter after each TP region)",
     )
+    cp: int = opt(
+        1,
+        "context-parallel ranks per DP replica (DeepSpeed-Ulysses, pp = 1 only): each holds seq_len / cp "
+        "positions of every window and an all-to-all over heads gives each the whole sequence for "
+        "n_head / (tp * cp) heads in attention; n_kv_head / tp must be a multiple of cp",
+    )
     dp: int = opt(
         1,
         "data-parallel replicas (ZeRO over this group); `dp: [min, max]` makes the run elastic (sets "
@@ -165,10 +171,10 @@ class ParallelConfig:
     dp_min: int = opt(0, "elastic runs: fewest data-parallel replicas the run trains with (0 = not elastic)")
     dp_max: int = opt(
         0,
-        "elastic runs: most data-parallel replicas; the worker group grows to pp * tp * dp_max "
+        "elastic runs: most data-parallel replicas; the worker group grows to pp * cp * tp * dp_max "
         "workers when the cluster has room (0 = not elastic)",
     )
-    num_workers: int = opt(0, "Ray Train workers; 0 = pp * tp * dp (set it to have the product checked)")
+    num_workers: int = opt(0, "Ray Train workers; 0 = pp * cp * tp * dp (set it to have the product checked)")
     zero_stage: int = opt(
         0, "ZeRO stage over the DP group: 0 or 1 (2 and 3 only when pp = 1)", choices=(0, 1, 2, 3)
     )

@@ -81,6 +81,7 @@ def _check_positive(cfg: Config) -> None:
         "optim.lr": cfg.optim.lr,
         "parallel.pp": cfg.parallel.pp,
         "parallel.tp": cfg.parallel.tp,
+        "parallel.cp": cfg.parallel.cp,
         "parallel.dp": cfg.parallel.dp,
         "model.n_layer": cfg.model.n_layer,
         "model.n_head": cfg.model.n_head,
@@ -204,7 +205,7 @@ def _check_dp_range(cfg: Config) -> None:
 
 
 def _check_layout(cfg: Config) -> None:
-    """The (pp, tp, dp) rules, from the one place (Layout) build_engine checks them too."""
+    """The (pp, cp, tp, dp) rules, from the one place (Layout) build_engine checks them too."""
     layout = Layout.of(cfg.parallel)
     if cfg.parallel.layout != "auto":  # under auto, num_workers is the count the planner fills
         layout.check_num_workers(cfg.parallel.num_workers)

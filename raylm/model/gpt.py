@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -66,7 +67,8 @@ class Attention(nn.Module):
     """Causal self-attention with grouped-query heads and RoPE.
 
     Head counts are read from the projections' output widths, so the same code runs on a tensor-parallel
-    shard whose wq/wk/wv hold only this rank's heads.
+    shard whose wq/wk/wv hold only this rank's heads. `core` maps the rotated q and the k, v to the attended
+    values (attention_core); raylm.parallel swaps it from outside (context parallelism) and the rest stays.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -76,6 +78,7 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.d_model, kv_heads(cfg) * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.d_model, kv_heads(cfg) * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_head * self.head_dim, cfg.d_model, bias=False)
+        self.core: Callable[..., torch.Tensor] = attention_core
 
     def forward(
         self,
@@ -92,19 +95,30 @@ class Attention(nn.Module):
         v = self.wv(x).view(B, T, -1, self.head_dim)  # (B, T, Hkv, hd)
         qk = apply_rope(torch.cat((q, k), dim=2), cos, sin)  # (B, T, Hq + Hkv, hd): one rotation for both
         q, k = qk.split((q.size(2), k.size(2)), dim=2)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, hd)
         if cache is not None:
-            k, v = cache.append(k, v)  # (B, Hkv, S, hd): every key so far, S = cache.start + T
+            k, v = cache.append(k.transpose(1, 2), v.transpose(1, 2))  # (B, Hkv, S, hd): every key so far
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, S, Hkv, hd), S = cache.start + T
             if cache.mask is not None:
                 mask = cache.mask  # (B, 1, T, S) for a left-padded batch
-        causal = mask is None and k.size(2) == T
-        mask = causal_mask(T, k.size(2), q.device) if mask is None else mask  # (T, S), (B, 1, T, S) or None
-        # enable_gqa lets each group of Hq / Hkv query heads read its kv head in place (no repeat_interleave copy)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
-        )  # (B, Hq, T, hd)
-        y = y.transpose(1, 2).reshape(B, T, -1)  # (B, T, Hq * hd)
-        return self.wo(y)  # (B, T, C)
+        y = self.core(q, k, v, mask)  # (B, T, Hq, hd)
+        return self.wo(y.reshape(B, T, -1))  # (B, T, C)
+
+
+def attention_core(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SDPA of queries (B, T, Hq, hd) over keys and values (B, S, Hkv, hd) -> (B, T, Hq, hd). `mask` (bool,
+    broadcastable to (B, Hq, T, S)) says which keys each query sees; None is causal, the T queries being the
+    last T of the S positions."""
+    T, S = q.size(1), k.size(1)
+    causal = mask is None and S == T
+    mask = causal_mask(T, S, q.device) if mask is None else mask  # (T, S), (B, 1, T, S) or None
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T | S, hd)
+    # enable_gqa lets each group of Hq / Hkv query heads read its kv head in place (no repeat_interleave copy)
+    y = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True
+    )  # (B, Hq, T, hd)
+    return y.transpose(1, 2)  # (B, T, Hq, hd)
 
 
 def causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor | None:

@@ -52,21 +52,27 @@ def zero_stage_for(p: ParallelConfig, precision: str) -> int:
     without ZeRO DeepSpeed's plain engine has no optimizer that does (it would accumulate bf16 gradients); the
     pipeline engine's BF16_Optimizer, which it uses at ZeRO 0, partitions the masters over DP exactly as ZeRO-1
     does. So both engines keep the same state.
-    fp32 with dp = 1 runs ZeRO 0: ZeRO partitions over the DP ranks, and over one rank it saves nothing, while
+    fp32 with dp = cp = 1 runs ZeRO 0: ZeRO partitions over the DP (x CP) ranks, and over one it saves nothing, while
     DeepSpeed's flat fp32 copies of the weights and gradients, and AdamW temporaries as large as the whole stage,
     cost about one more model's worth of memory (docs/parallelism.md, "Memory")."""
     if precision == "bf16" and p.pp == 1:
         return max(p.zero_stage, 1)
-    if precision == "fp32" and p.dp == 1:
+    if precision == "fp32" and p.dp * p.cp == 1:
         return 0
     return p.zero_stage
 
 
-def zero_optimization(stage: int) -> dict:
-    """The zero_optimization section for a ZeRO stage (the ZERO3_* settings above for stage 3)."""
+def zero_optimization(stage: int, cp: int = 1) -> dict:
+    """The zero_optimization section for a ZeRO stage (the ZERO3_* settings above for stage 3).
+
+    ZeRO-3 under context parallelism (cp > 1) reduces with an all-reduce instead of a reduce-scatter: DeepSpeed
+    0.19.8's reduce-scatter path (stage3.py `__avg_scatter_grads`, through `reduce_scatter_coalesced`) divides the
+    gradients by the whole partition group, dp x cp, where its all-reduce path (`__avg_scatter_contiguous_grads`)
+    divides by dp as every other reduction with a sequence axis does; the CP ranks' gradients are parts of one
+    sum, so the reduce-scatter's would be cp times too small."""
     if stage < 3:
         return {"stage": stage, "reduce_bucket_size": REDUCE_BUCKET}
-    return {
+    section = {
         "stage": 3,
         "reduce_bucket_size": ZERO3_REDUCE_BUCKET,
         "sub_group_size": ZERO3_SUB_GROUP,
@@ -74,6 +80,9 @@ def zero_optimization(stage: int) -> dict:
         "stage3_max_live_parameters": ZERO3_REDUCE_BUCKET,
         "stage3_prefetch_bucket_size": ZERO3_PREFETCH_BUCKET,
     }
+    if cp > 1:
+        section.update(reduce_scatter=False, contiguous_gradients=True)
+    return section
 
 
 def build_ds_config(p: ParallelConfig, spec: TrainSpec, micro_batches: int | None = None) -> dict:
@@ -88,7 +97,7 @@ def build_ds_config(p: ParallelConfig, spec: TrainSpec, micro_batches: int | Non
         "bf16": {"enabled": spec.precision == "bf16"},
         # stage 2, 3 only at pp = 1 (check_model). Gradients are reduced in buckets of REDUCE_BUCKET elements:
         # DeepSpeed's default (5e8) holds a model of up to 500M parameters' gradients a second time, whole
-        "zero_optimization": zero_optimization(zero_stage_for(p, spec.precision)),
+        "zero_optimization": zero_optimization(zero_stage_for(p, spec.precision), p.cp),
         # our torch.optim.AdamW is passed in; DeepSpeed would otherwise refuse it under ZeRO
         "zero_allow_untested_optimizer": True,
         "steps_per_print": NEVER,
@@ -96,6 +105,13 @@ def build_ds_config(p: ParallelConfig, spec: TrainSpec, micro_batches: int | Non
     }
     if p.grad_comm_dtype != "auto":  # auto: DeepSpeed's default, the compute dtype (bf16 under bf16)
         config["communication_data_type"] = p.grad_comm_dtype  # what DP gradient reductions send
+    if p.cp > 1:
+        # with a sequence axis DeepSpeed reduces gradients in this dtype instead (its default fp32): the same
+        # choice as without one
+        auto = "bf16" if spec.precision == "bf16" else "fp32"
+        config["seq_parallel_communication_data_type"] = (
+            auto if p.grad_comm_dtype == "auto" else p.grad_comm_dtype
+        )
     if p.pp > 1:
         config["pipeline"] = {
             # each TP rank sends its own activation: the whole one, replicated over TP (DeepSpeed's partitioning

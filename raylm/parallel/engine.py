@@ -29,6 +29,7 @@ from raylm.model.weight_source import WeightSource
 from raylm.model.weights import InMemoryWeights, SeededInit
 from raylm.parallel import param_state, sparsity
 from raylm.parallel.comm_wait import CommClock, InFlight
+from raylm.parallel.context import NO_CP, ContextParallelGrid, CPGroup, gradient_group
 from raylm.parallel.ds_config import TrainSpec, build_ds_config, zero_stage_for
 from raylm.parallel.full_tensors import (
     StageLayers,
@@ -169,7 +170,9 @@ class Engine:
 
     @property
     def layout(self) -> dict[str, int]:
-        return {"pp": self.topo.pp, "tp": self.topo.tp, "dp": self.topo.dp}
+        """The degrees a checkpoint's manifest records (cp only when > 1: manifests from before it match)."""
+        degrees = {"pp": self.topo.pp, "tp": self.topo.tp, "dp": self.topo.dp}
+        return degrees | ({"cp": self.topo.cp} if self.topo.cp > 1 else {})
 
     @property
     def device(self) -> torch.device:
@@ -217,8 +220,8 @@ class Engine:
 
     @property
     def writes_layers(self) -> bool:
-        """Whether this rank writes its stage's layers on save: its stage's (dp 0, tp 0) rank."""
-        return self.coords.dp_rank == 0 and self.coords.tp_rank == 0
+        """Whether this rank writes its stage's layers on save: its stage's (dp 0, cp 0, tp 0) rank."""
+        return self.coords.dp_rank == 0 and self.coords.cp_rank == 0 and self.coords.tp_rank == 0
 
     def layer_indices(self, owned_only: bool) -> list[int]:
         """Pipeline layer indices this rank holds (owned_only: those its stage saves; a tied copy is not)."""
@@ -332,8 +335,8 @@ class SingleStageEngine(Engine):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.topo.dp == 1 and not self.ds.zero_optimization():
-            # without ZeRO DeepSpeed all-reduces the gradients over DP even for one rank: flattening every
+        if self.topo.dp * self.topo.cp == 1 and not self.ds.zero_optimization():
+            # without ZeRO DeepSpeed all-reduces the gradients over DP (x CP) even for one rank: flattening every
             # gradient into buckets and copying it back, twice the gradients' bytes per step for nothing
             self.ds.enable_backward_allreduce = False
 
@@ -362,8 +365,11 @@ class SingleStageEngine(Engine):
         return self._dp_mean(losses)
 
     def _dp_mean(self, losses: list[torch.Tensor]) -> float:
-        """Mean over micro-batches, then over DP ranks: the pipeline engine's reduction, so both report alike."""
+        """Mean over micro-batches, then over DP ranks: the pipeline engine's reduction, so both report alike.
+        Under CP each rank's loss is its sequence slice's share of the window's: they are summed first."""
         mean = torch.stack(losses).float().mean()
+        if self.topo.cp > 1:
+            dist.all_reduce(mean, group=self.groups.cp)
         if self.topo.dp > 1:
             dist.all_reduce(mean, group=self.groups.dp)
             mean /= self.topo.dp
@@ -382,12 +388,14 @@ def build_module(
     topo: Topology,
     tp: TPGroup,
     on_built: LayerHook | None = None,
+    cp: CPGroup = NO_CP,
 ) -> tuple[nn.Module, StageLayers]:
     """This rank's module (a pipeline stage, or the whole model when pp = 1) and its layers by full name;
-    `on_built` (pp = 1 only) runs on each layer as soon as it is built."""
+    `on_built` (pp = 1 only) runs on each layer as soon as it is built; `cp` (pp = 1 only) splits each
+    window's positions."""
     recompute = parallel.activation_checkpointing
     if topo.pp == 1:
-        module = SingleStage(model, spec.vocab_size, tp, recompute, on_built)
+        module = SingleStage(model, spec.vocab_size, tp, recompute, on_built, cp)
         return module, StageLayers(named_params(module.stage_layers()), 0, lambda index: 0, model.n_layer)
     pipe = build_pipeline_module(
         model, spec.vocab_size, spec.seq_len, parallel.partition, recompute, topo, tp
@@ -408,18 +416,18 @@ def build_engine(cfg: Config, weights: WeightSource | None = None) -> Engine:
 
 def _build_engine(cfg: Config, spec: TrainSpec, topo: Topology, weights: WeightSource | None) -> Engine:
     groups = build_groups(topo)
-    tp = TPGroup(groups.tp, topo.coords(dist.get_rank()).tp_rank, topo.tp, topo.sequence_parallel)
+    coords = topo.coords(dist.get_rank())
+    tp = TPGroup(groups.tp, coords.tp_rank, topo.tp, topo.sequence_parallel)
+    cp = CPGroup(groups.cp, coords.cp_rank, topo.cp)
     ds_config = build_ds_config(cfg.parallel, spec)
-    # with pp = 1 DeepSpeed learns the TP and DP groups from a grid over the same topology the pipeline uses
-    mpu = PipelineParallelGrid(topology=ds_topology(topo)) if topo.pp == 1 else None
+    mpu = _grid(topo, groups)
     zero_stage = zero_stage_for(cfg.parallel, spec.precision)
     zero3 = zero_stage == 3  # only with pp = 1 (Layout.check_model)
     if zero3 and not torch.cuda.is_available():
         map_large_allocations()  # before the stage is built: ZeRO-3 gathers and frees every layer every step
     dtype = torch.bfloat16 if spec.precision == "bf16" else torch.float32
-    module, layers = build_module(
-        cfg.model, cfg.parallel, spec, topo, tp, layer_partitioner(ds_config, mpu, dtype) if zero3 else None
-    )
+    partitioner = layer_partitioner(ds_config, mpu, gradient_group(mpu), dtype) if zero3 else None
+    module, layers = build_module(cfg.model, cfg.parallel, spec, topo, tp, partitioner, cp)
     # each rank reads only its stage's parameters, and of those its TP slice (its ZeRO-3 partitions, once they
     # exist); masks first: a pruned start trains with its pruned weights held at 0
     weights = weights if weights is not None else SeededInit(cfg.model, spec.vocab_size, cfg.run.seed)
@@ -442,3 +450,13 @@ def _build_engine(cfg: Config, spec: TrainSpec, topo: Topology, weights: WeightS
         engine.read_weights(weights)
     engine.watch_losses(module.loss_fn)
     return engine
+
+
+def _grid(topo: Topology, groups: ProcessGroups) -> PipelineParallelGrid | None:
+    """With pp = 1, the mpu DeepSpeed learns the TP and DP groups from: a grid over the same topology the pipeline
+    uses, with a sequence axis under context parallelism. None with pp > 1 (the PipelineModule brings its own)."""
+    if topo.pp > 1:
+        return None
+    if topo.cp > 1:
+        return ContextParallelGrid(topo, groups)
+    return PipelineParallelGrid(topology=ds_topology(topo))

@@ -7,6 +7,8 @@ a pipeline stage sends and receives 1/tp of the activation on every TP rank.
 Under data.document_mask the input is the tuple (tokens, doc_ids, positions) and the activations travel as
 (x, doc_ids, positions) up to the final norm: DeepSpeed's pipeline sends integer tensors along and no gradient
 back for them, so every stage builds its blocks' document masks itself.
+Under context parallelism (raylm.parallel.context, pp = 1) every layer takes the whole window's tokens, labels
+and document boundaries, and the activations are this CP rank's slice of the positions (B, T / cp, C).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import torch.nn.functional as F
 from raylm.config.schema import ModelConfig
 from raylm.model.gpt import Block, RMSNorm, document_attention
 from raylm.model.rope import model_rope_tables
+from raylm.parallel.context import NO_CP, CPGroup, apply_context_parallel
 from raylm.parallel.tensor import (
     ColumnParallelLinear,
     RowParallelLinear,
@@ -28,6 +31,7 @@ from raylm.parallel.tensor import (
     copy_to_tp_region,
     enter_tp_region,
     gather_sequence,
+    valid_targets,
     vocab_parallel_cross_entropy,
 )
 
@@ -82,18 +86,20 @@ class SequenceParallelNorm(RMSNorm):
 
 
 class EmbeddingPipe(VocabParallelEmbedding):
-    """Token ids (B, T) -> embeddings (B, T, C), vocab split over TP."""
+    """Token ids (B, T) -> embeddings (B, T, C), vocab split over TP; under CP of this rank's slice only."""
 
     name_prefix = "tok_embeddings."
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: TPGroup):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, tp: TPGroup, cp: CPGroup = NO_CP):
         super().__init__(vocab_size, cfg.d_model, tp)
+        self.cp = cp
 
     def forward(self, inputs):  # tokens (B, T), or (tokens, doc_ids, positions)
         if isinstance(inputs, tuple):
             tokens, *documents = inputs
-            return (super().forward(tokens), *documents)  # (B, T, C), doc_ids and positions passed along
-        return super().forward(inputs)  # (B, T, C)
+            x = super().forward(self.cp.local(tokens))  # (B, T / cp, C)
+            return (x, *documents)  # the whole window's doc_ids and positions passed along
+        return super().forward(self.cp.local(inputs))  # (B, T / cp, C)
 
 
 class BlockPipe(Block):
@@ -102,13 +108,17 @@ class BlockPipe(Block):
     rope_cos: torch.Tensor  # buffers (register_buffer), declared for the type checker
     rope_sin: torch.Tensor
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TPGroup):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TPGroup, cp: CPGroup = NO_CP):
         with torch.device("meta"):  # the dense linears are replaced at once: never allocate them
             super().__init__(cfg)
         apply_tensor_parallel(self, TP_PLAN, tp)
+        apply_context_parallel(self, cp)
         self.to_empty(device="cpu")  # norms leave meta; every weight is loaded from the full state next
         self.name_prefix = f"layers.{layer_idx}."
-        self.sequence_shards = tp.size if tp.sequence_parallel else 1  # x holds T / sequence_shards positions
+        self.sequence_shards = (
+            tp.size if tp.sequence_parallel else 1
+        )  # x holds T / cp / sequence_shards positions
+        self.cp = cp
         cos, sin = model_rope_tables(cfg)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -116,11 +126,13 @@ class BlockPipe(Block):
     # A pipeline stage maps x -> x (its RoPE tables are its own), so it narrows Block.forward on purpose.
     def forward(self, x):  # type: ignore[override]  # (B, T, C) ((B, T / tp, C) under SP), or (x, doc_ids, positions)
         if isinstance(x, tuple):  # data.document_mask (not with sequence parallelism: raylm.config.validate)
-            x, doc_ids, positions = x
+            x, doc_ids, positions = x  # doc_ids, positions (B, T): the whole window's, also under CP
             mask, cos, sin = document_attention(doc_ids, positions, self.rope_cos, self.rope_sin)
+            cos, sin = self.cp.local(cos), self.cp.local(sin)  # (B, T / cp, hd/2): this slice's positions
             return super().forward(x, cos, sin, mask=mask), doc_ids, positions
-        T = x.size(1) * self.sequence_shards  # attention runs on the whole (gathered) sequence
-        return super().forward(x, self.rope_cos[:T], self.rope_sin[:T])
+        T = x.size(1) * self.sequence_shards  # the TP region's (gathered) sequence: this CP rank's slice
+        rows = slice(self.cp.start(T), self.cp.start(T) + T)
+        return super().forward(x, self.rope_cos[rows], self.rope_sin[rows])
 
 
 class FinalNormPipe(SequenceParallelNorm):
@@ -150,15 +162,18 @@ def tied_head_forward(embedding: EmbeddingPipe, x: torch.Tensor) -> torch.Tensor
 
 
 class VocabParallelLoss:
-    """The pipeline's loss_fn: mean cross-entropy from vocab-split logits, ignoring label -100."""
+    """The pipeline's loss_fn: mean cross-entropy from vocab-split logits, ignoring label -100. Under CP the
+    logits are this rank's slice and the labels the whole window's: the loss is the slice's share of the
+    window's mean (its tokens' sum over the window's target count), so the CP ranks' losses add up to it."""
 
-    def __init__(self, tp: TPGroup):
-        self.tp = tp
+    def __init__(self, tp: TPGroup, cp: CPGroup = NO_CP):
+        self.tp, self.cp = tp, cp
         self.__name__ = "vocab_parallel_cross_entropy"  # DeepSpeed prints the loss function's name
         self.on_loss: Callable[[torch.Tensor], torch.Tensor] | None = None  # sees (and may replace) each loss
 
     def __call__(self, logits_shard: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = vocab_parallel_cross_entropy(logits_shard, labels, self.tp)
+        n_valid = valid_targets(labels) if self.cp.size > 1 else None  # the whole window's targets
+        loss = vocab_parallel_cross_entropy(logits_shard, self.cp.local(labels), self.tp, n_valid=n_valid)
         return self.on_loss(loss) if self.on_loss is not None else loss
 
 

@@ -20,6 +20,7 @@ from deepspeed.runtime.zero import register_external_parameter
 
 from raylm.config.schema import ModelConfig
 from raylm.model.facts import layer_costs
+from raylm.parallel.context import NO_CP, CPGroup
 from raylm.parallel.layers import (
     BlockPipe,
     EmbeddingPipe,
@@ -34,15 +35,15 @@ from raylm.parallel.topology import Topology
 TIED_KEY = "embed"
 
 
-def layer_specs(cfg: ModelConfig, vocab_size: int, tp: TPGroup) -> list[LayerSpec]:
+def layer_specs(cfg: ModelConfig, vocab_size: int, tp: TPGroup, cp: CPGroup = NO_CP) -> list[LayerSpec]:
     """The ordered pipeline layers; DeepSpeed builds only the ones on this rank's stage."""
     if cfg.tie_embeddings:
-        first = TiedLayerSpec(TIED_KEY, EmbeddingPipe, cfg, vocab_size, tp)
-        last = TiedLayerSpec(TIED_KEY, EmbeddingPipe, cfg, vocab_size, tp, forward_fn=tied_head_forward)
+        first = TiedLayerSpec(TIED_KEY, EmbeddingPipe, cfg, vocab_size, tp, cp)
+        last = TiedLayerSpec(TIED_KEY, EmbeddingPipe, cfg, vocab_size, tp, cp, forward_fn=tied_head_forward)
     else:
-        first = LayerSpec(EmbeddingPipe, cfg, vocab_size, tp)
+        first = LayerSpec(EmbeddingPipe, cfg, vocab_size, tp, cp)
         last = LayerSpec(HeadPipe, cfg, vocab_size, tp)
-    blocks = [LayerSpec(BlockPipe, cfg, i, tp) for i in range(cfg.n_layer)]
+    blocks = [LayerSpec(BlockPipe, cfg, i, tp, cp) for i in range(cfg.n_layer)]
     return [first, *blocks, LayerSpec(FinalNormPipe, cfg, tp), last]
 
 
@@ -148,12 +149,14 @@ class SingleStage(nn.Module):
         tp: TPGroup,
         recompute: bool,
         on_built: Callable[[nn.Module], None] | None = None,
+        cp: CPGroup = NO_CP,
     ):
-        """`on_built(layer)` runs on each layer right after it is built, before the next (ZeRO-3 partitions it)."""
+        """`on_built(layer)` runs on each layer right after it is built, before the next (ZeRO-3 partitions it);
+        `cp` splits each window's positions (raylm.parallel.context)."""
         super().__init__()
         built: dict[str, nn.Module] = {}
         layers = []
-        for spec in layer_specs(cfg, vocab_size, tp):
+        for spec in layer_specs(cfg, vocab_size, tp, cp):
             tied_key = getattr(spec, "key", None)
             if tied_key in built:
                 layers.append(TiedHead(cast(EmbeddingPipe, built[tied_key])))  # only the embedding is tied
@@ -164,7 +167,7 @@ class SingleStage(nn.Module):
             if tied_key is not None:
                 built[tied_key] = layers[-1]
         self.layers = nn.ModuleList(layers)
-        self.loss_fn = VocabParallelLoss(tp)
+        self.loss_fn = VocabParallelLoss(tp, cp)
         self.recompute = recompute
 
     def forward(self, inputs, labels: torch.Tensor) -> torch.Tensor:

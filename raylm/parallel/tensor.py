@@ -240,16 +240,27 @@ class _VocabParallelCE(torch.autograd.Function):
 
 
 def vocab_parallel_cross_entropy(
-    logits_shard: torch.Tensor, target: torch.Tensor, tp: TPGroup, ignore_index: int = -100
+    logits_shard: torch.Tensor,
+    target: torch.Tensor,
+    tp: TPGroup,
+    ignore_index: int = -100,
+    n_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Mean cross-entropy over targets != ignore_index, from logits split over the vocab (..., V/tp).
 
     Equals F.cross_entropy(full_logits, target, ignore_index=ignore_index) on every TP rank; a batch with no
-    valid target gives 0 (not NaN) so one empty micro-batch cannot poison a step.
+    valid target gives 0 (not NaN) so one empty micro-batch cannot poison a step. `n_valid` divides the sum
+    instead of target's own count (a sequence slice's share of the whole window's mean).
     """
     vocab_start = tp.rank * logits_shard.size(-1)
     flat_logits = logits_shard.reshape(-1, logits_shard.size(-1))  # (N, V/tp)
     flat_target = target.reshape(-1)  # (N,)
     per_token = _VocabParallelCE.apply(flat_logits, flat_target, vocab_start, tp, ignore_index)
-    n_valid = (flat_target != ignore_index).sum().clamp(min=1)
+    if n_valid is None:
+        n_valid = valid_targets(flat_target, ignore_index)
     return per_token.sum() / n_valid
+
+
+def valid_targets(target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """How many targets count toward the mean (at least 1, so an empty batch divides 0 by 1)."""
+    return (target != ignore_index).sum().clamp(min=1)

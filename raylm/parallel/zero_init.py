@@ -23,9 +23,10 @@ from deepspeed.accelerator import get_accelerator
 LayerHook = Callable[[nn.Module], None]
 
 
-def layer_partitioner(ds_config: dict, mpu, dtype: torch.dtype) -> LayerHook:
+def layer_partitioner(ds_config: dict, mpu, partition_group, dtype: torch.dtype) -> LayerHook:
     """A hook that moves one freshly built layer to this rank's device, casts its parameters to `dtype` (what
-    deepspeed.initialize would do to the whole model) and partitions them over the DP group of `mpu`."""
+    deepspeed.initialize would do to the whole model) and partitions them over `partition_group` (the DP group
+    of `mpu`, dp x cp under context parallelism)."""
     device = torch.device(
         get_accelerator().device_name(os.environ["LOCAL_RANK"])
     )  # where zero.Init puts them
@@ -36,7 +37,7 @@ def layer_partitioner(ds_config: dict, mpu, dtype: torch.dtype) -> LayerHook:
             param.data = param.data.to(dtype)
         deepspeed.zero.Init(
             module=layer,
-            data_parallel_group=mpu.get_data_parallel_group(),
+            data_parallel_group=partition_group,
             dtype=dtype,
             config_dict_or_path=ds_config,
             mpu=mpu,

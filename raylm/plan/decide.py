@@ -35,7 +35,8 @@ def describe(pred: Prediction) -> str:
     """One line: the layout and its prediction, for logs."""
     assert pred.memory is not None and pred.time is not None
     return (
-        f"pp={pred.pp} tp={pred.tp} dp={pred.dp} zero_stage={pred.zero_stage} micro_batch={pred.micro_batch} "
+        f"pp={pred.pp} cp={pred.cp} tp={pred.tp} dp={pred.dp} zero_stage={pred.zero_stage} "
+        f"micro_batch={pred.micro_batch} "
         f"activation_checkpointing={str(pred.activation_checkpointing).lower()}: predicted "
         f"{pred.memory.total / GB:.2f} GB per rank, step {pred.time.total:.3g} s, "
         f"{pred.tokens_per_s:,.0f} tokens/s, MFU {pred.mfu:.1%}, bubble {pred.time.bubble:.1%}"

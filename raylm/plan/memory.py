@@ -27,6 +27,10 @@ mask is the same for every head), and the block's own RoPE tables at each row's 
 4 x head size per token); while a block runs (its forward, or its recompute under checkpointing) its boolean
 mask, B x T x T bytes, lives beside them; between pipeline stages every micro-batch carries its int64 document
 ids and positions (benchmarks/long_sequences.py measures masked steps against these figures).
+
+Context parallelism (cp) divides every token count by cp: a rank holds T / cp positions outside attention, and
+inside it T positions of H / cp heads, the same bytes; Ulysses keeps the attention output twice, before and after
+the all-to-all that returns it to the slice. ZeRO partitions over the dp x cp ranks (D above).
 """
 
 from __future__ import annotations
@@ -57,6 +61,16 @@ class RankSetup:
     precision: str
     sequence_parallel: bool = False  # activations between TP regions split along the sequence over tp
     document_mask: bool = False  # data.document_mask: every block attends under a (B, 1, T, T) mask
+    cp: int = 1  # context-parallel ranks: each holds seq_len / cp positions of every window
+
+    @property
+    def zero_ranks(self) -> int:
+        """The ranks gradients are reduced over and ZeRO partitions over: dp x cp."""
+        return self.dp * self.cp
+
+    def tokens(self, seq_len: int) -> int:
+        """Tokens of one micro-batch on one rank: this CP rank's slice of each window."""
+        return self.micro_batch * seq_len // self.cp
 
     @property
     def sequence_shards(self) -> int:
@@ -83,7 +97,7 @@ class Memory:
 
 def model_state_bytes(n: float, setup: RankSetup) -> tuple[float, float, float]:
     """(weights, gradients, optimizer state) bytes for `n` parameters on one rank, without temporaries."""
-    e, d, z = DTYPE_BYTES[setup.precision], setup.dp, setup.zero_stage
+    e, d, z = DTYPE_BYTES[setup.precision], setup.zero_ranks, setup.zero_stage
     bf16 = setup.precision == "bf16"
     weights = e * n / (d if z >= 3 else 1)
     grads = e * n / (d if z >= 2 else 1)
@@ -101,7 +115,7 @@ def optimizer_temporaries(shape: ModelShape, n: float, setup: RankSetup, fused: 
     over each tensor it steps. DeepSpeed's ZeRO-1/2 and BF16 optimizers step one flat partition (the whole of it
     at once), ZeRO-3 one sub-group at a time (with its fp32 gradient copy), and plain fp32 at ZeRO 0 each
     parameter on its own (the largest at once). Fused AdamW (raylm's on GPUs) keeps no temporary."""
-    split = setup.dp if (setup.zero_stage >= 1 or setup.precision == "bf16") else 1
+    split = setup.zero_ranks if (setup.zero_stage >= 1 or setup.precision == "bf16") else 1
     if setup.zero_stage >= 3:
         return (0 if fused else ADAM_TEMP_BYTES) * min(ZERO3_SUB_GROUP, n / split) + 4 * min(
             ZERO3_SUB_GROUP, n / split
@@ -119,6 +133,8 @@ def block_activation_bytes(shape: ModelShape, tokens: int, setup: RankSetup) -> 
     e, tp, d = DTYPE_BYTES[setup.precision], setup.tp, shape.d_model
     norms = 2 * ((4 + e) / setup.sequence_shards + e) * d
     attention = e * (2 * d + 2 * shape.kv_dim) / tp + 4 * shape.n_head / tp
+    if setup.cp > 1:
+        attention += e * d / tp  # Ulysses: the output before its all-to-all back, and after it (wo's input)
     mlp = 4 * e * shape.ffn / tp
     documents = e * shape.seq_len + 4 * shape.d_model // shape.n_head if setup.document_mask else 0
     return tokens * (norms + attention + mlp + documents + 8)
@@ -129,7 +145,7 @@ def stage_activation_bytes(shape: ModelShape, stage: Stage, setup: RankSetup) ->
     one without a pipeline), each block's saved tensors (or, under checkpointing, its input, plus one block
     recomputed in the backward), the stage's boundary buffers, and on the last stage the loss's logits."""
     e, tp = DTYPE_BYTES[setup.precision], setup.tp
-    tokens = setup.micro_batch * shape.seq_len
+    tokens = setup.tokens(shape.seq_len)
     block = block_activation_bytes(shape, tokens, setup)
     boundary = e * tokens * shape.d_model / setup.sequence_shards  # one (B, T, C) activation or its gradient
     per_block = boundary if setup.checkpointing else block
@@ -157,7 +173,9 @@ def buffer_bytes(shape: ModelShape, stage: Stage, setup: RankSetup) -> float:
         return 2 * e * shape.largest_layer / setup.tp + e * ZERO3_REDUCE_BUCKET
     if z in (1, 2):
         return e * min(REDUCE_BUCKET, n)
-    if setup.dp > 1:  # ZeRO 0 over DP: the engine flattens gradients into one buffer to all-reduce them
+    if (
+        setup.zero_ranks > 1
+    ):  # ZeRO 0 over DP: the engine flattens gradients into one buffer to all-reduce them
         return e * min(PIPE_ALLREDUCE_BUCKET, n)
     return 0.0
 

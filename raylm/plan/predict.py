@@ -1,6 +1,6 @@
 """Every layout a config may run on N ranks, each with its predicted memory, step time, tokens/s and MFU.
 
-A layout is (pp, tp, dp, zero_stage, micro_batch, activation_checkpointing). It is valid when the config,
+A layout is (pp, tp, dp, zero_stage, micro_batch, activation_checkpointing, cp). It is valid when the config,
 with those values, passes the layout checks `raylm config` applies (raylm.config.validate.check_layout): the
 planner has no rules of its own. It fits when its largest rank's predicted memory is within the rank's.
 """
@@ -46,6 +46,7 @@ class Prediction:
     tokens_per_s: float = 0.0
     mfu: float = 0.0
     mem_limit: float = 0.0
+    cp: int = 1  # context-parallel ranks per replica (Ulysses)
 
     @property
     def valid(self) -> bool:
@@ -59,6 +60,7 @@ class Prediction:
         """The dotted overrides that select this layout."""
         return [
             f"parallel.pp={self.pp}",
+            f"parallel.cp={self.cp}",
             f"parallel.tp={self.tp}",
             f"parallel.dp={self.dp}",
             f"parallel.zero_stage={self.zero_stage}",
@@ -67,11 +69,14 @@ class Prediction:
         ]
 
 
-def with_layout(cfg: Config, pp: int, tp: int, dp: int, zero: int, micro_batch: int, ckpt: bool) -> Config:
+def with_layout(
+    cfg: Config, pp: int, tp: int, dp: int, zero: int, micro_batch: int, ckpt: bool, cp: int = 1
+) -> Config:
     """`cfg` with another layout (a fixed one: no elastic range, no fixed worker count)."""
     parallel = dataclasses.replace(
         cfg.parallel,
         pp=pp,
+        cp=cp,
         tp=tp,
         dp=dp,
         dp_min=0,
@@ -96,6 +101,7 @@ def predict(cfg: Config, hw: Hardware, gpus_per_node: int) -> Prediction:
         activation_checkpointing=p.activation_checkpointing,
         parameters=model_shape(cfg, 1).total_params,
         mem_limit=hw.mem_bytes,
+        cp=p.cp,
     )
     try:
         check_layout(cfg)
@@ -115,9 +121,10 @@ def predict(cfg: Config, hw: Hardware, gpus_per_node: int) -> Prediction:
         precision=cfg.train.precision,
         sequence_parallel=p.sequence_parallel,
         document_mask=cfg.data.document_mask,
+        cp=p.cp,
     )
     world = Layout.of(p).world_size
-    place = Placement(gpus_per_node=gpus_per_node, tp=p.tp, dp=p.dp, world=world)
+    place = Placement(gpus_per_node=gpus_per_node, tp=p.tp, dp=p.dp, world=world, cp=p.cp)
     if hw.cores_per_node:  # CPU ranks share their node's memory
         base = dataclasses.replace(base, mem_limit=hw.mem_bytes / place.ranks_per_node)
     fused = not hw.cores_per_node  # raylm steps a fused AdamW on GPUs (raylm.parallel.engine)
@@ -155,40 +162,48 @@ def divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def candidate_layouts(cfg: Config, world: int) -> list[tuple[int, int, int, int, int, bool]]:
-    """(pp, tp, dp, zero, micro_batch, checkpointing) over world ranks: each distinct ZeRO stage DeepSpeed would
-    run, power-of-two micro-batches (and the config's own) that divide the batch, checkpointing off and on."""
-    out = []
+Candidate = tuple[int, int, int, int, int, bool, int]  # (pp, tp, dp, zero, micro_batch, checkpointing, cp)
+
+
+def candidate_layouts(cfg: Config, world: int) -> list[Candidate]:
+    """(pp, tp, dp, zero, micro_batch, checkpointing, cp) over world ranks: each distinct ZeRO stage DeepSpeed
+    would run, power-of-two micro-batches (and the config's own) that divide the batch, checkpointing off and
+    on, and every cp the rest leaves room for (the layout checks refuse those the heads or pp do not allow)."""
+    out: list[Candidate] = []
     gb = cfg.train.global_batch
     for pp in divisors(world):
         for tp in divisors(world // pp):
-            dp = world // (pp * tp)
-            sizes = sorted({cfg.parallel.micro_batch, *(2**i for i in range(7))})
-            micro = [mb for mb in sizes if mb <= MAX_MICRO_BATCH and gb % (mb * dp) == 0] or [1]
-            stages_run: dict[int, int] = {}
-            for zero in (0, 1, 2, 3):
-                probe = dataclasses.replace(cfg.parallel, pp=pp, tp=tp, dp=dp, zero_stage=zero)
-                runs = zero_stage_for(probe, cfg.train.precision)
-                if runs == zero or runs not in stages_run:  # name a stage by itself where it can be
-                    stages_run[runs] = zero
-            for zero in sorted(stages_run.values()):
-                for mb in micro:
-                    for ckpt in (False, True):
-                        out.append((pp, tp, dp, zero, mb, ckpt))
+            for cp in divisors(world // (pp * tp)):
+                dp = world // (pp * tp * cp)
+                sizes = sorted({cfg.parallel.micro_batch, *(2**i for i in range(7))})
+                micro = [mb for mb in sizes if mb <= MAX_MICRO_BATCH and gb % (mb * dp) == 0] or [1]
+                for zero in _zero_stages(cfg, pp, tp, dp, cp):
+                    out.extend((pp, tp, dp, zero, mb, ckpt, cp) for mb in micro for ckpt in (False, True))
     return out
+
+
+def _zero_stages(cfg: Config, pp: int, tp: int, dp: int, cp: int) -> list[int]:
+    """Each distinct ZeRO stage DeepSpeed would run for the degrees, named by itself where it can be."""
+    stages_run: dict[int, int] = {}
+    for zero in (0, 1, 2, 3):
+        probe = dataclasses.replace(cfg.parallel, pp=pp, tp=tp, dp=dp, cp=cp, zero_stage=zero)
+        runs = zero_stage_for(probe, cfg.train.precision)
+        if runs == zero or runs not in stages_run:
+            stages_run[runs] = zero
+    return sorted(stages_run.values())
 
 
 def plan(cfg: Config, hw: Hardware, world: int, gpus_per_node: int) -> list[Prediction]:
     """Every candidate layout's prediction, best first: fitting layouts by tokens/s, then those that do not fit
     by memory, then invalid ones. A (pp, tp, dp) the layout checks refuse is listed once."""
     out: list[Prediction] = []
-    refused: set[tuple[int, int, int]] = set()
-    for pp, tp, dp, zero, mb, ckpt in candidate_layouts(cfg, world):
-        if (pp, tp, dp) in refused:
+    refused: set[tuple[int, int, int, int]] = set()
+    for pp, tp, dp, zero, mb, ckpt, cp in candidate_layouts(cfg, world):
+        if (pp, tp, dp, cp) in refused:
             continue
-        pred = predict(with_layout(cfg, pp, tp, dp, zero, mb, ckpt), hw, gpus_per_node)
+        pred = predict(with_layout(cfg, pp, tp, dp, zero, mb, ckpt, cp), hw, gpus_per_node)
         if not pred.valid and "micro_batch" not in pred.why:
-            refused.add((pp, tp, dp))
+            refused.add((pp, tp, dp, cp))
         out.append(pred)
     return sorted(out, key=rank_key)
 
@@ -198,4 +213,4 @@ def rank_key(pred: Prediction) -> tuple:
         return (0, -pred.tokens_per_s, pred.memory.total if pred.memory else 0)
     if pred.valid:
         return (1, pred.memory.total if pred.memory else 0, 0)
-    return (2, pred.pp, pred.tp)
+    return (2, pred.pp, pred.tp, pred.cp)

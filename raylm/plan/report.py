@@ -14,6 +14,7 @@ def as_json(pred: Prediction) -> dict[str, Any]:
         "pp": pred.pp,
         "tp": pred.tp,
         "dp": pred.dp,
+        "cp": pred.cp,
         "zero_stage": pred.zero_stage,
         "ds_zero_stage": pred.ds_zero_stage,
         "micro_batch": pred.micro_batch,
@@ -43,11 +44,12 @@ def as_json(pred: Prediction) -> dict[str, Any]:
             "bubble_s": round(time.bubble_s, 6),
             "tp_comm_s": round(time.tp_s, 6),
             "p2p_s": round(time.p2p_s, 6),
+            "cp_comm_s": round(time.cp_s, 6),
             "dp_comm_s": round(time.dp_s, 6),
             "optimizer_s": round(time.optimizer_s, 6),
             "bubble": round(time.bubble, 4),
             "tokens_per_s": round(pred.tokens_per_s, 1),
-            "tokens_per_s_per_rank": round(pred.tokens_per_s / (pred.pp * pred.tp * pred.dp), 1),
+            "tokens_per_s_per_rank": round(pred.tokens_per_s / (pred.pp * pred.cp * pred.tp * pred.dp), 1),
             "mfu": round(pred.mfu, 4),
         }
     )
@@ -58,7 +60,22 @@ def _gb(nbytes: float) -> float:
     return round(nbytes / GB, 3)
 
 
-HEADER = ("#", "pp", "tp", "dp", "zero", "mb", "ckpt", "m", "GB/rank", "tokens/s", "MFU", "bubble", "step s")
+HEADER = (
+    "#",
+    "pp",
+    "cp",
+    "tp",
+    "dp",
+    "zero",
+    "mb",
+    "ckpt",
+    "m",
+    "GB/rank",
+    "tokens/s",
+    "MFU",
+    "bubble",
+    "step s",
+)
 
 
 def table(ranked: list[Prediction], top: int) -> list[str]:
@@ -90,7 +107,7 @@ def table(ranked: list[Prediction], top: int) -> list[str]:
 
 
 def _degrees(p: Prediction) -> str:
-    return f"pp={p.pp} tp={p.tp} dp={p.dp} zero={p.zero_stage} mb={p.micro_batch}"
+    return f"pp={p.pp} cp={p.cp} tp={p.tp} dp={p.dp} zero={p.zero_stage} mb={p.micro_batch}"
 
 
 def _cells(rank: int, p: Prediction) -> tuple[str, ...]:
@@ -98,6 +115,7 @@ def _cells(rank: int, p: Prediction) -> tuple[str, ...]:
     return (
         str(rank),
         str(p.pp),
+        str(p.cp),
         str(p.tp),
         str(p.dp),
         str(p.zero_stage),

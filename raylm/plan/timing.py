@@ -1,4 +1,5 @@
-"""Predicted step time of one layout: compute, the 1F1B bubble, TP collectives, pipeline sends, DP reductions.
+"""Predicted step time of one layout: compute, the 1F1B bubble, TP collectives, pipeline sends, Ulysses'
+all-to-alls, DP reductions.
 
 The slowest stage sets the pipeline's pace: a step is m slots of that stage's micro-batch time (matmuls at the
 hardware's peak x matmul_eff, the memory-bound elementwise work at its memory bandwidth, a fixed cost per block,
@@ -33,6 +34,8 @@ TP_RECOMPUTE_ALLREDUCES = (
     2  # a recomputed forward repeats its two (or, under SP, its 2 gathers and 2 scatters)
 )
 LOSS_SMALL_ALLREDUCES = 2  # the vocab-parallel cross-entropy's row max and its sums, (N,) and (2, N)
+# Ulysses: q, k, v into attention and its output back, forward; their gradients the other way, backward
+CP_ALL_TO_ALLS_FORWARD = 4
 ELEMENTWISE_PASSES = (
     3  # saved activations are written in the forward, read and their gradients written backward
 )
@@ -40,24 +43,29 @@ ELEMENTWISE_PASSES = (
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a layout's groups fall on nodes of `gpus_per_node` ranks (rank order: pp, dp, tp)."""
+    """Where a layout's groups fall on nodes of `gpus_per_node` ranks (rank order: pp, dp, cp, tp)."""
 
     gpus_per_node: int
     tp: int
     dp: int
     world: int
+    cp: int = 1
 
     @property
     def tp_intra(self) -> bool:
         return self.tp <= self.gpus_per_node
 
     @property
-    def dp_intra(self) -> bool:
-        return self.tp * self.dp <= self.gpus_per_node
+    def cp_intra(self) -> bool:
+        return self.cp * self.tp <= self.gpus_per_node
 
     @property
-    def pp_intra(self) -> bool:  # neighbouring stages are dp * tp ranks apart
-        return self.tp * self.dp < self.gpus_per_node
+    def dp_intra(self) -> bool:
+        return self.tp * self.cp * self.dp <= self.gpus_per_node
+
+    @property
+    def pp_intra(self) -> bool:  # neighbouring stages are dp * cp * tp ranks apart
+        return self.tp * self.cp * self.dp < self.gpus_per_node
 
     @property
     def ranks_per_node(self) -> int:
@@ -77,10 +85,13 @@ class StepTime:
     dp_s: float  # exposed DP gradient reduction and ZeRO gathers
     optimizer_s: float
     bubble: float  # (p - 1) / (m + p - 1)
+    cp_s: float = 0.0  # Ulysses' all-to-alls over the step
 
     @property
     def total(self) -> float:
-        return self.compute_s + self.bubble_s + self.tp_s + self.p2p_s + self.dp_s + self.optimizer_s
+        return (
+            self.compute_s + self.bubble_s + self.tp_s + self.p2p_s + self.cp_s + self.dp_s + self.optimizer_s
+        )
 
 
 def ring_allreduce_s(nbytes: float, ranks: int, bw: float, hw: Hardware) -> float:
@@ -110,7 +121,7 @@ def _saturation(size: float, knee: int) -> float:
 def elementwise_s(shape: ModelShape, stage: Stage, setup: RankSetup, hw: Hardware, place: Placement) -> float:
     """The memory-bound part of a micro-batch: norms, RoPE, SwiGLU's gate, residual adds and the loss's softmax
     read and write about what autograd keeps, ELEMENTWISE_PASSES times, at the rank's memory bandwidth."""
-    tokens = setup.micro_batch * shape.seq_len
+    tokens = setup.tokens(shape.seq_len)
     e = DTYPE_BYTES[setup.precision]
     passes = ELEMENTWISE_PASSES + (1 if setup.checkpointing else 0)  # a recomputed forward writes them again
     nbytes = stage.blocks * block_activation_bytes(shape, tokens, setup) * passes
@@ -149,11 +160,31 @@ def tp_collectives_s(
     return moved + calls * hw.sync_wait_s
 
 
+def all_to_all_s(nbytes: float, ranks: int, bw: float, hw: Hardware) -> float:
+    """An all-to-all of `nbytes` per rank: (n - 1) / n of them leave through each rank's link, n - 1 latencies."""
+    if ranks <= 1:
+        return 0.0
+    return (ranks - 1) / ranks * nbytes / (bw * hw.link_eff) + (ranks - 1) * hw.latency_s
+
+
+def ulysses_s(shape: ModelShape, stage: Stage, setup: RankSetup, hw: Hardware, place: Placement) -> float:
+    """Seconds of one micro-batch's all-to-alls on one stage: per block q (d), k and v (kv each) and the output
+    (d) of this rank's tokens and TP heads, forward, backward and again in a recomputed forward."""
+    if setup.cp == 1:
+        return 0.0
+    tokens, e = setup.tokens(shape.seq_len), DTYPE_BYTES[setup.precision]
+    per_block = e * tokens * (2 * shape.d_model + 2 * shape.kv_dim) / setup.tp
+    passes = 2 + (1 if setup.checkpointing else 0)
+    bw = hw.intra_bw if place.cp_intra else hw.inter_bw
+    exchange = all_to_all_s(per_block / CP_ALL_TO_ALLS_FORWARD, setup.cp, bw, hw) + hw.sync_wait_s
+    return stage.blocks * passes * CP_ALL_TO_ALLS_FORWARD * exchange
+
+
 def micro_batch_slot_s(
     shape: ModelShape, stage: Stage, setup: RankSetup, hw: Hardware, place: Placement
 ) -> tuple[float, float, float]:
     """(compute, TP all-reduce, send) seconds of one micro-batch's forward and backward on one stage."""
-    tokens = setup.micro_batch * shape.seq_len
+    tokens = setup.tokens(shape.seq_len)
     e = DTYPE_BYTES[setup.precision]
     flops = stage.flops_per_token + (stage.block_flops_per_token / 3 if setup.checkpointing else 0)
     width = min(shape.d_model, shape.kv_dim, shape.ffn) / setup.tp
@@ -174,13 +205,14 @@ def dp_exposed_s(
     stage: Stage, setup: RankSetup, hw: Hardware, place: Placement, grad_e: int, backward_s: float
 ) -> float:
     """DP communication of one step that no compute hides."""
-    d, e, n = setup.dp, DTYPE_BYTES[setup.precision], stage.params
+    d, e, n = setup.zero_ranks, DTYPE_BYTES[setup.precision], stage.params
     if d <= 1:
         return 0.0
     bw = hw.intra_bw if place.dp_intra else hw.inter_bw
     if setup.zero_stage >= 3:  # per micro-batch: gather for forward and backward, reduce-scatter gradients
         gathers = 2 * ring_half_s(e * n, d, bw, hw)
-        reduce = ring_half_s(grad_e * n, d, bw, hw)
+        # under cp raylm has ZeRO-3 all-reduce instead (raylm.parallel.ds_config.zero_optimization)
+        reduce = (ring_allreduce_s if setup.cp > 1 else ring_half_s)(grad_e * n, d, bw, hw)
         return setup.micro_batches * (gathers + max(0.0, reduce - backward_s))
     if setup.zero_stage >= 1 or setup.precision == "bf16":  # reduce-scatter gradients, all-gather weights
         return ring_half_s(grad_e * n, d, bw, hw) + ring_half_s(e * n, d, bw, hw)
@@ -203,6 +235,7 @@ def step_time(
     # 1F1B's fill and drain: the other stages' forward and backward of one micro-batch each, before and after the
     # slowest stage's m (p - 1 of its slots when the stages are equal)
     fill_drain_s = sum((sum(slot) for i, slot in enumerate(slots) if i != slowest), 0.0)
+    cp_s = ulysses_s(shape, stage_list[slowest], setup, hw, place)  # pp = 1 with cp > 1: one stage
     bubble_slots = p - 1 if p > 1 else 0
     worst_dp = max(dp_exposed_s(s, setup, hw, place, grad_e, compute * 2 / 3) for s in stage_list)
     tied = 0.0
@@ -210,7 +243,7 @@ def step_time(
         bw = hw.inter_bw if setup.dp * setup.tp * (p - 1) >= place.gpus_per_node else hw.p2p_bw
         tied = ring_allreduce_s(4 * shape.shard_params[0], 2, bw, hw)
     n_opt = max(s.params for s in stage_list)
-    split = setup.dp if (setup.zero_stage >= 1 or setup.precision == "bf16") else 1
+    split = setup.zero_ranks if (setup.zero_stage >= 1 or setup.precision == "bf16") else 1
     mem_bw = hw.mem_bw / (place.ranks_per_node if hw.cores_per_node else 1)
     optimizer = OPTIMIZER_BYTES_PER_ELEMENT * n_opt / split / mem_bw
     return StepTime(
@@ -221,4 +254,5 @@ def step_time(
         dp_s=worst_dp + tied,
         optimizer_s=optimizer,
         bubble=bubble_slots / (m + bubble_slots),
+        cp_s=m * cp_s,
     )

@@ -2,7 +2,7 @@
 
 A resumed run continues the data stream at its sample offset, so the seed, the sources, the sequence length and
 the tokenizer must be the ones the checkpoint was trained with, and the model must have its shape. Layout keys
-(parallel.pp/tp/dp, micro_batch) and schedules may change freely: checkpoints reshard, and the data order does
+(parallel.pp/tp/dp/cp, micro_batch) and schedules may change freely: checkpoints reshard, and the data order does
 not depend on them.
 """
 

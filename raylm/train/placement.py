@@ -13,7 +13,7 @@ PLACEMENT_DIR = "placement"
 
 
 def record_placement(run_dir: Path, rank: int, coords) -> Path:
-    """Write this rank's (pp_stage, dp_rank, tp_rank) and Ray node id; a restarted worker group overwrites the
+    """Write this rank's (pp_stage, dp_rank, cp_rank, tp_rank) and Ray node id; a restarted worker group overwrites the
     files, so they always describe the newest attempt (README.md "Where results land")."""
     import ray
 
@@ -21,6 +21,7 @@ def record_placement(run_dir: Path, rank: int, coords) -> Path:
         "rank": rank,
         "pp_stage": coords.pp_stage,
         "dp_rank": coords.dp_rank,
+        "cp_rank": coords.cp_rank,
         "tp_rank": coords.tp_rank,
         "node_id": ray.get_runtime_context().get_node_id(),
         "pid": os.getpid(),

@@ -1,8 +1,8 @@
 """How an elastic raylm run's worker group is sized: whole DP replicas only, and a checkpoint before each resize.
 
 Ray Train's ElasticScalingPolicy sizes the group to what the cluster fits, any count from min to max workers.
-raylm's engine needs whole DP replicas of pp * tp workers, each TP group on one node, so this policy counts per
-node only whole TP groups and rounds the total down to a multiple of pp * tp: every group Ray starts holds whole
+raylm's engine needs whole DP replicas of pp * cp * tp workers, each TP group on one node, so this policy counts per
+node only whole TP groups and rounds the total down to a multiple of pp * cp * tp: every group Ray starts holds whole
 replicas, and no rank is left outside one. It asks the cluster afresh (the autoscaling coordinator otherwise
 refreshes its view every 20 s, which would keep a dead node in the count: docs/ray-facts.md 7), and it resizes
 a healthy group only after the group committed a checkpoint for it (the handshake in raylm.train.elastic).

@@ -23,7 +23,7 @@ from raylm.train.interrupt import HANDLED_SIGNALS, install_abort_on_signal
 
 @dataclass(frozen=True)
 class ElasticGroup:
-    """What the scaling policy of an elastic run needs: the TP size, the workers of one DP replica (pp * tp) and
+    """What the scaling policy of an elastic run needs: the TP size, the workers of one DP replica (pp * cp * tp) and
     the name of the run's resize channel (raylm.train.elastic)."""
 
     tp: int

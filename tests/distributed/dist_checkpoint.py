@@ -7,7 +7,9 @@ The chain the parent runs, one spawned world per phase, all sharing one folder:
     phase_221_back (4 ranks): fresh (2,2,1) engines load A and B, re-save them as A2 and B2, train the 3 steps
     phase_2        (2 ranks): (1,1,2) ZeRO-1 loads B, re-saves C0, trains step 3, saves C, trains 2 more; a fresh
                               (1,1,2) loads C and repeats them; (2,1,1) ZeRO-1 loads C, re-saves D0 and trains
-                              them; bf16 round trips (ZeRO-1 and BF16_Optimizer); a truncated file fails every rank
+                              them; cp = 2 (Ulysses) loads C, re-saves E0, trains step 4 and saves E, which
+                              (1,1,2) ZeRO-1 loads for step 5; bf16 round trips (ZeRO-1 and BF16_Optimizer); a
+                              truncated file fails every rank
     phase_zero3    (2 ranks): (1,1,2) ZeRO-3 loads B, re-saves Z0, trains step 3, saves Z3, trains 2 more; a fresh
                               ZeRO-3 engine loads Z3 and repeats them; (2,1,1) ZeRO-1 loads Z0, re-saves P0, trains
                               steps 3-5; a fresh ZeRO-3 engine loads P0, re-saves Z0B; resume=auto skips a
@@ -133,11 +135,27 @@ def phase_2(rank: int, world_size: int, root: str) -> dict:
         "C": str(path_c),
         "D0": str(path_d0),
         "chain": step3 + pp2,
+        **context_parallel_resumes(root, path_c, step3),
         "reference_c": reference_c,
         "same_layout_c": same_layout_c,
         "bf16": bf16_round_trip(root),
         "corrupt_error": load_corrupt(pipe, cfg, path_c, Path(root) / "CORRUPT"),
     }
+
+
+def context_parallel_resumes(root: str, path_c: Path, step3: list[float]) -> dict:
+    """C (dp = 2) resumed under cp = 2 and re-saved as E0; step 4 under cp = 2, saved as E; step 5 under dp = 2
+    from E. Losses of steps 3-5 ('cp_chain') for the reference."""
+    from raylm.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, ulysses = _engine(1, 1, 1, "parallel.cp=2")
+    load_checkpoint(ulysses, cfg, path_c)
+    path_e0 = save_checkpoint(ulysses, cfg, Path(root) / "E0", SAVE_STEP + 1, _state(SAVE_STEP + 1))
+    step4 = _train(ulysses, cfg, range(SAVE_STEP + 1, SAVE_STEP + 2))
+    path_e = save_checkpoint(ulysses, cfg, Path(root) / "E", SAVE_STEP + 2, _state(SAVE_STEP + 2))
+    cfg, replicas = _engine(1, 1, 2, ZERO1)
+    load_checkpoint(replicas, cfg, path_e)
+    return {"E0": str(path_e0), "cp_chain": step3 + step4 + _train(replicas, cfg, range(SAVE_STEP + 2, 5))}
 
 
 def load_corrupt(engine, cfg, path: Path, copy_to: Path) -> str | None:

@@ -198,7 +198,9 @@ def zero3_stage_as_built(rank: int, world_size: int, layout: tuple) -> dict:
     cfg = tiny_cfg(pp, tp, dp, *overrides)
     spec = TrainSpec.from_config(cfg)
     mpu = PipelineParallelGrid(topology=ds_topology(Topology.from_config(cfg.parallel, world_size)))
-    partition = layer_partitioner(build_ds_config(cfg.parallel, spec), mpu, torch.float32)
+    partition = layer_partitioner(
+        build_ds_config(cfg.parallel, spec), mpu, mpu.get_data_parallel_group(), torch.float32
+    )
     built, held = [], []
 
     def on_built(layer):

@@ -19,6 +19,7 @@ import torch
 from dist_harness import TIMEOUT_S, LostRank, collect, spawn_ranks
 
 from raylm.config import Config, resolve, to_dict
+from raylm.config.layout import num_workers
 from raylm.errors import RaylmError
 from raylm.train.driver import prepared_run, with_absolute_paths
 from raylm.train.metrics import read_metrics
@@ -115,8 +116,7 @@ def train_plain(cfg: Config, world_size: int) -> None:
 
 
 def world_of(cfg: Config) -> int:
-    p = cfg.parallel
-    return p.pp * p.tp * p.dp
+    return num_workers(cfg)  # the layout's own world size (pp * cp * tp * dp)
 
 
 def run_losses(cfg: Config) -> list[tuple[float, str]]:

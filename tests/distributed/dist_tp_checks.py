@@ -6,6 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from raylm.parallel.context import NO_CP, CPGroup
 from raylm.parallel.layers import SequenceParallelNorm
 from raylm.parallel.tensor import (
     ColumnParallelLinear,
@@ -15,6 +16,8 @@ from raylm.parallel.tensor import (
     gather_from_tp_region,
     vocab_parallel_cross_entropy,
 )
+
+NO_TP = TPGroup(None, 0, 1)
 
 
 def _world_tp(sequence_parallel: bool = False) -> TPGroup:
@@ -129,21 +132,23 @@ def check_sequence_parallel() -> dict[str, float]:
 
 def block_saved_bytes(micro_batch: int, seq_len: int) -> dict[str, int]:
     """Bytes autograd saves for one TP-split block's backward on this rank, with and without sequence
-    parallelism (raylm plan's activation model is checked against these)."""
+    parallelism, and for a tp = 1 block under context parallelism over the world (raylm plan's activation model
+    is checked against these)."""
     from raylm.config.schema import ModelConfig
     from raylm.parallel.layers import BlockPipe
     from tests.unit.test_plan_memory import saved_activation_bytes
 
     cfg = ModelConfig(n_layer=1, n_head=4, n_kv_head=2, d_model=64, max_seq_len=seq_len)
-    out = {}
-    for sequence_parallel in (False, True):
-        block = BlockPipe(cfg, 0, _world_tp(sequence_parallel))
+    world, out = dist.get_world_size(), {}
+    context = CPGroup(dist.group.WORLD, dist.get_rank(), world)  # the world as one CP group, tp = 1
+    for key, tp, cp in (("tp", _world_tp(), NO_CP), ("sp", _world_tp(True), NO_CP), ("cp", NO_TP, context)):
+        block = BlockPipe(cfg, 0, tp, cp)
         with torch.no_grad():
             for param in block.parameters():
                 param.normal_(0.0, 0.1)
-        shards = dist.get_world_size() if sequence_parallel else 1
+        shards = world if key != "tp" else 1
         x = torch.randn(micro_batch, seq_len // shards, cfg.d_model, requires_grad=True)
-        out["sp" if sequence_parallel else "tp"] = saved_activation_bytes(block, x)
+        out[key] = saved_activation_bytes(block, x)
     return out
 
 

@@ -79,6 +79,7 @@ def test_state_round_trips_exactly_across_layouts(chain):
     assert_exactly_equal(
         state_files(chain["2"][0]["D0"]), state_files(chain["2"][0]["C"])
     )  # (1,1,2) -> (2,1,1)
+    assert_exactly_equal(state_files(chain["2"][0]["E0"]), state_files(chain["2"][0]["C"]))  # -> cp = 2
 
 
 def test_trainer_and_rank_state(chain):
@@ -107,6 +108,8 @@ def test_training_continues_across_layout_changes(chain):
     assert chain["111"][0]["losses"] == pytest.approx(reference, rel=RTOL)  # (2,2,1) -> (1,1,1)
     for rank_out in chain["2"]:  # (2,2,1) -> (1,1,1) -> (1,1,2) for step 3 -> (2,1,1) for steps 4, 5
         assert rank_out["chain"] == pytest.approx(reference, rel=RTOL)
+        # ... -> (1,1,2) for step 3 -> cp = 2 (Ulysses) for step 4 -> (1,1,2) for step 5
+        assert rank_out["cp_chain"] == pytest.approx(reference, rel=RTOL)
 
 
 def test_bad_file_fails_every_rank_naming_it(chain):

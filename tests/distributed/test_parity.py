@@ -1,6 +1,7 @@
 """Every (pp, tp, dp) layout trains like one process: losses and gathered weights vs the plain-GPT reference.
 
-pp > 1 runs DeepSpeed's pipeline engine (ZeRO 0 or 1); pp = 1 its plain engine, also under ZeRO-2 and ZeRO-3.
+pp > 1 runs DeepSpeed's pipeline engine (ZeRO 0 or 1); pp = 1 its plain engine, also under ZeRO-2 and ZeRO-3,
+and with context parallelism (parallel.cp, DeepSpeed-Ulysses).
 
 Layouts sharing a world size run in one spawned gloo process group (module-scoped), to keep the tier fast.
 """
@@ -43,6 +44,9 @@ GRAD_BF16 = "parallel.grad_comm_dtype=bf16"  # fp32 training, DP gradients reduc
 SP = "parallel.sequence_parallel=true"
 DOCS = "data.document_mask=true"  # packed windows with EOTs: attention per document (tuples between stages)
 RESTART = "data.document_positions=restart"
+# Ulysses context parallelism: each window's positions split over 2 ranks, an all-to-all over heads in attention
+CP2 = "parallel.cp=2"
+KV4 = "model.n_kv_head=4"  # cp = 2 with tp = 2 needs 2 KV heads per TP rank
 
 JOBS = {
     1: [("train", [(1, 1, 1, ()), (1, 1, 1, (CKPT,)), (1, 1, 1, (COMPILE,)), (1, 1, 1, (DOCS, CKPT))])],
@@ -62,6 +66,8 @@ JOBS = {
                 (1, 2, 1, (COMPILE,)),
                 (2, 1, 1, (DOCS, CKPT)),
                 (1, 2, 1, (DOCS, RESTART, UNTIED)),
+                (1, 1, 1, (CP2,)),
+                (1, 1, 1, (CP2, ZERO3, DOCS, CKPT)),
             ],
         ),
         ("ramp", (2, 1, 1, (ZERO1,))),
@@ -80,6 +86,8 @@ JOBS = {
                 (4, 1, 1, ("parallel.partition=uniform",)),
                 (1, 2, 2, (ZERO2, UNTIED)),
                 (1, 2, 2, (ZERO3, CKPT, SP)),
+                (1, 1, 2, (CP2, ZERO1)),
+                (1, 2, 1, (CP2, KV4, SP, UNTIED)),
             ],
         )
     ],
@@ -205,7 +213,8 @@ def test_tp_layers_match_dense():
 def test_tp_rank_block_activations_match_the_plan_with_and_without_sequence_parallelism():
     """What autograd keeps for one block's backward on a tp=2 rank, against raylm plan's activation model:
     sequence parallelism divides the norms' inputs by tp, and only the gathered input of each TP region stays
-    whole."""
+    whole. And on a cp=2 rank (Ulysses): everything by cp, the attention output kept on both sides of its
+    all-to-all."""
     from raylm.config import resolve
     from raylm.plan.memory import RankSetup, block_activation_bytes
     from raylm.plan.stages import model_shape
@@ -218,6 +227,9 @@ def test_tp_rank_block_activations_match_the_plan_with_and_without_sequence_para
             predicted = block_activation_bytes(model_shape(cfg, 2), micro_batch * seq_len, setup)
             assert predicted == pytest.approx(measured[key], rel=0.03), (rank, key)
         assert measured["sp"] < measured["tp"], measured
+        ulysses = RankSetup(1, 1, 1, 0, micro_batch, 1, False, "fp32", cp=2)
+        predicted = block_activation_bytes(model_shape(cfg, 1), ulysses.tokens(seq_len), ulysses)
+        assert predicted == pytest.approx(measured["cp"], rel=0.03), (rank, "cp")
 
 
 def test_bf16_trains_near_fp32_reference():

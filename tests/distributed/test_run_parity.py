@@ -24,7 +24,14 @@ from tests.conftest import small_configs  # noqa: E402
 pytestmark = pytest.mark.runs
 PARITY_RTOL = 1e-5
 RUNS_DIR: dict[str, Path] = {}  # the module's run.dir, once its runs trained
-LAYOUTS = {"pp2": ("parallel.pp=2",), "tp2": ("parallel.tp=2",), "dp2": ("parallel.dp=2",)}
+LAYOUTS = {
+    "pp2": ("parallel.pp=2",),
+    "tp2": ("parallel.tp=2",),
+    "dp2": ("parallel.dp=2",),
+    "cp2": (
+        "parallel.cp=2",
+    ),  # Ulysses: both ranks read the replica's windows, each trains half the positions
+}
 RAMP = (
     "schedule.batch.start=4",
     "schedule.batch.increment=4",

@@ -83,3 +83,13 @@ def test_long_sequences_benchmark_dry_mode_prints_its_figures():
     assert steps and all(len(line["step_mem_mb"]) == 2 for line in steps)
     ratios = [line for line in lines if "sp_step_mem_ratio" in line]
     assert len(ratios) == 2 and all(0 < line["sp_step_mem_ratio"] < 2 and line["dry"] for line in ratios)
+
+
+@pytest.mark.slow  # a cp = 1 and a cp = 2 engine in fresh ranks, stepped twice each
+def test_context_parallel_benchmark_dry_mode_prints_its_figures():
+    lines = dry_run_lines("context_parallel.py", timeout_s=900)
+    steps = [line for line in lines if "step_mem_mb" in line]
+    assert [(line["cp"], len(line["step_mem_mb"])) for line in steps] == [(1, 1), (2, 2)]
+    ratio = next(line["cp_activation_ratio"] for line in lines if "cp_activation_ratio" in line)
+    assert 0 < ratio < 2, ratio
+    assert {line["cp"] for line in lines if "longest_seq_len" in line} == {1, 2}

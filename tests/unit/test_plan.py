@@ -214,6 +214,21 @@ def test_document_masks_add_each_blocks_mask_unless_checkpointing_drops_it():
         assert extra == pytest.approx(blocks * block + tokens * T)
 
 
+def test_context_parallelism_divides_a_ranks_activations_and_costs_all_to_alls():
+    """cp = 2 at seq 8192: a rank keeps about half of cp = 1's activations (plus the attention output Ulysses
+    keeps on both sides of its all-to-all), ZeRO-1 partitions over dp x cp, and the all-to-alls take time;
+    pp = 2 is out with the rule's reason."""
+    hw, long = gpu_hardware("h100"), ("data.seq_len=8192", "model.max_seq_len=8192")
+    one = predict(with_layout(gpt2(*long), 1, 1, 8, 1, 1, False), hw, 8)
+    two = predict(with_layout(gpt2(*long), 1, 1, 4, 1, 1, False, cp=2), hw, 8)
+    assert one.memory and two.memory and one.time and two.time
+    assert 0.5 < two.memory.activations / one.memory.activations < 0.6
+    assert two.memory.optimizer == pytest.approx(one.memory.optimizer)  # 8 ranks either way
+    assert one.time.cp_s == 0 < two.time.cp_s
+    piped = predict(with_layout(gpt2(*long), 2, 1, 2, 1, 1, False, cp=2), hw, 8)
+    assert piped.memory is None and "no sequence axis" in piped.why
+
+
 def raylm(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "raylm.cli", *args], capture_output=True, text=True, timeout=60
@@ -236,7 +251,10 @@ def test_raylm_plan_gpt2_small_on_8_h100_answers_within_5_s_with_every_key():
     assert cpu_s < 5.0 and elapsed < 30.0
     fitting = [r for r in rows if r["fits"]]
     assert fitting and set(fitting[0]) >= JSON_KEYS
-    assert all(r["pp"] * r["tp"] * r["dp"] == 8 for r in rows)
+    assert all(r["pp"] * r["cp"] * r["tp"] * r["dp"] == 8 for r in rows)
+    assert any(
+        r["cp"] > 1 and r["fits"] for r in rows
+    )  # Ulysses layouts are listed (gpt2-small: 12 KV heads)
     assert all(r["why"] for r in rows if not r["fits"])
     table = raylm("plan", GPT2_SMALL, "--gpus", "8", "--gpu", "h100")
     assert table.returncode == 0 and "raylm train" in table.stdout and "parallel.pp=" in table.stdout

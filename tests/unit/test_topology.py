@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
@@ -35,6 +36,97 @@ def test_groups_partition_the_world_like_deepspeed(pp, tp, dp):
         assert (
             sorted(map(sorted, groups)) == sorted(map(sorted, ds.get_axis_comm_lists(ds_axis))) or size == 1
         )
+
+
+@pytest.mark.parametrize("tp,dp,cp", [(1, 1, 2), (2, 1, 2), (1, 2, 2), (2, 2, 2), (1, 3, 4)])
+def test_context_parallel_ranks_sit_between_data_and_model(tp, dp, cp):
+    """With cp, DeepSpeed's grid over (dp x cp, tp) holds the same ranks: its data axis is raylm's dp x cp (the
+    group gradients are summed over), its model axis raylm's TP groups; CP peers are TP groups apart."""
+    topo = Topology(1, tp, dp, cp=cp)
+    ds = PipeModelDataParallelTopology(num_pp=1, num_mp=tp, num_dp=dp * cp)
+    assert topo.world_size == tp * dp * cp
+    for rank in range(topo.world_size):
+        c = topo.coords(rank)
+        assert topo.rank_of(*c) == rank and ds.get_coord(rank).data == c.dp_rank * cp + c.cp_rank
+        assert topo.cp_ranks(rank) == [rank - c.cp_rank * tp + s * tp for s in range(cp)]
+        assert sorted(topo.dp_cp_ranks(rank)) == sorted(
+            next(g for g in ds.get_axis_comm_lists("data") if rank in g)
+        )
+    for axis, size in (("tp", tp), ("cp", cp), ("dp", dp)):
+        groups = topo.all_groups(axis)
+        assert sorted(r for g in groups for r in g) == list(range(topo.world_size))
+        assert all(len(g) == size for g in groups)
+
+
+def test_context_parallel_limits_are_one_line_each_with_the_fix():
+    """Whole KV heads per (TP, CP) rank, a window that splits, and no pipeline: refused when the config is built."""
+    cases = [
+        (
+            ["parallel.cp=2", "parallel.pp=2"],
+            "DeepSpeed's pipeline engine has no sequence axis",
+            "set parallel.pp=1",
+        ),
+        (
+            ["parallel.cp=4", "model.n_head=4", "model.n_kv_head=2"],
+            r"model.n_kv_head=2 / parallel.tp=1 = 2 KV heads per TP rank is not a multiple of parallel.cp=4",
+            "pick cp dividing 2",
+        ),
+        (
+            ["parallel.cp=2", "parallel.tp=2", "model.n_head=4", "model.n_kv_head=2"],
+            r"= 1 KV heads per TP rank is not a multiple of parallel.cp=2",
+            "a smaller tp, or more KV heads",
+        ),
+        (
+            ["parallel.cp=2", "data.seq_len=63"],
+            r"data.seq_len=63 is not divisible by parallel.cp = 2",
+            "multiple of 2",
+        ),
+        (
+            [
+                "parallel.cp=2",
+                "parallel.tp=2",
+                "parallel.sequence_parallel=true",
+                "model.n_kv_head=4",
+                "data.seq_len=126",
+            ],
+            r"not divisible by parallel.cp \* tp = 4",
+            "multiple of 4",
+        ),
+    ]
+    for overrides, problem, fix in cases:
+        with pytest.raises(ConfigError) as caught:
+            resolve({"parallel": {"pp": 1}}, overrides)
+        message = str(caught.value)
+        assert "\n" not in message and re.search(problem, message) and fix in message, message
+    cfg = resolve({}, ["parallel.pp=1", "parallel.cp=2", "parallel.dp=2", "model.n_kv_head=2"])
+    topo = Topology.from_config(cfg.parallel, world_size=4)
+    assert (topo.cp, topo.replica_size, topo.world_size) == (2, 2, 4)
+    with pytest.raises(
+        ConfigError, match=r"parallel.pp \* cp \* tp \* dp = 1 \* 2 \* 1 \* 2 = 4 ranks, but 2"
+    ):
+        Topology.from_config(cfg.parallel, world_size=2)
+
+
+def test_context_parallel_ds_config_reduces_in_the_compute_dtype():
+    """With a sequence axis DeepSpeed reduces gradients in seq_parallel_communication_data_type (fp32 by
+    default): raylm sets it as it sets communication_data_type; ZeRO-3 all-reduces (its reduce-scatter divides
+    by dp x cp)."""
+    for extra, want in (
+        ([], "fp32"),
+        (["train.precision=bf16"], "bf16"),
+        (["parallel.grad_comm_dtype=bf16"], "bf16"),
+    ):
+        cfg = resolve(
+            {}, ["parallel.pp=1", "parallel.cp=2", "model.n_kv_head=2", "parallel.zero_stage=3", *extra]
+        )
+        ds = build_ds_config(cfg.parallel, TrainSpec.from_config(cfg))
+        assert ds["seq_parallel_communication_data_type"] == want
+        assert ds["zero_optimization"]["reduce_scatter"] is False
+    plain = resolve({}, ["parallel.pp=1", "parallel.dp=2", "parallel.zero_stage=3"])
+    ds = build_ds_config(plain.parallel, TrainSpec.from_config(plain))
+    assert (
+        "seq_parallel_communication_data_type" not in ds and "reduce_scatter" not in ds["zero_optimization"]
+    )
 
 
 def test_pp2_tp2_dp2_layout():
