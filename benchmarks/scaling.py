@@ -112,9 +112,7 @@ def md(text: str) -> None:
 def layout_text(row: dict) -> str:
     ckpt = ", ckpt" if row["activation_checkpointing"] else ""
     cp = f" cp{row['cp']}" if row.get("cp", 1) > 1 else ""
-    return (
-        f"pp{row['pp']}{cp} tp{row['tp']} dp{row['dp']}, ZeRO-{row['zero_stage']}, mb {row['micro_batch']}{ckpt}"
-    )
+    return f"pp{row['pp']}{cp} tp{row['tp']} dp{row['dp']}, ZeRO-{row['zero_stage']}, mb {row['micro_batch']}{ckpt}"
 
 
 def best_tables() -> dict[str, dict]:
