@@ -7,12 +7,12 @@ Figures (one JSON object per line):
                         run: Ray's own cost taken out of the yardstick, so what is left is raylm's
   matmul_peak_frac      raylm's achieved model FLOP/s / a square fp32 matmul's FLOP/s measured here
                         (plain_loop_peak_frac: the plain loop's, a ceiling for raylm's)
-  startup_s             `raylm train` launch to the first step's batch in hand (rank 0's startup.json), with
-                        its phases in seconds: driver_s (the CLI's imports and config), ray_start_s, run_setup_s
-                        (run folder, preflight, the TorchTrainer), worker_start_s (Ray Train's controller,
-                        worker group and process group), imports_s (torch, DeepSpeed, raylm in the worker),
-                        engine_s (the DeepSpeed engine and weights) and first_batch_s (the data stream's first
-                        batch); `--startup-only` runs only this, a 2-step run
+  startup_s             `raylm train` launch to the first step's batch in hand (rank 0's startup.jsonl), with
+                        its phases in seconds: driver_s (the CLI process's imports and config), ray_start_s,
+                        run_setup_s (run folder, preflight, the TorchTrainer), worker_start_s (Ray Train's
+                        controller, worker group and process group), imports_s (torch, DeepSpeed, raylm in the
+                        worker), engine_s (the DeepSpeed engine and weights) and first_batch_s (the data stream's
+                        first batch); `--startup-only` runs only this, a 2-step run
   raylm_vs_plain_ratio_one_thread  the ratio with one torch thread each side (no target): raylm's own
                         overhead once Ray's processes have a core of their own
   raylm_vs_plain_in_ray_ratio_one_thread  the same one-thread raylm run against the plain loop in a Ray Train
@@ -59,7 +59,7 @@ from raylm.model.facts import flops_per_token, layer_costs
 from raylm.model.gpt import GPT, init_full_weights
 from raylm.plan.peaks import measure_matmul_peak
 from raylm.train.metrics import read_metrics
-from raylm.train.startup import phases_of, read_startup
+from raylm.train.startup import read_startups
 
 # The plain-loop yardstick of docs/ray-facts.md 3 (d=256, 6 layers, T=256, batch 8) with tiny.yaml's 2k vocabulary:
 # 5.3M parameters, so the blocks, not the cross-entropy, dominate.
@@ -198,11 +198,10 @@ def ratio_figures(cfg: Config, base: list[str], steps: int, skip: int, work, cor
 
 
 def startup_figures(run_dir, launched: float) -> dict:
-    """startup_s and its phases (raylm.train.startup) from a run's startup.json and its launch time."""
-    marks = read_startup(run_dir)["marks"]
-    phases = {"driver_s": round(marks["train_called"] - launched, 2)}
-    phases |= {name: round(seconds, 2) for name, seconds in phases_of(marks).items()}
-    return {"startup_s": round(marks["first_batch"] - launched, 2), **phases, "target": 8.0}
+    """startup_s and its phases (raylm.train.startup) from the run's startup.jsonl and its launch time."""
+    (first,) = read_startups(run_dir)  # one start: no worker group restarted
+    phases = {name: round(seconds, 2) for name, seconds in first["phases"].items()}
+    return {"startup_s": round(first["marks"]["first_batch"] - launched, 2), **phases, "target": 8.0}
 
 
 def plain_in_ray_rates(cfg: Config, steps: int, threads: int, work) -> list[float]:

@@ -17,7 +17,7 @@ from raylm.data.readers_lock import reading
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.model.weights import check_init_from
-from raylm.ray_connect import connect_ray
+from raylm.ray_connect import connect_ray, placement_group_cleaner_works
 from raylm.storage.file_names import LOSS_PLOT_FILE, METRICS_FILE
 from raylm.storage.location import Location, is_remote
 from raylm.storage.uri import is_uri
@@ -34,14 +34,19 @@ DATA_CPU_RESERVE = 1.0  # CPUs left free on a CPU-only cluster so Ray Data tasks
 
 
 def train(
-    cfg: Config, overwrite: bool = False, allow_config_change: bool = False, force: bool = False
+    cfg: Config,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    force: bool = False,
+    startup: StartupMarks | None = None,
 ) -> dict[str, Any]:
     """Run training end to end and return a summary; every failure surfaces here as one RaylmError.
 
     allow_config_change: resume even when the seed, data, tokenizer or model shape differ from the checkpoint's.
-    force: train a layout the planner predicts will not fit in memory."""
+    force: train a layout the planner predicts will not fit in memory. startup: the marks so far (the CLI's
+    process start), which the run completes in <run>/startup.jsonl (raylm.train.startup)."""
     start = time.perf_counter()
-    startup = StartupMarks()
+    startup = startup or StartupMarks()
     startup.mark("train_called")
     cfg = check_init_from(with_absolute_paths(cfg))
     prediction = None
@@ -53,7 +58,8 @@ def train(
         startup.mark("ray_ready")
         if prediction is None and not force:
             prediction = preflight(cfg, cluster_shape())
-        open_kv()  # on this node: the elastic resize handshake goes through it
+        if is_elastic(cfg.parallel):
+            open_kv()  # on this node: the elastic resize handshake goes through it
         trainer = build_trainer(cfg, run_dir, startup=startup)
         get_logger().info("training %s on %s; run folder %s", cfg.run.name, _layout_text(cfg), run_dir)
         if is_elastic(cfg.parallel) and not cfg.fault.max_failures:
@@ -158,6 +164,7 @@ def build_trainer(
     )
     if not is_remote(run_dir):
         trainer.run_dir = Path(str(run_dir))
+    trainer.placement_group_cleaner = placement_group_cleaner_works()
     if is_elastic(cfg.parallel):
         trainer.elastic = ElasticGroup(
             tp=cfg.parallel.tp, replica_workers=replica_workers(cfg.parallel), channel=channel

@@ -39,6 +39,9 @@ class Session:
         from raylm.data.stream import run_order
         from raylm.model.facts import flops_per_token
         from raylm.model.weights import starting_weights
+        from raylm.parallel.ds_import import import_deepspeed
+
+        import_deepspeed()
         from raylm.parallel.engine import build_engine, init_distributed
 
         # DeepSpeed needs its backend set before a PipelineModule is built; build_engine gives its groups the timeout

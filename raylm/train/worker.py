@@ -22,7 +22,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import torch
 
-    import raylm.parallel.engine  # noqa: F401  DeepSpeed's import, timed with the others
+    from raylm.parallel.ds_import import import_deepspeed
+
+    import_deepspeed()  # timed with the others (Session.build would import it)
     from raylm.config import resolve
     from raylm.config.layout import is_elastic
     from raylm.log import get_logger, quiet_worker_logs, setup_logging
@@ -94,11 +96,15 @@ def run_rank(
     rank: int,
     reporter: Reporter,
     resize: ResizeHandshake | None = None,
+    startup: StartupMarks | None = None,
 ) -> None:
     """Build this rank's engine and streams, then train: a rank in a plain process (torch.distributed's
-    environment set by its launcher; reporter a PlainReporter)."""
+    environment set by its launcher; reporter a PlainReporter) or in a sweep trial's Tune actor (startup: its
+    marks, written at the first step when this is rank 0)."""
     from raylm.train.loop import Trainer
     from raylm.train.session import Session
 
     session = Session.build(cfg, backend, rank, reporter.workers_per_node())
-    Trainer(cfg, session, run_dir, rank, reporter, resize).train()
+    if startup is not None:
+        startup.mark("engine_built")
+    Trainer(cfg, session, run_dir, rank, reporter, resize, startup if rank == 0 else None).train()
