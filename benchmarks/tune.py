@@ -13,8 +13,8 @@ start of a trial, both sweeps, from its launch to its first batch in hand, targe
 counts from its process start, which Ray may have started earlier for its pool), asha_stop_overshoot_tokens (the
 most tokens a stopped trial trained past the report ASHA stopped it at), asha_best_loss_gap (relative final
 val_loss of ASHA's best against the full grid's best, target <= 0.01; asha_best_in_top2 says whether ASHA's best is
-among the full grid's top 2), asha_replay_agree (trials on which ASHA replayed offline on the full grid's curves, fed the arrivals
-in the order ASHA judged them, reaches the same outcome; target >= 8/9).
+among the full grid's top 2), asha_replay_agree (trials on which ASHA replayed offline on the full grid's curves,
+fed the arrivals in the order ASHA judged them, reaches the same outcome; target >= 8/9).
 """
 
 from __future__ import annotations
