@@ -201,3 +201,9 @@ def test_deepspeed_overflow_branches_of_raylm_parallel_step_guard():
     assert "self._overflow_check_and_loss_scale_update(update_scale=False)" in source(stage3)  # in step()
     assert params(BF16_Optimizer.clear_hp_grads) == ["self"] and callable(BF16_Optimizer.clear_lp_grads)
     assert "self.fp32_groups_gradients_flat = " in source(BF16_Optimizer)
+
+
+def test_deepspeed_autotuner_imports_mlflow_of_raylm_parallel_ds_import():
+    from deepspeed.autotuning import autotuner
+
+    assert "    import mlflow\n" in source(autotuner)  # what import_deepspeed keeps from running
