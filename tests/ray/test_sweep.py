@@ -142,7 +142,8 @@ def assert_nothing_left(ray, timeout_s: float = 30.0):
 @pytest.mark.slow
 def test_a_killed_trial_worker_resumes_from_its_rung_checkpoint(ray_cluster, small_config, tmp_path):
     """fault.drill SIGKILLs the trial's worker after step 10; Ray Train restarts it from the rung-0 checkpoint
-    (step 8 at batch 8) and the trial still trains its budget."""
+    (step 8 at batch 8) and the trial still trains its budget. fault.max_failures keeps this one-worker trial on a
+    nested TorchTrainer (raylm.tune.trial_actor)."""
     space = tmp_path / "space.yaml"
     space.write_text("optim.lr: {grid: [1.0e-2]}\n")
     cfg = small_config(
@@ -152,6 +153,7 @@ def test_a_killed_trial_worker_resumes_from_its_rung_checkpoint(ray_cluster, sma
         f"tune.budget_tokens={BUDGET}",
         "train.eval_batches=2",
         "fault.drill=step@10",
+        "fault.max_failures=1",
         "tune.max_failures=1",
     )
     sweep_dir = Path(sweep(cfg, space)["sweep_dir"])
