@@ -7,7 +7,12 @@ Figures (one JSON object per line):
                         run: Ray's own cost taken out of the yardstick, so what is left is raylm's
   matmul_peak_frac      raylm's achieved model FLOP/s / a square fp32 matmul's FLOP/s measured here
                         (plain_loop_peak_frac: the plain loop's, a ceiling for raylm's)
-  startup_s             `raylm train` launch to the end of the first step's data fetch (its step time removed)
+  startup_s             `raylm train` launch to the first step's batch in hand (rank 0's startup.jsonl), with
+                        its phases in seconds: driver_s (the CLI process's imports and config), ray_start_s,
+                        run_setup_s (run folder, preflight, the TorchTrainer), worker_start_s (Ray Train's
+                        controller, worker group and process group), imports_s (torch, DeepSpeed, raylm in the
+                        worker), engine_s (the DeepSpeed engine and weights) and first_batch_s (the data stream's
+                        first batch); `--startup-only` runs only this, a 2-step run
   raylm_vs_plain_ratio_one_thread  the ratio with one torch thread each side (no target): raylm's own
                         overhead once Ray's processes have a core of their own
   raylm_vs_plain_in_ray_ratio_one_thread  the same one-thread raylm run against the plain loop in a Ray Train
@@ -54,6 +59,7 @@ from raylm.model.facts import flops_per_token, layer_costs
 from raylm.model.gpt import GPT, init_full_weights
 from raylm.plan.peaks import measure_matmul_peak
 from raylm.train.metrics import read_metrics
+from raylm.train.startup import read_startups
 
 # The plain-loop yardstick of docs/ray-facts.md 3 (d=256, 6 layers, T=256, batch 8) with tiny.yaml's 2k vocabulary:
 # 5.3M parameters, so the blocks, not the cross-entropy, dominate.
@@ -137,11 +143,16 @@ def raylm_run(name: str, overrides: list[str], work) -> tuple[list[dict], float]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per measurement")
+    parser.add_argument("--startup-only", action="store_true", help="only startup_s, from a 2-step run")
     args = parser.parse_args()
     work = scratch_dir("raylm-train-bench-")
     base = MODEL + QUIET + [f"train.max_steps={args.steps}"]
     cfg = load_config(TINY, base + ["parallel.pp=1"])
     ensure_prepared(cfg)
+    if args.startup_only:
+        _, launched = raylm_run("startup", MODEL + QUIET + ["train.max_steps=2", "parallel.pp=1"], work)
+        emit(**startup_figures(work / "startup", launched))
+        return
     skip = max(2, args.steps // 3)
     cores = os.cpu_count() or 1
     plain = ratio_figures(cfg, base, args.steps, skip, work, cores)
@@ -158,7 +169,6 @@ def ratio_figures(cfg: Config, base: list[str], steps: int, skip: int, work, cor
     plain, peak = statistics.median(plain_before + plain_after), max(peak_before, peak_after)
     ours = steady(rows, "tokens_per_s", skip)
     model_flops = flops_per_token(cfg.model, padded_vocab(cfg.data.vocab_size), cfg.data.seq_len)
-    first = rows[0]
     emit(
         raylm_vs_plain_ratio=round(ours / plain, 3),
         raylm_tokens_per_s=round(ours),
@@ -174,7 +184,7 @@ def ratio_figures(cfg: Config, base: list[str], steps: int, skip: int, work, cor
         peak_before_after=[round(peak_before / 1e9, 1), round(peak_after / 1e9, 1)],
         target=0.75,
     )
-    emit(startup_s=round(first["time"] - first["step_s"] - launched, 2), target=20.0)
+    emit(**startup_figures(work / "ratio", launched))
     in_ray = statistics.median(plain_in_ray_rates(cfg, steps, cores, work))
     emit(
         raylm_vs_plain_in_ray_ratio=round(ours / in_ray, 3),
@@ -185,6 +195,13 @@ def ratio_figures(cfg: Config, base: list[str], steps: int, skip: int, work, cor
         target=0.97,
     )
     return plain
+
+
+def startup_figures(run_dir, launched: float) -> dict:
+    """startup_s and its phases (raylm.train.startup) from the run's startup.jsonl and its launch time."""
+    (first,) = read_startups(run_dir)  # one start: no worker group restarted
+    phases = {name: round(seconds, 2) for name, seconds in first["phases"].items()}
+    return {"startup_s": round(first["marks"]["first_batch"] - launched, 2), **phases, "target": 8.0}
 
 
 def plain_in_ray_rates(cfg: Config, steps: int, threads: int, work) -> list[float]:

@@ -7,12 +7,14 @@ every trial is still learning unigram statistics: there lr 1e-2 leads 3e-3 by 0.
 by 0.3 at the end, so ASHA stopped the eventual winner (measured with the stopping rule raylm used before: gap 0.072).
 
 Prints one JSON object: asha_budget_frac (ASHA's tokens / the full grid's, target <= 0.45; successive halving of 9
-trials at rf 3 gives 21/81 = 0.259 whatever the arrival order), asha_wall_frac (wall seconds, the same ratio: each
-promotion of a paused trial restarts it, which costs a start-up), asha_stop_overshoot_tokens (the most tokens a
-stopped trial trained past the report ASHA stopped it at), asha_best_loss_gap (relative final val_loss of ASHA's
-best against the full grid's best, target <= 0.01; asha_best_in_top2 says whether ASHA's best is among the full
-grid's top 2), asha_replay_agree (trials on which ASHA replayed offline on the full grid's curves, fed the arrivals
-in the order ASHA judged them, reaches the same outcome; target >= 8/9).
+trials at rf 3 gives 21/81 = 0.259 whatever the arrival order), asha_wall_frac (wall seconds, the same ratio, target <=
+0.55: each promotion of a paused trial restarts it, which costs a start-up), trial_start_s (the median over every
+start of a trial, both sweeps, from its launch to its first batch in hand, target <= 8; an actor's first trial
+counts from its process start, which Ray may have started earlier for its pool), asha_stop_overshoot_tokens (the
+most tokens a stopped trial trained past the report ASHA stopped it at), asha_best_loss_gap (relative final
+val_loss of ASHA's best against the full grid's best, target <= 0.01; asha_best_in_top2 says whether ASHA's best is
+among the full grid's top 2), asha_replay_agree (trials on which ASHA replayed offline on the full grid's curves,
+fed the arrivals in the order ASHA judged them, reaches the same outcome; target >= 8/9).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import sys
 import sysconfig
 import time
@@ -29,6 +32,7 @@ from pathlib import Path
 from common import REPO_ROOT, TINY, emit, ensure_prepared, scratch_dir
 
 from raylm.config import load_config
+from raylm.train.startup import read_startups
 from raylm.tune.asha import AT_CLOSE, AT_REPORT, RungBook, read_decisions
 
 SPACE = "optim.lr: {grid: [3.0e-3, 1.0e-2, 3.0e-2]}\nschedule.lr.kind: {grid: [cosine, wsd, linear]}\n"
@@ -137,6 +141,13 @@ def stop_overshoot(trials: list[dict], decisions: list[dict]) -> int:
     )
 
 
+def trial_starts(trials: list[dict]) -> list[float]:
+    """Seconds from each start of a trial (its launch, or a promotion's restart) to its first batch, from the
+    trials' startup.jsonl rows (raylm.train.startup)."""
+    rows = [row["marks"] for t in trials for row in read_startups(Path(t["folder"]))]
+    return [marks["first_batch"] - marks["launched"] for marks in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=432, help="steps of 8 x 32 tokens every trial trains")
@@ -153,6 +164,7 @@ def main() -> None:
         sys.stdout.flush()
         os.dup2(stdout, 1)
     milestones = sorted({d["milestone_tokens"] for d in asha_decisions})
+    starts = trial_starts(full) + trial_starts(asha)
     ranked = sorted((t for t in full if t["last"] is not None), key=lambda t: t["last"])
     asha_best = min((t for t in asha if t["status"] == "finished"), key=lambda t: t["last"])
     full_best = ranked[0]["last"]
@@ -168,6 +180,8 @@ def main() -> None:
         asha_best_loss_gap=round((asha_best["last"] - full_best) / full_best, 5),
         asha_best_in_top2=key(asha_best["params"]) in {key(t["params"]) for t in ranked[:2]},
         asha_stopped=sum(t["status"] == "stopped" for t in asha),
+        trial_start_s=round(statistics.median(starts), 2),
+        trial_starts=len(starts),
         asha_stop_overshoot_tokens=stop_overshoot(asha, asha_decisions),
         full_top2=[{**t["params"], "val_loss": round(t["last"], 4)} for t in ranked[:2]],
         asha_best={**asha_best["params"], "val_loss": round(asha_best["last"], 4)},

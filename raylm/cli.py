@@ -61,10 +61,16 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from raylm.train.driver import train
+    from raylm.train.startup import StartupMarks
 
+    startup = StartupMarks.from_process_start()
     cfg = _load(args)
     summary = train(
-        cfg, overwrite=args.overwrite, allow_config_change=args.allow_config_change, force=args.force
+        cfg,
+        overwrite=args.overwrite,
+        allow_config_change=args.allow_config_change,
+        force=args.force,
+        startup=startup,
     )
     print(json.dumps(summary))
     return 0

@@ -18,10 +18,16 @@ LOCAL_DASHBOARD_HOST = "127.0.0.1"  # never a public interface
 # Ray waits 30 s by default; a healthy rank destroys its process group in well under 1 s
 PG_SHUTDOWN_WAIT_S = "5"
 PG_SHUTDOWN_WAIT_ENV = "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"  # read by Ray's torch backend at a shutdown
+# Ray Train's preemption watcher (one more actor per run) asks whether a node is draining: a local Ray's one node
+# never is
+PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+
+_started = {"local_without_dashboard": False}  # what this process's connect_ray started
 
 
 def job_env_vars() -> dict[str, str]:
-    """The environment raylm adds to its Ray job (ray.init's runtime_env), which every actor inherits: Ray
+    """The environment raylm adds to its Ray job (on a cluster ray.init's runtime_env; a local Ray inherits it from
+    the driver's environment), which every actor inherits: Ray
     Train's controller then waits PG_SHUTDOWN_WAIT_S for the workers to leave their process group before a
     restart (a stalled, SIGSTOPped rank never answers, and each second of that wait delays the restart).
 
@@ -63,17 +69,24 @@ def connect_ray(connect_timeout_s: float = CONNECT_TIMEOUT_S, dashboard: bool = 
         )
     else:
         log.info("starting a local Ray (no RAY_ADDRESS set)")
+        # A local Ray's processes inherit this environment, so the job's variables go there rather than in a
+        # runtime_env: actors then start in the worker processes Ray has already started (a worker with a
+        # runtime_env of its own is started afresh, through the runtime-env agent).
+        os.environ.update(job_env_vars())
         # ray.train.report waits for the controller's next poll; a local cluster can afford to poll often.
         os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", LOCAL_HEALTH_CHECK_S)
+        os.environ.setdefault(PREEMPTION_WATCHER_ENV, "0")
         shown: dict[str, Any] = {"dashboard_host": LOCAL_DASHBOARD_HOST} if dashboard else {}
-        ray.init(
-            include_dashboard=dashboard,
-            log_to_driver=True,
-            logging_level=ray_log_level,
-            runtime_env=job_runtime_env(),
-            **shown,
-        )
+        ray.init(include_dashboard=dashboard, log_to_driver=True, logging_level=ray_log_level, **shown)
+        _started["local_without_dashboard"] = not dashboard
     filter_forwarded_logs()
+
+
+def placement_group_cleaner_works() -> bool:
+    """Whether Ray Train's placement-group cleaner can do its work here: not on a local Ray this process started
+    without its dashboard, whose state API it asks every second in vain (and that Ray ends with this process,
+    placement groups and all)."""
+    return not _started["local_without_dashboard"]
 
 
 def ray_address() -> str:

@@ -200,6 +200,9 @@ def _framework_rank(rank: int, port: int) -> int:
     import torch
 
     from raylm.config import resolve
+    from raylm.parallel.ds_import import import_deepspeed
+
+    import_deepspeed()  # as a rank imports it (raylm.train.session)
     from raylm.parallel.engine import build_engine, init_distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

@@ -17,7 +17,7 @@ from raylm.data.readers_lock import reading
 from raylm.errors import RaylmError
 from raylm.log import get_logger
 from raylm.model.weights import check_init_from
-from raylm.ray_connect import connect_ray
+from raylm.ray_connect import connect_ray, placement_group_cleaner_works
 from raylm.storage.file_names import LOSS_PLOT_FILE, METRICS_FILE
 from raylm.storage.location import Location, is_remote
 from raylm.storage.uri import is_uri
@@ -28,18 +28,26 @@ from raylm.train.preflight import check_prepared_data, local_data_folders
 from raylm.train.run_folder import checkpoint_root, prepare_run_dir, run_path
 from raylm.train.run_lock import hold_run_lock
 from raylm.train.run_records import RunFiles
+from raylm.train.startup import StartupMarks
 
 DATA_CPU_RESERVE = 1.0  # CPUs left free on a CPU-only cluster so Ray Data tasks are never starved (hang 2)
 
 
 def train(
-    cfg: Config, overwrite: bool = False, allow_config_change: bool = False, force: bool = False
+    cfg: Config,
+    overwrite: bool = False,
+    allow_config_change: bool = False,
+    force: bool = False,
+    startup: StartupMarks | None = None,
 ) -> dict[str, Any]:
     """Run training end to end and return a summary; every failure surfaces here as one RaylmError.
 
     allow_config_change: resume even when the seed, data, tokenizer or model shape differ from the checkpoint's.
-    force: train a layout the planner predicts will not fit in memory."""
+    force: train a layout the planner predicts will not fit in memory. startup: the marks so far (the CLI's
+    process start), which the run completes in <run>/startup.jsonl (raylm.train.startup)."""
     start = time.perf_counter()
+    startup = startup or StartupMarks()
+    startup.mark("train_called")
     cfg = check_init_from(with_absolute_paths(cfg))
     prediction = None
     if cfg.parallel.layout == "auto":  # the layout depends on the cluster: connect first, then write the run
@@ -47,16 +55,19 @@ def train(
         cfg, prediction = choose_layout(cfg, cluster_shape())
     with prepared_run(cfg, overwrite, allow_config_change) as run_dir:
         connect_ray()
+        startup.mark("ray_ready")
         if prediction is None and not force:
             prediction = preflight(cfg, cluster_shape())
-        open_kv()  # on this node: the elastic resize handshake goes through it
-        trainer = build_trainer(cfg, run_dir)
+        if is_elastic(cfg.parallel):
+            open_kv()  # on this node: the elastic resize handshake goes through it
+        trainer = build_trainer(cfg, run_dir, startup=startup)
         get_logger().info("training %s on %s; run folder %s", cfg.run.name, _layout_text(cfg), run_dir)
         if is_elastic(cfg.parallel) and not cfg.fault.max_failures:
             get_logger().warning(
                 "fault.max_failures=0: a lost node ends this elastic run instead of shrinking it; "
                 "set fault.max_failures to the node losses it should survive"
             )
+        startup.mark("fit_called")
         result = _fit(trainer, run_dir)
         summary = summarise(run_dir, result, time.perf_counter() - start, cfg.data.cache_dir)
         finish_tracking(run_dir, cfg.data.cache_dir)
@@ -115,8 +126,12 @@ def with_absolute_paths(cfg: Config) -> Config:
     )
 
 
-def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None):
-    """The TorchTrainer for a run: workers and resources from the layout, storage in run.dir, retries from fault."""
+def build_trainer(
+    cfg: Config, run_dir: Location, callbacks: list | None = None, startup: StartupMarks | None = None
+):
+    """The TorchTrainer for a run: workers and resources from the layout, storage in run.dir, retries from fault.
+    `startup`: the driver's start-up marks, which rank 0 completes (the dict goes with the loop config, so the
+    marks still to come are taken then, by reference)."""
     import ray.train
     from ray.train.torch import TorchConfig
 
@@ -136,6 +151,7 @@ def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None)
         "run_dir": str(run_dir),
         "backend": backend,
         "resize_channel": channel,
+        "startup": startup.marks if startup else {},
     }
     # No `datasets=`: Ray Train's default DataConfig would split them across every worker, and ranks that do not
     # read data (middle pipeline stages) would leave the split coordinator waiting forever (hang 1).
@@ -148,6 +164,7 @@ def build_trainer(cfg: Config, run_dir: Location, callbacks: list | None = None)
     )
     if not is_remote(run_dir):
         trainer.run_dir = Path(str(run_dir))
+    trainer.placement_group_cleaner = placement_group_cleaner_works()
     if is_elastic(cfg.parallel):
         trainer.elastic = ElasticGroup(
             tp=cfg.parallel.tp, replica_workers=replica_workers(cfg.parallel), channel=channel

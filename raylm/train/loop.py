@@ -32,6 +32,7 @@ from raylm.train.schedule import (
     plateau_after_eval,
     seq_len_at,
 )
+from raylm.train.startup import StartupMarks
 from raylm.train.step import TimedIterator, TrainState, train_step
 from raylm.train.step_faults import StepFaults
 from raylm.train.trial_hooks import sweep_hooks
@@ -49,9 +50,19 @@ class Trainer:
     after which Ray wants to resize the group commits one too, and then waits for the resize
     (raylm.train.elastic)."""
 
-    def __init__(self, cfg: Config, session, run_dir: Location, rank: int, reporter: Reporter, resize=None):
+    def __init__(
+        self,
+        cfg: Config,
+        session,
+        run_dir: Location,
+        rank: int,
+        reporter: Reporter,
+        resize=None,
+        startup: StartupMarks | None = None,
+    ):
         self.cfg, self.session, self.run_dir, self.rank = cfg, session, run_dir, rank
         self.reporter, self.resize = reporter, resize
+        self.startup = startup  # rank 0's start-up marks, written at the first step
         self.sweep = sweep_hooks(cfg, rank, reporter)
         self.files = RunFiles(run_dir, cfg.data.cache_dir)
         self.faults = StepFaults(cfg, session.engine)
@@ -92,6 +103,9 @@ class Trainer:
             for step in range(self.state.step, self.state.step if stopped else self.cfg.train.max_steps):
                 with profiler.around(step):  # train.profile_steps
                     row, before, rung = self.train_step(step, batches, drill)
+                if self.startup is not None:
+                    self.startup.first_step_done(row, self.files)
+                    self.startup = None
                 if not self.after_step(step, row, before, rung, resumed, drill):
                     break
         self.checkpointer.wait()  # a background save still in flight (a loop that ended early)

@@ -38,6 +38,9 @@ class Session:
     def build(cls, cfg: Config, backend: str, rank: int, workers_per_node: int = 1) -> Session:
         from raylm.data.stream import run_order
         from raylm.model.weights import starting_weights
+        from raylm.parallel.ds_import import import_deepspeed
+
+        import_deepspeed()
         from raylm.parallel.engine import build_engine, init_distributed
 
         # DeepSpeed needs its backend set before a PipelineModule is built; build_engine gives its groups the timeout

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from raylm.train.failure_policy import UserErrorsAreFinal
 from raylm.train.interrupt import HANDLED_SIGNALS, install_abort_on_signal
@@ -32,14 +33,15 @@ class ElasticGroup:
 
 
 class RaylmTrainer(TorchTrainer):
-    """fit() that never retries a user error, sizes elastic groups in whole DP replicas, and turns the first SIGINT
-    or SIGTERM into a graceful abort."""
+    """fit() that never retries a user error, sizes elastic groups in whole DP replicas, turns the first SIGINT
+    or SIGTERM into a graceful abort, and leaves out the placement-group cleaner where it cannot work."""
 
     interrupted_by: int | None = None  # the signal that aborted the run, once one has
     elastic: ElasticGroup | None = None  # set for a run with a parallel.dp range
     run_dir: Path | None = (
         None  # a local run folder: failures get raylm's console line (raylm.train.fault_lines)
     )
+    placement_group_cleaner: bool = True  # False: Ray Train's cleaner actor cannot work here (ray_connect)
 
     def fit(self):
         """Ray Train's fit(), then the signal handlers from before it: the handler holds the run's controller
@@ -59,6 +61,12 @@ class RaylmTrainer(TorchTrainer):
         controller_init_kwargs["failure_policy"] = UserErrorsAreFinal(
             self.run_config.failure_config, self.run_dir
         )
+        if not self.placement_group_cleaner:
+            controller_init_kwargs["callbacks"] = [
+                c
+                for c in controller_init_kwargs["callbacks"]
+                if not isinstance(c, PlacementGroupCleanerCallback)
+            ]
         if self.elastic is not None:
             from raylm.train.scaling_policy import WholeReplicaScalingPolicy
 

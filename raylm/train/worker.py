@@ -3,26 +3,40 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from raylm.train.startup import StartupMarks
 
-from raylm.config import Config, resolve
-from raylm.config.layout import is_elastic
-from raylm.log import get_logger, quiet_worker_logs, setup_logging
-from raylm.storage.location import Location, as_location
-from raylm.train.elastic import ResizeChannel, ResizeHandshake, config_for_group
-from raylm.train.loop import Trainer
-from raylm.train.placement import record_placement
-from raylm.train.reporter import RayTrainReporter, Reporter
-from raylm.train.run_records import RunFiles
-from raylm.train.session import Session
+if TYPE_CHECKING:
+    from raylm.config import Config
+    from raylm.storage.location import Location
+    from raylm.train.elastic import ResizeHandshake
+    from raylm.train.reporter import Reporter
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entrypoint: every rank runs this with the resolved config as a plain dict."""
+    """Ray Train entrypoint: every rank runs this with the resolved config as a plain dict. The module imports
+    nothing heavy at its top, so that the start-up's import phase is timed here (raylm.train.startup)."""
+    startup = StartupMarks(loop_config.get("startup"))
+    startup.mark("worker_entered")
     import ray.train
+    import torch
 
+    from raylm.parallel.ds_import import import_deepspeed
+
+    import_deepspeed()  # timed with the others (Session.build would import it)
+    from raylm.config import resolve
+    from raylm.config.layout import is_elastic
+    from raylm.log import get_logger, quiet_worker_logs, setup_logging
+    from raylm.storage.location import as_location
+    from raylm.train.elastic import ResizeChannel, ResizeHandshake, config_for_group
+    from raylm.train.loop import Trainer
+    from raylm.train.placement import record_placement
+    from raylm.train.reporter import RayTrainReporter
+    from raylm.train.run_records import RunFiles
+    from raylm.train.session import Session
+
+    startup.mark("imports_done")
     context = ray.train.get_context()
     cfg = config_for_group(resolve(loop_config["config"]), context.get_world_size())
     rank = context.get_world_rank()
@@ -32,6 +46,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _pin_gpu()
     reporter = RayTrainReporter()
     session = Session.build(cfg, loop_config["backend"], rank, reporter.workers_per_node())
+    startup.mark("engine_built")
     run = as_location(loop_config["run_dir"])
     files = RunFiles(run, cfg.data.cache_dir)
     placement = record_placement(files.local, rank, session.engine.coords)
@@ -48,7 +63,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             cfg.parallel.dp_min,
             cfg.parallel.dp_max,
         )
-    Trainer(cfg, session, run, rank, reporter, resize).train()
+    Trainer(cfg, session, run, rank, reporter, resize, startup if rank == 0 else None).train()
 
 
 def _pin_gpu() -> None:
@@ -57,6 +72,8 @@ def _pin_gpu() -> None:
     Ray Train shows every GPU of a node to each of its workers there and sets LOCAL_RANK to the worker's local
     rank, while DeepSpeed places its modules on cuda:LOCAL_RANK: the two need not name the same GPU. Pointing
     both at Ray's device keeps one worker per GPU, the one Ray accounted for."""
+    import torch
+
     if not torch.cuda.is_available():
         return
     import ray.train.torch
@@ -79,8 +96,15 @@ def run_rank(
     rank: int,
     reporter: Reporter,
     resize: ResizeHandshake | None = None,
+    startup: StartupMarks | None = None,
 ) -> None:
     """Build this rank's engine and streams, then train: a rank in a plain process (torch.distributed's
-    environment set by its launcher; reporter a PlainReporter)."""
+    environment set by its launcher; reporter a PlainReporter) or in a sweep trial's Tune actor (startup: its
+    marks, written at the first step when this is rank 0)."""
+    from raylm.train.loop import Trainer
+    from raylm.train.session import Session
+
     session = Session.build(cfg, backend, rank, reporter.workers_per_node())
-    Trainer(cfg, session, run_dir, rank, reporter, resize).train()
+    if startup is not None:
+        startup.mark("engine_built")
+    Trainer(cfg, session, run_dir, rank, reporter, resize, startup if rank == 0 else None).train()

@@ -27,6 +27,7 @@ class SweepPlan:
     space_raw: dict
     cpus_per_worker: float = 0.0  # set once the cluster is known (raylm.tune.resources)
     torch_threads: int = 0
+    in_trial_actor: bool = False  # every trial trains in its Tune actor (raylm.tune.trial_actor)
 
 
 def plan_sweep(cfg: Config, space: Space) -> SweepPlan:

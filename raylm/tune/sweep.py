@@ -35,6 +35,7 @@ from raylm.tune.resume import SWEEP_FILE, check_resumable, expected_trials
 from raylm.tune.rung_decisions import clear as clear_decisions
 from raylm.tune.space import Space, load_space
 from raylm.tune.tracking import log_sweep, open_sweep_run
+from raylm.tune.trial_actor import train_in_trial_actor, trains_in_trial_actor, trial_startup
 
 METRICS = ("val_loss", "loss")
 SWEEP_ON_URI = (
@@ -132,7 +133,14 @@ def _with_share(cfg: Config, space: Space, plan: SweepPlan) -> tuple[SweepPlan, 
         share.cpus_per_worker,
         share.torch_threads,
     )
-    plan = dataclasses.replace(plan, cpus_per_worker=share.cpus_per_worker, torch_threads=share.torch_threads)
+    searches_layout = any(p.key.startswith("parallel.") for p in space.params)
+    in_actor = trains_in_trial_actor(cfg, share.use_gpu) and not searches_layout
+    plan = dataclasses.replace(
+        plan,
+        cpus_per_worker=share.cpus_per_worker,
+        torch_threads=share.torch_threads,
+        in_trial_actor=in_actor,
+    )
     return plan, share.concurrent
 
 
@@ -142,7 +150,10 @@ def _trainable(cfg: Config, plan: SweepPlan, sweep_dir: Path):
     bound = tune.with_parameters(
         run_trial, base=to_dict(cfg), plan=plan, trials_dir=str(sweep_dir / "trials")
     )
-    return tune.with_resources(bound, {"cpu": TRIAL_DRIVER_CPU})
+    # a trial that trains in its actor takes its worker's CPUs there; else the actor only waits on its workers
+    return tune.with_resources(
+        bound, {"cpu": plan.cpus_per_worker if plan.in_trial_actor else TRIAL_DRIVER_CPU}
+    )
 
 
 def _new_tuner(cfg: Config, space: Space, plan: SweepPlan, sweep_dir: Path, concurrent: int):
@@ -159,6 +170,7 @@ def _new_tuner(cfg: Config, space: Space, plan: SweepPlan, sweep_dir: Path, conc
             search_alg=_search_alg(cfg),
             num_samples=cfg.tune.num_samples,
             max_concurrent_trials=concurrent,
+            reuse_actors=plan.in_trial_actor,  # its imports and process group serve the next trial
         ),
         run_config=tune.RunConfig(
             name=cfg.tune.name,
@@ -213,12 +225,13 @@ def _search_alg(cfg: Config):
 
 
 def run_trial(params: dict[str, Any], base: dict[str, Any], plan: SweepPlan, trials_dir: str) -> None:
-    """Tune function trainable: one TorchTrainer run whose reports Tune receives. A restarted trial keeps its
-    folder and resumes from its newest committed checkpoint; after a PBT exploit it starts from the donor's."""
+    """Tune function trainable: one TorchTrainer run whose reports Tune receives, or for a sweep of one-worker
+    trials the rank itself, here (raylm.tune.trial_actor). A restarted trial keeps its folder and resumes from its
+    newest committed checkpoint; after a PBT exploit it starts from the donor's."""
     import ray
     from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
 
+    startup = trial_startup()
     params, exploit = split_exploit(params)
     context = tune.get_context()
     base_cfg = resolve(base)
@@ -253,7 +266,14 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], plan: SweepPlan, tri
         actor_id=ray.get_runtime_context().get_actor_id(),
     )  # the Tune actor running it: `ray list actors`
     info_path.write_text(json.dumps(info))
-    build_trainer(cfg, run_dir, callbacks=[TuneReportCallback()]).fit()
+    if plan.in_trial_actor:
+        train_in_trial_actor(cfg, run_dir, startup)
+        return
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    trainer = build_trainer(cfg, run_dir, callbacks=[TuneReportCallback()], startup=startup)
+    startup.mark("fit_called")
+    trainer.fit()
 
 
 def take_donor_checkpoint(run_dir: Path, exploit: dict, trial_id: str) -> str:

@@ -10,6 +10,7 @@ import pytest
 
 from raylm.train.driver import train
 from raylm.train.metrics import read_metrics
+from raylm.train.startup import PHASES, read_startups
 
 
 def test_run_folder_has_the_contract_files_and_generate_works(ray_cluster, small_config):
@@ -37,6 +38,10 @@ def test_run_folder_has_the_contract_files_and_generate_works(ray_cluster, small
     assert 0 < rows[-1]["mfu"] < 1 and 0 <= rows[-1]["data_wait_frac"] <= 1
     assert (run / "config.yaml").exists() and (run / "loss.png").exists()
     assert any((run / "tensorboard").iterdir())
+    (startup,) = read_startups(
+        run
+    )  # the phases of the start from train() on, each a span (raylm.train.startup)
+    assert list(startup["phases"]) == list(PHASES)[1:] and min(startup["phases"].values()) >= 0
     text = generate_text(run, "def ", max_new_tokens=8, seed=1)
     assert text.startswith("def ") and len(text) > 4
     with pytest.raises(Exception, match="already holds a run"):

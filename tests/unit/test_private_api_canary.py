@@ -11,6 +11,7 @@ import inspect
 
 import ray
 import ray.train.constants
+import ray.train.v2._internal.constants
 import torch.distributed as dist
 from deepspeed.comm.torch import TorchBackend
 from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
@@ -34,7 +35,7 @@ from ray.train.v2._internal.execution.scaling_policy.elastic import ElasticScali
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from raylm.parallel.pipe_wait import WAIT_INSTRUCTIONS
-from raylm.ray_connect import PG_SHUTDOWN_WAIT_ENV
+from raylm.ray_connect import PG_SHUTDOWN_WAIT_ENV, PREEMPTION_WATCHER_ENV
 
 
 def params(function) -> list[str]:
@@ -65,6 +66,10 @@ def test_ray_train_controller_hooks_of_raylm_train_trainer():
     assert params(DataParallelTrainer._register_sigint_handler) == ["self", "controller"]
     run_controller_source = source(DataParallelTrainer._initialize_and_run_controller)
     assert "_register_sigint_handler(controller)" in run_controller_source
+    # the callbacks keyword RaylmTrainer filters, and the cleaner it leaves out on a local Ray without dashboard
+    assert "callbacks=self._create_default_callbacks()" in source(DataParallelTrainer.fit)
+    assert "PlacementGroupCleanerCallback()" in source(DataParallelTrainer._create_default_callbacks)
+    assert ray.train.v2._internal.constants.ENABLE_PREEMPTION_WATCHER_ENV_VAR == PREEMPTION_WATCHER_ENV
 
 
 def test_ray_train_failure_policy_of_raylm_train_failure_policy():
@@ -196,3 +201,9 @@ def test_deepspeed_overflow_branches_of_raylm_parallel_step_guard():
     assert "self._overflow_check_and_loss_scale_update(update_scale=False)" in source(stage3)  # in step()
     assert params(BF16_Optimizer.clear_hp_grads) == ["self"] and callable(BF16_Optimizer.clear_lp_grads)
     assert "self.fp32_groups_gradients_flat = " in source(BF16_Optimizer)
+
+
+def test_deepspeed_autotuner_imports_mlflow_of_raylm_parallel_ds_import():
+    from deepspeed.autotuning import autotuner
+
+    assert "    import mlflow\n" in source(autotuner)  # what import_deepspeed keeps from running
