@@ -19,9 +19,10 @@ halves, so an HF export must permute the rows of wq and wk exactly as HF's conve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -313,9 +314,26 @@ def _init_std(cfg: ModelConfig, name: str) -> float:
     return cfg.init_std
 
 
+class _SkipModuleInit(torch.overrides.TorchFunctionMode):
+    """Makes torch.nn.init's functions no-ops. On meta tensors they compute nothing, but the first one in a
+    process loads torch's Python decompositions, about 2 s here (raylm draws every weight itself: init_param)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__module__", None) == "torch.nn.init":
+            return args[0] if args else kwargs["tensor"]  # the tensor it would fill, untouched
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def meta_modules() -> Iterator[None]:
+    """Build modules on the meta device: shapes only, no memory, and torch.nn.init skipped."""
+    with torch.device("meta"), _SkipModuleInit():
+        yield
+
+
 def param_shapes(cfg: ModelConfig, vocab_size: int) -> dict[str, torch.Size]:
     """Every parameter's full shape by name, without allocating the weights."""
-    with torch.device("meta"):
+    with meta_modules():
         model = GPT(cfg, vocab_size)
     return {name: p.shape for name, p in model.named_parameters()}
 

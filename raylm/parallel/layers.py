@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from raylm.config.schema import ModelConfig
-from raylm.model.gpt import Block, RMSNorm, document_attention
+from raylm.model.gpt import Block, RMSNorm, document_attention, meta_modules
 from raylm.model.rope import model_rope_tables
 from raylm.parallel.context import NO_CP, CPGroup, apply_context_parallel
 from raylm.parallel.tensor import (
@@ -109,7 +109,7 @@ class BlockPipe(Block):
     rope_sin: torch.Tensor
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, tp: TPGroup, cp: CPGroup = NO_CP):
-        with torch.device("meta"):  # the dense linears are replaced at once: never allocate them
+        with meta_modules():  # the dense linears are replaced at once: never allocate them
             super().__init__(cfg)
         apply_tensor_parallel(self, TP_PLAN, tp)
         apply_context_parallel(self, cp)

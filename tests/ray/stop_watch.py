@@ -4,7 +4,9 @@ While trials run, the watch notes which live Ray Train actors belong to which tr
 directory (Ray Train runs it in a folder named after the run, and a trial's run is named after the trial), the
 TrainController by the placement group of the trial's Tune actor (trial.json's actor_id), which Tune makes its
 children's. After a stop, the trial's controller and workers must be dead, their placement groups removed and
-their processes gone (each worker's Ray Data streaming executor is a thread in that process)."""
+their processes gone (each worker's Ray Data streaming executor is a thread in that process). A one-worker trial
+trains in its Tune actor (raylm.tune.trial_actor), which Tune reuses for the next trial: there, after a stop, the
+trial's metrics.jsonl must stop growing (unchanged from 5 s to 10 s after the stop; its loop reports every step)."""
 
 from __future__ import annotations
 
@@ -35,6 +37,11 @@ class StopWatch(threading.Thread):
         self.checked: dict[str, float] = {}
         self.late: dict[str, list[str]] = {}
         self.owned: dict[str, dict] = {}
+        # the state API asks this cluster's GCS (left to itself it refuses when the machine runs two Rays)
+        import ray
+
+        self.address = ray.get_runtime_context().gcs_address
+        self.quiet_since: dict[str, int] = {}  # in-actor trial -> its metrics.jsonl size 5 s after its stop
         self.error: BaseException | None = None
         self.done = threading.Event()
 
@@ -47,7 +54,11 @@ class StopWatch(threading.Thread):
                 self._note_new_stops()
                 self._note_live_actors()
                 for trial, stopped_at in list(self.pending.items()):
-                    left = self.leftovers(trial)
+                    left = (
+                        self.leftovers(trial)
+                        if trial in self.owned
+                        else self.still_training(trial, stopped_at)
+                    )
                     if not left:
                         self.checked[trial] = time.time() - stopped_at
                         del self.pending[trial]
@@ -77,7 +88,11 @@ class StopWatch(threading.Thread):
         alive = {
             a.actor_id: a
             for a in list_actors(
-                filters=[("state", "=", "ALIVE")], detail=True, limit=10_000, raise_on_missing_output=False
+                address=self.address,
+                filters=[("state", "=", "ALIVE")],
+                detail=True,
+                limit=10_000,
+                raise_on_missing_output=False,
             )
         }
         trial_of_group = {
@@ -108,7 +123,12 @@ class StopWatch(threading.Thread):
         from ray.util.state import list_actors, list_placement_groups
 
         owned = self.owned.get(trial, {})
-        now = {a.actor_id: a for a in list_actors(detail=True, limit=10_000, raise_on_missing_output=False)}
+        now = {
+            a.actor_id: a
+            for a in list_actors(
+                address=self.address, detail=True, limit=10_000, raise_on_missing_output=False
+            )
+        }
         left = [
             f"actor {a.class_name} {a.actor_id}"
             for a in owned.values()
@@ -119,7 +139,7 @@ class StopWatch(threading.Thread):
         }
         left += [
             f"placement group {g.placement_group_id}"
-            for g in list_placement_groups(limit=10_000)
+            for g in list_placement_groups(address=self.address, limit=10_000)
             if g.placement_group_id in groups and g.state != "REMOVED"
         ]
         left += [
@@ -130,6 +150,21 @@ class StopWatch(threading.Thread):
             and working_dir_name(a.pid) == trial
         ]
         return left
+
+    def still_training(self, trial: str, stopped_at: float) -> list[str]:
+        """For a trial trained in its Tune actor: whether its loop still writes steps after the stop."""
+        metrics = self.sweep_dir / "trials" / trial / "metrics.jsonl"
+        size = metrics.stat().st_size if metrics.exists() else 0
+        since = time.time() - stopped_at
+        if since < 5:
+            return ["(waiting 5 s after the stop)"]
+        if trial not in self.quiet_since:
+            self.quiet_since[trial] = size
+        if size != self.quiet_since[trial]:
+            return [
+                f"its loop: metrics.jsonl grew from {self.quiet_since[trial]} to {size} bytes after the stop"
+            ]
+        return [] if since >= 10 else ["(watching metrics.jsonl until 10 s after the stop)"]
 
     def finish(self) -> None:
         self.done.set()
