@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from raylm.checkpoint.commit import commit, list_committed, new_tmp_dir, upload_own_files
 from raylm.checkpoint.finite import first_non_finite
+from raylm.checkpoint.host_copies import HostCopies
 from raylm.checkpoint.manifest import read_checkpoint_manifest, verify_checkpoint
 from raylm.checkpoint.names import ENGINE_STATE_FILE, TRAINER_STATE_FILE, model_file, optim_file, rank_file
 from raylm.checkpoint.writer import (
@@ -149,8 +150,8 @@ def _all_or_none(error: str | None, kind: type[CheckpointError] = CheckpointErro
 @dataclass
 class Snapshot:
     """One rank's part of a save, taken at the save step: where its files go and what they hold. A background
-    save (raylm.checkpoint.background) keeps host copies of the layers this rank writes in `layers`; a save
-    in the loop streams them to disk as they are gathered and leaves it empty."""
+    save (raylm.checkpoint.background) keeps host copies of the layers this rank writes in `layers` (in its
+    HostCopies' buffers); a save in the loop streams them to disk as they are gathered and leaves it empty."""
 
     tmp: Path
     step: int
@@ -176,11 +177,11 @@ def open_save(
     return Snapshot(tmp, step, engine.rank, engine.layout, copy.deepcopy(trainer_state), rank_state)
 
 
-def take_snapshot(engine: Engine, snapshot: Snapshot) -> Snapshot:
-    """Copy every layer this rank writes to host memory (the engine's gathering collectives, every rank), with
-    the optimizer's scalars: after this the next optimizer step may change the engine's tensors."""
+def take_snapshot(engine: Engine, snapshot: Snapshot, host: HostCopies) -> Snapshot:
+    """Copy every layer this rank writes into `host`'s buffers (the engine's gathering collectives, every rank),
+    with the optimizer's scalars: after this the next optimizer step may change the engine's tensors."""
     snapshot.scalars = engine.save_state(
-        lambda index, weights, moments: snapshot.layers.append((index, weights, moments))
+        lambda index, weights, moments: snapshot.layers.append((index, weights, moments)), host.copy
     )
     return snapshot
 
@@ -188,8 +189,8 @@ def take_snapshot(engine: Engine, snapshot: Snapshot) -> Snapshot:
 def write_snapshot(
     snapshot: Snapshot, cfg: Config, checkpoints_dir: Location | str, phase: Callable[[str], None]
 ) -> tuple[Records, str | None]:
-    """Write (and on object storage upload) this rank's files of a snapshot, freeing each layer's host copy
-    once written; no collective, so it runs in a background thread. Returns the files and the first error."""
+    """Write (and on object storage upload) this rank's files of a snapshot; no collective, so it runs in a
+    background thread. Returns the files and the first error."""
     writer = _LayerWriter(snapshot.tmp, cfg, snapshot.rank)
     while snapshot.layers:
         writer(*snapshot.layers.pop(0))
