@@ -77,10 +77,14 @@ class BackgroundSaver:
     the save before it), ckpt_blocking_s (the time its start held the loop, waiting included) and ckpt_save_s
     (from its start to its commit)."""
 
-    def __init__(self, cfg: Config, device: torch.device):
+    def __init__(self, cfg: Config, device: torch.device, idle_writer: bool = True):
+        """`idle_writer`: the thread at the lowest CPU priority (False keeps the loop's: benchmarks/checkpoint.py
+        measures both)."""
         self.cfg, self.device = cfg, device
         self.pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="raylm-checkpoint", initializer=lowest_priority
+            max_workers=1,
+            thread_name_prefix="raylm-checkpoint",
+            initializer=lowest_priority if idle_writer else None,
         )
         self.host = (
             HostCopies()
