@@ -22,6 +22,7 @@ from raylm.checkpoint import (
     verify_checkpoint,
 )
 from raylm.checkpoint.commit import new_tmp_dir
+from raylm.checkpoint.host_copies import HostCopies
 from raylm.checkpoint.names import layer_file
 from raylm.checkpoint.writer import save_full_weights
 from raylm.config import resolve
@@ -212,3 +213,13 @@ def test_rng_state_round_trip(tmp_path):
     expected = (torch.rand(3), random.random())
     restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def test_host_copies_reuse_their_buffers_until_a_shape_changes():
+    host, weight = HostCopies(), torch.randn(3, 4)
+    first = host.copy("w", weight)
+    weight.add_(1.0)  # the next optimizer step
+    second = host.copy("w", weight)
+    assert second.data_ptr() == first.data_ptr() != weight.data_ptr() and torch.equal(second, weight)
+    assert host.copy("w", torch.ones(5, dtype=torch.float16)).dtype == torch.float32
+    assert host.nbytes() == 5 * 4
