@@ -82,8 +82,10 @@ class _LayerWriter:
     """write_layer for Engine.save_state: saves each layer's two files, and keeps the first error instead of
     raising, so this rank still takes part in every later layer's collectives."""
 
-    def __init__(self, folder: Path, cfg: Config, rank: int):
+    def __init__(self, folder: Path, cfg: Config, rank: int, checkpoints_dir: Location | str):
         self.folder, self.files_of, self.rank = folder, _layer_files(cfg), rank
+        # a folder's files stay out of the page cache; a prefix's staged copies are read once more, to upload
+        self.keep_cached = is_remote(as_location(checkpoints_dir))
         self.files: Records = {}
         self.error: str | None = None
 
@@ -96,8 +98,8 @@ class _LayerWriter:
             self.error = f"{NON_FINITE}: {bad} on rank {self.rank}"
             return
         try:
-            self.files.update(save_torch(self.folder, rel_model, weights))
-            self.files.update(save_torch(self.folder, rel_optim, moments))
+            self.files.update(save_torch(self.folder, rel_model, weights, self.keep_cached))
+            self.files.update(save_torch(self.folder, rel_optim, moments, self.keep_cached))
         except OSError as exc:
             self.error = f"writing {self.folder / rel_model} failed on rank {self.rank}: {_reason(exc)}"
 
@@ -191,7 +193,7 @@ def write_snapshot(
 ) -> tuple[Records, str | None]:
     """Write (and on object storage upload) this rank's files of a snapshot; no collective, so it runs in a
     background thread. Returns the files and the first error."""
-    writer = _LayerWriter(snapshot.tmp, cfg, snapshot.rank)
+    writer = _LayerWriter(snapshot.tmp, cfg, snapshot.rank, checkpoints_dir)
     while snapshot.layers:
         writer(*snapshot.layers.pop(0))
     phase("mid-files")
@@ -267,7 +269,7 @@ def save_checkpoint(
     snapshot = open_save(engine, cfg, checkpoints_dir, step, trainer_state, rank_state)
     try:
         phase("before-files")
-        writer = _LayerWriter(snapshot.tmp, cfg, engine.rank)
+        writer = _LayerWriter(snapshot.tmp, cfg, engine.rank, checkpoints_dir)
         snapshot.scalars = engine.save_state(writer)  # each layer is written as soon as it is gathered
         phase("mid-files")
         files, error = write_rest(snapshot, cfg, checkpoints_dir, writer.files, writer.error)

@@ -52,10 +52,12 @@ _NO_CRC = threading.Lock()
 _SERIALIZATION: Any = serialization_config  # a config module made at import: mypy does not see its patch()
 
 
-def save_torch(folder: Path, rel_path: str, obj) -> Records:
+def save_torch(folder: Path, rel_path: str, obj, keep_cached: bool = True) -> Records:
     """torch.save `obj` (tensors, numbers, strings, lists, dicts: what weights_only loading accepts), fsynced,
     with its record hashed as it is written. The zip's CRC-32s are left out (torch.load does not need them):
-    the manifest's sha256 already covers every byte, and computing them cost as much CPU as the sha256."""
+    the manifest's sha256 already covers every byte, and computing them cost as much CPU as the sha256.
+    `keep_cached` False drops the file from the page cache once it is on disk: a checkpoint's gigabytes are
+    read again only by a resume, and would otherwise push out pages the training needs."""
     path = folder / rel_path
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -65,6 +67,8 @@ def save_torch(folder: Path, rel_path: str, obj) -> Records:
                 torch.save(obj, cast(BinaryIO, hashed))  # torch.save needs only write() and flush()
             f.flush()
             os.fsync(f.fileno())
+            if not keep_cached and hasattr(os, "posix_fadvise"):  # Linux
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     except RuntimeError:  # torch's zip writer reports a refused write only as an internal position mismatch
         raise OSError(
             "the file system refused the write (a full disk, a quota or a file-size limit)"
