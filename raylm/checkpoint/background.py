@@ -77,18 +77,15 @@ class BackgroundSaver:
     the save before it), ckpt_blocking_s (the time its start held the loop, waiting included) and ckpt_save_s
     (from its start to its commit)."""
 
-    def __init__(self, cfg: Config, device: torch.device, idle_writer: bool = True):
-        """`idle_writer`: the thread at the lowest CPU priority (False keeps the loop's: benchmarks/checkpoint.py
-        measures both)."""
+    def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
         self.pool = ThreadPoolExecutor(
             max_workers=1,
             thread_name_prefix="raylm-checkpoint",
-            initializer=lowest_priority if idle_writer else None,
+            initializer=lambda: set_nice(cfg.checkpoint.writer_nice),
         )
-        self.host = (
-            HostCopies()
-        )  # the snapshot's buffers, reused by every save (the one before has committed)
+        # the snapshot's buffers, reused by every save (the one before has committed by its start)
+        self.host = HostCopies()
         self.in_flight: _InFlight | None = None
         self.finished: dict[str, float] = {}
 
@@ -183,13 +180,14 @@ class BackgroundSaver:
         save.committing = True
 
 
-def lowest_priority() -> None:
-    """Put the calling thread at the lowest CPU priority, nice 19 (Linux: nice is per thread): a core the step
-    wants goes to the step; the kernel also gives the thread's own I/O best-effort's lowest level. Not SCHED_IDLE:
-    measured, it starved the writer (3.6 GB into the page cache took 187 s; one step beside it took 25.8 s)."""
-    if sys.platform == "linux":
+def set_nice(nice: int) -> None:
+    """Give the calling thread this nice value (Linux: nice is per thread; elsewhere nothing changes). At 19 a
+    core the step wants goes to the step first, and the kernel gives the thread's own I/O best-effort's lowest
+    level. Not SCHED_IDLE: measured, it starved the writer (3.6 GB into the page cache took 187 s; one step
+    beside it took 25.8 s)."""
+    if sys.platform == "linux" and nice:
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def _write(
