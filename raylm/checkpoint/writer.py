@@ -32,7 +32,7 @@ Records = dict[str, dict]  # {path relative to the checkpoint folder: {"bytes", 
 class _HashingFile:
     """A file open for writing that hashes the bytes written through it: torch.save writes its zip front to back
     (it refuses any other position), so the digest is the file's, with no second read of it. hashlib and the
-    file's write both let go of the GIL on a large buffer, so a background writer leaves the step loop alone."""
+    file's write both let go of the GIL on a large buffer: a background writer holds it only between the calls."""
 
     def __init__(self, file: BinaryIO):
         self.file, self.digest, self.bytes = file, hashlib.sha256(), 0
