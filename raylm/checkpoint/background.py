@@ -21,6 +21,10 @@ finds it, never silent.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +35,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.distributed as dist
 
+from raylm.checkpoint.host_copies import HostCopies
 from raylm.checkpoint.state import (
     Records,
     Snapshot,
@@ -74,7 +79,13 @@ class BackgroundSaver:
 
     def __init__(self, cfg: Config, device: torch.device):
         self.cfg, self.device = cfg, device
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="raylm-checkpoint")
+        self.pool = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="raylm-checkpoint",
+            initializer=lambda: set_nice(cfg.checkpoint.writer_nice),
+        )
+        # the snapshot's buffers, reused by every save (the one before has committed by its start)
+        self.host = HostCopies()
         self.in_flight: _InFlight | None = None
         self.finished: dict[str, float] = {}
 
@@ -95,7 +106,7 @@ class BackgroundSaver:
         waited_s = time.perf_counter() - began
         snapshot = open_save(engine, self.cfg, checkpoints_dir, step, trainer_state, rank_state)
         phase("before-files")
-        take_snapshot(engine, snapshot)
+        take_snapshot(engine, snapshot, self.host)
         job = self.pool.submit(_write, snapshot, self.cfg, checkpoints_dir, phase)
         now = time.perf_counter()
         self.in_flight = _InFlight(
@@ -167,6 +178,16 @@ class BackgroundSaver:
         else:
             save.job = _done(None)
         save.committing = True
+
+
+def set_nice(nice: int) -> None:
+    """Give the calling thread this nice value (Linux: nice is per thread; elsewhere nothing changes). At 19 a
+    core the step wants goes to the step first, and the kernel gives the thread's own I/O best-effort's lowest
+    level. Not SCHED_IDLE: measured, it starved the writer (3.6 GB into the page cache took 187 s; one step
+    beside it took 25.8 s)."""
+    if sys.platform == "linux" and nice:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
 def _write(

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from raylm.checkpoint.commit import commit, list_committed, new_tmp_dir, upload_own_files
 from raylm.checkpoint.finite import first_non_finite
+from raylm.checkpoint.host_copies import HostCopies
 from raylm.checkpoint.manifest import read_checkpoint_manifest, verify_checkpoint
 from raylm.checkpoint.names import ENGINE_STATE_FILE, TRAINER_STATE_FILE, model_file, optim_file, rank_file
 from raylm.checkpoint.writer import (
@@ -81,8 +82,10 @@ class _LayerWriter:
     """write_layer for Engine.save_state: saves each layer's two files, and keeps the first error instead of
     raising, so this rank still takes part in every later layer's collectives."""
 
-    def __init__(self, folder: Path, cfg: Config, rank: int):
+    def __init__(self, folder: Path, cfg: Config, rank: int, checkpoints_dir: Location | str):
         self.folder, self.files_of, self.rank = folder, _layer_files(cfg), rank
+        # a folder's files stay out of the page cache; a prefix's staged copies are read once more, to upload
+        self.keep_cached = is_remote(as_location(checkpoints_dir))
         self.files: Records = {}
         self.error: str | None = None
 
@@ -95,8 +98,8 @@ class _LayerWriter:
             self.error = f"{NON_FINITE}: {bad} on rank {self.rank}"
             return
         try:
-            self.files.update(save_torch(self.folder, rel_model, weights))
-            self.files.update(save_torch(self.folder, rel_optim, moments))
+            self.files.update(save_torch(self.folder, rel_model, weights, self.keep_cached))
+            self.files.update(save_torch(self.folder, rel_optim, moments, self.keep_cached))
         except OSError as exc:
             self.error = f"writing {self.folder / rel_model} failed on rank {self.rank}: {_reason(exc)}"
 
@@ -149,8 +152,8 @@ def _all_or_none(error: str | None, kind: type[CheckpointError] = CheckpointErro
 @dataclass
 class Snapshot:
     """One rank's part of a save, taken at the save step: where its files go and what they hold. A background
-    save (raylm.checkpoint.background) keeps host copies of the layers this rank writes in `layers`; a save
-    in the loop streams them to disk as they are gathered and leaves it empty."""
+    save (raylm.checkpoint.background) keeps host copies of the layers this rank writes in `layers` (in its
+    HostCopies' buffers); a save in the loop streams them to disk as they are gathered and leaves it empty."""
 
     tmp: Path
     step: int
@@ -176,11 +179,11 @@ def open_save(
     return Snapshot(tmp, step, engine.rank, engine.layout, copy.deepcopy(trainer_state), rank_state)
 
 
-def take_snapshot(engine: Engine, snapshot: Snapshot) -> Snapshot:
-    """Copy every layer this rank writes to host memory (the engine's gathering collectives, every rank), with
-    the optimizer's scalars: after this the next optimizer step may change the engine's tensors."""
+def take_snapshot(engine: Engine, snapshot: Snapshot, host: HostCopies) -> Snapshot:
+    """Copy every layer this rank writes into `host`'s buffers (the engine's gathering collectives, every rank),
+    with the optimizer's scalars: after this the next optimizer step may change the engine's tensors."""
     snapshot.scalars = engine.save_state(
-        lambda index, weights, moments: snapshot.layers.append((index, weights, moments))
+        lambda index, weights, moments: snapshot.layers.append((index, weights, moments)), host.copy
     )
     return snapshot
 
@@ -188,9 +191,9 @@ def take_snapshot(engine: Engine, snapshot: Snapshot) -> Snapshot:
 def write_snapshot(
     snapshot: Snapshot, cfg: Config, checkpoints_dir: Location | str, phase: Callable[[str], None]
 ) -> tuple[Records, str | None]:
-    """Write (and on object storage upload) this rank's files of a snapshot, freeing each layer's host copy
-    once written; no collective, so it runs in a background thread. Returns the files and the first error."""
-    writer = _LayerWriter(snapshot.tmp, cfg, snapshot.rank)
+    """Write (and on object storage upload) this rank's files of a snapshot; no collective, so it runs in a
+    background thread. Returns the files and the first error."""
+    writer = _LayerWriter(snapshot.tmp, cfg, snapshot.rank, checkpoints_dir)
     while snapshot.layers:
         writer(*snapshot.layers.pop(0))
     phase("mid-files")
@@ -266,7 +269,7 @@ def save_checkpoint(
     snapshot = open_save(engine, cfg, checkpoints_dir, step, trainer_state, rank_state)
     try:
         phase("before-files")
-        writer = _LayerWriter(snapshot.tmp, cfg, engine.rank)
+        writer = _LayerWriter(snapshot.tmp, cfg, engine.rank, checkpoints_dir)
         snapshot.scalars = engine.save_state(writer)  # each layer is written as soon as it is gathered
         phase("mid-files")
         files, error = write_rest(snapshot, cfg, checkpoints_dir, writer.files, writer.error)

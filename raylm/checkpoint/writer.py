@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import os
 import shutil
+import threading
 from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 import torch
+import torch.utils.serialization.config as serialization_config
 import yaml
 
 from raylm.checkpoint.commit import commit, new_tmp_dir, upload_own_files
@@ -24,18 +29,52 @@ from raylm.storage.location import Location
 Records = dict[str, dict]  # {path relative to the checkpoint folder: {"bytes", "sha256"}}
 
 
-def save_torch(folder: Path, rel_path: str, obj) -> Records:
-    """torch.save `obj` (tensors, numbers, strings, lists, dicts: what weights_only loading accepts)."""
+class _HashingFile:
+    """A file open for writing that hashes the bytes written through it: torch.save writes its zip front to back
+    (it refuses any other position), so the digest is the file's, with no second read of it. hashlib and the
+    file's write both let go of the GIL on a large buffer: a background writer holds it only between the calls."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.digest, self.bytes = file, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        self.digest.update(view)
+        self.bytes += view.nbytes
+        return self.file.write(view)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+# torch's CRC setting is one for the whole process: one save_torch at a time turns it off and back on
+_NO_CRC = threading.Lock()
+_SERIALIZATION: Any = serialization_config  # a config module made at import: mypy does not see its patch()
+
+
+def save_torch(folder: Path, rel_path: str, obj, keep_cached: bool = True) -> Records:
+    """torch.save `obj` (tensors, numbers, strings, lists, dicts: what weights_only loading accepts), fsynced,
+    with its record hashed as it is written. The zip's CRC-32s are left out (torch.load does not need them):
+    the manifest's sha256 already covers every byte, and computing them cost as much CPU as the sha256.
+    `keep_cached` False drops the file from the page cache once it is on disk: a checkpoint's gigabytes are
+    read again only by a resume, and would otherwise push out pages the training needs."""
     path = folder / rel_path
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.save(obj, path)
+        with open(path, "wb") as f:
+            hashed = _HashingFile(f)
+            with _NO_CRC, _SERIALIZATION.patch({"save.compute_crc32": False}):
+                torch.save(obj, cast(BinaryIO, hashed))  # torch.save needs only write() and flush()
+            f.flush()
+            os.fsync(f.fileno())
+            if not keep_cached and hasattr(os, "posix_fadvise"):  # Linux
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     except RuntimeError:  # torch's zip writer reports a refused write only as an internal position mismatch
         raise OSError(
             "the file system refused the write (a full disk, a quota or a file-size limit)"
         ) from None
-    fsync_path(path)
-    return {rel_path: file_record(path)}
+    assert path.stat().st_size == hashed.bytes, f"{path}: torch.save wrote past the hashing file"
+    return {rel_path: {"bytes": hashed.bytes, "sha256": hashed.digest.hexdigest()}}
 
 
 def save_text(folder: Path, rel_path: str, text: str) -> Records:

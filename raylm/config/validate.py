@@ -102,6 +102,10 @@ def _check_positive(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             _fail(f"{key}={value} must be positive; set {key} to a value > 0")
+    if not 0 <= cfg.checkpoint.writer_nice <= 19:
+        _fail(
+            f"checkpoint.writer_nice={cfg.checkpoint.writer_nice} is not a nice value; set it between 0 and 19"
+        )
     non_negative = {
         "train.eval_every": cfg.train.eval_every,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,

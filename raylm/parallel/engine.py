@@ -253,16 +253,28 @@ class Engine:
         read_weights(self.layers.params, source, self.tp)
         param_state.sync_zero3_weights(self.ds.optimizer)
 
-    def save_state(self, write_layer: Callable[[int, Tensors, Moments], None]) -> dict:
+    def save_state(
+        self,
+        write_layer: Callable[[int, Tensors, Moments], None],
+        to_host: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+    ) -> dict:
         """Gather each layer this stage owns, one at a time (DP and TP collectives: every rank calls), and on the
-        stage's writer rank hand it to write_layer(index, weights, moments). Returns the optimizer's scalars
-        (AdamW step, learning rate, DeepSpeed's counters), the same on every rank."""
+        stage's writer rank hand it to write_layer(index, weights, moments). `to_host(key, tensor)` makes each
+        CPU fp32 copy (key: the parameter's name, or name/moment), fresh ones by default; the other ranks take
+        part in the gathers and copy nothing. Returns the optimizer's scalars (AdamW step, learning rate,
+        DeepSpeed's counters), the same on every rank."""
         param_state.ensure_adam_state(self.optimizer, self.ds.optimizer)
+        copy = to_host or (lambda key, t: owned_cpu(t))
+        if not self.writes_layers:
+            copy = lambda key, t: t  # noqa: E731
         for index, params in self.layers.by_layer(owned_only=True).items():
-            weights = {name: owned_cpu(gather_full(param, self.tp)) for name, param in params.items()}
+            weights = {name: copy(name, gather_full(param, self.tp)) for name, param in params.items()}
             moments = {
                 name: {
-                    **{key: owned_cpu(t) for key, t in gather_full(param, self.tp, self.optimizer).items()},
+                    **{
+                        key: copy(f"{name}/{key}", t)
+                        for key, t in gather_full(param, self.tp, self.optimizer).items()
+                    },
                     **sparsity.full_mask_entry(param, self.tp),
                 }  # pruning masks travel with the moments
                 for name, param in params.items()

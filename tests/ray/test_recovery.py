@@ -37,20 +37,22 @@ def committed(cfg) -> list[str]:
 
 class WorkerKiller(threading.Thread):
     """SIGKILLs (or sends `signum` to) one Ray Train worker process once the run has logged `steps` rows (a lost
-    node, as users see it); `rows_at_kill` records how far the run was, so a test can check the kill landed
-    mid-run, and `pid` / `killed_at` which worker and when."""
+    node, as users see it) and, with `after_commit`, committed a checkpoint (a background save commits a step or
+    more after the step that started it); `rows_at_kill` records how far the run was, so a test can check the
+    kill landed mid-run, and `pid` / `killed_at` which worker and when."""
 
-    def __init__(self, cfg, steps: int, signum: int = signal.SIGKILL):
+    def __init__(self, cfg, steps: int, signum: int = signal.SIGKILL, after_commit: bool = False):
         super().__init__(daemon=True)
-        self.metrics = Path(cfg.run.dir) / cfg.run.name / "metrics.jsonl"
+        self.cfg, self.metrics = cfg, Path(cfg.run.dir) / cfg.run.name / "metrics.jsonl"
         self.steps, self.signum, self.rows_at_kill, self.pid, self.killed_at = steps, signum, None, None, None
+        self.after_commit = after_commit
         self.start()
 
     def run(self):
         deadline = time.time() + 300
         while time.time() < deadline and self.rows_at_kill is None:
             rows = len(self.metrics.read_text().splitlines()) if self.metrics.exists() else 0
-            if rows >= self.steps:
+            if rows >= self.steps and (not self.after_commit or committed(self.cfg)):
                 for proc in psutil.process_iter(["cmdline"]):
                     if any("RayTrainWorker" in part for part in proc.info["cmdline"] or []):
                         os.kill(proc.pid, self.signum)
@@ -65,7 +67,7 @@ class WorkerKiller(threading.Thread):
 def test_kill_then_resume_is_bit_identical(ray_cluster, small_config, references):
     expected = references.losses(*STEPS, "parallel.pp=2")
     cfg = small_config("stopped", *STEPS, "parallel.pp=2", "fault.max_failures=0")
-    killer = WorkerKiller(cfg, steps=3)
+    killer = WorkerKiller(cfg, steps=3, after_commit=True)
     with pytest.raises(RaylmError, match="training failed"):
         train(cfg)
     killer.join()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import sys
+import threading
 
 import pytest
 import torch
@@ -21,7 +24,9 @@ from raylm.checkpoint import (
     step_dir_name,
     verify_checkpoint,
 )
+from raylm.checkpoint.background import set_nice
 from raylm.checkpoint.commit import new_tmp_dir
+from raylm.checkpoint.host_copies import HostCopies
 from raylm.checkpoint.names import layer_file
 from raylm.checkpoint.writer import save_full_weights
 from raylm.config import resolve
@@ -212,3 +217,27 @@ def test_rng_state_round_trip(tmp_path):
     expected = (torch.rand(3), random.random())
     restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+
+
+def test_host_copies_reuse_their_buffers_until_a_shape_changes():
+    host, weight = HostCopies(), torch.randn(3, 4)
+    first = host.copy("w", weight)
+    weight.add_(1.0)  # the next optimizer step
+    second = host.copy("w", weight)
+    assert second.data_ptr() == first.data_ptr() != weight.data_ptr() and torch.equal(second, weight)
+    assert host.copy("w", torch.ones(5, dtype=torch.float16)).dtype == torch.float32
+    assert host.nbytes() == 5 * 4
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="nice is per thread on Linux only")
+def test_set_nice_lowers_only_the_calling_thread():
+    seen = []
+
+    def writer():
+        set_nice(19)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    thread.join()
+    assert seen == [19] and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0

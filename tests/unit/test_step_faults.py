@@ -102,13 +102,17 @@ def test_spike_rows_and_the_window_travels_in_checkpoints():
     assert not warn.judge({"step": 7, "loss": 30.0}, TrainState(), TrainState(1, 0, 8))
 
 
-def test_first_non_finite_names_the_tensor():
-    assert first_non_finite({"a": torch.ones(3)}) is None
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_first_non_finite_names_the_tensor(value):
+    assert first_non_finite({"a": torch.ones(3), "empty": torch.ones(0)}) is None
     bad = torch.ones(2, 2)
-    bad[0, 1] = float("inf")
+    bad[0, 1] = value
     assert (
         first_non_finite({"a": torch.ones(3), "layers.0.w": bad}) == "layers.0.w (1 of 4 values are nan/inf)"
     )
+    long = torch.randn(100_003)  # past the vectorized chunks, with the bad value in the tail
+    long[100_001] = value
+    assert first_non_finite({"w": long}) == "w (1 of 100003 values are nan/inf)"
 
 
 def test_spike_drill_fires_on_every_rank_once_per_run(tmp_path):
