@@ -1,5 +1,6 @@
 """Driver pieces that need no cluster: worker resources from the layout, run-folder policy, RAY_ADDRESS probing."""
 
+import os
 import time
 
 import pytest
@@ -86,10 +87,17 @@ def test_raylm_jobs_shorten_ray_trains_process_group_shutdown_wait(monkeypatch, 
     monkeypatch.setenv("RAY_ADDRESS", "auto" if remote else "")  # "auto": no probe
     monkeypatch.delenv("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", raising=False)
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2")  # connect_ray sets it when absent
+    monkeypatch.delenv(ray_cluster.PREEMPTION_WATCHER_ENV, raising=False)  # a local start sets it
     connect_ray()
+    inherited = os.environ.get("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S")
     # a value the driver already has reaches the actors without raylm (a local Ray inherits it, a submitted
     # job carries it), and Ray refuses a job whose runtime_env sets a variable the submission set
     monkeypatch.setenv("TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S", "12")
     connect_ray()
     short_wait = {"env_vars": {"TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"}}
-    assert [init["runtime_env"] for init in inits] == [short_wait, None]
+    if remote:
+        assert [init["runtime_env"] for init in inits] == [short_wait, None]
+        assert inherited is None
+    else:  # a local Ray's processes inherit the driver's environment: the job's variables go there
+        assert [init.get("runtime_env") for init in inits] == [None, None]
+        assert inherited == "5" and os.environ["TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S"] == "12"
